@@ -1,0 +1,13 @@
+"""Builds the native bitwise engine (plain C, loaded with ctypes) with the package."""
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "bibert._bitkernels",
+            sources=["src/bibert/csrc/bitkernels.c"],
+            extra_compile_args=["-O3", "-std=gnu11", "-fopenmp", "-fno-strict-aliasing"],
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+)

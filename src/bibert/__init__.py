@@ -1,0 +1,1 @@
+"""bibert: fully binarized BERT."""
