@@ -1,0 +1,413 @@
+"""The fully binarized BERT student (BiBERT) and its straightforward baseline.
+
+One readable model file, following SPEC sections 1-3. The modules mirror Hugging Face's
+BertForSequenceClassification so that the latent full-precision parameters keep the
+teacher's state-dict names (`bert.encoder.layer.N.attention.self.query.weight`, ...).
+What changes is where the numbers are quantized (see `QuantConfig`):
+
+    word embedding            -> quantize_weight (1 bit: alpha_row * sign(row - mean))
+    every encoder Linear, pooler dense -> weights quantize_weight, inputs quantize_activation
+    attention "bi"            -> A = sign(Q) sign(K)^T / sqrt(d) + M;  context = bool(A) @ sign(V)
+    attention "softmax"       -> P = softmax(A); context = quantize_probs(P) @ quantize(V)
+    everything else           -> full precision (position / token-type embeddings,
+                                 LayerNorm, biases, residuals, GELU, tanh, classifier)
+
+With `QuantConfig.full_precision()` the model computes exactly what BERT computes, so the
+teacher of the distillation is the same class (it exposes Q, K, V for DMD).
+Only BERT (model_type "bert", absolute positions) is supported.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import BertConfig
+from transformers.activations import ACT2FN
+
+from .config import QuantConfig
+from .errors import BibertError
+from .quantizers import bool_ste, quantize_activation, quantize_probs, quantize_weight
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+MASK_VALUE = -10000.0  # additive key mask: far below any score, so bool() and softmax give 0
+GELU_FAMILY = ("gelu", "gelu_new", "gelu_python", "gelu_pytorch_tanh", "gelu_accurate")
+
+
+@dataclass
+class BiBertOutput:
+    """What one forward returns; the optional parts are what the distillation losses need."""
+
+    logits: torch.Tensor  # (B, num_labels)
+    loss: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # L+1 x (B, T, hidden)
+    qkv: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...] | None = None  # L x 3 x (B, nh, T, hs)
+    attention_scores: tuple[torch.Tensor, ...] | None = None  # L x (B, nh, T, T), masked, before softmax/bool
+
+
+class QuantLinear(nn.Linear):
+    """A Linear whose weight and input are quantized; the bias stays full precision."""
+
+    def __init__(self, in_features: int, out_features: int, weight_bits: int, activation_bits: int):
+        super().__init__(in_features, out_features)
+        self.weight_bits = weight_bits
+        self.activation_bits = activation_bits
+
+    def forward(self, x: torch.Tensor, sign_source: torch.Tensor | None = None) -> torch.Tensor:
+        xq = quantize_activation(x, self.activation_bits, sign_source)
+        return F.linear(xq, quantize_weight(self.weight, self.weight_bits), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, W{self.weight_bits}A{self.activation_bits}"
+
+
+class QuantEmbedding(nn.Embedding):
+    """The word-embedding table, quantized per token row (only the looked-up rows)."""
+
+    def __init__(self, num: int, dim: int, bits: int, padding_idx: int | None):
+        super().__init__(num, dim, padding_idx=padding_idx)
+        self.bits = bits
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return quantize_weight(F.embedding(ids, self.weight, self.padding_idx), self.bits)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: BertConfig, q: QuantConfig):
+        super().__init__()
+        self.word_embeddings = QuantEmbedding(config.vocab_size, config.hidden_size, q.embedding_bits, config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        x = x + self.position_embeddings(positions)[None]  # (B, T, hidden)
+        return self.dropout(self.LayerNorm(x))
+
+
+class SelfAttention(nn.Module):
+    """Bi-Attention (attention="bi") or softmax attention over quantized Q, K, V."""
+
+    def __init__(self, config: BertConfig, q: QuantConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_size = config.hidden_size // config.num_attention_heads
+        self.q = q
+        w, a, h = q.weight_bits, q.activation_bits, config.hidden_size
+        self.query = QuantLinear(h, h, w, a)
+        self.key = QuantLinear(h, h, w, a)
+        self.value = QuantLinear(h, h, w, a)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.num_heads, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor):
+        a = self.q.activation_bits
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))  # real-valued
+        qb, kb, vb = (quantize_activation(t, a) for t in (q, k, v))
+        scores = qb @ kb.transpose(-1, -2) / math.sqrt(self.head_size) + mask  # (B, nh, T, T)
+        if self.q.attention == "bi":
+            weights = bool_ste(self.dropout(scores))  # {0, 1}; 0 on padded keys
+        else:
+            weights = quantize_probs(self.dropout(F.softmax(scores, dim=-1)), a)
+        context = weights @ vb  # (B, nh, T, hs)
+        B, _, T, _ = context.shape
+        return context.transpose(1, 2).reshape(B, T, -1), (q, k, v), scores
+
+
+class Layer(nn.Module):
+    def __init__(self, config: BertConfig, q: QuantConfig):
+        super().__init__()
+        h, i, w, a = config.hidden_size, config.intermediate_size, q.weight_bits, q.activation_bits
+        self.attention = nn.Module()
+        self.attention.self = SelfAttention(config, q)
+        self.attention.output = _DenseNorm(h, h, w, a, config)
+        self.intermediate = nn.Module()
+        self.intermediate.dense = QuantLinear(h, i, w, a)
+        self.output = _DenseNorm(i, h, w, a, config)
+        self.act = ACT2FN[config.hidden_act]
+        self.sign_from_pre_activation = config.hidden_act in GELU_FAMILY
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor):
+        context, qkv, scores = self.attention.self(x, mask)
+        x = self.attention.output(context, x)
+        pre = self.intermediate.dense(x)  # (B, T, intermediate)
+        x = self.output(self.act(pre), x, sign_source=pre if self.sign_from_pre_activation else None)
+        return x, qkv, scores
+
+
+class _DenseNorm(nn.Module):
+    """LayerNorm(dropout(QuantLinear(x)) + residual): BertSelfOutput / BertOutput."""
+
+    def __init__(self, n_in: int, n_out: int, w: int, a: int, config: BertConfig):
+        super().__init__()
+        self.dense = QuantLinear(n_in, n_out, w, a)
+        self.LayerNorm = nn.LayerNorm(n_out, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x, residual, sign_source=None):
+        return self.LayerNorm(self.dropout(self.dense(x, sign_source)) + residual)
+
+
+class BertBody(nn.Module):
+    def __init__(self, config: BertConfig, q: QuantConfig):
+        super().__init__()
+        self.embeddings = Embeddings(config, q)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(Layer(config, q) for _ in range(config.num_hidden_layers))
+        self.pooler = nn.Module()
+        self.pooler.dense = QuantLinear(config.hidden_size, config.hidden_size, q.weight_bits, q.activation_bits)
+
+
+class BiBertForSequenceClassification(nn.Module):
+    """A BERT sequence classifier (or regressor when num_labels == 1) with quantized parts.
+
+    Build it from a trained classifier with `bibert.binarize`, or load a saved one with
+    `from_pretrained`.
+    """
+
+    def __init__(self, config: BertConfig, quant: QuantConfig | None = None):
+        super().__init__()
+        _check_bert_config(config)
+        self.config = config
+        self.quant = quant or QuantConfig()
+        self.bert = BertBody(config, self.quant)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @property
+    def num_labels(self) -> int:
+        return self.config.num_labels
+
+    @property
+    def is_regression(self) -> bool:
+        return self.config.num_labels == 1
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_qkv: bool = False,
+        output_attention_scores: bool = False,
+    ) -> BiBertOutput:
+        attention_mask, token_type_ids = self._check_inputs(input_ids, attention_mask, token_type_ids)
+        key_mask = (1.0 - attention_mask[:, None, None, :].float()) * MASK_VALUE  # (B, 1, 1, T)
+        x = self.bert.embeddings(input_ids, token_type_ids)  # (B, T, hidden)
+        hidden, qkvs, scores = [x], [], []
+        for layer in self.bert.encoder.layer:
+            x, qkv, s = layer(x, key_mask)
+            hidden.append(x)
+            qkvs.append(qkv)
+            scores.append(s)
+        pooled = torch.tanh(self.bert.pooler.dense(x[:, 0]))  # (B, hidden)
+        logits = self.classifier(self.dropout(pooled))  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            if self.is_regression:
+                loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+            else:
+                loss = F.cross_entropy(logits, labels.long())
+        return BiBertOutput(
+            logits=logits,
+            loss=loss,
+            hidden_states=tuple(hidden) if output_hidden_states else None,
+            qkv=tuple(qkvs) if output_qkv else None,
+            attention_scores=tuple(scores) if output_attention_scores else None,
+        )
+
+    def _check_inputs(self, input_ids, attention_mask, token_type_ids):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise BibertError("input_ids must be a 2-D tensor of token ids, shape (batch, sequence)")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise BibertError(f"input_ids must hold integer token ids, not {input_ids.dtype}")
+        B, T = input_ids.shape
+        if T > self.config.max_position_embeddings:
+            raise BibertError(
+                f"sequence of {T} tokens is longer than the model's {self.config.max_position_embeddings}"
+                " positions; truncate the input (max_length)"
+            )
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            raise BibertError(f"token ids must lie in [0, {self.config.vocab_size}); is the tokenizer the model's own?")
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B, T):
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise BibertError(f"{name} has shape {shape}, but input_ids has shape {(B, T)}; they must match")
+            if t.dtype.is_floating_point and name == "token_type_ids":
+                raise BibertError("token_type_ids must hold integers")
+        if token_type_ids.numel() and (token_type_ids.min() < 0 or token_type_ids.max() >= self.config.type_vocab_size):
+            raise BibertError(f"token_type_ids must lie in [0, {self.config.type_vocab_size})")
+        return attention_mask, token_type_ids
+
+    # ---- saving and loading ---------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write config.json (BertConfig + quantization + format version) and
+        model.safetensors (latent full-precision weights, Hugging Face names); each file is
+        written to a temporary name and renamed, so a crash never leaves half a file."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = self.config.to_dict()
+        config.update(
+            architectures=[type(self).__name__],
+            bibert_format_version=FORMAT_VERSION,
+            quantization=self.quant.to_dict(),
+        )
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+        _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str = "cpu") -> "BiBertForSequenceClassification":
+        """Load a folder written by `save_pretrained`; refuses other kinds of folders."""
+        config_dict = read_config(directory)
+        if "bibert_format_version" not in config_dict:
+            raise BibertError(
+                f"{directory} holds a Hugging Face model, not a BiBERT student; build one with "
+                "bibert.binarize(path) or `bibert distill`"
+            )
+        version = config_dict.pop("bibert_format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise BibertError(
+                f"{directory} was written in bibert format version {version}; this bibert reads up to"
+                f" {FORMAT_VERSION}: upgrade bibert"
+            )
+        quant = QuantConfig.from_dict(config_dict.pop("quantization"))
+        weights = Path(directory) / WEIGHTS_NAME
+        if not weights.is_file():
+            raise BibertError(f"{directory} has no {WEIGHTS_NAME}: the checkpoint is incomplete")
+        model = cls(BertConfig.from_dict(config_dict), quant)
+        try:
+            state = load_file(str(weights), device=map_location)
+        except Exception as exc:  # safetensors raises its own error types
+            raise BibertError(f"cannot read {weights}: {exc}; the file is damaged, write it again") from None
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise BibertError(f"{weights} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    """config.json of a model folder, with clear errors for a wrong path or file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BibertError(f"model folder {directory} does not exist")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise BibertError(f"{directory} has no {CONFIG_NAME}: it is not a model folder")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BibertError(f"{path} is not valid JSON ({exc})") from None
+
+
+def _check_bert_config(config) -> None:
+    if getattr(config, "model_type", None) != "bert":
+        raise BibertError(
+            f"bibert binarizes BERT models (model_type 'bert'); got model_type {getattr(config, 'model_type', None)!r}"
+        )
+    if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
+        raise BibertError("only absolute position embeddings are supported")
+    if config.hidden_size % config.num_attention_heads:
+        raise BibertError("hidden_size must be a multiple of num_attention_heads")
+
+
+def binarize(model_or_path, config: QuantConfig | None = None, num_labels: int | None = None) -> BiBertForSequenceClassification:
+    """Build a quantized student (default: BiBERT 1-1-1) from a BERT sequence classifier.
+
+    `model_or_path` is a Hugging Face BERT model (BertForSequenceClassification, or a bare
+    BertModel whose classifier is then freshly initialised), a folder holding one (or a hub
+    name), or a BiBERT folder. The student copies every weight by name; its latent
+    full-precision parameters are the teacher's.
+    """
+    quant = config or QuantConfig()
+    if isinstance(model_or_path, BiBertForSequenceClassification):
+        source, hf_config = model_or_path, model_or_path.config
+    elif isinstance(model_or_path, nn.Module):
+        hf_config = getattr(model_or_path, "config", None)
+        if hf_config is None:
+            raise BibertError(f"{type(model_or_path).__name__} is not a Hugging Face model (it has no config)")
+        _check_bert_config(hf_config)
+        source = model_or_path
+    else:
+        path = str(model_or_path)
+        if os.path.isdir(path) and "bibert_format_version" in read_config(path):
+            return binarize(BiBertForSequenceClassification.from_pretrained(path), quant, num_labels)
+        source = load_hf_classifier(path, num_labels)
+        hf_config = source.config
+    if num_labels is not None and num_labels != hf_config.num_labels:
+        raise BibertError(f"the model has {hf_config.num_labels} labels but {num_labels} were asked for")
+    student = BiBertForSequenceClassification(BertConfig.from_dict(hf_config.to_dict()), quant)
+    state = source.state_dict()
+    if not any(k.startswith("bert.") for k in state):  # a bare BertModel
+        state = {f"bert.{k}": v for k, v in state.items()}
+    own = student.state_dict()
+    missing = [k for k in own if k not in state]
+    if [k for k in missing if not k.startswith("classifier.")]:
+        raise BibertError(f"the model lacks BERT weights {missing[:5]}; is it a BERT classifier?")
+    student.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return student
+
+
+def load_hf_classifier(name_or_path: str, num_labels: int | None = None, **kwargs):
+    """A Hugging Face BERT sequence classifier from a folder or hub name (eager attention)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    try:
+        hf_config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise BibertError(f"cannot load a model from {name_or_path!r}: {str(exc).splitlines()[0]}") from None
+    _check_bert_config(hf_config)
+    extra = {"num_labels": num_labels} if num_labels is not None else {}
+    return AutoModelForSequenceClassification.from_pretrained(
+        name_or_path, attn_implementation="eager", **extra, **kwargs
+    )
+
+
+def load_any_model(directory: str | os.PathLike) -> nn.Module:
+    """A BiBERT folder as BiBertForSequenceClassification, any other as a HF classifier."""
+    if "bibert_format_version" in read_config(directory):
+        return BiBertForSequenceClassification.from_pretrained(directory)
+    return load_hf_classifier(str(directory))

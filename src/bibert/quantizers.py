@@ -1,0 +1,162 @@
+"""Quantizers of BiBERT, each a pure function with its forward and backward formula.
+
+Follows SPEC sections 1-3 (Qin et al., "BiBERT: Accurate Fully Binarized BERT", ICLR
+2022). One deliberate definition everywhere, in training and in the packed engine:
+
+    sign(x) = +1 if x >= 0 else -1        (IEEE compare: -0.0 -> +1, never 0)
+
+so that every binarized value fits in one bit. The k-bit quantizers (2, 4, 8 bits) are
+the comparison rows of the paper's table (BinaryBERT 1-1-2, 1-1-4); they are simple,
+documented uniform quantizers, not BinaryBERT's exact learned-step variant.
+"""
+from __future__ import annotations
+
+import torch
+
+# Clipping multiples of the standard deviation for k-bit activations: the MSE-optimal
+# clipping of a Gaussian (Banner et al., "ACIQ", 2019). Full precision beyond 8 bits.
+ACTIVATION_CLIP_STD = {2: 1.71, 4: 2.55, 8: 3.92}
+
+
+def sign(x: torch.Tensor) -> torch.Tensor:
+    """+1 where x >= 0 (including -0.0), -1 elsewhere; same dtype as x."""
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+class _SignSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, sign_source):
+        ctx.save_for_backward(x)
+        return sign(sign_source)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() <= 1).to(grad.dtype), None
+
+
+def sign_ste(x: torch.Tensor, sign_source: torch.Tensor | None = None) -> torch.Tensor:
+    """Activation binarizer ("ste_sign").
+
+    forward:  sign(x)                          (no scaling factor)
+    backward: dL/dx = dL/dy * 1[|x| <= 1]      (clipped straight-through estimator)
+
+    `sign_source`, when given, supplies the forward signs while the gradient still
+    follows x. FFN-out uses it: its input is GELU(h), whose sign is sign(h) although
+    GELU underflows to -0.0 for h below about -5.5.
+    """
+    return _SignSTE.apply(x, x if sign_source is None else sign_source)
+
+
+class _BoolSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return (x > 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() <= 1).to(grad.dtype)
+
+
+def bool_ste(x: torch.Tensor) -> torch.Tensor:
+    """Bi-Attention's binarizer of the attention scores.
+
+    forward:  1 if x > 0 else 0                (x == 0 gives 0)
+    backward: dL/dx = dL/dy * 1[|x| <= 1]
+    """
+    return _BoolSTE.apply(x)
+
+
+class _RowBinarize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w):
+        alpha = w.abs().mean(dim=-1, keepdim=True)
+        centred = w - w.mean(dim=-1, keepdim=True)
+        ctx.save_for_backward(centred)
+        return alpha * sign(centred)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (centred,) = ctx.saved_tensors
+        return grad * (centred.abs() <= 1).to(grad.dtype)
+
+
+def binarize_weight(w: torch.Tensor) -> torch.Tensor:
+    """BiBERT's weight (and word-embedding) binarizer, one scale per row.
+
+    forward:  alpha_o * sign(W[o,:] - mean_i W[o,i]),  alpha_o = mean_i |W[o,i]|
+              (alpha on the un-centred row)
+    backward: dL/dW = dL/dWb * 1[|Wc| <= 1]            (Wc the centred row; alpha and the
+              row mean are treated as constants)
+    """
+    return _RowBinarize.apply(w)
+
+
+def weight_scale_and_signs(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha [rows], signs [rows, cols] in {-1,+1}) of `binarize_weight`, for export."""
+    alpha = w.abs().mean(dim=-1)
+    return alpha, sign(w - w.mean(dim=-1, keepdim=True))
+
+
+class _UniformSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, clip, levels):
+        ctx.save_for_backward(x, clip)
+        step = clip / levels
+        return torch.round(torch.clamp(x, -clip, clip) / step) * step
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, clip = ctx.saved_tensors
+        return grad * (x.abs() <= clip).to(grad.dtype), None, None
+
+
+def quantize_symmetric(x: torch.Tensor, bits: int, clip: torch.Tensor) -> torch.Tensor:
+    """k-bit symmetric uniform quantizer with levels {-Q..Q} * clip/Q, Q = 2^(k-1) - 1.
+
+    forward:  round(clamp(x, -c, c) / s) * s,  s = c / Q
+    backward: dL/dx = dL/dy * 1[|x| <= c]      (c treated as a constant)
+    2 bits gives the ternary grid {-c, 0, c}.
+    """
+    levels = 2 ** (bits - 1) - 1
+    clip = torch.clamp(clip.detach(), min=1e-8)
+    return _UniformSTE.apply(x, clip, levels)
+
+
+def quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Weights/embeddings: 1 bit = `binarize_weight`; k bits = per-row symmetric min-max;
+    32 = unchanged."""
+    if bits >= 32:
+        return w
+    if bits == 1:
+        return binarize_weight(w)
+    return quantize_symmetric(w, bits, w.abs().amax(dim=-1, keepdim=True))
+
+
+def quantize_activation(x: torch.Tensor, bits: int, sign_source: torch.Tensor | None = None) -> torch.Tensor:
+    """Inputs of quantized Linears: 1 bit = `sign_ste`; k bits = per-tensor symmetric,
+    clipped at min(max|x|, c_k * std(x)) (ACIQ Gaussian optimum); 32 = unchanged."""
+    if bits >= 32:
+        return x
+    if bits == 1:
+        return sign_ste(x, sign_source)
+    with torch.no_grad():
+        clip = torch.minimum(x.abs().amax(), ACTIVATION_CLIP_STD[bits] * x.float().std().to(x.dtype))
+    return quantize_symmetric(x, bits, clip)
+
+
+def quantize_probs(p: torch.Tensor, bits: int) -> torch.Tensor:
+    """Softmax probabilities of the straightforward baseline (SPEC 3).
+
+    1 bit: sign(p) like any activation (all ones since p >= 0: the information collapse
+    Bi-Attention removes); k bits: unsigned uniform grid on [0, 1] with 2^k - 1 steps and a
+    straight-through gradient; 32: unchanged.
+    """
+    if bits >= 32:
+        return p
+    if bits == 1:
+        return sign_ste(p)
+    steps = 2**bits - 1
+    return p + (torch.round(p * steps) / steps - p).detach()
