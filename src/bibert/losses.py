@@ -1,0 +1,198 @@
+"""Distillation losses: BiBERT's Direction-Matching Distillation and the standard objective.
+
+Follows SPEC section 4 (DMD, Qin et al. ICLR 2022) and section 3 (the standard
+TinyBERT / BinaryBERT objective of the straightforward baseline). Every loss takes the
+student's and the teacher's tensors and a `LayerMap` that says which teacher layer each
+student layer matches (the identity when both have the same depth).
+
+    r2b(S, T)      = || S/||S|| - T/||T|| ||_2           norms over the WHOLE tensor
+    P_F            = F F^T / sqrt(d)                     per head, F in {Q, K, V}: (B, nh, T, T)
+    dmd_loss       = sum_l r2b(P_Q^s, P_Q^t) + r2b(P_K^s, P_K^t) + r2b(P_V^s, P_V^t)
+    hidden_loss    = sum_{l=0..L} r2b(H_l^s, H_l^t)
+    prediction_loss= mean_b(-sum softmax(z_t) log_softmax(z_s)) + w_gt CE(z_s, y)
+                     (regression: MSE(z_s, z_t))
+    standard       = sum_l MSE(A_l^s, A_l^t) + sum_l MSE(H_l^s, H_l^t) + soft CE
+
+Padded positions stay in P_F and H (the reference's choice, SPEC 4). In the standard
+objective, the masked attention scores (-10000 on padded keys) are replaced by 0 before
+the MSE, as TinyBERT does. Every loss is computed in at least float32 (also under bf16
+autocast).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BibertError
+
+EPS = 1e-12  # guards ||S|| = 0 (an all-zero tensor has no direction)
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 at least (bf16/fp16 are widened, float64 stays)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """Which teacher layer each student layer matches (SPEC 4, TinyBERT's uniform map).
+
+    With k = teacher_layers / student_layers: student layer i (0-based) matches teacher
+    layer (i+1)k-1 for Q/K/V and attention scores, and hidden state i (0 = embeddings)
+    matches teacher hidden state i*k.
+    """
+
+    student_layers: int
+    teacher_layers: int
+
+    def __post_init__(self) -> None:
+        s, t = self.student_layers, self.teacher_layers
+        if s < 1 or t < 1 or t % s:
+            raise BibertError(
+                f"a {s}-layer student cannot be mapped onto a {t}-layer teacher: the teacher's depth"
+                " must be a multiple of the student's"
+            )
+
+    @property
+    def factor(self) -> int:
+        return self.teacher_layers // self.student_layers
+
+    @property
+    def layers(self) -> list[int]:
+        """Teacher layer for each student layer (Q/K/V, attention scores)."""
+        return [(i + 1) * self.factor - 1 for i in range(self.student_layers)]
+
+    @property
+    def hidden(self) -> list[int]:
+        """Teacher hidden-state index for each of the student's L+1 hidden states."""
+        return [i * self.factor for i in range(self.student_layers + 1)]
+
+
+def r2b(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """|| s/||s|| - t/||t|| ||, every norm the Frobenius norm over the whole tensor (not squared).
+
+    Batch, heads and positions are normalised together, not row by row. The result lies in
+    [0, 2]: 0 when s and t point the same way, sqrt(2) when orthogonal.
+    """
+    if s.shape != t.shape:
+        raise BibertError(f"r2b needs tensors of one shape, got {tuple(s.shape)} and {tuple(t.shape)}")
+    s, t = _wide(s), _wide(t)
+    s_dir = s / s.norm().clamp_min(EPS)
+    t_dir = t / t.norm().clamp_min(EPS)
+    return (s_dir - t_dir).norm()
+
+
+def similarity_pattern(f: torch.Tensor) -> torch.Tensor:
+    """P_F = F F^T / sqrt(d) per head: (B, nh, T, d) -> (B, nh, T, T)."""
+    f = _wide(f)
+    return f @ f.transpose(-1, -2) / math.sqrt(f.shape[-1])
+
+
+def dmd_loss(student_qkv, teacher_qkv, layer_map: LayerMap | None = None) -> dict[str, torch.Tensor]:
+    """Direction-matching loss of Q, K and V, summed over the mapped layers.
+
+    student_qkv / teacher_qkv: per layer a (q, k, v) triple of real-valued projections
+    before sign, each (B, nh, T, hs). Returns {"q", "k", "v"}, each sum_l r2b(P_F^s, P_F^t);
+    loss_DMD is their sum.
+    """
+    layer_map = layer_map or LayerMap(len(student_qkv), len(teacher_qkv))
+    _check_depth("qkv", len(student_qkv), len(teacher_qkv), layer_map)
+    parts = {}
+    for j, name in enumerate("qkv"):
+        parts[name] = sum(
+            r2b(similarity_pattern(student_qkv[i][j]), similarity_pattern(teacher_qkv[t][j]))
+            for i, t in enumerate(layer_map.layers)
+        )
+    return parts
+
+
+def hidden_loss(student_hidden, teacher_hidden, layer_map: LayerMap | None = None) -> torch.Tensor:
+    """sum_{l=0..L} r2b(H_l^s, H_l^t) over the L+1 hidden states, each (B, T, hidden)."""
+    layer_map = layer_map or LayerMap(len(student_hidden) - 1, len(teacher_hidden) - 1)
+    _check_depth("hidden states", len(student_hidden) - 1, len(teacher_hidden) - 1, layer_map)
+    return sum(r2b(student_hidden[i], teacher_hidden[t]) for i, t in enumerate(layer_map.hidden))
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """mean_b( -sum_c softmax(z_t)[b,c] * log_softmax(z_s)[b,c] )."""
+    target = F.softmax(_wide(teacher_logits), dim=-1)  # (B, C)
+    return -(target * F.log_softmax(_wide(student_logits), dim=-1)).sum(-1).mean()
+
+
+def prediction_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    is_regression: bool = False,
+    ground_truth_weight: float = 0.5,
+) -> torch.Tensor:
+    """DMD's prediction loss.
+
+    classification: soft_cross_entropy(z_s, z_t) + ground_truth_weight * CE(z_s, y)
+                    (the CE term only when labels are given and the weight is non-zero)
+    regression:     MSE(z_s, z_t)
+    """
+    if is_regression:
+        return F.mse_loss(_wide(student_logits).view(-1), _wide(teacher_logits).view(-1))
+    loss = soft_cross_entropy(student_logits, teacher_logits)
+    if labels is not None and ground_truth_weight:
+        loss = loss + ground_truth_weight * F.cross_entropy(_wide(student_logits), labels.long())
+    return loss
+
+
+def attention_score_mse(student_scores, teacher_scores, attention_mask: torch.Tensor,
+                        layer_map: LayerMap | None = None) -> torch.Tensor:
+    """sum_l MSE(A_l^s, A_l^t) over masked attention scores (B, nh, T, T), with the scores
+    on padded keys (attention_mask == 0, where -10000 was added) replaced by 0."""
+    layer_map = layer_map or LayerMap(len(student_scores), len(teacher_scores))
+    _check_depth("attention scores", len(student_scores), len(teacher_scores), layer_map)
+    padded = attention_mask[:, None, None, :] == 0  # (B, 1, 1, T)
+    total = 0.0
+    for i, t in enumerate(layer_map.layers):
+        s = _wide(student_scores[i]).masked_fill(padded, 0.0)
+        tt = _wide(teacher_scores[t]).masked_fill(padded, 0.0)
+        total = total + F.mse_loss(s, tt)
+    return total
+
+
+def hidden_mse(student_hidden, teacher_hidden, layer_map: LayerMap | None = None) -> torch.Tensor:
+    """sum_{l=0..L} MSE(H_l^s, H_l^t) over the L+1 hidden states."""
+    layer_map = layer_map or LayerMap(len(student_hidden) - 1, len(teacher_hidden) - 1)
+    _check_depth("hidden states", len(student_hidden) - 1, len(teacher_hidden) - 1, layer_map)
+    return sum(F.mse_loss(_wide(student_hidden[i]), _wide(teacher_hidden[t])) for i, t in enumerate(layer_map.hidden))
+
+
+def standard_distill_loss(student, teacher, attention_mask: torch.Tensor, is_regression: bool = False,
+                          layer_map: LayerMap | None = None) -> dict[str, torch.Tensor]:
+    """TinyBERT / BinaryBERT objective on two `BiBertOutput`s (with hidden states and
+    attention scores): {"att": attention_score_mse, "hid": hidden_mse, "pred": soft CE
+    (MSE for regression), "loss": their sum}."""
+    parts = {
+        "att": attention_score_mse(student.attention_scores, teacher.attention_scores, attention_mask, layer_map),
+        "hid": hidden_mse(student.hidden_states, teacher.hidden_states, layer_map),
+        "pred": prediction_loss(student.logits, teacher.logits, None, is_regression, ground_truth_weight=0.0),
+    }
+    parts["loss"] = parts["att"] + parts["hid"] + parts["pred"]
+    return parts
+
+
+def dmd_distill_loss(student, teacher, labels: torch.Tensor | None, is_regression: bool = False,
+                     layer_map: LayerMap | None = None) -> dict[str, torch.Tensor]:
+    """BiBERT's objective on two `BiBertOutput`s (with hidden states and Q/K/V):
+    {"pred", "q", "k", "v", "hid", "loss" = pred + q + k + v + hid} (SPEC 4, all weights 1)."""
+    parts = {"pred": prediction_loss(student.logits, teacher.logits, labels, is_regression)}
+    parts.update(dmd_loss(student.qkv, teacher.qkv, layer_map))
+    parts["hid"] = hidden_loss(student.hidden_states, teacher.hidden_states, layer_map)
+    parts["loss"] = parts["pred"] + parts["q"] + parts["k"] + parts["v"] + parts["hid"]
+    return parts
+
+
+def _check_depth(what: str, n_student: int, n_teacher: int, layer_map: LayerMap) -> None:
+    if (n_student, n_teacher) != (layer_map.student_layers, layer_map.teacher_layers):
+        raise BibertError(
+            f"{what}: got {n_student} student and {n_teacher} teacher layers, but the layer map is"
+            f" {layer_map.student_layers} -> {layer_map.teacher_layers}"
+        )
