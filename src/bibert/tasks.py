@@ -1,0 +1,189 @@
+"""The task registry: GLUE's nine tasks, two offline corpora, and user-defined tasks.
+
+A `Task` names its sentence fields, its label set (None for regression), its metrics,
+the metric that picks the best checkpoint, its evaluation splits and the training
+recipe of the BiBERT reference (SPEC section 5: batch 16; lr, epochs and max length
+per task). `compute_metrics` computes every metric of a task with scikit-learn / scipy.
+
+Label order follows the GLUE `ClassLabel` names of Hugging Face `datasets`, so an
+integer label from there indexes `label_list` directly (MNLI: entailment, neutral,
+contradiction). Metrics are fractions in [0, 1] (the paper prints them x100).
+
+Left out: GLUE's diagnostic set (AX) and test-set submission files.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import BibertError
+
+ALL_METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman", "pearson_spearman_mean")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task: fields, labels, metrics, splits and training recipe.
+
+    name: registry key (lower case, e.g. "sst2").
+    text_a / text_b: field names of the first / second sentence (text_b None for
+        single-sentence tasks); also the keys of JSONL files written for this task.
+    label_list: label names in index order; None for regression.
+    metrics: metric keys `compute_metrics` returns; best_metric: the one that selects
+        the best checkpoint.
+    dev_splits / test_splits: split names used by `bibert evaluate --split dev|test`.
+    lr, epochs, max_length, batch_size: recipe defaults (SPEC section 5).
+    glue_dir: folder name in the original GLUE layout (None for non-GLUE tasks).
+    hf_config / hf_fields: `datasets.load_dataset("glue", hf_config)` and its column
+        names for text_a / text_b (None when the task is not on the hub's GLUE).
+    """
+
+    name: str
+    text_a: str
+    text_b: str | None
+    label_list: tuple[str, ...] | None
+    metrics: tuple[str, ...]
+    best_metric: str
+    dev_splits: tuple[str, ...] = ("dev",)
+    test_splits: tuple[str, ...] = ("test",)
+    lr: float = 1e-4
+    epochs: int = 10
+    max_length: int = 128
+    batch_size: int = 16
+    glue_dir: str | None = None
+    hf_config: str | None = None
+    hf_fields: tuple[str, str | None] | None = None
+
+    @property
+    def is_regression(self) -> bool:
+        return self.label_list is None
+
+    @property
+    def num_labels(self) -> int:
+        """Width of the classifier head: 1 for regression."""
+        return 1 if self.label_list is None else len(self.label_list)
+
+    @property
+    def is_pair(self) -> bool:
+        return self.text_b is not None
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return ("train", *self.dev_splits, *self.test_splits)
+
+    def eval_splits(self, split: str) -> tuple[str, ...]:
+        """Expand "dev" / "test" to this task's split names (MNLI: matched and mismatched)."""
+        if split == "dev":
+            return self.dev_splits
+        if split == "test":
+            return self.test_splits
+        if split in self.splits:
+            return (split,)
+        raise BibertError(f"{self.name} has no split {split!r}; valid: dev, test, {', '.join(self.splits)}")
+
+    @classmethod
+    def custom(cls, name: str, label_list: list[str] | None, pair: bool) -> "Task":
+        """A user task: labels given (classification) or None (regression).
+
+        Fields are "sentence" (single) or "sentence1"/"sentence2" (pair); metrics are
+        accuracy and macro F1 (selection: accuracy), or Pearson/Spearman (selection:
+        their mean). Recipe: lr 1e-4, 10 epochs, max length 128.
+        """
+        if label_list is not None and len(label_list) < 2:
+            raise BibertError(f"task {name!r} needs at least two labels, found {list(label_list)}")
+        text_a, text_b = ("sentence1", "sentence2") if pair else ("sentence", None)
+        if label_list is None:
+            return cls(name, text_a, text_b, None, ("pearson", "spearman", "pearson_spearman_mean"),
+                       "pearson_spearman_mean")
+        return cls(name, text_a, text_b, tuple(label_list), ("accuracy", "f1"), "accuracy")
+
+
+_ACC = ("accuracy",)
+_ACC_F1 = ("accuracy", "f1")
+_CORR = ("pearson", "spearman", "pearson_spearman_mean")
+_BIN = ("0", "1")
+_NLI3 = ("entailment", "neutral", "contradiction")
+_NLI2 = ("entailment", "not_entailment")
+
+TASKS: dict[str, Task] = {t.name: t for t in [
+    Task("cola", "sentence", None, _BIN, ("mcc", "accuracy"), "mcc", lr=1e-4, epochs=50,
+         max_length=64, glue_dir="CoLA", hf_config="cola", hf_fields=("sentence", None)),
+    Task("sst2", "sentence", None, _BIN, _ACC, "accuracy", lr=1e-4, epochs=10, max_length=64,
+         glue_dir="SST-2", hf_config="sst2", hf_fields=("sentence", None)),
+    Task("mrpc", "sentence1", "sentence2", _BIN, _ACC_F1, "accuracy", lr=2e-4, epochs=20,
+         glue_dir="MRPC", hf_config="mrpc", hf_fields=("sentence1", "sentence2")),
+    Task("stsb", "sentence1", "sentence2", None, _CORR, "pearson_spearman_mean", lr=1e-4,
+         epochs=20, glue_dir="STS-B", hf_config="stsb", hf_fields=("sentence1", "sentence2")),
+    Task("qqp", "question1", "question2", _BIN, _ACC_F1, "accuracy", lr=1e-4, epochs=5,
+         glue_dir="QQP", hf_config="qqp", hf_fields=("question1", "question2")),
+    Task("mnli", "sentence1", "sentence2", _NLI3, _ACC, "accuracy",
+         dev_splits=("dev_matched", "dev_mismatched"), test_splits=("test_matched", "test_mismatched"),
+         lr=5e-5, epochs=5, glue_dir="MNLI", hf_config="mnli", hf_fields=("premise", "hypothesis")),
+    Task("qnli", "question", "sentence", _NLI2, _ACC, "accuracy", lr=1e-4, epochs=10,
+         glue_dir="QNLI", hf_config="qnli", hf_fields=("question", "sentence")),
+    Task("rte", "sentence1", "sentence2", _NLI2, _ACC, "accuracy", lr=1e-5, epochs=20,
+         glue_dir="RTE", hf_config="rte", hf_fields=("sentence1", "sentence2")),
+    # WNLI is not in the reference recipe table: RTE's size and shape, QNLI's lr.
+    Task("wnli", "sentence1", "sentence2", _BIN, _ACC, "accuracy", lr=1e-4, epochs=20,
+         glue_dir="WNLI", hf_config="wnli", hf_fields=("sentence1", "sentence2")),
+    # Offline corpora (see docs/data.md for their splits): SST-2's and MNLI's recipes.
+    Task("rotten_tomatoes", "sentence", None, ("rotten", "fresh"), _ACC, "accuracy",
+         lr=1e-4, epochs=10, max_length=64),
+    Task("snli", "sentence1", "sentence2", _NLI3, _ACC, "accuracy", lr=5e-5, epochs=5),
+]}
+
+def _normalise(name: str) -> str:
+    return name.strip().lower().replace("-", "").replace("_", "")
+
+
+def get_task(name: str) -> Task:
+    """Look a task up by name, ignoring case, "-" and "_": "SST-2", "sst-2", "sst2" all work."""
+    by_key = {_normalise(key): task for key, task in TASKS.items()}
+    if _normalise(name) not in by_key:
+        raise BibertError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+    return by_key[_normalise(name)]
+
+
+def _correlation(fn, preds: np.ndarray, labels: np.ndarray) -> float:
+    """A correlation, with 0.0 where it is undefined (constant predictions or labels)."""
+    if np.ptp(preds) == 0 or np.ptp(labels) == 0:
+        return 0.0
+    return float(fn(preds, labels)[0])
+
+
+def compute_metrics(task: Task, preds, labels) -> dict[str, float]:
+    """Every metric of `task` on predictions and gold labels (fractions, not percent).
+
+    preds: class indices (classification) or scores (regression), same length as labels.
+    Keys: accuracy, f1 (binary F1 of class 1, or macro F1 beyond two classes), mcc
+    (Matthews correlation), pearson, spearman, pearson_spearman_mean (their mean); the
+    dict always holds `task.best_metric`.
+    """
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    if preds.shape != labels.shape or preds.size == 0:
+        raise BibertError(f"cannot score {preds.size} predictions against {labels.size} labels")
+    out: dict[str, float] = {}
+    for metric in task.metrics:
+        if metric == "accuracy":
+            out[metric] = float(accuracy_score(labels, preds))
+        elif metric == "f1":
+            binary = task.num_labels == 2
+            out[metric] = float(f1_score(labels, preds, average="binary" if binary else "macro",
+                                         labels=None if binary else list(range(task.num_labels)),
+                                         zero_division=0))
+        elif metric == "mcc":
+            out[metric] = float(matthews_corrcoef(labels, preds))
+        elif metric == "pearson":
+            out[metric] = _correlation(pearsonr, preds.astype(float), labels.astype(float))
+        elif metric == "spearman":
+            out[metric] = _correlation(spearmanr, preds.astype(float), labels.astype(float))
+        elif metric == "pearson_spearman_mean":
+            out[metric] = (_correlation(pearsonr, preds.astype(float), labels.astype(float))
+                           + _correlation(spearmanr, preds.astype(float), labels.astype(float))) / 2
+        else:
+            raise BibertError(f"unknown metric {metric!r}; known: {', '.join(ALL_METRICS)}")
+    return out
