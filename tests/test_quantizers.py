@@ -1,0 +1,88 @@
+"""Each quantizer's forward and gradient against its formula, on inputs with zeros and values beyond +-1."""
+import torch
+
+from bibert.quantizers import (
+    binarize_weight,
+    bool_ste,
+    quantize_activation,
+    quantize_probs,
+    quantize_symmetric,
+    sign,
+    sign_ste,
+    weight_scale_and_signs,
+)
+
+X = torch.tensor([-2.5, -1.0, -0.5, -0.0, 0.0, 0.3, 1.0, 1.7], dtype=torch.float64)
+
+
+def test_sign_is_plus_one_at_zero_and_negative_zero():
+    assert sign(X).tolist() == [-1, -1, -1, 1, 1, 1, 1, 1]
+    assert sign(torch.tensor([-1e-30, -0.0])).tolist() == [-1, 1]
+
+
+def test_sign_ste_forward_and_clipped_gradient():
+    x = X.clone().requires_grad_()
+    y = sign_ste(x)
+    g = torch.arange(1.0, 9.0, dtype=torch.float64)
+    y.backward(g)
+    assert y.tolist() == [-1, -1, -1, 1, 1, 1, 1, 1]
+    expected = [0.0 if abs(v) > 1 else gi for v, gi in zip(X.tolist(), g.tolist())]
+    assert x.grad.tolist() == expected
+
+
+def test_sign_source_sets_forward_but_not_gradient():
+    pre = torch.tensor([-7.0, -0.2, 0.0, 2.0], dtype=torch.float64)
+    post = torch.nn.functional.gelu(pre.float()).double().requires_grad_()  # -7 -> about -0.0
+    y = sign_ste(post, pre)
+    assert y.tolist() == [-1, -1, 1, 1]
+    y.sum().backward()
+    assert post.grad.tolist() == [1.0, 1.0, 1.0, 0.0]  # the gradient clips on |gelu(x)| > 1: gelu(2) = 1.95
+
+
+def test_bool_ste():
+    x = X.clone().requires_grad_()
+    y = bool_ste(x)
+    assert y.tolist() == [0, 0, 0, 0, 0, 1, 1, 1]  # 0 (and -0.0) give 0
+    y.backward(torch.ones_like(x))
+    assert x.grad.tolist() == [0, 1, 1, 1, 1, 1, 1, 0]
+
+
+def test_binarize_weight_formula_and_gradient():
+    w = torch.tensor([[3.0, -1.0, 0.5, -0.5], [0.0, 0.0, 2.0, -2.0], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    wq = w.clone().requires_grad_()
+    out = binarize_weight(wq)
+    for o in range(3):
+        row = w[o]
+        alpha = row.abs().mean()
+        centred = row - row.mean()
+        expected = [alpha.item() * (1.0 if c >= 0 else -1.0) for c in centred.tolist()]
+        assert torch.allclose(out[o].detach(), torch.tensor(expected, dtype=torch.float64))
+    # row 3 is constant: centred row is all zeros -> all +alpha
+    assert out[2].tolist() == [1.0, 1.0, 1.0, 1.0]
+    g = torch.randn(3, 4, dtype=torch.float64)
+    out.backward(g)
+    centred = w - w.mean(dim=1, keepdim=True)
+    assert torch.equal(wq.grad, g * (centred.abs() <= 1))
+    alpha, signs = weight_scale_and_signs(w)
+    assert torch.allclose(alpha[:, None] * signs, out.detach())
+
+
+def test_k_bit_symmetric_quantizer():
+    x = torch.tensor([-3.0, -1.0, -0.26, 0.0, 0.24, 0.9, 2.0], requires_grad=True)
+    y = quantize_symmetric(x, 2, torch.tensor(1.0))  # ternary {-1, 0, 1}
+    assert y.tolist() == [-1, -1, 0, 0, 0, 1, 1]
+    y.sum().backward()
+    assert x.grad.tolist() == [0, 1, 1, 1, 1, 1, 0]
+    y4 = quantize_symmetric(x.detach(), 4, torch.tensor(1.4))  # 7 levels per side, step 0.2
+    assert torch.allclose(y4, torch.tensor([-1.4, -1.0, -0.2, 0.0, 0.2, 0.8, 1.4]))
+    z = torch.randn(1000)
+    assert quantize_activation(z, 32) is z
+    assert len(torch.unique(quantize_activation(z, 2))) <= 3
+    assert len(torch.unique(quantize_activation(z, 4))) <= 15
+
+
+def test_probability_quantizer():
+    p = torch.softmax(torch.randn(4, 8), dim=-1)
+    assert torch.all(quantize_probs(p, 1) == 1)  # the collapse Bi-Attention avoids
+    q2 = quantize_probs(p, 2)
+    assert set(torch.round(q2 * 3).unique().tolist()) <= {0.0, 1.0, 2.0, 3.0}
