@@ -6,7 +6,7 @@ setup(
         Extension(
             "bibert._bitkernels",
             sources=["src/bibert/csrc/bitkernels.c"],
-            extra_compile_args=["-O3", "-std=gnu11", "-fopenmp", "-fno-strict-aliasing"],
+            extra_compile_args=["-O3", "-std=gnu11", "-fopenmp", "-fno-strict-aliasing", "-ffp-contract=off"],
             extra_link_args=["-fopenmp"],
         )
     ]

@@ -1,3 +1,622 @@
-/* Bitwise XOR/popcount kernels of the packed BiBERT engine (filled in by the engine). */
+/* Bitwise kernels of the packed BiBERT engine.
+ *
+ * Bit convention (docs/packed_format.md): bit 1 <=> value -1, bit 0 <=> value +1;
+ * element j of a row lives in 64-bit word j/64, bit j%64; padding bits are 0.
+ * sign(x) = +1 iff x >= 0 (IEEE compare, -0.0 -> +1), so a bit is (x < 0).
+ *
+ *   binary dot product   dot(a, w) = K - 2 * popcount(a XOR w)       (true K)
+ *   binary Linear        y_n = alpha_n * dot + bias_n [+ residual]   (float epilogue)
+ *                        or the bit (y_n < 0) when the consumer binarizes again
+ *   Bi-Attention         A_ij = d - 2 * popcount(q_i XOR k_j),  BA_ij = A_ij > 0 && valid_j
+ *                        c_ic = popcount(BA_i) - 2 * popcount(BA_i AND vneg_c),  bit = c < 0
+ *
+ * Weights are pre-packed in panels of 32 output channels: panel p, word k holds 32
+ * consecutive uint64 (word k of channels 32p .. 32p+31), so one 512-bit vector carries
+ * the same K-word of 8 channels and the inner loop never reduces horizontally.
+ *
+ * Two implementations of every kernel, chosen at run time (bb_set_kernel):
+ *   BB_KERNEL_AVX512    AVX-512 F/BW/DQ + VPOPCNTDQ (target attributes, cpu check)
+ *   BB_KERNEL_PORTABLE  plain C with __builtin_popcountll (a POPCNT clone where the CPU
+ *                       has the instruction)
+ * Both perform the same float operations in the same order (the build turns FMA
+ * contraction off), so their outputs are bit-identical.
+ */
+#include <math.h>
 #include <stdint.h>
-int bibert_abi_version(void) { return 1; }
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define BB_X86 1
+#else
+#define BB_X86 0
+#endif
+
+#define BB_ABI_VERSION 2
+#define BB_PANEL 32
+#define BB_MR 6
+
+enum { BB_KERNEL_AUTO = 0, BB_KERNEL_PORTABLE = 1, BB_KERNEL_AVX512 = 2 };
+
+static int g_kernel = -1; /* resolved lazily */
+static int g_threads = 1;
+
+int bb_abi_version(void) { return BB_ABI_VERSION; }
+
+int bb_cpu_has_avx512(void) {
+#if BB_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512vpopcntdq");
+#else
+    return 0;
+#endif
+}
+
+static int cpu_has_popcnt(void) {
+#if BB_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("popcnt");
+#else
+    return 0;
+#endif
+}
+
+/* Select the kernel family; returns the active one, or -1 if `kernel` is not usable here. */
+int bb_set_kernel(int kernel) {
+    if (kernel == BB_KERNEL_AUTO) kernel = bb_cpu_has_avx512() ? BB_KERNEL_AVX512 : BB_KERNEL_PORTABLE;
+    if (kernel == BB_KERNEL_AVX512 && !bb_cpu_has_avx512()) return -1;
+    if (kernel != BB_KERNEL_AVX512 && kernel != BB_KERNEL_PORTABLE) return -1;
+    g_kernel = kernel;
+    return g_kernel;
+}
+
+int bb_get_kernel(void) {
+    if (g_kernel < 0) bb_set_kernel(BB_KERNEL_AUTO);
+    return g_kernel;
+}
+
+void bb_set_threads(int n) { g_threads = n < 1 ? 1 : n; }
+int bb_get_threads(void) { return g_threads; }
+
+static inline int64_t words_of(int64_t bits) { return (bits + 63) >> 6; }
+
+/* ------------------------------------------------------------------------------------ */
+/* bit helpers                                                                           */
+
+/* nbits (<= 64) bits of `row` starting at bit `start`, in the low bits of the result. */
+static inline uint64_t get_bits64(const uint64_t *row, int64_t start, int nbits) {
+    int64_t w = start >> 6;
+    int s = (int)(start & 63);
+    uint64_t v = row[w] >> s;
+    if (s && s + nbits > 64) v |= row[w + 1] << (64 - s);
+    return nbits == 64 ? v : v & ((1ULL << nbits) - 1);
+}
+
+/* OR nbits (<= 64) low bits of `v` into `row` at bit `start` (target bits must be 0). */
+static inline void or_bits64(uint64_t *row, int64_t start, int nbits, uint64_t v) {
+    int64_t w = start >> 6;
+    int s = (int)(start & 63);
+    if (nbits < 64) v &= (1ULL << nbits) - 1;
+    row[w] |= v << s;
+    if (s && s + nbits > 64) row[w + 1] |= v >> (64 - s);
+}
+
+/* In-place transpose of a 64x64 bit matrix: bit c of a[r] <-> bit r of a[c]. */
+static void transpose64(uint64_t a[64]) {
+    uint64_t m = 0x00000000FFFFFFFFULL;
+    for (int j = 32; j; j >>= 1, m ^= m << j) {
+        for (int k = 0; k < 64; k = ((k | j) + 1) & ~j) {
+            uint64_t t = ((a[k] >> j) ^ a[k | j]) & m;
+            a[k] ^= t << j;
+            a[k | j] ^= t;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* sign packing: bits[m, j] = x[m, j] < 0                                                */
+
+static inline __attribute__((always_inline)) void sign_pack_row_portable(const float *x, int64_t K,
+                                                                         uint64_t *out) {
+    int64_t kw = words_of(K);
+    for (int64_t w = 0; w < kw; w++) {
+        uint64_t v = 0;
+        int64_t n = K - 64 * w < 64 ? K - 64 * w : 64;
+        for (int64_t b = 0; b < n; b++) v |= (uint64_t)(x[64 * w + b] < 0.0f) << b;
+        out[w] = v;
+    }
+}
+
+#if BB_X86
+__attribute__((target("avx512f,avx512bw,avx512dq")))
+static void sign_pack_row_avx512(const float *x, int64_t K, uint64_t *out) {
+    int64_t kw = words_of(K);
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t w = 0; w < kw; w++) {
+        uint64_t v = 0;
+        for (int q = 0; q < 4; q++) {
+            int64_t j = 64 * w + 16 * q;
+            int64_t n = K - j;
+            if (n <= 0) break;
+            __mmask16 lm = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+            __m512 xv = _mm512_maskz_loadu_ps(lm, x + j);
+            __mmask16 neg = _mm512_mask_cmp_ps_mask(lm, xv, zero, _CMP_LT_OQ);
+            v |= (uint64_t)neg << (16 * q);
+        }
+        out[w] = v;
+    }
+}
+#endif
+
+void bb_sign_pack(const float *x, int64_t M, int64_t K, int64_t ldx, uint64_t *out, int64_t ldo) {
+    int avx512 = bb_get_kernel() == BB_KERNEL_AVX512;
+#pragma omp parallel for num_threads(g_threads) schedule(static) if (M * K > 32768)
+    for (int64_t m = 0; m < M; m++) {
+#if BB_X86
+        if (avx512)
+            sign_pack_row_avx512(x + m * ldx, K, out + m * ldo);
+        else
+#endif
+            sign_pack_row_portable(x + m * ldx, K, out + m * ldo);
+        for (int64_t w = words_of(K); w < ldo; w++) out[m * ldo + w] = 0;
+    }
+    (void)avx512;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* binary Linear (GEMM over XOR/popcount with a fused epilogue)                          */
+
+typedef struct {
+    const uint64_t *a;     /* [M, lda] activation bits */
+    int64_t M, lda, K;     /* K = true input width in bits */
+    const uint64_t *w;     /* panels [ceil(N/32), Kw, 32] */
+    int64_t N;
+    const float *alpha, *bias; /* [N] */
+    const float *residual;     /* [M, N] or NULL */
+    float *out;                /* [M, N] floats, or NULL */
+    uint64_t *out_bits;        /* [M, ldo] bits (y < 0), or NULL */
+    int64_t ldo;
+} linear_args;
+
+/* float epilogue of one output, written in one place for both kernel families */
+static inline float epilogue(int64_t K, int64_t pc, float alpha, float bias) {
+    return alpha * (float)(K - 2 * pc) + bias;
+}
+
+/* portable: one row block (mr rows) x one panel */
+static inline __attribute__((always_inline)) void linear_block_portable(const linear_args *g, int64_t r0,
+                                                                        int mr, int64_t p) {
+    int64_t kw = words_of(g->K);
+    const uint64_t *wp = g->w + p * kw * BB_PANEL;
+    int64_t n0 = p * BB_PANEL;
+    int nc = g->N - n0 < BB_PANEL ? (int)(g->N - n0) : BB_PANEL;
+    for (int r = 0; r < mr; r++) {
+        const uint64_t *a = g->a + (r0 + r) * g->lda;
+        int64_t pc[BB_PANEL] = {0};
+        for (int64_t k = 0; k < kw; k++) {
+            uint64_t av = a[k];
+            const uint64_t *wk = wp + k * BB_PANEL;
+            for (int c = 0; c < BB_PANEL; c++) pc[c] += __builtin_popcountll(av ^ wk[c]);
+        }
+        int64_t m = r0 + r;
+        if (g->out_bits) {
+            uint32_t bits = 0;
+            for (int c = 0; c < nc; c++)
+                bits |= (uint32_t)(epilogue(g->K, pc[c], g->alpha[n0 + c], g->bias[n0 + c]) < 0.0f) << c;
+            ((uint32_t *)(g->out_bits + m * g->ldo))[n0 / 32] = bits;
+        } else {
+            float *o = g->out + m * g->N + n0;
+            for (int c = 0; c < nc; c++) {
+                float y = epilogue(g->K, pc[c], g->alpha[n0 + c], g->bias[n0 + c]);
+                if (g->residual) y = y + g->residual[m * g->N + n0 + c];
+                o[c] = y;
+            }
+        }
+    }
+}
+
+static void linear_portable_generic(const linear_args *g, int64_t r0, int mr, int64_t p) {
+    linear_block_portable(g, r0, mr, p);
+}
+
+#if BB_X86
+__attribute__((target("popcnt")))
+static void linear_portable_popcnt(const linear_args *g, int64_t r0, int mr, int64_t p) {
+    linear_block_portable(g, r0, mr, p);
+}
+
+#define BB_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq")))
+
+/* 16 int32 counts -> epilogue on 16 channels; writes floats or returns the negative mask */
+static inline __attribute__((always_inline)) BB_AVX512 __m512 epilogue16(__m512i pc_lo, __m512i pc_hi,
+                                                                         int64_t K, const float *alpha,
+                                                                         const float *bias, __mmask16 lm) {
+    __m256i lo = _mm512_cvtepi64_epi32(pc_lo), hi = _mm512_cvtepi64_epi32(pc_hi);
+    __m512i pc = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    __m512i dot = _mm512_sub_epi32(_mm512_set1_epi32((int)K), _mm512_slli_epi32(pc, 1));
+    __m512 f = _mm512_cvtepi32_ps(dot);
+    __m512 av = _mm512_maskz_loadu_ps(lm, alpha), bv = _mm512_maskz_loadu_ps(lm, bias);
+    return _mm512_add_ps(_mm512_mul_ps(av, f), bv);
+}
+
+static inline __attribute__((always_inline)) BB_AVX512 void linear_block_avx512(const linear_args *g,
+                                                                               int64_t r0, const int MR,
+                                                                               int64_t p) {
+    int64_t kw = words_of(g->K);
+    const uint64_t *wp = g->w + p * kw * BB_PANEL;
+    int64_t n0 = p * BB_PANEL;
+    int nc = g->N - n0 < BB_PANEL ? (int)(g->N - n0) : BB_PANEL;
+    const uint64_t *a = g->a + r0 * g->lda;
+    __m512i acc[BB_MR][4];
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < kw; k++) {
+        const uint64_t *wk = wp + k * BB_PANEL;
+        __m512i w0 = _mm512_loadu_si512(wk), w1 = _mm512_loadu_si512(wk + 8);
+        __m512i w2 = _mm512_loadu_si512(wk + 16), w3 = _mm512_loadu_si512(wk + 24);
+        for (int r = 0; r < MR; r++) {
+            __m512i av = _mm512_set1_epi64((long long)a[r * g->lda + k]);
+            acc[r][0] = _mm512_add_epi64(acc[r][0], _mm512_popcnt_epi64(_mm512_xor_si512(av, w0)));
+            acc[r][1] = _mm512_add_epi64(acc[r][1], _mm512_popcnt_epi64(_mm512_xor_si512(av, w1)));
+            acc[r][2] = _mm512_add_epi64(acc[r][2], _mm512_popcnt_epi64(_mm512_xor_si512(av, w2)));
+            acc[r][3] = _mm512_add_epi64(acc[r][3], _mm512_popcnt_epi64(_mm512_xor_si512(av, w3)));
+        }
+    }
+    __mmask16 lm0 = nc >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nc) - 1);
+    __mmask16 lm1 = nc >= 32 ? (__mmask16)0xFFFF : nc > 16 ? (__mmask16)((1u << (nc - 16)) - 1) : 0;
+    for (int r = 0; r < MR; r++) {
+        int64_t m = r0 + r;
+        __m512 y0 = epilogue16(acc[r][0], acc[r][1], g->K, g->alpha + n0, g->bias + n0, lm0);
+        __m512 y1 = epilogue16(acc[r][2], acc[r][3], g->K, g->alpha + n0 + 16, g->bias + n0 + 16, lm1);
+        if (g->out_bits) {
+            const __m512 zero = _mm512_setzero_ps();
+            uint32_t bits = (uint32_t)_mm512_mask_cmp_ps_mask(lm0, y0, zero, _CMP_LT_OQ) |
+                            (uint32_t)_mm512_mask_cmp_ps_mask(lm1, y1, zero, _CMP_LT_OQ) << 16;
+            ((uint32_t *)(g->out_bits + m * g->ldo))[n0 / 32] = bits;
+        } else {
+            float *o = g->out + m * g->N + n0;
+            if (g->residual) {
+                const float *res = g->residual + m * g->N + n0;
+                y0 = _mm512_add_ps(y0, _mm512_maskz_loadu_ps(lm0, res));
+                y1 = _mm512_add_ps(y1, _mm512_maskz_loadu_ps(lm1, res + 16));
+            }
+            _mm512_mask_storeu_ps(o, lm0, y0);
+            _mm512_mask_storeu_ps(o + 16, lm1, y1);
+        }
+    }
+}
+
+BB_AVX512 static void linear_avx512(const linear_args *g, int64_t r0, int mr, int64_t p) {
+    switch (mr) {
+    case 6: linear_block_avx512(g, r0, 6, p); break;
+    case 5: linear_block_avx512(g, r0, 5, p); break;
+    case 4: linear_block_avx512(g, r0, 4, p); break;
+    case 3: linear_block_avx512(g, r0, 3, p); break;
+    case 2: linear_block_avx512(g, r0, 2, p); break;
+    default: linear_block_avx512(g, r0, 1, p); break;
+    }
+}
+#endif
+
+typedef void (*linear_fn)(const linear_args *, int64_t, int, int64_t);
+
+static linear_fn pick_linear(void) {
+#if BB_X86
+    if (bb_get_kernel() == BB_KERNEL_AVX512) return linear_avx512;
+    if (cpu_has_popcnt()) return linear_portable_popcnt;
+#endif
+    return linear_portable_generic;
+}
+
+/* y = alpha * (K - 2 popcount(a XOR w)) + bias [+ residual] into `out` [M, N]; or, with
+ * out_bits, the bits (y < 0) into out_bits [M, ldo] (whole words of each row rewritten). */
+void bb_linear(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint64_t *w_panels, int64_t N,
+               const float *alpha, const float *bias, const float *residual, float *out, uint64_t *out_bits,
+               int64_t ldo) {
+    linear_args g = {a, M, lda, K, w_panels, N, alpha, bias, residual, out, out_bits, ldo};
+    linear_fn fn = pick_linear();
+    int64_t np = (N + BB_PANEL - 1) / BB_PANEL;
+    int64_t nb = (M + BB_MR - 1) / BB_MR;
+    if (out_bits) /* words past the written half-words stay padding zeros */
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t w = words_of(N) - 1; w < ldo; w++)
+                if (w >= 0) out_bits[m * ldo + w] = 0;
+#pragma omp parallel for num_threads(g_threads) collapse(2) schedule(static)
+    for (int64_t p = 0; p < np; p++)
+        for (int64_t b = 0; b < nb; b++) {
+            int64_t r0 = b * BB_MR;
+            int mr = M - r0 < BB_MR ? (int)(M - r0) : BB_MR;
+            fn(&g, r0, mr, p);
+        }
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* LayerNorm (+ sign bits of its output)                                                 */
+
+/* Both kernel families: 16 partial sums (lane = i % 16), then lanes added in order. */
+static inline __attribute__((always_inline)) void layernorm_row_portable(const float *x, int64_t H,
+                                                                         const float *g, const float *b,
+                                                                         float eps, float *out) {
+    float acc[16] = {0};
+    for (int64_t i = 0; i < H; i++) acc[i & 15] += x[i];
+    float s = 0.0f;
+    for (int l = 0; l < 16; l++) s += acc[l];
+    float mean = s / (float)H;
+    float acc2[16] = {0};
+    for (int64_t i = 0; i < H; i++) {
+        float d = x[i] - mean;
+        acc2[i & 15] += d * d;
+    }
+    float v = 0.0f;
+    for (int l = 0; l < 16; l++) v += acc2[l];
+    float rstd = 1.0f / sqrtf(v / (float)H + eps);
+    for (int64_t i = 0; i < H; i++) out[i] = (x[i] - mean) * rstd * g[i] + b[i];
+}
+
+#if BB_X86
+BB_AVX512 static void layernorm_row_avx512(const float *x, int64_t H, const float *g, const float *b,
+                                           float eps, float *out) {
+    float lanes[16];
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < H; i += 16) {
+        __mmask16 lm = H - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (H - i)) - 1);
+        acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(lm, x + i));
+    }
+    _mm512_storeu_ps(lanes, acc);
+    float s = 0.0f;
+    for (int l = 0; l < 16; l++) s += lanes[l];
+    float mean = s / (float)H;
+    __m512 mv = _mm512_set1_ps(mean);
+    acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < H; i += 16) {
+        __mmask16 lm = H - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (H - i)) - 1);
+        __m512 d = _mm512_maskz_sub_ps(lm, _mm512_maskz_loadu_ps(lm, x + i), mv);
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(d, d));
+    }
+    _mm512_storeu_ps(lanes, acc);
+    float v = 0.0f;
+    for (int l = 0; l < 16; l++) v += lanes[l];
+    __m512 rv = _mm512_set1_ps(1.0f / sqrtf(v / (float)H + eps));
+    for (int64_t i = 0; i < H; i += 16) {
+        __mmask16 lm = H - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (H - i)) - 1);
+        __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(lm, x + i), mv);
+        __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(d, rv), _mm512_maskz_loadu_ps(lm, g + i)),
+                                 _mm512_maskz_loadu_ps(lm, b + i));
+        _mm512_mask_storeu_ps(out + i, lm, y);
+    }
+}
+#endif
+
+/* out = LayerNorm(x) per row (out may alias x); out_bits (if not NULL) = sign bits of out. */
+void bb_layernorm(const float *x, int64_t M, int64_t H, const float *g, const float *b, float eps, float *out,
+                  uint64_t *out_bits, int64_t ldo) {
+    int kernel = bb_get_kernel();
+#pragma omp parallel for num_threads(g_threads) schedule(static) if (M * H > 16384)
+    for (int64_t m = 0; m < M; m++) {
+#if BB_X86
+        if (kernel == BB_KERNEL_AVX512) {
+            layernorm_row_avx512(x + m * H, H, g, b, eps, out + m * H);
+            if (out_bits) sign_pack_row_avx512(out + m * H, H, out_bits + m * ldo);
+        } else
+#endif
+        {
+            layernorm_row_portable(x + m * H, H, g, b, eps, out + m * H);
+            if (out_bits) sign_pack_row_portable(out + m * H, H, out_bits + m * ldo);
+        }
+        if (out_bits)
+            for (int64_t w = words_of(H); w < ldo; w++) out_bits[m * ldo + w] = 0;
+    }
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* embeddings: word (alpha_r * sign bits) + token type + position                        */
+
+/* out[m] = (word[ids[m]] + type[type_ids[m]]) + pos[m % L]; ids are checked by the caller. */
+void bb_embed(const int64_t *ids, const int64_t *type_ids, int64_t M, int64_t L, const uint64_t *word_bits,
+              const float *word_alpha, const float *pos, const float *type, int64_t H, float *out) {
+    int64_t hw = words_of(H);
+#pragma omp parallel for num_threads(g_threads) schedule(static) if (M * H > 32768)
+    for (int64_t m = 0; m < M; m++) {
+        const uint64_t *wb = word_bits + ids[m] * hw;
+        float al = word_alpha[ids[m]], nal = -al;
+        const float *t = type + type_ids[m] * H, *p = pos + (m % L) * H;
+        float *o = out + m * H;
+        for (int64_t i = 0; i < H; i++) {
+            float wv = (wb[i >> 6] >> (i & 63)) & 1 ? nal : al;
+            o[i] = (wv + t[i]) + p[i];
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Bi-Attention entirely in bits                                                         */
+
+typedef struct {
+    int64_t B, L, H, d, dw, lw, lp, dp;
+    const uint64_t *q;   /* [B, H, L, dw]  query bits per head */
+    const uint64_t *kt;  /* [B, H, dw, lp] key bits, word-major (8 keys per vector) */
+    const uint64_t *vt;  /* [B, H, lw, dp] value bits transposed: bit t of vt[w][c] = key 64w+t, col c */
+    const uint64_t *valid; /* [B, lw] key-valid bits */
+    uint64_t *out;       /* [B*L, ldo] context sign bits */
+    int64_t ldo;
+    int32_t *counts;     /* [B*L, H*d] or NULL */
+} attn_args;
+
+/* One query row i of one (b, h): BA bits into ba[lw], context bits into cb[dw]. */
+static inline __attribute__((always_inline)) void attn_row_portable(const attn_args *g, int64_t bh, int64_t i,
+                                                                    uint64_t *ba, uint64_t *cb, int32_t *cnt) {
+    int64_t b = bh / g->H;
+    const uint64_t *q = g->q + (bh * g->L + i) * g->dw;
+    const uint64_t *kt = g->kt + bh * g->dw * g->lp;
+    const uint64_t *vt = g->vt + bh * g->lw * g->dp;
+    const uint64_t *valid = g->valid + b * g->lw;
+    int64_t npos = 0;
+    for (int64_t w = 0; w < g->lw; w++) {
+        uint64_t bits = 0;
+        for (int t = 0; t < 64; t++) {
+            int64_t j = 64 * w + t, pc = 0;
+            for (int64_t x = 0; x < g->dw; x++) pc += __builtin_popcountll(q[x] ^ kt[x * g->lp + j]);
+            bits |= (uint64_t)(2 * pc < g->d) << t;
+        }
+        ba[w] = bits & valid[w];
+        npos += __builtin_popcountll(ba[w]);
+    }
+    for (int64_t x = 0; x < g->dw; x++) cb[x] = 0;
+    for (int64_t c = 0; c < g->d; c++) {
+        int64_t neg = 0;
+        for (int64_t w = 0; w < g->lw; w++) neg += __builtin_popcountll(ba[w] & vt[w * g->dp + c]);
+        int64_t count = npos - 2 * neg;
+        cb[c >> 6] |= (uint64_t)(count < 0) << (c & 63);
+        if (cnt) cnt[c] = (int32_t)count;
+    }
+}
+
+static void attn_row_portable_generic(const attn_args *g, int64_t bh, int64_t i, uint64_t *ba, uint64_t *cb,
+                                      int32_t *cnt) {
+    attn_row_portable(g, bh, i, ba, cb, cnt);
+}
+
+#if BB_X86
+__attribute__((target("popcnt"))) static void attn_row_portable_popcnt(const attn_args *g, int64_t bh,
+                                                                        int64_t i, uint64_t *ba, uint64_t *cb,
+                                                                        int32_t *cnt) {
+    attn_row_portable(g, bh, i, ba, cb, cnt);
+}
+
+BB_AVX512 static void attn_row_avx512(const attn_args *g, int64_t bh, int64_t i, uint64_t *ba, uint64_t *cb,
+                                      int32_t *cnt) {
+    int64_t b = bh / g->H;
+    const uint64_t *q = g->q + (bh * g->L + i) * g->dw;
+    const uint64_t *kt = g->kt + bh * g->dw * g->lp;
+    const uint64_t *vt = g->vt + bh * g->lw * g->dp;
+    const uint64_t *valid = g->valid + b * g->lw;
+    const __m512i dv = _mm512_set1_epi64(g->d);
+    int64_t npos = 0;
+    for (int64_t w = 0; w < g->lw; w++) {
+        __m512i acc[8];
+        for (int v = 0; v < 8; v++) acc[v] = _mm512_setzero_si512();
+        for (int64_t x = 0; x < g->dw; x++) {
+            __m512i qv = _mm512_set1_epi64((long long)q[x]);
+            const uint64_t *kx = kt + x * g->lp + 64 * w;
+            for (int v = 0; v < 8; v++)
+                acc[v] = _mm512_add_epi64(acc[v],
+                                          _mm512_popcnt_epi64(_mm512_xor_si512(qv, _mm512_loadu_si512(kx + 8 * v))));
+        }
+        uint64_t bits = 0;
+        for (int v = 0; v < 8; v++)
+            bits |= (uint64_t)_mm512_cmp_epi64_mask(_mm512_slli_epi64(acc[v], 1), dv, _MM_CMPINT_LT) << (8 * v);
+        ba[w] = bits & valid[w];
+        npos += __builtin_popcountll(ba[w]);
+    }
+    const __m512i nv = _mm512_set1_epi64(npos);
+    for (int64_t x = 0; x < g->dw; x++) cb[x] = 0;
+    for (int64_t c0 = 0; c0 < g->dp; c0 += 32) {
+        int nblk = g->dp - c0 >= 32 ? 4 : (int)((g->dp - c0) / 8);
+        __m512i acc[4];
+        for (int v = 0; v < 4; v++) acc[v] = _mm512_setzero_si512();
+        for (int64_t w = 0; w < g->lw; w++) {
+            __m512i bv = _mm512_set1_epi64((long long)ba[w]);
+            const uint64_t *vw = vt + w * g->dp + c0;
+            for (int v = 0; v < nblk; v++)
+                acc[v] = _mm512_add_epi64(acc[v], _mm512_popcnt_epi64(_mm512_and_si512(bv, _mm512_loadu_si512(vw + 8 * v))));
+        }
+        for (int v = 0; v < nblk; v++) {
+            int64_t c = c0 + 8 * v;
+            __m512i count = _mm512_sub_epi64(nv, _mm512_slli_epi64(acc[v], 1));
+            uint64_t neg = _mm512_cmp_epi64_mask(count, _mm512_setzero_si512(), _MM_CMPINT_LT);
+            int nc = g->d - c >= 8 ? 8 : (int)(g->d - c);
+            if (nc <= 0) break;
+            neg &= (1u << nc) - 1;
+            cb[c >> 6] |= neg << (c & 63);
+            if (cnt) _mm256_mask_storeu_epi32(cnt + c, (__mmask8)((1u << nc) - 1), _mm512_cvtepi64_epi32(count));
+        }
+    }
+}
+#endif
+
+typedef void (*attn_fn)(const attn_args *, int64_t, int64_t, uint64_t *, uint64_t *, int32_t *);
+
+static attn_fn pick_attn(void) {
+#if BB_X86
+    if (bb_get_kernel() == BB_KERNEL_AVX512) return attn_row_avx512;
+    if (cpu_has_popcnt()) return attn_row_portable_popcnt;
+#endif
+    return attn_row_portable_generic;
+}
+
+/* Bi-Attention of B sequences of L rows. qkv: bit rows [B*L, ldq] holding Q, K and V
+ * (hidden = H*d bits each) at bit offsets q_off, k_off, v_off. valid: [B, ceil(L/64)] key
+ * bits (1 = real token). out: context sign bits [B*L, ldo], bit h*d+c of row = (count < 0).
+ * counts (optional): the integer context [B*L, H*d]. Returns 0, or -1 if out of memory. */
+int bb_biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_off, int64_t v_off, int64_t B,
+                   int64_t L, int64_t H, int64_t d, const uint64_t *valid, uint64_t *out, int64_t ldo,
+                   int32_t *counts) {
+    attn_args g;
+    g.B = B; g.L = L; g.H = H; g.d = d;
+    g.dw = words_of(d);
+    g.lw = words_of(L);
+    g.lp = g.lw * 64;
+    g.dp = (d + 7) / 8 * 8;
+    int64_t nq = B * H * L * g.dw, nk = B * H * g.dw * g.lp, nv = B * H * g.lw * g.dp;
+    uint64_t *buf = (uint64_t *)aligned_alloc(64, ((nq + nk + nv) * 8 + 63) / 64 * 64);
+    if (!buf) return -1;
+    uint64_t *qb = buf, *kb = buf + nq, *vb = buf + nq + nk;
+    g.q = qb; g.kt = kb; g.vt = vb; g.valid = valid; g.out = out; g.ldo = ldo; g.counts = counts;
+
+    /* phase 1: per (b, h), gather the head's bits into the layouts above */
+#pragma omp parallel for num_threads(g_threads) schedule(static)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        int64_t b = bh / H, h = bh % H;
+        uint64_t *qh = qb + bh * L * g.dw, *kh = kb + bh * g.dw * g.lp, *vh = vb + bh * g.lw * g.dp;
+        memset(kh, 0, (size_t)(g.dw * g.lp) * 8);
+        memset(vh, 0, (size_t)(g.lw * g.dp) * 8);
+        for (int64_t i = 0; i < L; i++) {
+            const uint64_t *row = qkv + (b * L + i) * ldq;
+            for (int64_t x = 0; x < g.dw; x++) {
+                int nb = d - 64 * x >= 64 ? 64 : (int)(d - 64 * x);
+                qh[i * g.dw + x] = get_bits64(row, q_off + h * d + 64 * x, nb);
+                kh[x * g.lp + i] = get_bits64(row, k_off + h * d + 64 * x, nb);
+            }
+        }
+        uint64_t blk[64];
+        for (int64_t w = 0; w < g.lw; w++)
+            for (int64_t x = 0; x < g.dw; x++) {
+                int nb = d - 64 * x >= 64 ? 64 : (int)(d - 64 * x);
+                for (int t = 0; t < 64; t++) {
+                    int64_t j = 64 * w + t;
+                    blk[t] = j < L ? get_bits64(qkv + (b * L + j) * ldq, v_off + h * d + 64 * x, nb) : 0;
+                }
+                transpose64(blk);
+                for (int c = 0; c < nb; c++) vh[w * g.dp + 64 * x + c] = blk[c];
+            }
+    }
+
+    /* phase 2: per query row, every head; each row of `out` is written by one thread */
+    attn_fn fn = pick_attn();
+#pragma omp parallel num_threads(g_threads)
+    {
+        uint64_t *ba = (uint64_t *)malloc((size_t)(g.lw + g.dw) * 8);
+        uint64_t *cb = ba + g.lw;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < B * L; r++) {
+            int64_t b = r / L, i = r % L;
+            uint64_t *orow = out + r * ldo;
+            for (int64_t x = 0; x < ldo; x++) orow[x] = 0;
+            for (int64_t h = 0; h < H; h++) {
+                fn(&g, b * H + h, i, ba, cb, counts ? counts + r * H * d + h * d : NULL);
+                for (int64_t x = 0; x < g.dw; x++) {
+                    int nb = d - 64 * x >= 64 ? 64 : (int)(d - 64 * x);
+                    or_bits64(orow, h * d + 64 * x, nb, cb[x]);
+                }
+            }
+        }
+        free(ba);
+    }
+    free(buf);
+    return 0;
+}

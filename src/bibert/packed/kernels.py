@@ -1,0 +1,231 @@
+"""ctypes bindings of the native bitwise kernels (src/bibert/csrc/bitkernels.c).
+
+Bit convention, everywhere: bit 1 <=> -1, bit 0 <=> +1; element j of a row in uint64
+word j // 64, bit j % 64; padding bits 0. sign(x) = +1 iff x >= 0, so a bit is x < 0.
+
+The kernel family is chosen at run time: AVX-512 VPOPCNTDQ where the CPU has it, a
+portable C path elsewhere. `set_kernel("portable" | "avx512" | "auto")` or the
+environment variable BIBERT_KERNEL forces one; `set_threads(n)` (or BIBERT_THREADS)
+sets the OpenMP thread count. BIBERT_NATIVE_LIB points at another build of the library
+(the AddressSanitizer build of `make asan`).
+
+Every wrapper takes and returns NumPy arrays; buffers passed to C are kept referenced
+for the duration of the call.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import os
+from pathlib import Path
+
+import numpy as np
+import torch  # noqa: F401  (loaded first, so torch and the kernels share one OpenMP runtime)
+
+from ..errors import BibertError
+
+ABI_VERSION = 2
+PANEL = 32
+KERNELS = {"auto": 0, "portable": 1, "avx512": 2}
+KERNEL_NAMES = {1: "portable", 2: "avx512"}
+
+_lib = None
+
+
+def words(bits: int) -> int:
+    """uint64 words holding `bits` bits."""
+    return (bits + 63) // 64
+
+
+def _library_path() -> Path:
+    override = os.environ.get("BIBERT_NATIVE_LIB")
+    if override:
+        return Path(override)
+    here = Path(__file__).resolve().parent.parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = here / f"_bitkernels{suffix}"
+        if candidate.exists():
+            return candidate
+    raise BibertError(
+        "the native kernels (bibert/_bitkernels) are not built: reinstall with `pip install -e .` "
+        "or run `python setup.py build_ext --inplace`"
+    )
+
+
+def lib() -> ctypes.CDLL:
+    """The loaded native library (loaded once; kernel and threads from the environment)."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    handle = ctypes.CDLL(str(_library_path()))
+    if handle.bb_abi_version() != ABI_VERSION:
+        raise BibertError(
+            f"native kernels ABI {handle.bb_abi_version()} != {ABI_VERSION}: rebuild with `pip install -e .`"
+        )
+    P, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    handle.bb_set_kernel.argtypes = [ctypes.c_int]
+    handle.bb_set_threads.argtypes = [ctypes.c_int]
+    handle.bb_sign_pack.argtypes = [P, I, I, I, P, I]
+    handle.bb_sign_pack.restype = None
+    handle.bb_linear.argtypes = [P, I, I, I, P, I, P, P, P, P, P, I]
+    handle.bb_linear.restype = None
+    handle.bb_layernorm.argtypes = [P, I, I, P, P, F, P, P, I]
+    handle.bb_layernorm.restype = None
+    handle.bb_embed.argtypes = [P, P, I, I, P, P, P, P, I, P]
+    handle.bb_embed.restype = None
+    handle.bb_biattention.argtypes = [P, I, I, I, I, I, I, I, I, P, P, I, P]
+    handle.bb_biattention.restype = ctypes.c_int
+    _lib = handle
+    set_kernel(os.environ.get("BIBERT_KERNEL", "auto"))
+    set_threads(int(os.environ.get("BIBERT_THREADS", "0")) or default_threads())
+    return handle
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_has_avx512() -> bool:
+    """True if this CPU runs the AVX-512 VPOPCNTDQ kernels."""
+    return bool(lib().bb_cpu_has_avx512())
+
+
+def set_kernel(name: str) -> str:
+    """Force a kernel family ("auto", "avx512", "portable"); returns the active one."""
+    if name not in KERNELS:
+        raise BibertError(f"unknown kernel {name!r}: choose one of {', '.join(KERNELS)}")
+    active = lib().bb_set_kernel(KERNELS[name])
+    if active < 0:
+        raise BibertError(
+            f"kernel {name!r} needs AVX-512 F/BW/DQ/VL + VPOPCNTDQ, which this CPU lacks: "
+            "use BIBERT_KERNEL=portable (or auto)"
+        )
+    return KERNEL_NAMES[active]
+
+
+def get_kernel() -> str:
+    return KERNEL_NAMES[lib().bb_get_kernel()]
+
+
+def set_threads(n: int) -> None:
+    """OpenMP threads used by every kernel."""
+    lib().bb_set_threads(int(n))
+
+
+def get_threads() -> int:
+    return int(lib().bb_get_threads())
+
+
+def _ptr(a: np.ndarray | None) -> int | None:
+    return None if a is None else a.ctypes.data
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _u64(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.uint64)
+
+
+def pack_bool(b: np.ndarray) -> np.ndarray:
+    """bool [M, K] -> bit rows uint64 [M, words(K)] (bit set where True)."""
+    b = np.asarray(b, dtype=bool)
+    M, K = b.shape
+    padded = np.zeros((M, words(K) * 64), dtype=bool)
+    padded[:, :K] = b
+    return np.packbits(padded, axis=1, bitorder="little").view("<u8").astype(np.uint64)
+
+
+def unpack_bool(bits: np.ndarray, K: int) -> np.ndarray:
+    """bit rows uint64 [M, W] -> bool [M, K]."""
+    bits = np.ascontiguousarray(bits, dtype="<u8")
+    return np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :K].astype(bool)
+
+
+def pack_panels(bits: np.ndarray) -> np.ndarray:
+    """Weight bit rows [N, Kw] -> panels [ceil(N/32), Kw, 32] (word k of 32 channels together)."""
+    N, kw = bits.shape
+    n_pad = -(-N // PANEL) * PANEL
+    padded = np.zeros((n_pad, kw), dtype=np.uint64)
+    padded[:N] = bits
+    return np.ascontiguousarray(padded.reshape(n_pad // PANEL, PANEL, kw).transpose(0, 2, 1))
+
+
+def sign_pack(x: np.ndarray) -> np.ndarray:
+    """float [M, K] -> sign bits [M, words(K)] (bit = x < 0)."""
+    x = _f32(x)
+    M, K = x.shape
+    out = np.empty((M, words(K)), dtype=np.uint64)
+    lib().bb_sign_pack(_ptr(x), M, K, K, _ptr(out), out.shape[1])
+    return out
+
+
+def binary_linear(a_bits: np.ndarray, K: int, panels: np.ndarray, N: int, alpha: np.ndarray,
+                  bias: np.ndarray, residual: np.ndarray | None = None, out_bits: bool = False) -> np.ndarray:
+    """y = alpha * (K - 2 popcount(a XOR w)) + bias [+ residual]: float [M, N], or with
+    out_bits the sign bits of y, uint64 [M, words(N)]."""
+    a_bits, panels = _u64(a_bits), _u64(panels)
+    alpha, bias = _f32(alpha), _f32(bias)
+    M = a_bits.shape[0]
+    if a_bits.shape[1] < words(K) or panels.shape != (-(-N // PANEL), words(K), PANEL):
+        raise BibertError(f"binary_linear: shapes do not match K={K}, N={N}")
+    if out_bits:
+        if residual is not None:
+            raise BibertError("binary_linear: a residual needs float output")
+        out = np.empty((M, words(N)), dtype=np.uint64)
+        lib().bb_linear(_ptr(a_bits), M, a_bits.shape[1], K, _ptr(panels), N, _ptr(alpha), _ptr(bias),
+                        None, None, _ptr(out), out.shape[1])
+        return out
+    residual = None if residual is None else _f32(residual)
+    out = np.empty((M, N), dtype=np.float32)
+    lib().bb_linear(_ptr(a_bits), M, a_bits.shape[1], K, _ptr(panels), N, _ptr(alpha), _ptr(bias),
+                    _ptr(residual), _ptr(out), None, 0)
+    return out
+
+
+def layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float,
+              with_bits: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Row LayerNorm of float [M, H]; with_bits also returns the output's sign bits."""
+    x, gamma, beta = _f32(x), _f32(gamma), _f32(beta)
+    M, H = x.shape
+    out = np.empty_like(x)
+    bits = np.empty((M, words(H)), dtype=np.uint64) if with_bits else None
+    lib().bb_layernorm(_ptr(x), M, H, _ptr(gamma), _ptr(beta), eps, _ptr(out), _ptr(bits),
+                       0 if bits is None else bits.shape[1])
+    return (out, bits) if with_bits else out
+
+
+def embed(ids: np.ndarray, type_ids: np.ndarray, word_bits: np.ndarray, word_alpha: np.ndarray,
+          position: np.ndarray, token_type: np.ndarray) -> np.ndarray:
+    """(word + token type) + position for ids [B, L] (ids already range-checked): float [B*L, H]."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    type_ids = np.ascontiguousarray(type_ids, dtype=np.int64)
+    word_bits, word_alpha = _u64(word_bits), _f32(word_alpha)
+    position, token_type = _f32(position), _f32(token_type)
+    B, L = ids.shape
+    H = position.shape[1]
+    out = np.empty((B * L, H), dtype=np.float32)
+    lib().bb_embed(_ptr(ids), _ptr(type_ids), B * L, L, _ptr(word_bits), _ptr(word_alpha), _ptr(position),
+                   _ptr(token_type), H, _ptr(out))
+    return out
+
+
+def biattention(qkv_bits: np.ndarray, offsets: tuple[int, int, int], B: int, L: int, heads: int, head_size: int,
+                key_valid: np.ndarray, counts: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Bi-Attention in bits. qkv_bits [B*L, W] holds sign bits of Q, K, V at bit offsets
+    `offsets`; key_valid: bool [B, L]. Returns the context sign bits [B*L, words(H*d)] and,
+    with counts, the integer context int32 [B*L, H*d]."""
+    qkv_bits = _u64(qkv_bits)
+    valid = pack_bool(key_valid)
+    out = np.empty((B * L, words(heads * head_size)), dtype=np.uint64)
+    cnt = np.empty((B * L, heads * head_size), dtype=np.int32) if counts else None
+    q_off, k_off, v_off = offsets
+    rc = lib().bb_biattention(_ptr(qkv_bits), qkv_bits.shape[1], q_off, k_off, v_off, B, L, heads, head_size,
+                              _ptr(valid), _ptr(out), out.shape[1], _ptr(cnt))
+    if rc != 0:
+        raise BibertError("biattention: out of memory")
+    return (out, cnt) if counts else out

@@ -1,0 +1,122 @@
+"""Each native kernel against a naive NumPy reference, on both dispatch paths."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bibert.errors import BibertError
+from bibert.packed import kernels, reference
+
+PATHS = ["portable"] + (["avx512"] if kernels.cpu_has_avx512() else [])
+
+
+@pytest.fixture(params=PATHS)
+def path(request):
+    previous = kernels.get_kernel()
+    kernels.set_kernel(request.param)
+    yield request.param
+    kernels.set_kernel(previous)
+
+
+def signs_to_bits(s: np.ndarray) -> np.ndarray:
+    return kernels.pack_bool(s < 0)
+
+
+def random_floats(rng, *shape):
+    x = rng.standard_normal(shape).astype(np.float32)
+    x.flat[:: max(1, x.size // 7)] = 0.0  # zeros and negative zeros must pack as +1
+    x.flat[1 :: max(1, x.size // 5)] = -0.0
+    return x
+
+
+@pytest.mark.parametrize("M,K", [(1, 1), (3, 63), (5, 64), (7, 65), (2, 100), (13, 768), (4, 1000)])
+def test_sign_pack(path, M, K):
+    x = random_floats(np.random.default_rng(K), M, K)
+    bits = kernels.sign_pack(x)
+    np.testing.assert_array_equal(bits, signs_to_bits(reference.sign(x)))
+    assert bits.shape == (M, kernels.words(K))
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (5, 63, 31), (6, 64, 32), (7, 65, 33), (13, 130, 70),
+                                   (12, 768, 96), (3, 200, 64)])
+@pytest.mark.parametrize("mode", ["float", "residual", "bits"])
+def test_binary_linear(path, M, K, N, mode):
+    rng = np.random.default_rng(M * 1000 + K + N)
+    x = random_floats(rng, M, K)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    alpha, ws = reference.binarize_rows(w)
+    bias = rng.standard_normal(N).astype(np.float32) * 3
+    residual = rng.standard_normal((M, N)).astype(np.float32) if mode == "residual" else None
+    expected = reference.binary_linear(reference.sign(x), ws, alpha, bias, residual)
+    panels = kernels.pack_panels(signs_to_bits(ws))
+    xb = kernels.sign_pack(x)
+    if mode == "bits":
+        got = kernels.binary_linear(xb, K, panels, N, alpha, bias, out_bits=True)
+        np.testing.assert_array_equal(got, signs_to_bits(reference.sign(expected)))
+    else:
+        got = kernels.binary_linear(xb, K, panels, N, alpha, bias, residual)
+        np.testing.assert_array_equal(got, expected)  # same float operations, same order
+
+
+@pytest.mark.parametrize("M,H", [(1, 1), (3, 17), (5, 64), (4, 100), (9, 768)])
+def test_layernorm(path, M, H):
+    rng = np.random.default_rng(H)
+    x = rng.standard_normal((M, H)).astype(np.float32) * 4 + 1
+    g, b = rng.standard_normal(H).astype(np.float32), rng.standard_normal(H).astype(np.float32)
+    out, bits = kernels.layernorm(x, g, b, 1e-12, with_bits=True)
+    np.testing.assert_allclose(out, reference.layernorm(x, g, b, 1e-12), rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(bits, signs_to_bits(reference.sign(out)))
+
+
+@pytest.mark.parametrize("B,L,heads,d", [(1, 1, 1, 1), (2, 7, 3, 5), (1, 64, 2, 64), (2, 70, 4, 32),
+                                         (3, 33, 2, 100), (1, 130, 12, 64)])
+def test_biattention(path, B, L, heads, d):
+    rng = np.random.default_rng(B * L * heads * d)
+    hidden = heads * d
+    q, k, v = (random_floats(rng, B, L, hidden) for _ in range(3))
+    lengths = rng.integers(1, L + 1, size=B)
+    lengths[0] = L
+    valid = np.arange(L)[None, :] < lengths[:, None]
+    expected = reference.biattention_counts(q, k, v, valid, heads).reshape(B * L, hidden)
+    # Q, K, V side by side in one bit row, as the fused QKV Linear writes them
+    qkv = kernels.pack_bool(np.concatenate([q, k, v], axis=2).reshape(B * L, 3 * hidden) < 0)
+    bits, counts = kernels.biattention(qkv, (0, hidden, 2 * hidden), B, L, heads, d, valid, counts=True)
+    np.testing.assert_array_equal(counts, expected)
+    np.testing.assert_array_equal(bits, signs_to_bits(reference.sign(expected)))
+
+
+def test_embed(path):
+    rng = np.random.default_rng(0)
+    V, H, P, T, B, L = 50, 70, 16, 2, 3, 9
+    table = rng.standard_normal((V, H)).astype(np.float32)
+    alpha, s = reference.binarize_rows(table)
+    pos, typ = rng.standard_normal((P, H)).astype(np.float32), rng.standard_normal((T, H)).astype(np.float32)
+    ids, tt = rng.integers(0, V, (B, L)), rng.integers(0, T, (B, L))
+    got = kernels.embed(ids, tt, signs_to_bits(s), alpha, pos, typ)
+    expected = (alpha[ids][..., None] * s[ids] + typ[tt]) + pos[:L][None]
+    np.testing.assert_allclose(got, expected.reshape(B * L, H).astype(np.float32), rtol=1e-6, atol=1e-6)
+
+
+def test_paths_agree_bit_for_bit():
+    if len(PATHS) < 2:
+        pytest.skip("this CPU has only the portable path")
+    rng = np.random.default_rng(1)
+    x, w = random_floats(rng, 11, 300), rng.standard_normal((77, 300)).astype(np.float32)
+    alpha, ws = reference.binarize_rows(w)
+    bias = rng.standard_normal(77).astype(np.float32)
+    panels = kernels.pack_panels(signs_to_bits(ws))
+    results = []
+    for name in PATHS:
+        kernels.set_kernel(name)
+        y = kernels.binary_linear(kernels.sign_pack(x), 300, panels, 77, alpha, bias)
+        results.append(kernels.layernorm(y, np.ones(77, np.float32), np.zeros(77, np.float32), 1e-12))
+    kernels.set_kernel("auto")
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_unknown_or_unavailable_kernel():
+    with pytest.raises(BibertError):
+        kernels.set_kernel("sse9")
+    if not kernels.cpu_has_avx512():
+        with pytest.raises(BibertError, match="portable"):
+            kernels.set_kernel("avx512")
