@@ -1,0 +1,233 @@
+"""The packed engine: a BiBERT student run from its packed file with bitwise kernels.
+
+Per encoder layer, with x the float hidden state and xb its sign bits:
+
+    qkv   = BinaryLinear_qkv(xb) -> bits          (Q, K, V fused: 3 x hidden output bits)
+    ctx   = BiAttention(qkv)     -> bits          (bool(sign(Q) sign(K)^T > 0) @ sign(V), signed)
+    a     = LayerNorm(BinaryLinear_o(ctx) + x)    -> float + bits
+    f     = BinaryLinear_in(a)   -> bits          (sign of the pre-GELU value = sign of GELU)
+    x'    = LayerNorm(BinaryLinear_out(f) + a)    -> float + bits
+
+then pooler tanh(BinaryLinear(sign(x[CLS]))) and the full-precision classifier. Floats
+appear only where the student keeps full precision: embeddings sum, LayerNorms,
+residuals, the epilogues alpha * (K - 2 popcount) + bias, tanh and the classifier.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BibertError
+from . import kernels
+from .format import BINARY_LINEARS, PackedFile, read_packed
+
+
+@dataclass
+class BinaryLinear:
+    """A binarized Linear ready for the kernel: weight bits in panels of 32 channels."""
+
+    panels: np.ndarray  # uint64 [ceil(N/32), words(K), 32]
+    K: int
+    N: int
+    alpha: np.ndarray  # float32 [N]
+    bias: np.ndarray  # float32 [N]
+
+    @classmethod
+    def from_rows(cls, bits: np.ndarray, K: int, alpha: np.ndarray, bias: np.ndarray) -> "BinaryLinear":
+        return cls(kernels.pack_panels(bits), K, bits.shape[0], np.ascontiguousarray(alpha, np.float32),
+                   np.ascontiguousarray(bias, np.float32))
+
+    def __call__(self, a_bits: np.ndarray, residual: np.ndarray | None = None, out_bits: bool = False) -> np.ndarray:
+        return kernels.binary_linear(a_bits, self.K, self.panels, self.N, self.alpha, self.bias, residual, out_bits)
+
+
+@dataclass
+class Layer:
+    qkv: BinaryLinear
+    attn_out: BinaryLinear
+    ln1: tuple[np.ndarray, np.ndarray]
+    ffn_in: BinaryLinear
+    ffn_out: BinaryLinear
+    ln2: tuple[np.ndarray, np.ndarray]
+
+
+@dataclass
+class Predictions:
+    """labels: one per text (label names; floats for a regression model). scores: class
+    probabilities (n, num_labels), or the predicted values (n,) for regression."""
+
+    labels: list
+    scores: np.ndarray
+    logits: np.ndarray
+
+
+class PackedModel:
+    """A packed BiBERT classifier. Build with `load_packed(path)`."""
+
+    def __init__(self, packed: PackedFile):
+        c = packed.config
+        self.config = c
+        self.hidden, self.heads = c["hidden_size"], c["num_attention_heads"]
+        self.head_size = self.hidden // self.heads
+        self.intermediate, self.num_layers = c["intermediate_size"], c["num_hidden_layers"]
+        self.eps = float(c.get("layer_norm_eps", 1e-12))
+        self.vocab_size, self.max_positions = c["vocab_size"], c["max_position_embeddings"]
+        self.type_vocab_size = c.get("type_vocab_size", 2)
+        self.files = packed.files
+        self.side_dtype = packed.side_dtype
+        self._tokenizer = None
+        t = packed.tensors
+
+        def f32(name):
+            return np.ascontiguousarray(t[name], dtype=np.float32)
+
+        def linear(name, K):
+            return BinaryLinear.from_rows(t[name + ".bits"], K, f32(name + ".alpha"), f32(name + ".bias"))
+
+        e = "bert.embeddings."
+        self.word_bits = np.ascontiguousarray(t[e + "word_embeddings.bits"])
+        self.word_alpha = f32(e + "word_embeddings.alpha")
+        self.position, self.token_type = f32(e + "position_embeddings.weight"), f32(e + "token_type_embeddings.weight")
+        self.emb_ln = (f32(e + "LayerNorm.weight"), f32(e + "LayerNorm.bias"))
+        H = self.hidden
+        self.layers = []
+        for n in range(self.num_layers):
+            p = f"bert.encoder.layer.{n}."
+            q, k, v = (p + BINARY_LINEARS[i] for i in range(3))
+            qkv = BinaryLinear.from_rows(
+                np.concatenate([t[q + ".bits"], t[k + ".bits"], t[v + ".bits"]]), H,
+                np.concatenate([f32(q + ".alpha"), f32(k + ".alpha"), f32(v + ".alpha")]),
+                np.concatenate([f32(q + ".bias"), f32(k + ".bias"), f32(v + ".bias")]))
+            self.layers.append(Layer(
+                qkv=qkv,
+                attn_out=linear(p + "attention.output.dense", H),
+                ln1=(f32(p + "attention.output.LayerNorm.weight"), f32(p + "attention.output.LayerNorm.bias")),
+                ffn_in=linear(p + "intermediate.dense", H),
+                ffn_out=linear(p + "output.dense", self.intermediate),
+                ln2=(f32(p + "output.LayerNorm.weight"), f32(p + "output.LayerNorm.bias")),
+            ))
+        self.pooler = linear("bert.pooler.dense", H)
+        self.classifier_weight, self.classifier_bias = f32("classifier.weight"), f32("classifier.bias")
+        self.num_labels = self.classifier_weight.shape[0]
+        id2label = c.get("id2label") or {}
+        self.labels = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(self.num_labels)]
+
+    # ---- the forward, piece by piece -------------------------------------------------
+
+    def _check(self, input_ids, attention_mask, token_type_ids):
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise BibertError("input_ids must be a 2-D array of integer token ids, shape (batch, sequence)")
+        B, L = ids.shape
+        if L > self.max_positions:
+            raise BibertError(f"sequence of {L} tokens is longer than the model's {self.max_positions} positions; "
+                              "truncate the input (max_length)")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise BibertError(f"token ids must lie in [0, {self.vocab_size}); is the tokenizer the model's own?")
+        mask = np.ones((B, L), np.int64) if attention_mask is None else np.asarray(attention_mask)
+        tt = np.zeros((B, L), np.int64) if token_type_ids is None else np.asarray(token_type_ids)
+        for name, a in (("attention_mask", mask), ("token_type_ids", tt)):
+            if a.shape != (B, L):
+                raise BibertError(f"{name} has shape {a.shape}, but input_ids has shape {(B, L)}; they must match")
+        if tt.size and (tt.min() < 0 or tt.max() >= self.type_vocab_size):
+            raise BibertError(f"token_type_ids must lie in [0, {self.type_vocab_size})")
+        return ids.astype(np.int64), mask != 0, tt.astype(np.int64)
+
+    def embeddings(self, ids: np.ndarray, token_type_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """LayerNorm(word + token type + position): float [B*L, H] and its sign bits."""
+        x = kernels.embed(ids, token_type_ids, self.word_bits, self.word_alpha, self.position, self.token_type)
+        return kernels.layernorm(x, *self.emb_ln, self.eps, with_bits=True)
+
+    def encoder_layer(self, n: int, x: np.ndarray, xb: np.ndarray, key_valid: np.ndarray,
+                      trace: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Layer n on hidden state x [B*L, H] (bits xb); key_valid bool [B, L]. With `trace`,
+        stores the intermediates: qkv bits, context bits and counts, attention output, FFN bits."""
+        layer, H = self.layers[n], self.hidden
+        B, L = key_valid.shape
+        qkv = layer.qkv(xb, out_bits=True)  # [B*L, words(3H)]
+        if trace is not None:
+            ctx, trace["context_counts"] = kernels.biattention(qkv, (0, H, 2 * H), B, L, self.heads,
+                                                               self.head_size, key_valid, counts=True)
+        else:
+            ctx = kernels.biattention(qkv, (0, H, 2 * H), B, L, self.heads, self.head_size, key_valid)
+        a, ab = kernels.layernorm(layer.attn_out(ctx, residual=x), *layer.ln1, self.eps, with_bits=True)
+        f = layer.ffn_in(ab, out_bits=True)  # [B*L, words(intermediate)]
+        out, outb = kernels.layernorm(layer.ffn_out(f, residual=a), *layer.ln2, self.eps, with_bits=True)
+        if trace is not None:
+            trace.update(qkv_bits=qkv, context_bits=ctx, attn_out=a, ffn_bits=f, output=out)
+        return out, outb
+
+    def head(self, cls_hidden: np.ndarray) -> np.ndarray:
+        """Pooler + classifier on the [CLS] hidden states [B, H]: logits [B, num_labels]."""
+        pooled = np.tanh(self.pooler(kernels.sign_pack(cls_hidden)))
+        return pooled @ self.classifier_weight.T + self.classifier_bias
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None,
+                output_hidden_states: bool = False):
+        """Logits float32 [B, num_labels] (and, if asked, the L+1 hidden states [B, L, H])."""
+        ids, valid, tt = self._check(input_ids, attention_mask, token_type_ids)
+        B, L = ids.shape
+        x, xb = self.embeddings(ids, tt)
+        hidden = [x]
+        for n in range(self.num_layers):
+            x, xb = self.encoder_layer(n, x, xb, valid)
+            hidden.append(x)
+        logits = self.head(x.reshape(B, L, self.hidden)[:, 0])
+        if output_hidden_states:
+            return logits, [h.reshape(B, L, self.hidden) for h in hidden]
+        return logits
+
+    # ---- text in, labels out ---------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        """The tokenizer stored in the packed file (a Hugging Face tokenizer)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            with tempfile.TemporaryDirectory() as tmp:
+                for name, raw in self.files.items():
+                    Path(tmp, name).write_bytes(raw)
+                Path(tmp, "config.json").write_text(json.dumps(self.config))
+                self._tokenizer = AutoTokenizer.from_pretrained(tmp)
+        return self._tokenizer
+
+    def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 32,
+                max_length: int | None = None) -> Predictions:
+        """Labels and scores for `texts` (with `pairs` as second segments, if given)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if isinstance(pairs, str):
+            pairs = [pairs]
+        if pairs is not None and len(pairs) != len(texts):
+            raise BibertError(f"{len(texts)} texts but {len(pairs)} pairs: give one pair per text")
+        max_length = min(max_length or self.max_positions, self.max_positions)
+        logits = []
+        for s in range(0, len(texts), batch_size):
+            enc = self.tokenizer(list(texts[s:s + batch_size]), None if pairs is None else list(pairs[s:s + batch_size]),
+                                 truncation=True, max_length=max_length, padding=True, return_tensors="np")
+            logits.append(self.forward(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")))
+        logits = np.concatenate(logits) if logits else np.zeros((0, self.num_labels), np.float32)
+        if self.num_labels == 1:
+            scores = logits[:, 0]
+            return Predictions([float(v) for v in scores], scores, logits)
+        z = np.exp(logits - logits.max(axis=1, keepdims=True))
+        scores = z / z.sum(axis=1, keepdims=True)
+        return Predictions([self.labels[i] for i in scores.argmax(axis=1)], scores, logits)
+
+
+def load_packed(path: str | os.PathLike, threads: int | None = None, kernel: str | None = None) -> PackedModel:
+    """Load a packed model file. threads: OpenMP threads of the kernels (default: the
+    environment's BIBERT_THREADS or every core); kernel: "auto", "avx512" or "portable"
+    (default: BIBERT_KERNEL or auto). Both settings are process-wide."""
+    kernels.lib()
+    if kernel is not None:
+        kernels.set_kernel(kernel)
+    if threads is not None:
+        kernels.set_threads(threads)
+    return PackedModel(read_packed(path))

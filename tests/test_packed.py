@@ -1,0 +1,294 @@
+"""The packed format and engine: export round trip, layer-by-layer exactness against the
+student, end-to-end agreement, both dispatch paths, bad files and bad inputs, the CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig
+
+from bibert import BibertError
+from bibert.cli import main as cli_main
+from bibert.modeling import BiBertForSequenceClassification
+from bibert.packed import export_packed, kernels, load_packed, read_packed, reference
+from bibert.packed.format import FORMAT_VERSION, pack_sign_rows
+from bibert.quantizers import weight_scale_and_signs
+
+PATHS = ["portable"] + (["avx512"] if kernels.cpu_has_avx512() else [])
+WORDS = ["the", "movie", "was", "good", "bad", "great", "boring", "a", "plot", "film", "not", "very", "and",
+         "is", "it", "fun", "dull", "acting", "story", "ending"]
+
+
+def make_student(tmp_path, hidden=24, heads=3, ffn=40, layers=2, labels=3, seed=0, std=0.5):
+    """A random 1-1-1 student folder with a small word-level tokenizer beside it."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=32,
+                        num_labels=labels)
+    torch.manual_seed(seed)
+    student = BiBertForSequenceClassification(config).eval()
+    with torch.no_grad():  # larger than the 0.02 init, so that activations are not all near zero
+        for name, p in student.named_parameters():
+            if "LayerNorm.weight" not in name:
+                p.normal_(0, std)
+    folder = tmp_path / f"student_{hidden}_{heads}"
+    student.save_pretrained(folder)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer",
+                                                              "do_lower_case": True}))
+    return student, folder
+
+
+def batch(vocab, B=3, T=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (B, T), generator=g)
+    ids[:, 0] = 2
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[2, 3:] = 0
+    types = torch.zeros_like(ids)
+    types[:, T // 2:] = 1
+    return ids, mask, types
+
+
+SHAPES = [dict(hidden=24, heads=3, ffn=40), dict(hidden=130, heads=2, ffn=200), dict(hidden=128, heads=2, ffn=256)]
+
+
+@pytest.fixture(scope="module", params=range(len(SHAPES)), ids=["h24x3", "h130x2", "h128x2"])
+def exported(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("packed")
+    student, folder = make_student(tmp, **SHAPES[request.param])
+    out = tmp / "model.bibert"
+    report = export_packed(folder, out)
+    return student, folder, out, report
+
+
+@pytest.fixture(params=PATHS)
+def path(request):
+    kernels.lib()
+    previous = kernels.get_kernel()
+    kernels.set_kernel(request.param)
+    yield request.param
+    kernels.set_kernel(previous)
+
+
+def test_export_round_trip(exported):
+    student, folder, out, report = exported
+    packed = read_packed(out)
+    assert packed.format_version == FORMAT_VERSION and packed.side_dtype == "float32"
+    assert packed.config["hidden_size"] == student.config.hidden_size
+    assert set(packed.files) >= {"vocab.txt", "tokenizer_config.json"}
+    state = student.state_dict()
+    for name in ["bert.embeddings.word_embeddings", "bert.encoder.layer.1.intermediate.dense", "bert.pooler.dense"]:
+        alpha, signs = weight_scale_and_signs(state[name + ".weight"])
+        np.testing.assert_array_equal(packed.tensors[name + ".bits"], pack_sign_rows(signs.numpy()))
+        np.testing.assert_array_equal(packed.tensors[name + ".alpha"], alpha.numpy())
+    np.testing.assert_array_equal(packed.tensors["classifier.weight"], state["classifier.weight"].numpy())
+    assert report.packed_bytes == out.stat().st_size and report.fp32_bytes > 0
+
+
+def test_fp16_side_parameters(exported, tmp_path):
+    student, folder, out, _ = exported
+    half = export_packed(folder, tmp_path / "half.bibert", side_dtype="float16")
+    assert half.packed_bytes < out.stat().st_size
+    assert read_packed(half.path).tensors["classifier.bias"].dtype == np.float16
+    ids, mask, types = batch(student.config.vocab_size)
+    logits = load_packed(half.path).forward(ids.numpy(), mask.numpy(), types.numpy())
+    assert np.isfinite(logits).all()
+
+
+def capture(student, ids, mask, types):
+    """Inputs and outputs of the student's submodules, by forward hooks."""
+    seen, hooks = {}, []
+    for n, layer in enumerate(student.bert.encoder.layer):
+        for name, mod in (("ctx", layer.attention.output.dense), ("pre", layer.intermediate.dense),
+                          ("attn", layer.attention.output)):
+            hooks.append(mod.register_forward_hook(
+                lambda m, i, o, key=f"{name}{n}": seen.__setitem__(key, (i[0].detach(), o.detach()))))
+    with torch.no_grad():
+        out = student(ids, mask, types, output_hidden_states=True, output_qkv=True)
+    for h in hooks:
+        h.remove()
+    return out, seen
+
+
+def sign_bits(t: torch.Tensor) -> np.ndarray:
+    a = t.detach().numpy()
+    return pack_sign_rows(a.reshape(-1, a.shape[-1]))
+
+
+def assert_bits_equal_off_ties(bits, values, rows_valid=None, tol=1e-4):
+    """Bits equal the signs of `values`, except where |value| < tol (float rounding decides)."""
+    v = values.detach().numpy().reshape(-1, values.shape[-1])
+    got = kernels.unpack_bool(bits, v.shape[1])
+    clear = np.abs(v) >= tol * max(1.0, np.abs(v).max())
+    if rows_valid is not None:
+        clear &= rows_valid[:, None]
+    np.testing.assert_array_equal(got[clear], (v < 0)[clear])
+    assert clear.mean() > 0.97
+
+
+def test_layer_by_layer_exact_against_student(exported, path):
+    student, _, out, _ = exported
+    engine = load_packed(out)
+    H = engine.hidden
+    ids, mask, types = batch(student.config.vocab_size)
+    res, seen = capture(student, ids, mask, types)
+    B, L = ids.shape
+    valid = mask.numpy().astype(bool)
+    # embeddings
+    x0, _ = engine.embeddings(ids.numpy(), types.numpy())
+    np.testing.assert_allclose(x0, res.hidden_states[0].reshape(B * L, H).numpy(), rtol=1e-4, atol=1e-4)
+    for n, layer in enumerate(engine.layers):
+        x = res.hidden_states[n].reshape(B * L, H).numpy()
+        q, k, v = (t.transpose(1, 2).reshape(B, L, H) for t in res.qkv[n])
+        # Q, K, V bits from the student's input
+        qkv = layer.qkv(kernels.sign_pack(x), out_bits=True)
+        qkv_all = kernels.unpack_bool(qkv, 3 * H)
+        for i, t in enumerate((q, k, v)):
+            assert_bits_equal_off_ties(kernels.pack_bool(qkv_all[:, i * H:(i + 1) * H]), t)
+        # Bi-Attention from the student's Q, K, V signs: integer counts identical
+        student_qkv = pack_sign_rows(torch.cat([q, k, v], dim=2).reshape(B * L, 3 * H).numpy())
+        ctx_bits, counts = kernels.biattention(student_qkv, (0, H, 2 * H), B, L, engine.heads, engine.head_size,
+                                               valid, counts=True)
+        ctx_student = seen[f"ctx{n}"][0].reshape(B * L, H).numpy()
+        np.testing.assert_array_equal(counts, ctx_student.astype(np.int32))
+        np.testing.assert_array_equal(ctx_bits, pack_sign_rows(ctx_student))
+        # attention output: Linear on the context bits, + residual, LayerNorm
+        a, _ = kernels.layernorm(layer.attn_out(ctx_bits, residual=x), *layer.ln1, engine.eps, with_bits=True)
+        a_student = seen[f"attn{n}"][1].reshape(B * L, H)
+        np.testing.assert_allclose(a, a_student.numpy(), rtol=1e-4, atol=1e-4)
+        # FFN in -> bits of the pre-GELU value
+        f = layer.ffn_in(sign_bits(a_student), out_bits=True)
+        assert_bits_equal_off_ties(f, seen[f"pre{n}"][1])
+        # FFN out on the student's pre-GELU signs, + residual, LayerNorm
+        out_n = kernels.layernorm(layer.ffn_out(sign_bits(seen[f"pre{n}"][1]), residual=a_student.numpy()),
+                                  *layer.ln2, engine.eps)
+        np.testing.assert_allclose(out_n, res.hidden_states[n + 1].reshape(B * L, H).numpy(), rtol=1e-4, atol=1e-4)
+    logits = engine.head(res.hidden_states[-1][:, 0].numpy())
+    np.testing.assert_allclose(logits, res.logits.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_numpy_reference_matches_student(exported):
+    """The float64 NumPy reference of SPEC agrees with the student class (an independent check)."""
+    student, folder, _, _ = exported
+    ids, mask, types = batch(student.config.vocab_size)
+    weights = {k: v.numpy() for k, v in student.state_dict().items()}
+    ref = reference.student_forward(weights, student.config.to_dict(), ids.numpy(), mask.numpy(), types.numpy())
+    res, seen = capture(student, ids, mask, types)
+    np.testing.assert_allclose(ref["hidden"][0], res.hidden_states[0].numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(ref["context"][0], seen["ctx0"][0].numpy())
+
+
+def test_end_to_end_agrees_with_student(exported, path):
+    student, _, out, _ = exported
+    engine = load_packed(out)
+    ids, mask, types = batch(student.config.vocab_size, B=16, T=20, seed=3)
+    mask[5:, 10:] = 0
+    with torch.no_grad():
+        expected = student(ids, mask, types).logits.numpy()
+    got, hidden = engine.forward(ids.numpy(), mask.numpy(), types.numpy(), output_hidden_states=True)
+    assert len(hidden) == student.config.num_hidden_layers + 1
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.9
+    assert np.median(np.abs(got - expected)) < 1e-3
+
+
+def test_dispatch_paths_identical(exported):
+    if len(PATHS) < 2:
+        pytest.skip("this CPU has only the portable path")
+    student, _, out, _ = exported
+    ids, mask, types = batch(student.config.vocab_size)
+    results = []
+    for name in PATHS:
+        engine = load_packed(out, kernel=name)
+        results.append(engine.forward(ids.numpy(), mask.numpy(), types.numpy(), output_hidden_states=True))
+    kernels.set_kernel("auto")
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_threads_do_not_change_results(exported):
+    student, _, out, _ = exported
+    ids, mask, types = batch(student.config.vocab_size)
+    one = load_packed(out, threads=1).forward(ids.numpy(), mask.numpy(), types.numpy())
+    two = load_packed(out, threads=2).forward(ids.numpy(), mask.numpy(), types.numpy())
+    np.testing.assert_array_equal(one, two)
+
+
+def test_predict_texts_and_pairs(exported):
+    student, _, out, _ = exported
+    engine = load_packed(out)
+    texts = ["the movie was good", "a very dull plot and a bad ending", "fun"]
+    pred = engine.predict(texts)
+    assert len(pred.labels) == 3 and pred.scores.shape == (3, 3)
+    np.testing.assert_allclose(pred.scores.sum(1), 1.0, rtol=1e-5)
+    enc = engine.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = student(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]).logits.numpy()
+    np.testing.assert_allclose(pred.logits, expected, rtol=1e-3, atol=1e-3)
+    paired = engine.predict(texts, pairs=["it is great", "not fun", "boring"], batch_size=2)
+    assert paired.scores.shape == (3, 3)
+    with pytest.raises(BibertError):
+        engine.predict(texts, pairs=["one"])
+
+
+def test_bad_files(exported, tmp_path):
+    _, folder, out, _ = exported
+    raw = out.read_bytes()
+    truncated = tmp_path / "truncated.bibert"
+    truncated.write_bytes(raw[: len(raw) // 2])
+    corrupted = tmp_path / "corrupted.bibert"
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0x10
+    corrupted.write_bytes(bytes(flipped))
+    newer = tmp_path / "newer.bibert"
+    newer.write_bytes(raw[:8] + struct.pack("<I", FORMAT_VERSION + 1) + raw[12:])
+    garbage = tmp_path / "garbage.bibert"
+    garbage.write_bytes(b"not a model")
+    for bad, message in ((truncated, "checksum"), (corrupted, "checksum"), (newer, "version"), (garbage, "magic"),
+                         (tmp_path / "missing.bibert", "does not exist")):
+        with pytest.raises(BibertError, match=message):
+            load_packed(bad)
+
+
+def test_refuses_non_binary_students(exported, tmp_path):
+    _, folder, _, _ = exported
+    other = tmp_path / "w1a4"
+    shutil.copytree(folder, other)
+    config = json.loads((other / "config.json").read_text())
+    config["quantization"]["activation_bits"] = 4
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BibertError, match="1-1-1"):
+        export_packed(other, tmp_path / "x.bibert")
+
+
+def test_bad_inputs(exported):
+    _, _, out, _ = exported
+    engine = load_packed(out)
+    V, P = engine.vocab_size, engine.max_positions
+    with pytest.raises(BibertError, match="token ids"):
+        engine.forward(np.array([[2, V]]))
+    with pytest.raises(BibertError, match="token ids"):
+        engine.forward(np.array([[-1, 5]]))
+    with pytest.raises(BibertError, match="positions"):
+        engine.forward(np.full((1, P + 1), 5))
+    with pytest.raises(BibertError, match="token_type_ids"):
+        engine.forward(np.array([[2, 5]]), token_type_ids=np.array([[0, 7]]))
+    with pytest.raises(BibertError, match="shape"):
+        engine.forward(np.array([[2, 5]]), attention_mask=np.array([[1, 1, 1]]))
+
+
+def test_cli_export_and_predict(exported, tmp_path, capsys):
+    _, folder, _, _ = exported
+    out = tmp_path / "cli.bibert"
+    assert cli_main(["export", "--model", str(folder), "--out", str(out), "--side-dtype", "float16"]) == 0
+    assert "smaller" in capsys.readouterr().out
+    assert cli_main(["predict", "--model", str(out), "the movie was good", "--pair", "fun", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 1 and set(rows[0]) >= {"label", "scores"}
+    assert cli_main(["predict", "--model", str(tmp_path / "nope.bibert"), "x"]) == 2
