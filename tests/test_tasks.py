@@ -1,0 +1,117 @@
+import math
+
+import pytest
+
+from bibert.errors import BibertError
+from bibert.tasks import TASKS, Task, compute_metrics, get_task
+
+GLUE = ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
+
+
+def test_registry_has_glue_and_offline_tasks():
+    assert set(GLUE) | {"rotten_tomatoes", "snli"} == set(TASKS)
+
+
+@pytest.mark.parametrize("name,key", [("SST-2", "sst2"), ("sst-2", "sst2"), ("sst2", "sst2"),
+                                      ("STS-B", "stsb"), ("CoLA", "cola"), ("MNLI", "mnli"),
+                                      ("Rotten_Tomatoes", "rotten_tomatoes"), ("rotten-tomatoes", "rotten_tomatoes")])
+def test_get_task_is_forgiving_about_spelling(name, key):
+    assert get_task(name).name == key
+
+
+def test_unknown_task_lists_valid_names():
+    with pytest.raises(BibertError, match="valid tasks: cola, sst2.*snli"):
+        get_task("glue")
+
+
+def test_recipes_follow_the_reference_table():
+    table = {"cola": (1e-4, 50, 64), "mnli": (5e-5, 5, 128), "mrpc": (2e-4, 20, 128),
+             "sst2": (1e-4, 10, 64), "stsb": (1e-4, 20, 128), "qqp": (1e-4, 5, 128),
+             "qnli": (1e-4, 10, 128), "rte": (1e-5, 20, 128)}
+    for name, (lr, epochs, max_length) in table.items():
+        t = get_task(name)
+        assert (t.lr, t.epochs, t.max_length, t.batch_size) == (lr, epochs, max_length, 16), name
+    rt, snli = get_task("rotten_tomatoes"), get_task("snli")
+    assert (rt.lr, rt.epochs, rt.max_length) == (1e-4, 10, 64)
+    assert (snli.lr, snli.epochs, snli.max_length) == (5e-5, 5, 128)
+
+
+def test_fields_labels_and_splits():
+    mnli = get_task("mnli")
+    assert mnli.label_list == ("entailment", "neutral", "contradiction")  # datasets' ClassLabel order
+    assert mnli.dev_splits == ("dev_matched", "dev_mismatched")
+    assert mnli.eval_splits("dev") == mnli.dev_splits
+    assert mnli.eval_splits("test") == ("test_matched", "test_mismatched")
+    stsb = get_task("stsb")
+    assert stsb.is_regression and stsb.num_labels == 1 and stsb.label_list is None
+    assert get_task("sst2").text_b is None and not get_task("sst2").is_pair
+    assert (get_task("qnli").text_a, get_task("qnli").text_b) == ("question", "sentence")
+    assert get_task("rotten_tomatoes").label_list == ("rotten", "fresh")
+    with pytest.raises(BibertError, match="no split 'validation'"):
+        get_task("sst2").eval_splits("validation")
+
+
+def test_best_metrics():
+    best = {t: get_task(t).best_metric for t in GLUE}
+    assert best["cola"] == "mcc" and best["stsb"] == "pearson_spearman_mean"
+    assert all(best[t] == "accuracy" for t in GLUE if t not in ("cola", "stsb"))
+    assert "f1" in get_task("mrpc").metrics and "f1" in get_task("qqp").metrics
+
+
+def test_accuracy_by_hand():
+    assert compute_metrics(get_task("sst2"), [1, 0, 1, 1], [1, 0, 0, 1]) == {"accuracy": 0.75}
+
+
+def test_f1_and_accuracy_by_hand():
+    # TP 2, FP 1, FN 1: precision = recall = 2/3, F1 = 2/3; 3 of 5 right.
+    m = compute_metrics(get_task("mrpc"), [1, 1, 0, 0, 1], [1, 0, 0, 1, 1])
+    assert m["f1"] == pytest.approx(2 / 3) and m["accuracy"] == pytest.approx(0.6)
+
+
+def test_matthews_by_hand():
+    # TP 2, TN 2, FP 1, FN 1: (2*2 - 1*1) / sqrt(3*3*3*3) = 1/3.
+    m = compute_metrics(get_task("cola"), [1, 1, 0, 0, 1, 0], [1, 0, 0, 1, 1, 0])
+    assert m["mcc"] == pytest.approx(1 / 3)
+
+
+def test_correlations_by_hand():
+    # x = [1,2,3], y = [1,2,4]: cov sum 3, sum dx^2 2, sum dy^2 42/9 -> r = 9/sqrt(84); same ranks.
+    m = compute_metrics(get_task("stsb"), [1.0, 2.0, 3.0], [1.0, 2.0, 4.0])
+    r = 9 / math.sqrt(84)
+    assert m["pearson"] == pytest.approx(r)
+    assert m["spearman"] == pytest.approx(1.0)
+    assert m["pearson_spearman_mean"] == pytest.approx((r + 1) / 2)
+
+
+def test_constant_predictions_give_zero_correlation():
+    m = compute_metrics(get_task("stsb"), [2.5, 2.5, 2.5], [1.0, 2.0, 4.0])
+    assert m == {"pearson": 0.0, "spearman": 0.0, "pearson_spearman_mean": 0.0}
+
+
+def test_three_class_f1_is_macro():
+    task = Task.custom("nli", ["a", "b", "c"], pair=True)
+    # class a: P 1, R 1/2 -> 2/3; class b: P 1/2, R 1 -> 2/3; class c: P 1, R 1 -> 1
+    m = compute_metrics(task, [0, 1, 1, 2], [0, 0, 1, 2])
+    assert m["f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3) and m["accuracy"] == 0.75
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_metrics_always_contain_the_selection_metric(name):
+    task = get_task(name)
+    preds = [0.1, 0.7, 0.3] if task.is_regression else [0, 1, 1]
+    labels = [0.0, 1.0, 0.5] if task.is_regression else [0, 1, 0]
+    assert task.best_metric in compute_metrics(task, preds, labels)
+
+
+def test_mismatched_lengths_are_an_error():
+    with pytest.raises(BibertError, match="3 predictions against 2 labels"):
+        compute_metrics(get_task("sst2"), [0, 1, 1], [0, 1])
+
+
+def test_custom_tasks():
+    reg = Task.custom("price", None, pair=False)
+    assert reg.is_regression and reg.best_metric == "pearson_spearman_mean" and reg.text_a == "sentence"
+    cls = Task.custom("topic", ["sport", "tech"], pair=True)
+    assert cls.num_labels == 2 and (cls.text_a, cls.text_b) == ("sentence1", "sentence2")
+    with pytest.raises(BibertError, match="at least two labels"):
+        Task.custom("one", ["x"], pair=False)
