@@ -395,8 +395,15 @@ class TokenizedDataset(Dataset):
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the tokenizer's full spec, without the truncation/padding state a call leaves behind."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        spec = json.dumps(spec, sort_keys=True)
+    else:
+        spec = json.dumps(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(f"{type(tokenizer).__name__}\n{spec}".encode()).hexdigest()
 
 
