@@ -35,7 +35,7 @@
 #define BB_X86 0
 #endif
 
-#define BB_ABI_VERSION 2
+#define BB_ABI_VERSION 3
 #define BB_PANEL 32
 #define BB_MR 6
 
@@ -181,6 +181,8 @@ typedef struct {
     float *out;                /* [M, N] floats, or NULL */
     uint64_t *out_bits;        /* [M, ldo] bits (y < 0), or NULL */
     int64_t ldo;
+    const int64_t *thr;        /* bit output: [ceil(N/32)*32] thresholds (bb_bit_thresholds) */
+    const uint32_t *flip;      /* bit output: [ceil(N/32)] flip bits, one word per panel */
 } linear_args;
 
 /* float epilogue of one output, written in one place for both kernel families */
@@ -206,8 +208,9 @@ static inline __attribute__((always_inline)) void linear_block_portable(const li
         int64_t m = r0 + r;
         if (g->out_bits) {
             uint32_t bits = 0;
-            for (int c = 0; c < nc; c++)
-                bits |= (uint32_t)(epilogue(g->K, pc[c], g->alpha[n0 + c], g->bias[n0 + c]) < 0.0f) << c;
+            for (int c = 0; c < nc; c++) bits |= (uint32_t)(pc[c] > g->thr[n0 + c]) << c;
+            bits ^= g->flip[p];
+            if (nc < 32) bits &= (1u << nc) - 1;
             ((uint32_t *)(g->out_bits + m * g->ldo))[n0 / 32] = bits;
         } else {
             float *o = g->out + m * g->N + n0;
@@ -267,27 +270,34 @@ static inline __attribute__((always_inline)) BB_AVX512 void linear_block_avx512(
             acc[r][3] = _mm512_add_epi64(acc[r][3], _mm512_popcnt_epi64(_mm512_xor_si512(av, w3)));
         }
     }
-    __mmask16 lm0 = nc >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nc) - 1);
-    __mmask16 lm1 = nc >= 32 ? (__mmask16)0xFFFF : nc > 16 ? (__mmask16)((1u << (nc - 16)) - 1) : 0;
+    uint32_t valid = nc >= 32 ? 0xFFFFFFFFu : (1u << nc) - 1;
+    if (g->out_bits) {
+        const int64_t *t = g->thr + n0;
+        __m512i t0 = _mm512_loadu_si512(t), t1 = _mm512_loadu_si512(t + 8);
+        __m512i t2 = _mm512_loadu_si512(t + 16), t3 = _mm512_loadu_si512(t + 24);
+        uint32_t fl = g->flip[p];
+        for (int r = 0; r < MR; r++) {
+            uint32_t bits = (uint32_t)_mm512_cmpgt_epi64_mask(acc[r][0], t0) |
+                            (uint32_t)_mm512_cmpgt_epi64_mask(acc[r][1], t1) << 8 |
+                            (uint32_t)_mm512_cmpgt_epi64_mask(acc[r][2], t2) << 16 |
+                            (uint32_t)_mm512_cmpgt_epi64_mask(acc[r][3], t3) << 24;
+            ((uint32_t *)(g->out_bits + (r0 + r) * g->ldo))[n0 / 32] = (bits ^ fl) & valid;
+        }
+        return;
+    }
+    __mmask16 lm0 = (__mmask16)valid, lm1 = (__mmask16)(valid >> 16);
     for (int r = 0; r < MR; r++) {
         int64_t m = r0 + r;
         __m512 y0 = epilogue16(acc[r][0], acc[r][1], g->K, g->alpha + n0, g->bias + n0, lm0);
         __m512 y1 = epilogue16(acc[r][2], acc[r][3], g->K, g->alpha + n0 + 16, g->bias + n0 + 16, lm1);
-        if (g->out_bits) {
-            const __m512 zero = _mm512_setzero_ps();
-            uint32_t bits = (uint32_t)_mm512_mask_cmp_ps_mask(lm0, y0, zero, _CMP_LT_OQ) |
-                            (uint32_t)_mm512_mask_cmp_ps_mask(lm1, y1, zero, _CMP_LT_OQ) << 16;
-            ((uint32_t *)(g->out_bits + m * g->ldo))[n0 / 32] = bits;
-        } else {
-            float *o = g->out + m * g->N + n0;
-            if (g->residual) {
-                const float *res = g->residual + m * g->N + n0;
-                y0 = _mm512_add_ps(y0, _mm512_maskz_loadu_ps(lm0, res));
-                y1 = _mm512_add_ps(y1, _mm512_maskz_loadu_ps(lm1, res + 16));
-            }
-            _mm512_mask_storeu_ps(o, lm0, y0);
-            _mm512_mask_storeu_ps(o + 16, lm1, y1);
+        float *o = g->out + m * g->N + n0;
+        if (g->residual) {
+            const float *res = g->residual + m * g->N + n0;
+            y0 = _mm512_add_ps(y0, _mm512_maskz_loadu_ps(lm0, res));
+            y1 = _mm512_add_ps(y1, _mm512_maskz_loadu_ps(lm1, res + 16));
         }
+        _mm512_mask_storeu_ps(o, lm0, y0);
+        _mm512_mask_storeu_ps(o + 16, lm1, y1);
     }
 }
 
@@ -314,11 +324,13 @@ static linear_fn pick_linear(void) {
 }
 
 /* y = alpha * (K - 2 popcount(a XOR w)) + bias [+ residual] into `out` [M, N]; or, with
- * out_bits, the bits (y < 0) into out_bits [M, ldo] (whole words of each row rewritten). */
+ * out_bits, the bits (y < 0) into out_bits [M, ldo] (whole words of each row rewritten),
+ * decided by the integer thresholds thr / flip of bb_bit_thresholds (flip: one uint32 of
+ * bits per panel; thr padded to whole panels). */
 void bb_linear(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint64_t *w_panels, int64_t N,
                const float *alpha, const float *bias, const float *residual, float *out, uint64_t *out_bits,
-               int64_t ldo) {
-    linear_args g = {a, M, lda, K, w_panels, N, alpha, bias, residual, out, out_bits, ldo};
+               int64_t ldo, const int64_t *thr, const uint32_t *flip) {
+    linear_args g = {a, M, lda, K, w_panels, N, alpha, bias, residual, out, out_bits, ldo, thr, flip};
     linear_fn fn = pick_linear();
     int64_t np = (N + BB_PANEL - 1) / BB_PANEL;
     int64_t nb = (M + BB_MR - 1) / BB_MR;
@@ -333,6 +345,73 @@ void bb_linear(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint6
             int mr = M - r0 < BB_MR ? (int)(M - r0) : BB_MR;
             fn(&g, r0, mr, p);
         }
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* integer thresholds of the bit epilogue                                                */
+
+/* For each channel n, (alpha_n * (K - 2p) + bias_n < 0) == ((p > thr_n) XOR flip_n) for
+ * every p in [0, K]: the float expression is monotone in p (IEEE rounding is monotone), so
+ * a binary search over p on the same expression gives the exact integer threshold.
+ * thr: int64 [N], flip: uint8 [N]. */
+void bb_bit_thresholds(const float *alpha, const float *bias, int64_t K, int64_t N, int64_t *thr, uint8_t *flip) {
+    for (int64_t n = 0; n < N; n++) {
+        int neg0 = epilogue(K, 0, alpha[n], bias[n]) < 0.0f; /* p = 0 */
+        int negK = epilogue(K, K, alpha[n], bias[n]) < 0.0f; /* p = K */
+        if (neg0 == negK) { /* constant: p > -1 always holds */
+            thr[n] = -1;
+            flip[n] = (uint8_t)!neg0;
+            continue;
+        }
+        /* predicate changes once between p = 0 and p = K: find the last p equal to neg0 */
+        int64_t lo = 0, hi = K; /* pred(lo) == neg0, pred(hi) != neg0 */
+        while (hi - lo > 1) {
+            int64_t mid = lo + (hi - lo) / 2;
+            if ((epilogue(K, mid, alpha[n], bias[n]) < 0.0f) == neg0) lo = mid; else hi = mid;
+        }
+        thr[n] = lo;           /* p > lo  <=>  p >= hi  <=>  predicate == !neg0 */
+        flip[n] = (uint8_t)neg0; /* neg = (p > lo) XOR neg0 */
+    }
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* popcount roofline: XOR + VPOPCNTQ + ADD on 24 independent accumulators in registers   */
+
+#if BB_X86
+BB_AVX512 static int64_t roofline_avx512(int64_t iters) {
+    __m512i acc[24], w[4];
+    for (int i = 0; i < 24; i++) acc[i] = _mm512_setzero_si512();
+    for (int i = 0; i < 4; i++) w[i] = _mm512_set1_epi64(0x0123456789ABCDEFLL * (i + 1));
+    for (int64_t it = 0; it < iters; it++) {
+        __m512i av = _mm512_set1_epi64(it);
+        for (int r = 0; r < 6; r++) {
+            __m512i ar = _mm512_xor_si512(av, _mm512_set1_epi64(r));
+            for (int c = 0; c < 4; c++)
+                acc[4 * r + c] = _mm512_add_epi64(acc[4 * r + c], _mm512_popcnt_epi64(_mm512_xor_si512(ar, w[c])));
+        }
+    }
+    __m512i s = _mm512_setzero_si512();
+    for (int i = 0; i < 24; i++) s = _mm512_add_epi64(s, acc[i]);
+    return _mm512_reduce_add_epi64(s);
+}
+#endif
+
+/* Runs `iters` iterations of 24 x 512 binary MACs in the active kernel family, on one
+ * thread; returns the binary MACs done (the caller times it). */
+int64_t bb_popcount_roofline(int64_t iters, int64_t *checksum) {
+#if BB_X86
+    if (bb_get_kernel() == BB_KERNEL_AVX512) {
+        *checksum = roofline_avx512(iters);
+        return iters * 24 * 512;
+    }
+#endif
+    uint64_t acc[24] = {0};
+    for (int64_t it = 0; it < iters; it++)
+        for (int i = 0; i < 24; i++) acc[i] += __builtin_popcountll((uint64_t)it ^ (0x9E3779B97F4A7C15ULL * (i + 1)));
+    int64_t s = 0;
+    for (int i = 0; i < 24; i++) s += (int64_t)acc[i];
+    *checksum = s;
+    return iters * 24 * 64;
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -416,21 +495,47 @@ void bb_layernorm(const float *x, int64_t M, int64_t H, const float *g, const fl
 /* ------------------------------------------------------------------------------------ */
 /* embeddings: word (alpha_r * sign bits) + token type + position                        */
 
+static inline __attribute__((always_inline)) void embed_row_portable(const uint64_t *wb, float al, const float *t,
+                                                                    const float *p, int64_t H, float *o) {
+    float nal = -al;
+    for (int64_t i = 0; i < H; i++) {
+        float wv = (wb[i >> 6] >> (i & 63)) & 1 ? nal : al;
+        o[i] = (wv + t[i]) + p[i];
+    }
+}
+
+#if BB_X86
+BB_AVX512 static void embed_row_avx512(const uint64_t *wb, float al, const float *t, const float *p, int64_t H,
+                                       float *o) {
+    __m512 pos = _mm512_set1_ps(al), neg = _mm512_set1_ps(-al);
+    for (int64_t i = 0; i < H; i += 16) {
+        __mmask16 lm = H - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (H - i)) - 1);
+        __mmask16 bits = (__mmask16)(wb[i >> 6] >> (i & 63));
+        __m512 wv = _mm512_mask_blend_ps(bits, pos, neg);
+        __m512 y = _mm512_add_ps(_mm512_add_ps(wv, _mm512_maskz_loadu_ps(lm, t + i)), _mm512_maskz_loadu_ps(lm, p + i));
+        _mm512_mask_storeu_ps(o + i, lm, y);
+    }
+}
+#endif
+
 /* out[m] = (word[ids[m]] + type[type_ids[m]]) + pos[m % L]; ids are checked by the caller. */
 void bb_embed(const int64_t *ids, const int64_t *type_ids, int64_t M, int64_t L, const uint64_t *word_bits,
               const float *word_alpha, const float *pos, const float *type, int64_t H, float *out) {
     int64_t hw = words_of(H);
+    int avx512 = bb_get_kernel() == BB_KERNEL_AVX512;
 #pragma omp parallel for num_threads(g_threads) schedule(static) if (M * H > 32768)
     for (int64_t m = 0; m < M; m++) {
         const uint64_t *wb = word_bits + ids[m] * hw;
-        float al = word_alpha[ids[m]], nal = -al;
         const float *t = type + type_ids[m] * H, *p = pos + (m % L) * H;
-        float *o = out + m * H;
-        for (int64_t i = 0; i < H; i++) {
-            float wv = (wb[i >> 6] >> (i & 63)) & 1 ? nal : al;
-            o[i] = (wv + t[i]) + p[i];
+#if BB_X86
+        if (avx512) {
+            embed_row_avx512(wb, word_alpha[ids[m]], t, p, H, out + m * H);
+            continue;
         }
+#endif
+        embed_row_portable(wb, word_alpha[ids[m]], t, p, H, out + m * H);
     }
+    (void)avx512;
 }
 
 /* ------------------------------------------------------------------------------------ */

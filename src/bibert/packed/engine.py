@@ -36,14 +36,16 @@ class BinaryLinear:
     N: int
     alpha: np.ndarray  # float32 [N]
     bias: np.ndarray  # float32 [N]
+    thresholds: tuple[np.ndarray, np.ndarray]  # integer form of the bit epilogue
 
     @classmethod
     def from_rows(cls, bits: np.ndarray, K: int, alpha: np.ndarray, bias: np.ndarray) -> "BinaryLinear":
-        return cls(kernels.pack_panels(bits), K, bits.shape[0], np.ascontiguousarray(alpha, np.float32),
-                   np.ascontiguousarray(bias, np.float32))
+        alpha, bias = np.ascontiguousarray(alpha, np.float32), np.ascontiguousarray(bias, np.float32)
+        return cls(kernels.pack_panels(bits), K, bits.shape[0], alpha, bias, kernels.bit_thresholds(alpha, bias, K))
 
     def __call__(self, a_bits: np.ndarray, residual: np.ndarray | None = None, out_bits: bool = False) -> np.ndarray:
-        return kernels.binary_linear(a_bits, self.K, self.panels, self.N, self.alpha, self.bias, residual, out_bits)
+        return kernels.binary_linear(a_bits, self.K, self.panels, self.N, self.alpha, self.bias, residual, out_bits,
+                                     self.thresholds)
 
 
 @dataclass

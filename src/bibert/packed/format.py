@@ -4,7 +4,7 @@ Layout (docs/packed_format.md has the full description):
 
     magic "BIBERTPK" (8 bytes) | format version u32 LE | reserved u32 | header length u64 LE
     | header: UTF-8 JSON, space-padded so that the data starts 64-byte aligned
-    | data: tensors and tokenizer files, each at a 64-byte aligned offset (zero padding)
+    | data: tensors and tokenizer files (zlib), each at a 64-byte aligned offset (zero padding)
     | SHA-256 of every byte before it (32 bytes)
 
 Binarized weights (every encoder Linear, the pooler and the word embedding) are stored
@@ -19,6 +19,7 @@ import json
 import os
 import struct
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,6 +153,8 @@ def export_packed(student_dir: str | os.PathLike, out: str | os.PathLike, side_d
     if "tokenizer.json" not in files and "vocab.txt" not in files:
         raise BibertError(f"no tokenizer (tokenizer.json or vocab.txt) in {tok_dir}: copy the teacher's "
                           "tokenizer files there or pass --tokenizer DIR")
+    if "tokenizer.json" in files:  # it holds the vocabulary too
+        files.pop("vocab.txt", None)
 
     hf_config = {k: v for k, v in config.items() if k not in ("bibert_format_version", "quantization")}
     packed = PackedFile(hf_config, config["quantization"], np.dtype(side).name, tensors, files)
@@ -168,10 +171,10 @@ def write_packed(packed: PackedFile, path: Path) -> None:
     """Serialise `packed` (atomically: a temporary file renamed into place)."""
     entries, blobs, offset = [], [], 0
     items = [("tensor", k, np.ascontiguousarray(v)) for k, v in packed.tensors.items()]
-    items += [("file", k, np.frombuffer(v, dtype=np.uint8)) for k, v in packed.files.items()]
+    items += [("file", k, np.frombuffer(zlib.compress(v, 9), dtype=np.uint8)) for k, v in packed.files.items()]
     for kind, name, arr in items:
         entries.append({"kind": kind, "name": name, "dtype": arr.dtype.str, "shape": list(arr.shape),
-                        "offset": offset, "nbytes": arr.nbytes})
+                        "offset": offset, "nbytes": arr.nbytes, **({"compression": "zlib"} if kind == "file" else {})})
         blobs.append((offset, arr.tobytes()))
         offset = _aligned(offset + arr.nbytes)
     header = {"format_version": FORMAT_VERSION, "config": packed.config, "quantization": packed.quantization,
@@ -223,7 +226,7 @@ def read_packed(path: str | os.PathLike) -> PackedFile:
             raise BibertError(f"{path}: entry {e['name']} lies outside the file")
         chunk = data[e["offset"]:e["offset"] + e["nbytes"]]
         if e["kind"] == "file":
-            packed.files[e["name"]] = bytes(chunk)
+            packed.files[e["name"]] = zlib.decompress(chunk) if e.get("compression") == "zlib" else bytes(chunk)
         else:
             arr = np.frombuffer(chunk, dtype=np.dtype(e["dtype"]))
             packed.tensors[e["name"]] = arr.reshape(e["shape"])

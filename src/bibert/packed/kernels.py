@@ -24,7 +24,7 @@ import torch  # noqa: F401  (loaded first, so torch and the kernels share one Op
 
 from ..errors import BibertError
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 PANEL = 32
 KERNELS = {"auto": 0, "portable": 1, "avx512": 2}
 KERNEL_NAMES = {1: "portable", 2: "avx512"}
@@ -67,7 +67,11 @@ def lib() -> ctypes.CDLL:
     handle.bb_set_threads.argtypes = [ctypes.c_int]
     handle.bb_sign_pack.argtypes = [P, I, I, I, P, I]
     handle.bb_sign_pack.restype = None
-    handle.bb_linear.argtypes = [P, I, I, I, P, I, P, P, P, P, P, I]
+    handle.bb_linear.argtypes = [P, I, I, I, P, I, P, P, P, P, P, I, P, P]
+    handle.bb_bit_thresholds.argtypes = [P, P, I, I, P, P]
+    handle.bb_bit_thresholds.restype = None
+    handle.bb_popcount_roofline.argtypes = [I, P]
+    handle.bb_popcount_roofline.restype = ctypes.c_int64
     handle.bb_linear.restype = None
     handle.bb_layernorm.argtypes = [P, I, I, P, P, F, P, P, I]
     handle.bb_layernorm.restype = None
@@ -164,10 +168,26 @@ def sign_pack(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def bit_thresholds(alpha: np.ndarray, bias: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integer form of the bit epilogue: (alpha_n (K - 2p) + bias_n < 0) == (p > thr_n) XOR flip_n.
+    Returns thr int64 [panels*32] and flip uint32 [panels] (bit c = channel 32*panel + c)."""
+    alpha, bias = _f32(alpha), _f32(bias)
+    N = alpha.shape[0]
+    n_pad = -(-N // PANEL) * PANEL
+    thr = np.full(n_pad, -1, dtype=np.int64)
+    flip = np.zeros(n_pad, dtype=np.uint8)
+    lib().bb_bit_thresholds(_ptr(alpha), _ptr(bias), K, N, _ptr(thr), _ptr(flip))
+    weights = (np.uint64(1) << np.arange(PANEL, dtype=np.uint64))
+    flip_words = (flip.reshape(-1, PANEL).astype(np.uint64) * weights).sum(axis=1).astype(np.uint32)
+    return thr, flip_words
+
+
 def binary_linear(a_bits: np.ndarray, K: int, panels: np.ndarray, N: int, alpha: np.ndarray,
-                  bias: np.ndarray, residual: np.ndarray | None = None, out_bits: bool = False) -> np.ndarray:
+                  bias: np.ndarray, residual: np.ndarray | None = None, out_bits: bool = False,
+                  thresholds: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """y = alpha * (K - 2 popcount(a XOR w)) + bias [+ residual]: float [M, N], or with
-    out_bits the sign bits of y, uint64 [M, words(N)]."""
+    out_bits the sign bits of y, uint64 [M, words(N)] (thresholds: `bit_thresholds`, computed
+    here when not given)."""
     a_bits, panels = _u64(a_bits), _u64(panels)
     alpha, bias = _f32(alpha), _f32(bias)
     M = a_bits.shape[0]
@@ -176,15 +196,36 @@ def binary_linear(a_bits: np.ndarray, K: int, panels: np.ndarray, N: int, alpha:
     if out_bits:
         if residual is not None:
             raise BibertError("binary_linear: a residual needs float output")
+        thr, flip = thresholds if thresholds is not None else bit_thresholds(alpha, bias, K)
         out = np.empty((M, words(N)), dtype=np.uint64)
         lib().bb_linear(_ptr(a_bits), M, a_bits.shape[1], K, _ptr(panels), N, _ptr(alpha), _ptr(bias),
-                        None, None, _ptr(out), out.shape[1])
+                        None, None, _ptr(out), out.shape[1], _ptr(thr), _ptr(flip))
         return out
     residual = None if residual is None else _f32(residual)
     out = np.empty((M, N), dtype=np.float32)
     lib().bb_linear(_ptr(a_bits), M, a_bits.shape[1], K, _ptr(panels), N, _ptr(alpha), _ptr(bias),
-                    _ptr(residual), _ptr(out), None, 0)
+                    _ptr(residual), _ptr(out), None, 0, None, None)
     return out
+
+
+def popcount_roofline(seconds: float = 0.2) -> float:
+    """Measured XOR + popcount + add ceiling of one core in the active kernel family, binary
+    MACs per second (best of a few timed runs of a register-only loop)."""
+    import time
+
+    checksum = ctypes.c_int64()
+    iters, best = 1 << 16, 0.0
+    lib().bb_popcount_roofline(iters, ctypes.byref(checksum))
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t = time.perf_counter()
+        macs = lib().bb_popcount_roofline(iters, ctypes.byref(checksum))
+        dt = time.perf_counter() - t
+        if dt < 0.005:
+            iters *= 2
+            continue
+        best = max(best, macs / dt)
+    return best
 
 
 def layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float,
