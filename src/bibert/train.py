@@ -266,8 +266,8 @@ Hook = Callable[["Trainer"], None]
 class Trainer:
     """Runs one TrainConfig; `run()` returns the results dict (also OUT/results.json).
 
-    hooks: callables run after every optimizer step with the trainer (its `step`,
-    `model`, ...), e.g. to stop early or inspect training.
+    hooks: callables run after every optimizer step (and its evaluation or checkpoint)
+    with the trainer (its `step`, `model`, ...), e.g. to stop early or inspect training.
     """
 
     def __init__(self, config: TrainConfig, hooks: Sequence[Hook] = ()):
@@ -536,8 +536,6 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()}
                                     | ({"flip": f"{flip:.4f}"} if flip is not None else {}), refresh=False)
-                    for hook in self.hooks:
-                        hook(self)
                     at_eval = self.step % self.eval_every == 0 or self.step == self.total_steps
                     if at_eval or (cfg.save_every and self.step % cfg.save_every == 0):
                         self.train_seconds += time.perf_counter() - tic
@@ -546,6 +544,8 @@ class Trainer:
                         self._save_state()
                         self._saved_step = self.step
                         tic = time.perf_counter()
+                    for hook in self.hooks:
+                        hook(self)
                     if self.step >= self.total_steps:
                         break
         finally:

@@ -1,0 +1,214 @@
+"""The training loop: outputs, resume equality, NaN stop, ablation variants, errors, CLI."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from bibert import BiBertForSequenceClassification, QuantConfig
+from bibert.checkpoint import recover_folder, write_folder_atomically
+from bibert.cli import main as cli_main
+from bibert.errors import BibertError
+from bibert.train import TrainConfig, distill, finetune, resolve_config
+
+# a few dozen real Rotten Tomatoes snippets, short sequences: seconds per run
+SLICE = dict(max_train_examples=48, max_eval_examples=16, batch_size=8, max_length=24, log_every=1)
+
+
+def make_tiny_teacher(folder: Path, tokenizer_dir: str, num_labels: int = 2, layers: int = 2) -> str:
+    """A random 2-layer BERT classifier (hidden 32) with the real tokenizer."""
+    torch.manual_seed(0)
+    names = {2: ["rotten", "fresh"], 3: ["entailment", "neutral", "contradiction"]}.get(num_labels)
+    extra = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}} if names else {}
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=num_labels, **extra)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory, teacher_dir):
+    return make_tiny_teacher(tmp_path_factory.mktemp("tiny") / "teacher", teacher_dir)
+
+
+def weights(folder) -> dict:
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_distill_writes_every_output(tiny_teacher, tmp_path):
+    out = tmp_path / "run"
+    res = distill(tiny_teacher, "rotten_tomatoes", out, max_steps=6, eval_every=3, **SLICE)
+    for name in ("config.json", "metrics.jsonl", "results.json", "training_curves.png"):
+        assert (out / name).is_file(), name
+    student = BiBertForSequenceClassification.from_pretrained(out / "best")
+    assert student.quant == QuantConfig()
+    assert AutoTokenizer.from_pretrained(out / "last").vocab_size == 30522
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in lines] == [3, 6]
+    assert {"loss", "pred", "q", "k", "v", "hid", "flip"} <= set(lines[-1]["train"])
+    assert res["best"]["score"] == max(e["dev"]["accuracy"] for e in lines)
+    assert json.loads((out / "results.json").read_text())["steps"] == 6
+    config = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
+    assert (config.lr, config.epochs, config.distill) == (1e-4, 10.0, "dmd")  # rotten_tomatoes preset
+
+
+def test_standard_softmax_baseline_and_shallow_student(tiny_teacher, tmp_path):
+    res = distill(tiny_teacher, "rotten_tomatoes", tmp_path / "base", quant=QuantConfig.from_bits("1-1-1", "softmax"),
+                  distill="standard", student_layers=1, max_steps=3, **SLICE)
+    student = BiBertForSequenceClassification.from_pretrained(tmp_path / "base" / "last")
+    assert student.config.num_hidden_layers == 1 and student.quant.attention == "softmax"
+    line = json.loads((tmp_path / "base" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"att", "hid", "pred"} <= set(line["train"])
+    assert res["steps"] == 3
+
+
+def test_finetune_saves_hugging_face_folders(tiny_teacher, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    res = finetune(tiny_teacher, "rotten_tomatoes", tmp_path / "ft", max_steps=4, **SLICE)
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ft" / "best")
+    assert model.config.id2label == {0: "rotten", 1: "fresh"}
+    assert res["mode"] == "finetune" and res["teacher"] is None
+    cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert cfg["lr"] == 5e-5 and cfg["epochs"] == 3.0  # the fine-tuning recipe
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(step):
+    def hook(trainer):
+        if trainer.step == step:
+            raise Crash(step)
+    return hook
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_teacher, tmp_path):
+    opts = dict(max_steps=10, eval_every=4, save_every=3, **SLICE)
+    distill(tiny_teacher, "rotten_tomatoes", tmp_path / "a", **opts)
+    with pytest.raises(Crash):  # dies after step 7: the last state is step 6, steps 7.. are redone
+        distill(tiny_teacher, "rotten_tomatoes", tmp_path / "b", hooks=[crash_at(7)], **opts)
+    assert json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+    distill(tiny_teacher, "rotten_tomatoes", tmp_path / "b", resume=True, **opts)
+    assert_same_weights(tmp_path / "a" / "last", tmp_path / "b" / "last")
+    assert_same_weights(tmp_path / "a" / "best", tmp_path / "b" / "best")
+    a, b = ((tmp_path / r / "metrics.jsonl").read_text() for r in "ab")
+    strip = lambda text: [{k: v for k, v in json.loads(x).items()} for x in text.splitlines()]  # noqa: E731
+    assert [e["dev"] for e in strip(a)] == [e["dev"] for e in strip(b)]
+    # resuming a finished run only rewrites the final outputs
+    res = distill(tiny_teacher, "rotten_tomatoes", tmp_path / "b", resume=True, **opts)
+    assert res["steps"] == 10
+
+
+def test_killed_process_resumes_to_the_same_weights(tiny_teacher, tmp_path):
+    """SIGKILL at an arbitrary moment (here: as soon as a checkpoint exists, so mid-run),
+    then --resume: same final weights as the uninterrupted run."""
+    args = ["distill", "--teacher", tiny_teacher, "--task", "rotten_tomatoes", "--max-steps", "30",
+            "--eval-every", "10", "--save-every", "2", "--max-train-examples", "48", "--max-eval-examples", "16",
+            "--batch-size", "8", "--max-length", "24"]
+    cmd = [sys.executable, "-m", "bibert.cli", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # as in this process: same sums
+    proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "k")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "k" / "checkpoint").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "k" / "last").exists(), "the run finished before it could be killed"
+    assert cli_main([*args, "--out", str(tmp_path / "k"), "--resume"]) == 0
+    assert cli_main([*args, "--out", str(tmp_path / "u")]) == 0
+    assert_same_weights(tmp_path / "u" / "last", tmp_path / "k" / "last")
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_teacher, tmp_path):
+    def poison(trainer):
+        if trainer.step == 4:
+            with torch.no_grad():
+                trainer.model.bert.embeddings.LayerNorm.weight.fill_(float("nan"))
+
+    with pytest.raises(BibertError, match=r"loss became nan at step 5.*checkpoint \(step 4\)"):
+        distill(tiny_teacher, "rotten_tomatoes", tmp_path / "n", max_steps=10, save_every=2, hooks=[poison], **SLICE)
+    state = torch.load(tmp_path / "n" / "checkpoint" / "training_state.pt", weights_only=True)
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "n" / "checkpoint").values() if v.is_floating_point())
+
+
+def test_atomic_folder_write_survives_failures(tmp_path):
+    target = tmp_path / "best"
+    write_folder_atomically(target, lambda d: (d / "a.txt").write_text("one"))
+
+    def broken(d):
+        (d / "a.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_folder_atomically(target, broken)
+    assert (target / "a.txt").read_text() == "one"
+    os.rename(target, tmp_path / ".best.old")  # a kill between the two renames
+    recover_folder(target)
+    assert (target / "a.txt").read_text() == "one" and not (tmp_path / ".best.tmp").exists()
+
+
+def test_bad_options_give_clear_errors(tiny_teacher, teacher_dir, tmp_path):
+    with pytest.raises(BibertError, match="unknown task"):
+        resolve_config("distill", tiny_teacher, "sst-5", tmp_path)
+    with pytest.raises(BibertError, match="bits"):
+        QuantConfig.from_bits("1-1-3")
+    with pytest.raises(BibertError, match="unknown training options: lerning_rate"):
+        distill(tiny_teacher, "rotten_tomatoes", tmp_path / "x", lerning_rate=1)
+    with pytest.raises(BibertError, match="has 2 labels, but snli needs 3"):
+        distill(tiny_teacher, "snli", tmp_path / "y", max_steps=1, **SLICE)
+    with pytest.raises(BibertError, match="no classification head"):
+        distill(teacher_dir, "rotten_tomatoes", tmp_path / "z", max_steps=1, **SLICE)
+    with pytest.raises(BibertError, match="batch-size must be a positive integer"):
+        distill(tiny_teacher, "rotten_tomatoes", tmp_path / "w", batch_size=0)
+
+
+def test_an_existing_run_needs_resume_with_the_same_options(tiny_teacher, tmp_path):
+    distill(tiny_teacher, "rotten_tomatoes", tmp_path / "r", max_steps=2, **SLICE)
+    with pytest.raises(BibertError, match="already holds a run"):
+        distill(tiny_teacher, "rotten_tomatoes", tmp_path / "r", max_steps=2, **SLICE)
+    with pytest.raises(BibertError, match=r"different options \(lr"):
+        distill(tiny_teacher, "rotten_tomatoes", tmp_path / "r", resume=True, lr=1e-3, max_steps=2, **SLICE)
+
+
+def test_cli_reports_errors_with_status_2(tiny_teacher, tmp_path, capsys):
+    code = cli_main(["distill", "--teacher", tiny_teacher, "--task", "rotten_tomatoes", "--out", str(tmp_path / "c"),
+                     "--bits", "1-1-7"])
+    assert code == 2 and "unsupported activation_bits=7" in capsys.readouterr().err
+    code = cli_main(["finetune", "--model", tiny_teacher, "--task", "nope", "--out", str(tmp_path / "c")])
+    assert code == 2 and "unknown task 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_short_distillation_on_real_data_lowers_the_loss(teacher_dir, tmp_path):
+    """The offline MiniLM teacher, fine-tuned briefly on a Rotten Tomatoes slice, then a
+    short BiBERT distillation: the DMD loss goes down."""
+    data = dict(max_train_examples=96, max_eval_examples=32, batch_size=16, max_length=32)
+    finetune(teacher_dir, "rotten_tomatoes", tmp_path / "t", max_steps=6, **data)
+    res = distill(str(tmp_path / "t" / "best"), "rotten_tomatoes", tmp_path / "s", max_steps=24, log_every=4,
+                  eval_every=24, lr=5e-4, **data)
+    history = json.loads((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()[-1])["train"]
+    state = torch.load(tmp_path / "s" / "checkpoint" / "training_state.pt", weights_only=True)
+    losses = [h["loss"] for h in state["history"]]
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert 0 < history["flip"] < 0.5
+    assert res["teacher"]["dev"]["accuracy"] > 0
