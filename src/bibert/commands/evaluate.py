@@ -40,10 +40,8 @@ def run(args) -> int:
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise BibertError(f"model folder not found: {model_dir}")
-    try:
-        from ..modeling import load_any_model
-    except ImportError:
-        raise BibertError("this installation has no model loader (bibert.modeling.load_any_model)") from None
+    from ..modeling import load_any_model
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer or model_dir))
     except (OSError, ValueError) as exc:
