@@ -292,3 +292,16 @@ def test_cli_export_and_predict(exported, tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 1 and set(rows[0]) >= {"label", "scores"}
     assert cli_main(["predict", "--model", str(tmp_path / "nope.bibert"), "x"]) == 2
+
+
+def test_native_encoder_matches_layer_by_layer_calls(exported):
+    """forward (all layers in one native call) == the per-kernel steps of encoder_layer."""
+    student, _, out, _ = exported
+    engine = load_packed(out)
+    ids, mask, types = batch(student.config.vocab_size)
+    _, hidden = engine.forward(ids.numpy(), mask.numpy(), types.numpy(), output_hidden_states=True)
+    x, xb = engine.embeddings(ids.numpy(), types.numpy())
+    valid = mask.numpy().astype(bool)
+    for n in range(engine.num_layers):
+        x, xb = engine.encoder_layer(n, x, xb, valid)
+        np.testing.assert_array_equal(x, hidden[n + 1].reshape(x.shape))

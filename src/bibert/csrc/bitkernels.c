@@ -35,7 +35,7 @@
 #define BB_X86 0
 #endif
 
-#define BB_ABI_VERSION 3
+#define BB_ABI_VERSION 4
 #define BB_PANEL 32
 #define BB_MR 6
 
@@ -721,6 +721,50 @@ int bb_biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_of
             }
         }
         free(ba);
+    }
+    free(buf);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* a whole encoder in one call                                                            */
+
+/* One encoder layer's parameters, as the Python side lays them out once at load time.
+ * Linears: weight panels, alpha, bias; bit-output Linears also thresholds and flips. */
+typedef struct {
+    const uint64_t *qkv_w; const float *qkv_alpha, *qkv_bias; const int64_t *qkv_thr; const uint32_t *qkv_flip;
+    const uint64_t *ao_w; const float *ao_alpha, *ao_bias;
+    const float *ln1_g, *ln1_b;
+    const uint64_t *fi_w; const float *fi_alpha, *fi_bias; const int64_t *fi_thr; const uint32_t *fi_flip;
+    const uint64_t *fo_w; const float *fo_alpha, *fo_bias;
+    const float *ln2_g, *ln2_b;
+} bb_layer;
+
+/* Runs n_layers encoder layers on x [B*L, H] (float, updated in place) with its sign bits
+ * xb [B*L, words(H)] (updated too). valid: [B, words(L)] key bits. hidden (optional):
+ * [n_layers, B*L, H] receives every layer's output. Returns 0, or -1 if out of memory. */
+int bb_encoder(const bb_layer *layers, int64_t n_layers, int64_t B, int64_t L, int64_t H, int64_t heads,
+               int64_t I, float eps, const uint64_t *valid, float *x, uint64_t *xb, float *hidden) {
+    int64_t M = B * L, hw = words_of(H), qw = words_of(3 * H), iw = words_of(I);
+    size_t n = (size_t)M * (qw + hw + hw + iw) * 8 + (size_t)M * H * 4 * 2;
+    char *buf = (char *)malloc(n);
+    if (!buf) return -1;
+    uint64_t *qkv = (uint64_t *)buf, *ctx = qkv + M * qw, *ab = ctx + M * hw, *fb = ab + M * hw;
+    float *y = (float *)(fb + M * iw), *a = y + M * H;
+    for (int64_t l = 0; l < n_layers; l++) {
+        const bb_layer *p = layers + l;
+        bb_linear(xb, M, hw, H, p->qkv_w, 3 * H, p->qkv_alpha, p->qkv_bias, NULL, NULL, qkv, qw, p->qkv_thr,
+                  p->qkv_flip);
+        if (bb_biattention(qkv, qw, 0, H, 2 * H, B, L, heads, H / heads, valid, ctx, hw, NULL)) {
+            free(buf);
+            return -1;
+        }
+        bb_linear(ctx, M, hw, H, p->ao_w, H, p->ao_alpha, p->ao_bias, x, y, NULL, 0, NULL, NULL);
+        bb_layernorm(y, M, H, p->ln1_g, p->ln1_b, eps, a, ab, hw);
+        bb_linear(ab, M, hw, H, p->fi_w, I, p->fi_alpha, p->fi_bias, NULL, NULL, fb, iw, p->fi_thr, p->fi_flip);
+        bb_linear(fb, M, iw, I, p->fo_w, H, p->fo_alpha, p->fo_bias, a, y, NULL, 0, NULL, NULL);
+        bb_layernorm(y, M, H, p->ln2_g, p->ln2_b, eps, x, xb, hw);
+        if (hidden) memcpy(hidden + l * M * H, x, (size_t)(M * H) * 4);
     }
     free(buf);
     return 0;

@@ -113,11 +113,23 @@ class PackedModel:
                 ffn_out=linear(p + "output.dense", self.intermediate),
                 ln2=(f32(p + "output.LayerNorm.weight"), f32(p + "output.LayerNorm.bias")),
             ))
+        self._native_layers = (kernels.LayerParams * self.num_layers)(*(self._layer_params(l) for l in self.layers))
         self.pooler = linear("bert.pooler.dense", H)
         self.classifier_weight, self.classifier_bias = f32("classifier.weight"), f32("classifier.bias")
         self.num_labels = self.classifier_weight.shape[0]
         id2label = c.get("id2label") or {}
         self.labels = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(self.num_labels)]
+
+    @staticmethod
+    def _layer_params(layer: Layer) -> kernels.LayerParams:
+        def lin(b: BinaryLinear, bits: bool):
+            ptrs = [b.panels.ctypes.data, b.alpha.ctypes.data, b.bias.ctypes.data]
+            return ptrs + ([b.thresholds[0].ctypes.data, b.thresholds[1].ctypes.data] if bits else [])
+
+        return kernels.LayerParams(*lin(layer.qkv, True), *lin(layer.attn_out, False),
+                                   layer.ln1[0].ctypes.data, layer.ln1[1].ctypes.data,
+                                   *lin(layer.ffn_in, True), *lin(layer.ffn_out, False),
+                                   layer.ln2[0].ctypes.data, layer.ln2[1].ctypes.data)
 
     # ---- the forward, piece by piece -------------------------------------------------
 
@@ -147,7 +159,8 @@ class PackedModel:
 
     def encoder_layer(self, n: int, x: np.ndarray, xb: np.ndarray, key_valid: np.ndarray,
                       trace: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Layer n on hidden state x [B*L, H] (bits xb); key_valid bool [B, L]. With `trace`,
+        """Layer n on hidden state x [B*L, H] (bits xb); key_valid bool [B, L], one kernel call
+        per step (`forward` runs the same steps natively, all layers in one call). With `trace`,
         stores the intermediates: qkv bits, context bits and counts, attention output, FFN bits."""
         layer, H = self.layers[n], self.hidden
         B, L = key_valid.shape
@@ -175,13 +188,13 @@ class PackedModel:
         ids, valid, tt = self._check(input_ids, attention_mask, token_type_ids)
         B, L = ids.shape
         x, xb = self.embeddings(ids, tt)
-        hidden = [x]
-        for n in range(self.num_layers):
-            x, xb = self.encoder_layer(n, x, xb, valid)
-            hidden.append(x)
+        hidden = np.empty((self.num_layers, B * L, self.hidden), np.float32) if output_hidden_states else None
+        first = x.copy() if output_hidden_states else None
+        kernels.encoder(self._native_layers, self.num_layers, B, L, self.hidden, self.heads, self.intermediate,
+                        self.eps, valid, x, xb, hidden)  # every layer in one native call; x, xb in place
         logits = self.head(x.reshape(B, L, self.hidden)[:, 0])
         if output_hidden_states:
-            return logits, [h.reshape(B, L, self.hidden) for h in hidden]
+            return logits, [first.reshape(B, L, self.hidden)] + [h.reshape(B, L, self.hidden) for h in hidden]
         return logits
 
     # ---- text in, labels out ---------------------------------------------------------

@@ -4,7 +4,7 @@ Layout (docs/packed_format.md has the full description):
 
     magic "BIBERTPK" (8 bytes) | format version u32 LE | reserved u32 | header length u64 LE
     | header: UTF-8 JSON, space-padded so that the data starts 64-byte aligned
-    | data: tensors and tokenizer files (zlib), each at a 64-byte aligned offset (zero padding)
+    | data: tensors and tokenizer files (xz), each at a 64-byte aligned offset (zero padding)
     | SHA-256 of every byte before it (32 bytes)
 
 Binarized weights (every encoder Linear, the pooler and the word embedding) are stored
@@ -19,7 +19,7 @@ import json
 import os
 import struct
 import tempfile
-import zlib
+import lzma
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,16 +171,16 @@ def write_packed(packed: PackedFile, path: Path) -> None:
     """Serialise `packed` (atomically: a temporary file renamed into place)."""
     entries, blobs, offset = [], [], 0
     items = [("tensor", k, np.ascontiguousarray(v)) for k, v in packed.tensors.items()]
-    items += [("file", k, np.frombuffer(zlib.compress(v, 9), dtype=np.uint8)) for k, v in packed.files.items()]
+    items += [("file", k, np.frombuffer(lzma.compress(v, preset=9 | lzma.PRESET_EXTREME), dtype=np.uint8)) for k, v in packed.files.items()]
     for kind, name, arr in items:
         entries.append({"kind": kind, "name": name, "dtype": arr.dtype.str, "shape": list(arr.shape),
-                        "offset": offset, "nbytes": arr.nbytes, **({"compression": "zlib"} if kind == "file" else {})})
+                        "offset": offset, "nbytes": arr.nbytes, **({"compression": "xz"} if kind == "file" else {})})
         blobs.append((offset, arr.tobytes()))
         offset = _aligned(offset + arr.nbytes)
     header = {"format_version": FORMAT_VERSION, "config": packed.config, "quantization": packed.quantization,
               "side_dtype": packed.side_dtype, "bit_order": "bit 1 = -1; element j in uint64 word j//64, bit j%64",
               "entries": entries}
-    head = json.dumps(header, sort_keys=True).encode()
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     head += b" " * (_aligned(PREAMBLE.size + len(head)) - PREAMBLE.size - len(head))
     data = bytearray(offset)
     for off, raw in blobs:
@@ -196,6 +196,14 @@ def write_packed(packed: PackedFile, path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _decompress(raw: bytes, compression: str | None, path: Path) -> bytes:
+    if compression is None:
+        return raw
+    if compression != "xz":
+        raise BibertError(f"{path}: unknown compression {compression!r}; upgrade bibert")
+    return lzma.decompress(raw)
 
 
 def read_packed(path: str | os.PathLike) -> PackedFile:
@@ -226,7 +234,7 @@ def read_packed(path: str | os.PathLike) -> PackedFile:
             raise BibertError(f"{path}: entry {e['name']} lies outside the file")
         chunk = data[e["offset"]:e["offset"] + e["nbytes"]]
         if e["kind"] == "file":
-            packed.files[e["name"]] = zlib.decompress(chunk) if e.get("compression") == "zlib" else bytes(chunk)
+            packed.files[e["name"]] = _decompress(bytes(chunk), e.get("compression"), path)
         else:
             arr = np.frombuffer(chunk, dtype=np.dtype(e["dtype"]))
             packed.tensors[e["name"]] = arr.reshape(e["shape"])

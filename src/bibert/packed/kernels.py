@@ -24,7 +24,7 @@ import torch  # noqa: F401  (loaded first, so torch and the kernels share one Op
 
 from ..errors import BibertError
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 PANEL = 32
 KERNELS = {"auto": 0, "portable": 1, "avx512": 2}
 KERNEL_NAMES = {1: "portable", 2: "avx512"}
@@ -70,6 +70,8 @@ def lib() -> ctypes.CDLL:
     handle.bb_linear.argtypes = [P, I, I, I, P, I, P, P, P, P, P, I, P, P]
     handle.bb_bit_thresholds.argtypes = [P, P, I, I, P, P]
     handle.bb_bit_thresholds.restype = None
+    handle.bb_encoder.argtypes = [P, I, I, I, I, I, I, F, P, P, P, P]
+    handle.bb_encoder.restype = ctypes.c_int
     handle.bb_popcount_roofline.argtypes = [I, P]
     handle.bb_popcount_roofline.restype = ctypes.c_int64
     handle.bb_linear.restype = None
@@ -206,6 +208,29 @@ def binary_linear(a_bits: np.ndarray, K: int, panels: np.ndarray, N: int, alpha:
     lib().bb_linear(_ptr(a_bits), M, a_bits.shape[1], K, _ptr(panels), N, _ptr(alpha), _ptr(bias),
                     _ptr(residual), _ptr(out), None, 0, None, None)
     return out
+
+
+class LayerParams(ctypes.Structure):
+    """Pointers to one encoder layer's parameters (bb_layer in bitkernels.c)."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "qkv_w", "qkv_alpha", "qkv_bias", "qkv_thr", "qkv_flip",
+        "ao_w", "ao_alpha", "ao_bias", "ln1_g", "ln1_b",
+        "fi_w", "fi_alpha", "fi_bias", "fi_thr", "fi_flip",
+        "fo_w", "fo_alpha", "fo_bias", "ln2_g", "ln2_b")]
+
+
+def encoder(layers: ctypes.Array, n_layers: int, B: int, L: int, hidden_size: int, heads: int, intermediate: int,
+            eps: float, key_valid: np.ndarray, x: np.ndarray, xb: np.ndarray,
+            hidden: np.ndarray | None = None) -> None:
+    """Run n_layers encoder layers in one native call; x [B*L, H] float32 and its sign bits xb
+    are updated in place; hidden [n_layers, B*L, H] (optional) receives each layer's output.
+    The arrays behind `layers` must stay alive (PackedModel holds them)."""
+    valid = pack_bool(key_valid)
+    rc = lib().bb_encoder(ctypes.byref(layers), n_layers, B, L, hidden_size, heads, intermediate, eps, _ptr(valid),
+                          _ptr(x), _ptr(xb), _ptr(hidden))
+    if rc != 0:
+        raise BibertError("encoder: out of memory")
 
 
 def popcount_roofline(seconds: float = 0.2) -> float:
