@@ -305,3 +305,24 @@ def test_native_encoder_matches_layer_by_layer_calls(exported):
     for n in range(engine.num_layers):
         x, xb = engine.encoder_layer(n, x, xb, valid)
         np.testing.assert_array_equal(x, hidden[n + 1].reshape(x.shape))
+
+
+@pytest.mark.slow
+def test_real_teacher_binarized_agrees_on_real_text(teacher_dir, tmp_path):
+    """The binarized offline MiniLM (real weights, 6 x 384, heads of 32), packed vs student."""
+    from bibert.modeling import binarize, load_hf_classifier
+
+    torch.manual_seed(0)
+    student = binarize(load_hf_classifier(teacher_dir, num_labels=2)).eval()
+    folder = tmp_path / "minilm"
+    student.save_pretrained(folder)
+    export_packed(folder, tmp_path / "minilm.bibert", tokenizer_dir=teacher_dir)
+    engine = load_packed(tmp_path / "minilm.bibert")
+    texts = ["a gripping, beautifully acted film", "the plot is thin and the jokes fall flat",
+             "not bad at all", "an utterly forgettable sequel", "one of the year's best"] * 8
+    pred = engine.predict(texts, batch_size=16)
+    enc = engine.tokenizer(texts[:16], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = student(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]).logits.numpy()
+    close = np.abs(pred.logits[:16] - expected).max(axis=1) < 1e-4
+    assert close.mean() >= 0.9  # the rest: a float-rounding sign flip, amplified by later layers
