@@ -121,7 +121,7 @@ def sign_bits(t: torch.Tensor) -> np.ndarray:
     return pack_sign_rows(a.reshape(-1, a.shape[-1]))
 
 
-def assert_bits_equal_off_ties(bits, values, rows_valid=None, tol=1e-4):
+def assert_bits_equal_off_ties(bits, values, rows_valid=None, tol=1e-5):
     """Bits equal the signs of `values`, except where |value| < tol (float rounding decides)."""
     v = values.detach().numpy().reshape(-1, values.shape[-1])
     got = kernels.unpack_bool(bits, v.shape[1])
@@ -129,14 +129,18 @@ def assert_bits_equal_off_ties(bits, values, rows_valid=None, tol=1e-4):
     if rows_valid is not None:
         clear &= rows_valid[:, None]
     np.testing.assert_array_equal(got[clear], (v < 0)[clear])
-    assert clear.mean() > 0.97
+    assert clear.mean() > 0.99
 
 
 def test_layer_by_layer_exact_against_student(exported, path):
     student, _, out, _ = exported
-    engine = load_packed(out)
+    check_layer_by_layer(student, load_packed(out), *batch(student.config.vocab_size))
+
+
+def check_layer_by_layer(student, engine, ids, mask, types):
+    """Each engine step fed the student's own inputs: bits and counts identical (off float
+    ties), floats equal to rounding."""
     H = engine.hidden
-    ids, mask, types = batch(student.config.vocab_size)
     res, seen = capture(student, ids, mask, types)
     B, L = ids.shape
     valid = mask.numpy().astype(bool)
@@ -308,8 +312,9 @@ def test_native_encoder_matches_layer_by_layer_calls(exported):
 
 
 @pytest.mark.slow
-def test_real_teacher_binarized_agrees_on_real_text(teacher_dir, tmp_path):
-    """The binarized offline MiniLM (real weights, 6 x 384, heads of 32), packed vs student."""
+def test_real_teacher_binarized_layer_by_layer_and_end_to_end(teacher_dir, tmp_path):
+    """The binarized offline MiniLM (real weights; 6 x 384, 12 heads of 32): every layer exact
+    against the student, and end to end on real sentences."""
     from bibert.modeling import binarize, load_hf_classifier
 
     torch.manual_seed(0)
@@ -319,10 +324,12 @@ def test_real_teacher_binarized_agrees_on_real_text(teacher_dir, tmp_path):
     export_packed(folder, tmp_path / "minilm.bibert", tokenizer_dir=teacher_dir)
     engine = load_packed(tmp_path / "minilm.bibert")
     texts = ["a gripping, beautifully acted film", "the plot is thin and the jokes fall flat",
-             "not bad at all", "an utterly forgettable sequel", "one of the year's best"] * 8
-    pred = engine.predict(texts, batch_size=16)
-    enc = engine.tokenizer(texts[:16], padding=True, return_tensors="pt")
+             "not bad at all", "an utterly forgettable sequel that nobody asked for", "one of the year's best",
+             "the cast does what it can with a script that goes nowhere", "funny, warm and smart", "meh"]
+    enc = engine.tokenizer(texts, padding=True, return_tensors="pt")
+    check_layer_by_layer(student, engine, enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+    pred = engine.predict(texts)
     with torch.no_grad():
         expected = student(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]).logits.numpy()
-    close = np.abs(pred.logits[:16] - expected).max(axis=1) < 1e-4
-    assert close.mean() >= 0.9  # the rest: a float-rounding sign flip, amplified by later layers
+    # chained end to end, a float tie flipping one sign can spread through later layers (rare)
+    assert np.median(np.abs(pred.logits - expected)) < 1e-4
