@@ -89,9 +89,9 @@ def save_training_state(out: Path, model: torch.nn.Module, state: dict) -> None:
 
 
 def load_training_state(out: Path, model: torch.nn.Module) -> dict | None:
-    """Load out/checkpoint/ into `model` and return the training state (None if none yet)."""
+    """Load out/checkpoint/ into `model` and return the training state (None if none yet).
+    Run `recover_folder(out / STATE_DIR)` first (once, in one process)."""
     folder = Path(out) / STATE_DIR
-    recover_folder(folder)
     if not folder.exists():
         return None
     try:

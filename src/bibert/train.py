@@ -228,6 +228,14 @@ def flip_ratio(model: nn.Module, reference: dict[str, torch.Tensor]) -> float:
     return changed / total if total else 0.0
 
 
+def take_slice(examples: list, limit: int | None, seed: int) -> list:
+    """A seeded random subset of `limit` examples, in their original order (all if None)."""
+    if limit is None or limit >= len(examples):
+        return examples
+    pick = np.sort(np.random.default_rng(seed).permutation(len(examples))[:limit])
+    return [examples[i] for i in pick]
+
+
 # -------------------------------------------------------------------------- objectives
 
 class FinetuneObjective:
@@ -304,10 +312,7 @@ class Trainer:
 
     def _dataset(self, split: str, limit: int | None, file: str | None = None):
         cfg = self.config
-        examples = load_examples(self.task, split, data_dir=cfg.data_dir, file=file)
-        if limit is not None and limit < len(examples):
-            pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(examples))[:limit])
-            examples = [examples[i] for i in pick]
+        examples = take_slice(load_examples(self.task, split, data_dir=cfg.data_dir, file=file), limit, cfg.seed)
         return build_dataset(examples, self.tokenizer, cfg.max_length, self.task)
 
     def _build_data(self) -> None:
@@ -354,6 +359,11 @@ class Trainer:
                                   "run with the original options or choose another --out")
         self.step, self.best, self.evaluations, self.history = 0, None, [], []
         self.train_seconds, self.teacher_metrics = 0.0, None
+        distributed.barrier(self.ctx)  # every process has looked at OUT before rank 0 changes it
+        if saved is not None and self.ctx.is_main:
+            for name in (STATE_DIR, "best", "last"):
+                recover_folder(self.out / name)
+        distributed.barrier(self.ctx)
         state = load_training_state(self.out, self.model) if saved is not None else None
         if state is None:
             self.flip_reference = binarized_signs(self.model)
@@ -376,8 +386,6 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"], self.ctx.device)
         if self.ctx.is_main:  # the log holds exactly the evaluations up to the saved step
             _write_lines(self.out / "metrics.jsonl", self.evaluations)
-            for name in ("best", "last"):
-                recover_folder(self.out / name)
 
     # ---- evaluation and saving -----------------------------------------------------------
 
