@@ -120,3 +120,13 @@ def test_unknown_or_unavailable_kernel():
     if not kernels.cpu_has_avx512():
         with pytest.raises(BibertError, match="portable"):
             kernels.set_kernel("avx512")
+
+
+def test_environment_forces_the_path(tmp_path):
+    import subprocess
+    import sys
+
+    code = "from bibert.packed import kernels; kernels.lib(); print(kernels.get_kernel(), kernels.get_threads())"
+    env = {**__import__("os").environ, "BIBERT_KERNEL": "portable", "BIBERT_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["portable", "1"]

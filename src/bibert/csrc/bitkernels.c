@@ -338,12 +338,21 @@ void bb_linear(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint6
         for (int64_t m = 0; m < M; m++)
             for (int64_t w = words_of(N) - 1; w < ldo; w++)
                 if (w >= 0) out_bits[m * ldo + w] = 0;
+    /* rows in chunks whose activation bits stay in L1 (~16 KiB); within a chunk, every panel
+     * (read from L2) runs over the chunk's row blocks */
+    int64_t chunk_blocks = (16384 / (words_of(K) * 8)) / BB_MR;
+    if (chunk_blocks < 1) chunk_blocks = 1;
+    if (chunk_blocks > nb) chunk_blocks = nb;
+    int64_t nc = (nb + chunk_blocks - 1) / chunk_blocks;
 #pragma omp parallel for num_threads(g_threads) collapse(2) schedule(static)
-    for (int64_t p = 0; p < np; p++)
-        for (int64_t b = 0; b < nb; b++) {
-            int64_t r0 = b * BB_MR;
-            int mr = M - r0 < BB_MR ? (int)(M - r0) : BB_MR;
-            fn(&g, r0, mr, p);
+    for (int64_t c = 0; c < nc; c++)
+        for (int64_t p = 0; p < np; p++) {
+            int64_t b_end = (c + 1) * chunk_blocks < nb ? (c + 1) * chunk_blocks : nb;
+            for (int64_t b = c * chunk_blocks; b < b_end; b++) {
+                int64_t r0 = b * BB_MR;
+                int mr = M - r0 < BB_MR ? (int)(M - r0) : BB_MR;
+                fn(&g, r0, mr, p);
+            }
         }
 }
 
