@@ -105,24 +105,31 @@ def time_interleaved(fns: dict, ids, mask, reps: int, warmup: int = 2) -> dict:
 
 
 def gemm_shapes(cfg: dict, M: int, roofline: float, reps: int) -> list[dict]:
-    """Per-layer binary Linear shapes (sign packing excluded, epilogue included), one thread."""
+    """Per-layer binary Linear shapes, one thread: one native call each (sign packing
+    excluded, epilogue included; pointers prepared once, as the encoder does)."""
     H, I = cfg["hidden_size"], cfg["intermediate_size"]
     rng = np.random.default_rng(0)
+    lib = kernels.lib()
     rows = []
     for label, K, N, bits in (("qkv", H, 3 * H, True), ("attn_out", H, H, False),
                               ("ffn_in", H, I, True), ("ffn_out", I, H, False)):
         a = kernels.pack_bool(rng.random((M, K)) < 0.5)
         panels = kernels.pack_panels(kernels.pack_bool(rng.random((N, K)) < 0.5))
         alpha, bias = rng.random(N).astype(np.float32), rng.standard_normal(N).astype(np.float32)
-        res = None if bits else rng.standard_normal((M, N)).astype(np.float32)
-        thr = kernels.bit_thresholds(alpha, bias, K)
-        fn = lambda: kernels.binary_linear(a, K, panels, N, alpha, bias, res, bits, thr)
+        thr, flip = kernels.bit_thresholds(alpha, bias, K)
+        if bits:
+            out = np.empty((M, kernels.words(N)), np.uint64)
+            args = (None, None, out.ctypes.data, out.shape[1], thr.ctypes.data, flip.ctypes.data)
+        else:
+            res, out = rng.standard_normal((M, N)).astype(np.float32), np.empty((M, N), np.float32)
+            args = (res.ctypes.data, out.ctypes.data, None, 0, None, None)
+        call = (a.ctypes.data, M, a.shape[1], K, panels.ctypes.data, N, alpha.ctypes.data, bias.ctypes.data) + args
         for _ in range(3):
-            fn()
+            lib.bb_linear(*call)
         ts = []
         for _ in range(reps):
             t = time.perf_counter()
-            fn()
+            lib.bb_linear(*call)
             ts.append(time.perf_counter() - t)
         sec = statistics.median(ts)
         rate = M * K * N / sec

@@ -55,7 +55,8 @@ def test_binary_linear(path, M, K, N, mode):
         np.testing.assert_array_equal(got, signs_to_bits(reference.sign(expected)))
     else:
         got = kernels.binary_linear(xb, K, panels, N, alpha, bias, residual)
-        np.testing.assert_array_equal(got, expected)  # same float operations, same order
+        # evaluated as c0 + c1 * popcount: equal to rounding
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("M,H", [(1, 1), (3, 17), (5, 64), (4, 100), (9, 768)])

@@ -35,7 +35,7 @@
 #define BB_X86 0
 #endif
 
-#define BB_ABI_VERSION 4
+#define BB_ABI_VERSION 5
 #define BB_PANEL 32
 #define BB_MR 6
 
@@ -176,7 +176,7 @@ typedef struct {
     int64_t M, lda, K;     /* K = true input width in bits */
     const uint64_t *w;     /* panels [ceil(N/32), Kw, 32] */
     int64_t N;
-    const float *alpha, *bias; /* [N] */
+    const float *c0, *c1;      /* float output: y = c0 + c1 * popcount, [N] (bb_float_epilogue) */
     const float *residual;     /* [M, N] or NULL */
     float *out;                /* [M, N] floats, or NULL */
     uint64_t *out_bits;        /* [M, ldo] bits (y < 0), or NULL */
@@ -185,9 +185,19 @@ typedef struct {
     const uint32_t *flip;      /* bit output: [ceil(N/32)] flip bits, one word per panel */
 } linear_args;
 
-/* float epilogue of one output, written in one place for both kernel families */
+/* The binary Linear's output, alpha * (K - 2p) + bias, as the model defines it. The bit
+ * epilogue decides exactly this expression (through bb_bit_thresholds); the float epilogue
+ * evaluates it as c0 + c1 * p with c0 = alpha * K + bias, c1 = -2 alpha (equal to rounding). */
 static inline float epilogue(int64_t K, int64_t pc, float alpha, float bias) {
     return alpha * (float)(K - 2 * pc) + bias;
+}
+
+/* c0 = alpha * K + bias, c1 = -2 alpha, each [N] */
+void bb_float_epilogue(const float *alpha, const float *bias, int64_t K, int64_t N, float *c0, float *c1) {
+    for (int64_t n = 0; n < N; n++) {
+        c0[n] = alpha[n] * (float)K + bias[n];
+        c1[n] = -2.0f * alpha[n];
+    }
 }
 
 /* portable: one row block (mr rows) x one panel */
@@ -215,7 +225,7 @@ static inline __attribute__((always_inline)) void linear_block_portable(const li
         } else {
             float *o = g->out + m * g->N + n0;
             for (int c = 0; c < nc; c++) {
-                float y = epilogue(g->K, pc[c], g->alpha[n0 + c], g->bias[n0 + c]);
+                float y = g->c0[n0 + c] + g->c1[n0 + c] * (float)pc[c];
                 if (g->residual) y = y + g->residual[m * g->N + n0 + c];
                 o[c] = y;
             }
@@ -235,16 +245,13 @@ static void linear_portable_popcnt(const linear_args *g, int64_t r0, int mr, int
 
 #define BB_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq")))
 
-/* 16 int32 counts -> epilogue on 16 channels; writes floats or returns the negative mask */
-static inline __attribute__((always_inline)) BB_AVX512 __m512 epilogue16(__m512i pc_lo, __m512i pc_hi,
-                                                                         int64_t K, const float *alpha,
-                                                                         const float *bias, __mmask16 lm) {
-    __m256i lo = _mm512_cvtepi64_epi32(pc_lo), hi = _mm512_cvtepi64_epi32(pc_hi);
-    __m512i pc = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-    __m512i dot = _mm512_sub_epi32(_mm512_set1_epi32((int)K), _mm512_slli_epi32(pc, 1));
-    __m512 f = _mm512_cvtepi32_ps(dot);
-    __m512 av = _mm512_maskz_loadu_ps(lm, alpha), bv = _mm512_maskz_loadu_ps(lm, bias);
-    return _mm512_add_ps(_mm512_mul_ps(av, f), bv);
+/* float epilogue on 8 channels from one vector of 64-bit counts: c0 + c1 * p [+ residual] */
+static inline __attribute__((always_inline)) BB_AVX512 void epilogue8(__m512i pc, const float *c0, const float *c1,
+                                                                      const float *res, float *out, __mmask8 lm) {
+    __m256 y = _mm256_add_ps(_mm256_maskz_loadu_ps(lm, c0), _mm256_mul_ps(_mm256_maskz_loadu_ps(lm, c1),
+                                                                          _mm512_cvtepi64_ps(pc)));
+    if (res) y = _mm256_add_ps(y, _mm256_maskz_loadu_ps(lm, res));
+    _mm256_mask_storeu_ps(out, lm, y);
 }
 
 static inline __attribute__((always_inline)) BB_AVX512 void linear_block_avx512(const linear_args *g,
@@ -285,19 +292,14 @@ static inline __attribute__((always_inline)) BB_AVX512 void linear_block_avx512(
         }
         return;
     }
-    __mmask16 lm0 = (__mmask16)valid, lm1 = (__mmask16)(valid >> 16);
     for (int r = 0; r < MR; r++) {
         int64_t m = r0 + r;
-        __m512 y0 = epilogue16(acc[r][0], acc[r][1], g->K, g->alpha + n0, g->bias + n0, lm0);
-        __m512 y1 = epilogue16(acc[r][2], acc[r][3], g->K, g->alpha + n0 + 16, g->bias + n0 + 16, lm1);
         float *o = g->out + m * g->N + n0;
-        if (g->residual) {
-            const float *res = g->residual + m * g->N + n0;
-            y0 = _mm512_add_ps(y0, _mm512_maskz_loadu_ps(lm0, res));
-            y1 = _mm512_add_ps(y1, _mm512_maskz_loadu_ps(lm1, res + 16));
+        const float *res = g->residual ? g->residual + m * g->N + n0 : NULL;
+        for (int v = 0; v < 4; v++) {
+            __mmask8 lm = (__mmask8)(valid >> (8 * v));
+            if (lm) epilogue8(acc[r][v], g->c0 + n0 + 8 * v, g->c1 + n0 + 8 * v, res ? res + 8 * v : NULL, o + 8 * v, lm);
         }
-        _mm512_mask_storeu_ps(o, lm0, y0);
-        _mm512_mask_storeu_ps(o + 16, lm1, y1);
     }
 }
 
@@ -323,14 +325,15 @@ static linear_fn pick_linear(void) {
     return linear_portable_generic;
 }
 
-/* y = alpha * (K - 2 popcount(a XOR w)) + bias [+ residual] into `out` [M, N]; or, with
- * out_bits, the bits (y < 0) into out_bits [M, ldo] (whole words of each row rewritten),
- * decided by the integer thresholds thr / flip of bb_bit_thresholds (flip: one uint32 of
- * bits per panel; thr padded to whole panels). */
+/* y = alpha * (K - 2 popcount(a XOR w)) + bias [+ residual] into `out` [M, N], evaluated as
+ * c0 + c1 * popcount (bb_float_epilogue); or, with out_bits, the bits (y < 0) into out_bits
+ * [M, ldo] (whole words of each row rewritten), decided exactly by the integer thresholds
+ * thr / flip of bb_bit_thresholds (flip: one uint32 of bits per panel; thr padded to whole
+ * panels). c0/c1 may be NULL for bit output, thr/flip for float output. */
 void bb_linear(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint64_t *w_panels, int64_t N,
-               const float *alpha, const float *bias, const float *residual, float *out, uint64_t *out_bits,
+               const float *c0, const float *c1, const float *residual, float *out, uint64_t *out_bits,
                int64_t ldo, const int64_t *thr, const uint32_t *flip) {
-    linear_args g = {a, M, lda, K, w_panels, N, alpha, bias, residual, out, out_bits, ldo, thr, flip};
+    linear_args g = {a, M, lda, K, w_panels, N, c0, c1, residual, out, out_bits, ldo, thr, flip};
     linear_fn fn = pick_linear();
     int64_t np = (N + BB_PANEL - 1) / BB_PANEL;
     int64_t nb = (M + BB_MR - 1) / BB_MR;
@@ -338,8 +341,19 @@ void bb_linear(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint6
         for (int64_t m = 0; m < M; m++)
             for (int64_t w = words_of(N) - 1; w < ldo; w++)
                 if (w >= 0) out_bits[m * ldo + w] = 0;
-    /* rows in chunks whose activation bits stay in L1 (~16 KiB); within a chunk, every panel
-     * (read from L2) runs over the chunk's row blocks */
+    if (out) {
+        /* float output: row blocks outer, so each block's output rows are written contiguously
+         * while the weight panels stream from L2 */
+#pragma omp parallel for num_threads(g_threads) schedule(static)
+        for (int64_t b = 0; b < nb; b++) {
+            int64_t r0 = b * BB_MR;
+            int mr = M - r0 < BB_MR ? (int)(M - r0) : BB_MR;
+            for (int64_t p = 0; p < np; p++) fn(&g, r0, mr, p);
+        }
+        return;
+    }
+    /* bit output: rows in chunks whose activation bits stay in L1 (~16 KiB); within a chunk,
+     * every panel (read from L2) runs over the chunk's row blocks */
     int64_t chunk_blocks = (16384 / (words_of(K) * 8)) / BB_MR;
     if (chunk_blocks < 1) chunk_blocks = 1;
     if (chunk_blocks > nb) chunk_blocks = nb;
@@ -739,13 +753,13 @@ int bb_biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_of
 /* a whole encoder in one call                                                            */
 
 /* One encoder layer's parameters, as the Python side lays them out once at load time.
- * Linears: weight panels, alpha, bias; bit-output Linears also thresholds and flips. */
+ * Linears: weight panels; bit-output ones thresholds and flips, float-output ones c0, c1. */
 typedef struct {
-    const uint64_t *qkv_w; const float *qkv_alpha, *qkv_bias; const int64_t *qkv_thr; const uint32_t *qkv_flip;
-    const uint64_t *ao_w; const float *ao_alpha, *ao_bias;
+    const uint64_t *qkv_w; const int64_t *qkv_thr; const uint32_t *qkv_flip;
+    const uint64_t *ao_w; const float *ao_c0, *ao_c1;
     const float *ln1_g, *ln1_b;
-    const uint64_t *fi_w; const float *fi_alpha, *fi_bias; const int64_t *fi_thr; const uint32_t *fi_flip;
-    const uint64_t *fo_w; const float *fo_alpha, *fo_bias;
+    const uint64_t *fi_w; const int64_t *fi_thr; const uint32_t *fi_flip;
+    const uint64_t *fo_w; const float *fo_c0, *fo_c1;
     const float *ln2_g, *ln2_b;
 } bb_layer;
 
@@ -762,16 +776,16 @@ int bb_encoder(const bb_layer *layers, int64_t n_layers, int64_t B, int64_t L, i
     float *y = (float *)(fb + M * iw), *a = y + M * H;
     for (int64_t l = 0; l < n_layers; l++) {
         const bb_layer *p = layers + l;
-        bb_linear(xb, M, hw, H, p->qkv_w, 3 * H, p->qkv_alpha, p->qkv_bias, NULL, NULL, qkv, qw, p->qkv_thr,
+        bb_linear(xb, M, hw, H, p->qkv_w, 3 * H, NULL, NULL, NULL, NULL, qkv, qw, p->qkv_thr,
                   p->qkv_flip);
         if (bb_biattention(qkv, qw, 0, H, 2 * H, B, L, heads, H / heads, valid, ctx, hw, NULL)) {
             free(buf);
             return -1;
         }
-        bb_linear(ctx, M, hw, H, p->ao_w, H, p->ao_alpha, p->ao_bias, x, y, NULL, 0, NULL, NULL);
+        bb_linear(ctx, M, hw, H, p->ao_w, H, p->ao_c0, p->ao_c1, x, y, NULL, 0, NULL, NULL);
         bb_layernorm(y, M, H, p->ln1_g, p->ln1_b, eps, a, ab, hw);
-        bb_linear(ab, M, hw, H, p->fi_w, I, p->fi_alpha, p->fi_bias, NULL, NULL, fb, iw, p->fi_thr, p->fi_flip);
-        bb_linear(fb, M, iw, I, p->fo_w, H, p->fo_alpha, p->fo_bias, a, y, NULL, 0, NULL, NULL);
+        bb_linear(ab, M, hw, H, p->fi_w, I, NULL, NULL, NULL, NULL, fb, iw, p->fi_thr, p->fi_flip);
+        bb_linear(fb, M, iw, I, p->fo_w, H, p->fo_c0, p->fo_c1, a, y, NULL, 0, NULL, NULL);
         bb_layernorm(y, M, H, p->ln2_g, p->ln2_b, eps, x, xb, hw);
         if (hidden) memcpy(hidden + l * M * H, x, (size_t)(M * H) * 4);
     }

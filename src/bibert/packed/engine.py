@@ -36,16 +36,18 @@ class BinaryLinear:
     N: int
     alpha: np.ndarray  # float32 [N]
     bias: np.ndarray  # float32 [N]
-    thresholds: tuple[np.ndarray, np.ndarray]  # integer form of the bit epilogue
+    thresholds: tuple[np.ndarray, np.ndarray]  # the bit epilogue as integer thresholds
+    epilogue: tuple[np.ndarray, np.ndarray]  # the float epilogue's c0, c1
 
     @classmethod
     def from_rows(cls, bits: np.ndarray, K: int, alpha: np.ndarray, bias: np.ndarray) -> "BinaryLinear":
         alpha, bias = np.ascontiguousarray(alpha, np.float32), np.ascontiguousarray(bias, np.float32)
-        return cls(kernels.pack_panels(bits), K, bits.shape[0], alpha, bias, kernels.bit_thresholds(alpha, bias, K))
+        return cls(kernels.pack_panels(bits), K, bits.shape[0], alpha, bias, kernels.bit_thresholds(alpha, bias, K),
+                   kernels.float_epilogue(alpha, bias, K))
 
     def __call__(self, a_bits: np.ndarray, residual: np.ndarray | None = None, out_bits: bool = False) -> np.ndarray:
         return kernels.binary_linear(a_bits, self.K, self.panels, self.N, self.alpha, self.bias, residual, out_bits,
-                                     self.thresholds)
+                                     self.thresholds, self.epilogue)
 
 
 @dataclass
@@ -123,8 +125,8 @@ class PackedModel:
     @staticmethod
     def _layer_params(layer: Layer) -> kernels.LayerParams:
         def lin(b: BinaryLinear, bits: bool):
-            ptrs = [b.panels.ctypes.data, b.alpha.ctypes.data, b.bias.ctypes.data]
-            return ptrs + ([b.thresholds[0].ctypes.data, b.thresholds[1].ctypes.data] if bits else [])
+            tail = b.thresholds if bits else b.epilogue
+            return [b.panels.ctypes.data, tail[0].ctypes.data, tail[1].ctypes.data]
 
         return kernels.LayerParams(*lin(layer.qkv, True), *lin(layer.attn_out, False),
                                    layer.ln1[0].ctypes.data, layer.ln1[1].ctypes.data,

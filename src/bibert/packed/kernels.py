@@ -24,7 +24,7 @@ import torch  # noqa: F401  (loaded first, so torch and the kernels share one Op
 
 from ..errors import BibertError
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 PANEL = 32
 KERNELS = {"auto": 0, "portable": 1, "avx512": 2}
 KERNEL_NAMES = {1: "portable", 2: "avx512"}
@@ -70,6 +70,8 @@ def lib() -> ctypes.CDLL:
     handle.bb_linear.argtypes = [P, I, I, I, P, I, P, P, P, P, P, I, P, P]
     handle.bb_bit_thresholds.argtypes = [P, P, I, I, P, P]
     handle.bb_bit_thresholds.restype = None
+    handle.bb_float_epilogue.argtypes = [P, P, I, I, P, P]
+    handle.bb_float_epilogue.restype = None
     handle.bb_encoder.argtypes = [P, I, I, I, I, I, I, F, P, P, P, P]
     handle.bb_encoder.restype = ctypes.c_int
     handle.bb_popcount_roofline.argtypes = [I, P]
@@ -184,12 +186,22 @@ def bit_thresholds(alpha: np.ndarray, bias: np.ndarray, K: int) -> tuple[np.ndar
     return thr, flip_words
 
 
+def float_epilogue(alpha: np.ndarray, bias: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
+    """(c0, c1) = (alpha * K + bias, -2 alpha): the float epilogue y = c0 + c1 * popcount."""
+    alpha, bias = _f32(alpha), _f32(bias)
+    c0, c1 = np.empty_like(alpha), np.empty_like(alpha)
+    lib().bb_float_epilogue(_ptr(alpha), _ptr(bias), K, alpha.shape[0], _ptr(c0), _ptr(c1))
+    return c0, c1
+
+
 def binary_linear(a_bits: np.ndarray, K: int, panels: np.ndarray, N: int, alpha: np.ndarray,
                   bias: np.ndarray, residual: np.ndarray | None = None, out_bits: bool = False,
-                  thresholds: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-    """y = alpha * (K - 2 popcount(a XOR w)) + bias [+ residual]: float [M, N], or with
-    out_bits the sign bits of y, uint64 [M, words(N)] (thresholds: `bit_thresholds`, computed
-    here when not given)."""
+                  thresholds: tuple[np.ndarray, np.ndarray] | None = None,
+                  epilogue: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """y = alpha * (K - 2 popcount(a XOR w)) + bias [+ residual]: float [M, N] (evaluated as
+    c0 + c1 * popcount, equal to rounding), or with out_bits the sign bits of y exactly, uint64
+    [M, words(N)]. thresholds (`bit_thresholds`) and epilogue (`float_epilogue`) are computed
+    here when not given."""
     a_bits, panels = _u64(a_bits), _u64(panels)
     alpha, bias = _f32(alpha), _f32(bias)
     M = a_bits.shape[0]
@@ -200,12 +212,13 @@ def binary_linear(a_bits: np.ndarray, K: int, panels: np.ndarray, N: int, alpha:
             raise BibertError("binary_linear: a residual needs float output")
         thr, flip = thresholds if thresholds is not None else bit_thresholds(alpha, bias, K)
         out = np.empty((M, words(N)), dtype=np.uint64)
-        lib().bb_linear(_ptr(a_bits), M, a_bits.shape[1], K, _ptr(panels), N, _ptr(alpha), _ptr(bias),
+        lib().bb_linear(_ptr(a_bits), M, a_bits.shape[1], K, _ptr(panels), N, None, None,
                         None, None, _ptr(out), out.shape[1], _ptr(thr), _ptr(flip))
         return out
     residual = None if residual is None else _f32(residual)
+    c0, c1 = epilogue if epilogue is not None else float_epilogue(alpha, bias, K)
     out = np.empty((M, N), dtype=np.float32)
-    lib().bb_linear(_ptr(a_bits), M, a_bits.shape[1], K, _ptr(panels), N, _ptr(alpha), _ptr(bias),
+    lib().bb_linear(_ptr(a_bits), M, a_bits.shape[1], K, _ptr(panels), N, _ptr(c0), _ptr(c1),
                     _ptr(residual), _ptr(out), None, 0, None, None)
     return out
 
@@ -214,10 +227,10 @@ class LayerParams(ctypes.Structure):
     """Pointers to one encoder layer's parameters (bb_layer in bitkernels.c)."""
 
     _fields_ = [(name, ctypes.c_void_p) for name in (
-        "qkv_w", "qkv_alpha", "qkv_bias", "qkv_thr", "qkv_flip",
-        "ao_w", "ao_alpha", "ao_bias", "ln1_g", "ln1_b",
-        "fi_w", "fi_alpha", "fi_bias", "fi_thr", "fi_flip",
-        "fo_w", "fo_alpha", "fo_bias", "ln2_g", "ln2_b")]
+        "qkv_w", "qkv_thr", "qkv_flip",
+        "ao_w", "ao_c0", "ao_c1", "ln1_g", "ln1_b",
+        "fi_w", "fi_thr", "fi_flip",
+        "fo_w", "fo_c0", "fo_c1", "ln2_g", "ln2_b")]
 
 
 def encoder(layers: ctypes.Array, n_layers: int, B: int, L: int, hidden_size: int, heads: int, intermediate: int,
