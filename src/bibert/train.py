@@ -635,6 +635,20 @@ def distill(teacher: str, task: str | Task, out: str | os.PathLike, *, quant: Qu
     return Trainer(config, hooks).run(resume)
 
 
+def finetune_and_distill(model: str, task: str | Task, out: str | os.PathLike, *, resume: bool = False,
+                         teacher_options: dict | None = None, **distill_options) -> dict:
+    """The whole recipe: fine-tune `model` into OUT/teacher, then distil its best
+    checkpoint into OUT/student. teacher_options go to `finetune`, the rest to `distill`
+    (quant, distill, student_layers and any training option). Returns
+    {"teacher": results, "student": results}."""
+    out = Path(out)
+    shared = {k: distill_options[k] for k in ("max_train_examples", "max_eval_examples", "data_dir",
+                                              "seed", "device", "precision") if k in distill_options}
+    teacher = finetune(model, task, out / "teacher", resume=resume, **{**shared, **(teacher_options or {})})
+    student = distill(str(out / "teacher" / "best"), task, out / "student", resume=resume, **distill_options)
+    return {"teacher": teacher, "student": student}
+
+
 def run(config: TrainConfig, resume: bool = False, hooks: Sequence[Hook] = ()) -> dict:
     """Run a resolved TrainConfig (e.g. TrainConfig.from_dict(json.load(open("OUT/config.json"))))."""
     return Trainer(config, hooks).run(resume)
