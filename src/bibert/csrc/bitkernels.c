@@ -344,7 +344,7 @@ void bb_linear(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint6
     if (out) {
         /* float output: row blocks outer, so each block's output rows are written contiguously
          * while the weight panels stream from L2 */
-#pragma omp parallel for num_threads(g_threads) schedule(static)
+#pragma omp parallel for num_threads(g_threads) schedule(dynamic, 1)
         for (int64_t b = 0; b < nb; b++) {
             int64_t r0 = b * BB_MR;
             int mr = M - r0 < BB_MR ? (int)(M - r0) : BB_MR;
@@ -358,7 +358,7 @@ void bb_linear(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint6
     if (chunk_blocks < 1) chunk_blocks = 1;
     if (chunk_blocks > nb) chunk_blocks = nb;
     int64_t nc = (nb + chunk_blocks - 1) / chunk_blocks;
-#pragma omp parallel for num_threads(g_threads) collapse(2) schedule(static)
+#pragma omp parallel for num_threads(g_threads) collapse(2) schedule(dynamic, 1)
     for (int64_t c = 0; c < nc; c++)
         for (int64_t p = 0; p < np; p++) {
             int64_t b_end = (c + 1) * chunk_blocks < nb ? (c + 1) * chunk_blocks : nb;
@@ -728,9 +728,10 @@ int bb_biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_of
     attn_fn fn = pick_attn();
 #pragma omp parallel num_threads(g_threads)
     {
-        uint64_t *ba = (uint64_t *)malloc((size_t)(g.lw + g.dw) * 8);
+        /* per-thread scratch on its own cache lines */
+        uint64_t *ba = (uint64_t *)aligned_alloc(64, (size_t)((g.lw + g.dw + 7) / 8) * 64);
         uint64_t *cb = ba + g.lw;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 4)
         for (int64_t r = 0; r < B * L; r++) {
             int64_t b = r / L, i = r % L;
             uint64_t *orow = out + r * ldo;
