@@ -1,0 +1,327 @@
+"""The paper's ablation and bit-width comparison at our scale, on real offline data.
+
+Rows (SPEC 6, issue "reproduce the paper's claims"), each a `bibert distill` run from the
+same fine-tuned teacher, with the same training slice, epochs, max length and batch:
+
+    teacher                       32-32-32  (fine-tuned once per task)
+    baseline                      1-1-1  softmax + standard distillation      x3 seeds
+    +Bi-Attention                 1-1-1  bi      + standard                   x3
+    +DMD                          1-1-1  softmax + dmd                        x3
+    BiBERT                        1-1-1  bi      + dmd                        x3
+    BiBERT + DA                   1-1-1  bi      + dmd on GloVe-augmented data (same steps)
+    1-1-2, 1-1-4                  softmax + standard (the quantized comparison rows)
+
+Resumable: every finished run leaves results.json in its folder and is skipped on a
+rerun; an interrupted run resumes from its last checkpoint. `--report` (re)writes
+docs/results.md and the ablation bar chart from whatever has finished.
+
+    python benchmarks/study.py --task rotten_tomatoes          # runs what is missing
+    python benchmarks/study.py --report                        # docs/results.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "study"
+DOCS = ROOT / "docs"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The same for every student row of a task (stated in the report)."""
+
+    teacher_examples: int | None
+    teacher_epochs: float
+    train_examples: int
+    epochs: float
+    lr: float
+    max_length: int
+    batch_size: int
+    eval_examples: int  # dev slice for model selection; the test split is scored whole
+
+
+BUDGETS = {
+    "rotten_tomatoes": Budget(None, 1.0, 2000, 3.0, 2e-4, 64, 32, 600),
+    "snli": Budget(20000, 1.0, 2000, 3.0, 2e-4, 64, 32, 600),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+    bits: str
+    attention: str
+    distill: str
+    seeds: tuple[int, ...]
+    augmented: bool = False
+
+
+ROWS = [
+    Row("baseline", "1-1-1 baseline (softmax + standard KD)", "1-1-1", "softmax", "standard", (1, 2, 3)),
+    Row("bi_attention", "1-1-1 + Bi-Attention", "1-1-1", "bi", "standard", (1, 2, 3)),
+    Row("dmd", "1-1-1 + DMD", "1-1-1", "softmax", "dmd", (1, 2, 3)),
+    Row("bibert", "1-1-1 BiBERT (Bi-Attention + DMD)", "1-1-1", "bi", "dmd", (1, 2, 3)),
+    Row("bibert_da", "1-1-1 BiBERT + DA (GloVe)", "1-1-1", "bi", "dmd", (1,), augmented=True),
+    Row("w1a2", "1-1-2 (softmax + standard KD)", "1-1-2", "softmax", "standard", (1,)),
+    Row("w1a4", "1-1-4 (softmax + standard KD)", "1-1-4", "softmax", "standard", (1,)),
+]
+PAPER_SST2 = {"teacher": 93.2, "baseline": 77.6, "bibert": 88.7, "bibert_da": 90.9, "w1a2": 82.5, "w1a4": 92.3}
+PAPER_MNLI = {"teacher": 84.9, "bibert": 66.1, "bibert_da": 66.1, "w1a2": 62.7, "w1a4": 83.9}
+
+
+def _results(folder: Path) -> dict | None:
+    path = folder / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _timed(folder: Path, fn) -> dict:
+    t0 = time.perf_counter()
+    res = fn()
+    res["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    (folder / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    return res
+
+
+def run_teacher(task: str, b: Budget) -> Path:
+    from bibert.data import teacher_path
+    from bibert.train import finetune
+
+    out = RESULTS / task / "teacher"
+    if not _results(out):
+        print(f"== {task}: teacher", flush=True)
+        _timed(out, lambda: finetune(str(teacher_path()), task, out, resume=True,
+                                     epochs=b.teacher_epochs, max_train_examples=b.teacher_examples,
+                                     max_eval_examples=b.eval_examples, max_length=b.max_length,
+                                     batch_size=b.batch_size, eval_test=True, seed=0))
+    return out / "best"
+
+
+def augmented_file(task: str, b: Budget) -> Path:
+    """The student's train slice plus 20 GloVe-augmented copies of each row (TinyBERT DA)."""
+    from bibert.augment import Augmenter, WordVectors, augment_examples
+    from bibert.data import load_examples
+    from bibert.tasks import get_task
+    from bibert.train import take_slice
+
+    out = RESULTS / task / "augmented_train.jsonl"
+    done = out.with_name(out.name + ".done")
+    if not done.exists():
+        t = get_task(task)
+        examples = take_slice(load_examples(t, "train"), b.train_examples, seed=1)
+        augment_examples(t, examples, out, Augmenter(WordVectors.glove()), seed=0)
+        done.write_text("ok\n")
+    return out
+
+
+def run_row(task: str, row: Row, seed: int, teacher: Path, b: Budget) -> dict:
+    from bibert.config import QuantConfig
+    from bibert.train import distill
+
+    out = RESULTS / task / f"{row.key}_seed{seed}"
+    res = _results(out)
+    if res:
+        return res
+    print(f"== {task}: {row.label}, seed {seed}", flush=True)
+    steps = math.ceil(b.train_examples / b.batch_size) * b.epochs
+    data = dict(train_file=str(augmented_file(task, b)), max_steps=int(steps)) if row.augmented else \
+        dict(max_train_examples=b.train_examples)
+    return _timed(out, lambda: distill(
+        str(teacher), task, out, quant=QuantConfig.from_bits(row.bits, row.attention), distill=row.distill,
+        resume=True, epochs=b.epochs, lr=b.lr, max_length=b.max_length,
+        batch_size=b.batch_size, max_eval_examples=b.eval_examples, eval_test=True, seed=seed, **data))
+
+
+def _wall(res: dict) -> float:
+    return res.get("wall_seconds", res["train_seconds"])
+
+
+def test_score(res: dict) -> float:
+    return 100 * res["test"]["test"][res["metric"]]
+
+
+# ------------------------------------------------------------------------------ report
+
+def collect() -> dict:
+    from transformers import BertConfig
+
+    from bibert.config import QuantConfig
+    from bibert.cost import summarize
+    from bibert.data import teacher_path
+
+    cfg = BertConfig.from_pretrained(teacher_path())
+    table = {}
+    for task in BUDGETS:
+        teacher = _results(RESULTS / task / "teacher")
+        if not teacher:
+            continue
+        entry = {"teacher": {"scores": [test_score(teacher)], "wall": [_wall(teacher)]}}
+        for row in ROWS:
+            runs = [_results(RESULTS / task / f"{row.key}_seed{s}") for s in row.seeds]
+            runs = [r for r in runs if r]
+            if runs:
+                entry[row.key] = {"scores": [test_score(r) for r in runs], "wall": [_wall(r) for r in runs]}
+        table[task] = entry
+    costs = {"teacher": summarize(cfg, QuantConfig.full_precision(), 128).totals}
+    for row in ROWS:
+        costs[row.key] = summarize(cfg, QuantConfig.from_bits(row.bits, row.attention), 128).totals
+    return {"table": table, "costs": costs}
+
+
+def _fmt(scores: list[float]) -> str:
+    if len(scores) == 1:
+        return f"{scores[0]:.1f}"
+    return f"{statistics.mean(scores):.1f} ± {statistics.stdev(scores):.1f}"
+
+
+def write_report() -> Path:
+    data = collect()
+    table, costs = data["table"], data["costs"]
+    tasks = list(table)
+    labels = {"teacher": ("BERT teacher (all-MiniLM-L6-v2, fine-tuned)", "32-32-32")}
+    labels.update({r.key: (r.label, r.bits) for r in ROWS})
+    lines = [
+        "# BiBERT at our scale: the ablation and the bit-width comparison",
+        "",
+        "Generated by `python benchmarks/study.py --report` from the runs under "
+        "`benchmarks/results/study/` (every number below is a test-split score of a finished run).",
+        "",
+        "## Setup",
+        "",
+        f"- Machine: {platform.processor() or platform.machine()}, 2 cores, CPU only (Python {platform.python_version()}).",
+        "- Teacher: all-MiniLM-L6-v2 (6 layers, hidden 384, 12 heads of 32), fine-tuned per task.",
+        "- Tasks: `rotten_tomatoes` (SST-2's source corpus, movie-disjoint splits) and `snli` "
+        "(MNLI-style; official test set). See docs/data.md.",
+        "- Budget, the same for every student row of a task:",
+        "",
+        "| task | teacher train slice / epochs | student train slice | epochs | lr | max len | batch | dev slice |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for task, b in BUDGETS.items():
+        lines.append(f"| {task} | {b.teacher_examples or 'all'} / {b.teacher_epochs:g} | {b.train_examples} | "
+                     f"{b.epochs:g} | {b.lr:g} | {b.max_length} | {b.batch_size} | {b.eval_examples} |")
+    lines += [
+        "",
+        "The DA row trains on the same 2,000 examples plus 20 GloVe-augmented copies of each "
+        "(`bibert augment`, p = 0.4, top-15 neighbours) for the same number of steps.",
+        "Rows with three seeds show mean ± standard deviation.",
+        "",
+        "## Results (test accuracy, %)",
+        "",
+        "| method | bits W-E-A | size MiB | GFLOPs (seq 128) | " + " | ".join(tasks) + " | avg |",
+        "|---|---|---|---|" + "---|" * (len(tasks) + 1),
+    ]
+    for key, (label, bits) in labels.items():
+        cells, means = [], []
+        for task in tasks:
+            e = table[task].get(key)
+            cells.append(_fmt(e["scores"]) if e else "-")
+            if e:
+                means.append(statistics.mean(e["scores"]))
+        avg = f"{statistics.mean(means):.1f}" if len(means) == len(tasks) and means else "-"
+        c = costs[key]
+        lines.append(f"| {label} | {bits} | {c['size_paper_mib']:.1f} | {c['gflops']:.3f} | " + " | ".join(cells) + f" | {avg} |")
+    lines += [
+        "",
+        "Size and operations follow the paper's accounting (`bibert summary`); GFLOPs for a 128-token input.",
+        "",
+        "## Beside the paper (BERT-base, GLUE dev)",
+        "",
+        "| method | paper SST-2 | paper MNLI-m | ours rotten_tomatoes | ours snli |",
+        "|---|---|---|---|---|",
+    ]
+    for key in ("teacher", "baseline", "bibert", "bibert_da", "w1a2", "w1a4"):
+        ours = [(_fmt(table[t][key]["scores"]) if key in table.get(t, {}) else "-") for t in ("rotten_tomatoes", "snli")]
+        lines.append(f"| {labels[key][0]} | {PAPER_SST2.get(key, '-')} | {PAPER_MNLI.get(key, '-')} | {ours[0]} | {ours[1]} |")
+    lines += ["", "## Wall time per run (seconds, this machine)", "", "| task | run | seconds |", "|---|---|---|"]
+    for task in tasks:
+        for key, e in table[task].items():
+            lines.append(f"| {task} | {labels[key][0]} | {', '.join(f'{w:.0f}' for w in e['wall'])} |")
+    lines += ["", "## Commands", "", "```",
+              "python benchmarks/study.py --task rotten_tomatoes   # or --task snli; reruns skip finished runs",
+              "python benchmarks/study.py --report", "```", "", "Each run is the library call behind:", "", "```"]
+    b = BUDGETS["rotten_tomatoes"]
+    lines += [
+        f"bibert finetune --model TEACHER --task TASK --out OUT/teacher --epochs {b.teacher_epochs:g} "
+        f"--max-length {b.max_length} --batch-size {b.batch_size} --max-eval-examples {b.eval_examples} --eval-test --seed 0",
+        f"bibert distill --teacher OUT/teacher/best --task TASK --out OUT/ROW_seedS --bits W-E-A --attention bi|softmax "
+        f"--distill dmd|standard --max-train-examples {b.train_examples} --epochs {b.epochs:g} --lr {b.lr:g} "
+        f"--max-length {b.max_length} --batch-size {b.batch_size} --max-eval-examples {b.eval_examples} --eval-test --seed S",
+        "bibert augment --task TASK --out augmented.jsonl   # then distill with --train-file augmented.jsonl --max-steps N",
+        "```",
+    ]
+    chart = plot(table)
+    if chart:
+        lines += ["", f"![ablation]({chart.name})"]
+    lines += ["", "## What reproduced and what did not", "", "(see below)", ""]
+    DOCS.mkdir(exist_ok=True)
+    path = DOCS / "results.md"
+    keep = ""
+    if path.exists() and "<!-- analysis -->" in path.read_text():
+        keep = path.read_text().split("<!-- analysis -->", 1)[1]
+    text = "\n".join(lines[:-4]) + "\n\n## What reproduced and what did not\n\n<!-- analysis -->" + (keep or "\n(to be written)\n")
+    path.write_text(text)
+    (RESULTS / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def plot(table: dict) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["teacher", "baseline", "bi_attention", "dmd", "bibert", "bibert_da", "w1a2", "w1a4"]
+    names = ["teacher", "baseline", "+Bi-Attn", "+DMD", "BiBERT", "BiBERT+DA", "1-1-2", "1-1-4"]
+    tasks = [t for t in table if len(table[t]) > 1]
+    if not tasks:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(tasks)
+    for i, task in enumerate(tasks):
+        means = [statistics.mean(table[task][k]["scores"]) if k in table[task] else 0 for k in keys]
+        errs = [statistics.stdev(table[task][k]["scores"]) if k in table[task] and len(table[task][k]["scores"]) > 1 else 0
+                for k in keys]
+        ax.bar([j + i * width for j in range(len(keys))], means, width, yerr=errs, capsize=3, label=task)
+    ax.set_xticks([j + width * (len(tasks) - 1) / 2 for j in range(len(keys))], names)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(30, 100)
+    ax.legend()
+    ax.set_title("Fully binarized MiniLM: ablation and bit widths (test split)")
+    fig.tight_layout()
+    path = DOCS / "results_ablation.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", action="append", choices=list(BUDGETS), help="task(s) to run (default: both)")
+    p.add_argument("--rows", nargs="*", choices=[r.key for r in ROWS], help="only these rows")
+    p.add_argument("--report", action="store_true", help="only (re)write docs/results.md from finished runs")
+    args = p.parse_args(argv)
+    if not args.report:
+        for task in args.task or list(BUDGETS):
+            b = BUDGETS[task]
+            teacher = run_teacher(task, b)
+            for row in ROWS:
+                if args.rows and row.key not in args.rows:
+                    continue
+                for seed in row.seeds:
+                    run_row(task, row, seed, teacher, b)
+    print(f"wrote {write_report()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""The main job end to end on the real offline teacher and corpus, with tiny slices."""
+import json
+
+import pytest
+
+from bibert.demo import Budget, format_table, run_demo
+
+
+@pytest.mark.slow
+def test_main_job_runs_end_to_end(teacher_dir, tmp_path, capsys):
+    summary = run_demo(tmp_path, budget=Budget(96, 1.0, 96, 1.0, 2e-4, 64, 5), threads=2)
+    rows = summary["rows"]
+    assert [r["bits"] for r in rows] == ["32-32-32", "1-1-1", "1-1-1"]
+    assert all(0.0 <= r["test"] <= 1.0 for r in rows)
+    # the packed engine computes the student's function
+    assert summary["packed_agreement_with_student"] >= 0.99
+    assert abs(rows[2]["test"] - rows[1]["test"]) <= 0.01
+    assert summary["size_ratio_teacher_vs_packed"] > 15
+    assert json.loads((tmp_path / "summary.json").read_text())["rows"][0]["bits"] == "32-32-32"
+    assert "packed, bitwise engine" in format_table(summary)
+    # a rerun skips the finished training stages
+    again = run_demo(tmp_path, budget=Budget(96, 1.0, 96, 1.0, 2e-4, 64, 5), threads=2)
+    assert again["rows"][1]["test"] == rows[1]["test"]
