@@ -726,13 +726,19 @@ int bb_biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_of
 
     /* phase 2: per query row, every head; each row of `out` is written by one thread */
     attn_fn fn = pick_attn();
+    int failed = 0;
 #pragma omp parallel num_threads(g_threads)
     {
         /* per-thread scratch on its own cache lines */
         uint64_t *ba = (uint64_t *)aligned_alloc(64, (size_t)((g.lw + g.dw + 7) / 8) * 64);
         uint64_t *cb = ba + g.lw;
+        if (!ba) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(dynamic, 4)
         for (int64_t r = 0; r < B * L; r++) {
+            if (!ba) continue;
             int64_t b = r / L, i = r % L;
             uint64_t *orow = out + r * ldo;
             for (int64_t x = 0; x < ldo; x++) orow[x] = 0;
@@ -747,7 +753,7 @@ int bb_biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_of
         free(ba);
     }
     free(buf);
-    return 0;
+    return failed ? -1 : 0;
 }
 
 /* ------------------------------------------------------------------------------------ */

@@ -85,7 +85,10 @@ def lib() -> ctypes.CDLL:
     handle.bb_biattention.restype = ctypes.c_int
     _lib = handle
     set_kernel(os.environ.get("BIBERT_KERNEL", "auto"))
-    set_threads(int(os.environ.get("BIBERT_THREADS", "0")) or default_threads())
+    threads = os.environ.get("BIBERT_THREADS", "")
+    if threads and not (threads.isdigit() and int(threads) > 0):
+        raise BibertError(f"BIBERT_THREADS={threads!r}: give a positive number of threads")
+    set_threads(int(threads) if threads else default_threads())
     return handle
 
 

@@ -60,12 +60,6 @@ def biattention_counts(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_valid: n
     return ctx.transpose(0, 2, 1, 3).reshape(B, L, hidden)
 
 
-def gelu(x: np.ndarray) -> np.ndarray:
-    from scipy.special import erf
-
-    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
-
-
 def student_forward(weights: dict[str, np.ndarray], config: dict, input_ids: np.ndarray,
                     attention_mask: np.ndarray, token_type_ids: np.ndarray) -> dict:
     """The student in float64 from latent weights (Hugging Face names, optional 'bert.' prefix).
