@@ -35,7 +35,7 @@
 #define BB_X86 0
 #endif
 
-#define BB_ABI_VERSION 5
+#define BB_ABI_VERSION 6
 #define BB_PANEL 32
 #define BB_MR 6
 
@@ -84,6 +84,16 @@ void bb_set_threads(int n) { g_threads = n < 1 ? 1 : n; }
 int bb_get_threads(void) { return g_threads; }
 
 static inline int64_t words_of(int64_t bits) { return (bits + 63) >> 6; }
+
+/* threads for a kernel's parallel region: one when already inside a parallel region (the
+ * batch-parallel encoder runs whole sequences per thread) */
+static inline int team(void) {
+#ifdef _OPENMP
+    return omp_in_parallel() ? 1 : g_threads;
+#else
+    return 1;
+#endif
+}
 
 /* ------------------------------------------------------------------------------------ */
 /* bit helpers                                                                           */
@@ -155,7 +165,7 @@ static void sign_pack_row_avx512(const float *x, int64_t K, uint64_t *out) {
 
 void bb_sign_pack(const float *x, int64_t M, int64_t K, int64_t ldx, uint64_t *out, int64_t ldo) {
     int avx512 = bb_get_kernel() == BB_KERNEL_AVX512;
-#pragma omp parallel for num_threads(g_threads) schedule(static) if (M * K > 32768)
+#pragma omp parallel for num_threads(team()) schedule(static) if (M * K > 32768)
     for (int64_t m = 0; m < M; m++) {
 #if BB_X86
         if (avx512)
@@ -344,7 +354,7 @@ void bb_linear(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint6
     if (out) {
         /* float output: row blocks outer, so each block's output rows are written contiguously
          * while the weight panels stream from L2 */
-#pragma omp parallel for num_threads(g_threads) schedule(dynamic, 1)
+#pragma omp parallel for num_threads(team()) schedule(dynamic, 1)
         for (int64_t b = 0; b < nb; b++) {
             int64_t r0 = b * BB_MR;
             int mr = M - r0 < BB_MR ? (int)(M - r0) : BB_MR;
@@ -358,7 +368,7 @@ void bb_linear(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint6
     if (chunk_blocks < 1) chunk_blocks = 1;
     if (chunk_blocks > nb) chunk_blocks = nb;
     int64_t nc = (nb + chunk_blocks - 1) / chunk_blocks;
-#pragma omp parallel for num_threads(g_threads) collapse(2) schedule(dynamic, 1)
+#pragma omp parallel for num_threads(team()) collapse(2) schedule(dynamic, 1)
     for (int64_t c = 0; c < nc; c++)
         for (int64_t p = 0; p < np; p++) {
             int64_t b_end = (c + 1) * chunk_blocks < nb ? (c + 1) * chunk_blocks : nb;
@@ -498,7 +508,7 @@ BB_AVX512 static void layernorm_row_avx512(const float *x, int64_t H, const floa
 void bb_layernorm(const float *x, int64_t M, int64_t H, const float *g, const float *b, float eps, float *out,
                   uint64_t *out_bits, int64_t ldo) {
     int kernel = bb_get_kernel();
-#pragma omp parallel for num_threads(g_threads) schedule(static) if (M * H > 16384)
+#pragma omp parallel for num_threads(team()) schedule(static) if (M * H > 16384)
     for (int64_t m = 0; m < M; m++) {
 #if BB_X86
         if (kernel == BB_KERNEL_AVX512) {
@@ -546,7 +556,7 @@ void bb_embed(const int64_t *ids, const int64_t *type_ids, int64_t M, int64_t L,
               const float *word_alpha, const float *pos, const float *type, int64_t H, float *out) {
     int64_t hw = words_of(H);
     int avx512 = bb_get_kernel() == BB_KERNEL_AVX512;
-#pragma omp parallel for num_threads(g_threads) schedule(static) if (M * H > 32768)
+#pragma omp parallel for num_threads(team()) schedule(static) if (M * H > 32768)
     for (int64_t m = 0; m < M; m++) {
         const uint64_t *wb = word_bits + ids[m] * hw;
         const float *t = type + type_ids[m] * H, *p = pos + (m % L) * H;
@@ -697,7 +707,7 @@ int bb_biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_of
     g.q = qb; g.kt = kb; g.vt = vb; g.valid = valid; g.out = out; g.ldo = ldo; g.counts = counts;
 
     /* phase 1: per (b, h), gather the head's bits into the layouts above */
-#pragma omp parallel for num_threads(g_threads) schedule(static)
+#pragma omp parallel for num_threads(team()) schedule(static)
     for (int64_t bh = 0; bh < B * H; bh++) {
         int64_t b = bh / H, h = bh % H;
         uint64_t *qh = qb + bh * L * g.dw, *kh = kb + bh * g.dw * g.lp, *vh = vb + bh * g.lw * g.dp;
@@ -727,7 +737,7 @@ int bb_biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_of
     /* phase 2: per query row, every head; each row of `out` is written by one thread */
     attn_fn fn = pick_attn();
     int failed = 0;
-#pragma omp parallel num_threads(g_threads)
+#pragma omp parallel num_threads(team())
     {
         /* per-thread scratch on its own cache lines */
         uint64_t *ba = (uint64_t *)aligned_alloc(64, (size_t)((g.lw + g.dw + 7) / 8) * 64);
@@ -770,11 +780,11 @@ typedef struct {
     const float *ln2_g, *ln2_b;
 } bb_layer;
 
-/* Runs n_layers encoder layers on x [B*L, H] (float, updated in place) with its sign bits
- * xb [B*L, words(H)] (updated too). valid: [B, words(L)] key bits. hidden (optional):
- * [n_layers, B*L, H] receives every layer's output. Returns 0, or -1 if out of memory. */
-int bb_encoder(const bb_layer *layers, int64_t n_layers, int64_t B, int64_t L, int64_t H, int64_t heads,
-               int64_t I, float eps, const uint64_t *valid, float *x, uint64_t *xb, float *hidden) {
+/* n_layers encoder layers on the B sequences at x / xb; layer l's output is copied to
+ * hidden + l * hidden_stride when hidden is not NULL. */
+static int encoder_rows(const bb_layer *layers, int64_t n_layers, int64_t B, int64_t L, int64_t H, int64_t heads,
+                        int64_t I, float eps, const uint64_t *valid, float *x, uint64_t *xb, float *hidden,
+                        int64_t hidden_stride) {
     int64_t M = B * L, hw = words_of(H), qw = words_of(3 * H), iw = words_of(I);
     size_t n = (size_t)M * (qw + hw + hw + iw) * 8 + (size_t)M * H * 4 * 2;
     char *buf = (char *)malloc(n);
@@ -794,8 +804,31 @@ int bb_encoder(const bb_layer *layers, int64_t n_layers, int64_t B, int64_t L, i
         bb_linear(ab, M, hw, H, p->fi_w, I, NULL, NULL, NULL, NULL, fb, iw, p->fi_thr, p->fi_flip);
         bb_linear(fb, M, iw, I, p->fo_w, H, p->fo_c0, p->fo_c1, a, y, NULL, 0, NULL, NULL);
         bb_layernorm(y, M, H, p->ln2_g, p->ln2_b, eps, x, xb, hw);
-        if (hidden) memcpy(hidden + l * M * H, x, (size_t)(M * H) * 4);
+        if (hidden) memcpy(hidden + l * hidden_stride, x, (size_t)(M * H) * 4);
     }
     free(buf);
     return 0;
+}
+
+/* Runs n_layers encoder layers on x [B*L, H] (float, updated in place) with its sign bits
+ * xb [B*L, words(H)] (updated too). valid: [B, words(L)] key bits. hidden (optional):
+ * [n_layers, B*L, H] receives every layer's output. With at least as many sequences as
+ * threads, each thread runs whole sequences (no synchronisation inside the forward);
+ * otherwise every kernel splits its work across the threads. Returns 0, or -1 if out of
+ * memory. */
+int bb_encoder(const bb_layer *layers, int64_t n_layers, int64_t B, int64_t L, int64_t H, int64_t heads,
+               int64_t I, float eps, const uint64_t *valid, float *x, uint64_t *xb, float *hidden) {
+    int64_t M = B * L, hw = words_of(H), lw = words_of(L);
+    if (g_threads == 1 || B < g_threads)
+        return encoder_rows(layers, n_layers, B, L, H, heads, I, eps, valid, x, xb, hidden, M * H);
+    int failed = 0;
+#pragma omp parallel for num_threads(g_threads) schedule(dynamic, 1)
+    for (int64_t b = 0; b < B; b++) {
+        if (encoder_rows(layers, n_layers, 1, L, H, heads, I, eps, valid + b * lw, x + b * L * H, xb + b * L * hw,
+                         hidden ? hidden + b * L * H : NULL, M * H)) {
+#pragma omp atomic write
+            failed = 1;
+        }
+    }
+    return failed ? -1 : 0;
 }

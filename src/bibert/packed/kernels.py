@@ -24,7 +24,7 @@ import torch  # noqa: F401  (loaded first, so torch and the kernels share one Op
 
 from ..errors import BibertError
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 PANEL = 32
 KERNELS = {"auto": 0, "portable": 1, "avx512": 2}
 KERNEL_NAMES = {1: "portable", 2: "avx512"}
