@@ -523,7 +523,6 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not ctx.is_main, dynamic_ncols=True,
                    desc=f"{cfg.mode} {self.task.name}")
         sums, count, flip = {}, 0, None
-        examples_per_step = cfg.batch_size * ctx.world_size
         tic = time.perf_counter()
         try:
             while self.step < self.total_steps:

@@ -74,7 +74,7 @@ def student_forward(weights: dict[str, np.ndarray], config: dict, input_ids: np.
         alpha, s = binarize_rows(weights[prefix + ".weight"])
         return (sign(x) @ s.T).astype(np.float64) * alpha.astype(np.float64) + w(prefix + ".bias")
 
-    H, heads, eps = config["hidden_size"], config["num_attention_heads"], config.get("layer_norm_eps", 1e-12)
+    heads, eps = config["num_attention_heads"], config.get("layer_norm_eps", 1e-12)
     B, L = input_ids.shape
     e = "bert.embeddings."
     alpha, s = binarize_rows(weights[e + "word_embeddings.weight"])
