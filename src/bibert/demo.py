@@ -35,7 +35,7 @@ class Budget:
     latency_examples: int
 
 
-FULL = Budget(None, 1.0, None, 3.0, 2e-4, 600, 100)
+FULL = Budget(None, 1.0, None, 2.0, 5e-4, 600, 100)
 QUICK = Budget(1500, 1.0, 1500, 2.0, 2e-4, 300, 30)
 
 
