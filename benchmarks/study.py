@@ -97,7 +97,7 @@ def run_teacher(task: str, b: Budget) -> Path:
     from bibert.train import finetune
 
     out = RESULTS / task / "teacher"
-    if not _results(out):
+    if not _results(out) or not (out / "best").is_dir():  # checkpoints stay local: retrain on a new machine
         print(f"== {task}: teacher", flush=True)
         _timed(out, lambda: finetune(str(teacher_path()), task, out, resume=True,
                                      epochs=b.teacher_epochs, max_train_examples=b.teacher_examples,
