@@ -8,6 +8,7 @@ from transformers import BertConfig, BertForSequenceClassification, GPT2Config, 
 import bibert.modeling as modeling
 from bibert import BibertError, BiBertForSequenceClassification, QuantConfig, binarize
 from bibert.modeling import load_hf_classifier
+from bibert.quantizers import binary_linear
 
 
 def _batch(vocab=50, B=3, T=10, seed=0):
@@ -34,17 +35,15 @@ def test_full_precision_matches_hugging_face_on_real_teacher(teacher_dir, num_la
 
 
 class _Recorder:
-    """Stands in for torch.nn.functional inside bibert.modeling and records each linear."""
+    """Stands in for bibert.modeling.binary_linear and records each call."""
 
     def __init__(self):
         self.linears = []
 
-    def __getattr__(self, name):
-        return getattr(torch.nn.functional, name)
-
-    def linear(self, x, w, b=None):
-        self.linears.append((x.detach().clone(), w.detach().clone()))
-        return torch.nn.functional.linear(x, w, b)
+    def __call__(self, x, w, b):
+        y = binary_linear(x, w, b)
+        self.linears.append((x.detach().clone(), w.detach().clone(), b.detach().clone(), y.detach().clone()))
+        return y
 
 
 def test_one_bit_student_quantizes_exactly_what_spec_says(tiny_config, monkeypatch):
@@ -52,7 +51,7 @@ def test_one_bit_student_quantizes_exactly_what_spec_says(tiny_config, monkeypat
     teacher = BertForSequenceClassification(tiny_config).eval()
     student = binarize(teacher).eval()
     rec = _Recorder()
-    monkeypatch.setattr(modeling, "F", rec)
+    monkeypatch.setattr(modeling, "binary_linear", rec)
     attention = []
     real_bool = modeling.bool_ste
     monkeypatch.setattr(modeling, "bool_ste", lambda x: attention.append(real_bool(x)) or attention[-1])
@@ -63,12 +62,14 @@ def test_one_bit_student_quantizes_exactly_what_spec_says(tiny_config, monkeypat
     assert len(rec.linears) == 6 * L + 1  # q, k, v, attn-out, ffn-in, ffn-out per layer + pooler
     latent = [m.weight for m in student.modules() if isinstance(m, modeling.QuantLinear)]
     assert len(latent) == len(rec.linears)
-    for (x, w), w_latent in zip(rec.linears, latent):
+    for (x, w, b, y), w_latent in zip(rec.linears, latent):
+        assert w is not None and torch.equal(w, w_latent)
         assert set(x.unique().tolist()) <= {-1.0, 1.0}
-        alpha = w_latent.abs().mean(dim=1, keepdim=True)
-        assert torch.allclose(w.abs(), alpha.expand_as(w))
-        centred = w_latent - w_latent.mean(dim=1, keepdim=True)
-        assert torch.equal(torch.sign(w), torch.where(centred >= 0, 1.0, -1.0))
+        # the weight used is exactly +-alpha_o per row: y = x (alpha_o sign(Wc_o))^T + b, in float64
+        alpha = w_latent.double().abs().mean(dim=1, keepdim=True)
+        centred = w_latent.double() - w_latent.double().mean(dim=1, keepdim=True)
+        used = alpha * torch.where(centred >= 0, 1.0, -1.0)
+        assert torch.allclose(y.double(), x.double() @ used.T + b.double(), atol=1e-5)
     assert len(attention) == L
     for a in attention:
         assert set(a.unique().tolist()) <= {0.0, 1.0}
@@ -81,7 +82,7 @@ def test_one_bit_student_quantizes_exactly_what_spec_says(tiny_config, monkeypat
     expected = emb.LayerNorm(word + emb.position_embeddings.weight[: ids.shape[1]] + emb.token_type_embeddings(types))
     assert torch.allclose(out.hidden_states[0], expected, atol=1e-6)
     # the classifier sees the pooled output in full precision
-    pooled = torch.tanh(torch.nn.functional.linear(rec.linears[-1][0], rec.linears[-1][1], student.bert.pooler.dense.bias))
+    pooled = torch.tanh(rec.linears[-1][3])
     assert torch.allclose(out.logits, student.classifier(pooled), atol=1e-6)
     # every full-precision parameter is the teacher's own
     t = teacher.state_dict()

@@ -3,6 +3,7 @@ import torch
 
 from bibert.quantizers import (
     binarize_weight,
+    binary_linear,
     bool_ste,
     quantize_activation,
     quantize_probs,
@@ -86,3 +87,29 @@ def test_probability_quantizer():
     assert torch.all(quantize_probs(p, 1) == 1)  # the collapse Bi-Attention avoids
     q2 = quantize_probs(p, 2)
     assert set(torch.round(q2 * 3).unique().tolist()) <= {0.0, 1.0, 2.0, 3.0}
+
+
+def test_binary_linear_equals_linear_with_binarized_weight_and_its_gradients():
+    g = torch.Generator().manual_seed(0)
+    x = torch.where(torch.randn(5, 7, 33, generator=g) >= 0, 1.0, -1.0).double()
+    w = (torch.randn(9, 33, generator=g) * 0.8).double()
+    w[0, :5] = 0.0  # zeros in the row, and entries beyond +-1 from the 0.8 scale
+    b = torch.randn(9, generator=g).double()
+    upstream = torch.randn(5, 7, 9, generator=g).double()
+    args = [t.clone().requires_grad_() for t in (x, w, b)]
+    ref_args = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = binary_linear(*args)
+    ref = torch.nn.functional.linear(ref_args[0], binarize_weight(ref_args[1]), ref_args[2])
+    assert torch.allclose(y, ref, atol=1e-12)
+    y.backward(upstream)
+    ref.backward(upstream)
+    for got, expected in zip(args, ref_args):
+        assert torch.allclose(got.grad, expected.grad, atol=1e-12)
+    centred = w - w.mean(1, keepdim=True)
+    formula = (upstream.reshape(-1, 9).T @ x.reshape(-1, 33)) * (centred.abs() <= 1)
+    assert torch.allclose(args[1].grad, formula, atol=1e-12)
+    # the counts are integers, so y is exactly counts * alpha + b in float32 too
+    x32, w32, b32 = x.float(), w.float(), b.float()
+    counts = x32 @ torch.where(w32 - w32.mean(1, keepdim=True) >= 0, 1.0, -1.0).T
+    assert torch.equal(counts, counts.round())
+    assert torch.equal(binary_linear(x32, w32, b32), counts * w32.abs().mean(1) + b32)

@@ -34,7 +34,7 @@ from transformers.activations import ACT2FN
 
 from .config import QuantConfig
 from .errors import BibertError
-from .quantizers import bool_ste, quantize_activation, quantize_probs, quantize_weight
+from .quantizers import binary_linear, bool_ste, quantize_activation, quantize_probs, quantize_weight
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -64,6 +64,8 @@ class QuantLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor, sign_source: torch.Tensor | None = None) -> torch.Tensor:
         xq = quantize_activation(x, self.activation_bits, sign_source)
+        if self.weight_bits == 1:
+            return binary_linear(xq, self.weight, self.bias)
         return F.linear(xq, quantize_weight(self.weight, self.weight_bits), self.bias)
 
     def extra_repr(self) -> str:

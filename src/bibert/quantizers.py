@@ -94,6 +94,37 @@ def binarize_weight(w: torch.Tensor) -> torch.Tensor:
     return _RowBinarize.apply(w)
 
 
+class _BinaryLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, bias):
+        alpha = w.abs().mean(dim=-1)  # (out,)
+        centred = w - w.mean(dim=-1, keepdim=True)
+        signs = sign(centred)
+        ctx.save_for_backward(x, centred, alpha, signs)
+        counts = torch.nn.functional.linear(x, signs)  # integer-valued for +-1 inputs: exact in float
+        return counts * alpha + bias  # two roundings, as the packed engine's epilogue
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, centred, alpha, signs = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        grad_x = grad @ (alpha[:, None] * signs).to(grad.dtype)
+        grad_w = (g2.T @ x.reshape(-1, x.shape[-1]).to(g2.dtype)) * (centred.abs() <= 1).to(g2.dtype)
+        return grad_x.to(x.dtype), grad_w.to(centred.dtype), g2.sum(0).to(centred.dtype)
+
+
+def binary_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A Linear with BiBERT's binarized weight: y = alpha * (x @ sign(Wc)^T) + b.
+
+    The same function as F.linear(x, binarize_weight(w), b), evaluated the way the packed
+    engine does: integer counts first, then one multiply and one add per output, so that
+    signs of y (the bits the next layer sees) agree exactly with the engine's.
+    backward: dL/dx = dL/dy @ Wb;  dL/dW = (dL/dy^T x) * 1[|Wc| <= 1];  dL/db = sum dL/dy
+    (the gradients of F.linear with `binarize_weight`).
+    """
+    return _BinaryLinear.apply(x, w, bias)
+
+
 def weight_scale_and_signs(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(alpha [rows], signs [rows, cols] in {-1,+1}) of `binarize_weight`, for export."""
     alpha = w.abs().mean(dim=-1)
