@@ -110,11 +110,12 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, seed: in
     packed = load_packed(packed_path, threads=threads)
     tokenizer = AutoTokenizer.from_pretrained(student_out / "best")
     student = BiBertForSequenceClassification.from_pretrained(student_out / "best").eval()
-    checks = {split: packed_vs_student(packed, student, tokenizer, task, split) for split in ("dev", "test")}
+    examples = {split: load_examples(task, split) for split in ("dev", "test")}
+    checks = {split: packed_vs_student(packed, student, tokenizer, task, ex) for split, ex in examples.items()}
     for split, c in checks.items():
         print(f"{split}: packed {100 * c['packed']:.2f} vs simulated {100 * c['student']:.2f} "
               f"({100 * c['agreement']:.2f}% identical predictions, {c['packed_seconds']:.1f} s packed)")
-    texts = [e.text_a for e in load_examples(task, "test")]
+    texts = [e.text_a for e in examples["test"]]
 
     _stage("5/5 latency, one sentence at a time")
     teacher_model = load_hf_classifier(str(teacher_out / "best")).eval()
@@ -153,14 +154,13 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, seed: in
     return summary
 
 
-def packed_vs_student(packed, student, tokenizer, task, split: str) -> dict:
-    """Accuracy of the packed engine and of the simulated student on `split`, and how often
-    their predictions agree (the engine is meant to compute the student's function)."""
-    from .data import build_dataset, load_examples, make_dataloader
+def packed_vs_student(packed, student, tokenizer, task, examples: list) -> dict:
+    """Accuracy of the packed engine and of the simulated student on labeled `examples`, and
+    how often their predictions agree (the engine is meant to compute the student's function)."""
+    from .data import build_dataset, make_dataloader
     from .evaluate import predict
     from .tasks import compute_metrics
 
-    examples = load_examples(task, split)
     gold = np.array([e.label for e in examples])
     t0 = time.perf_counter()
     pred = packed.predict([e.text_a for e in examples], None if not task.is_pair else [e.text_b for e in examples],

@@ -69,13 +69,17 @@ def bool_ste(x: torch.Tensor) -> torch.Tensor:
     return _BoolSTE.apply(x)
 
 
+def _scale_and_centred(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha = mean_i |W[o,i]| per row, Wc = W - row mean): the two halves of the binarizer."""
+    return w.abs().mean(dim=-1), w - w.mean(dim=-1, keepdim=True)
+
+
 class _RowBinarize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w):
-        alpha = w.abs().mean(dim=-1, keepdim=True)
-        centred = w - w.mean(dim=-1, keepdim=True)
+        alpha, centred = _scale_and_centred(w)
         ctx.save_for_backward(centred)
-        return alpha * sign(centred)
+        return alpha[..., None] * sign(centred)
 
     @staticmethod
     def backward(ctx, grad):
@@ -97,8 +101,7 @@ def binarize_weight(w: torch.Tensor) -> torch.Tensor:
 class _BinaryLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, bias):
-        alpha = w.abs().mean(dim=-1)  # (out,)
-        centred = w - w.mean(dim=-1, keepdim=True)
+        alpha, centred = _scale_and_centred(w)  # (out,), (out, in)
         signs = sign(centred)
         ctx.save_for_backward(x, centred, alpha, signs)
         counts = torch.nn.functional.linear(x, signs)  # integer-valued for +-1 inputs: exact in float
@@ -127,8 +130,8 @@ def binary_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch
 
 def weight_scale_and_signs(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(alpha [rows], signs [rows, cols] in {-1,+1}) of `binarize_weight`, for export."""
-    alpha = w.abs().mean(dim=-1)
-    return alpha, sign(w - w.mean(dim=-1, keepdim=True))
+    alpha, centred = _scale_and_centred(w)
+    return alpha, sign(centred)
 
 
 class _UniformSTE(torch.autograd.Function):
