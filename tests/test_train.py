@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -16,7 +17,7 @@ from bibert import BiBertForSequenceClassification, QuantConfig
 from bibert.checkpoint import recover_folder, write_folder_atomically
 from bibert.cli import main as cli_main
 from bibert.errors import BibertError
-from bibert.train import TrainConfig, distill, finetune, finetune_and_distill, resolve_config
+from bibert.train import TrainConfig, distill, finetune, finetune_and_distill, group_by_length, resolve_config
 
 # a few dozen real Rotten Tomatoes snippets, short sequences: seconds per run
 SLICE = dict(max_train_examples=48, max_eval_examples=16, batch_size=8, max_length=24, log_every=1)
@@ -103,8 +104,9 @@ def crash_at(step):
     return hook
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_teacher, tmp_path):
-    opts = dict(max_steps=10, eval_every=4, save_every=3, **SLICE)
+@pytest.mark.parametrize("grouped", [False, True])
+def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_teacher, tmp_path, grouped):
+    opts = dict(max_steps=10, eval_every=4, save_every=3, group_by_length=grouped, **SLICE)
     distill(tiny_teacher, "rotten_tomatoes", tmp_path / "a", **opts)
     with pytest.raises(Crash):  # dies after step 7: the last state is step 6, steps 7.. are redone
         distill(tiny_teacher, "rotten_tomatoes", tmp_path / "b", hooks=[crash_at(7)], **opts)
@@ -200,6 +202,34 @@ def test_cli_reports_errors_with_status_2(tiny_teacher, tmp_path, capsys):
     assert code == 2 and "unsupported activation_bits=7" in capsys.readouterr().err
     code = cli_main(["finetune", "--model", tiny_teacher, "--task", "nope", "--out", str(tmp_path / "c")])
     assert code == 2 and "unknown task 'nope'" in capsys.readouterr().err
+
+
+def test_group_by_length_keeps_every_example_and_cuts_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 64, size=1003)
+    order = [int(i) for i in rng.permutation(1003)]
+    grouped = group_by_length(order, lengths, 16, seed=5)
+    assert sorted(grouped) == list(range(1003))  # a permutation: each example once per epoch
+    assert grouped == group_by_length(order, lengths, 16, seed=5)  # deterministic (resume)
+    assert grouped != group_by_length(order, lengths, 16, seed=6)  # reshuffled each epoch
+    batches = [grouped[b:b + 16] for b in range(0, 1003, 16)]
+    assert [len(b) for b in batches[:-1]] == [16] * 62 and len(batches[-1]) == 1003 % 16  # the short batch last
+    assert max(lengths[batches[0]]) == lengths.max()  # peak memory at the first step
+    padded = lambda o: sum(16 * int(max(lengths[o[b:b + 16]])) for b in range(0, 992, 16))  # noqa: E731
+    assert padded(grouped) < 0.75 * padded(order)  # random batches pad to ~the max, grouped ones close to each length
+    # windows of 50 batches: the order across windows stays random
+    firsts = [min(grouped[b:b + 16]) for b in range(0, 992, 16)]
+    assert firsts != sorted(firsts)
+    assert group_by_length([], lengths, 16, seed=0) == []
+
+
+def test_cli_group_by_length_reaches_the_run(tiny_teacher, tmp_path):
+    out = tmp_path / "g"
+    code = cli_main(["distill", "--teacher", tiny_teacher, "--task", "rotten_tomatoes", "--out", str(out),
+                     "--max-steps", "2", "--max-train-examples", "32", "--max-eval-examples", "8",
+                     "--batch-size", "8", "--max-length", "24", "--group-by-length"])
+    assert code == 0
+    assert json.loads((out / "config.json").read_text())["group_by_length"] is True
 
 
 @pytest.mark.slow

@@ -71,6 +71,9 @@ class TrainConfig:
     eval_every / save_every: steps between evaluations (default: once per epoch) and
         between extra training-state checkpoints (default: only at evaluations).
     max_train_examples / max_eval_examples: seeded random slices of the data.
+    group_by_length: batch examples of similar length together (less padding, so faster
+        on CPU: each epoch's shuffled order is cut into windows of 50 batches, each window
+        sorted by length and cut into batches, and the batches shuffled again).
     """
 
     mode: str
@@ -97,6 +100,7 @@ class TrainConfig:
     train_file: str | None = None
     data_dir: str | None = None
     eval_test: bool = False
+    group_by_length: bool = False
     seed: int = 42
     device: str = "auto"
     precision: str = "fp32"
@@ -143,6 +147,37 @@ class TrainConfig:
         if unknown:
             raise BibertError(f"unknown training options: {', '.join(sorted(unknown))}")
         return cls(**d)
+
+
+GROUP_WINDOW = 50  # batches per length-sorted window
+
+
+def group_by_length(order: list[int], lengths, batch_size: int, seed: int) -> list[int]:
+    """`order` rearranged so that each batch_size slice holds examples of similar length.
+
+    The order is cut into windows of GROUP_WINDOW batches; each window is sorted by
+    length (longest first) and cut into batches; the batches of all windows are then
+    shuffled (seeded), except that the batch holding the longest example goes first, so
+    that a run meets its peak memory at once. A permutation of `order`: every example
+    is still seen once per epoch.
+    """
+    window = batch_size * GROUP_WINDOW
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w:w + window], key=lambda i: -int(lengths[i]))
+        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+    if not batches:
+        return []
+    # the last slice of `order` may be short; keep the short batch last so that every
+    # other batch stays full
+    short = [b for b in batches if len(b) < batch_size]
+    full = [b for b in batches if len(b) == batch_size]
+    rng = np.random.default_rng(seed)
+    perm = [full[i] for i in rng.permutation(len(full))]
+    if perm:
+        longest = max(range(len(perm)), key=lambda j: int(lengths[perm[j][0]]))
+        perm[0], perm[longest] = perm[longest], perm[0]
+    return [i for b in perm + short for i in b]
 
 
 def resolve_config(mode: str, model: str, task: str | Task, out: str | os.PathLike, **options) -> TrainConfig:
@@ -472,6 +507,8 @@ class Trainer:
         self.sampler.set_epoch(epoch)
         order = list(self.sampler)
         bs = self.config.batch_size
+        if self.config.group_by_length:
+            order = group_by_length(order, np.diff(self.train_set.offsets), bs, seed=self.config.seed + epoch)
         for b in range(start, self.steps_per_epoch):
             batch = collate_batch([self.train_set[i] for i in order[b * bs:(b + 1) * bs]], self.train_set.pad_token_id)
             yield {k: v.to(self.ctx.device) for k, v in batch.items()}

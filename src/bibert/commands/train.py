@@ -11,7 +11,7 @@ import os
 
 TRAIN_OPTIONS = ("lr", "epochs", "max_length", "batch_size", "max_steps", "weight_decay", "warmup_ratio",
                  "max_grad_norm", "eval_every", "save_every", "log_every", "max_train_examples",
-                 "max_eval_examples", "train_file", "data_dir", "eval_test", "seed", "device", "precision")
+                 "max_eval_examples", "train_file", "data_dir", "eval_test", "group_by_length", "seed", "device", "precision")
 
 
 def _common(p) -> None:
@@ -32,6 +32,8 @@ def _common(p) -> None:
     d.add_argument("--data-dir", help="GLUE folder in the original TSV layout")
     d.add_argument("--max-train-examples", type=int, help="train on a seeded random slice of this size")
     d.add_argument("--max-eval-examples", type=int, help="evaluate on a seeded random slice of this size")
+    d.add_argument("--group-by-length", action="store_true", default=None,
+                   help="batch examples of similar length together: less padding, faster steps (off by default)")
     e = p.add_argument_group("evaluation, checkpoints, hardware")
     e.add_argument("--eval-every", type=int, help="steps between dev evaluations (default: once per epoch)")
     e.add_argument("--save-every", type=int, help="steps between training-state checkpoints (default: at each evaluation)")
