@@ -14,7 +14,7 @@ asan: $(ASAN_LIB)
 
 $(ASAN_LIB): $(CSRC)
 	mkdir -p $(dir $@)
-	gcc -O1 -g -std=gnu11 -fopenmp -fno-strict-aliasing -ffp-contract=off -fPIC -shared \
+	gcc -O1 -g -std=gnu11 -pthread -fno-strict-aliasing -ffp-contract=off -fPIC -shared \
 	    -fsanitize=address -fno-omit-frame-pointer -o $@ $(CSRC)
 
 # Packed engine vs PyTorch (writes benchmarks/results/latency.json and .md).

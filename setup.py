@@ -6,8 +6,8 @@ setup(
         Extension(
             "bibert._bitkernels",
             sources=["src/bibert/csrc/bitkernels.c"],
-            extra_compile_args=["-O3", "-std=gnu11", "-fopenmp", "-fno-strict-aliasing", "-ffp-contract=off"],
-            extra_link_args=["-fopenmp"],
+            extra_compile_args=["-O3", "-std=gnu11", "-pthread", "-fno-strict-aliasing", "-ffp-contract=off"],
+            extra_link_args=["-pthread"],
         )
     ]
 )

@@ -90,7 +90,11 @@ def variants(hf, packed_path: Path, compile_: bool):
     return out
 
 
-def time_interleaved(fns: dict, ids, mask, reps: int, warmup: int = 2) -> dict:
+def time_interleaved(fns: dict, ids, mask, reps: int, warmup: int = 2, pause: float = 0.0) -> dict:
+    """Median and best ms per variant. pause: seconds of idle before each timed call, so
+    that no variant runs while the previous one's threads still spin (PyTorch's OpenMP
+    workers busy-wait for milliseconds after each parallel region): every call starts the
+    way an isolated request would."""
     times = {k: [] for k in fns}
     with torch.inference_mode():
         for _ in range(warmup):
@@ -98,6 +102,8 @@ def time_interleaved(fns: dict, ids, mask, reps: int, warmup: int = 2) -> dict:
                 fn(ids, mask)
         for _ in range(reps):
             for k, fn in fns.items():
+                if pause:
+                    time.sleep(pause)
                 t = time.perf_counter()
                 fn(ids, mask)
                 times[k].append(time.perf_counter() - t)
@@ -148,6 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--pause", type=float, default=0.05,
+                    help="idle seconds before each timed call (lets spinning threads of the previous variant sleep)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     ap.add_argument("--out", type=Path, default=RESULTS / "latency.json")
     args = ap.parse_args(argv)
@@ -159,7 +167,7 @@ def main(argv=None) -> int:
     roofline = kernels.popcount_roofline(1.0)
     result = {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                           "torch": torch.__version__, "kernel": kernels.get_kernel()},
-              "seq": args.seq, "reps": reps, "roofline_tmacs_1thread": round(roofline / 1e12, 3),
+              "seq": args.seq, "reps": reps, "pause": args.pause, "roofline_tmacs_1thread": round(roofline / 1e12, 3),
               "latency": [], "gemm": [], "sizes": {}}
     print(f"kernel {kernels.get_kernel()}; popcount roofline (1 thread) {roofline / 1e12:.3f} T binary MAC/s")
     with tempfile.TemporaryDirectory() as tmp:
@@ -178,7 +186,7 @@ def main(argv=None) -> int:
                     g = torch.Generator().manual_seed(batch)
                     ids = torch.randint(1000, 20000, (batch, args.seq), generator=g)
                     mask = torch.ones_like(ids)
-                    ms, ms_min = time_interleaved(fns, ids, mask, reps)
+                    ms, ms_min = time_interleaved(fns, ids, mask, reps, pause=args.pause if threads > 1 else 0.0)
                     fastest_torch = min(v for k, v in ms.items() if k != "packed")
                     row = {"model": name, "batch": batch, "threads": threads, "ms": {k: round(v, 2) for k, v in ms.items()},
                            "ms_min": {k: round(v, 2) for k, v in ms_min.items()},
@@ -226,7 +234,9 @@ def to_markdown(r: dict) -> str:
                      " | ".join(f"{row['ms'][v]:.2f}" for v in variants_) +
                      f" | {row['speedup_vs_fp32_eager']}x | {row['speedup_vs_fastest_torch']}x |")
     lines += ["", "Medians; the JSON also has the best run of each (`ms_min`). Two-thread rows on a shared "
-              "2-core machine swing with whatever else runs there.", "", "Binary GEMM shapes per layer (one thread, epilogue included):", "",
+              "2-core machine swing with whatever else runs there; each two-thread call starts after "
+              f"{r.get('pause', 0) * 1e3:.0f} ms idle, so that PyTorch's OpenMP workers, which busy-wait after each call, "
+              "do not take a core from the next variant.", "", "Binary GEMM shapes per layer (one thread, epilogue included):", "",
               "| model | shape | M | K | N | output | us | T MAC/s | % of roofline |", "|---|---|---|---|---|---|---|---|---|"]
     for g in r["gemm"]:
         lines.append(f"| {g['model']} | {g['shape']} | {g['M']} | {g['K']} | {g['N']} | {g['output']} | {g['us']} | "

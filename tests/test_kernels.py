@@ -131,3 +131,65 @@ def test_environment_forces_the_path(tmp_path):
     env = {**__import__("os").environ, "BIBERT_KERNEL": "portable", "BIBERT_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["portable", "1"]
+
+
+def _every_kernel(rng_seed: int) -> list[np.ndarray]:
+    """Each parallel kernel on shapes big enough to be split into many chunks."""
+    rng = np.random.default_rng(rng_seed)
+    M, K, N, B, L, heads, d = 200, 300, 130, 3, 70, 4, 24
+    x = random_floats(rng, M, K)
+    alpha, ws = reference.binarize_rows(rng.standard_normal((N, K)).astype(np.float32))
+    bias = rng.standard_normal(N).astype(np.float32)
+    panels = kernels.pack_panels(signs_to_bits(ws))
+    xb = kernels.sign_pack(x)
+    residual = rng.standard_normal((M, N)).astype(np.float32)
+    qkv = kernels.sign_pack(random_floats(rng, B * L, 3 * heads * d))
+    valid = np.arange(L)[None, :] < np.array([[L], [L - 9], [1]])
+    ids = rng.integers(0, 50, size=(B, L))
+    word_bits = kernels.pack_bool(rng.random((50, 300)) < 0.5)
+    ln, ln_bits = kernels.layernorm(x * 3 + 1, rng.standard_normal(K), rng.standard_normal(K), 1e-12, with_bits=True)
+    ctx, counts = kernels.biattention(qkv, (0, heads * d, 2 * heads * d), B, L, heads, d, valid, counts=True)
+    return [xb,
+            kernels.binary_linear(xb, K, panels, N, alpha, bias, residual),
+            kernels.binary_linear(xb, K, panels, N, alpha, bias, out_bits=True),
+            ln, ln_bits, ctx, counts,
+            kernels.embed(ids, np.zeros_like(ids), word_bits, rng.random(50).astype(np.float32),
+                          rng.standard_normal((L, 300)).astype(np.float32),
+                          rng.standard_normal((2, 300)).astype(np.float32))]
+
+
+@pytest.mark.parametrize("threads", [2, 3, 7])
+def test_thread_pool_gives_the_one_thread_result(path, threads):
+    """More threads than cores included: chunks are claimed dynamically, so a worker that is
+    descheduled only delays the chunk it holds; results must not depend on who ran what."""
+    before = kernels.get_threads()
+    try:
+        kernels.set_threads(1)
+        expected = _every_kernel(0)
+        kernels.set_threads(threads)
+        for _ in range(5):  # repeated: a race would show as a sporadic difference
+            for got, want in zip(_every_kernel(0), expected):
+                np.testing.assert_array_equal(got, want)
+        kernels.set_threads(2)  # the pool is rebuilt when the count changes
+        for got, want in zip(_every_kernel(0), expected):
+            np.testing.assert_array_equal(got, want)
+    finally:
+        kernels.set_threads(before)
+
+
+def test_thread_pool_survives_fork():
+    """A forked child (e.g. a DataLoader worker) has none of the parent's workers: it must
+    start its own, not wait for threads that do not exist."""
+    import multiprocessing as mp
+
+    before = kernels.get_threads()
+    kernels.set_threads(3)
+    try:
+        expected = _every_kernel(1)  # the pool is running in the parent now
+        ctx = mp.get_context("fork")
+        with ctx.Pool(1) as pool:
+            got = pool.apply_async(_every_kernel, (1,)).get(timeout=120)
+        for g, w in zip(got, expected):
+            np.testing.assert_array_equal(g, w)
+    finally:
+        kernels.set_threads(before)

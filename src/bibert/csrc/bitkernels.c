@@ -20,14 +20,21 @@
  *                       has the instruction)
  * Both perform the same float operations in the same order (the build turns FMA
  * contraction off), so their outputs are bit-identical.
+ *
+ * Threads: a small pool of our own (bb_parallel_for below), not OpenMP. Work is handed out
+ * in chunks from a shared counter and the calling thread takes part, so a worker that the
+ * OS has descheduled (another process on the core) delays a kernel by at most the one chunk
+ * it holds, never by a barrier; idle workers spin briefly, then sleep on a condition
+ * variable. Every output element is computed by exactly one chunk with the same code, so
+ * results do not depend on the thread count.
  */
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define BB_X86 1
@@ -35,7 +42,7 @@
 #define BB_X86 0
 #endif
 
-#define BB_ABI_VERSION 6
+#define BB_ABI_VERSION 7
 #define BB_PANEL 32
 #define BB_MR 6
 
@@ -85,14 +92,174 @@ int bb_get_threads(void) { return g_threads; }
 
 static inline int64_t words_of(int64_t bits) { return (bits + 63) >> 6; }
 
-/* threads for a kernel's parallel region: one when already inside a parallel region (the
- * batch-parallel encoder runs whole sequences per thread) */
-static inline int team(void) {
-#ifdef _OPENMP
-    return omp_in_parallel() ? 1 : g_threads;
-#else
-    return 1;
+/* ------------------------------------------------------------------------------------ */
+/* thread pool                                                                           */
+
+/* body(ctx, lo, hi, tid): items [lo, hi) of a parallel loop, on thread tid (0 = caller). */
+typedef void (*bb_body)(void *ctx, int64_t lo, int64_t hi, int tid);
+
+#define BB_SPIN 20000          /* idle polls before a worker sleeps (a few tens of us) */
+#define BB_CHUNK_BITS 20       /* the job word: generation | chunk count | next chunk */
+#define BB_MAX_CHUNKS ((1 << BB_CHUNK_BITS) - 1)
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    pthread_t *threads;
+    int nworkers;              /* started workers (the team is nworkers + the caller) */
+    int stop;
+    _Atomic int sleepers;
+    _Atomic uint64_t job;      /* gen << 40 | nchunks << 20 | next */
+    _Atomic int64_t done;      /* chunks finished in the current job */
+    /* the current job; stable while any of its chunks is unclaimed or running */
+    bb_body body;
+    void *ctx;
+    int64_t n, grain;
+} P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0, 0, 0, 0, NULL, NULL, 0, 0};
+
+static _Thread_local int tl_in_job; /* nested parallel loops run serially */
+static uint64_t g_gen;             /* last generation published (caller side) */
+
+static inline void cpu_relax(void) {
+#if BB_X86
+    __builtin_ia32_pause();
 #endif
+}
+
+static inline uint32_t job_gen(uint64_t j) { return (uint32_t)(j >> 40); }
+
+/* Claims and runs chunks of generation `gen` until none is left. */
+static void run_chunks(uint32_t gen, int tid) {
+    uint64_t j = atomic_load_explicit(&P.job, memory_order_acquire);
+    for (;;) {
+        if (job_gen(j) != gen) return;
+        uint64_t next = j & BB_MAX_CHUNKS, total = (j >> BB_CHUNK_BITS) & BB_MAX_CHUNKS;
+        if (next >= total) return;
+        if (!atomic_compare_exchange_weak_explicit(&P.job, &j, j + 1, memory_order_acq_rel, memory_order_acquire))
+            continue;
+        /* a claimed chunk keeps the job alive (the caller waits for it): its fields are stable */
+        int64_t lo = (int64_t)next * P.grain, hi = lo + P.grain < P.n ? lo + P.grain : P.n;
+        P.body(P.ctx, lo, hi, tid);
+        atomic_fetch_add_explicit(&P.done, 1, memory_order_release);
+        j = atomic_load_explicit(&P.job, memory_order_acquire);
+    }
+}
+
+static void *worker_main(void *arg) {
+    int tid = (int)(intptr_t)arg;
+    uint32_t seen = job_gen(atomic_load(&P.job));
+    tl_in_job = 1;
+    for (;;) {
+        int spins = 0;
+        uint64_t j;
+        while (job_gen(j = atomic_load_explicit(&P.job, memory_order_acquire)) == seen) {
+            if (++spins < BB_SPIN) {
+                cpu_relax();
+                continue;
+            }
+            pthread_mutex_lock(&P.mu);
+            atomic_fetch_add(&P.sleepers, 1);
+            while (job_gen(atomic_load(&P.job)) == seen && !P.stop) pthread_cond_wait(&P.cv, &P.mu);
+            atomic_fetch_sub(&P.sleepers, 1);
+            int stop = P.stop;
+            pthread_mutex_unlock(&P.mu);
+            if (stop) return NULL;
+            spins = 0;
+        }
+        seen = job_gen(j);
+        run_chunks(seen, tid);
+    }
+}
+
+static void pool_stop(void) {
+    if (!P.nworkers) return;
+    pthread_mutex_lock(&P.mu);
+    P.stop = 1;
+    pthread_cond_broadcast(&P.cv);
+    pthread_mutex_unlock(&P.mu);
+    for (int i = 0; i < P.nworkers; i++) pthread_join(P.threads[i], NULL);
+    free(P.threads);
+    P.threads = NULL;
+    P.nworkers = 0;
+    P.stop = 0;
+}
+
+/* after fork() only the calling thread exists: forget the parent's workers */
+static void pool_after_fork(void) {
+    P.threads = NULL;
+    P.nworkers = 0;
+    P.stop = 0;
+    atomic_store(&P.sleepers, 0);
+    pthread_mutex_init(&P.mu, NULL);
+    pthread_cond_init(&P.cv, NULL);
+}
+
+/* g_threads - 1 workers; returns the team size actually available */
+static int pool_ensure(void) {
+    static int fork_hook;
+    if (!fork_hook) {
+        pthread_atfork(NULL, NULL, pool_after_fork);
+        fork_hook = 1;
+    }
+    if (P.nworkers == g_threads - 1) return g_threads;
+    pool_stop();
+    int want = g_threads - 1;
+    P.threads = (pthread_t *)calloc((size_t)want, sizeof(pthread_t));
+    if (!P.threads) return 1;
+    for (int i = 0; i < want; i++) {
+        if (pthread_create(&P.threads[i], NULL, worker_main, (void *)(intptr_t)(i + 1))) break;
+        P.nworkers++;
+    }
+    return P.nworkers + 1;
+}
+
+/* Threads a kernel may use right now: 1 inside another parallel loop. */
+static inline int team(void) { return tl_in_job ? 1 : g_threads; }
+
+/* Runs body over [0, n) in chunks of `grain` items on the pool (serially when the team is
+ * one thread, when nested, or when there is a single chunk). Not reentrant from several
+ * outside threads at once: the engine is driven by one caller at a time. */
+static void bb_parallel_for(int64_t n, int64_t grain, bb_body body, void *ctx) {
+    if (n <= 0) return;
+    if (grain < 1) grain = 1;
+    if (n / grain > BB_MAX_CHUNKS) grain = (n + BB_MAX_CHUNKS - 1) / BB_MAX_CHUNKS;
+    int64_t nchunks = (n + grain - 1) / grain;
+    if (team() == 1 || nchunks == 1 || pool_ensure() == 1) {
+        int nested = tl_in_job;
+        tl_in_job = 1;
+        body(ctx, 0, n, 0);
+        tl_in_job = nested;
+        return;
+    }
+    P.body = body;
+    P.ctx = ctx;
+    P.n = n;
+    P.grain = grain;
+    atomic_store_explicit(&P.done, 0, memory_order_relaxed);
+    g_gen = (g_gen + 1) & 0xFFFFFF;
+    atomic_store(&P.job, (uint64_t)g_gen << 40 | (uint64_t)nchunks << BB_CHUNK_BITS); /* seq_cst: pairs with sleepers */
+    if (atomic_load(&P.sleepers) > 0) {
+        pthread_mutex_lock(&P.mu);
+        pthread_cond_broadcast(&P.cv);
+        pthread_mutex_unlock(&P.mu);
+    }
+    tl_in_job = 1;
+    run_chunks((uint32_t)g_gen, 0);
+    tl_in_job = 0;
+    /* wait for the chunks other threads hold; yield so a descheduled holder can finish */
+    for (int spins = 0; atomic_load_explicit(&P.done, memory_order_acquire) < nchunks; spins++) {
+        if (spins < 1000)
+            cpu_relax();
+        else
+            sched_yield();
+    }
+}
+
+/* grain for row loops: at least `min_work` units of work per chunk, one chunk when small */
+static inline int64_t rows_grain(int64_t rows, int64_t work_per_row, int64_t min_work) {
+    if (rows * work_per_row <= 2 * min_work) return rows > 0 ? rows : 1;
+    int64_t g = (min_work + work_per_row - 1) / work_per_row;
+    return g < 1 ? 1 : g;
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -163,19 +330,30 @@ static void sign_pack_row_avx512(const float *x, int64_t K, uint64_t *out) {
 }
 #endif
 
-void bb_sign_pack(const float *x, int64_t M, int64_t K, int64_t ldx, uint64_t *out, int64_t ldo) {
-    int avx512 = bb_get_kernel() == BB_KERNEL_AVX512;
-#pragma omp parallel for num_threads(team()) schedule(static) if (M * K > 32768)
-    for (int64_t m = 0; m < M; m++) {
+typedef struct {
+    const float *x;
+    int64_t K, ldx, ldo;
+    uint64_t *out;
+    int avx512;
+} sign_pack_args;
+
+static void sign_pack_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
+    const sign_pack_args *g = (const sign_pack_args *)ctx;
+    for (int64_t m = lo; m < hi; m++) {
 #if BB_X86
-        if (avx512)
-            sign_pack_row_avx512(x + m * ldx, K, out + m * ldo);
+        if (g->avx512)
+            sign_pack_row_avx512(g->x + m * g->ldx, g->K, g->out + m * g->ldo);
         else
 #endif
-            sign_pack_row_portable(x + m * ldx, K, out + m * ldo);
-        for (int64_t w = words_of(K); w < ldo; w++) out[m * ldo + w] = 0;
+            sign_pack_row_portable(g->x + m * g->ldx, g->K, g->out + m * g->ldo);
+        for (int64_t w = words_of(g->K); w < g->ldo; w++) g->out[m * g->ldo + w] = 0;
     }
-    (void)avx512;
+    (void)tid;
+}
+
+void bb_sign_pack(const float *x, int64_t M, int64_t K, int64_t ldx, uint64_t *out, int64_t ldo) {
+    sign_pack_args g = {x, K, ldx, ldo, out, bb_get_kernel() == BB_KERNEL_AVX512};
+    bb_parallel_for(M, rows_grain(M, K, 16384), sign_pack_rows, &g);
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -340,6 +518,40 @@ static linear_fn pick_linear(void) {
     return linear_portable_generic;
 }
 
+typedef struct {
+    const linear_args *g;
+    linear_fn fn;
+    int64_t np, nb, chunk_blocks;
+} linear_job;
+
+/* float output: row blocks [lo, hi), every panel of each */
+static void linear_float_blocks(void *ctx, int64_t lo, int64_t hi, int tid) {
+    const linear_job *j = (const linear_job *)ctx;
+    int64_t M = j->g->M;
+    for (int64_t b = lo; b < hi; b++) {
+        int64_t r0 = b * BB_MR;
+        int mr = M - r0 < BB_MR ? (int)(M - r0) : BB_MR;
+        for (int64_t p = 0; p < j->np; p++) j->fn(j->g, r0, mr, p);
+    }
+    (void)tid;
+}
+
+/* bit output: tiles t = (row chunk, panel), the chunk's row blocks against one panel */
+static void linear_bit_tiles(void *ctx, int64_t lo, int64_t hi, int tid) {
+    const linear_job *j = (const linear_job *)ctx;
+    int64_t M = j->g->M;
+    for (int64_t t = lo; t < hi; t++) {
+        int64_t c = t / j->np, p = t % j->np;
+        int64_t b_end = (c + 1) * j->chunk_blocks < j->nb ? (c + 1) * j->chunk_blocks : j->nb;
+        for (int64_t b = c * j->chunk_blocks; b < b_end; b++) {
+            int64_t r0 = b * BB_MR;
+            int mr = M - r0 < BB_MR ? (int)(M - r0) : BB_MR;
+            j->fn(j->g, r0, mr, p);
+        }
+    }
+    (void)tid;
+}
+
 /* y = alpha * (K - 2 popcount(a XOR w)) + bias [+ residual] into `out` [M, N], evaluated as
  * c0 + c1 * popcount (bb_float_epilogue); or, with out_bits, the bits (y < 0) into out_bits
  * [M, ldo] (whole words of each row rewritten), decided exactly by the integer thresholds
@@ -360,12 +572,8 @@ void bb_linear(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint6
         /* float output: row blocks outer, so each block's output rows are written contiguously
          * while the weight panels stream from L2 (measured faster than the chunked order below,
          * which suits the bit output) */
-#pragma omp parallel for num_threads(team()) schedule(dynamic, 1)
-        for (int64_t b = 0; b < nb; b++) {
-            int64_t r0 = b * BB_MR;
-            int mr = M - r0 < BB_MR ? (int)(M - r0) : BB_MR;
-            for (int64_t p = 0; p < np; p++) fn(&g, r0, mr, p);
-        }
+        linear_job job = {&g, fn, np, nb, 0};
+        bb_parallel_for(nb, 1, linear_float_blocks, &job);
         return;
     }
     /* bit output: rows in chunks whose activation bits stay in L1 (~16 KiB); within a chunk,
@@ -374,16 +582,8 @@ void bb_linear(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint6
     if (chunk_blocks < 1) chunk_blocks = 1;
     if (chunk_blocks > nb) chunk_blocks = nb;
     int64_t nc = (nb + chunk_blocks - 1) / chunk_blocks;
-#pragma omp parallel for num_threads(team()) collapse(2) schedule(dynamic, 1)
-    for (int64_t c = 0; c < nc; c++)
-        for (int64_t p = 0; p < np; p++) {
-            int64_t b_end = (c + 1) * chunk_blocks < nb ? (c + 1) * chunk_blocks : nb;
-            for (int64_t b = c * chunk_blocks; b < b_end; b++) {
-                int64_t r0 = b * BB_MR;
-                int mr = M - r0 < BB_MR ? (int)(M - r0) : BB_MR;
-                fn(&g, r0, mr, p);
-            }
-        }
+    linear_job job = {&g, fn, np, nb, chunk_blocks};
+    bb_parallel_for(nc * np, 1, linear_bit_tiles, &job);
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -511,11 +711,24 @@ BB_AVX512 static void layernorm_row_avx512(const float *x, int64_t H, const floa
 #endif
 
 /* out = LayerNorm(x) per row (out may alias x); out_bits (if not NULL) = sign bits of out. */
-void bb_layernorm(const float *x, int64_t M, int64_t H, const float *g, const float *b, float eps, float *out,
-                  uint64_t *out_bits, int64_t ldo) {
-    int kernel = bb_get_kernel();
-#pragma omp parallel for num_threads(team()) schedule(static) if (M * H > 16384)
-    for (int64_t m = 0; m < M; m++) {
+typedef struct {
+    const float *x, *g, *b;
+    int64_t H, ldo;
+    float eps;
+    float *out;
+    uint64_t *out_bits;
+    int kernel;
+} layernorm_args;
+
+static void layernorm_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
+    const layernorm_args *a = (const layernorm_args *)ctx;
+    const float *x = a->x, *g = a->g, *b = a->b;
+    int64_t H = a->H, ldo = a->ldo;
+    float eps = a->eps, *out = a->out;
+    uint64_t *out_bits = a->out_bits;
+    int kernel = a->kernel;
+    (void)tid;
+    for (int64_t m = lo; m < hi; m++) {
 #if BB_X86
         if (kernel == BB_KERNEL_AVX512) {
             layernorm_row_avx512(x + m * H, H, g, b, eps, out + m * H);
@@ -529,6 +742,13 @@ void bb_layernorm(const float *x, int64_t M, int64_t H, const float *g, const fl
         if (out_bits)
             for (int64_t w = words_of(H); w < ldo; w++) out_bits[m * ldo + w] = 0;
     }
+    (void)kernel;
+}
+
+void bb_layernorm(const float *x, int64_t M, int64_t H, const float *g, const float *b, float eps, float *out,
+                  uint64_t *out_bits, int64_t ldo) {
+    layernorm_args a = {x, g, b, H, ldo, eps, out, out_bits, bb_get_kernel()};
+    bb_parallel_for(M, rows_grain(M, H, 8192), layernorm_rows, &a);
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -558,12 +778,25 @@ BB_AVX512 static void embed_row_avx512(const uint64_t *wb, float al, const float
 #endif
 
 /* out[m] = (word[ids[m]] + type[type_ids[m]]) + pos[m % L]; ids are checked by the caller. */
-void bb_embed(const int64_t *ids, const int64_t *type_ids, int64_t M, int64_t L, const uint64_t *word_bits,
-              const float *word_alpha, const float *pos, const float *type, int64_t H, float *out) {
-    int64_t hw = words_of(H);
-    int avx512 = bb_get_kernel() == BB_KERNEL_AVX512;
-#pragma omp parallel for num_threads(team()) schedule(static) if (M * H > 32768)
-    for (int64_t m = 0; m < M; m++) {
+typedef struct {
+    const int64_t *ids, *type_ids;
+    int64_t L, H;
+    const uint64_t *word_bits;
+    const float *word_alpha, *pos, *type;
+    float *out;
+    int avx512;
+} embed_args;
+
+static void embed_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
+    const embed_args *a = (const embed_args *)ctx;
+    const int64_t *ids = a->ids, *type_ids = a->type_ids;
+    int64_t L = a->L, H = a->H, hw = words_of(a->H);
+    const uint64_t *word_bits = a->word_bits;
+    const float *word_alpha = a->word_alpha, *pos = a->pos, *type = a->type;
+    float *out = a->out;
+    int avx512 = a->avx512;
+    (void)tid;
+    for (int64_t m = lo; m < hi; m++) {
         const uint64_t *wb = word_bits + ids[m] * hw;
         const float *t = type + type_ids[m] * H, *p = pos + (m % L) * H;
 #if BB_X86
@@ -575,6 +808,12 @@ void bb_embed(const int64_t *ids, const int64_t *type_ids, int64_t M, int64_t L,
         embed_row_portable(wb, word_alpha[ids[m]], t, p, H, out + m * H);
     }
     (void)avx512;
+}
+
+void bb_embed(const int64_t *ids, const int64_t *type_ids, int64_t M, int64_t L, const uint64_t *word_bits,
+              const float *word_alpha, const float *pos, const float *type, int64_t H, float *out) {
+    embed_args a = {ids, type_ids, L, H, word_bits, word_alpha, pos, type, out, bb_get_kernel() == BB_KERNEL_AVX512};
+    bb_parallel_for(M, rows_grain(M, H, 16384), embed_rows, &a);
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -693,6 +932,67 @@ static attn_fn pick_attn(void) {
     return attn_row_portable_generic;
 }
 
+typedef struct {
+    attn_args *g;
+    const uint64_t *qkv;
+    int64_t ldq, q_off, k_off, v_off;
+    attn_fn fn;
+    uint64_t *scratch;      /* [threads, scratch_words] */
+    int64_t scratch_words;
+} attn_job;
+
+static void attn_gather_heads(void *ctx, int64_t lo, int64_t hi, int tid) {
+    const attn_job *j = (const attn_job *)ctx;
+    const attn_args *g = j->g;
+    int64_t H = g->H, L = g->L, d = g->d;
+    (void)tid;
+    for (int64_t bh = lo; bh < hi; bh++) {
+        int64_t b = bh / H, h = bh % H;
+        uint64_t *qh = (uint64_t *)g->q + bh * L * g->dw, *kh = (uint64_t *)g->kt + bh * g->dw * g->lp;
+        uint64_t *vh = (uint64_t *)g->vt + bh * g->lw * g->dp;
+        memset(kh, 0, (size_t)(g->dw * g->lp) * 8);
+        memset(vh, 0, (size_t)(g->lw * g->dp) * 8);
+        for (int64_t i = 0; i < L; i++) {
+            const uint64_t *row = j->qkv + (b * L + i) * j->ldq;
+            for (int64_t x = 0; x < g->dw; x++) {
+                int nb = d - 64 * x >= 64 ? 64 : (int)(d - 64 * x);
+                qh[i * g->dw + x] = get_bits64(row, j->q_off + h * d + 64 * x, nb);
+                kh[x * g->lp + i] = get_bits64(row, j->k_off + h * d + 64 * x, nb);
+            }
+        }
+        uint64_t blk[64];
+        for (int64_t w = 0; w < g->lw; w++)
+            for (int64_t x = 0; x < g->dw; x++) {
+                int nb = d - 64 * x >= 64 ? 64 : (int)(d - 64 * x);
+                for (int t = 0; t < 64; t++) {
+                    int64_t r = 64 * w + t;
+                    blk[t] = r < L ? get_bits64(j->qkv + (b * L + r) * j->ldq, j->v_off + h * d + 64 * x, nb) : 0;
+                }
+                transpose64(blk);
+                for (int c = 0; c < nb; c++) vh[w * g->dp + 64 * x + c] = blk[c];
+            }
+    }
+}
+
+static void attn_query_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
+    const attn_job *j = (const attn_job *)ctx;
+    const attn_args *g = j->g;
+    int64_t H = g->H, L = g->L, d = g->d, ldo = g->ldo;
+    uint64_t *ba = j->scratch + tid * j->scratch_words, *cb = ba + g->lw;
+    for (int64_t r = lo; r < hi; r++) {
+        int64_t b = r / L, i = r % L;
+        uint64_t *orow = g->out + r * ldo;
+        for (int64_t x = 0; x < ldo; x++) orow[x] = 0;
+        for (int64_t h = 0; h < H; h++) {
+            j->fn(g, b * H + h, i, ba, cb, g->counts ? g->counts + r * H * d + h * d : NULL);
+            for (int64_t x = 0; x < g->dw; x++) {
+                int nb = d - 64 * x >= 64 ? 64 : (int)(d - 64 * x);
+                or_bits64(orow, h * d + 64 * x, nb, cb[x]);
+            }
+        }
+    }
+}
+
 /* Bi-Attention of B sequences of L rows. qkv: bit rows [B*L, ldq] holding Q, K and V
  * (hidden = H*d bits each) at bit offsets q_off, k_off, v_off. valid: [B, ceil(L/64)] key
  * bits (1 = real token). out: context sign bits [B*L, ldo], bit h*d+c of row = (count < 0).
@@ -712,64 +1012,21 @@ int bb_biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_of
     uint64_t *qb = buf, *kb = buf + nq, *vb = buf + nq + nk;
     g.q = qb; g.kt = kb; g.vt = vb; g.valid = valid; g.out = out; g.ldo = ldo; g.counts = counts;
 
+    attn_job job = {&g, qkv, ldq, q_off, k_off, v_off, pick_attn(), NULL, (g.lw + g.dw + 7) / 8 * 8};
     /* phase 1: per (b, h), gather the head's bits into the layouts above */
-#pragma omp parallel for num_threads(team()) schedule(static)
-    for (int64_t bh = 0; bh < B * H; bh++) {
-        int64_t b = bh / H, h = bh % H;
-        uint64_t *qh = qb + bh * L * g.dw, *kh = kb + bh * g.dw * g.lp, *vh = vb + bh * g.lw * g.dp;
-        memset(kh, 0, (size_t)(g.dw * g.lp) * 8);
-        memset(vh, 0, (size_t)(g.lw * g.dp) * 8);
-        for (int64_t i = 0; i < L; i++) {
-            const uint64_t *row = qkv + (b * L + i) * ldq;
-            for (int64_t x = 0; x < g.dw; x++) {
-                int nb = d - 64 * x >= 64 ? 64 : (int)(d - 64 * x);
-                qh[i * g.dw + x] = get_bits64(row, q_off + h * d + 64 * x, nb);
-                kh[x * g.lp + i] = get_bits64(row, k_off + h * d + 64 * x, nb);
-            }
-        }
-        uint64_t blk[64];
-        for (int64_t w = 0; w < g.lw; w++)
-            for (int64_t x = 0; x < g.dw; x++) {
-                int nb = d - 64 * x >= 64 ? 64 : (int)(d - 64 * x);
-                for (int t = 0; t < 64; t++) {
-                    int64_t j = 64 * w + t;
-                    blk[t] = j < L ? get_bits64(qkv + (b * L + j) * ldq, v_off + h * d + 64 * x, nb) : 0;
-                }
-                transpose64(blk);
-                for (int c = 0; c < nb; c++) vh[w * g.dp + 64 * x + c] = blk[c];
-            }
+    bb_parallel_for(B * H, 1, attn_gather_heads, &job);
+    /* phase 2: per query row, every head; each row of `out` is written by one chunk. Scratch
+     * per thread, each on its own cache lines. */
+    int nthreads = team();
+    job.scratch = (uint64_t *)aligned_alloc(64, (size_t)(nthreads * job.scratch_words) * 8);
+    if (!job.scratch) {
+        free(buf);
+        return -1;
     }
-
-    /* phase 2: per query row, every head; each row of `out` is written by one thread */
-    attn_fn fn = pick_attn();
-    int failed = 0;
-#pragma omp parallel num_threads(team())
-    {
-        /* per-thread scratch on its own cache lines */
-        uint64_t *ba = (uint64_t *)aligned_alloc(64, (size_t)((g.lw + g.dw + 7) / 8) * 64);
-        uint64_t *cb = ba + g.lw;
-        if (!ba) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(dynamic, 4)
-        for (int64_t r = 0; r < B * L; r++) {
-            if (!ba) continue;
-            int64_t b = r / L, i = r % L;
-            uint64_t *orow = out + r * ldo;
-            for (int64_t x = 0; x < ldo; x++) orow[x] = 0;
-            for (int64_t h = 0; h < H; h++) {
-                fn(&g, b * H + h, i, ba, cb, counts ? counts + r * H * d + h * d : NULL);
-                for (int64_t x = 0; x < g.dw; x++) {
-                    int nb = d - 64 * x >= 64 ? 64 : (int)(d - 64 * x);
-                    or_bits64(orow, h * d + 64 * x, nb, cb[x]);
-                }
-            }
-        }
-        free(ba);
-    }
+    bb_parallel_for(B * L, 4, attn_query_rows, &job);
+    free(job.scratch);
     free(buf);
-    return failed ? -1 : 0;
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -816,6 +1073,30 @@ static int encoder_rows(const bb_layer *layers, int64_t n_layers, int64_t B, int
     return 0;
 }
 
+typedef struct {
+    const bb_layer *layers;
+    int64_t n_layers, L, H, heads, I;
+    float eps;
+    const uint64_t *valid;
+    float *x;
+    uint64_t *xb;
+    float *hidden;
+    int64_t hidden_stride, lw, hw;
+    _Atomic int failed;
+} encoder_job;
+
+/* sequences [lo, hi), each a whole forward on one thread */
+static void encoder_sequences(void *ctx, int64_t lo, int64_t hi, int tid) {
+    encoder_job *j = (encoder_job *)ctx;
+    int64_t L = j->L, H = j->H;
+    (void)tid;
+    for (int64_t b = lo; b < hi; b++)
+        if (encoder_rows(j->layers, j->n_layers, 1, L, H, j->heads, j->I, j->eps, j->valid + b * j->lw,
+                         j->x + b * L * H, j->xb + b * L * j->hw, j->hidden ? j->hidden + b * L * H : NULL,
+                         j->hidden_stride))
+            atomic_store(&j->failed, 1);
+}
+
 /* Runs n_layers encoder layers on x [B*L, H] (float, updated in place) with its sign bits
  * xb [B*L, words(H)] (updated too). valid: [B, words(L)] key bits. hidden (optional):
  * [n_layers, B*L, H] receives every layer's output. With at least as many sequences as
@@ -827,14 +1108,7 @@ int bb_encoder(const bb_layer *layers, int64_t n_layers, int64_t B, int64_t L, i
     int64_t M = B * L, hw = words_of(H), lw = words_of(L);
     if (g_threads == 1 || B < g_threads)
         return encoder_rows(layers, n_layers, B, L, H, heads, I, eps, valid, x, xb, hidden, M * H);
-    int failed = 0;
-#pragma omp parallel for num_threads(g_threads) schedule(dynamic, 1)
-    for (int64_t b = 0; b < B; b++) {
-        if (encoder_rows(layers, n_layers, 1, L, H, heads, I, eps, valid + b * lw, x + b * L * H, xb + b * L * hw,
-                         hidden ? hidden + b * L * H : NULL, M * H)) {
-#pragma omp atomic write
-            failed = 1;
-        }
-    }
-    return failed ? -1 : 0;
+    encoder_job job = {layers, n_layers, L, H, heads, I, eps, valid, x, xb, hidden, M * H, lw, hw, 0};
+    bb_parallel_for(B, 1, encoder_sequences, &job);
+    return atomic_load(&job.failed) ? -1 : 0;
 }

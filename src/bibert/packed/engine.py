@@ -239,7 +239,7 @@ class PackedModel:
 
 
 def load_packed(path: str | os.PathLike, threads: int | None = None, kernel: str | None = None) -> PackedModel:
-    """Load a packed model file. threads: OpenMP threads of the kernels (default: the
+    """Load a packed model file. threads: threads of the kernels' pool (default: the
     environment's BIBERT_THREADS or every core); kernel: "auto", "avx512" or "portable"
     (default: BIBERT_KERNEL or auto). Both settings are process-wide."""
     kernels.lib()

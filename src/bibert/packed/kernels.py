@@ -6,7 +6,7 @@ word j // 64, bit j % 64; padding bits 0. sign(x) = +1 iff x >= 0, so a bit is x
 The kernel family is chosen at run time: AVX-512 VPOPCNTDQ where the CPU has it, a
 portable C path elsewhere. `set_kernel("portable" | "avx512" | "auto")` or the
 environment variable BIBERT_KERNEL forces one; `set_threads(n)` (or BIBERT_THREADS)
-sets the OpenMP thread count. BIBERT_NATIVE_LIB points at another build of the library
+sets the thread count of the engine's own pool. BIBERT_NATIVE_LIB points at another build of the library
 (the AddressSanitizer build of `make asan`).
 
 Every wrapper takes and returns NumPy arrays; buffers passed to C are kept referenced
@@ -20,11 +20,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch  # noqa: F401  (loaded first, so torch and the kernels share one OpenMP runtime)
 
 from ..errors import BibertError
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 PANEL = 32
 KERNELS = {"auto": 0, "portable": 1, "avx512": 2}
 KERNEL_NAMES = {1: "portable", 2: "avx512"}
@@ -122,7 +121,7 @@ def get_kernel() -> str:
 
 
 def set_threads(n: int) -> None:
-    """OpenMP threads used by every kernel."""
+    """Threads of the engine's pool, used by every kernel (process-wide)."""
     lib().bb_set_threads(int(n))
 
 
