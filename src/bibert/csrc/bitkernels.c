@@ -388,36 +388,61 @@ void bb_float_epilogue(const float *alpha, const float *bias, int64_t K, int64_t
     }
 }
 
-/* portable: one row block (mr rows) x one panel */
+/* portable epilogue of one row m: counts pc[0..nc) of panel p */
+static inline __attribute__((always_inline)) void linear_row_epilogue_portable(const linear_args *g, int64_t m,
+                                                                               int64_t p, int nc,
+                                                                               const int64_t *pc) {
+    int64_t n0 = p * BB_PANEL;
+    if (g->out_bits) {
+        uint32_t bits = 0;
+        for (int c = 0; c < nc; c++) bits |= (uint32_t)(pc[c] > g->thr[n0 + c]) << c;
+        bits ^= g->flip[p];
+        if (nc < 32) bits &= (1u << nc) - 1;
+        ((uint32_t *)(g->out_bits + m * g->ldo))[n0 / 32] = bits;
+    } else {
+        float *o = g->out + m * g->N + n0;
+        for (int c = 0; c < nc; c++) {
+            float y = g->c0[n0 + c] + g->c1[n0 + c] * (float)pc[c];
+            if (g->residual) y = y + g->residual[m * g->N + n0 + c];
+            o[c] = y;
+        }
+    }
+}
+
+/* portable: one row block (mr rows) x one panel. Rows in pairs, channels in groups of 4:
+ * eight independent popcount chains stay in registers (scalar POPCNT issues on several
+ * ports), six loads feed eight popcounts. */
 static inline __attribute__((always_inline)) void linear_block_portable(const linear_args *g, int64_t r0,
                                                                         int mr, int64_t p) {
     int64_t kw = words_of(g->K);
     const uint64_t *wp = g->w + p * kw * BB_PANEL;
     int64_t n0 = p * BB_PANEL;
     int nc = g->N - n0 < BB_PANEL ? (int)(g->N - n0) : BB_PANEL;
-    for (int r = 0; r < mr; r++) {
-        const uint64_t *a = g->a + (r0 + r) * g->lda;
-        int64_t pc[BB_PANEL] = {0};
-        for (int64_t k = 0; k < kw; k++) {
-            uint64_t av = a[k];
-            const uint64_t *wk = wp + k * BB_PANEL;
-            for (int c = 0; c < BB_PANEL; c++) pc[c] += __builtin_popcountll(av ^ wk[c]);
-        }
+    for (int r = 0; r < mr; r += 2) {
         int64_t m = r0 + r;
-        if (g->out_bits) {
-            uint32_t bits = 0;
-            for (int c = 0; c < nc; c++) bits |= (uint32_t)(pc[c] > g->thr[n0 + c]) << c;
-            bits ^= g->flip[p];
-            if (nc < 32) bits &= (1u << nc) - 1;
-            ((uint32_t *)(g->out_bits + m * g->ldo))[n0 / 32] = bits;
-        } else {
-            float *o = g->out + m * g->N + n0;
-            for (int c = 0; c < nc; c++) {
-                float y = g->c0[n0 + c] + g->c1[n0 + c] * (float)pc[c];
-                if (g->residual) y = y + g->residual[m * g->N + n0 + c];
-                o[c] = y;
+        const uint64_t *a0 = g->a + m * g->lda;
+        const uint64_t *a1 = r + 1 < mr ? a0 + g->lda : a0;
+        int64_t pc0[BB_PANEL], pc1[BB_PANEL];
+        for (int c = 0; c < BB_PANEL; c += 4) {
+            uint64_t s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
+            const uint64_t *w = wp + c;
+            for (int64_t k = 0; k < kw; k++, w += BB_PANEL) {
+                uint64_t x0 = a0[k], x1 = a1[k];
+                uint64_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+                s00 += (uint64_t)__builtin_popcountll(x0 ^ w0);
+                s01 += (uint64_t)__builtin_popcountll(x0 ^ w1);
+                s02 += (uint64_t)__builtin_popcountll(x0 ^ w2);
+                s03 += (uint64_t)__builtin_popcountll(x0 ^ w3);
+                s10 += (uint64_t)__builtin_popcountll(x1 ^ w0);
+                s11 += (uint64_t)__builtin_popcountll(x1 ^ w1);
+                s12 += (uint64_t)__builtin_popcountll(x1 ^ w2);
+                s13 += (uint64_t)__builtin_popcountll(x1 ^ w3);
             }
+            pc0[c] = (int64_t)s00; pc0[c + 1] = (int64_t)s01; pc0[c + 2] = (int64_t)s02; pc0[c + 3] = (int64_t)s03;
+            pc1[c] = (int64_t)s10; pc1[c + 1] = (int64_t)s11; pc1[c + 2] = (int64_t)s12; pc1[c + 3] = (int64_t)s13;
         }
+        linear_row_epilogue_portable(g, m, p, nc, pc0);
+        if (r + 1 < mr) linear_row_epilogue_portable(g, m + 1, p, nc, pc1);
     }
 }
 
@@ -637,6 +662,26 @@ BB_AVX512 static int64_t roofline_avx512(int64_t iters) {
 
 /* Runs `iters` iterations of 24 x 512 binary MACs in the active kernel family, on one
  * thread; returns the binary MACs done (the caller times it). */
+/* portable ceiling: eight independent XOR + POPCNT + add chains, as in the portable
+ * Linear's inner loop (the operands vary with the iteration so nothing is hoisted) */
+static inline __attribute__((always_inline)) int64_t roofline_portable(int64_t iters) {
+    uint64_t acc[8] = {0};
+    for (int64_t it = 0; it < iters; it++) {
+        uint64_t x = (uint64_t)it * 0x9E3779B97F4A7C15ULL;
+        for (int i = 0; i < 8; i++) acc[i] += (uint64_t)__builtin_popcountll(x ^ (0xD6E8FEB86659FD93ULL * (i + 1)));
+    }
+    int64_t s = 0;
+    for (int i = 0; i < 8; i++) s += (int64_t)acc[i];
+    return s;
+}
+
+static int64_t roofline_portable_generic(int64_t iters) { return roofline_portable(iters); }
+#if BB_X86
+__attribute__((target("popcnt"))) static int64_t roofline_portable_popcnt(int64_t iters) {
+    return roofline_portable(iters);
+}
+#endif
+
 int64_t bb_popcount_roofline(int64_t iters, int64_t *checksum) {
 #if BB_X86
     if (bb_get_kernel() == BB_KERNEL_AVX512) {
@@ -644,13 +689,14 @@ int64_t bb_popcount_roofline(int64_t iters, int64_t *checksum) {
         return iters * 24 * 512;
     }
 #endif
-    uint64_t acc[24] = {0};
-    for (int64_t it = 0; it < iters; it++)
-        for (int i = 0; i < 24; i++) acc[i] += __builtin_popcountll((uint64_t)it ^ (0x9E3779B97F4A7C15ULL * (i + 1)));
-    int64_t s = 0;
-    for (int i = 0; i < 24; i++) s += (int64_t)acc[i];
-    *checksum = s;
-    return iters * 24 * 64;
+#if BB_X86
+    if (cpu_has_popcnt()) {
+        *checksum = roofline_portable_popcnt(iters);
+        return iters * 8 * 64;
+    }
+#endif
+    *checksum = roofline_portable_generic(iters);
+    return iters * 8 * 64;
 }
 
 /* ------------------------------------------------------------------------------------ */
