@@ -7,7 +7,7 @@ import pytest
 from bibert.errors import BibertError
 from bibert.packed import kernels, reference
 
-PATHS = ["portable"] + (["avx512"] if kernels.cpu_has_avx512() else [])
+PATHS = kernels.available_kernels()  # portable, plus avx2 / avx512 where this CPU has them
 
 
 @pytest.fixture(params=PATHS)
@@ -112,15 +112,18 @@ def test_paths_agree_bit_for_bit():
         y = kernels.binary_linear(kernels.sign_pack(x), 300, panels, 77, alpha, bias)
         results.append(kernels.layernorm(y, np.ones(77, np.float32), np.zeros(77, np.float32), 1e-12))
     kernels.set_kernel("auto")
-    np.testing.assert_array_equal(results[0], results[1])
+    for other in results[1:]:
+        np.testing.assert_array_equal(results[0], other)
 
 
 def test_unknown_or_unavailable_kernel():
     with pytest.raises(BibertError):
         kernels.set_kernel("sse9")
-    if not kernels.cpu_has_avx512():
-        with pytest.raises(BibertError, match="portable"):
-            kernels.set_kernel("avx512")
+    for name, has in (("avx512", kernels.cpu_has_avx512()), ("avx2", kernels.cpu_has_avx2())):
+        if not has:
+            with pytest.raises(BibertError, match="BIBERT_KERNEL=auto"):
+                kernels.set_kernel(name)
+    assert kernels.set_kernel("auto") == kernels.available_kernels()[-1]  # the fastest this CPU has
 
 
 def test_environment_forces_the_path(tmp_path):
@@ -128,9 +131,10 @@ def test_environment_forces_the_path(tmp_path):
     import sys
 
     code = "from bibert.packed import kernels; kernels.lib(); print(kernels.get_kernel(), kernels.get_threads())"
-    env = {**__import__("os").environ, "BIBERT_KERNEL": "portable", "BIBERT_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["portable", "1"]
+    for name in PATHS:
+        env = {**__import__("os").environ, "BIBERT_KERNEL": name, "BIBERT_THREADS": "1"}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.split() == [name, "1"]
 
 
 def _every_kernel(rng_seed: int) -> list[np.ndarray]:

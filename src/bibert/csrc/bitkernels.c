@@ -16,6 +16,8 @@
  *
  * Two implementations of every kernel, chosen at run time (bb_set_kernel):
  *   BB_KERNEL_AVX512    AVX-512 F/BW/DQ + VPOPCNTDQ (target attributes, cpu check)
+ *   BB_KERNEL_AVX2      AVX2 binary Linear (nibble-table popcount, VPSHUFB + VPSADBW) for
+ *                       CPUs without AVX-512; the other kernels take the portable code
  *   BB_KERNEL_PORTABLE  plain C with __builtin_popcountll (a POPCNT clone where the CPU
  *                       has the instruction)
  * Both perform the same float operations in the same order (the build turns FMA
@@ -42,11 +44,11 @@
 #define BB_X86 0
 #endif
 
-#define BB_ABI_VERSION 7
+#define BB_ABI_VERSION 8
 #define BB_PANEL 32
 #define BB_MR 6
 
-enum { BB_KERNEL_AUTO = 0, BB_KERNEL_PORTABLE = 1, BB_KERNEL_AVX512 = 2 };
+enum { BB_KERNEL_AUTO = 0, BB_KERNEL_PORTABLE = 1, BB_KERNEL_AVX512 = 2, BB_KERNEL_AVX2 = 3 };
 
 static int g_kernel = -1; /* resolved lazily */
 static int g_threads = 1;
@@ -64,6 +66,15 @@ int bb_cpu_has_avx512(void) {
 #endif
 }
 
+int bb_cpu_has_avx2(void) {
+#if BB_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+#else
+    return 0;
+#endif
+}
+
 static int cpu_has_popcnt(void) {
 #if BB_X86
     __builtin_cpu_init();
@@ -75,9 +86,11 @@ static int cpu_has_popcnt(void) {
 
 /* Select the kernel family; returns the active one, or -1 if `kernel` is not usable here. */
 int bb_set_kernel(int kernel) {
-    if (kernel == BB_KERNEL_AUTO) kernel = bb_cpu_has_avx512() ? BB_KERNEL_AVX512 : BB_KERNEL_PORTABLE;
+    if (kernel == BB_KERNEL_AUTO)
+        kernel = bb_cpu_has_avx512() ? BB_KERNEL_AVX512 : bb_cpu_has_avx2() ? BB_KERNEL_AVX2 : BB_KERNEL_PORTABLE;
     if (kernel == BB_KERNEL_AVX512 && !bb_cpu_has_avx512()) return -1;
-    if (kernel != BB_KERNEL_AVX512 && kernel != BB_KERNEL_PORTABLE) return -1;
+    if (kernel == BB_KERNEL_AVX2 && !bb_cpu_has_avx2()) return -1;
+    if (kernel != BB_KERNEL_AVX512 && kernel != BB_KERNEL_AVX2 && kernel != BB_KERNEL_PORTABLE) return -1;
     g_kernel = kernel;
     return g_kernel;
 }
@@ -533,11 +546,85 @@ BB_AVX512 static void linear_avx512(const linear_args *g, int64_t r0, int mr, in
 }
 #endif
 
+#if BB_X86
+#define BB_AVX2 __attribute__((target("avx2,popcnt")))
+
+/* popcount of each 64-bit lane: nibble lookups (VPSHUFB) give byte counts, VPSADBW sums
+ * the eight bytes of each lane */
+static inline __attribute__((always_inline)) BB_AVX2 __m256i popcnt256_epi64(__m256i v) {
+    const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                           0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(v, low));
+    __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+    return _mm256_sad_epu8(_mm256_add_epi8(lo, hi), _mm256_setzero_si256());
+}
+
+/* the portable epilogue, with the float output of whole panels 8 channels at a time (the
+ * same multiply and adds in the same order: identical results) */
+static inline __attribute__((always_inline)) BB_AVX2 void linear_row_epilogue_avx2(const linear_args *g, int64_t m,
+                                                                                 int64_t p, int nc,
+                                                                                 const int64_t *pc) {
+    if (g->out_bits || nc < BB_PANEL) {
+        linear_row_epilogue_portable(g, m, p, nc, pc);
+        return;
+    }
+    int64_t n0 = p * BB_PANEL;
+    const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+    float *o = g->out + m * g->N + n0;
+    const float *res = g->residual ? g->residual + m * g->N + n0 : NULL;
+    for (int c = 0; c < BB_PANEL; c += 8) {
+        /* counts < 2^24: their low 32 bits convert exactly */
+        __m256i lo = _mm256_permutevar8x32_epi32(_mm256_load_si256((const __m256i *)(pc + c)), even);
+        __m256i hi = _mm256_permutevar8x32_epi32(_mm256_load_si256((const __m256i *)(pc + c + 4)), even);
+        __m256 pf = _mm256_cvtepi32_ps(_mm256_permute2x128_si256(lo, hi, 0x20));
+        __m256 y = _mm256_add_ps(_mm256_loadu_ps(g->c0 + n0 + c), _mm256_mul_ps(_mm256_loadu_ps(g->c1 + n0 + c), pf));
+        if (res) y = _mm256_add_ps(y, _mm256_loadu_ps(res + c));
+        _mm256_storeu_ps(o + c, y);
+    }
+}
+
+/* AVX2: rows in pairs x the panel's 32 channels in two halves of 16 (4 vectors of 4);
+ * 8 accumulators, 4 weight loads for 8 vector popcounts. Counts go through the portable
+ * epilogue, so the outputs are the portable path's bit for bit. */
+BB_AVX2 static void linear_avx2(const linear_args *g, int64_t r0, int mr, int64_t p) {
+    int64_t kw = words_of(g->K);
+    const uint64_t *wp = g->w + p * kw * BB_PANEL;
+    int nc = g->N - p * BB_PANEL < BB_PANEL ? (int)(g->N - p * BB_PANEL) : BB_PANEL;
+    for (int r = 0; r < mr; r += 2) {
+        int64_t m = r0 + r;
+        const uint64_t *a0 = g->a + m * g->lda;
+        const uint64_t *a1 = r + 1 < mr ? a0 + g->lda : a0;
+        int64_t pc0[BB_PANEL] __attribute__((aligned(32))), pc1[BB_PANEL] __attribute__((aligned(32)));
+        for (int half = 0; half < 2; half++) {
+            __m256i s0[4], s1[4];
+            for (int v = 0; v < 4; v++) s0[v] = s1[v] = _mm256_setzero_si256();
+            const uint64_t *w = wp + 16 * half;
+            for (int64_t k = 0; k < kw; k++, w += BB_PANEL) {
+                __m256i x0 = _mm256_set1_epi64x((long long)a0[k]), x1 = _mm256_set1_epi64x((long long)a1[k]);
+                for (int v = 0; v < 4; v++) {
+                    __m256i wv = _mm256_loadu_si256((const __m256i *)(w + 4 * v));
+                    s0[v] = _mm256_add_epi64(s0[v], popcnt256_epi64(_mm256_xor_si256(x0, wv)));
+                    s1[v] = _mm256_add_epi64(s1[v], popcnt256_epi64(_mm256_xor_si256(x1, wv)));
+                }
+            }
+            for (int v = 0; v < 4; v++) {
+                _mm256_store_si256((__m256i *)(pc0 + 16 * half + 4 * v), s0[v]);
+                _mm256_store_si256((__m256i *)(pc1 + 16 * half + 4 * v), s1[v]);
+            }
+        }
+        linear_row_epilogue_avx2(g, m, p, nc, pc0);
+        if (r + 1 < mr) linear_row_epilogue_avx2(g, m + 1, p, nc, pc1);
+    }
+}
+#endif
+
 typedef void (*linear_fn)(const linear_args *, int64_t, int, int64_t);
 
 static linear_fn pick_linear(void) {
 #if BB_X86
     if (bb_get_kernel() == BB_KERNEL_AVX512) return linear_avx512;
+    if (bb_get_kernel() == BB_KERNEL_AVX2) return linear_avx2;
     if (cpu_has_popcnt()) return linear_portable_popcnt;
 #endif
     return linear_portable_generic;
@@ -682,6 +769,26 @@ __attribute__((target("popcnt"))) static int64_t roofline_portable_popcnt(int64_
 }
 #endif
 
+#if BB_X86
+/* AVX2 ceiling: eight independent XOR + nibble-table popcount + add chains on 256 bits */
+BB_AVX2 static int64_t roofline_avx2(int64_t iters) {
+    __m256i acc[8], x = _mm256_setr_epi64x(1, 2, 3, 4);
+    const __m256i step = _mm256_set1_epi64x((long long)0x9E3779B97F4A7C15ULL);
+    for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_si256();
+    for (int64_t it = 0; it < iters; it++) {
+        x = _mm256_add_epi64(x, step);
+        for (int i = 0; i < 8; i++)
+            acc[i] = _mm256_add_epi64(acc[i], popcnt256_epi64(_mm256_xor_si256(x, _mm256_set1_epi64x(i * 0x1234567LL))));
+    }
+    int64_t lanes[4], s = 0;
+    for (int i = 0; i < 8; i++) {
+        _mm256_storeu_si256((__m256i *)lanes, acc[i]);
+        s += lanes[0] + lanes[1] + lanes[2] + lanes[3];
+    }
+    return s;
+}
+#endif
+
 int64_t bb_popcount_roofline(int64_t iters, int64_t *checksum) {
 #if BB_X86
     if (bb_get_kernel() == BB_KERNEL_AVX512) {
@@ -690,6 +797,10 @@ int64_t bb_popcount_roofline(int64_t iters, int64_t *checksum) {
     }
 #endif
 #if BB_X86
+    if (bb_get_kernel() == BB_KERNEL_AVX2) {
+        *checksum = roofline_avx2(iters);
+        return iters * 8 * 256;
+    }
     if (cpu_has_popcnt()) {
         *checksum = roofline_portable_popcnt(iters);
         return iters * 8 * 64;

@@ -4,7 +4,8 @@ Bit convention, everywhere: bit 1 <=> -1, bit 0 <=> +1; element j of a row in ui
 word j // 64, bit j % 64; padding bits 0. sign(x) = +1 iff x >= 0, so a bit is x < 0.
 
 The kernel family is chosen at run time: AVX-512 VPOPCNTDQ where the CPU has it, a
-portable C path elsewhere. `set_kernel("portable" | "avx512" | "auto")` or the
+portable C path elsewhere (with an AVX2 binary Linear where the CPU has AVX2).
+`set_kernel("portable" | "avx2" | "avx512" | "auto")` or the
 environment variable BIBERT_KERNEL forces one; `set_threads(n)` (or BIBERT_THREADS)
 sets the thread count of the engine's own pool. BIBERT_NATIVE_LIB points at another build of the library
 (the AddressSanitizer build of `make asan`).
@@ -23,10 +24,11 @@ import numpy as np
 
 from ..errors import BibertError
 
-ABI_VERSION = 7
+ABI_VERSION = 8
 PANEL = 32
-KERNELS = {"auto": 0, "portable": 1, "avx512": 2}
-KERNEL_NAMES = {1: "portable", 2: "avx512"}
+KERNELS = {"auto": 0, "portable": 1, "avx512": 2, "avx2": 3}
+KERNEL_NAMES = {1: "portable", 2: "avx512", 3: "avx2"}
+REQUIRES = {"avx512": "AVX-512 F/BW/DQ/VL + VPOPCNTDQ", "avx2": "AVX2 + POPCNT"}
 
 _lib = None
 
@@ -103,15 +105,26 @@ def cpu_has_avx512() -> bool:
     return bool(lib().bb_cpu_has_avx512())
 
 
+def cpu_has_avx2() -> bool:
+    """True if this CPU runs the AVX2 kernels."""
+    return bool(lib().bb_cpu_has_avx2())
+
+
+def available_kernels() -> list[str]:
+    """Kernel families this CPU can run, fastest last."""
+    return ["portable"] + (["avx2"] if cpu_has_avx2() else []) + (["avx512"] if cpu_has_avx512() else [])
+
+
 def set_kernel(name: str) -> str:
-    """Force a kernel family ("auto", "avx512", "portable"); returns the active one."""
+    """Force a kernel family ("auto", "avx512", "avx2", "portable"); returns the active one.
+    auto: AVX-512 VPOPCNTDQ where the CPU has it, else AVX2, else portable C."""
     if name not in KERNELS:
         raise BibertError(f"unknown kernel {name!r}: choose one of {', '.join(KERNELS)}")
     active = lib().bb_set_kernel(KERNELS[name])
     if active < 0:
         raise BibertError(
-            f"kernel {name!r} needs AVX-512 F/BW/DQ/VL + VPOPCNTDQ, which this CPU lacks: "
-            "use BIBERT_KERNEL=portable (or auto)"
+            f"kernel {name!r} needs {REQUIRES[name]}, which this CPU lacks: "
+            "use BIBERT_KERNEL=auto (the fastest this CPU has) or portable"
         )
     return KERNEL_NAMES[active]
 
