@@ -158,7 +158,12 @@ def main(argv=None) -> int:
                     help="idle seconds before each timed call (lets spinning threads of the previous variant sleep)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     ap.add_argument("--out", type=Path, default=RESULTS / "latency.json")
+    ap.add_argument("--gemm-only", action="store_true",
+                    help="only the binary GEMM shapes, for every kernel family this CPU has "
+                    "(writes results/gemm_kernels.json and .md)")
     args = ap.parse_args(argv)
+    if args.gemm_only:
+        return gemm_kernels(args)
     reps = args.reps or (5 if args.quick else 15)
     compile_ = not (args.quick or args.no_compile)
 
@@ -206,6 +211,39 @@ def main(argv=None) -> int:
     md = to_markdown(result)
     args.out.with_suffix(".md").write_text(md)
     print()
+    print(md)
+    return 0
+
+
+def gemm_kernels(args) -> int:
+    """Per-layer GEMM shapes, one thread, for each kernel family against its own roofline."""
+    kernels.lib()
+    kernels.set_threads(1)
+    torch.set_num_threads(1)
+    reps = args.reps or 20
+    rows, rooflines = [], {}
+    for family in kernels.available_kernels():
+        kernels.set_kernel(family)
+        rooflines[family] = kernels.popcount_roofline(1.0)
+        for name in args.models:
+            for batch in args.batches:
+                rows += [{"kernel": family, "model": name, **r}
+                         for r in gemm_shapes(MODELS[name], batch * args.seq, rooflines[family], reps)]
+    kernels.set_kernel("auto")
+    result = {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count()}, "reps": reps,
+              "roofline_tmacs_1thread": {k: round(v / 1e12, 3) for k, v in rooflines.items()}, "gemm": rows}
+    out = RESULTS / "gemm_kernels.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["# Binary GEMM per kernel family (one thread, epilogue included)", "",
+             f"Machine: {result['machine']['cpu']}. `python benchmarks/latency.py --gemm-only`. "
+             "Each family against its own measured popcount ceiling (T binary MAC/s): "
+             + ", ".join(f"{k} {v}" for k, v in result["roofline_tmacs_1thread"].items()) + ".", "",
+             "| kernel | model | shape | M | K | N | output | us | T MAC/s | % of its roofline |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['kernel']} | {r['model']} | {r['shape']} | {r['M']} | {r['K']} | {r['N']} | {r['output']} | "
+              f"{r['us']} | {r['tmacs']} | {r['roofline_pct']}% |" for r in rows]
+    md = "\n".join(lines) + "\n"
+    out.with_suffix(".md").write_text(md)
     print(md)
     return 0
 

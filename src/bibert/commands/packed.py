@@ -33,7 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("--pair", action="append", metavar="TEXT",
                    help="second segment of a sentence pair; give one --pair per TEXT")
     p.add_argument("--threads", type=int, help="kernel threads (default: BIBERT_THREADS or all cores)")
-    p.add_argument("--kernel", choices=["auto", "avx512", "portable"],
+    p.add_argument("--kernel", choices=["auto", "avx512", "avx2", "portable"],
                    help="force a kernel family (default: BIBERT_KERNEL or auto)")
     p.add_argument("--max-length", type=int, help="truncate inputs to this many tokens")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of text lines")

@@ -473,13 +473,13 @@ static void linear_portable_popcnt(const linear_args *g, int64_t r0, int mr, int
 
 /* float epilogue on 16 channels from two vectors of 64-bit counts: c0 + c1 * p [+ residual].
  * Counts are below 2^24, so narrowing them to int32 and converting is exact; the float
- * operations (a multiply, then adds, no contraction) are the portable path's, in its order. */
-static inline __attribute__((always_inline)) BB_AVX512 void epilogue16(__m512i lo, __m512i hi, const float *c0,
-                                                                       const float *c1, const float *res, float *out,
-                                                                       __mmask16 lm) {
+ * operations (a multiply, then adds, no contraction) are the portable path's, in its order.
+ * c0 / c1 arrive in registers, loaded once per panel (stores to `out` could alias them, so
+ * the compiler would otherwise reload them for every row). */
+static inline __attribute__((always_inline)) BB_AVX512 void epilogue16(__m512i lo, __m512i hi, __m512 c0, __m512 c1,
+                                                                       const float *res, float *out, __mmask16 lm) {
     __m512i p32 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)), _mm512_cvtepi64_epi32(hi), 1);
-    __m512 y = _mm512_add_ps(_mm512_maskz_loadu_ps(lm, c0),
-                             _mm512_mul_ps(_mm512_maskz_loadu_ps(lm, c1), _mm512_cvtepi32_ps(p32)));
+    __m512 y = _mm512_add_ps(c0, _mm512_mul_ps(c1, _mm512_cvtepi32_ps(p32)));
     if (res) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(lm, res));
     _mm512_mask_storeu_ps(out, lm, y);
 }
@@ -522,15 +522,15 @@ static inline __attribute__((always_inline)) BB_AVX512 void linear_block_avx512(
         }
         return;
     }
+    __mmask16 lm0 = (__mmask16)valid, lm1 = (__mmask16)(valid >> 16);
+    __m512 c00 = _mm512_maskz_loadu_ps(lm0, g->c0 + n0), c01 = _mm512_maskz_loadu_ps(lm1, g->c0 + n0 + 16);
+    __m512 c10 = _mm512_maskz_loadu_ps(lm0, g->c1 + n0), c11 = _mm512_maskz_loadu_ps(lm1, g->c1 + n0 + 16);
     for (int r = 0; r < MR; r++) {
         int64_t m = r0 + r;
         float *o = g->out + m * g->N + n0;
         const float *res = g->residual ? g->residual + m * g->N + n0 : NULL;
-        for (int v = 0; v < 2; v++) {
-            __mmask16 lm = (__mmask16)(valid >> (16 * v));
-            if (lm) epilogue16(acc[r][2 * v], acc[r][2 * v + 1], g->c0 + n0 + 16 * v, g->c1 + n0 + 16 * v,
-                               res ? res + 16 * v : NULL, o + 16 * v, lm);
-        }
+        epilogue16(acc[r][0], acc[r][1], c00, c10, res, o, lm0);
+        if (lm1) epilogue16(acc[r][2], acc[r][3], c01, c11, res ? res + 16 : NULL, o + 16, lm1);
     }
 }
 
