@@ -30,6 +30,9 @@
  * variable. Every output element is computed by exactly one chunk with the same code, so
  * results do not depend on the thread count.
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* sched_getcpu, pthread_setaffinity_np */
+#endif
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
@@ -128,7 +131,8 @@ static struct {
     bb_body body;
     void *ctx;
     int64_t n, grain;
-} P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0, 0, 0, 0, NULL, NULL, 0, 0};
+    _Atomic int caller_cpu;    /* where the caller ran when it woke sleepers (-1: unknown) */
+} P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0, 0, 0, 0, NULL, NULL, 0, 0, -1};
 
 static _Thread_local int tl_in_job; /* nested parallel loops run serially */
 static uint64_t g_gen;             /* last generation published (caller side) */
@@ -158,6 +162,25 @@ static void run_chunks(uint32_t gen, int tid) {
     }
 }
 
+/* A worker woken from sleep is often placed on the waker's CPU (the scheduler's wake-affine
+ * choice); then it and the caller share one core until the load balancer separates them,
+ * milliseconds later, and the forward runs at one-thread speed. A woken worker that finds
+ * itself on the caller's CPU moves off it at once: its affinity is narrowed to the other
+ * allowed CPUs, then restored (the thread stays where it went). Linux only. */
+static void leave_caller_cpu(void) {
+#if defined(__linux__) && defined(CPU_ISSET)
+    int caller = atomic_load_explicit(&P.caller_cpu, memory_order_relaxed);
+    if (caller < 0 || sched_getcpu() != caller) return;
+    cpu_set_t mask, others;
+    if (pthread_getaffinity_np(pthread_self(), sizeof mask, &mask)) return;
+    others = mask;
+    CPU_CLR(caller, &others);
+    if (CPU_COUNT(&others) == 0) return;
+    if (pthread_setaffinity_np(pthread_self(), sizeof others, &others) == 0)
+        pthread_setaffinity_np(pthread_self(), sizeof mask, &mask);
+#endif
+}
+
 static void *worker_main(void *arg) {
     int tid = (int)(intptr_t)arg;
     uint32_t seen = job_gen(atomic_load(&P.job));
@@ -177,6 +200,7 @@ static void *worker_main(void *arg) {
             int stop = P.stop;
             pthread_mutex_unlock(&P.mu);
             if (stop) return NULL;
+            leave_caller_cpu();
             spins = 0;
         }
         seen = job_gen(j);
@@ -252,6 +276,9 @@ static void bb_parallel_for(int64_t n, int64_t grain, bb_body body, void *ctx) {
     g_gen = (g_gen + 1) & 0xFFFFFF;
     atomic_store(&P.job, (uint64_t)g_gen << 40 | (uint64_t)nchunks << BB_CHUNK_BITS); /* seq_cst: pairs with sleepers */
     if (atomic_load(&P.sleepers) > 0) {
+#if defined(__linux__)
+        atomic_store_explicit(&P.caller_cpu, sched_getcpu(), memory_order_relaxed);
+#endif
         pthread_mutex_lock(&P.mu);
         pthread_cond_broadcast(&P.cv);
         pthread_mutex_unlock(&P.mu);
