@@ -3,7 +3,7 @@ PYTHON ?= python
 ASAN_LIB := build/asan/_bitkernels_asan.so
 CSRC := src/bibert/csrc/bitkernels.c
 
-.PHONY: asan bench bench-quick
+.PHONY: asan tsan bench bench-quick
 
 # Builds the kernels with AddressSanitizer and runs the native kernel and engine tests on it.
 asan: $(ASAN_LIB)
@@ -16,6 +16,21 @@ $(ASAN_LIB): $(CSRC)
 	mkdir -p $(dir $@)
 	gcc -O1 -g -std=gnu11 -pthread -fno-strict-aliasing -ffp-contract=off -fPIC -shared \
 	    -fsanitize=address -fno-omit-frame-pointer -o $@ $(CSRC)
+
+# Builds the kernels with ThreadSanitizer and runs the thread-pool tests on it (a data race
+# in the pool or in a kernel's per-thread scratch stops the run with a report; the fork
+# test is left out: ThreadSanitizer cannot start threads after a multi-threaded fork).
+TSAN_LIB := build/tsan/_bitkernels_tsan.so
+tsan: $(TSAN_LIB)
+	TSAN_OPTIONS="halt_on_error=1 report_signal_unsafe=0" \
+	LD_PRELOAD="$$(gcc -print-file-name=libtsan.so)" \
+	BIBERT_NATIVE_LIB=$(abspath $(TSAN_LIB)) \
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "pool_gives or paths_agree"
+
+$(TSAN_LIB): $(CSRC)
+	mkdir -p $(dir $@)
+	gcc -O1 -g -std=gnu11 -pthread -fno-strict-aliasing -ffp-contract=off -fPIC -shared \
+	    -fsanitize=thread -o $@ $(CSRC)
 
 # Packed engine vs PyTorch (writes benchmarks/results/latency.json and .md).
 bench:
