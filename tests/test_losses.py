@@ -190,3 +190,37 @@ def test_dmd_gradient_flows_to_the_student_only():
     t = qkv_stack(1, 100)
     sum(dmd_loss(s, t).values()).backward()
     assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in s[0])
+
+
+def test_masked_dmd_and_hidden_loss_use_only_real_positions():
+    """--dmd-mask-padding: the r2b of the patterns restricted to real (query, key) pairs and
+    of the hidden states at real positions (reference: select the entries, in float64)."""
+    lengths = [4, 2]
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    s, t = qkv_stack(2, 0, (2, 2, 4, 3)), qkv_stack(2, 100, (2, 2, 4, 3))  # (B, nh, T=4, d) per projection
+
+    def real_pairs(p):
+        return np.concatenate([p[b, :, :n, :n].ravel() for b, n in enumerate(lengths)])
+
+    parts = dmd_loss(s, t, mask=mask)
+    for j, name in enumerate("qkv"):
+        expected = sum(np_r2b(real_pairs(np_pattern(s[l][j])), real_pairs(np_pattern(t[l][j]))) for l in range(2))
+        assert parts[name].item() == pytest.approx(expected, rel=1e-10)
+        assert parts[name].item() != pytest.approx(dmd_loss(s, t)[name].item(), rel=1e-6)  # padding counted by default
+
+    hs = tuple(rand(2, 4, 3, seed=i) for i in range(3))
+    ht = tuple(rand(2, 4, 3, seed=30 + i) for i in range(3))
+
+    def real_rows(h):
+        h = np.asarray(h)
+        return np.concatenate([h[b, :n].ravel() for b, n in enumerate(lengths)])
+
+    expected = sum(np_r2b(real_rows(a), real_rows(b)) for a, b in zip(hs, ht))
+    assert hidden_loss(hs, ht, mask=mask).item() == pytest.approx(expected, rel=1e-10)
+    # values at padded positions do not matter any more
+    noisy = tuple(h.clone().index_put_((torch.tensor([1]), torch.tensor([3])), torch.full((3,), 9.0, dtype=h.dtype))
+                  for h in hs)
+    assert hidden_loss(noisy, ht, mask=mask).item() == pytest.approx(expected, rel=1e-10)
+    # an all-ones mask is the unmasked loss
+    ones = torch.ones(2, 4, dtype=torch.long)
+    assert dmd_loss(s, t, mask=ones)["k"].item() == pytest.approx(dmd_loss(s, t)["k"].item(), rel=1e-12)

@@ -232,6 +232,14 @@ def test_cli_group_by_length_reaches_the_run(tiny_teacher, tmp_path):
     assert json.loads((out / "config.json").read_text())["group_by_length"] is True
 
 
+def test_dmd_mask_padding_option(tiny_teacher, tmp_path):
+    res = distill(tiny_teacher, "rotten_tomatoes", tmp_path / "m", max_steps=2, dmd_mask_padding=True, **SLICE)
+    assert res["steps"] == 2
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["dmd_mask_padding"] is True
+    with pytest.raises(BibertError, match="--distill dmd only"):
+        distill(tiny_teacher, "rotten_tomatoes", tmp_path / "s", distill="standard", dmd_mask_padding=True, **SLICE)
+
+
 @pytest.mark.slow
 def test_short_distillation_on_real_data_lowers_the_loss(teacher_dir, tmp_path):
     """The offline MiniLM teacher, fine-tuned briefly on a Rotten Tomatoes slice, then a

@@ -13,7 +13,9 @@ student layer matches (the identity when both have the same depth).
                      (regression: MSE(z_s, z_t))
     standard       = sum_l MSE(A_l^s, A_l^t) + sum_l MSE(H_l^s, H_l^t) + soft CE
 
-Padded positions stay in P_F and H (the reference's choice, SPEC 4). In the standard
+Padded positions stay in P_F and H (the reference's choice, SPEC 4); with `mask` (the
+batch's attention mask) they are zeroed in student and teacher alike before the norms:
+the entries of P_F that involve a padded query or key, and H at padded positions. In the standard
 objective, the masked attention scores (-10000 on padded keys) are replaced by 0 before
 the MSE, as TinyBERT does. Every loss is computed in at least float32 (also under bf16
 autocast).
@@ -91,29 +93,51 @@ def similarity_pattern(f: torch.Tensor) -> torch.Tensor:
     return f @ f.transpose(-1, -2) / math.sqrt(f.shape[-1])
 
 
-def dmd_loss(student_qkv, teacher_qkv, layer_map: LayerMap | None = None) -> dict[str, torch.Tensor]:
+def _pair_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, T) attention mask -> (B, 1, T, T) float: 1 where query and key are both real."""
+    if mask is None:
+        return None
+    m = mask.to(torch.float32)
+    return (m[:, :, None] * m[:, None, :])[:, None]
+
+
+def dmd_loss(student_qkv, teacher_qkv, layer_map: LayerMap | None = None,
+             mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Direction-matching loss of Q, K and V, summed over the mapped layers.
 
     student_qkv / teacher_qkv: per layer a (q, k, v) triple of real-valued projections
     before sign, each (B, nh, T, hs). Returns {"q", "k", "v"}, each sum_l r2b(P_F^s, P_F^t);
-    loss_DMD is their sum.
+    loss_DMD is their sum. mask (B, T), optional: leave padded positions out of P_F.
     """
     layer_map = layer_map or LayerMap(len(student_qkv), len(teacher_qkv))
     _check_depth("qkv", len(student_qkv), len(teacher_qkv), layer_map)
+    pairs = _pair_mask(mask)
+
+    def pattern(f):
+        p = similarity_pattern(f)
+        return p if pairs is None else p * pairs.to(p.dtype)
+
     parts = {}
     for j, name in enumerate("qkv"):
         parts[name] = sum(
-            r2b(similarity_pattern(student_qkv[i][j]), similarity_pattern(teacher_qkv[t][j]))
+            r2b(pattern(student_qkv[i][j]), pattern(teacher_qkv[t][j]))
             for i, t in enumerate(layer_map.layers)
         )
     return parts
 
 
-def hidden_loss(student_hidden, teacher_hidden, layer_map: LayerMap | None = None) -> torch.Tensor:
-    """sum_{l=0..L} r2b(H_l^s, H_l^t) over the L+1 hidden states, each (B, T, hidden)."""
+def hidden_loss(student_hidden, teacher_hidden, layer_map: LayerMap | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_{l=0..L} r2b(H_l^s, H_l^t) over the L+1 hidden states, each (B, T, hidden);
+    mask (B, T), optional: leave padded positions out."""
     layer_map = layer_map or LayerMap(len(student_hidden) - 1, len(teacher_hidden) - 1)
     _check_depth("hidden states", len(student_hidden) - 1, len(teacher_hidden) - 1, layer_map)
-    return sum(r2b(student_hidden[i], teacher_hidden[t]) for i, t in enumerate(layer_map.hidden))
+
+    def masked(h):
+        h = _wide(h)
+        return h if mask is None else h * mask[..., None].to(h.dtype)
+
+    return sum(r2b(masked(student_hidden[i]), masked(teacher_hidden[t])) for i, t in enumerate(layer_map.hidden))
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -180,12 +204,14 @@ def standard_distill_loss(student, teacher, attention_mask: torch.Tensor, is_reg
 
 
 def dmd_distill_loss(student, teacher, labels: torch.Tensor | None, is_regression: bool = False,
-                     layer_map: LayerMap | None = None) -> dict[str, torch.Tensor]:
+                     layer_map: LayerMap | None = None, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """BiBERT's objective on two `BiBertOutput`s (with hidden states and Q/K/V):
-    {"pred", "q", "k", "v", "hid", "loss" = pred + q + k + v + hid} (SPEC 4, all weights 1)."""
+    {"pred", "q", "k", "v", "hid", "loss" = pred + q + k + v + hid} (SPEC 4, all weights 1).
+    mask: the attention mask, to leave padded positions out of DMD and the hidden loss
+    (an option; the reference keeps them)."""
     parts = {"pred": prediction_loss(student.logits, teacher.logits, labels, is_regression)}
-    parts.update(dmd_loss(student.qkv, teacher.qkv, layer_map))
-    parts["hid"] = hidden_loss(student.hidden_states, teacher.hidden_states, layer_map)
+    parts.update(dmd_loss(student.qkv, teacher.qkv, layer_map, mask))
+    parts["hid"] = hidden_loss(student.hidden_states, teacher.hidden_states, layer_map, mask)
     parts["loss"] = parts["pred"] + parts["q"] + parts["k"] + parts["v"] + parts["hid"]
     return parts
 

@@ -71,6 +71,8 @@ class TrainConfig:
     eval_every / save_every: steps between evaluations (default: once per epoch) and
         between extra training-state checkpoints (default: only at evaluations).
     max_train_examples / max_eval_examples: seeded random slices of the data.
+    dmd_mask_padding: leave padded positions out of DMD's similarity matrices and the hidden
+        loss (distill with dmd only; the reference, and the default, keeps them).
     group_by_length: batch examples of similar length together (less padding, so faster
         on CPU: each epoch's shuffled order is cut into windows of 50 batches, each window
         sorted by length and cut into batches, and the batches shuffled again).
@@ -101,6 +103,7 @@ class TrainConfig:
     data_dir: str | None = None
     eval_test: bool = False
     group_by_length: bool = False
+    dmd_mask_padding: bool = False
     seed: int = 42
     device: str = "auto"
     precision: str = "fp32"
@@ -117,6 +120,8 @@ class TrainConfig:
             if self.distill not in DISTILL_KINDS:
                 raise BibertError(f"unknown distillation {self.distill!r}: choose dmd or standard")
             self.quant = QuantConfig.from_dict(self.quant or {}).to_dict()
+        if self.dmd_mask_padding and (self.mode != "distill" or self.distill != "dmd"):
+            raise BibertError("--dmd-mask-padding applies to distillation with --distill dmd only")
         if self.precision not in PRECISIONS:
             raise BibertError(f"unknown precision {self.precision!r}: choose fp32 or bf16")
         for name in ("lr", "epochs"):
@@ -285,8 +290,10 @@ class FinetuneObjective:
 class DistillObjective:
     """DMD (SPEC 4) or the standard TinyBERT/BinaryBERT objective against a frozen teacher."""
 
-    def __init__(self, teacher: nn.Module, kind: str, layer_map: LayerMap, is_regression: bool):
+    def __init__(self, teacher: nn.Module, kind: str, layer_map: LayerMap, is_regression: bool,
+                 mask_padding: bool = False):
         self.teacher, self.kind, self.layer_map, self.is_regression = teacher, kind, layer_map, is_regression
+        self.mask_padding = mask_padding
         self.parts = LOSS_PARTS[kind]
 
     def __call__(self, model, batch: dict) -> dict[str, torch.Tensor]:
@@ -297,7 +304,8 @@ class DistillObjective:
             t = self.teacher(**inputs, **want)
         s = model(**inputs, **want)
         if self.kind == "dmd":
-            return dmd_distill_loss(s, t, batch.get("labels"), self.is_regression, self.layer_map)
+            mask = batch["attention_mask"] if self.mask_padding else None
+            return dmd_distill_loss(s, t, batch.get("labels"), self.is_regression, self.layer_map, mask)
         return standard_distill_loss(s, t, batch["attention_mask"], self.is_regression, self.layer_map)
 
 
@@ -336,7 +344,8 @@ class Trainer:
                 student = shrink_student(student, cfg.student_layers)
             self.model = student
             layer_map = LayerMap(student.config.num_hidden_layers, self.teacher.config.num_hidden_layers)
-            self.objective = DistillObjective(self.teacher, cfg.distill, layer_map, task.is_regression)
+            self.objective = DistillObjective(self.teacher, cfg.distill, layer_map, task.is_regression,
+                                              cfg.dmd_mask_padding)
         self.model.to(self.ctx.device).train()
         from transformers import AutoTokenizer
 

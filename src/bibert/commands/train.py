@@ -11,7 +11,7 @@ import os
 
 TRAIN_OPTIONS = ("lr", "epochs", "max_length", "batch_size", "max_steps", "weight_decay", "warmup_ratio",
                  "max_grad_norm", "eval_every", "save_every", "log_every", "max_train_examples",
-                 "max_eval_examples", "train_file", "data_dir", "eval_test", "group_by_length", "seed", "device", "precision")
+                 "max_eval_examples", "train_file", "data_dir", "eval_test", "group_by_length", "dmd_mask_padding", "seed", "device", "precision")
 
 
 def _common(p) -> None:
@@ -65,12 +65,14 @@ def register(sub) -> None:
     p.add_argument("--attention", choices=["bi", "softmax"], default="bi", help="Bi-Attention (default) or softmax")
     p.add_argument("--distill", choices=["dmd", "standard"], default="dmd", help="objective (default dmd)")
     p.add_argument("--student-layers", type=int, help="a shallower student (the teacher's depth must be a multiple)")
+    p.add_argument("--dmd-mask-padding", action="store_true", default=None,
+                   help="leave padded positions out of DMD and the hidden loss (the reference keeps them)")
     _common(p)
     p.set_defaults(func=run_distill)
 
 
 def _options(args) -> dict:
-    return {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}
+    return {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k, None) is not None}
 
 
 def _report(results: dict, as_json: bool) -> None:
