@@ -128,12 +128,18 @@ def _timed(folder: Path, fn) -> dict:
     return res
 
 
-def run_teacher(task: str, b: Budget) -> Path:
+def run_teacher(task: str, b: Budget, wait: bool = True) -> Path | None:
+    """The task's fine-tuned teacher (trained here if missing); None when another worker is
+    training it and `wait` is off."""
     from bibert.data import teacher_path
     from bibert.train import finetune
 
     out = RESULTS / task / "teacher"
-    with claim(out, wait=True):  # every worker needs it: wait for the one training it
+    if _results(out) and (out / "best").is_dir():
+        return out / "best"
+    with claim(out, wait=wait) as mine:
+        if not mine:
+            return None
         if not _results(out) or not (out / "best").is_dir():  # checkpoints stay local: retrain on a new machine
             print(f"== {task}: teacher", flush=True)
             _timed(out, lambda: finetune(str(teacher_path()), task, out, resume=True,
@@ -384,12 +390,20 @@ def main(argv=None) -> int:
 
             torch.set_num_threads(args.threads)
         rows = [r for r in ROWS if not args.rows or r.key in args.rows]
-        teachers = {}
+        teachers, deferred = {}, []
+        # a task whose teacher another worker is training waits: its runs go to the end
         for task, row, seed in plan(args.task or list(BUDGETS), rows):
             b = BUDGETS[task]
-            if task not in teachers:
-                teachers[task] = run_teacher(task, b)
+            if teachers.get(task) is None:
+                teachers[task] = run_teacher(task, b, wait=False)
+            if teachers[task] is None:
+                deferred.append((task, row, seed))
+                continue
             run_row(task, row, seed, teachers[task], b)
+        for task, row, seed in deferred:
+            if teachers.get(task) is None:
+                teachers[task] = run_teacher(task, BUDGETS[task], wait=True)
+            run_row(task, row, seed, teachers[task], BUDGETS[task])
     print(f"wrote {write_report()}")
     return 0
 
