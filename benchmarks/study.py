@@ -337,6 +337,16 @@ def write_report() -> Path:
     return path
 
 
+def majority_score(task: str) -> float:
+    """Test accuracy (%) of always predicting the most frequent test label."""
+    from collections import Counter
+
+    from bibert.data import load_examples
+
+    counts = Counter(e.label for e in load_examples(task, "test"))
+    return 100 * max(counts.values()) / sum(counts.values())
+
+
 def plot(table: dict) -> Path | None:
     import matplotlib
 
@@ -355,6 +365,9 @@ def plot(table: dict) -> Path | None:
         errs = [statistics.stdev(table[task][k]["scores"]) if k in table[task] and len(table[task][k]["scores"]) > 1 else 0
                 for k in keys]
         ax.bar([j + i * width for j in range(len(keys))], means, width, yerr=errs, capsize=3, label=task)
+    for i, task in enumerate(tasks):
+        ax.axhline(majority_score(task), color=f"C{i}", linestyle="--", linewidth=1,
+                   label=f"{task}: majority class")
     ax.set_xticks([j + width * (len(tasks) - 1) / 2 for j in range(len(keys))], names)
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(30, 100)
