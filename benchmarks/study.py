@@ -237,7 +237,7 @@ def collect() -> dict:
 def _fmt(scores: list[float]) -> str:
     if len(scores) == 1:
         return f"{scores[0]:.1f}"
-    return f"{statistics.mean(scores):.1f} ± {statistics.stdev(scores):.1f}"
+    return f"{statistics.mean(scores):.1f} ± {statistics.stdev(scores):.1f} (n={len(scores)})"
 
 
 def write_report() -> Path:
@@ -274,7 +274,7 @@ def write_report() -> Path:
         "Student batches are grouped by length (`--group-by-length`): same examples per epoch, less padding.",
         "The DA row trains on the same slice plus 20 GloVe-augmented copies of each example "
         "(`bibert augment`, p = 0.4, top-15 neighbours) for the same number of steps.",
-        "Rows with three seeds show mean ± standard deviation.",
+        "Rows with several finished seeds show mean ± standard deviation (n = seeds).",
         "",
         "## Results (test accuracy, %)",
         "",
