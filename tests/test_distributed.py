@@ -17,6 +17,25 @@ from bibert.train import TrainConfig, take_slice
 from test_train import make_tiny_teacher
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (Linux)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def test_two_process_run(teacher_dir, tmp_path):
     teacher = make_tiny_teacher(tmp_path / "teacher", teacher_dir)
     out = tmp_path / "ddp"
@@ -30,8 +49,12 @@ def test_two_process_run(teacher_dir, tmp_path):
     try:
         stdout, stderr = proc.communicate(timeout=300)
     finally:
-        if proc.poll() is None:  # never leave the workers behind
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:  # never leave the workers behind (they may sit in sessions of their own)
+            for pid in [proc.pid] + _descendants(proc.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             proc.wait()
     assert proc.returncode == 0, stderr[-3000:]
     results = json.loads((out / "results.json").read_text())

@@ -637,6 +637,7 @@ class Trainer:
         if self.ctx.is_main:
             _write_json(self.out / "results.json", results)
             self._plot()
+        distributed.barrier(self.ctx)  # leave together: no rank tears the group down while another still works
         return results
 
     def _test_sets(self) -> dict:
