@@ -28,9 +28,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -119,12 +119,12 @@ def claim(folder: Path, wait: bool):
 
 
 def _timed(folder: Path, fn) -> dict:
+    from bibert.train import _write_json
+
     t0 = time.perf_counter()
     res = fn()
     res["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    tmp = folder / "results.json.tmp"
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
-    os.replace(tmp, folder / "results.json")
+    _write_json(folder / "results.json", res)
     return res
 
 
@@ -150,6 +150,7 @@ def run_teacher(task: str, b: Budget, wait: bool = True) -> Path | None:
     return out / "best"
 
 
+@functools.lru_cache(maxsize=None)
 def train_size(task: str, b: Budget) -> int:
     from bibert.data import load_examples
 
@@ -339,11 +340,10 @@ def write_report() -> Path:
 
 def majority_score(task: str) -> float:
     """Test accuracy (%) of always predicting the most frequent test label."""
-    from collections import Counter
+    from bibert.data import label_counts, load_examples
+    from bibert.tasks import get_task
 
-    from bibert.data import load_examples
-
-    counts = Counter(e.label for e in load_examples(task, "test"))
+    counts = label_counts(get_task(task), load_examples(task, "test"))
     return 100 * max(counts.values()) / sum(counts.values())
 
 

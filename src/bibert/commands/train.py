@@ -11,7 +11,8 @@ import os
 
 TRAIN_OPTIONS = ("lr", "epochs", "max_length", "batch_size", "max_steps", "weight_decay", "warmup_ratio",
                  "max_grad_norm", "eval_every", "save_every", "log_every", "max_train_examples",
-                 "max_eval_examples", "train_file", "data_dir", "eval_test", "group_by_length", "dmd_mask_padding", "seed", "device", "precision")
+                 "max_eval_examples", "train_file", "data_dir", "eval_test", "group_by_length", "dmd_mask_padding",
+                 "seed", "device", "precision")
 
 
 def _common(p) -> None:

@@ -14,13 +14,13 @@
  * consecutive uint64 (word k of channels 32p .. 32p+31), so one 512-bit vector carries
  * the same K-word of 8 channels and the inner loop never reduces horizontally.
  *
- * Two implementations of every kernel, chosen at run time (bb_set_kernel):
+ * Kernel families, chosen at run time (bb_set_kernel):
  *   BB_KERNEL_AVX512    AVX-512 F/BW/DQ + VPOPCNTDQ (target attributes, cpu check)
  *   BB_KERNEL_AVX2      AVX2 binary Linear (nibble-table popcount, VPSHUFB + VPSADBW) for
  *                       CPUs without AVX-512; the other kernels take the portable code
  *   BB_KERNEL_PORTABLE  plain C with __builtin_popcountll (a POPCNT clone where the CPU
  *                       has the instruction)
- * Both perform the same float operations in the same order (the build turns FMA
+ * All perform the same float operations in the same order (the build turns FMA
  * contraction off), so their outputs are bit-identical.
  *
  * Threads: a small pool of our own (bb_parallel_for below), not OpenMP. Work is handed out
@@ -663,15 +663,15 @@ typedef struct {
     int64_t np, nb, chunk_blocks;
 } linear_job;
 
+/* rows in the row block starting at r0 (BB_MR, fewer in the last block) */
+static inline int block_rows(int64_t M, int64_t r0) { return M - r0 < BB_MR ? (int)(M - r0) : BB_MR; }
+
 /* float output: row blocks [lo, hi), every panel of each */
 static void linear_float_blocks(void *ctx, int64_t lo, int64_t hi, int tid) {
     const linear_job *j = (const linear_job *)ctx;
     int64_t M = j->g->M;
-    for (int64_t b = lo; b < hi; b++) {
-        int64_t r0 = b * BB_MR;
-        int mr = M - r0 < BB_MR ? (int)(M - r0) : BB_MR;
-        for (int64_t p = 0; p < j->np; p++) j->fn(j->g, r0, mr, p);
-    }
+    for (int64_t b = lo; b < hi; b++)
+        for (int64_t p = 0; p < j->np; p++) j->fn(j->g, b * BB_MR, block_rows(M, b * BB_MR), p);
     (void)tid;
 }
 
@@ -682,11 +682,7 @@ static void linear_bit_tiles(void *ctx, int64_t lo, int64_t hi, int tid) {
     for (int64_t t = lo; t < hi; t++) {
         int64_t c = t / j->np, p = t % j->np;
         int64_t b_end = (c + 1) * j->chunk_blocks < j->nb ? (c + 1) * j->chunk_blocks : j->nb;
-        for (int64_t b = c * j->chunk_blocks; b < b_end; b++) {
-            int64_t r0 = b * BB_MR;
-            int mr = M - r0 < BB_MR ? (int)(M - r0) : BB_MR;
-            j->fn(j->g, r0, mr, p);
-        }
+        for (int64_t b = c * j->chunk_blocks; b < b_end; b++) j->fn(j->g, b * BB_MR, block_rows(M, b * BB_MR), p);
     }
     (void)tid;
 }
@@ -774,8 +770,6 @@ BB_AVX512 static int64_t roofline_avx512(int64_t iters) {
 }
 #endif
 
-/* Runs `iters` iterations of 24 x 512 binary MACs in the active kernel family, on one
- * thread; returns the binary MACs done (the caller times it). */
 /* portable ceiling: eight independent XOR + POPCNT + add chains, as in the portable
  * Linear's inner loop (the operands vary with the iteration so nothing is hoisted) */
 static inline __attribute__((always_inline)) int64_t roofline_portable(int64_t iters) {
@@ -794,9 +788,7 @@ static int64_t roofline_portable_generic(int64_t iters) { return roofline_portab
 __attribute__((target("popcnt"))) static int64_t roofline_portable_popcnt(int64_t iters) {
     return roofline_portable(iters);
 }
-#endif
 
-#if BB_X86
 /* AVX2 ceiling: eight independent XOR + nibble-table popcount + add chains on 256 bits */
 BB_AVX2 static int64_t roofline_avx2(int64_t iters) {
     __m256i acc[8], x = _mm256_setr_epi64x(1, 2, 3, 4);
@@ -816,6 +808,8 @@ BB_AVX2 static int64_t roofline_avx2(int64_t iters) {
 }
 #endif
 
+/* Runs `iters` iterations of the active kernel family's ceiling loop (24 x 512, 8 x 256 or
+ * 8 x 64 binary MACs each), on one thread; returns the binary MACs done (the caller times it). */
 int64_t bb_popcount_roofline(int64_t iters, int64_t *checksum) {
 #if BB_X86
     if (bb_get_kernel() == BB_KERNEL_AVX512) {

@@ -7,8 +7,8 @@ The kernel family is chosen at run time: AVX-512 VPOPCNTDQ where the CPU has it,
 portable C path elsewhere (with an AVX2 binary Linear where the CPU has AVX2).
 `set_kernel("portable" | "avx2" | "avx512" | "auto")` or the
 environment variable BIBERT_KERNEL forces one; `set_threads(n)` (or BIBERT_THREADS)
-sets the thread count of the engine's own pool. BIBERT_NATIVE_LIB points at another build of the library
-(the AddressSanitizer build of `make asan`).
+sets the thread count of the engine's own pool. BIBERT_NATIVE_LIB points at another
+build of the library (the sanitizer builds of `make asan` / `make tsan`).
 
 Every wrapper takes and returns NumPy arrays; buffers passed to C are kept referenced
 for the duration of the call.
