@@ -135,12 +135,16 @@ def run_teacher(task: str, b: Budget, wait: bool = True) -> Path | None:
     from bibert.train import finetune
 
     out = RESULTS / task / "teacher"
-    if _results(out) and (out / "best").is_dir():
+
+    def finished() -> bool:  # results and checkpoint: checkpoints stay local, so a new machine retrains
+        return bool(_results(out)) and (out / "best").is_dir()
+
+    if finished():
         return out / "best"
     with claim(out, wait=wait) as mine:
         if not mine:
             return None
-        if not _results(out) or not (out / "best").is_dir():  # checkpoints stay local: retrain on a new machine
+        if not finished():  # another worker may have finished it while this one waited
             print(f"== {task}: teacher", flush=True)
             _timed(out, lambda: finetune(str(teacher_path()), task, out, resume=True,
                                          epochs=b.teacher_epochs, max_train_examples=b.teacher_examples,
