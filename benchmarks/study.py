@@ -12,6 +12,9 @@ same fine-tuned teacher, with the same training slice, epochs, max length and ba
     1-1-2, 1-1-4                  softmax + standard (the quantized comparison rows)
     BiBERT, DMD without padding   bi + dmd with --dmd-mask-padding (an option SPEC 4 invites)
 
+and a budget check on rotten_tomatoes (seed 1): BiBERT and 1-1-2 again with 3x the epochs,
+to see whether 1-1-2's lead over BiBERT is a matter of training steps.
+
 Resumable: every finished run leaves results.json in its folder and is skipped on a
 rerun; an interrupted run resumes from its last checkpoint. `--report` (re)writes
 docs/results.md and the ablation bar chart from whatever has finished.
@@ -78,6 +81,11 @@ class Row:
     seeds: tuple[int, ...]
     augmented: bool = False
     mask_padding: bool = False
+    epochs_scale: float = 1.0  # budget-check rows: this many times the task's epochs
+    tasks: tuple[str, ...] | None = None  # None: every task
+
+    def runs_on(self, task: str) -> bool:
+        return self.tasks is None or task in self.tasks
 
 
 ROWS = [
@@ -90,7 +98,15 @@ ROWS = [
     Row("w1a4", "1-1-4 (softmax + standard KD)", "1-1-4", "softmax", "standard", (1,)),
     Row("bibert_mask", "1-1-1 BiBERT, DMD without padded positions (beyond the paper)", "1-1-1", "bi", "dmd", (1,),
         mask_padding=True),
+    # The budget check: is the 1-1-2 lead over BiBERT a matter of steps? The same two recipes
+    # with three times the epochs (rotten_tomatoes only: 1,992 steps, about 75 min a run).
+    Row("bibert_x3", "1-1-1 BiBERT, 3x the epochs", "1-1-1", "bi", "dmd", (1,), epochs_scale=3.0,
+        tasks=("rotten_tomatoes",)),
+    Row("w1a2_x3", "1-1-2, 3x the epochs", "1-1-2", "softmax", "standard", (1,), epochs_scale=3.0,
+        tasks=("rotten_tomatoes",)),
 ]
+TABLE_ROWS = [r for r in ROWS if r.epochs_scale == 1.0]
+BUDGET_PAIRS = [("bibert", "bibert_x3"), ("w1a2", "w1a2_x3")]
 PAPER_SST2 = {"teacher": 93.2, "baseline": 77.6, "bibert": 88.7, "bibert_da": 90.9, "w1a2": 82.5, "w1a4": 92.3}
 PAPER_MNLI = {"teacher": 84.9, "bibert": 66.1, "bibert_da": 66.1, "w1a2": 62.7, "w1a4": 83.9}
 
@@ -193,12 +209,13 @@ def run_row(task: str, row: Row, seed: int, teacher: Path, b: Budget) -> dict | 
         if not mine or _results(out):
             return _results(out)
         print(f"== {task}: {row.label}, seed {seed}", flush=True)
-        steps = math.ceil(train_size(task, b) / b.batch_size) * b.epochs
+        epochs = b.epochs * row.epochs_scale
+        steps = math.ceil(train_size(task, b) / b.batch_size) * epochs
         data = dict(train_file=str(augmented_file(task, b)), max_steps=int(steps)) if row.augmented else \
             dict(max_train_examples=b.train_examples)
         return _timed(out, lambda: distill(
             str(teacher), task, out, quant=QuantConfig.from_bits(row.bits, row.attention), distill=row.distill,
-            resume=True, epochs=b.epochs, lr=b.lr, max_length=b.max_length, batch_size=b.batch_size,
+            resume=True, epochs=epochs, lr=b.lr, max_length=b.max_length, batch_size=b.batch_size,
             max_eval_examples=b.eval_examples, eval_test=True, seed=seed, group_by_length=b.group_by_length,
             dmd_mask_padding=row.mask_padding, **data))
 
@@ -231,7 +248,8 @@ def collect() -> dict:
             runs = [_results(RESULTS / task / f"{row.key}_seed{s}") for s in row.seeds]
             runs = [r for r in runs if r]
             if runs:
-                entry[row.key] = {"scores": [test_score(r) for r in runs], "wall": [_wall(r) for r in runs]}
+                entry[row.key] = {"scores": [test_score(r) for r in runs], "wall": [_wall(r) for r in runs],
+                                  "steps": [r["steps"] for r in runs]}
         table[task] = entry
     costs = {"teacher": summarize(cfg, QuantConfig.full_precision(), 128).totals}
     for row in ROWS:
@@ -251,6 +269,7 @@ def write_report() -> Path:
     tasks = list(table)
     labels = {"teacher": ("BERT teacher (all-MiniLM-L6-v2, fine-tuned)", "32-32-32")}
     labels.update({r.key: (r.label, r.bits) for r in ROWS})
+    table_keys = ["teacher"] + [r.key for r in TABLE_ROWS]
     lines = [
         "# BiBERT at our scale: the ablation and the bit-width comparison",
         "",
@@ -286,7 +305,8 @@ def write_report() -> Path:
         "| method | bits W-E-A | size MiB | GFLOPs (seq 128) | " + " | ".join(tasks) + " | avg |",
         "|---|---|---|---|" + "---|" * (len(tasks) + 1),
     ]
-    for key, (label, bits) in labels.items():
+    for key in table_keys:
+        label, bits = labels[key]
         cells, means = [], []
         for task in tasks:
             e = table[task].get(key)
@@ -308,6 +328,7 @@ def write_report() -> Path:
     for key in ("teacher", "baseline", "bibert", "bibert_da", "w1a2", "w1a4"):
         ours = [(_fmt(table[t][key]["scores"]) if key in table.get(t, {}) else "-") for t in ("rotten_tomatoes", "snli")]
         lines.append(f"| {labels[key][0]} | {PAPER_SST2.get(key, '-')} | {PAPER_MNLI.get(key, '-')} | {ours[0]} | {ours[1]} |")
+    lines += budget_section(table, labels)
     lines += ["", "## Wall time per run (seconds, this machine)", "", "| task | run | seconds |", "|---|---|---|"]
     for task in tasks:
         for key, e in table[task].items():
@@ -340,6 +361,36 @@ def write_report() -> Path:
     path.write_text(text)
     (RESULTS / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def dev_curve(task: str, key: str, seed: int = 1) -> list[tuple[int, float]]:
+    """(step, dev accuracy %) at each evaluation of a run, from its metrics.jsonl."""
+    path = RESULTS / task / f"{key}_seed{seed}" / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(r["step"], 100 * next(iter(r["dev"].values()))) for r in rows if "dev" in r]
+
+
+def budget_section(table: dict, labels: dict) -> list[str]:
+    """The budget check: each recipe at the task budget and at 3x the epochs (seed 1)."""
+    lines = []
+    for task in table:
+        pairs = [(a, b) for a, b in BUDGET_PAIRS if a in table[task] and b in table[task]]
+        if not pairs:
+            continue
+        lines += ["", f"## Budget check ({task}, seed 1): does the gap close with more steps?", "",
+                  "| recipe | test at the task budget | test at 3x the epochs | change | dev accuracy by epoch (3x run) |",
+                  "|---|---|---|---|---|"]
+        for short, long in pairs:
+            s1 = table[task][short]["scores"][0]  # seed 1: the long runs use seed 1
+            s3 = table[task][long]["scores"][0]
+            st1, st3 = table[task][short]["steps"][0], table[task][long]["steps"][0]
+            curve = ", ".join(f"{acc:.1f}" for _, acc in dev_curve(task, long))
+            lines.append(f"| {labels[short][0]} | {s1:.1f} ({st1} steps) | {s3:.1f} ({st3} steps) | "
+                         f"{s3 - s1:+.1f} | {curve} |")
+        lines += ["", "Run with `python benchmarks/study.py --task rotten_tomatoes --rows bibert_x3 w1a2_x3`."]
+    return lines
 
 
 def majority_score(task: str) -> float:
@@ -390,7 +441,7 @@ def plan(tasks: list[str], rows: list[Row]) -> list[tuple[str, Row, int]]:
     order = []
     for i in range(max(len(r.seeds) for r in rows)):
         for task in tasks:
-            order += [(task, row, row.seeds[i]) for row in rows if i < len(row.seeds)]
+            order += [(task, row, row.seeds[i]) for row in rows if i < len(row.seeds) and row.runs_on(task)]
     return order
 
 
