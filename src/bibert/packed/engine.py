@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import BibertError
 from . import kernels
-from .format import BINARY_LINEARS, PackedFile, read_packed
+from .format import BINARY_LINEARS, TOKENIZER_FILES, PackedFile, check_packed, read_packed
 
 
 @dataclass
@@ -73,15 +73,17 @@ class Predictions:
 class PackedModel:
     """A packed BiBERT classifier. Build with `load_packed(path)`."""
 
-    def __init__(self, packed: PackedFile):
-        c = packed.config
-        self.config = c
-        self.hidden, self.heads = c["hidden_size"], c["num_attention_heads"]
-        self.head_size = self.hidden // self.heads
-        self.intermediate, self.num_layers = c["intermediate_size"], c["num_hidden_layers"]
-        self.eps = float(c.get("layer_norm_eps", 1e-12))
-        self.vocab_size, self.max_positions = c["vocab_size"], c["max_position_embeddings"]
-        self.type_vocab_size = c.get("type_vocab_size", 2)
+    def __init__(self, packed: PackedFile, source: str = "the packed model"):
+        """Checks `packed` (config, every tensor's dtype and shape, the files) before any of
+        it reaches the kernels; `source` names it in the error."""
+        shape = check_packed(packed, source)
+        self.config = packed.config
+        self.source = source
+        self.hidden, self.heads, self.head_size = shape.hidden, shape.heads, shape.head_size
+        self.intermediate, self.num_layers = shape.intermediate, shape.layers
+        self.eps = shape.layer_norm_eps
+        self.vocab_size, self.max_positions = shape.vocab, shape.positions
+        self.type_vocab_size = shape.token_types
         self.files = packed.files
         self.side_dtype = packed.side_dtype
         self._tokenizer = None
@@ -118,9 +120,8 @@ class PackedModel:
         self._native_layers = (kernels.LayerParams * self.num_layers)(*(self._layer_params(l) for l in self.layers))
         self.pooler = linear("bert.pooler.dense", H)
         self.classifier_weight, self.classifier_bias = f32("classifier.weight"), f32("classifier.bias")
-        self.num_labels = self.classifier_weight.shape[0]
-        id2label = c.get("id2label") or {}
-        self.labels = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(self.num_labels)]
+        self.num_labels = shape.num_labels
+        self.labels = list(shape.labels)
 
     @staticmethod
     def _layer_params(layer: Layer) -> kernels.LayerParams:
@@ -136,7 +137,15 @@ class PackedModel:
     # ---- the forward, piece by piece -------------------------------------------------
 
     def _check(self, input_ids, attention_mask, token_type_ids):
-        ids = np.asarray(input_ids)
+        """The inputs, before any of them reaches the kernels: integer ids inside the
+        vocabulary, integer token types inside the type table, a numeric mask, all three of
+        one 2-D shape, at most max_position_embeddings tokens."""
+        try:
+            ids = np.asarray(input_ids)
+            mask = None if attention_mask is None else np.asarray(attention_mask)
+            tt = None if token_type_ids is None else np.asarray(token_type_ids)
+        except ValueError as exc:  # ragged nested lists
+            raise BibertError(f"the inputs must be rectangular arrays ({exc})") from None
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
             raise BibertError("input_ids must be a 2-D array of integer token ids, shape (batch, sequence)")
         B, L = ids.shape
@@ -145,11 +154,15 @@ class PackedModel:
                               "truncate the input (max_length)")
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise BibertError(f"token ids must lie in [0, {self.vocab_size}); is the tokenizer the model's own?")
-        mask = np.ones((B, L), np.int64) if attention_mask is None else np.asarray(attention_mask)
-        tt = np.zeros((B, L), np.int64) if token_type_ids is None else np.asarray(token_type_ids)
+        mask = np.ones((B, L), np.int64) if mask is None else mask
+        tt = np.zeros((B, L), np.int64) if tt is None else tt
         for name, a in (("attention_mask", mask), ("token_type_ids", tt)):
             if a.shape != (B, L):
                 raise BibertError(f"{name} has shape {a.shape}, but input_ids has shape {(B, L)}; they must match")
+        if not (np.issubdtype(mask.dtype, np.number) or mask.dtype == bool):
+            raise BibertError("attention_mask must hold numbers: 1 for a token, 0 for padding")
+        if not (np.issubdtype(tt.dtype, np.integer) or tt.dtype == bool):
+            raise BibertError("token_type_ids must be integers: 0 for the first segment, 1 for the second")
         if tt.size and (tt.min() < 0 or tt.max() >= self.type_vocab_size):
             raise BibertError(f"token_type_ids must lie in [0, {self.type_vocab_size})")
         return ids.astype(np.int64), mask != 0, tt.astype(np.int64)
@@ -189,6 +202,13 @@ class PackedModel:
         """Logits float32 [B, num_labels] (and, if asked, the L+1 hidden states [B, L, H])."""
         ids, valid, tt = self._check(input_ids, attention_mask, token_type_ids)
         B, L = ids.shape
+        if B and not L:
+            raise BibertError("the input sequences are empty (length 0): each needs at least its [CLS] token")
+        if not B:  # no sequences: no logits
+            logits = np.zeros((0, self.num_labels), np.float32)
+            if output_hidden_states:
+                return logits, [np.zeros((0, L, self.hidden), np.float32) for _ in range(self.num_layers + 1)]
+            return logits
         x, xb = self.embeddings(ids, tt)
         hidden = np.empty((self.num_layers, B * L, self.hidden), np.float32) if output_hidden_states else None
         first = x.copy() if output_hidden_states else None
@@ -203,32 +223,42 @@ class PackedModel:
 
     @property
     def tokenizer(self):
-        """The tokenizer stored in the packed file (a Hugging Face tokenizer)."""
+        """The tokenizer stored in the packed file (a Hugging Face tokenizer; see
+        `_load_tokenizer`)."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            with tempfile.TemporaryDirectory() as tmp:
-                for name, raw in self.files.items():
-                    Path(tmp, name).write_bytes(raw)
-                Path(tmp, "config.json").write_text(json.dumps(self.config))
-                self._tokenizer = AutoTokenizer.from_pretrained(tmp)
+            self._tokenizer = _load_tokenizer(self.files, self.config, self.source)
         return self._tokenizer
 
     def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 32,
                 max_length: int | None = None) -> Predictions:
-        """Labels and scores for `texts` (with `pairs` as second segments, if given)."""
-        if isinstance(texts, str):
-            texts = [texts]
-        if isinstance(pairs, str):
-            pairs = [pairs]
+        """Labels and scores for `texts` (with `pairs` as second segments, if given).
+        max_length: tokens per input after truncation (default and cap: the model's
+        positions). Texts must be valid Unicode strings."""
+        texts = _text_list(texts, "texts")
+        pairs = None if pairs is None else _text_list(pairs, "pairs")
         if pairs is not None and len(pairs) != len(texts):
             raise BibertError(f"{len(texts)} texts but {len(pairs)} pairs: give one pair per text")
-        max_length = min(max_length or self.max_positions, self.max_positions)
+        if not _positive_int(batch_size):
+            raise BibertError(f"batch_size is {batch_size!r}: give a positive number of texts per batch, e.g. 32")
+        if max_length is not None and not _positive_int(max_length):
+            raise BibertError(f"max_length is {max_length!r}: give a positive number of tokens (at most the "
+                              f"model's {self.max_positions} positions), or leave it out")
+        max_length = min(int(max_length or self.max_positions), self.max_positions)
         logits = []
+        if texts:
+            special = self.tokenizer.num_special_tokens_to_add(pair=pairs is not None)
+            if max_length <= special:
+                raise BibertError(f"max_length {max_length} leaves no room for text: the tokenizer adds {special} "
+                                  f"special tokens; give at least {special + 1}")
         for s in range(0, len(texts), batch_size):
-            enc = self.tokenizer(list(texts[s:s + batch_size]), None if pairs is None else list(pairs[s:s + batch_size]),
-                                 truncation=True, max_length=max_length, padding=True, return_tensors="np")
-            logits.append(self.forward(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")))
+            first, second = texts[s:s + batch_size], None if pairs is None else pairs[s:s + batch_size]
+            try:
+                enc = self.tokenizer(first, second, truncation=True, max_length=max_length, padding=True,
+                                     return_tensors="np")
+            except Exception as exc:  # the tokenizer comes from the file: any failure is the file's
+                raise BibertError(f"the tokenizer of {self.source} failed on texts {s} to {s + len(first) - 1} "
+                                  f"({type(exc).__name__}: {_first_line(exc)})") from None
+            logits.append(self.forward(*self._encoded(enc)))
         logits = np.concatenate(logits) if logits else np.zeros((0, self.num_labels), np.float32)
         if self.num_labels == 1:
             scores = logits[:, 0]
@@ -236,6 +266,88 @@ class PackedModel:
         z = np.exp(logits - logits.max(axis=1, keepdims=True))
         scores = z / z.sum(axis=1, keepdims=True)
         return Predictions([self.labels[i] for i in scores.argmax(axis=1)], scores, logits)
+
+    def _encoded(self, enc) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The stored tokenizer's output, checked against the model it came with: token ids
+        inside the vocabulary, token types inside the type table."""
+        ids, types = np.asarray(enc["input_ids"]), enc.get("token_type_ids")
+        problems = []
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            problems.append(f"token ids up to {ids.max()}, for a vocabulary of {self.vocab_size}")
+        if types is not None and np.size(types) and (np.min(types) < 0 or np.max(types) >= self.type_vocab_size):
+            problems.append(f"token types up to {np.max(types)}, for {self.type_vocab_size} types")
+        if problems:
+            raise BibertError(f"{self.source} is not a valid bibert file: its tokenizer gives {' and '.join(problems)}")
+        return ids, enc["attention_mask"], types
+
+
+def _positive_int(value) -> bool:
+    """value is an integer (not a bool) of at least 1."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= 1
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, at most 200 characters."""
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def _text_list(values, name: str) -> list[str]:
+    """`values` (a string or an iterable of strings) as a list of strings, each valid
+    Unicode (a lone surrogate cannot be encoded, so the tokenizer cannot take it)."""
+    if isinstance(values, str):
+        values = [values]
+    try:
+        values = list(values)
+    except TypeError:
+        raise BibertError(f"{name} must be a string or a list of strings, not {type(values).__name__}") from None
+    for i, text in enumerate(values):
+        if not isinstance(text, str):
+            raise BibertError(f"{name}[{i}] is of type {type(text).__name__}, not a string")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise BibertError(
+                f"{name}[{i}] is not valid Unicode: it holds a lone surrogate {text[exc.start]!r} at character "
+                f"{exc.start} (text read with errors='surrogateescape', or a broken \\u escape); clean it first, "
+                "e.g. text.encode('utf-8', 'replace').decode('utf-8')") from None
+    return values
+
+
+def _without_paths(name: str, raw: bytes) -> bytes:
+    """A tokenizer settings file (tokenizer_config.json, special_tokens_map.json) without the
+    keys that name files or remote code (`*_file`, `*_files`, `auto_map`): the tokenizer's
+    files are the ones stored beside it, and no code from a model file is run."""
+    if name not in ("tokenizer_config.json", "special_tokens_map.json"):
+        return raw
+    settings = json.loads(raw)
+    drop = [k for k in settings if k == "auto_map" or k.endswith(("_file", "_files"))]
+    if not drop:
+        return raw
+    return json.dumps({k: v for k, v in settings.items() if k not in drop}).encode()
+
+
+def _load_tokenizer(files: dict[str, bytes], config: dict, source: str):
+    """The Hugging Face tokenizer of a packed model, from its stored files. They are written
+    under their fixed names only (TOKENIZER_FILES, never a name taken from the file) into a
+    fresh private temporary folder, removed afterwards; remote code is refused and nothing
+    is downloaded. Any failure makes the file invalid."""
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="bibert-tokenizer-") as tmp:
+        folder = Path(tmp)
+        for name in TOKENIZER_FILES:
+            if name in files:
+                (folder / name).write_bytes(_without_paths(name, files[name]))
+        hint = {"model_type": "bert"}  # which tokenizer class, when tokenizer_config.json does not say
+        if isinstance(config.get("tokenizer_class"), str):
+            hint["tokenizer_class"] = config["tokenizer_class"]
+        (folder / "config.json").write_text(json.dumps(hint))
+        try:
+            return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
+        except Exception as exc:
+            raise BibertError(f"{source} is not a valid bibert file: its tokenizer cannot be loaded "
+                              f"({type(exc).__name__}: {_first_line(exc)})") from None
 
 
 def load_packed(path: str | os.PathLike, threads: int | None = None, kernel: str | None = None) -> PackedModel:
@@ -247,4 +359,4 @@ def load_packed(path: str | os.PathLike, threads: int | None = None, kernel: str
         kernels.set_kernel(kernel)
     if threads is not None:
         kernels.set_threads(threads)
-    return PackedModel(read_packed(path))
+    return PackedModel(read_packed(path), source=str(path))

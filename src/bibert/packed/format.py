@@ -11,11 +11,16 @@ Binarized weights (every encoder Linear, the pooler and the word embedding) are 
 as sign bits, row-major uint64 words: bit 1 <=> -1, element j in word j // 64, bit j % 64,
 padding bits 0; beside them the per-row scale alpha. Everything else (biases, LayerNorms,
 position / token-type embeddings, classifier) is full precision in the chosen side dtype.
+
+Files are untrusted input: `read_packed` checks every header field, entry and size against
+what the config implies before anything is used, and `expected_tensors` is the one table
+of the tensors a file holds (docs/packed_format.md, "Untrusted files").
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -38,6 +43,26 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spec
 BINARY_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value",
                   "attention.output.dense", "intermediate.dense", "output.dense")
 LAYER_NORMS = ("attention.output.LayerNorm", "output.LayerNorm")
+BIT_ORDER = "bit 1 = -1; element j in uint64 word j//64, bit j%64"
+HEADER_SIDE_DTYPES = ("float32", "float16")  # the side_dtype values a header may hold
+ENTRY_KEYS = {"kind", "name", "dtype", "shape", "offset", "nbytes"}
+
+# What a reader accepts. Sizes: far above any BERT, low enough that no size arithmetic can
+# overflow. Every size must also agree with the tensors actually in the file.
+CONFIG_LIMITS = {  # config field: (lowest, highest)
+    "hidden_size": (1, 16384),
+    "num_attention_heads": (1, 1024),
+    "intermediate_size": (1, 65536),
+    "num_hidden_layers": (1, 256),
+    "vocab_size": (1, 1 << 22),
+    "max_position_embeddings": (1, 1 << 16),
+    "type_vocab_size": (1, 1024),
+}
+MAX_LABELS = 1 << 16
+MAX_LABEL_CHARS = 1000
+MAX_HEADER_BYTES = 16 << 20
+MAX_FILE_BYTES = 64 << 20  # one tokenizer file, decompressed
+XZ_MEMLIMIT = 256 << 20  # the xz decoder's memory (the writer's preset needs about 65 MiB)
 
 
 @dataclass
@@ -117,36 +142,31 @@ def export_packed(student_dir: str | os.PathLike, out: str | os.PathLike, side_d
         raise BibertError(f"cannot read {weights_path}: {exc}") from None
     state = {k if k.startswith(("bert.", "classifier.")) else f"bert.{k}": v for k, v in state.items()}
 
-    tensors: dict[str, np.ndarray] = {}
+    hf_config = {k: v for k, v in config.items() if k not in ("bibert_format_version", "quantization")}
+    try:
+        check_quantization(config["quantization"])
+        table = expected_tensors(hf_config, np.dtype(side).name)
+    except _Invalid as exc:
+        raise BibertError(f"cannot pack {student_dir}: {exc}") from None
 
     def take(name: str) -> torch.Tensor:
         if name not in state:
             raise BibertError(f"{weights_path} lacks {name}")
         return state[name].float()
 
-    def binary(name: str, with_bias: bool = True) -> None:
-        alpha, signs = weight_scale_and_signs(take(name + ".weight"))
-        tensors[name + ".bits"] = pack_sign_rows(signs.numpy())
-        tensors[name + ".alpha"] = alpha.numpy().astype(side)
-        if with_bias:
-            tensors[name + ".bias"] = take(name + ".bias").numpy().astype(side)
-
-    def full(name: str) -> None:
-        tensors[name] = take(name).numpy().astype(side)
-
-    binary("bert.embeddings.word_embeddings", with_bias=False)
-    for name in ("position_embeddings.weight", "token_type_embeddings.weight", "LayerNorm.weight", "LayerNorm.bias"):
-        full("bert.embeddings." + name)
-    for n in range(config["num_hidden_layers"]):
-        p = f"bert.encoder.layer.{n}."
-        for lin in BINARY_LINEARS:
-            binary(p + lin)
-        for ln in LAYER_NORMS:
-            full(p + ln + ".weight")
-            full(p + ln + ".bias")
-    binary("bert.pooler.dense")
-    full("classifier.weight")
-    full("classifier.bias")
+    tensors: dict[str, np.ndarray] = {}
+    for name in table:  # file order; a weight's sign bits and scale come from one binarization
+        if name.endswith(".bits"):
+            base = name[: -len(".bits")]
+            alpha, signs = weight_scale_and_signs(take(base + ".weight"))
+            tensors[name] = pack_sign_rows(signs.numpy())
+            tensors[base + ".alpha"] = alpha.numpy().astype(side)
+        elif not name.endswith(".alpha"):
+            tensors[name] = take(name).numpy().astype(side)
+    for name, spec in table.items():
+        if tensors[name].shape != spec.shape:
+            raise BibertError(f"{weights_path}: {name} has shape {list(tensors[name].shape)}, but config.json "
+                              f"implies {list(spec.shape)}")
 
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else student_dir
     files = {name: (tok_dir / name).read_bytes() for name in TOKENIZER_FILES if (tok_dir / name).is_file()}
@@ -156,7 +176,6 @@ def export_packed(student_dir: str | os.PathLike, out: str | os.PathLike, side_d
     if "tokenizer.json" in files:  # it holds the vocabulary too
         files.pop("vocab.txt", None)
 
-    hf_config = {k: v for k, v in config.items() if k not in ("bibert_format_version", "quantization")}
     packed = PackedFile(hf_config, config["quantization"], np.dtype(side).name, tensors, files)
     out = Path(out)
     write_packed(packed, out)
@@ -168,7 +187,12 @@ def _aligned(n: int) -> int:
 
 
 def write_packed(packed: PackedFile, path: Path) -> None:
-    """Serialise `packed` (atomically: a temporary file renamed into place)."""
+    """Serialise `packed` (atomically: a temporary file renamed into place). A model that
+    `read_packed` would refuse is not written."""
+    try:
+        _check_packed(packed)
+    except _Invalid as exc:
+        raise BibertError(f"refusing to write {path}: {exc}") from None
     entries, blobs, offset = [], [], 0
     items = [("tensor", k, np.ascontiguousarray(v)) for k, v in packed.tensors.items()]
     items += [("file", k, np.frombuffer(lzma.compress(v, preset=9 | lzma.PRESET_EXTREME), dtype=np.uint8)) for k, v in packed.files.items()]
@@ -178,7 +202,7 @@ def write_packed(packed: PackedFile, path: Path) -> None:
         blobs.append((offset, arr.tobytes()))
         offset = _aligned(offset + arr.nbytes)
     header = {"format_version": FORMAT_VERSION, "config": packed.config, "quantization": packed.quantization,
-              "side_dtype": packed.side_dtype, "bit_order": "bit 1 = -1; element j in uint64 word j//64, bit j%64",
+              "side_dtype": packed.side_dtype, "bit_order": BIT_ORDER,
               "entries": entries}
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     head += b" " * (_aligned(PREAMBLE.size + len(head)) - PREAMBLE.size - len(head))
@@ -198,44 +222,429 @@ def write_packed(packed: PackedFile, path: Path) -> None:
             os.remove(tmp)
 
 
-def _decompress(raw: bytes, compression: str | None, path: Path) -> bytes:
+# ---- reading: nothing in a file is trusted -------------------------------------------
+
+
+class _Invalid(Exception):
+    """Why a packed file is not valid: the field and what is wrong with it."""
+
+
+def _show(value) -> str:
+    """A short repr of a header value for an error message."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _integer(value, field: str, lo: int, hi: int) -> int:
+    """value is a JSON integer (not a bool or a float) in [lo, hi]."""
+    if type(value) is not int or not lo <= value <= hi:
+        raise _Invalid(f"{field} is {_show(value)}; it must be an integer in [{lo}, {hi}]")
+    return value
+
+
+def _string(value, field: str, choices: tuple[str, ...] | None = None) -> str:
+    """value is a string (one of `choices`, if given)."""
+    if not isinstance(value, str) or (choices is not None and value not in choices):
+        wanted = "a string" if choices is None else "one of " + ", ".join(repr(c) for c in choices)
+        raise _Invalid(f"{field} is {_show(value)}; it must be {wanted}")
+    return value
+
+
+def _object(value, field: str) -> dict:
+    """value is a JSON object."""
+    if not isinstance(value, dict):
+        raise _Invalid(f"{field} is {_show(value)}; it must be a JSON object")
+    return value
+
+
+def _keys(obj: dict, field: str, required: set[str], optional: set[str] = frozenset()) -> None:
+    """obj has every key of `required` and no key outside `required | optional`."""
+    missing = sorted(required - obj.keys())
+    if missing:
+        raise _Invalid(f"{field}.{missing[0]} is missing")
+    unknown = sorted(obj.keys() - required - optional)
+    if unknown:
+        raise _Invalid(f"{field} has an unknown field {_show(unknown[0])}")
+
+
+def _no_duplicates(pairs: list) -> dict:
+    """JSON object hook: a key given twice makes the object ambiguous."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _Invalid(f"a JSON object repeats the key {_show(duplicate)}")
+    return obj
+
+
+def _finite_float(text: str) -> float:
+    """JSON number hook: a float literal that overflows to infinity is refused."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Invalid(f"the number {_show(text)} is out of range")
+    return value
+
+
+def _no_constant(text: str):
+    """JSON constant hook: NaN and Infinity are not JSON."""
+    raise _Invalid(f"{text} is not a JSON value")
+
+
+def _load_json(raw: bytes, what: str):
+    """Strict JSON of UTF-8 text: no repeated keys, no NaN / Infinity, no overflowing numbers."""
+    try:
+        text = bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Invalid(f"{what} is not UTF-8 text") from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_float=_finite_float,
+                          parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise _Invalid(f"{what} is not valid JSON ({str(exc)[:80]})") from None
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a packed model, read from its config and checked."""
+
+    hidden: int
+    heads: int
+    intermediate: int
+    layers: int
+    vocab: int
+    positions: int
+    token_types: int
+    layer_norm_eps: float
+    labels: tuple[str, ...]  # label names, id order
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+
+def model_shape(config) -> ModelShape:
+    """Checks the header's config (every field the engine reads: its type, its range and
+    how it agrees with the others) and returns the model's sizes."""
+    from ..modeling import GELU_FAMILY
+
+    config = _object(config, "config")
+    c = {name: _integer(config.get(name), f"config.{name}", lo, hi) for name, (lo, hi) in CONFIG_LIMITS.items()}
+    if c["hidden_size"] % c["num_attention_heads"]:
+        raise _Invalid(f"config.num_attention_heads is {c['num_attention_heads']}; it must divide "
+                       f"config.hidden_size ({c['hidden_size']})")
+    _string(config.get("model_type"), "config.model_type", ("bert",))
+    _string(config.get("hidden_act"), "config.hidden_act", GELU_FAMILY)
+    positions = config.get("position_embedding_type", "absolute")
+    if positions is not None:
+        _string(positions, "config.position_embedding_type", ("absolute",))
+    eps = config.get("layer_norm_eps")
+    if type(eps) not in (int, float) or not 0 < eps <= 1:
+        raise _Invalid(f"config.layer_norm_eps is {_show(eps)}; it must be a number in (0, 1]")
+    id2label = _object(config.get("id2label"), "config.id2label")
+    if not 1 <= len(id2label) <= MAX_LABELS:
+        raise _Invalid(f"config.id2label has {len(id2label)} labels; a classifier has 1 to {MAX_LABELS}")
+    labels = []
+    for i in range(len(id2label)):
+        if str(i) not in id2label:
+            raise _Invalid(f"config.id2label lacks label id {i}; its keys must be \"0\" to \"{len(id2label) - 1}\"")
+        name = id2label[str(i)]
+        if not isinstance(name, str) or len(name) > MAX_LABEL_CHARS:
+            raise _Invalid(f"config.id2label[\"{i}\"] is {_show(name)}; it must be a string of at most "
+                           f"{MAX_LABEL_CHARS} characters")
+        labels.append(name)
+    if "num_labels" in config:
+        _integer(config["num_labels"], "config.num_labels", len(labels), len(labels))  # as many as id2label
+    return ModelShape(c["hidden_size"], c["num_attention_heads"], c["intermediate_size"], c["num_hidden_layers"],
+                      c["vocab_size"], c["max_position_embeddings"], c["type_vocab_size"], float(eps), tuple(labels))
+
+
+def check_quantization(quantization) -> None:
+    """The student's quantization must be the one the engine computes: bits 1-1-1,
+    Bi-Attention, sign activations."""
+    from ..config import QuantConfig
+
+    q = _object(quantization, "quantization")
+    _keys(q, "quantization", {"weight_bits", "embedding_bits", "activation_bits", "attention", "version"},
+          {"activations"})
+    for name in ("weight_bits", "embedding_bits", "activation_bits"):
+        _integer(q[name], f"quantization.{name}", 1, 1)
+    _string(q["attention"], "quantization.attention", ("bi",))
+    _integer(q["version"], "quantization.version", 1, QuantConfig.VERSION)
+    if "activations" in q:
+        _string(q["activations"], "quantization.activations", ("sign",))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What one tensor entry must be: its dtype (NumPy type string) and shape; for sign-bit
+    rows, `width` is the number of meaningful bits in a row (the padding bits after it are 0)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    width: int | None = None
+
+
+def expected_tensors(config, side_dtype: str) -> dict[str, TensorSpec]:
+    """Every tensor entry of a packed model with this config and side dtype, in file
+    order: the one place that says which tensors a file holds (a format addition is a
+    new row here). Raises _Invalid for a config the engine cannot run."""
+    s = model_shape(config)
+    side = np.dtype(SIDE_DTYPES[_string(side_dtype, "side_dtype", HEADER_SIDE_DTYPES)]).newbyteorder("<").str
+    H, I = s.hidden, s.intermediate
+    table: dict[str, TensorSpec] = {}
+
+    def binary(name: str, out: int, width: int, bias: bool = True) -> None:
+        table[name + ".bits"] = TensorSpec("<u8", (out, -(-width // 64)), width)
+        table[name + ".alpha"] = TensorSpec(side, (out,))
+        if bias:
+            table[name + ".bias"] = TensorSpec(side, (out,))
+
+    def full(name: str, *shape: int) -> None:
+        table[name] = TensorSpec(side, shape)
+
+    e = "bert.embeddings."
+    binary(e + "word_embeddings", s.vocab, H, bias=False)
+    full(e + "position_embeddings.weight", s.positions, H)
+    full(e + "token_type_embeddings.weight", s.token_types, H)
+    full(e + "LayerNorm.weight", H)
+    full(e + "LayerNorm.bias", H)
+    linear_sizes = {"intermediate.dense": (I, H), "output.dense": (H, I)}  # (out, in); the others H x H
+    for n in range(s.layers):
+        p = f"bert.encoder.layer.{n}."
+        for lin in BINARY_LINEARS:
+            binary(p + lin, *linear_sizes.get(lin, (H, H)))
+        for ln in LAYER_NORMS:
+            full(p + ln + ".weight", H)
+            full(p + ln + ".bias", H)
+    binary("bert.pooler.dense", H, H)
+    full("classifier.weight", s.num_labels, H)
+    full("classifier.bias", s.num_labels)
+    return table
+
+
+def _check_padding(name: str, bits: np.ndarray, width: int) -> None:
+    """The bits after `width` in each row of sign bits must be 0."""
+    if width % 64:
+        tail = bits[:, -1] & ~np.uint64((1 << (width % 64)) - 1)
+        if tail.any():
+            raise _Invalid(f"tensor {name}: padding bits after bit {width} of a row are not 0")
+
+
+def _check_file(name: str, raw: bytes) -> None:
+    """A tokenizer file is UTF-8 text; a .json one is a JSON object."""
+    if name.endswith(".json"):
+        _object(_load_json(raw, f"file {name}"), f"file {name}")
+    else:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Invalid(f"file {name} is not UTF-8 text") from None
+
+
+def _decompress(raw: bytes, compression: str | None, name: str) -> bytes:
+    """A file entry's bytes, decompressed to at most MAX_FILE_BYTES (a larger output, a damaged
+    or truncated stream, or data after its end make the file invalid)."""
     if compression is None:
         return raw
-    if compression != "xz":
-        raise BibertError(f"{path}: unknown compression {compression!r}; upgrade bibert")
-    return lzma.decompress(raw)
+    d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=XZ_MEMLIMIT)
+    try:
+        out = d.decompress(raw, max_length=MAX_FILE_BYTES + 1)
+    except lzma.LZMAError as exc:
+        raise _Invalid(f"file {name}: the xz data is damaged ({exc})") from None
+    if len(out) > MAX_FILE_BYTES:
+        raise _Invalid(f"file {name} decompresses to more than {MAX_FILE_BYTES} bytes")
+    if not d.eof:
+        raise _Invalid(f"file {name}: the xz data is truncated")
+    if d.unused_data:
+        raise _Invalid(f"file {name}: data follows the end of the xz stream")
+    return out
 
 
-def read_packed(path: str | os.PathLike) -> PackedFile:
-    """Read and verify a packed model (magic, format version, SHA-256, entry bounds)."""
-    path = Path(path)
-    if not path.is_file():
-        raise BibertError(f"packed model {path} does not exist")
-    raw = path.read_bytes()
+@dataclass(frozen=True)
+class _Entry:
+    kind: str
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    compression: str | None = None
+
+
+def _check_entry(e, i: int, table: dict[str, TensorSpec], data_len: int) -> _Entry:
+    """One entry of the header's list: its kind and name (a tensor of the table or a file of
+    the fixed tokenizer list), dtype, shape and byte count as the config implies, and an
+    aligned offset that keeps it inside the data section."""
+    e = _object(e, f"entries[{i}]")
+    name = _string(e.get("name"), f"entries[{i}].name")
+    kind = _string(e.get("kind"), f"entries[{i}].kind", ("tensor", "file"))
+    where = f"entry {_show(name)}"
+    if kind == "file":
+        if name not in TOKENIZER_FILES:  # never a path: only these exact names
+            raise _Invalid(f"{where}: a file entry must be one of {', '.join(TOKENIZER_FILES)}")
+        _keys(e, where, ENTRY_KEYS, {"compression"})
+    else:
+        if name not in table:
+            raise _Invalid(f"{where} is not a tensor of a model with this config")
+        _keys(e, where, ENTRY_KEYS)
+    nbytes = _integer(e["nbytes"], f"{where}.nbytes", 0, data_len)
+    offset = _integer(e["offset"], f"{where}.offset", 0, data_len)
+    if offset % ALIGN:
+        raise _Invalid(f"{where}.offset is {offset}; it must be a multiple of {ALIGN}")
+    if offset + nbytes > data_len:
+        raise _Invalid(f"{where} ends at byte {offset + nbytes} of a data section of {data_len} bytes")
+    dtype = _string(e["dtype"], f"{where}.dtype", (table[name].dtype if kind == "tensor" else "|u1",))
+    shape = e["shape"]
+    if not isinstance(shape, list) or len(shape) > 4 or any(type(d) is not int for d in shape):
+        raise _Invalid(f"{where}.shape is {_show(shape)}; it must be a list of integers")
+    wanted = table[name].shape if kind == "tensor" else (nbytes,)
+    if tuple(shape) != wanted:
+        raise _Invalid(f"{where}.shape is {_show(shape)}; the config implies {list(wanted)}")
+    if nbytes != math.prod(wanted) * np.dtype(dtype).itemsize:
+        raise _Invalid(f"{where}.nbytes is {nbytes}; a {dtype} array of shape {list(wanted)} has "
+                       f"{math.prod(wanted) * np.dtype(dtype).itemsize}")
+    compression = None
+    if kind == "file":
+        if "compression" in e:
+            compression = _string(e["compression"], f"{where}.compression", ("xz",))
+        elif nbytes > MAX_FILE_BYTES:
+            raise _Invalid(f"{where} holds {nbytes} bytes; a tokenizer file has at most {MAX_FILE_BYTES}")
+    return _Entry(kind, name, dtype, wanted, offset, nbytes, compression)
+
+
+def _check_entries(entries, table: dict[str, TensorSpec], data_len: int) -> list[_Entry]:
+    """The header's entry list: every entry valid, no name twice, every tensor of the table
+    present, a tokenizer present, and no two entries sharing a byte."""
+    if not isinstance(entries, list):
+        raise _Invalid(f"entries is {_show(entries)}; it must be a list")
+    if len(entries) > len(table) + len(TOKENIZER_FILES):
+        raise _Invalid(f"entries lists {len(entries)} entries; a model with this config has at most "
+                       f"{len(table) + len(TOKENIZER_FILES)}")
+    checked, names = [], set()
+    for i, e in enumerate(entries):
+        entry = _check_entry(e, i, table, data_len)
+        if entry.name in names:
+            raise _Invalid(f"entry {_show(entry.name)} appears twice")
+        names.add(entry.name)
+        checked.append(entry)
+    missing = [name for name in table if name not in names]
+    if missing:
+        raise _Invalid(f"tensor entry {missing[0]} is missing")
+    if not names & {"tokenizer.json", "vocab.txt"}:
+        raise _Invalid("there is no tokenizer (file entry tokenizer.json or vocab.txt)")
+    end, last = 0, None
+    for entry in sorted(checked, key=lambda x: (x.offset, x.nbytes)):
+        if entry.offset < end:
+            raise _Invalid(f"entries {last} and {entry.name} overlap")
+        if entry.nbytes:
+            end, last = entry.offset + entry.nbytes, entry.name
+    return checked
+
+
+def _check_header(header, version: int, data_len: int) -> tuple[dict[str, TensorSpec], list[_Entry]]:
+    """The header object: known fields only, each of the right type and range, the config
+    one the engine runs, and entries that match it."""
+    header = _object(header, "the header")
+    _keys(header, "header", {"format_version", "config", "quantization", "side_dtype", "entries"}, {"bit_order"})
+    _integer(header["format_version"], "header.format_version", version, version)
+    if "bit_order" in header:
+        _string(header["bit_order"], "header.bit_order", (BIT_ORDER,))
+    check_quantization(header["quantization"])
+    table = expected_tensors(header["config"], header["side_dtype"])
+    return table, _check_entries(header["entries"], table, data_len)
+
+
+def _parse(raw: bytes, path: Path) -> PackedFile:
+    """The packed model in `raw`: preamble, checksum, header, entries, data, each checked
+    before it is used."""
     if len(raw) < PREAMBLE.size + DIGEST or raw[:8] != MAGIC:
-        raise BibertError(f"{path} is not a packed bibert model (bad magic or too short)")
-    _, version, _, head_len = PREAMBLE.unpack_from(raw)
+        raise _Invalid("too short or bad magic (a packed model starts with BIBERTPK)")
+    _, version, reserved, head_len = PREAMBLE.unpack_from(raw)
     if version > FORMAT_VERSION:
         raise BibertError(f"{path} has packed format version {version}; this bibert reads up to "
                           f"{FORMAT_VERSION}: upgrade bibert")
+    if version < 1:
+        raise _Invalid(f"format version {version}; versions start at 1")
     body, digest = memoryview(raw)[:-DIGEST], raw[-DIGEST:]
     if hashlib.sha256(body).digest() != digest:
-        raise BibertError(f"{path} is damaged or truncated (SHA-256 checksum mismatch); export it again")
+        raise _Invalid("it is damaged or truncated (SHA-256 checksum mismatch); export it again")
+    if reserved:
+        raise _Invalid(f"the reserved preamble field is {reserved}; it must be 0")
     data_start = PREAMBLE.size + head_len
-    try:
-        header = json.loads(bytes(body[PREAMBLE.size:data_start]))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BibertError(f"{path} has an unreadable header ({exc})") from None
-    packed = PackedFile(header["config"], header["quantization"], header["side_dtype"],
-                        format_version=version)
+    if head_len > MAX_HEADER_BYTES or data_start > len(body) or data_start % ALIGN:
+        raise _Invalid(f"the header length {head_len} does not fit the file (at most {MAX_HEADER_BYTES} bytes, "
+                       f"ending at a multiple of {ALIGN} before the checksum)")
+    header = _load_json(body[PREAMBLE.size:data_start], "the header")
     data = body[data_start:]
-    for e in header["entries"]:
-        if e["offset"] < 0 or e["offset"] + e["nbytes"] > len(data):
-            raise BibertError(f"{path}: entry {e['name']} lies outside the file")
-        chunk = data[e["offset"]:e["offset"] + e["nbytes"]]
-        if e["kind"] == "file":
-            packed.files[e["name"]] = _decompress(bytes(chunk), e.get("compression"), path)
+    table, entries = _check_header(header, version, len(data))
+    packed = PackedFile(header["config"], header["quantization"], header["side_dtype"], format_version=version)
+    for e in entries:
+        chunk = data[e.offset:e.offset + e.nbytes]
+        if e.kind == "file":
+            content = _decompress(bytes(chunk), e.compression, e.name)
+            _check_file(e.name, content)
+            packed.files[e.name] = content
         else:
-            arr = np.frombuffer(chunk, dtype=np.dtype(e["dtype"]))
-            packed.tensors[e["name"]] = arr.reshape(e["shape"])
+            arr = np.frombuffer(chunk, dtype=np.dtype(e.dtype)).reshape(e.shape)
+            if table[e.name].width is not None:
+                _check_padding(e.name, arr, table[e.name].width)
+            packed.tensors[e.name] = arr
     return packed
+
+
+def _check_packed(packed: PackedFile) -> ModelShape:
+    """A PackedFile in memory (read, or built by hand): its config, quantization and side
+    dtype, exactly the table's tensors with their dtypes and shapes, zero padding bits, and
+    tokenizer files of the fixed names only."""
+    if not isinstance(packed, PackedFile) or not isinstance(packed.tensors, dict) or not isinstance(packed.files, dict):
+        raise _Invalid("it is not a PackedFile with dictionaries of tensors and files")
+    check_quantization(packed.quantization)
+    table = expected_tensors(packed.config, packed.side_dtype)
+    unexpected = sorted(map(str, packed.tensors.keys() - table.keys()))
+    if unexpected:
+        raise _Invalid(f"{_show(unexpected[0])} is not a tensor of a model with this config")
+    for name, spec in table.items():
+        arr = packed.tensors.get(name)
+        if arr is None:
+            raise _Invalid(f"tensor {name} is missing")
+        if not isinstance(arr, np.ndarray) or arr.dtype.str != spec.dtype or arr.shape != spec.shape:
+            got = f"{arr.dtype.str} {list(arr.shape)}" if isinstance(arr, np.ndarray) else type(arr).__name__
+            raise _Invalid(f"tensor {name} is {got}; the config implies {spec.dtype} {list(spec.shape)}")
+        if spec.width is not None:
+            _check_padding(name, arr, spec.width)
+    for name, content in packed.files.items():
+        if name not in TOKENIZER_FILES or not isinstance(content, bytes):
+            raise _Invalid(f"file {_show(name)}: files are bytes named one of {', '.join(TOKENIZER_FILES)}")
+        _check_file(name, content)
+    if not packed.files.keys() & {"tokenizer.json", "vocab.txt"}:
+        raise _Invalid("there is no tokenizer (file tokenizer.json or vocab.txt)")
+    return model_shape(packed.config)
+
+
+def check_packed(packed: PackedFile, source: str = "the packed model") -> ModelShape:
+    """`_check_packed` with its failure as a BibertError naming `source`."""
+    try:
+        return _check_packed(packed)
+    except _Invalid as exc:
+        raise BibertError(f"{source} is not a valid bibert file: {exc}") from None
+
+
+def read_packed(path: str | os.PathLike) -> PackedFile:
+    """Read and verify a packed model: magic, format version, SHA-256, then every header
+    field and entry against what the config implies (docs/packed_format.md, "Untrusted
+    files"). Any problem is a BibertError saying the file is not valid and why."""
+    path = Path(path)
+    if not path.is_file():
+        raise BibertError(f"packed model {path} does not exist")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise BibertError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return _parse(raw, path)
+    except _Invalid as exc:
+        raise BibertError(f"{path} is not a valid bibert file: {exc}") from None
