@@ -47,7 +47,7 @@
 #define BB_X86 0
 #endif
 
-#define BB_ABI_VERSION 8
+#define BB_ABI_VERSION 9
 #define BB_PANEL 32
 #define BB_MR 6
 
@@ -103,10 +103,41 @@ int bb_get_kernel(void) {
     return g_kernel;
 }
 
-void bb_set_threads(int n) { g_threads = n < 1 ? 1 : n; }
+#define BB_MAX_THREADS 1024
+
+void bb_set_threads(int n) { g_threads = n < 1 ? 1 : n > BB_MAX_THREADS ? BB_MAX_THREADS : n; }
 int bb_get_threads(void) { return g_threads; }
 
 static inline int64_t words_of(int64_t bits) { return (bits + 63) >> 6; }
+
+/* ------------------------------------------------------------------------------------ */
+/* argument checks                                                                       */
+
+/* Every exported kernel checks its sizes and pointers before it touches memory and returns
+ * BB_OK, BB_ENOMEM (an allocation failed) or BB_EINVAL: a size below 1 where one is needed,
+ * sizes that disagree (a leading dimension shorter than a row, a bit offset past the row),
+ * a size product that could overflow, or a missing buffer. An input of zero rows is a
+ * no-op. The checks are O(1) per call (the embedding also checks each token id as it
+ * reads it); that the buffers are as long as the sizes say is the caller's part (the
+ * Python wrappers check the arrays' shapes). */
+enum { BB_OK = 0, BB_ENOMEM = -1, BB_EINVAL = -2 };
+
+/* Largest value of any one size or leading dimension: far above any model, small enough
+ * that a product of two cannot overflow int64. */
+#define BB_MAX_DIM ((int64_t)1 << 31)
+/* Largest element count of one buffer: its byte count and every offset into it fit int64. */
+#define BB_MAX_ELEMS ((int64_t)1 << 56)
+
+static inline int dim_ok(int64_t v) { return v >= 1 && v <= BB_MAX_DIM; }   /* a size, at least 1 */
+static inline int count_ok(int64_t v) { return v >= 0 && v <= BB_MAX_DIM; } /* a row count, 0 allowed */
+
+/* a * b * c (each >= 0) is at most BB_MAX_ELEMS, computed without overflow */
+static int elems_ok(int64_t a, int64_t b, int64_t c) {
+    int64_t ab, abc;
+    if (a < 0 || b < 0 || c < 0) return 0;
+    if (__builtin_mul_overflow(a, b, &ab) || __builtin_mul_overflow(ab, c, &abc)) return 0;
+    return abc <= BB_MAX_ELEMS;
+}
 
 /* ------------------------------------------------------------------------------------ */
 /* thread pool                                                                           */
@@ -391,9 +422,16 @@ static void sign_pack_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
     (void)tid;
 }
 
-void bb_sign_pack(const float *x, int64_t M, int64_t K, int64_t ldx, uint64_t *out, int64_t ldo) {
+/* Checks: K >= 1, ldx >= K, ldo >= words(K), x and out given (for M > 0). */
+int bb_sign_pack(const float *x, int64_t M, int64_t K, int64_t ldx, uint64_t *out, int64_t ldo) {
+    if (!count_ok(M)) return BB_EINVAL;
+    if (M == 0) return BB_OK;
+    if (!dim_ok(K) || !dim_ok(ldx) || ldx < K || !dim_ok(ldo) || ldo < words_of(K) || !elems_ok(M, ldx, 1) ||
+        !elems_ok(M, ldo, 1) || !x || !out)
+        return BB_EINVAL;
     sign_pack_args g = {x, K, ldx, ldo, out, bb_get_kernel() == BB_KERNEL_AVX512};
     bb_parallel_for(M, rows_grain(M, K, 16384), sign_pack_rows, &g);
+    return BB_OK;
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -420,12 +458,15 @@ static inline float epilogue(int64_t K, int64_t pc, float alpha, float bias) {
     return alpha * (float)(K - 2 * pc) + bias;
 }
 
-/* c0 = alpha * K + bias, c1 = -2 alpha, each [N] */
-void bb_float_epilogue(const float *alpha, const float *bias, int64_t K, int64_t N, float *c0, float *c1) {
+/* c0 = alpha * K + bias, c1 = -2 alpha, each [N]. Checks: K >= 1, the four arrays given. */
+int bb_float_epilogue(const float *alpha, const float *bias, int64_t K, int64_t N, float *c0, float *c1) {
+    if (!count_ok(N) || !dim_ok(K)) return BB_EINVAL;
+    if (N && (!alpha || !bias || !c0 || !c1)) return BB_EINVAL;
     for (int64_t n = 0; n < N; n++) {
         c0[n] = alpha[n] * (float)K + bias[n];
         c1[n] = -2.0f * alpha[n];
     }
+    return BB_OK;
 }
 
 /* portable epilogue of one row m: counts pc[0..nc) of panel p */
@@ -692,9 +733,20 @@ static void linear_bit_tiles(void *ctx, int64_t lo, int64_t hi, int tid) {
  * [M, ldo] (whole words of each row rewritten), decided exactly by the integer thresholds
  * thr / flip of bb_bit_thresholds (flip: one uint32 of bits per panel; thr padded to whole
  * panels). c0/c1 may be NULL for bit output, thr/flip for float output. */
-void bb_linear(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint64_t *w_panels, int64_t N,
-               const float *c0, const float *c1, const float *residual, float *out, uint64_t *out_bits,
-               int64_t ldo, const int64_t *thr, const uint32_t *flip) {
+int bb_linear(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint64_t *w_panels, int64_t N,
+              const float *c0, const float *c1, const float *residual, float *out, uint64_t *out_bits,
+              int64_t ldo, const int64_t *thr, const uint32_t *flip) {
+    /* checks: K, N >= 1, lda >= words(K); exactly one of out / out_bits, with its epilogue
+     * (c0, c1 or thr, flip) and, for bits, ldo >= words(N) */
+    if (!count_ok(M)) return BB_EINVAL;
+    if (M == 0) return BB_OK;
+    if (!dim_ok(K) || !dim_ok(N) || !dim_ok(lda) || lda < words_of(K) || !elems_ok(M, lda, 1) ||
+        !elems_ok((N + BB_PANEL - 1) / BB_PANEL * BB_PANEL, words_of(K), 1) || !a || !w_panels ||
+        (out == NULL) == (out_bits == NULL))
+        return BB_EINVAL;
+    if (out_bits ? !thr || !flip || !dim_ok(ldo) || ldo < words_of(N) || !elems_ok(M, ldo, 1)
+                 : !c0 || !c1 || !elems_ok(M, N, 1))
+        return BB_EINVAL;
     linear_args g = {a, M, lda, K, w_panels, N, c0, c1, residual, out, out_bits, ldo, thr, flip};
     linear_fn fn = pick_linear();
     int64_t np = (N + BB_PANEL - 1) / BB_PANEL;
@@ -709,7 +761,7 @@ void bb_linear(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint6
          * which suits the bit output) */
         linear_job job = {&g, fn, np, nb, 0};
         bb_parallel_for(nb, 1, linear_float_blocks, &job);
-        return;
+        return BB_OK;
     }
     /* bit output: rows in chunks whose activation bits stay in L1 (~16 KiB); within a chunk,
      * every panel (read from L2) runs over the chunk's row blocks */
@@ -719,6 +771,7 @@ void bb_linear(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint6
     int64_t nc = (nb + chunk_blocks - 1) / chunk_blocks;
     linear_job job = {&g, fn, np, nb, chunk_blocks};
     bb_parallel_for(nc * np, 1, linear_bit_tiles, &job);
+    return BB_OK;
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -727,8 +780,10 @@ void bb_linear(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint6
 /* For each channel n, (alpha_n * (K - 2p) + bias_n < 0) == ((p > thr_n) XOR flip_n) for
  * every p in [0, K]: the float expression is monotone in p (IEEE rounding is monotone), so
  * a binary search over p on the same expression gives the exact integer threshold.
- * thr: int64 [N], flip: uint8 [N]. */
-void bb_bit_thresholds(const float *alpha, const float *bias, int64_t K, int64_t N, int64_t *thr, uint8_t *flip) {
+ * thr: int64 [N], flip: uint8 [N]. Checks: K >= 1, the four arrays given. */
+int bb_bit_thresholds(const float *alpha, const float *bias, int64_t K, int64_t N, int64_t *thr, uint8_t *flip) {
+    if (!count_ok(N) || !dim_ok(K)) return BB_EINVAL;
+    if (N && (!alpha || !bias || !thr || !flip)) return BB_EINVAL;
     for (int64_t n = 0; n < N; n++) {
         int neg0 = epilogue(K, 0, alpha[n], bias[n]) < 0.0f; /* p = 0 */
         int negK = epilogue(K, K, alpha[n], bias[n]) < 0.0f; /* p = K */
@@ -746,6 +801,7 @@ void bb_bit_thresholds(const float *alpha, const float *bias, int64_t K, int64_t
         thr[n] = lo;           /* p > lo  <=>  p >= hi  <=>  predicate == !neg0 */
         flip[n] = (uint8_t)neg0; /* neg = (p > lo) XOR neg0 */
     }
+    return BB_OK;
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -809,8 +865,10 @@ BB_AVX2 static int64_t roofline_avx2(int64_t iters) {
 #endif
 
 /* Runs `iters` iterations of the active kernel family's ceiling loop (24 x 512, 8 x 256 or
- * 8 x 64 binary MACs each), on one thread; returns the binary MACs done (the caller times it). */
+ * 8 x 64 binary MACs each), on one thread; returns the binary MACs done (the caller times it),
+ * or BB_EINVAL for a negative or huge count or a missing checksum. */
 int64_t bb_popcount_roofline(int64_t iters, int64_t *checksum) {
+    if (iters < 0 || iters > BB_MAX_DIM || !checksum) return BB_EINVAL;
 #if BB_X86
     if (bb_get_kernel() == BB_KERNEL_AVX512) {
         *checksum = roofline_avx512(iters);
@@ -923,10 +981,16 @@ static void layernorm_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
     (void)kernel;
 }
 
-void bb_layernorm(const float *x, int64_t M, int64_t H, const float *g, const float *b, float eps, float *out,
-                  uint64_t *out_bits, int64_t ldo) {
+/* Checks: H >= 1, x, g, b, out given; with out_bits, ldo >= words(H). */
+int bb_layernorm(const float *x, int64_t M, int64_t H, const float *g, const float *b, float eps, float *out,
+                 uint64_t *out_bits, int64_t ldo) {
+    if (!count_ok(M)) return BB_EINVAL;
+    if (M == 0) return BB_OK;
+    if (!dim_ok(H) || !elems_ok(M, H, 1) || !x || !g || !b || !out) return BB_EINVAL;
+    if (out_bits && (!dim_ok(ldo) || ldo < words_of(H) || !elems_ok(M, ldo, 1))) return BB_EINVAL;
     layernorm_args a = {x, g, b, H, ldo, eps, out, out_bits, bb_get_kernel()};
     bb_parallel_for(M, rows_grain(M, H, 8192), layernorm_rows, &a);
+    return BB_OK;
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -955,14 +1019,16 @@ BB_AVX512 static void embed_row_avx512(const uint64_t *wb, float al, const float
 }
 #endif
 
-/* out[m] = (word[ids[m]] + type[type_ids[m]]) + pos[m % L]; ids are checked by the caller. */
+/* out[m] = (word[ids[m]] + type[type_ids[m]]) + pos[m % L]. A row whose id is outside
+ * [0, V) or whose type is outside [0, T) is written as zeros and flags the call as invalid. */
 typedef struct {
     const int64_t *ids, *type_ids;
-    int64_t L, H;
+    int64_t L, H, V, T;
     const uint64_t *word_bits;
     const float *word_alpha, *pos, *type;
     float *out;
     int avx512;
+    _Atomic int *bad;
 } embed_args;
 
 static void embed_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
@@ -975,6 +1041,11 @@ static void embed_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
     int avx512 = a->avx512;
     (void)tid;
     for (int64_t m = lo; m < hi; m++) {
+        if ((uint64_t)ids[m] >= (uint64_t)a->V || (uint64_t)type_ids[m] >= (uint64_t)a->T) {
+            memset(out + m * H, 0, (size_t)H * sizeof(float));
+            atomic_store_explicit(a->bad, 1, memory_order_relaxed);
+            continue;
+        }
         const uint64_t *wb = word_bits + ids[m] * hw;
         const float *t = type + type_ids[m] * H, *p = pos + (m % L) * H;
 #if BB_X86
@@ -988,10 +1059,23 @@ static void embed_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
     (void)avx512;
 }
 
-void bb_embed(const int64_t *ids, const int64_t *type_ids, int64_t M, int64_t L, const uint64_t *word_bits,
-              const float *word_alpha, const float *pos, const float *type, int64_t H, float *out) {
-    embed_args a = {ids, type_ids, L, H, word_bits, word_alpha, pos, type, out, bb_get_kernel() == BB_KERNEL_AVX512};
+/* ids, type_ids [M] (M = B*L); word_bits [V, words(H)], word_alpha [V], pos [P, H], type [T, H].
+ * Checks: L, V, P, T, H >= 1, L <= P, M a multiple of L, every array given; every id and
+ * type id in range (else BB_EINVAL, the rows concerned zero). */
+int bb_embed(const int64_t *ids, const int64_t *type_ids, int64_t M, int64_t L, const uint64_t *word_bits,
+             const float *word_alpha, int64_t V, const float *pos, int64_t P, const float *type, int64_t T,
+             int64_t H, float *out) {
+    if (!count_ok(M)) return BB_EINVAL;
+    if (M == 0) return BB_OK;
+    if (!dim_ok(L) || !dim_ok(V) || !dim_ok(P) || !dim_ok(T) || !dim_ok(H) || L > P || M % L ||
+        !elems_ok(V, words_of(H), 1) || !elems_ok(P, H, 1) || !elems_ok(T, H, 1) || !elems_ok(M, H, 1) || !ids ||
+        !type_ids || !word_bits || !word_alpha || !pos || !type || !out)
+        return BB_EINVAL;
+    _Atomic int bad = 0;
+    embed_args a = {ids, type_ids, L, H, V, T, word_bits, word_alpha, pos, type, out,
+                    bb_get_kernel() == BB_KERNEL_AVX512, &bad};
     bb_parallel_for(M, rows_grain(M, H, 16384), embed_rows, &a);
+    return atomic_load(&bad) ? BB_EINVAL : BB_OK;
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -1174,10 +1258,26 @@ static void attn_query_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
 /* Bi-Attention of B sequences of L rows. qkv: bit rows [B*L, ldq] holding Q, K and V
  * (hidden = H*d bits each) at bit offsets q_off, k_off, v_off. valid: [B, ceil(L/64)] key
  * bits (1 = real token). out: context sign bits [B*L, ldo], bit h*d+c of row = (count < 0).
- * counts (optional): the integer context [B*L, H*d]. Returns 0, or -1 if out of memory. */
+ * counts (optional): the integer context [B*L, H*d]. Checks: L, H, d >= 1, each of Q, K, V
+ * (H*d bits from its offset) inside a row of ldq words, ldo >= words(H*d), qkv, valid and
+ * out given. Returns BB_OK, BB_EINVAL or BB_ENOMEM. */
 int bb_biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_off, int64_t v_off, int64_t B,
                    int64_t L, int64_t H, int64_t d, const uint64_t *valid, uint64_t *out, int64_t ldo,
                    int32_t *counts) {
+    if (!count_ok(B)) return BB_EINVAL;
+    if (B == 0) return BB_OK;
+    if (!dim_ok(L) || !dim_ok(H) || !dim_ok(d) || !dim_ok(ldq) || !dim_ok(ldo) || !qkv || !valid || !out)
+        return BB_EINVAL;
+    int64_t hd = H * d, row_bits = ldq * 64;
+    if (hd > BB_MAX_DIM || ldo < words_of(hd) || !elems_ok(B, L, ldq) || !elems_ok(B, L, ldo) ||
+        (counts && !elems_ok(B, L, hd)))
+        return BB_EINVAL;
+    if (q_off < 0 || k_off < 0 || v_off < 0 || q_off > row_bits - hd || k_off > row_bits - hd ||
+        v_off > row_bits - hd)
+        return BB_EINVAL;
+    int64_t dw_ = words_of(d), lw_ = words_of(L);
+    if (!elems_ok(B * H, L, dw_) || !elems_ok(B * H, dw_, lw_ * 64) || !elems_ok(B * H, lw_, (d + 7) / 8 * 8))
+        return BB_EINVAL;
     attn_args g;
     g.B = B; g.L = L; g.H = H; g.d = d;
     g.dw = words_of(d);
@@ -1185,8 +1285,8 @@ int bb_biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_of
     g.lp = g.lw * 64;
     g.dp = (d + 7) / 8 * 8;
     int64_t nq = B * H * L * g.dw, nk = B * H * g.dw * g.lp, nv = B * H * g.lw * g.dp;
-    uint64_t *buf = (uint64_t *)aligned_alloc(64, ((nq + nk + nv) * 8 + 63) / 64 * 64);
-    if (!buf) return -1;
+    uint64_t *buf = (uint64_t *)aligned_alloc(64, (size_t)((nq + nk + nv) * 8 + 63) / 64 * 64);
+    if (!buf) return BB_ENOMEM;
     uint64_t *qb = buf, *kb = buf + nq, *vb = buf + nq + nk;
     g.q = qb; g.kt = kb; g.vt = vb; g.valid = valid; g.out = out; g.ldo = ldo; g.counts = counts;
 
@@ -1199,12 +1299,12 @@ int bb_biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_of
     job.scratch = (uint64_t *)aligned_alloc(64, (size_t)(nthreads * job.scratch_words) * 8);
     if (!job.scratch) {
         free(buf);
-        return -1;
+        return BB_ENOMEM;
     }
     bb_parallel_for(B * L, 4, attn_query_rows, &job);
     free(job.scratch);
     free(buf);
-    return 0;
+    return BB_OK;
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -1229,26 +1329,23 @@ static int encoder_rows(const bb_layer *layers, int64_t n_layers, int64_t B, int
     int64_t M = B * L, hw = words_of(H), qw = words_of(3 * H), iw = words_of(I);
     size_t n = (size_t)M * (qw + hw + hw + iw) * 8 + (size_t)M * H * 4 * 2;
     char *buf = (char *)malloc(n);
-    if (!buf) return -1;
+    if (!buf) return BB_ENOMEM;
     uint64_t *qkv = (uint64_t *)buf, *ctx = qkv + M * qw, *ab = ctx + M * hw, *fb = ab + M * hw;
     float *y = (float *)(fb + M * iw), *a = y + M * H;
-    for (int64_t l = 0; l < n_layers; l++) {
+    int rc = BB_OK;
+    for (int64_t l = 0; l < n_layers && rc == BB_OK; l++) {
         const bb_layer *p = layers + l;
-        bb_linear(xb, M, hw, H, p->qkv_w, 3 * H, NULL, NULL, NULL, NULL, qkv, qw, p->qkv_thr,
-                  p->qkv_flip);
-        if (bb_biattention(qkv, qw, 0, H, 2 * H, B, L, heads, H / heads, valid, ctx, hw, NULL)) {
-            free(buf);
-            return -1;
-        }
-        bb_linear(ctx, M, hw, H, p->ao_w, H, p->ao_c0, p->ao_c1, x, y, NULL, 0, NULL, NULL);
-        bb_layernorm(y, M, H, p->ln1_g, p->ln1_b, eps, a, ab, hw);
-        bb_linear(ab, M, hw, H, p->fi_w, I, NULL, NULL, NULL, NULL, fb, iw, p->fi_thr, p->fi_flip);
-        bb_linear(fb, M, iw, I, p->fo_w, H, p->fo_c0, p->fo_c1, a, y, NULL, 0, NULL, NULL);
-        bb_layernorm(y, M, H, p->ln2_g, p->ln2_b, eps, x, xb, hw);
-        if (hidden) memcpy(hidden + l * hidden_stride, x, (size_t)(M * H) * 4);
+        rc = bb_linear(xb, M, hw, H, p->qkv_w, 3 * H, NULL, NULL, NULL, NULL, qkv, qw, p->qkv_thr, p->qkv_flip);
+        if (!rc) rc = bb_biattention(qkv, qw, 0, H, 2 * H, B, L, heads, H / heads, valid, ctx, hw, NULL);
+        if (!rc) rc = bb_linear(ctx, M, hw, H, p->ao_w, H, p->ao_c0, p->ao_c1, x, y, NULL, 0, NULL, NULL);
+        if (!rc) rc = bb_layernorm(y, M, H, p->ln1_g, p->ln1_b, eps, a, ab, hw);
+        if (!rc) rc = bb_linear(ab, M, hw, H, p->fi_w, I, NULL, NULL, NULL, NULL, fb, iw, p->fi_thr, p->fi_flip);
+        if (!rc) rc = bb_linear(fb, M, iw, I, p->fo_w, H, p->fo_c0, p->fo_c1, a, y, NULL, 0, NULL, NULL);
+        if (!rc) rc = bb_layernorm(y, M, H, p->ln2_g, p->ln2_b, eps, x, xb, hw);
+        if (!rc && hidden) memcpy(hidden + l * hidden_stride, x, (size_t)(M * H) * 4);
     }
     free(buf);
-    return 0;
+    return rc;
 }
 
 typedef struct {
@@ -1260,7 +1357,7 @@ typedef struct {
     uint64_t *xb;
     float *hidden;
     int64_t hidden_stride, lw, hw;
-    _Atomic int failed;
+    _Atomic int rc;
 } encoder_job;
 
 /* sequences [lo, hi), each a whole forward on one thread */
@@ -1268,25 +1365,39 @@ static void encoder_sequences(void *ctx, int64_t lo, int64_t hi, int tid) {
     encoder_job *j = (encoder_job *)ctx;
     int64_t L = j->L, H = j->H;
     (void)tid;
-    for (int64_t b = lo; b < hi; b++)
-        if (encoder_rows(j->layers, j->n_layers, 1, L, H, j->heads, j->I, j->eps, j->valid + b * j->lw,
-                         j->x + b * L * H, j->xb + b * L * j->hw, j->hidden ? j->hidden + b * L * H : NULL,
-                         j->hidden_stride))
-            atomic_store(&j->failed, 1);
+    for (int64_t b = lo; b < hi; b++) {
+        int rc = encoder_rows(j->layers, j->n_layers, 1, L, H, j->heads, j->I, j->eps, j->valid + b * j->lw,
+                              j->x + b * L * H, j->xb + b * L * j->hw, j->hidden ? j->hidden + b * L * H : NULL,
+                              j->hidden_stride);
+        if (rc) atomic_store(&j->rc, rc);
+    }
 }
 
 /* Runs n_layers encoder layers on x [B*L, H] (float, updated in place) with its sign bits
  * xb [B*L, words(H)] (updated too). valid: [B, words(L)] key bits. hidden (optional):
  * [n_layers, B*L, H] receives every layer's output. With at least as many sequences as
  * threads, each thread runs whole sequences (no synchronisation inside the forward);
- * otherwise every kernel splits its work across the threads. Returns 0, or -1 if out of
- * memory. */
+ * otherwise every kernel splits its work across the threads. Checks: L, H, heads, I >= 1,
+ * heads divides H, the sizes' products in range, every buffer and every parameter pointer
+ * of the n_layers layers given. Returns BB_OK, BB_EINVAL or BB_ENOMEM. */
 int bb_encoder(const bb_layer *layers, int64_t n_layers, int64_t B, int64_t L, int64_t H, int64_t heads,
                int64_t I, float eps, const uint64_t *valid, float *x, uint64_t *xb, float *hidden) {
+    if (!count_ok(n_layers) || !count_ok(B)) return BB_EINVAL;
+    if (B == 0 || n_layers == 0) return BB_OK;
+    if (!dim_ok(L) || !dim_ok(H) || !dim_ok(heads) || !dim_ok(I) || H % heads || !elems_ok(B, L, 3 * H) ||
+        !elems_ok(B, L, I) || (hidden && !elems_ok(n_layers, B * L, H)) || !layers || !valid || !x || !xb)
+        return BB_EINVAL;
+    for (int64_t l = 0; l < n_layers; l++) {
+        const bb_layer *p = layers + l;
+        const void *ptrs[] = {p->qkv_w, p->qkv_thr, p->qkv_flip, p->ao_w, p->ao_c0, p->ao_c1, p->ln1_g, p->ln1_b,
+                              p->fi_w, p->fi_thr, p->fi_flip, p->fo_w, p->fo_c0, p->fo_c1, p->ln2_g, p->ln2_b};
+        for (size_t i = 0; i < sizeof ptrs / sizeof ptrs[0]; i++)
+            if (!ptrs[i]) return BB_EINVAL;
+    }
     int64_t M = B * L, hw = words_of(H), lw = words_of(L);
     if (g_threads == 1 || B < g_threads)
         return encoder_rows(layers, n_layers, B, L, H, heads, I, eps, valid, x, xb, hidden, M * H);
-    encoder_job job = {layers, n_layers, L, H, heads, I, eps, valid, x, xb, hidden, M * H, lw, hw, 0};
+    encoder_job job = {layers, n_layers, L, H, heads, I, eps, valid, x, xb, hidden, M * H, lw, hw, BB_OK};
     bb_parallel_for(B, 1, encoder_sequences, &job);
-    return atomic_load(&job.failed) ? -1 : 0;
+    return atomic_load(&job.rc);
 }

@@ -11,7 +11,9 @@ sets the thread count of the engine's own pool. BIBERT_NATIVE_LIB points at anot
 build of the library (the sanitizer builds of `make asan` / `make tsan`).
 
 Every wrapper takes and returns NumPy arrays; buffers passed to C are kept referenced
-for the duration of the call.
+for the duration of the call. The wrappers check the arrays' shapes against the sizes they
+pass, and the C entry points check the sizes again (and return an error code instead of
+touching memory), so a mistake raises BibertError rather than corrupting memory.
 """
 from __future__ import annotations
 
@@ -24,9 +26,11 @@ import numpy as np
 
 from ..errors import BibertError
 
-ABI_VERSION = 8
+ABI_VERSION = 9
 PANEL = 32
 KERNELS = {"auto": 0, "portable": 1, "avx512": 2, "avx2": 3}
+MAX_THREADS = 1024  # bb_set_threads' cap
+OK, ENOMEM, EINVAL = 0, -1, -2  # the C entry points' return codes
 KERNEL_NAMES = {1: "portable", 2: "avx512", 3: "avx2"}
 REQUIRES = {"avx512": "AVX-512 F/BW/DQ/VL + VPOPCNTDQ", "avx2": "AVX2 + POPCNT"}
 
@@ -66,24 +70,18 @@ def lib() -> ctypes.CDLL:
     P, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     handle.bb_set_kernel.argtypes = [ctypes.c_int]
     handle.bb_set_threads.argtypes = [ctypes.c_int]
-    handle.bb_sign_pack.argtypes = [P, I, I, I, P, I]
-    handle.bb_sign_pack.restype = None
-    handle.bb_linear.argtypes = [P, I, I, I, P, I, P, P, P, P, P, I, P, P]
-    handle.bb_bit_thresholds.argtypes = [P, P, I, I, P, P]
-    handle.bb_bit_thresholds.restype = None
-    handle.bb_float_epilogue.argtypes = [P, P, I, I, P, P]
-    handle.bb_float_epilogue.restype = None
-    handle.bb_encoder.argtypes = [P, I, I, I, I, I, I, F, P, P, P, P]
-    handle.bb_encoder.restype = ctypes.c_int
+    for name, args in (("bb_sign_pack", [P, I, I, I, P, I]),
+                       ("bb_linear", [P, I, I, I, P, I, P, P, P, P, P, I, P, P]),
+                       ("bb_bit_thresholds", [P, P, I, I, P, P]),
+                       ("bb_float_epilogue", [P, P, I, I, P, P]),
+                       ("bb_encoder", [P, I, I, I, I, I, I, F, P, P, P, P]),
+                       ("bb_layernorm", [P, I, I, P, P, F, P, P, I]),
+                       ("bb_embed", [P, P, I, I, P, P, I, P, I, P, I, I, P]),
+                       ("bb_biattention", [P, I, I, I, I, I, I, I, I, P, P, I, P])):
+        getattr(handle, name).argtypes = args
+        getattr(handle, name).restype = ctypes.c_int  # OK, ENOMEM or EINVAL
     handle.bb_popcount_roofline.argtypes = [I, P]
     handle.bb_popcount_roofline.restype = ctypes.c_int64
-    handle.bb_linear.restype = None
-    handle.bb_layernorm.argtypes = [P, I, I, P, P, F, P, P, I]
-    handle.bb_layernorm.restype = None
-    handle.bb_embed.argtypes = [P, P, I, I, P, P, P, P, I, P]
-    handle.bb_embed.restype = None
-    handle.bb_biattention.argtypes = [P, I, I, I, I, I, I, I, I, P, P, I, P]
-    handle.bb_biattention.restype = ctypes.c_int
     _lib = handle
     set_kernel(os.environ.get("BIBERT_KERNEL", "auto"))
     threads = os.environ.get("BIBERT_THREADS", "")
@@ -95,9 +93,10 @@ def lib() -> ctypes.CDLL:
 
 def default_threads() -> int:
     try:
-        return len(os.sched_getaffinity(0))
+        n = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    return min(n, MAX_THREADS)
 
 
 def cpu_has_avx512() -> bool:
@@ -134,7 +133,10 @@ def get_kernel() -> str:
 
 
 def set_threads(n: int) -> None:
-    """Threads of the engine's pool, used by every kernel (process-wide)."""
+    """Threads of the engine's pool, used by every kernel (process-wide): an integer in
+    [1, MAX_THREADS]."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_THREADS:
+        raise BibertError(f"threads is {n!r}: give a number of threads from 1 to {MAX_THREADS}")
     lib().bb_set_threads(int(n))
 
 
@@ -144,6 +146,28 @@ def get_threads() -> int:
 
 def _ptr(a: np.ndarray | None) -> int | None:
     return None if a is None else a.ctypes.data
+
+
+def _check_rc(rc: int, what: str) -> None:
+    """A C entry point's return code as a BibertError (it touched no memory when it refused)."""
+    if rc == ENOMEM:
+        raise BibertError(f"{what}: out of memory")
+    if rc != OK:
+        raise BibertError(f"{what}: invalid arguments (a size below 1 or too large, sizes that disagree, "
+                          "or a missing buffer)")
+
+
+def _shape(a: np.ndarray, shape: tuple, what: str) -> None:
+    """a has exactly this shape (the sizes passed to C beside it)."""
+    if a.shape != tuple(shape):
+        raise BibertError(f"{what} has shape {a.shape}; expected {tuple(shape)}")
+
+
+def _matrix(a: np.ndarray, what: str) -> np.ndarray:
+    """a is 2-D."""
+    if a.ndim != 2:
+        raise BibertError(f"{what} must be a 2-D array, not of shape {a.shape}")
+    return a
 
 
 def _f32(a: np.ndarray) -> np.ndarray:
@@ -180,22 +204,22 @@ def pack_panels(bits: np.ndarray) -> np.ndarray:
 
 def sign_pack(x: np.ndarray) -> np.ndarray:
     """float [M, K] -> sign bits [M, words(K)] (bit = x < 0)."""
-    x = _f32(x)
+    x = _matrix(_f32(x), "sign_pack: x")
     M, K = x.shape
     out = np.empty((M, words(K)), dtype=np.uint64)
-    lib().bb_sign_pack(_ptr(x), M, K, K, _ptr(out), out.shape[1])
+    _check_rc(lib().bb_sign_pack(_ptr(x), M, K, K, _ptr(out), out.shape[1]), "sign_pack")
     return out
 
 
 def bit_thresholds(alpha: np.ndarray, bias: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
     """Integer form of the bit epilogue: (alpha_n (K - 2p) + bias_n < 0) == (p > thr_n) XOR flip_n.
     Returns thr int64 [panels*32] and flip uint32 [panels] (bit c = channel 32*panel + c)."""
-    alpha, bias = _f32(alpha), _f32(bias)
+    alpha, bias = _vectors(alpha, bias, "bit_thresholds")
     N = alpha.shape[0]
     n_pad = -(-N // PANEL) * PANEL
     thr = np.full(n_pad, -1, dtype=np.int64)
     flip = np.zeros(n_pad, dtype=np.uint8)
-    lib().bb_bit_thresholds(_ptr(alpha), _ptr(bias), K, N, _ptr(thr), _ptr(flip))
+    _check_rc(lib().bb_bit_thresholds(_ptr(alpha), _ptr(bias), K, N, _ptr(thr), _ptr(flip)), "bit_thresholds")
     weights = (np.uint64(1) << np.arange(PANEL, dtype=np.uint64))
     flip_words = (flip.reshape(-1, PANEL).astype(np.uint64) * weights).sum(axis=1).astype(np.uint32)
     return thr, flip_words
@@ -203,10 +227,19 @@ def bit_thresholds(alpha: np.ndarray, bias: np.ndarray, K: int) -> tuple[np.ndar
 
 def float_epilogue(alpha: np.ndarray, bias: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
     """(c0, c1) = (alpha * K + bias, -2 alpha): the float epilogue y = c0 + c1 * popcount."""
-    alpha, bias = _f32(alpha), _f32(bias)
+    alpha, bias = _vectors(alpha, bias, "float_epilogue")
     c0, c1 = np.empty_like(alpha), np.empty_like(alpha)
-    lib().bb_float_epilogue(_ptr(alpha), _ptr(bias), K, alpha.shape[0], _ptr(c0), _ptr(c1))
+    _check_rc(lib().bb_float_epilogue(_ptr(alpha), _ptr(bias), K, alpha.shape[0], _ptr(c0), _ptr(c1)),
+              "float_epilogue")
     return c0, c1
+
+
+def _vectors(alpha: np.ndarray, bias: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """alpha and bias as float32 vectors of one length."""
+    alpha, bias = _f32(alpha), _f32(bias)
+    if alpha.ndim != 1 or bias.shape != alpha.shape:
+        raise BibertError(f"{what}: alpha and bias must be vectors of one length, not {alpha.shape} and {bias.shape}")
+    return alpha, bias
 
 
 def binary_linear(a_bits: np.ndarray, K: int, panels: np.ndarray, N: int, alpha: np.ndarray,
@@ -217,24 +250,34 @@ def binary_linear(a_bits: np.ndarray, K: int, panels: np.ndarray, N: int, alpha:
     c0 + c1 * popcount, equal to rounding), or with out_bits the sign bits of y exactly, uint64
     [M, words(N)]. thresholds (`bit_thresholds`) and epilogue (`float_epilogue`) are computed
     here when not given."""
-    a_bits, panels = _u64(a_bits), _u64(panels)
-    alpha, bias = _f32(alpha), _f32(bias)
+    a_bits, panels = _matrix(_u64(a_bits), "binary_linear: a_bits"), _u64(panels)
+    alpha, bias = _vectors(alpha, bias, "binary_linear")
     M = a_bits.shape[0]
-    if a_bits.shape[1] < words(K) or panels.shape != (-(-N // PANEL), words(K), PANEL):
+    if K < 1 or N < 1 or a_bits.shape[1] < words(K) or panels.shape != (-(-N // PANEL), words(K), PANEL) \
+            or alpha.shape != (N,):
         raise BibertError(f"binary_linear: shapes do not match K={K}, N={N}")
+    n_pad = -(-N // PANEL) * PANEL
     if out_bits:
         if residual is not None:
             raise BibertError("binary_linear: a residual needs float output")
         thr, flip = thresholds if thresholds is not None else bit_thresholds(alpha, bias, K)
+        thr, flip = np.ascontiguousarray(thr, np.int64), np.ascontiguousarray(flip, np.uint32)
+        _shape(thr, (n_pad,), "binary_linear: thresholds")
+        _shape(flip, (n_pad // PANEL,), "binary_linear: flip bits")
         out = np.empty((M, words(N)), dtype=np.uint64)
-        lib().bb_linear(_ptr(a_bits), M, a_bits.shape[1], K, _ptr(panels), N, None, None,
-                        None, None, _ptr(out), out.shape[1], _ptr(thr), _ptr(flip))
+        _check_rc(lib().bb_linear(_ptr(a_bits), M, a_bits.shape[1], K, _ptr(panels), N, None, None,
+                                  None, None, _ptr(out), out.shape[1], _ptr(thr), _ptr(flip)), "binary_linear")
         return out
-    residual = None if residual is None else _f32(residual)
+    if residual is not None:
+        residual = _f32(residual)
+        _shape(residual, (M, N), "binary_linear: residual")
     c0, c1 = epilogue if epilogue is not None else float_epilogue(alpha, bias, K)
+    c0, c1 = _f32(c0), _f32(c1)
+    _shape(c0, (N,), "binary_linear: epilogue c0")
+    _shape(c1, (N,), "binary_linear: epilogue c1")
     out = np.empty((M, N), dtype=np.float32)
-    lib().bb_linear(_ptr(a_bits), M, a_bits.shape[1], K, _ptr(panels), N, _ptr(c0), _ptr(c1),
-                    _ptr(residual), _ptr(out), None, 0, None, None)
+    _check_rc(lib().bb_linear(_ptr(a_bits), M, a_bits.shape[1], K, _ptr(panels), N, _ptr(c0), _ptr(c1),
+                              _ptr(residual), _ptr(out), None, 0, None, None), "binary_linear")
     return out
 
 
@@ -254,11 +297,22 @@ def encoder(layers: ctypes.Array, n_layers: int, B: int, L: int, hidden_size: in
     """Run n_layers encoder layers in one native call; x [B*L, H] float32 and its sign bits xb
     are updated in place; hidden [n_layers, B*L, H] (optional) receives each layer's output.
     The arrays behind `layers` must stay alive (PackedModel holds them)."""
+    M = B * L
+    if len(layers) < n_layers or B < 0 or L < 1 or hidden_size < 1 or heads < 1 or hidden_size % heads:
+        raise BibertError(f"encoder: sizes do not fit (layers {n_layers} of {len(layers)}, B={B}, L={L}, "
+                          f"hidden {hidden_size}, heads {heads})")
+    for a, dtype, shape, what in ((x, np.float32, (M, hidden_size), "x"), (xb, np.uint64, (M, words(hidden_size)), "xb"),
+                                  (hidden, np.float32, (n_layers, M, hidden_size), "hidden")):
+        if a is None and what == "hidden":
+            continue
+        if not isinstance(a, np.ndarray) or a.dtype != dtype or a.shape != shape or not a.flags.c_contiguous \
+                or not a.flags.writeable:
+            raise BibertError(f"encoder: {what} must be a writable C-contiguous {np.dtype(dtype).name} array of "
+                              f"shape {shape}")
+    _shape(np.asarray(key_valid), (B, L), "encoder: key_valid")
     valid = pack_bool(key_valid)
-    rc = lib().bb_encoder(ctypes.byref(layers), n_layers, B, L, hidden_size, heads, intermediate, eps, _ptr(valid),
-                          _ptr(x), _ptr(xb), _ptr(hidden))
-    if rc != 0:
-        raise BibertError("encoder: out of memory")
+    _check_rc(lib().bb_encoder(ctypes.byref(layers), n_layers, B, L, hidden_size, heads, intermediate, eps,
+                               _ptr(valid), _ptr(x), _ptr(xb), _ptr(hidden)), "encoder")
 
 
 def popcount_roofline(seconds: float = 0.2) -> float:
@@ -274,6 +328,8 @@ def popcount_roofline(seconds: float = 0.2) -> float:
         t = time.perf_counter()
         macs = lib().bb_popcount_roofline(iters, ctypes.byref(checksum))
         dt = time.perf_counter() - t
+        if macs < 0:
+            raise BibertError("popcount_roofline: invalid iteration count")
         if dt < 0.005:
             iters *= 2
             continue
@@ -284,27 +340,39 @@ def popcount_roofline(seconds: float = 0.2) -> float:
 def layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float,
               with_bits: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Row LayerNorm of float [M, H]; with_bits also returns the output's sign bits."""
-    x, gamma, beta = _f32(x), _f32(gamma), _f32(beta)
+    x, gamma, beta = _matrix(_f32(x), "layernorm: x"), _f32(gamma), _f32(beta)
     M, H = x.shape
+    _shape(gamma, (H,), "layernorm: gamma")
+    _shape(beta, (H,), "layernorm: beta")
     out = np.empty_like(x)
     bits = np.empty((M, words(H)), dtype=np.uint64) if with_bits else None
-    lib().bb_layernorm(_ptr(x), M, H, _ptr(gamma), _ptr(beta), eps, _ptr(out), _ptr(bits),
-                       0 if bits is None else bits.shape[1])
+    _check_rc(lib().bb_layernorm(_ptr(x), M, H, _ptr(gamma), _ptr(beta), eps, _ptr(out), _ptr(bits),
+                                 0 if bits is None else bits.shape[1]), "layernorm")
     return (out, bits) if with_bits else out
 
 
 def embed(ids: np.ndarray, type_ids: np.ndarray, word_bits: np.ndarray, word_alpha: np.ndarray,
           position: np.ndarray, token_type: np.ndarray) -> np.ndarray:
-    """(word + token type) + position for ids [B, L] (ids already range-checked): float [B*L, H]."""
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    """(word + token type) + position for ids [B, L]: float [B*L, H]. Ids outside the
+    vocabulary or the type table raise BibertError (the C side checks each)."""
+    ids = _matrix(np.ascontiguousarray(ids, dtype=np.int64), "embed: ids")
     type_ids = np.ascontiguousarray(type_ids, dtype=np.int64)
-    word_bits, word_alpha = _u64(word_bits), _f32(word_alpha)
-    position, token_type = _f32(position), _f32(token_type)
+    word_bits, word_alpha = _matrix(_u64(word_bits), "embed: word_bits"), _f32(word_alpha)
+    position, token_type = _matrix(_f32(position), "embed: position"), _matrix(_f32(token_type), "embed: token_type")
     B, L = ids.shape
-    H = position.shape[1]
+    (P, H), V, T = position.shape, word_bits.shape[0], token_type.shape[0]
+    _shape(type_ids, (B, L), "embed: type_ids")
+    _shape(word_bits, (V, words(H)), "embed: word_bits")
+    _shape(word_alpha, (V,), "embed: word_alpha")
+    _shape(token_type, (T, H), "embed: token_type")
+    if L > P:
+        raise BibertError(f"embed: {L} tokens, but only {P} positions")
     out = np.empty((B * L, H), dtype=np.float32)
-    lib().bb_embed(_ptr(ids), _ptr(type_ids), B * L, L, _ptr(word_bits), _ptr(word_alpha), _ptr(position),
-                   _ptr(token_type), H, _ptr(out))
+    rc = lib().bb_embed(_ptr(ids), _ptr(type_ids), B * L, L, _ptr(word_bits), _ptr(word_alpha), V, _ptr(position), P,
+                        _ptr(token_type), T, H, _ptr(out))
+    if rc == EINVAL:  # the shapes are checked above: an id or a type id is out of range
+        raise BibertError(f"embed: token ids must lie in [0, {V}) and token types in [0, {T})")
+    _check_rc(rc, "embed")
     return out
 
 
@@ -313,13 +381,18 @@ def biattention(qkv_bits: np.ndarray, offsets: tuple[int, int, int], B: int, L: 
     """Bi-Attention in bits. qkv_bits [B*L, W] holds sign bits of Q, K, V at bit offsets
     `offsets`; key_valid: bool [B, L]. Returns the context sign bits [B*L, words(H*d)] and,
     with counts, the integer context int32 [B*L, H*d]."""
-    qkv_bits = _u64(qkv_bits)
+    qkv_bits = _matrix(_u64(qkv_bits), "biattention: qkv_bits")
+    if B < 0 or L < 1 or heads < 1 or head_size < 1:
+        raise BibertError(f"biattention: B={B}, L={L}, heads={heads}, head_size={head_size}: sizes must be positive")
+    if qkv_bits.shape[0] != B * L:
+        raise BibertError(f"biattention: qkv_bits has {qkv_bits.shape[0]} rows, not B*L = {B * L}")
+    if any(off < 0 or off + heads * head_size > 64 * qkv_bits.shape[1] for off in offsets):
+        raise BibertError(f"biattention: offsets {offsets} put Q, K or V outside rows of {64 * qkv_bits.shape[1]} bits")
+    _shape(np.asarray(key_valid), (B, L), "biattention: key_valid")
     valid = pack_bool(key_valid)
     out = np.empty((B * L, words(heads * head_size)), dtype=np.uint64)
     cnt = np.empty((B * L, heads * head_size), dtype=np.int32) if counts else None
     q_off, k_off, v_off = offsets
-    rc = lib().bb_biattention(_ptr(qkv_bits), qkv_bits.shape[1], q_off, k_off, v_off, B, L, heads, head_size,
-                              _ptr(valid), _ptr(out), out.shape[1], _ptr(cnt))
-    if rc != 0:
-        raise BibertError("biattention: out of memory")
+    _check_rc(lib().bb_biattention(_ptr(qkv_bits), qkv_bits.shape[1], q_off, k_off, v_off, B, L, heads, head_size,
+                                   _ptr(valid), _ptr(out), out.shape[1], _ptr(cnt)), "biattention")
     return (out, cnt) if counts else out
