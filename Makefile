@@ -5,12 +5,15 @@ CSRC := src/bibert/csrc/bitkernels.c
 
 .PHONY: asan tsan bench bench-quick
 
-# Builds the kernels with AddressSanitizer and runs the native kernel and engine tests on it.
+# Builds the kernels with AddressSanitizer and runs the native kernel and engine tests and
+# the attacks on the packed format on it. The default kernel family is the portable one:
+# GCC's AddressSanitizer does not check AVX-512 masked loads (tests that force a family
+# still run it).
 asan: $(ASAN_LIB)
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" \
-	BIBERT_NATIVE_LIB=$(abspath $(ASAN_LIB)) \
-	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_packed.py
+	BIBERT_NATIVE_LIB=$(abspath $(ASAN_LIB)) BIBERT_KERNEL=portable \
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_packed.py tests/test_packed_security.py
 
 $(ASAN_LIB): $(CSRC)
 	mkdir -p $(dir $@)

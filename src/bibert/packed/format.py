@@ -245,7 +245,8 @@ def _integer(value, field: str, lo: int, hi: int) -> int:
 def _string(value, field: str, choices: tuple[str, ...] | None = None) -> str:
     """value is a string (one of `choices`, if given)."""
     if not isinstance(value, str) or (choices is not None and value not in choices):
-        wanted = "a string" if choices is None else "one of " + ", ".join(repr(c) for c in choices)
+        wanted = ("a string" if choices is None else repr(choices[0]) if len(choices) == 1
+                  else "one of " + ", ".join(repr(c) for c in choices))
         raise _Invalid(f"{field} is {_show(value)}; it must be {wanted}")
     return value
 
@@ -261,7 +262,7 @@ def _keys(obj: dict, field: str, required: set[str], optional: set[str] = frozen
     """obj has every key of `required` and no key outside `required | optional`."""
     missing = sorted(required - obj.keys())
     if missing:
-        raise _Invalid(f"{field}.{missing[0]} is missing")
+        raise _Invalid(f"{field} lacks the field {missing[0]!r}")
     unknown = sorted(obj.keys() - required - optional)
     if unknown:
         raise _Invalid(f"{field} has an unknown field {_show(unknown[0])}")
@@ -332,19 +333,23 @@ def model_shape(config) -> ModelShape:
     from ..modeling import GELU_FAMILY
 
     config = _object(config, "config")
-    c = {name: _integer(config.get(name), f"config.{name}", lo, hi) for name, (lo, hi) in CONFIG_LIMITS.items()}
+    missing = [name for name in (*CONFIG_LIMITS, "model_type", "hidden_act", "layer_norm_eps", "id2label")
+               if name not in config]  # the engine reads no other field (dropout, label2id, ...)
+    if missing:
+        raise _Invalid(f"config lacks the field {missing[0]!r}")
+    c = {name: _integer(config[name], f"config.{name}", lo, hi) for name, (lo, hi) in CONFIG_LIMITS.items()}
     if c["hidden_size"] % c["num_attention_heads"]:
         raise _Invalid(f"config.num_attention_heads is {c['num_attention_heads']}; it must divide "
                        f"config.hidden_size ({c['hidden_size']})")
-    _string(config.get("model_type"), "config.model_type", ("bert",))
-    _string(config.get("hidden_act"), "config.hidden_act", GELU_FAMILY)
+    _string(config["model_type"], "config.model_type", ("bert",))
+    _string(config["hidden_act"], "config.hidden_act", GELU_FAMILY)
     positions = config.get("position_embedding_type", "absolute")
     if positions is not None:
         _string(positions, "config.position_embedding_type", ("absolute",))
-    eps = config.get("layer_norm_eps")
+    eps = config["layer_norm_eps"]
     if type(eps) not in (int, float) or not 0 < eps <= 1:
         raise _Invalid(f"config.layer_norm_eps is {_show(eps)}; it must be a number in (0, 1]")
-    id2label = _object(config.get("id2label"), "config.id2label")
+    id2label = _object(config["id2label"], "config.id2label")
     if not 1 <= len(id2label) <= MAX_LABELS:
         raise _Invalid(f"config.id2label has {len(id2label)} labels; a classifier has 1 to {MAX_LABELS}")
     labels = []
@@ -482,35 +487,37 @@ def _check_entry(e, i: int, table: dict[str, TensorSpec], data_len: int) -> _Ent
     e = _object(e, f"entries[{i}]")
     name = _string(e.get("name"), f"entries[{i}].name")
     kind = _string(e.get("kind"), f"entries[{i}].kind", ("tensor", "file"))
-    where = f"entry {_show(name)}"
     if kind == "file":
         if name not in TOKENIZER_FILES:  # never a path: only these exact names
-            raise _Invalid(f"{where}: a file entry must be one of {', '.join(TOKENIZER_FILES)}")
+            raise _Invalid(f"file entry {_show(name)}: a file entry must be one of {', '.join(TOKENIZER_FILES)}")
+        where = f"file entry {name}"
         _keys(e, where, ENTRY_KEYS, {"compression"})
     else:
         if name not in table:
-            raise _Invalid(f"{where} is not a tensor of a model with this config")
+            raise _Invalid(f"tensor entry {_show(name)} is not a tensor of a model with this config")
+        where = f"tensor entry {name}"
         _keys(e, where, ENTRY_KEYS)
-    nbytes = _integer(e["nbytes"], f"{where}.nbytes", 0, data_len)
-    offset = _integer(e["offset"], f"{where}.offset", 0, data_len)
+    nbytes = _integer(e["nbytes"], f"{where}: nbytes", 0, data_len)
+    offset = _integer(e["offset"], f"{where}: offset", 0, data_len)
     if offset % ALIGN:
-        raise _Invalid(f"{where}.offset is {offset}; it must be a multiple of {ALIGN}")
+        raise _Invalid(f"{where}: offset {offset} is not a multiple of {ALIGN}")
     if offset + nbytes > data_len:
         raise _Invalid(f"{where} ends at byte {offset + nbytes} of a data section of {data_len} bytes")
-    dtype = _string(e["dtype"], f"{where}.dtype", (table[name].dtype if kind == "tensor" else "|u1",))
+    dtype = _string(e["dtype"], f"{where}: dtype", (table[name].dtype if kind == "tensor" else "|u1",))
     shape = e["shape"]
     if not isinstance(shape, list) or len(shape) > 4 or any(type(d) is not int for d in shape):
-        raise _Invalid(f"{where}.shape is {_show(shape)}; it must be a list of integers")
+        raise _Invalid(f"{where}: shape is {_show(shape)}; it must be a list of integers")
     wanted = table[name].shape if kind == "tensor" else (nbytes,)
     if tuple(shape) != wanted:
-        raise _Invalid(f"{where}.shape is {_show(shape)}; the config implies {list(wanted)}")
+        source = "the config implies" if kind == "tensor" else "its nbytes imply"
+        raise _Invalid(f"{where}: shape is {_show(shape)}; {source} {list(wanted)}")
     if nbytes != math.prod(wanted) * np.dtype(dtype).itemsize:
-        raise _Invalid(f"{where}.nbytes is {nbytes}; a {dtype} array of shape {list(wanted)} has "
+        raise _Invalid(f"{where}: nbytes is {nbytes}; a {dtype} array of shape {list(wanted)} has "
                        f"{math.prod(wanted) * np.dtype(dtype).itemsize}")
     compression = None
     if kind == "file":
         if "compression" in e:
-            compression = _string(e["compression"], f"{where}.compression", ("xz",))
+            compression = _string(e["compression"], f"{where}: compression", ("xz",))
         elif nbytes > MAX_FILE_BYTES:
             raise _Invalid(f"{where} holds {nbytes} bytes; a tokenizer file has at most {MAX_FILE_BYTES}")
     return _Entry(kind, name, dtype, wanted, offset, nbytes, compression)
@@ -528,7 +535,7 @@ def _check_entries(entries, table: dict[str, TensorSpec], data_len: int) -> list
     for i, e in enumerate(entries):
         entry = _check_entry(e, i, table, data_len)
         if entry.name in names:
-            raise _Invalid(f"entry {_show(entry.name)} appears twice")
+            raise _Invalid(f"entry {entry.name} appears twice")
         names.add(entry.name)
         checked.append(entry)
     missing = [name for name in table if name not in names]
@@ -550,7 +557,7 @@ def _check_header(header, version: int, data_len: int) -> tuple[dict[str, Tensor
     one the engine runs, and entries that match it."""
     header = _object(header, "the header")
     _keys(header, "header", {"format_version", "config", "quantization", "side_dtype", "entries"}, {"bit_order"})
-    _integer(header["format_version"], "header.format_version", version, version)
+    _integer(header["format_version"], "header.format_version (the preamble's version)", version, version)
     if "bit_order" in header:
         _string(header["bit_order"], "header.bit_order", (BIT_ORDER,))
     check_quantization(header["quantization"])
