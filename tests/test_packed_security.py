@@ -781,3 +781,34 @@ def test_tokenizer_is_built_in_a_private_folder_from_fixed_names(packed_path, tm
          "do_lower_case": True}).encode()
     assert model.predict(TEXTS).scores.shape == (2, 3)
     assert seen["mode"] == 0o700 and not seen["path"].exists()
+
+
+# ---- other untrusted inputs: a teacher's pickled weights -----------------------------------
+
+
+class _Payload:
+    """A pickle that would create a folder when unpickled (it must never be)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+@pytest.mark.parametrize("payload", ["code", "garbage"])
+def test_teacher_with_a_pickle_payload_is_refused(tmp_path, payload):
+    """A teacher folder whose pytorch_model.bin (no safetensors) is a pickle holding code, or
+    not a pickle at all: a BibertError that says what to do, and the code never runs."""
+    import pickle
+
+    from bibert.modeling import load_hf_classifier
+
+    folder, marker = tmp_path / "teacher", tmp_path / "payload-ran"
+    BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=16).save_pretrained(folder)
+    raw = pickle.dumps(_Payload(marker), protocol=2) if payload == "code" else b"not a pickle" * 8
+    (folder / "pytorch_model.bin").write_bytes(raw)
+    with pytest.raises(BibertError, match="pickle.*safetensors"):
+        load_hf_classifier(str(folder), num_labels=2)
+    assert not marker.exists()

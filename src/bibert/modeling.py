@@ -394,7 +394,12 @@ def binarize(model_or_path, config: QuantConfig | None = None, num_labels: int |
 
 
 def load_hf_classifier(name_or_path: str, num_labels: int | None = None, **kwargs):
-    """A Hugging Face BERT sequence classifier from a folder or hub name (eager attention)."""
+    """A Hugging Face BERT sequence classifier from a folder or hub name (eager attention).
+    Weights stored as a pickle (pytorch_model.bin) are read only when they hold plain
+    tensors; a pickle that holds anything else (it could run code) or a damaged one is
+    refused with a BibertError."""
+    import pickle
+
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     try:
@@ -403,9 +408,16 @@ def load_hf_classifier(name_or_path: str, num_labels: int | None = None, **kwarg
         raise BibertError(f"cannot load a model from {name_or_path!r}: {str(exc).splitlines()[0]}") from None
     _check_bert_config(hf_config)
     extra = {"num_labels": num_labels} if num_labels is not None else {}
-    return AutoModelForSequenceClassification.from_pretrained(
-        name_or_path, attn_implementation="eager", **extra, **kwargs
-    )
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, attn_implementation="eager", **extra, **kwargs
+        )
+    except pickle.UnpicklingError:
+        raise BibertError(
+            f"refusing the weights of {name_or_path!r}: pytorch_model.bin is a pickle that holds more than plain "
+            "tensors (loading it could run code), or it is damaged. Use a copy of the model with model.safetensors, "
+            "or convert it where you trust the file: model.save_pretrained(folder, safe_serialization=True)"
+        ) from None
 
 
 def load_any_model(directory: str | os.PathLike) -> nn.Module:
