@@ -115,6 +115,25 @@ def file_entries(header: dict, data: bytes, files: dict[str, bytes], compression
     return header, bytes(data)
 
 
+def bert_tokenizer_json(words: list[str], pre_regex: str | None = None, replace_regex: str | None = None) -> bytes:
+    """A BERT WordPiece tokenizer.json over `words`; with a regular expression in a Split
+    pre-tokenizer or a Replace normalizer step if asked."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    if replace_regex:
+        tok.normalizer = normalizers.Sequence([normalizers.Replace(Regex(replace_regex), " "), tok.normalizer])
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    if pre_regex:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pre_regex), "isolated"),
+                                                     tok.pre_tokenizer])
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.decoder = decoders.WordPiece()
+    return tok.to_str().encode()
+
+
 def xz_with_huge_dictionary() -> bytes:
     """A valid xz stream of 5 bytes whose header asks for a 1.5 GiB dictionary (the
     decoder's memory limit must stop it)."""
@@ -364,7 +383,8 @@ def crafted_cases(raw: bytes, sentinel: Path) -> Cases:
         c.header_case(f"file-shape-{label}", setter("entries", names.index("vocab.txt"), "shape", value=value))
 
     # file contents: compression bombs, broken xz, and contents that are not a tokenizer
-    vocab = ("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n").encode()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    vocab = ("\n".join(words) + "\n").encode()
     settings = json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}).encode()
     bomb = lzma.compress(b"a" * (MAX_FILE_BYTES + 1), preset=0)
     assert len(bomb) < 20_000
@@ -387,6 +407,10 @@ def crafted_cases(raw: bytes, sentinel: Path) -> Cases:
              {}),
             ("settings-bad-token", {"vocab.txt": vocab, "tokenizer_config.json": b'{"pad_token": {"content": 1}}'},
              {}),
+            ("tokenizer-json-split-regex", {"tokenizer.json": bert_tokenizer_json(words, pre_regex=r"(\w+\s?)*$"),
+                                            "tokenizer_config.json": settings}, {}),
+            ("tokenizer-json-replace-regex", {"tokenizer.json": bert_tokenizer_json(words, replace_regex=r"(a+)+$"),
+                                              "tokenizer_config.json": settings}, {}),
             ("tokenizer-json-garbage", {"tokenizer.json": b'{"a": 1}'}, {}),
             ("tokenizer-json-list", {"tokenizer.json": b"[1]"}, {}),
             ("special-tokens-list", {"vocab.txt": vocab, "special_tokens_map.json": b"[1]"}, {}),
@@ -394,6 +418,9 @@ def crafted_cases(raw: bytes, sentinel: Path) -> Cases:
             ("added-token-past-model", {"vocab.txt": vocab, "added_tokens.json": b'{"zzz": 99999}'}, {}),
             ("only-settings", {"tokenizer_config.json": settings}, {})):
         c.add(f"content-{label}", assemble(*file_entries(h, data, files, **kwargs)))
+    # a BERT tokenizer.json (no regular expression) is fine
+    c.add("content-tokenizer-json", assemble(*file_entries(h, data, {"tokenizer.json": bert_tokenizer_json(words),
+                                                                     "tokenizer_config.json": settings})), "safe")
     # settings that name files or remote code are ignored: the file loads, nothing else is read or run
     for label, extra in (("auto-map", {"auto_map": {"AutoTokenizer": [f"{TOKEN}.EvilTokenizer", None]}}),
                          ("vocab-file", {"vocab_file": "/dev/zero"}),

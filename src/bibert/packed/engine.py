@@ -255,7 +255,9 @@ class PackedModel:
             try:
                 enc = self.tokenizer(first, second, truncation=True, max_length=max_length, padding=True,
                                      return_tensors="np")
-            except Exception as exc:  # the tokenizer comes from the file: any failure is the file's
+            except BaseException as exc:  # the tokenizer comes from the file: any failure is the file's
+                if not _is_failure(exc):
+                    raise
                 raise BibertError(f"the tokenizer of {self.source} failed on texts {s} to {s + len(first) - 1} "
                                   f"({type(exc).__name__}: {_first_line(exc)})") from None
             logits.append(self.forward(*self._encoded(enc)))
@@ -284,6 +286,12 @@ class PackedModel:
 def _positive_int(value) -> bool:
     """value is an integer (not a bool) of at least 1."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= 1
+
+
+def _is_failure(exc: BaseException) -> bool:
+    """An error of the code that ran (an Exception, or a panic of the Rust tokenizers library,
+    which derives from BaseException); not an interrupt or an exit."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -345,7 +353,9 @@ def _load_tokenizer(files: dict[str, bytes], config: dict, source: str):
         (folder / "config.json").write_text(json.dumps(hint))
         try:
             return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
-        except Exception as exc:
+        except BaseException as exc:
+            if not _is_failure(exc):
+                raise
             raise BibertError(f"{source} is not a valid bibert file: its tokenizer cannot be loaded "
                               f"({type(exc).__name__}: {_first_line(exc)})") from None
 

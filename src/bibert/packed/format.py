@@ -300,6 +300,8 @@ def _load_json(raw: bytes, what: str):
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates, parse_float=_finite_float,
                           parse_constant=_no_constant)
+    except _Invalid as exc:
+        raise _Invalid(f"{what}: {exc}") from None
     except (ValueError, RecursionError) as exc:
         raise _Invalid(f"{what} is not valid JSON ({str(exc)[:80]})") from None
 
@@ -439,10 +441,29 @@ def _check_padding(name: str, bits: np.ndarray, width: int) -> None:
             raise _Invalid(f"tensor {name}: padding bits after bit {width} of a row are not 0")
 
 
+def _check_tokenizer_steps(tokenizer: dict) -> None:
+    """tokenizer.json's text steps (normalizer, pre-tokenizer, post-processor, decoder) hold
+    no regular expression: the tokenizers library runs them with a backtracking engine, where
+    a crafted pattern can take minutes on an ordinary text (BERT's own steps use none)."""
+    stack = [tokenizer.get(step) for step in ("normalizer", "pre_tokenizer", "post_processor", "decoder")]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "Regex" in node:
+                raise _Invalid("file tokenizer.json: a normalizer, pre-tokenizer, post-processor or decoder step "
+                               f"holds a regular expression ({_show(node['Regex'])}), which the loader refuses")
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
 def _check_file(name: str, raw: bytes) -> None:
-    """A tokenizer file is UTF-8 text; a .json one is a JSON object."""
+    """A tokenizer file is UTF-8 text; a .json one is a JSON object; tokenizer.json holds no
+    regular expression in its text steps."""
     if name.endswith(".json"):
-        _object(_load_json(raw, f"file {name}"), f"file {name}")
+        content = _object(_load_json(raw, f"file {name}"), f"file {name}")
+        if name == "tokenizer.json":
+            _check_tokenizer_steps(content)
     else:
         try:
             raw.decode("utf-8")
