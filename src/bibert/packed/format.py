@@ -672,6 +672,8 @@ def read_packed(path: str | os.PathLike) -> PackedFile:
         raw = path.read_bytes()
     except OSError as exc:
         raise BibertError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except MemoryError:
+        raise BibertError(f"cannot read {path}: it does not fit in memory") from None
     try:
         return _parse(raw, path)
     except _Invalid as exc:

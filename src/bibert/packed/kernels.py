@@ -296,7 +296,9 @@ def encoder(layers: ctypes.Array, n_layers: int, B: int, L: int, hidden_size: in
             hidden: np.ndarray | None = None) -> None:
     """Run n_layers encoder layers in one native call; x [B*L, H] float32 and its sign bits xb
     are updated in place; hidden [n_layers, B*L, H] (optional) receives each layer's output.
-    The arrays behind `layers` must stay alive (PackedModel holds them)."""
+    Checks the sizes and the arrays x, xb, hidden (dtype, shape, writable in place) and
+    key_valid; the lengths of the parameter arrays behind `layers` cannot be checked here:
+    they must be PackedModel's (checked when it was built) and stay alive while it runs."""
     M = B * L
     if len(layers) < n_layers or B < 0 or L < 1 or hidden_size < 1 or heads < 1 or hidden_size % heads:
         raise BibertError(f"encoder: sizes do not fit (layers {n_layers} of {len(layers)}, B={B}, L={L}, "
