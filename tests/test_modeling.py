@@ -171,4 +171,4 @@ def test_quant_config_round_trip_and_version_check():
     assert QuantConfig.from_dict(q.to_dict()) == q
     assert q.bits == "1-1-4"
     with pytest.raises(BibertError, match="newer"):
-        QuantConfig.from_dict({**q.to_dict(), "version": 2})
+        QuantConfig.from_dict({**q.to_dict(), "version": QuantConfig.VERSION + 1})

@@ -13,6 +13,7 @@ from .errors import BibertError
 
 SUPPORTED_BITS = (1, 2, 4, 8, 32)
 ATTENTIONS = ("bi", "softmax")
+ACTIVATIONS = ("sign", "elastic")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,10 @@ class QuantConfig:
     activation_bits: bits of every input of a quantized Linear (1 = sign, no scale).
     attention:       "bi" = Bi-Attention (bool of the scores, SPEC 2);
                      "softmax" = standard attention with quantized probabilities (SPEC 3).
+    activations:     how 1-bit activations are binarized: "sign" = the paper's sign(x)
+                     with no scale; "elastic" = learned per-channel thresholds and scales,
+                     {0, 1} levels for the FFN-out input (beyond the paper, after BiT;
+                     docs/method.md). Needs activation_bits = 1.
     32 bits means full precision; 32-32-32 with "softmax" is exactly BERT.
     """
 
@@ -31,8 +36,9 @@ class QuantConfig:
     embedding_bits: int = 1
     activation_bits: int = 1
     attention: str = "bi"
+    activations: str = "sign"
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2  # 2: `activations`
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "embedding_bits", "activation_bits"):
@@ -44,6 +50,11 @@ class QuantConfig:
                 )
         if self.attention not in ATTENTIONS:
             raise BibertError(f"unknown attention {self.attention!r}: choose 'bi' or 'softmax'")
+        if self.activations not in ACTIVATIONS:
+            raise BibertError(f"unknown activations {self.activations!r}: choose 'sign' or 'elastic'")
+        if self.activations == "elastic" and self.activation_bits != 1:
+            raise BibertError(f"elastic binarization applies to 1-bit activations, not {self.activation_bits}-bit ones;"
+                              " use activations='sign' or --bits W-E-1")
 
     @classmethod
     def full_precision(cls) -> "QuantConfig":
@@ -51,17 +62,21 @@ class QuantConfig:
         return cls(32, 32, 32, "softmax")
 
     @classmethod
-    def from_bits(cls, bits: str, attention: str = "bi") -> "QuantConfig":
+    def from_bits(cls, bits: str, attention: str = "bi", activations: str = "sign") -> "QuantConfig":
         """Parse a W-E-A string such as "1-1-1" or "1-1-4"."""
         parts = str(bits).split("-")
         if len(parts) != 3 or not all(p.isdigit() for p in parts):
             raise BibertError(f"bits must look like W-E-A, for example 1-1-1 or 1-1-4; got {bits!r}")
         w, e, a = (int(p) for p in parts)
-        return cls(w, e, a, attention)
+        return cls(w, e, a, attention, activations)
 
     @property
     def bits(self) -> str:
         return f"{self.weight_bits}-{self.embedding_bits}-{self.activation_bits}"
+
+    @property
+    def elastic(self) -> bool:
+        return self.activations == "elastic"
 
     @property
     def is_full_precision(self) -> bool:
@@ -79,7 +94,7 @@ class QuantConfig:
                 f"quantization config version {version} is newer than this bibert understands"
                 f" ({cls.VERSION}); upgrade bibert"
             )
-        unknown = set(d) - {"weight_bits", "embedding_bits", "activation_bits", "attention"}
+        unknown = set(d) - {"weight_bits", "embedding_bits", "activation_bits", "attention", "activations"}
         if unknown:
             raise BibertError(f"unknown quantization config keys: {sorted(unknown)}")
         return cls(**d)

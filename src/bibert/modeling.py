@@ -34,7 +34,8 @@ from transformers.activations import ACT2FN
 
 from .config import QuantConfig
 from .errors import BibertError
-from .quantizers import binary_linear, bool_ste, quantize_activation, quantize_probs, quantize_weight
+from .quantizers import (binary_linear, bool_ste, quantize_activation, quantize_probs, quantize_weight, scale_grad,
+                         threshold_ste)
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -54,22 +55,76 @@ class BiBertOutput:
     attention_scores: tuple[torch.Tensor, ...] | None = None  # L x (B, nh, T, T), masked, before softmax/bool
 
 
-class QuantLinear(nn.Linear):
-    """A Linear whose weight and input are quantized; the bias stays full precision."""
+class ActQuantizer(nn.Module):
+    """Elastic binarizer of one activation tensor (QuantConfig.activations = "elastic").
 
-    def __init__(self, in_features: int, out_features: int, weight_bits: int, activation_bits: int):
+    levels:    sign(x - threshold) in {-1, +1}, or with `unsigned` 1[x >= threshold] in {0, 1}
+    threshold: learned, one per channel (None: fixed at 0, e.g. where a bias already shifts x)
+    scale:     learned scalar s; the consuming Linear sees s * levels (None: s = 1)
+    window:    the STE's width (a buffer, set from data by `calibrate_quantizers`)
+    The gradient of s is LSQ's, scaled by 1/sqrt(elements); see `threshold_ste` for the rest.
+    """
+
+    def __init__(self, channels: int, unsigned: bool = False, threshold: bool = True, scale: bool = True):
+        super().__init__()
+        self.unsigned = unsigned
+        self.threshold = nn.Parameter(torch.zeros(channels)) if threshold else None
+        if not threshold:
+            self.register_buffer("fixed_threshold", torch.zeros(channels), persistent=False)
+        self.scale = nn.Parameter(torch.ones(())) if scale else None
+        self.register_buffer("window", torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.threshold if self.threshold is not None else self.fixed_threshold
+        return threshold_ste(x, t.to(x.dtype), self.window, self.unsigned)
+
+    def output_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """s for an input like x, with LSQ's gradient scale 1/sqrt(x.numel())."""
+        if self.scale is None:
+            return None
+        return scale_grad(self.scale, 1.0 / math.sqrt(max(1, x.numel())))
+
+    def extra_repr(self) -> str:
+        return f"{'unsigned' if self.unsigned else 'signed'}, threshold={self.threshold is not None}, " \
+               f"scale={self.scale is not None}"
+
+
+class QuantLinear(nn.Linear):
+    """A Linear whose weight and input are quantized; the bias stays full precision.
+
+    With an `input_quantizer` (elastic binarization) the input is binarized by it and
+    scaled by its learned scale; otherwise by `quantize_activation` (sign for 1 bit).
+    """
+
+    def __init__(self, in_features: int, out_features: int, weight_bits: int, activation_bits: int,
+                 input_quantizer: ActQuantizer | None = None):
         super().__init__(in_features, out_features)
         self.weight_bits = weight_bits
         self.activation_bits = activation_bits
+        self.input_quantizer = input_quantizer
 
     def forward(self, x: torch.Tensor, sign_source: torch.Tensor | None = None) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            return self.forward_levels(self.input_quantizer(x), self.input_quantizer.output_scale(x))
         xq = quantize_activation(x, self.activation_bits, sign_source)
         if self.weight_bits == 1:
             return binary_linear(xq, self.weight, self.bias)
         return F.linear(xq, quantize_weight(self.weight, self.weight_bits), self.bias)
 
+    def forward_levels(self, levels: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """The Linear on already binarized input levels (+-1 or {0, 1}) times `scale`."""
+        if self.weight_bits == 1:
+            return binary_linear(levels, self.weight, self.bias, scale)
+        xq = levels if scale is None else levels * scale
+        return F.linear(xq, quantize_weight(self.weight, self.weight_bits), self.bias)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, W{self.weight_bits}A{self.activation_bits}"
+
+
+def _elastic(q: QuantConfig, channels: int, **kwargs) -> ActQuantizer | None:
+    """An ActQuantizer when `q` asks for elastic binarization, else None."""
+    return ActQuantizer(channels, **kwargs) if q.elastic else None
 
 
 class QuantEmbedding(nn.Embedding):
@@ -100,17 +155,25 @@ class Embeddings(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Bi-Attention (attention="bi") or softmax attention over quantized Q, K, V."""
+    """Bi-Attention (attention="bi") or softmax attention over quantized Q, K, V.
+
+    With elastic binarization, Q, K and V share one input quantizer (the engine binarizes
+    their common input once) and each of q, k, v has a data-sized STE window (no threshold:
+    the Linear's bias already shifts it; no scale: Bi-Attention only reads their signs).
+    """
 
     def __init__(self, config: BertConfig, q: QuantConfig):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_size = config.hidden_size // config.num_attention_heads
-        self.q = q
+        self.quant = q
         w, a, h = q.weight_bits, q.activation_bits, config.hidden_size
         self.query = QuantLinear(h, h, w, a)
         self.key = QuantLinear(h, h, w, a)
         self.value = QuantLinear(h, h, w, a)
+        self.input_quantizer = _elastic(q, h)
+        if q.elastic:
+            self.qkv_quantizers = nn.ModuleList(ActQuantizer(h, threshold=False, scale=False) for _ in range(3))
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,11 +181,17 @@ class SelfAttention(nn.Module):
         return x.view(B, T, self.num_heads, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor):
-        a = self.q.activation_bits
-        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))  # real-valued
-        qb, kb, vb = (quantize_activation(t, a) for t in (q, k, v))
+        a = self.quant.activation_bits
+        if self.input_quantizer is not None:
+            levels, scale = self.input_quantizer(x), self.input_quantizer.output_scale(x)
+            q, k, v = (lin.forward_levels(levels, scale) for lin in (self.query, self.key, self.value))  # (B, T, h)
+            qb, kb, vb = (self._heads(quant(t)) for quant, t in zip(self.qkv_quantizers, (q, k, v)))
+            q, k, v = self._heads(q), self._heads(k), self._heads(v)  # real-valued, for DMD
+        else:
+            q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))  # real-valued
+            qb, kb, vb = (quantize_activation(t, a) for t in (q, k, v))
         scores = qb @ kb.transpose(-1, -2) / math.sqrt(self.head_size) + mask  # (B, nh, T, T)
-        if self.q.attention == "bi":
+        if self.quant.attention == "bi":
             weights = bool_ste(self.dropout(scores))  # {0, 1}; 0 on padded keys
         else:
             weights = quantize_probs(self.dropout(F.softmax(scores, dim=-1)), a)
@@ -137,27 +206,34 @@ class Layer(nn.Module):
         h, i, w, a = config.hidden_size, config.intermediate_size, q.weight_bits, q.activation_bits
         self.attention = nn.Module()
         self.attention.self = SelfAttention(config, q)
-        self.attention.output = _DenseNorm(h, h, w, a, config)
+        self.attention.output = _DenseNorm(h, h, w, a, config, _elastic(q, h))
         self.intermediate = nn.Module()
-        self.intermediate.dense = QuantLinear(h, i, w, a)
-        self.output = _DenseNorm(i, h, w, a, config)
+        self.intermediate.dense = QuantLinear(h, i, w, a, _elastic(q, h))
+        # elastic: FFN-out reads {0, 1} levels thresholded on the pre-activation (where GELU
+        # output is close to 0, so is the level); sign: sign(GELU(pre)) = sign(pre)
+        self.output = _DenseNorm(i, h, w, a, config, _elastic(q, i, unsigned=True))
         self.act = ACT2FN[config.hidden_act]
         self.sign_from_pre_activation = config.hidden_act in GELU_FAMILY
+        self.levels_from_pre_activation = q.elastic
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor):
         context, qkv, scores = self.attention.self(x, mask)
         x = self.attention.output(context, x)
         pre = self.intermediate.dense(x)  # (B, T, intermediate)
-        x = self.output(self.act(pre), x, sign_source=pre if self.sign_from_pre_activation else None)
+        if self.levels_from_pre_activation:
+            x = self.output(pre, x)
+        else:
+            x = self.output(self.act(pre), x, sign_source=pre if self.sign_from_pre_activation else None)
         return x, qkv, scores
 
 
 class _DenseNorm(nn.Module):
     """LayerNorm(dropout(QuantLinear(x)) + residual): BertSelfOutput / BertOutput."""
 
-    def __init__(self, n_in: int, n_out: int, w: int, a: int, config: BertConfig):
+    def __init__(self, n_in: int, n_out: int, w: int, a: int, config: BertConfig,
+                 input_quantizer: ActQuantizer | None = None):
         super().__init__()
-        self.dense = QuantLinear(n_in, n_out, w, a)
+        self.dense = QuantLinear(n_in, n_out, w, a, input_quantizer)
         self.LayerNorm = nn.LayerNorm(n_out, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -172,7 +248,8 @@ class BertBody(nn.Module):
         self.encoder = nn.Module()
         self.encoder.layer = nn.ModuleList(Layer(config, q) for _ in range(config.num_hidden_layers))
         self.pooler = nn.Module()
-        self.pooler.dense = QuantLinear(config.hidden_size, config.hidden_size, q.weight_bits, q.activation_bits)
+        self.pooler.dense = QuantLinear(config.hidden_size, config.hidden_size, q.weight_bits, q.activation_bits,
+                                        _elastic(q, config.hidden_size))
 
 
 class BiBertForSequenceClassification(nn.Module):
@@ -387,10 +464,105 @@ def binarize(model_or_path, config: QuantConfig | None = None, num_labels: int |
         state = {f"bert.{k}": v for k, v in state.items()}
     own = student.state_dict()
     missing = [k for k in own if k not in state]
-    if [k for k in missing if not k.startswith("classifier.")]:
+    if [k for k in missing if not k.startswith("classifier.") and not _is_quantizer_key(k)]:
         raise BibertError(f"the model lacks BERT weights {missing[:5]}; is it a BERT classifier?")
     student.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return student
+
+
+def _is_quantizer_key(name: str) -> bool:
+    """State-dict entries of the elastic quantizers (new in a student built from a teacher)."""
+    return any("quantizer" in part for part in name.split("."))
+
+
+@torch.no_grad()
+def calibrate_quantizers(student: BiBertForSequenceClassification, batch: dict,
+                         teacher: nn.Module | None = None, layer_map=None) -> dict[str, dict[str, float]]:
+    """Set every elastic quantizer's STE window, and its scale, from one batch of data.
+
+    window: mean |x - threshold| of the student's own input to the quantizer, so that the
+        straight-through gradient reaches the bulk of the values whatever their scale (the
+        Bi-Attention context is an integer count, far outside BiBERT's fixed |x| <= 1).
+    scale:  with a teacher, the size of the teacher's input to the same Linear: mean |x|
+        for {-1, +1} levels, the mean of the positive values for {0, 1} levels (the best
+        scalar for a sign / step approximation), so that each branch starts at the
+        teacher's scale relative to the residual; without one, 1 (the paper's unscaled
+        sign). `layer_map` maps student layers to teacher layers (a shallower student).
+    Returns {quantizer name: {"window": w, "scale": s}}.
+    """
+    quantizers = {n: m for n, m in student.named_modules() if isinstance(m, ActQuantizer)}
+    if not quantizers:
+        return {}
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"),
+              "token_type_ids": batch.get("token_type_ids")}
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=n: seen.__setitem__(name, args[0].detach()))
+             for n, m in quantizers.items()]
+    was_training = student.training
+    student.eval()
+    try:
+        student(**inputs)
+    finally:
+        student.train(was_training)
+        for h in hooks:
+            h.remove()
+    valid = inputs["attention_mask"]
+    valid = torch.ones_like(inputs["input_ids"], dtype=torch.bool) if valid is None else valid.bool()
+
+    def real(x: torch.Tensor, name: str) -> torch.Tensor:
+        """The values at real (not padded) token positions, flattened per channel."""
+        if x.dim() == 3 and x.shape[:2] == valid.shape:
+            return x[valid]
+        return x.reshape(-1, x.shape[-1])  # the pooler's [CLS] rows
+
+    teacher_inputs = _teacher_linear_inputs(teacher, inputs, quantizers, student, layer_map) if teacher is not None else {}
+    report = {}
+    for name, q in quantizers.items():
+        x = real(seen[name].float(), name)
+        t = (q.threshold if q.threshold is not None else q.fixed_threshold).float()
+        window = (x - t).abs().mean().clamp_min(1e-3)
+        q.window.fill_(float(window))
+        entry = {"window": float(window)}
+        if q.scale is not None:
+            xt = teacher_inputs.get(name)
+            if xt is None:
+                scale = torch.tensor(1.0)
+            else:
+                xt = real(xt.float(), name)
+                scale = xt.clamp_min(0)[xt > 0].mean() if q.unsigned else xt.abs().mean()
+            q.scale.fill_(float(scale.clamp_min(1e-3)))
+            entry["scale"] = float(q.scale)
+        report[name] = entry
+    return report
+
+
+def _teacher_linear_inputs(teacher, inputs, quantizers, student, layer_map) -> dict[str, torch.Tensor]:
+    """For each student quantizer that feeds a Linear, the teacher's input to that Linear."""
+    student_layers = student.config.num_hidden_layers
+    teacher_layers = teacher.config.num_hidden_layers
+    factor = teacher_layers // student_layers if layer_map is None else layer_map.factor
+    targets = {}
+    for name in quantizers:
+        parts = name.split(".")
+        if parts[-1] != "input_quantizer":
+            continue
+        owner = ".".join(parts[:-1])  # the Linear (or SelfAttention for the shared Q/K/V input)
+        if owner.endswith("attention.self"):
+            owner += ".query"
+        if parts[:3] == ["bert", "encoder", "layer"]:
+            i = int(parts[3])
+            owner = owner.replace(f"bert.encoder.layer.{i}.", f"bert.encoder.layer.{(i + 1) * factor - 1}.", 1)
+        targets[owner] = name
+    modules = dict(teacher.named_modules())
+    seen = {}
+    hooks = [modules[o].register_forward_hook(lambda mod, args, out, name=n: seen.__setitem__(name, args[0].detach()))
+             for o, n in targets.items() if o in modules]
+    try:
+        teacher(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
 
 
 def load_hf_classifier(name_or_path: str, num_labels: int | None = None, **kwargs):

@@ -100,23 +100,30 @@ def binarize_weight(w: torch.Tensor) -> torch.Tensor:
 
 class _BinaryLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, bias):
+    def forward(ctx, x, w, bias, act_scale):
         alpha, centred = _scale_and_centred(w)  # (out,), (out, in)
         signs = sign(centred)
-        ctx.save_for_backward(x, centred, alpha, signs)
-        counts = torch.nn.functional.linear(x, signs)  # integer-valued for +-1 inputs: exact in float
-        return counts * alpha + bias  # two roundings, as the packed engine's epilogue
+        ctx.save_for_backward(x, centred, alpha, signs, act_scale)
+        counts = torch.nn.functional.linear(x, signs)  # integer-valued for +-1 / {0,1} inputs: exact in float
+        scale = alpha if act_scale is None else alpha * act_scale  # one float per output row
+        return counts * scale + bias  # two roundings, as the packed engine's epilogue
 
     @staticmethod
     def backward(ctx, grad):
-        x, centred, alpha, signs = ctx.saved_tensors
+        x, centred, alpha, signs, act_scale = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        grad_x = grad @ (alpha[:, None] * signs).to(grad.dtype)
-        grad_w = (g2.T @ x.reshape(-1, x.shape[-1]).to(g2.dtype)) * (centred.abs() <= 1).to(g2.dtype)
-        return grad_x.to(x.dtype), grad_w.to(centred.dtype), g2.sum(0).to(centred.dtype)
+        grad_xb = grad @ (alpha[:, None] * signs).to(grad.dtype)  # dL/d(scaled input)
+        xq = x if act_scale is None else x * act_scale  # the input as the Linear sees it
+        grad_w = (g2.T @ xq.reshape(-1, x.shape[-1]).to(g2.dtype)) * (centred.abs() <= 1).to(g2.dtype)
+        grad_s = None
+        if act_scale is not None:
+            grad_s = (x.to(grad.dtype) * grad_xb).sum().to(act_scale.dtype)
+            grad_xb = grad_xb * act_scale.to(grad.dtype)
+        return grad_xb.to(x.dtype), grad_w.to(centred.dtype), g2.sum(0).to(centred.dtype), grad_s
 
 
-def binary_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def binary_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor,
+                  act_scale: torch.Tensor | None = None) -> torch.Tensor:
     """A Linear with BiBERT's binarized weight: y = alpha * (x @ sign(Wc)^T) + b.
 
     The same function as F.linear(x, binarize_weight(w), b), evaluated the way the packed
@@ -124,8 +131,14 @@ def binary_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch
     signs of y (the bits the next layer sees) agree exactly with the engine's.
     backward: dL/dx = dL/dy @ Wb;  dL/dW = (dL/dy^T x) * 1[|Wc| <= 1];  dL/db = sum dL/dy
     (the gradients of F.linear with `binarize_weight`).
+
+    act_scale (a scalar tensor, elastic binarization): x holds the binarized input's levels
+    (+-1 or {0, 1}) and s their learned scale, so the Linear sees s * x:
+        y = (alpha * s) * (x @ sign(Wc)^T) + b      (alpha * s rounded once per row)
+        dL/dx = s (dL/dy @ Wb);  dL/dW = (dL/dy^T (s x)) * 1[|Wc| <= 1];
+        dL/ds = sum(x * (dL/dy @ Wb))
     """
-    return _BinaryLinear.apply(x, w, bias)
+    return _BinaryLinear.apply(x, w, bias, act_scale)
 
 
 def weight_scale_and_signs(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,3 +207,64 @@ def quantize_probs(p: torch.Tensor, bits: int) -> torch.Tensor:
         return sign_ste(p)
     steps = 2**bits - 1
     return p + (torch.round(p * steps) / steps - p).detach()
+
+
+# ------------------------------------------------------------------ elastic binarization
+#
+# Beyond the paper, after BiT (Liu et al., NeurIPS 2022): each binarized activation gets a
+# learned per-channel threshold and a learned scalar scale, and an input that is
+# non-negative by construction (the FFN-out input, after GELU) becomes {0, 1} instead of
+# {-1, +1}. docs/method.md ("Elastic binarization") states the whole scheme; every piece
+# folds into the packed engine (a threshold is a compare, a scale one multiply).
+
+
+class _ThresholdSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, threshold, window, unsigned):
+        d = x - threshold
+        ctx.save_for_backward(d, window)
+        ctx.unsigned = unsigned
+        keep = d >= 0  # IEEE compare: x == threshold gives +1 (or 1), as sign(0) = +1
+        if unsigned:
+            return keep.to(x.dtype)
+        return torch.where(keep, 1.0, -1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        d, window = ctx.saved_tensors
+        half = window / 2 if ctx.unsigned else window
+        grad_x = grad * (d.abs() <= half).to(grad.dtype) / window.to(grad.dtype)
+        grad_t = -grad_x.reshape(-1, grad_x.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_t, None, None
+
+
+def threshold_ste(x: torch.Tensor, threshold: torch.Tensor, window: torch.Tensor, unsigned: bool = False) -> torch.Tensor:
+    """Elastic activation binarizer: a learned per-channel threshold, a data-sized STE window.
+
+    forward:  signed:   sign(x - t)      in {-1, +1}   (x == t gives +1)
+              unsigned: 1[x - t >= 0]    in {0, 1}
+    backward: the gradient of the hard-tanh the step stands for:
+              signed:   dL/dx = dL/dy * 1[|x - t| <= w] / w          (htanh((x - t) / w))
+              unsigned: dL/dx = dL/dy * 1[|x - t| <= w/2] / w        (clip((x - t) / w + 1/2, 0, 1))
+              dL/dt = -sum over every position of dL/dx, per channel
+    x: (..., C); t: (C,); w: a positive scalar tensor (no gradient). With t = 0 and w = 1
+    the signed form is exactly `sign_ste`.
+    """
+    return _ThresholdSTE.apply(x, threshold, window, unsigned)
+
+
+class _GradScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity forward; backward multiplies the gradient by `factor` (LSQ's gradient scale
+    for a step size: 1 / sqrt(elements per step x levels))."""
+    return _GradScale.apply(x, factor)

@@ -45,7 +45,8 @@ from .data import build_dataset, collate_batch, load_examples
 from .errors import BibertError
 from .evaluate import predict
 from .losses import LayerMap, dmd_distill_loss, standard_distill_loss
-from .modeling import BiBertForSequenceClassification, QuantEmbedding, QuantLinear, binarize, load_hf_classifier, read_config
+from .modeling import (BiBertForSequenceClassification, QuantEmbedding, QuantLinear, _is_quantizer_key, binarize,
+                       calibrate_quantizers, load_hf_classifier, read_config)
 from .tasks import Task, compute_metrics, get_task
 
 MODES = ("finetune", "distill")
@@ -68,8 +69,14 @@ class TrainConfig:
         objective ("dmd" or "standard") and an optional shallower depth (distill only).
     lr, epochs, max_length, batch_size: the recipe; batch_size is per process.
     max_steps: stop after this many optimizer steps (overrides epochs for the schedule).
-    eval_every / save_every: steps between evaluations (default: once per epoch) and
-        between extra training-state checkpoints (default: only at evaluations).
+    eval_every / save_every: steps between evaluations (default: evals_per_epoch times an
+        epoch) and between extra training-state checkpoints (default: only at evaluations).
+    evals_per_epoch: dev evaluations per epoch when eval_every is not given (the best one
+        is kept, as the reference keeps the best of its evaluations every 200 steps).
+    init_from: the student's starting weights (distill only; default: the teacher's). A
+        BiBERT folder, e.g. the best checkpoint of a 1-1-4 student (multi-step distillation).
+    quantizer_lr: peak learning rate of the elastic quantizers' thresholds and scales (no
+        weight decay; default: lr).
     max_train_examples / max_eval_examples: seeded random slices of the data.
     dmd_mask_padding: leave padded positions out of DMD's similarity matrices and the hidden
         loss (distill with dmd only; the reference, and the default, keeps them).
@@ -95,6 +102,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     adam_eps: float = 1e-6
     eval_every: int | None = None
+    evals_per_epoch: int = 4
     save_every: int | None = None
     log_every: int = 10
     max_train_examples: int | None = None
@@ -104,6 +112,8 @@ class TrainConfig:
     eval_test: bool = False
     group_by_length: bool = False
     dmd_mask_padding: bool = False
+    init_from: str | None = None
+    quantizer_lr: float | None = None
     seed: int = 42
     device: str = "auto"
     precision: str = "fp32"
@@ -127,7 +137,11 @@ class TrainConfig:
         for name in ("lr", "epochs"):
             if not getattr(self, name) > 0:
                 raise BibertError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("max_length", "batch_size", "log_every", "max_steps", "eval_every", "save_every",
+        if self.mode != "distill" and (self.init_from is not None or self.quantizer_lr is not None):
+            raise BibertError("--init-from and --quantizer-lr apply to distillation only")
+        if self.quantizer_lr is not None and not self.quantizer_lr > 0:
+            raise BibertError(f"--quantizer-lr must be positive, got {self.quantizer_lr}")
+        for name in ("max_length", "batch_size", "log_every", "max_steps", "eval_every", "evals_per_epoch", "save_every",
                      "max_train_examples", "max_eval_examples", "student_layers"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -227,6 +241,17 @@ def load_teacher(path: str, task: Task) -> BiBertForSequenceClassification:
     _check_labels(teacher.config, task, f"the teacher {path}")
     teacher.eval().requires_grad_(False)
     return teacher
+
+
+def load_student_init(path: str, task: Task) -> nn.Module:
+    """The weights a student starts from when they are not the teacher's: a BiBERT folder
+    (e.g. an intermediate 1-1-4 student) or a Hugging Face classifier folder."""
+    if not os.path.isdir(path):
+        raise BibertError(f"--init-from {path}: no such folder; give a student's best/ folder")
+    model = BiBertForSequenceClassification.from_pretrained(path) if "bibert_format_version" in read_config(path) \
+        else load_hf_classifier(path)
+    _check_labels(model.config, task, f"the starting student {path}")
+    return model
 
 
 def _check_labels(config, task: Task, what: str) -> None:
@@ -335,15 +360,20 @@ class Trainer:
             extra = {} if task.label_list is None else {
                 "id2label": dict(enumerate(task.label_list)), "label2id": {n: i for i, n in enumerate(task.label_list)}}
             self.model = load_hf_classifier(cfg.model, num_labels=task.num_labels, ignore_mismatched_sizes=True, **extra)
-            self.teacher = None
+            self.teacher, self.layer_map = None, None
+            self.fresh_quantizers = False
             self.objective = FinetuneObjective()
         else:
             self.teacher = load_teacher(cfg.model, task).to(self.ctx.device)
-            student = binarize(self.teacher, cfg.quant_config)
+            source = self.teacher if cfg.init_from is None else load_student_init(cfg.init_from, task)
+            student = binarize(source, cfg.quant_config)
+            # quantizers the source did not have start from data (calibrate_quantizers)
+            self.fresh_quantizers = not (isinstance(source, BiBertForSequenceClassification) and source.quant.elastic)
             if cfg.student_layers:
                 student = shrink_student(student, cfg.student_layers)
             self.model = student
             layer_map = LayerMap(student.config.num_hidden_layers, self.teacher.config.num_hidden_layers)
+            self.layer_map = layer_map
             self.objective = DistillObjective(self.teacher, cfg.distill, layer_map, task.is_regression,
                                               cfg.dmd_mask_padding)
         self.model.to(self.ctx.device).train()
@@ -367,17 +397,20 @@ class Trainer:
                                           shuffle=True, seed=cfg.seed, drop_last=False)
         self.steps_per_epoch = math.ceil(len(self.sampler) / cfg.batch_size)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
-        self.eval_every = cfg.eval_every or self.steps_per_epoch
+        self.eval_every = cfg.eval_every or max(1, math.ceil(self.steps_per_epoch / cfg.evals_per_epoch))
 
     def _build_optimizer(self) -> None:
         cfg = self.config
-        decay, no_decay = [], []
+        decay, no_decay, quantizers = [], [], []
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, eps=cfg.adam_eps)
+                group = quantizers if _is_quantizer_key(name) else \
+                    no_decay if name.endswith("bias") or "LayerNorm" in name else decay
+                group.append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if quantizers:  # elastic thresholds and scales: own learning rate, no weight decay
+            groups.append({"params": quantizers, "weight_decay": 0.0, "lr": cfg.quantizer_lr or cfg.lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, eps=cfg.adam_eps)
         warmup, total = int(cfg.warmup_ratio * self.total_steps), self.total_steps
 
         def schedule(step: int) -> float:  # linear warm-up, then linear decay to 0
@@ -391,6 +424,8 @@ class Trainer:
         """Fresh state, or the saved one; checks that a resumed run has the same options."""
         config_path = self.out / "config.json"
         saved = None
+        if resume and not config_path.exists() and self.ctx.is_main:
+            print(f"--resume: {self.out} holds no run yet, so this starts a new one", flush=True)
         if config_path.exists():
             saved = TrainConfig.from_dict(json.loads(config_path.read_text()))
             if not resume:
@@ -403,6 +438,7 @@ class Trainer:
                                   "run with the original options or choose another --out")
         self.step, self.best, self.evaluations, self.history = 0, None, [], []
         self.train_seconds, self.teacher_metrics = 0.0, None
+        self.log_sums, self.log_count = {}, 0  # training losses since the last logged average
         distributed.barrier(self.ctx)  # every process has looked at OUT before rank 0 changes it
         if saved is not None and self.ctx.is_main:
             for name in (STATE_DIR, "best", "last"):
@@ -410,6 +446,8 @@ class Trainer:
         distributed.barrier(self.ctx)
         state = load_training_state(self.out, self.model) if saved is not None else None
         if state is None:
+            if self.fresh_quantizers:
+                self.calibration = self._calibrate()
             self.flip_reference = binarized_signs(self.model)
             if self.ctx.is_main:
                 self.out.mkdir(parents=True, exist_ok=True)
@@ -424,12 +462,26 @@ class Trainer:
         self.evaluations, self.history = state["evaluations"], state["history"]
         self.train_seconds, self.teacher_metrics = state["train_seconds"], state["teacher_metrics"]
         self.flip_reference = state["flip_reference"]
+        self.log_sums, self.log_count = state.get("log_sums", {}), state.get("log_count", 0)
+        if self.ctx.is_main:
+            print(f"resuming {self.out} from step {self.step} of {self.total_steps}", flush=True)
         rng = state["rng"][self.ctx.rank]
         torch.set_rng_state(rng["cpu"])
         if rng.get("cuda") is not None and self.ctx.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.ctx.device)
         if self.ctx.is_main:  # the log holds exactly the evaluations up to the saved step
             _write_lines(self.out / "metrics.jsonl", self.evaluations)
+
+    def _calibrate(self) -> dict:
+        """Windows and scales of fresh elastic quantizers from the first training batch
+        (the same on every process: the seeded order of epoch 0; no RNG is drawn)."""
+        batch = next(self._batches(0, 0))
+        with self._autocast():
+            report = calibrate_quantizers(self.model, batch, self.teacher, self.layer_map)
+        if self.ctx.is_main and report:
+            (self.out / "calibration.json").parent.mkdir(parents=True, exist_ok=True)
+            _write_json(self.out / "calibration.json", report)
+        return report
 
     # ---- evaluation and saving -----------------------------------------------------------
 
@@ -479,7 +531,8 @@ class Trainer:
             "rng": [{k: (v.cpu() if v is not None else None) for k, v in r.items()} for r in rngs],
             "best": self.best, "evaluations": self.evaluations, "history": self.history,
             "train_seconds": self.train_seconds, "teacher_metrics": self.teacher_metrics,
-            "flip_reference": self.flip_reference, "world_size": self.ctx.world_size})
+            "flip_reference": self.flip_reference, "world_size": self.ctx.world_size,
+            "log_sums": self.log_sums, "log_count": self.log_count})
 
     def _evaluate_and_keep_best(self, bar) -> None:
         metrics = self.evaluate(self.unwrapped, self.dev_sets)
@@ -568,7 +621,7 @@ class Trainer:
 
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not ctx.is_main, dynamic_ncols=True,
                    desc=f"{cfg.mode} {self.task.name}")
-        sums, count, flip = {}, 0, None
+        flip = None
         tic = time.perf_counter()
         try:
             while self.step < self.total_steps:
@@ -577,15 +630,16 @@ class Trainer:
                     values = self._train_step(batch)
                     self.step += 1
                     for k, v in values.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    count += 1
+                        self.log_sums[k] = self.log_sums.get(k, 0.0) + v
+                    self.log_count += 1
                     if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                         if self.flip_reference:
                             flip = flip_ratio(self.unwrapped, self.flip_reference)
-                        self.history.append({"step": self.step, **{k: v / count for k, v in sums.items()},
+                        self.history.append({"step": self.step,
+                                             **{k: v / self.log_count for k, v in self.log_sums.items()},
                                              "lr": self.scheduler.get_last_lr()[0],
                                              **({"flip": flip} if flip is not None else {})})
-                        sums, count = {}, 0
+                        self.log_sums, self.log_count = {}, 0
                     bar.update(1)
                     bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()}
                                     | ({"flip": f"{flip:.4f}"} if flip is not None else {}), refresh=False)
@@ -667,18 +721,51 @@ def finetune(model: str, task: str | Task, out: str | os.PathLike, *, resume: bo
 
 def distill(teacher: str, task: str | Task, out: str | os.PathLike, *, quant: QuantConfig | None = None,
             distill: str = "dmd", student_layers: int | None = None, resume: bool = False,
+            via: str | QuantConfig | None = None, via_share: float = 0.5,
             hooks: Sequence[Hook] = (), **options) -> dict:
     """Build a quantized student (default BiBERT 1-1-1, Bi-Attention) from a fine-tuned
     teacher folder and train it with DMD ("dmd") or the standard objective ("standard").
 
     The paper's ablation: softmax+standard (baseline), bi+standard, softmax+dmd, bi+dmd.
     best/ and last/ are BiBERT folders (BiBertForSequenceClassification.from_pretrained).
-    Returns the results dict (also written to out/results.json).
+
+    via (multi-step distillation, after BiT): first distil an intermediate student with
+    these bits (e.g. "1-1-4": same attention and objective, wider activations) into
+    OUT/via-<bits>/, for `via_share` of the epochs; then the final student starts from its
+    best checkpoint and trains for the rest, against the same teacher. The total number of
+    steps is the single-stage run's. Each stage resumes on its own; a finished stage is kept.
+    Returns the results dict of the final stage (also written to out/results.json), with the
+    intermediate stage's under "via".
     """
     quant = quant or QuantConfig()
-    config = resolve_config("distill", teacher, task, out, quant=quant.to_dict(), distill=distill,
-                            student_layers=student_layers, **options)
-    return Trainer(config, hooks).run(resume)
+
+    def stage(stage_out, stage_quant: QuantConfig, **stage_options) -> dict:
+        config = resolve_config("distill", teacher, task, stage_out, quant=stage_quant.to_dict(), distill=distill,
+                                student_layers=student_layers, **stage_options)
+        return Trainer(config, hooks).run(resume)
+
+    if via is None:
+        return stage(out, quant, **options)
+    if not 0 < via_share < 1:
+        raise BibertError(f"--via-share must lie strictly between 0 and 1, got {via_share}")
+    if options.get("max_steps") is not None or options.get("init_from") is not None:
+        raise BibertError("--via splits the epochs between the stages: leave out --max-steps and --init-from")
+    middle = via if isinstance(via, QuantConfig) else QuantConfig.from_bits(via, quant.attention)
+    epochs = options.get("epochs") or float((get_task(task) if isinstance(task, str) else task).epochs)
+    stage_out = Path(out) / f"via-{middle.bits}"
+    first_options = {**options, "epochs": epochs * via_share}
+    first = _finished(stage_out) or stage(stage_out, middle, **first_options)
+    second = stage(out, quant, **{**options, "epochs": epochs * (1 - via_share), "init_from": str(stage_out / "best")})
+    second["via"] = first
+    if int(os.environ.get("RANK", "0")) == 0:
+        _write_json(Path(out) / "results.json", second)
+    return second
+
+
+def _finished(out: Path) -> dict | None:
+    """results.json of a finished run in `out`, else None."""
+    path = out / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def finetune_and_distill(model: str, task: str | Task, out: str | os.PathLike, *, resume: bool = False,

@@ -12,7 +12,7 @@ import os
 TRAIN_OPTIONS = ("lr", "epochs", "max_length", "batch_size", "max_steps", "weight_decay", "warmup_ratio",
                  "max_grad_norm", "eval_every", "save_every", "log_every", "max_train_examples",
                  "max_eval_examples", "train_file", "data_dir", "eval_test", "group_by_length", "dmd_mask_padding",
-                 "seed", "device", "precision")
+                 "seed", "device", "precision", "evals_per_epoch", "init_from", "quantizer_lr")
 
 
 def _common(p) -> None:
@@ -36,7 +36,9 @@ def _common(p) -> None:
     d.add_argument("--group-by-length", action="store_true", default=None,
                    help="batch examples of similar length together: less padding, faster steps (off by default)")
     e = p.add_argument_group("evaluation, checkpoints, hardware")
-    e.add_argument("--eval-every", type=int, help="steps between dev evaluations (default: once per epoch)")
+    e.add_argument("--eval-every", type=int, help="steps between dev evaluations (default: see --evals-per-epoch)")
+    e.add_argument("--evals-per-epoch", type=int,
+                   help="dev evaluations per epoch when --eval-every is not given; the best is kept (4)")
     e.add_argument("--save-every", type=int, help="steps between training-state checkpoints (default: at each evaluation)")
     e.add_argument("--log-every", type=int, help="steps between logged loss averages (10)")
     e.add_argument("--eval-test", action="store_true", default=None, help="score the best checkpoint on the labeled test split")
@@ -68,6 +70,15 @@ def register(sub) -> None:
     p.add_argument("--student-layers", type=int, help="a shallower student (the teacher's depth must be a multiple)")
     p.add_argument("--dmd-mask-padding", action="store_true", default=None,
                    help="leave padded positions out of DMD and the hidden loss (the reference keeps them)")
+    p.add_argument("--activations", choices=["sign", "elastic"], default="sign",
+                   help="1-bit activations: sign = the paper's (default); elastic = learned thresholds and scales, "
+                        "{0,1} FFN-out input (beyond the paper, after BiT; see docs/method.md)")
+    p.add_argument("--quantizer-lr", type=float, help="peak learning rate of the elastic thresholds and scales (--lr)")
+    p.add_argument("--via", metavar="W-E-A",
+                   help="multi-step distillation: first distil a student with these bits (e.g. 1-1-4) into OUT/via-W-E-A, "
+                        "then start the final student from it; the epochs are split between the two stages")
+    p.add_argument("--via-share", type=float, default=0.5, help="share of the epochs given to the --via stage (0.5)")
+    p.add_argument("--init-from", help="start the student from this BiBERT folder instead of the teacher's weights")
     _common(p)
     p.set_defaults(func=run_distill)
 
@@ -103,8 +114,9 @@ def run_distill(args) -> int:
     from ..config import QuantConfig
     from ..train import distill
 
-    quant = QuantConfig.from_bits(args.bits, args.attention)
+    quant = QuantConfig.from_bits(args.bits, args.attention, args.activations)
     results = distill(args.teacher, args.task, args.out, quant=quant, distill=args.distill,
-                      student_layers=args.student_layers, resume=args.resume, **_options(args))
+                      student_layers=args.student_layers, resume=args.resume, via=args.via, via_share=args.via_share,
+                      **_options(args))
     _report(results, args.json)
     return 0
