@@ -1,4 +1,5 @@
-"""`bibert export` (student folder -> packed 1-bit file) and `bibert predict` (packed file -> labels)."""
+"""`bibert export` (student folder -> packed 1-bit file), `bibert predict` (packed file ->
+labels, for texts or a whole file) and `bibert serve` (packed file behind HTTP)."""
 from __future__ import annotations
 
 import argparse
@@ -25,11 +26,13 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "predict",
         help="classify texts with a packed model on the bitwise engine",
-        description="Run a packed model (bibert export) on one or more texts with the native XOR/popcount "
-        "kernels; prints one line per text: label and class scores.",
+        description="Run a packed model (bibert export) with the native XOR/popcount kernels, on texts given "
+        "here (prints one line per text: label and class scores) or on every row of a file (--file, --out): "
+        "streamed in constant memory, run in batches of similar length, written in input order with the "
+        "label and class probabilities, resumable (--resume).",
     )
     p.add_argument("--model", required=True, metavar="PATH", help="packed model file")
-    p.add_argument("texts", nargs="+", metavar="TEXT", help="text(s) to classify")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="text(s) to classify")
     p.add_argument("--pair", action="append", metavar="TEXT",
                    help="second segment of a sentence pair; give one --pair per TEXT")
     p.add_argument("--threads", type=int, help="kernel threads (default: BIBERT_THREADS or all cores)")
@@ -37,7 +40,56 @@ def register(subparsers) -> None:
                    help="force a kernel family (default: BIBERT_KERNEL or auto)")
     p.add_argument("--max-length", type=int, help="truncate inputs to this many tokens")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of text lines")
+    f = p.add_argument_group("a whole file")
+    f.add_argument("--file", metavar="IN", help="input rows: .csv, .tsv, .jsonl or .parquet")
+    f.add_argument("--text-column", metavar="C", help="column of IN holding the text")
+    f.add_argument("--text-pair-column", metavar="C2", help="column holding the second segment of a pair")
+    f.add_argument("--id-column", metavar="ID", help="write only this column of IN before the predictions "
+                   "(default: every column of IN)")
+    f.add_argument("--out", metavar="OUT", help="output file, .csv or .jsonl: the input's columns (or the id), "
+                   "pred_label and prob_<label> per class (pred_value for regression)")
+    mode = f.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue an OUT left by an interrupted run (checked "
+                      "to come from the same input, model and options)")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    f.add_argument("--batch-size", type=int, default=32, help="texts per forward (default: %(default)s)")
+    f.add_argument("--window", type=int, default=2048, help="rows sorted by length together, then written in "
+                   "input order; memory grows with it (default: %(default)s)")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_predict)
+
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a packed model over HTTP (needs the serve extra)",
+        description="HTTP server for a packed model (Starlette + uvicorn; pip install 'bibert[serve]'). "
+        "GET /health: model name, labels, kernel. POST /predict with {\"texts\": [...], \"pairs\": [...]} "
+        "(pairs optional): {\"labels\": [...], \"scores\": [[...], ...]} in input order. Concurrent requests "
+        "are batched together on one engine thread per process; SIGTERM finishes the requests in flight.",
+    )
+    p.add_argument("--model", required=True, metavar="PATH", help="packed model file")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 picks a free one)")
+    p.add_argument("--workers", type=int, default=1, help="processes, forked after the model is loaded and "
+                   "sharing it (default: %(default)s)")
+    p.add_argument("--threads", type=int, help="kernel threads per process (default: BIBERT_THREADS, else the "
+                   "cores divided among the workers)")
+    p.add_argument("--kernel", choices=["auto", "avx512", "avx2", "portable"],
+                   help="force a kernel family (default: BIBERT_KERNEL or auto)")
+    p.add_argument("--max-length", type=int, help="truncate inputs to this many tokens (default: the model's "
+                   "positions)")
+    p.add_argument("--max-batch", type=int, default=64, help="most texts run together (default: %(default)s); "
+                   "1 turns batching of concurrent requests off")
+    p.add_argument("--batch-window-ms", type=float, default=2.0, help="how long a batch waits for more requests "
+                   "when the engine is idle (default: %(default)s)")
+    p.add_argument("--max-texts", type=int, default=256, help="most texts in one request; more: 413 "
+                   "(default: %(default)s)")
+    p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body in KiB; larger: 413 "
+                   "(default: %(default)s)")
+    p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests in "
+                   "flight (default: %(default)s)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(func=run_serve)
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -49,8 +101,27 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from ..errors import BibertError
     from ..packed import load_packed
 
+    if args.file or args.out:
+        if args.texts or args.pair or args.json:
+            raise BibertError("give texts to classify, or --file IN --out OUT, not both (--pair and --json are "
+                              "for texts)")
+        missing = [flag for flag, v in (("--file", args.file), ("--out", args.out),
+                                        ("--text-column", args.text_column)) if not v]
+        if missing:
+            raise BibertError(f"a file prediction needs {' and '.join(missing)}")
+        from ..serving import predict_file
+
+        summary = predict_file(args.model, args.file, args.out, args.text_column, args.text_pair_column,
+                               args.id_column, batch_size=args.batch_size, window=args.window,
+                               max_length=args.max_length, resume=args.resume, overwrite=args.overwrite,
+                               progress=not args.no_progress, threads=args.threads, kernel=args.kernel)
+        print(summary)
+        return 0
+    if not args.texts:
+        raise BibertError("give text(s) to classify, or --file IN --text-column C --out OUT")
     model = load_packed(args.model, threads=args.threads, kernel=args.kernel)
     pred = model.predict(args.texts, pairs=args.pair, max_length=args.max_length)
     rows = []
@@ -63,3 +134,19 @@ def run_predict(args: argparse.Namespace) -> int:
         for r in rows:
             print(f"{r['label']}\t" + " ".join(f"{k}={v:.4f}" for k, v in r["scores"].items()) + f"\t{r['text']}")
     return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from ..errors import BibertError
+
+    try:
+        from ..serving.server import ServeSettings, serve
+    except ImportError as exc:
+        raise BibertError(f"bibert serve needs the serve extra ({exc.name} is missing): "
+                          "pip install 'bibert[serve]'") from None
+    settings = ServeSettings(max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
+                             max_texts=args.max_texts, max_body_bytes=args.max_body_kb * 1024,
+                             max_length=args.max_length)
+    return serve(args.model, host=args.host, port=args.port, workers=args.workers, threads=args.threads,
+                 kernel=args.kernel, settings=settings, graceful_timeout=args.graceful_timeout,
+                 log_level=args.log_level, access_log=args.access_log)

@@ -1,0 +1,528 @@
+"""HTTP serving of a packed model on Starlette + uvicorn (the `serve` extra).
+
+    GET  /health   -> {"status": "ok", "model": ..., "labels": [...], "kernel": "avx512", ...}
+    POST /predict  {"texts": ["..."], "pairs": ["..."]}  ("pairs" optional)
+                   -> {"labels": [...], "scores": [[p_label0, p_label1, ...], ...]} in input order
+
+Each process has one engine thread that owns the model (the native kernels are driven by
+one caller at a time). Requests are checked on the event loop and queued; the engine thread
+takes what is queued, waits up to a short window for more while the batch is below
+`max_batch` texts, sorts the texts by length, runs them in forwards of similar length and
+hands every request its own slice of the results. Requests with and without pairs run in
+separate forwards. A batch that fails is rerun request by request, so that one bad
+request fails alone.
+
+Errors are JSON {"error": message}: 400 for a body that is not JSON or not of the expected
+shape, 404/405 for other routes, 413 for too many texts or too large a body, 503 when the
+queue is full or the server is stopping. SIGTERM stops accepting connections, finishes the
+requests in flight, then exits. With several workers the model is loaded (and checked by
+one warm-up prediction) in the parent, which then forks the workers: they share its memory
+and each starts its own kernel threads (the engine's thread pool is rebuilt after a fork).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from ..errors import BibertError
+
+log = logging.getLogger("bibert.serve")
+DRAIN_LIMIT = 64 << 20  # an oversized body up to this size is read (and dropped) before the 413, so the client sees it
+
+
+@dataclass
+class ServeSettings:
+    """max_batch: most texts in one batch of the engine thread (1: no batching across
+    requests). batch_window_ms: how long a batch below max_batch waits for more requests.
+    engine_batch: texts per forward inside a batch (sorted by length, so similar lengths run
+    together). max_texts: texts per request. max_body_bytes: request body. max_queue: texts
+    waiting for the engine before requests are turned away with 503. max_length: tokens per
+    input after truncation (default: the model's positions)."""
+
+    max_batch: int = 64
+    batch_window_ms: float = 2.0
+    engine_batch: int = 16
+    max_texts: int = 256
+    max_body_bytes: int = 1 << 20
+    max_queue: int = 4096
+    max_length: int | None = None
+
+    def check(self) -> None:
+        for name in ("max_batch", "engine_batch", "max_texts", "max_body_bytes", "max_queue"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BibertError(f"{name} is {value!r}: give a positive integer")
+        if not (isinstance(self.batch_window_ms, (int, float)) and 0 <= self.batch_window_ms <= 1000):
+            raise BibertError(f"batch_window_ms is {self.batch_window_ms!r}: give 0 to 1000 milliseconds")
+        if self.max_length is not None and (isinstance(self.max_length, bool) or not isinstance(self.max_length, int)
+                                            or self.max_length < 1):
+            raise BibertError(f"max_length is {self.max_length!r}: give a positive number of tokens")
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP status and message."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+# ---- the engine thread -----------------------------------------------------------------
+
+
+class _Job:
+    __slots__ = ("texts", "pairs", "future", "loop")
+
+    def __init__(self, texts, pairs, future, loop):
+        self.texts, self.pairs, self.future, self.loop = texts, pairs, future, loop
+
+
+class EngineWorker:
+    """One thread owning the model: runs queued requests in batches (see the module's doc)."""
+
+    def __init__(self, model, settings: ServeSettings):
+        self.model, self.settings = model, settings
+        self._cond = threading.Condition()
+        self._queue: deque[_Job] = deque()
+        self._queued = 0  # texts in the queue
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self.stats = {"requests": 0, "texts": 0, "batches": 0, "forwards": 0}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="bibert-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, texts: list[str], pairs: list[str] | None) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._cond:
+            if self._closing or not self.alive:
+                raise RequestError(503, "the server is shutting down", {"Retry-After": "1", "Connection": "close"})
+            if self._queued and self._queued + len(texts) > self.settings.max_queue:
+                raise RequestError(503, f"the server is busy ({self._queued} texts waiting); retry shortly",
+                                   {"Retry-After": "1"})
+            self._queue.append(_Job(texts, pairs, future, loop))
+            self._queued += len(texts)
+            self._cond.notify()
+        return future
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Finish what is queued, then stop the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _take(self) -> list[_Job] | None:
+        s = self.settings
+        with self._cond:
+            while not self._queue:
+                if self._closing:
+                    return None
+                self._cond.wait()
+            batch = [self._queue.popleft()]
+            n = len(batch[0].texts)
+            deadline = time.monotonic() + s.batch_window_ms / 1000
+            while n < s.max_batch:
+                if self._queue:
+                    if n + len(self._queue[0].texts) > s.max_batch:
+                        break
+                    job = self._queue.popleft()
+                    batch.append(job)
+                    n += len(job.texts)
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closing:
+                    break
+                self._cond.wait(remaining)
+            self._queued -= n
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            try:
+                self._process(batch)
+            except BaseException as exc:  # never leave a request waiting, never let the thread die
+                for job in batch:
+                    _deliver(job, error=exc)
+                if not isinstance(exc, Exception):
+                    raise
+
+    def _process(self, batch: list[_Job]) -> None:
+        self.stats["batches"] += 1
+        self.stats["requests"] += len(batch)
+        self.stats["texts"] += sum(len(j.texts) for j in batch)
+        for group in ([j for j in batch if j.pairs is None], [j for j in batch if j.pairs is not None]):
+            if not group:
+                continue
+            try:
+                results = self._predict(group)
+            except Exception as exc:
+                if len(group) == 1:
+                    _deliver(group[0], error=exc)
+                    continue
+                for job in group:  # find the request that fails; the others succeed
+                    try:
+                        result = self._predict([job])[0]
+                    except Exception as one:
+                        _deliver(job, error=one)
+                    else:
+                        _deliver(job, result=result)
+                continue
+            for job, result in zip(group, results):
+                _deliver(job, result=result)
+
+    def _predict(self, jobs: list[_Job]) -> list[tuple[list, list]]:
+        """(labels, scores) per job: the jobs' texts sorted by length, run in forwards of
+        engine_batch texts, put back in order."""
+        texts = [t for j in jobs for t in j.texts]
+        pairs = None if jobs[0].pairs is None else [p for j in jobs for p in j.pairs]
+        n = len(texts)
+        lengths = [len(t) + (len(pairs[i]) if pairs else 0) for i, t in enumerate(texts)]
+        order = sorted(range(n), key=lengths.__getitem__)
+        pred = self.model.predict([texts[i] for i in order], None if pairs is None else [pairs[i] for i in order],
+                                  batch_size=self.settings.engine_batch, max_length=self.settings.max_length)
+        self.stats["forwards"] += -(-n // self.settings.engine_batch)
+        scores = np.empty((n,) + pred.scores.shape[1:], np.float64)
+        scores[order] = pred.scores
+        labels = [None] * n
+        for j, i in enumerate(order):
+            labels[i] = pred.labels[j]
+        scores = np.round(scores, 7)
+        if scores.ndim == 1:  # regression: one value per text
+            scores = scores[:, None]
+        rows = scores.tolist()
+        if not np.isfinite(scores).all():  # JSON has no NaN
+            rows = [[v if math.isfinite(v) else None for v in row] for row in rows]
+        labels = [v if not isinstance(v, float) or math.isfinite(v) else None for v in labels]
+        out, s = [], 0
+        for job in jobs:
+            k = len(job.texts)
+            out.append((labels[s:s + k], rows[s:s + k]))
+            s += k
+        return out
+
+
+def _deliver(job: _Job, result=None, error: BaseException | None = None) -> None:
+    def settle():
+        if job.future.done():  # the client went away
+            return
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
+
+    try:
+        job.loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the loop is closed
+        pass
+
+
+# ---- requests ----------------------------------------------------------------------------
+
+
+def _json_type(value) -> str:
+    for kind, name in ((bool, "boolean"), (str, "string"), (int, "number"), (float, "number"), (list, "array"),
+                       (dict, "object"), (type(None), "null")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def _strings(payload: dict, key: str, max_texts: int) -> list[str]:
+    values = payload[key]
+    if isinstance(values, str):
+        raise RequestError(400, f'"{key}" must be an array of strings; for one text send ["..."]')
+    if not isinstance(values, list):
+        raise RequestError(400, f'"{key}" must be an array of strings, not a {_json_type(values)}')
+    if len(values) > max_texts:
+        raise RequestError(413, f'{len(values)} {key} in one request; at most {max_texts}: split the request')
+    for i, value in enumerate(values):
+        if not isinstance(value, str):
+            raise RequestError(400, f'"{key}"[{i}] is a {_json_type(value)}, not a string')
+    try:
+        "".join(values).encode("utf-8")
+    except UnicodeEncodeError:
+        for i, value in enumerate(values):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise RequestError(400, f'"{key}"[{i}] holds a lone surrogate escape at character {exc.start}; '
+                                   "send valid Unicode") from None
+    return values
+
+
+def parse_predict_body(body: bytes, max_texts: int) -> tuple[list[str], list[str] | None]:
+    """The texts and pairs of a /predict body, or RequestError (400 / 413)."""
+    try:
+        payload = json.loads(body)
+    except UnicodeDecodeError:
+        raise RequestError(400, "the body is not UTF-8 text; send JSON encoded as UTF-8") from None
+    except (ValueError, RecursionError) as exc:
+        detail = f" ({exc})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise RequestError(400, f'the body is not valid JSON{detail}; send {{"texts": ["..."]}}') from None
+    if not isinstance(payload, dict):
+        raise RequestError(400, f'the body must be a JSON object such as {{"texts": ["..."]}}, not a '
+                           f"{_json_type(payload)}")
+    unknown = sorted(set(payload) - {"texts", "pairs"})
+    if unknown:
+        raise RequestError(400, f"unknown field(s) {', '.join(map(json.dumps, unknown))}: the body holds "
+                           '"texts" and, optionally, "pairs"')
+    if "texts" not in payload:
+        raise RequestError(400, 'missing "texts": send {"texts": ["..."]}')
+    texts = _strings(payload, "texts", max_texts)
+    pairs = None
+    if payload.get("pairs") is not None:
+        pairs = _strings(payload, "pairs", max_texts)
+        if len(pairs) != len(texts):
+            raise RequestError(400, f'{len(texts)} texts but {len(pairs)} pairs: give one pair per text')
+    return texts, pairs
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, at most `limit` bytes, else RequestError 413 (after reading and dropping up
+    to DRAIN_LIMIT bytes of it, so that the client, still sending, gets the answer)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise RequestError(400, f"invalid Content-Length {declared!r}")
+        if int(declared) > DRAIN_LIMIT:
+            raise RequestError(413, f"the body is {int(declared)} bytes; at most {limit}",
+                               {"Connection": "close"})
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        elif size > DRAIN_LIMIT:
+            raise RequestError(413, f"the body is larger than {limit} bytes", {"Connection": "close"})
+    if size > limit:
+        raise RequestError(413, f"the body is {size} bytes; at most {limit}: send fewer or shorter texts")
+    return b"".join(chunks)
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def create_app(model, settings: ServeSettings | None = None, name: str | None = None) -> Starlette:
+    """The ASGI app for a loaded PackedModel. Its engine thread starts and stops with the
+    app's lifespan."""
+    from ..packed import kernels
+
+    settings = settings or ServeSettings()
+    settings.check()
+    worker = EngineWorker(model, settings)
+    name = name or Path(getattr(model, "source", "model")).stem
+
+    async def health(request: Request) -> JSONResponse:
+        body = {"status": "ok" if worker.alive else "engine stopped", "model": name, "labels": list(model.labels),
+                "num_labels": model.num_labels, "kernel": kernels.get_kernel(), "threads": kernels.get_threads(),
+                "pid": os.getpid(), "max_length": settings.max_length or model.max_positions,
+                "limits": {"max_texts": settings.max_texts, "max_body_bytes": settings.max_body_bytes},
+                "batching": {"max_batch": settings.max_batch, "window_ms": settings.batch_window_ms},
+                "served": dict(worker.stats)}
+        return JSONResponse(body, status_code=200 if worker.alive else 503)
+
+    async def predict(request: Request) -> JSONResponse:
+        try:
+            body = await _read_body(request, settings.max_body_bytes)
+            texts, pairs = parse_predict_body(body, settings.max_texts)
+            if not texts:
+                return JSONResponse({"labels": [], "scores": []})
+            labels, scores = await worker.submit(texts, pairs)
+        except RequestError as exc:
+            return _error(exc.status, exc.message, exc.headers)
+        except BibertError as exc:  # the engine refused these inputs
+            return _error(400, str(exc))
+        except Exception:
+            log.error("prediction failed:\n%s", traceback.format_exc())
+            return _error(500, "internal error: the prediction failed; see the server's log")
+        return JSONResponse({"labels": labels, "scores": scores})
+
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        message = {404: f"no route {request.url.path}: use GET /health or POST /predict",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
+        return _error(exc.status_code, message, getattr(exc, "headers", None))
+
+    @asynccontextmanager
+    async def lifespan(app):
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.close()
+
+    app = Starlette(routes=[Route("/health", health, methods=["GET"]), Route("/predict", predict, methods=["POST"])],
+                    exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+    app.state.worker = worker
+    return app
+
+
+# ---- processes ---------------------------------------------------------------------------
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise BibertError(f"port {port!r}: give 0 to 65535 (0 picks a free port)")
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise BibertError(f"cannot resolve host {host!r} ({exc.strerror}); give an address such as 127.0.0.1") from None
+    family, kind, proto, _, address = info[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise BibertError(f"cannot listen on {host}:{port} ({exc.strerror}); is another server there? choose "
+                          "another --port") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _run_server(model, sock: socket.socket, settings: ServeSettings, name: str, graceful_timeout: float,
+                log_level: str, access_log: bool) -> int:
+    """Serve on `sock` in this process until SIGTERM / SIGINT."""
+    import uvicorn
+
+    app = create_app(model, settings, name)
+    config = uvicorn.Config(app, lifespan="on", log_level=log_level, access_log=access_log,
+                            timeout_graceful_shutdown=graceful_timeout, server_header=False)
+    server = uvicorn.Server(config)
+    # uvicorn raises the signal it stopped for again once it has shut down gracefully: a
+    # handler here makes that a clean exit rather than death by SIGTERM
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0 if server.started else 1
+
+
+def serve(model_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
+          threads: int | None = None, kernel: str | None = None, settings: ServeSettings | None = None,
+          graceful_timeout: float = 30.0, log_level: str = "info", access_log: bool = False) -> int:
+    """Load the model, check it with one prediction, listen on host:port and serve until
+    SIGTERM or SIGINT. workers > 1: that many forked processes share the socket and the
+    loaded model. threads: kernel threads per process (default: BIBERT_THREADS, else the
+    cores divided among the workers). Prints one line with the address once listening."""
+    from ..packed import kernels, load_packed
+
+    settings = settings or ServeSettings()
+    settings.check()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise BibertError(f"workers is {workers!r}: give a positive number of processes")
+    if threads is None and not os.environ.get("BIBERT_THREADS"):
+        kernels.lib()
+        threads = max(1, kernels.default_threads() // workers)
+    if workers > 1:  # the processes are the parallelism; the tokenizer's own threads would not survive the fork
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    model = load_packed(model_path, threads=threads, kernel=kernel)
+    model.predict(["warm up"], max_length=settings.max_length)  # tokenizer and kernels work before any request
+    name = Path(model_path).stem
+    sock = _bind(host, port)
+    bound = sock.getsockname()
+    shown = f"[{bound[0]}]" if sock.family == socket.AF_INET6 else bound[0]
+    print(f"bibert serve: {name} ({', '.join(map(str, model.labels))}) on http://{shown}:{bound[1]} with "
+          f"{workers} worker(s) x {kernels.get_threads()} thread(s), kernel {kernels.get_kernel()}",
+          file=sys.stderr, flush=True)
+    args = (settings, name, graceful_timeout, log_level, access_log)
+    try:
+        if workers == 1:
+            return _run_server(model, sock, *args)
+        return _supervise(model, sock, workers, args)
+    finally:
+        sock.close()
+
+
+def _supervise(model, sock: socket.socket, workers: int, args: tuple) -> int:
+    """Fork `workers` servers on the shared socket; replace one that dies; on SIGTERM or
+    SIGINT pass SIGTERM on and wait for all of them."""
+    children: dict[int, int] = {}
+    stopping = False
+    deaths: deque[float] = deque(maxlen=5)
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns into the parent's code
+            code = 1
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                code = _run_server(model, sock, *args)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        children[pid] = slot
+
+    def stop(signum, frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    code = 0
+    try:
+        for slot in range(workers):
+            spawn(slot)
+        while children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            slot = children.pop(pid, None)
+            if slot is None or stopping:
+                continue
+            deaths.append(time.monotonic())
+            log.error("worker %d exited (status %d); starting another", pid, status)
+            if len(deaths) == deaths.maxlen and deaths[-1] - deaths[0] < 60:
+                log.error("workers keep exiting (5 within a minute); stopping")
+                code = 1
+                stop(signal.SIGTERM, None)
+                continue
+            spawn(slot)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return code
