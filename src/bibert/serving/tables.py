@@ -98,7 +98,7 @@ class TableReader:
         text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
         if csv.field_size_limit() < CSV_FIELD_LIMIT:
             csv.field_size_limit(CSV_FIELD_LIMIT)
-        return csv.reader(text, delimiter="\t" if self.format == "tsv" else ",")
+        return csv.reader(text, delimiter="\t" if self.format == "tsv" else ",", strict=True)
 
     def _csv_header(self) -> list[str]:
         with open(self.path, "rb") as raw:
@@ -130,8 +130,12 @@ class TableReader:
                 except UnicodeDecodeError as exc:
                     raise self._not_utf8(exc, start) from None
                 except csv.Error as exc:
+                    if "end of data" in str(exc):
+                        raise BibertError(f"{self.path} line {start}: a quoted field that starts in this row is "
+                                          "never closed (a quote inside a quoted field is doubled: \"\")") from None
                     raise BibertError(f"{self.path} line {reader.line_num}: malformed {self.format.upper()} "
-                                      f"({exc})") from None
+                                      f"({exc}); quote fields that hold the delimiter, a quote or a line break, "
+                                      "and double the quotes inside them") from None
                 if fields is None:
                     return
                 if header is None:
