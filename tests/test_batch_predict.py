@@ -140,16 +140,16 @@ def test_resume_after_interrupted_run_and_torn_write(engine, model_file, tmp_pat
 
     out = tmp_path / "out.csv"
     flaky = load_packed(model_file)
-    calls = {"n": 0}
-    real = flaky.predict
+    done = {"rows": 0}
+    real = flaky.forward
 
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:  # in the middle of the third window (two forwards of 4 per window)
+    def interrupted(ids, *args, **kwargs):
+        if done["rows"] + len(ids) > 12:  # in the middle of the second window
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        done["rows"] += len(ids)
+        return real(ids, *args, **kwargs)
 
-    flaky.predict = interrupted
+    flaky.forward = interrupted
     with pytest.raises(KeyboardInterrupt):
         predict_file(flaky, src, out, "text", window=8, batch_size=4, progress=False)
     record = json.loads(progress_path(out).read_text())
@@ -266,3 +266,16 @@ def test_cli_file_mode_and_text_mode(model_file, tmp_path, capsys):
     assert cli_main(["predict", "--model", str(model_file), "the movie was good", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["label"]
     assert cli_main(["predict", "--model", str(model_file)]) == 2
+
+
+def test_forwards_group_texts_of_one_length():
+    from bibert.serving.batching import plan_forwards
+
+    lengths = [5, 9, 5, 5, 12, 9, 5, 30, 5]
+    groups = plan_forwards(lengths, max_rows=3)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert all(len({lengths[i] for i in g}) == 1 and len(g) <= 3 for g in groups)
+    assert [len(g) for g in groups] == [3, 2, 2, 1, 1]
+    loose = plan_forwards(lengths, max_rows=8, slack=0.5)  # 5s and 9s together: 9 * 7 <= 1.5 * 43
+    assert len(loose) < len(groups) and all(len(g) <= 8 for g in loose)
+    assert plan_forwards([100] * 50, max_rows=64, max_tokens=1000) == [list(range(i, i + 10)) for i in range(0, 50, 10)]

@@ -3,8 +3,9 @@
     predict_file("model.bibert", "reviews.csv", "scored.csv", text_column="review")
 
 The input (.csv, .tsv, .jsonl or .parquet) is read as a stream, a window of rows at a time
-(constant memory for any file size). Within a window the rows are sorted by length and run
-in batches of similar length (little padding), then written back in input order, each
+(constant memory for any file size). Within a window the rows are tokenized, sorted by
+token count and run in forwards of texts of one length (no padding; see
+bibert.serving.batching), then written back in input order, each
 with the input's columns (or only an id column) followed by `pred_label` and one
 `prob_<label>` per class (`pred_value` for a regression model).
 
@@ -28,6 +29,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from ..errors import BibertError
+from .batching import effective_max_length, predict_texts
 from .tables import Row, TableReader, TableWriter, output_format
 
 PROGRESS_SUFFIX = ".progress.json"
@@ -67,7 +69,7 @@ def predict_file(model, input_path: str | os.PathLike, out: str | os.PathLike, t
 
     model: a packed model file (or a loaded PackedModel). text_column / pair_column: the
     columns holding the text and the optional second segment. id_column: write only this
-    column before the predictions (default: every input column). batch_size: texts per
+    column before the predictions (default: every input column). batch_size: most texts per
     forward; window: rows sorted by length together (memory grows with it). An existing
     `out` is refused unless resume (continue it) or overwrite (replace it) is given."""
     from ..packed import PackedModel, load_packed
@@ -96,6 +98,7 @@ def predict_file(model, input_path: str | os.PathLike, out: str | os.PathLike, t
     else:
         model_path = Path(model)
         engine = load_packed(model_path, threads=threads, kernel=kernel)
+    effective_max_length(engine, max_length)
     predictions = (["pred_value"] if engine.num_labels == 1
                    else ["pred_label"] + [f"prob_{label}" for label in engine.labels])
     base = [id_column] if id_column else list(reader.columns)
@@ -278,23 +281,8 @@ def _texts(rows: list[Row], column: str, reader: TableReader) -> list[str]:
 
 def _predict_window(engine, texts: list[str], pairs: list[str] | None, batch_size: int,
                     max_length: int | None, bar) -> tuple[list, np.ndarray]:
-    """Labels and scores in input order; the texts run shortest first, in batches of similar
-    length."""
-    n = len(texts)
-    lengths = [len(t) + (len(pairs[i]) if pairs else 0) for i, t in enumerate(texts)]
-    order = sorted(range(n), key=lengths.__getitem__)
-    labels: list[Any] = [None] * n
-    scores = None
-    for s in range(0, n, batch_size):
-        idx = order[s:s + batch_size]
-        pred = engine.predict([texts[i] for i in idx], None if pairs is None else [pairs[i] for i in idx],
-                              batch_size=len(idx), max_length=max_length)
-        if scores is None:
-            scores = np.empty((n,) + pred.scores.shape[1:], np.float64)
-        scores[idx] = pred.scores
-        for j, i in enumerate(idx):
-            labels[i] = pred.labels[j]
-        bar.update(len(idx))
+    """Labels and scores in input order; texts of one token length run together."""
+    labels, scores, _ = predict_texts(engine, texts, pairs, max_length, max_rows=batch_size, on_forward=bar.update)
     return labels, scores
 
 

@@ -7,8 +7,8 @@
 Each process has one engine thread that owns the model (the native kernels are driven by
 one caller at a time). Requests are checked on the event loop and queued; the engine thread
 takes what is queued, waits up to a short window for more while the batch is below
-`max_batch` texts, sorts the texts by length, runs them in forwards of similar length and
-hands every request its own slice of the results. Requests with and without pairs run in
+`max_batch` texts, tokenizes them, runs texts of one token length together in forwards
+(bibert.serving.batching) and hands every request its own slice of the results. Requests with and without pairs run in
 separate forwards. A batch that fails is rerun request by request, so that one bad
 request fails alone.
 
@@ -45,6 +45,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ..errors import BibertError
+from .batching import predict_texts
 
 log = logging.getLogger("bibert.serve")
 DRAIN_LIMIT = 64 << 20  # an oversized body up to this size is read (and dropped) before the 413, so the client sees it
@@ -54,14 +55,14 @@ DRAIN_LIMIT = 64 << 20  # an oversized body up to this size is read (and dropped
 class ServeSettings:
     """max_batch: most texts in one batch of the engine thread (1: no batching across
     requests). batch_window_ms: how long a batch below max_batch waits for more requests.
-    engine_batch: texts per forward inside a batch (sorted by length, so similar lengths run
+    engine_batch: most texts per forward inside a batch (texts of one token length run
     together). max_texts: texts per request. max_body_bytes: request body. max_queue: texts
     waiting for the engine before requests are turned away with 503. max_length: tokens per
     input after truncation (default: the model's positions)."""
 
     max_batch: int = 64
     batch_window_ms: float = 2.0
-    engine_batch: int = 16
+    engine_batch: int = 32
     max_texts: int = 256
     max_body_bytes: int = 1 << 20
     max_queue: int = 4096
@@ -202,28 +203,20 @@ class EngineWorker:
                 _deliver(job, result=result)
 
     def _predict(self, jobs: list[_Job]) -> list[tuple[list, list]]:
-        """(labels, scores) per job: the jobs' texts sorted by length, run in forwards of
-        engine_batch texts, put back in order."""
+        """(labels, scores) per job: the jobs' texts run together (in forwards of texts of one
+        token length), split back per job."""
         texts = [t for j in jobs for t in j.texts]
         pairs = None if jobs[0].pairs is None else [p for j in jobs for p in j.pairs]
-        n = len(texts)
-        lengths = [len(t) + (len(pairs[i]) if pairs else 0) for i, t in enumerate(texts)]
-        order = sorted(range(n), key=lengths.__getitem__)
-        pred = self.model.predict([texts[i] for i in order], None if pairs is None else [pairs[i] for i in order],
-                                  batch_size=self.settings.engine_batch, max_length=self.settings.max_length)
-        self.stats["forwards"] += -(-n // self.settings.engine_batch)
-        scores = np.empty((n,) + pred.scores.shape[1:], np.float64)
-        scores[order] = pred.scores
-        labels = [None] * n
-        for j, i in enumerate(order):
-            labels[i] = pred.labels[j]
-        scores = np.round(scores, 7)
+        labels, scores, forwards = predict_texts(self.model, texts, pairs, self.settings.max_length,
+                                                 max_rows=self.settings.engine_batch)
+        self.stats["forwards"] += forwards
+        scores = np.round(scores.astype(np.float64), 7)
         if scores.ndim == 1:  # regression: one value per text
             scores = scores[:, None]
         rows = scores.tolist()
         if not np.isfinite(scores).all():  # JSON has no NaN
             rows = [[v if math.isfinite(v) else None for v in row] for row in rows]
-        labels = [v if not isinstance(v, float) or math.isfinite(v) else None for v in labels]
+            labels = [v if not isinstance(v, float) or math.isfinite(v) else None for v in labels]
         out, s = [], 0
         for job in jobs:
             k = len(job.texts)

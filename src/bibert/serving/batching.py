@@ -1,0 +1,104 @@
+"""Predictions for many texts at once, in forwards of sequences of near-equal token length.
+
+The engine pads every sequence of a forward to the longest and computes the padding too,
+and a forward of one short sequence costs more per token than one of several. So the texts
+are tokenized first, sorted by token count and cut into forwards that are as large as
+allowed while padding adds at most `slack` (a fraction) of the real tokens (default: none,
+so only sequences of one length run together).
+Results come back in input order, equal to `PackedModel.predict` on the same texts.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ..errors import BibertError
+
+MAX_ROWS = 32  # sequences per forward
+MAX_TOKENS = 4096  # padded tokens per forward (the engine's working set stays in cache)
+SLACK = 0.0  # padding allowed, as a fraction of a forward's real tokens (measured: padding costs more than
+# the forwards it saves, so by default only sequences of equal length run together)
+
+
+def effective_max_length(model, max_length: int | None) -> int:
+    """Tokens per input after truncation: max_length capped at the model's positions."""
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise BibertError(f"max_length is {max_length!r}: give a positive number of tokens, or leave it out")
+    return min(int(max_length or model.max_positions), model.max_positions)
+
+
+def plan_forwards(lengths: list[int], max_rows: int = MAX_ROWS, max_tokens: int = MAX_TOKENS,
+                  slack: float = SLACK) -> list[list[int]]:
+    """Indices of `lengths`, grouped into forwards: sorted by length, each group grown while
+    it has at most max_rows sequences and max_tokens padded tokens, and its padding stays
+    within slack of its real tokens."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups: list[list[int]] = []
+    group: list[int] = []
+    real = 0
+    for i in order:
+        n = lengths[i]  # the longest so far (sorted)
+        if group and (len(group) >= max_rows or (len(group) + 1) * n > max_tokens
+                      or (len(group) + 1) * n > (1 + slack) * (real + n)):
+            groups.append(group)
+            group, real = [], 0
+        group.append(i)
+        real += n
+    if group:
+        groups.append(group)
+    return groups
+
+
+def predict_texts(model, texts: list[str], pairs: list[str] | None = None, max_length: int | None = None,
+                  max_rows: int = MAX_ROWS, slack: float = SLACK,
+                  on_forward: Callable[[int], None] | None = None) -> tuple[list, np.ndarray, int]:
+    """(labels, scores, forwards) for `texts` (and `pairs`), in input order: scores are class
+    probabilities [n, num_labels] (the predicted values [n] for regression). The texts must
+    be valid Unicode strings (checked by the caller). on_forward(k) is called after each
+    forward of k texts."""
+    n = len(texts)
+    if pairs is not None and len(pairs) != n:
+        raise BibertError(f"{n} texts but {len(pairs)} pairs: give one pair per text")
+    if not n:
+        return [], np.zeros((0, model.num_labels) if model.num_labels > 1 else (0,), np.float32), 0
+    limit = effective_max_length(model, max_length)
+    tokenizer = model.tokenizer
+    special = tokenizer.num_special_tokens_to_add(pair=pairs is not None)
+    if limit <= special:
+        raise BibertError(f"max_length {limit} leaves no room for text: the tokenizer adds {special} special tokens; "
+                          f"give at least {special + 1}")
+    try:
+        enc = tokenizer(texts, pairs, truncation=True, max_length=limit, padding=False)
+    except BaseException as exc:  # the tokenizer comes from the model file: any failure is the file's
+        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+            raise
+        raise BibertError(f"the tokenizer of {model.source} failed ({type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})") from None
+    ids, types = enc["input_ids"], enc.get("token_type_ids")
+    lengths = [len(x) for x in ids]
+    if min(lengths) < 1:
+        raise BibertError("the tokenizer gave an empty sequence; the model needs at least its [CLS] token")
+    pad = tokenizer.pad_token_id or 0
+    logits = np.empty((n, model.num_labels), np.float32)
+    groups = plan_forwards(lengths, max_rows=max_rows, slack=slack)
+    for group in groups:
+        width = lengths[group[-1]]
+        a_ids = np.full((len(group), width), pad, np.int64)
+        a_mask = np.zeros((len(group), width), np.int64)
+        a_types = np.zeros((len(group), width), np.int64) if types is not None else None
+        for row, i in enumerate(group):
+            k = lengths[i]
+            a_ids[row, :k] = ids[i]
+            a_mask[row, :k] = 1
+            if a_types is not None:
+                a_types[row, :k] = types[i]
+        logits[group] = model.forward(a_ids, a_mask, a_types)
+        if on_forward is not None:
+            on_forward(len(group))
+    if model.num_labels == 1:
+        scores = logits[:, 0]
+        return [float(v) for v in scores], scores, len(groups)
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    scores = z / z.sum(axis=1, keepdims=True)
+    return [model.labels[i] for i in scores.argmax(axis=1)], scores, len(groups)
