@@ -79,7 +79,7 @@ def register(subparsers) -> None:
                    "positions)")
     p.add_argument("--max-batch", type=int, default=64, help="most texts run together (default: %(default)s); "
                    "1 turns batching of concurrent requests off")
-    p.add_argument("--batch-window-ms", type=float, default=2.0, help="how long a batch waits for more requests "
+    p.add_argument("--batch-window-ms", type=float, default=1.0, help="how long a batch waits for more requests "
                    "when the engine is idle (default: %(default)s)")
     p.add_argument("--max-texts", type=int, default=256, help="most texts in one request; more: 413 "
                    "(default: %(default)s)")

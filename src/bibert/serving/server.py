@@ -61,7 +61,7 @@ class ServeSettings:
     input after truncation (default: the model's positions)."""
 
     max_batch: int = 64
-    batch_window_ms: float = 2.0
+    batch_window_ms: float = 1.0
     engine_batch: int = 32
     max_texts: int = 256
     max_body_bytes: int = 1 << 20
