@@ -59,6 +59,72 @@ def test_binary_linear(path, M, K, N, mode):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
+def thresholds_for(rng, x: np.ndarray) -> np.ndarray:
+    """Per-channel thresholds for x [M, K]: random, some equal to a value of their channel
+    (x == t gives +1), one infinite and one NaN (compared as the student does: !(x - t >= 0))."""
+    t = rng.standard_normal(x.shape[1]).astype(np.float32)
+    rows = rng.integers(0, x.shape[0], x.shape[1])
+    t[::3] = x[rows[::3], np.arange(x.shape[1])[::3]]
+    if x.shape[1] > 5:
+        t[4], t[5] = np.inf, np.nan
+    return t
+
+
+def threshold_bits(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        return kernels.pack_bool(~(np.float32(x) - np.float32(t) >= 0))
+
+
+@pytest.mark.parametrize("M,K", [(1, 1), (3, 63), (7, 65), (2, 100), (13, 768)])
+def test_sign_pack_with_thresholds(path, M, K):
+    rng = np.random.default_rng(K + 1)
+    x = random_floats(rng, M, K)
+    t = thresholds_for(rng, x)
+    np.testing.assert_array_equal(kernels.sign_pack(x, t), threshold_bits(x, t))
+    np.testing.assert_array_equal(kernels.sign_pack(x, np.zeros(K, np.float32)), kernels.sign_pack(x))
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (5, 63, 31), (7, 65, 33), (13, 130, 70), (12, 768, 96)])
+def test_binary_linear_bits_against_compare_values(path, M, K, N):
+    """The bit epilogue's integer thresholds with a per-channel compare value t (the next
+    quantizer's threshold): bit = !(fl(fl(alpha (K - 2p)) + b) - t >= 0), exactly."""
+    rng = np.random.default_rng(M + K + N)
+    x = random_floats(rng, M, K)
+    alpha, ws = reference.binarize_rows(rng.standard_normal((N, K)).astype(np.float32))
+    alpha = alpha * np.where(rng.random(N) < 0.2, -1, 1).astype(np.float32)  # a negative scale folded in
+    bias = rng.standard_normal(N).astype(np.float32)
+    y = reference.binary_linear(reference.sign(x), ws, alpha, bias)
+    t = thresholds_for(rng, y)
+    panels = kernels.pack_panels(signs_to_bits(ws))
+    thr = kernels.bit_thresholds(alpha, bias, K, compare=t)
+    got = kernels.binary_linear(kernels.sign_pack(x), K, panels, N, alpha, bias, out_bits=True, thresholds=thr)
+    np.testing.assert_array_equal(got, threshold_bits(y, t))
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (5, 63, 31), (7, 65, 33), (12, 768, 96), (3, 200, 64)])
+def test_binary_linear_on_zero_one_levels(path, M, K, N):
+    """{0, 1} levels z (bit 1 = level 0): z . w = offset - popcount; with unit alpha and zero
+    bias the float output is that integer exactly."""
+    rng = np.random.default_rng(M * K + N)
+    z = (rng.random((M, K)) < 0.4).astype(np.int64)
+    _, ws = reference.binarize_rows(rng.standard_normal((N, K)).astype(np.float32))
+    wbits = signs_to_bits(ws)
+    offset = kernels.zero_one_offsets(wbits, K)
+    np.testing.assert_array_equal(offset, (K + ws.sum(axis=1)) // 2)
+    ones, zeros = np.ones(N, np.float32), np.zeros(N, np.float32)
+    epi = kernels.float_epilogue(ones, zeros, K, offset)
+    got = kernels.binary_linear(kernels.pack_bool(z == 0), K, kernels.pack_panels(wbits), N, ones, zeros,
+                                epilogue=epi)
+    np.testing.assert_array_equal(got, (z @ ws.T).astype(np.float32))
+    alpha, bias = rng.random(N).astype(np.float32), rng.standard_normal(N).astype(np.float32)
+    y = kernels.binary_linear(kernels.pack_bool(z == 0), K, kernels.pack_panels(wbits), N, alpha, bias,
+                              epilogue=kernels.float_epilogue(alpha, bias, K, offset))
+    want = (z @ ws.T).astype(np.float32) * alpha + bias
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    with pytest.raises(BibertError):
+        kernels.float_epilogue(ones, zeros, K, offset + K + 1)  # an offset past K
+
+
 @pytest.mark.parametrize("M,H", [(1, 1), (3, 17), (5, 64), (4, 100), (9, 768)])
 def test_layernorm(path, M, H):
     rng = np.random.default_rng(H)
@@ -67,6 +133,10 @@ def test_layernorm(path, M, H):
     out, bits = kernels.layernorm(x, g, b, 1e-12, with_bits=True)
     np.testing.assert_allclose(out, reference.layernorm(x, g, b, 1e-12), rtol=2e-5, atol=2e-5)
     np.testing.assert_array_equal(bits, signs_to_bits(reference.sign(out)))
+    t = thresholds_for(rng, out)
+    out_t, bits_t = kernels.layernorm(x, g, b, 1e-12, with_bits=True, thresholds=t)
+    np.testing.assert_array_equal(out_t, out)
+    np.testing.assert_array_equal(bits_t, threshold_bits(out, t))
 
 
 @pytest.mark.parametrize("B,L,heads,d", [(1, 1, 1, 1), (2, 7, 3, 5), (1, 64, 2, 64), (2, 70, 4, 32),
@@ -84,6 +154,10 @@ def test_biattention(path, B, L, heads, d):
     bits, counts = kernels.biattention(qkv, (0, hidden, 2 * hidden), B, L, heads, d, valid, counts=True)
     np.testing.assert_array_equal(counts, expected)
     np.testing.assert_array_equal(bits, signs_to_bits(reference.sign(expected)))
+    # thresholds on the counts (elastic): integers, halves, values the counts take
+    t = rng.choice(np.array([-2, -1, 0, 1, 2, 0.5, -1.5, 1e9, -np.inf], np.float32), hidden)
+    bits_t = kernels.biattention(qkv, (0, hidden, 2 * hidden), B, L, heads, d, valid, thresholds=t)
+    np.testing.assert_array_equal(bits_t, threshold_bits(expected.astype(np.float32), t))
 
 
 def test_embed(path):
@@ -153,10 +227,20 @@ def _every_kernel(rng_seed: int) -> list[np.ndarray]:
     word_bits = kernels.pack_bool(rng.random((50, 300)) < 0.5)
     ln, ln_bits = kernels.layernorm(x * 3 + 1, rng.standard_normal(K), rng.standard_normal(K), 1e-12, with_bits=True)
     ctx, counts = kernels.biattention(qkv, (0, heads * d, 2 * heads * d), B, L, heads, d, valid, counts=True)
+    t_k, t_n = rng.standard_normal(K).astype(np.float32), rng.standard_normal(N).astype(np.float32)
+    t_ctx = rng.integers(-3, 3, heads * d).astype(np.float32)
+    offset = kernels.zero_one_offsets(signs_to_bits(ws), K)
     return [xb,
             kernels.binary_linear(xb, K, panels, N, alpha, bias, residual),
             kernels.binary_linear(xb, K, panels, N, alpha, bias, out_bits=True),
             ln, ln_bits, ctx, counts,
+            kernels.sign_pack(x, t_k),  # elastic binarization: thresholds, compare values, {0, 1} inputs
+            kernels.layernorm(x * 3 + 1, np.ones(K), np.zeros(K), 1e-12, with_bits=True, thresholds=t_k)[1],
+            kernels.biattention(qkv, (0, heads * d, 2 * heads * d), B, L, heads, d, valid, thresholds=t_ctx),
+            kernels.binary_linear(xb, K, panels, N, alpha, bias, out_bits=True,
+                                  thresholds=kernels.bit_thresholds(alpha, bias, K, compare=t_n)),
+            kernels.binary_linear(xb, K, panels, N, alpha, bias, residual,
+                                  epilogue=kernels.float_epilogue(alpha, bias, K, offset)),
             kernels.embed(ids, np.zeros_like(ids), word_bits, rng.random(50).astype(np.float32),
                           rng.standard_normal((L, 300)).astype(np.float32),
                           rng.standard_normal((2, 300)).astype(np.float32))]

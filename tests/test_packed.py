@@ -79,7 +79,7 @@ def path(request):
 def test_export_round_trip(exported):
     student, folder, out, report = exported
     packed = read_packed(out)
-    assert packed.format_version == FORMAT_VERSION and packed.side_dtype == "float32"
+    assert packed.format_version == 1 and packed.side_dtype == "float32"  # a sign student needs version 1
     assert packed.config["hidden_size"] == student.config.hidden_size
     assert set(packed.files) >= {"vocab.txt", "tokenizer_config.json"}
     state = student.state_dict()
@@ -173,7 +173,7 @@ def check_layer_by_layer(student, engine, ids, mask, types):
 
 
 def test_numpy_reference_matches_student(exported):
-    """The float64 NumPy reference of SPEC agrees with the student class (an independent check)."""
+    """The float64 NumPy reference of docs/method.md agrees with the student class (an independent check)."""
     student, folder, _, _ = exported
     ids, mask, types = batch(student.config.vocab_size)
     weights = {k: v.numpy() for k, v in student.state_dict().items()}

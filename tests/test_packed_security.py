@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import lzma
+import math
 import os
 import random
 import struct
@@ -25,10 +26,10 @@ import pytest
 import torch
 from transformers import BertConfig
 
-from bibert import BibertError
+from bibert import BibertError, QuantConfig
 from bibert.modeling import BiBertForSequenceClassification
 from bibert.packed import PackedModel, export_packed, kernels, load_packed, read_packed
-from bibert.packed.format import ALIGN, MAGIC, MAX_FILE_BYTES, PREAMBLE, PackedFile
+from bibert.packed.format import ALIGN, FORMAT_VERSION, MAGIC, MAX_FILE_BYTES, PREAMBLE, PackedFile
 
 INVALID = "is not a valid bibert file"
 WORDS = ["the", "movie", "was", "good", "bad", "fun", "dull", "plot", "evil"]
@@ -50,16 +51,14 @@ def kernel_from_environment():
     kernels.set_kernel(previous)
 
 
-@pytest.fixture(scope="module")
-def packed_path(tmp_path_factory) -> Path:
+def _tiny_student(folder: Path, quant: QuantConfig | None = None) -> Path:
     """A tiny random 1-1-1 student (hidden 35, 5 heads, so that 4 or 6 heads do not divide
-    it; 2 layers; 3 labels) packed with float32 side parameters."""
-    folder = tmp_path_factory.mktemp("student")
+    it; 2 layers; FFN 40; 3 labels) packed with float32 side parameters."""
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
     config = BertConfig(vocab_size=len(vocab), hidden_size=35, num_hidden_layers=2, num_attention_heads=5,
                         intermediate_size=40, max_position_embeddings=16, num_labels=3)
     torch.manual_seed(0)
-    student = BiBertForSequenceClassification(config).eval()
+    student = BiBertForSequenceClassification(config, quant).eval()
     with torch.no_grad():
         for name, p in student.named_parameters():
             if "LayerNorm.weight" not in name:
@@ -71,6 +70,18 @@ def packed_path(tmp_path_factory) -> Path:
     out = folder / "model.bibert"
     export_packed(folder, out)
     return out
+
+
+@pytest.fixture(scope="module")
+def packed_path(tmp_path_factory) -> Path:
+    """The tiny sign student's file (format version 1)."""
+    return _tiny_student(tmp_path_factory.mktemp("student"))
+
+
+@pytest.fixture(scope="module")
+def elastic_path(tmp_path_factory) -> Path:
+    """The tiny student with elastic binarization (thresholds and scales; format version 2)."""
+    return _tiny_student(tmp_path_factory.mktemp("elastic"), QuantConfig(activations="elastic"))
 
 
 def split(raw: bytes) -> tuple[dict, bytes]:
@@ -157,6 +168,7 @@ class Cases:
     def __init__(self, raw: bytes):
         self.raw = raw
         self.header, self.data = split(raw)
+        self.version = PREAMBLE.unpack_from(raw)[1]
         self.files: dict[str, tuple[bytes, str]] = {}
 
     def add(self, name: str, raw: bytes, expect: str = "invalid") -> None:
@@ -167,7 +179,7 @@ class Cases:
         """The model with its header changed by mutate(header) (in place)."""
         header = copy.deepcopy(self.header)
         mutate(header)
-        self.add(name, assemble(header, self.data), expect)
+        self.add(name, assemble(header, self.data, self.version), expect)
 
 
 DELETE = object()
@@ -194,7 +206,9 @@ def crafted_cases(raw: bytes, sentinel: Path) -> Cases:
 
     # preamble and envelope
     c.add("version-0", assemble(h, data, version=0))
-    c.add("version-2", assemble(h, data, version=2), "newer")
+    c.add("version-next", assemble(h, data, version=FORMAT_VERSION + 1), "newer")
+    c.add("version-2-header-1", assemble(h, data, version=2))  # the header's version must be the preamble's
+    c.add("version-2-sign-model", assemble({**h, "format_version": 2}, data, version=2), "safe")  # allowed
     c.add("version-max", assemble(h, data, version=2**32 - 1), "newer")
     c.add("reserved-1", assemble(h, data, reserved=1))
     c.add("magic-wrong", assemble(h, data, magic=b"BIBERTPX"))
@@ -448,6 +462,61 @@ def crafted_cases(raw: bytes, sentinel: Path) -> Cases:
     return c
 
 
+def elastic_cases(raw: bytes) -> Cases:
+    """Checksum-valid rewrites of an elastic student's file (format version 2) around the
+    entries elastic binarization adds: per-channel thresholds and scalar scales."""
+    c = Cases(raw)
+    h, data = c.header, c.data
+    assert c.version == 2 and assemble(h, data, 2) == raw
+    c.add("elastic-in-version-1", assemble({**h, "format_version": 1}, data, version=1))
+    c.add("elastic-version-next", assemble({**h, "format_version": FORMAT_VERSION + 1}, data,
+                                           version=FORMAT_VERSION + 1), "newer")
+    for label, value in (("sign", "sign"), ("missing", DELETE), ("ternary", "ternary"), ("null", None), ("int", 2),
+                         ("upper", "ELASTIC")):
+        c.header_case(f"elastic-activations-{label}", setter("quantization", "activations", value=value))
+    names = [e["name"] for e in h["entries"]]
+    quantizer_names = ("bert.encoder.layer.1.output.dense.input_quantizer.threshold",
+                       "bert.encoder.layer.0.attention.self.input_quantizer.threshold",
+                       "bert.encoder.layer.0.attention.output.dense.input_quantizer.threshold",
+                       "bert.pooler.dense.input_quantizer.scale",
+                       "bert.encoder.layer.1.intermediate.dense.input_quantizer.scale")
+    for name in quantizer_names:
+        e, i = entry(h, name), names.index(name)
+        short = name.replace("bert.encoder.", "").replace("input_quantizer.", "")
+        (C,) = e["shape"]
+        for label, value in (("f8", "<f8"), ("f2", "<f2"), ("u8", "<u8"), ("big-endian", ">f4"), ("null", None)):
+            c.header_case(f"{short}-dtype-{label}", setter("entries", i, "dtype", value=value))
+        for label, value in (("minus1", [C - 1]), ("plus1", [C + 1]), ("scalar", []), ("column", [C, 1]),
+                             ("row", [1, C]), ("hidden-for-ffn", [35 if C != 35 else 40]), ("null", None)):
+            c.header_case(f"{short}-shape-{label}", setter("entries", i, "shape", value=value))
+
+            def consistent(hh, i=i, value=value):  # shape and nbytes agree, the config does not
+                hh["entries"][i].update(shape=value, nbytes=4 * math.prod(value))
+            if isinstance(value, list) and value != [C]:
+                c.header_case(f"{short}-shape-and-nbytes-{label}", consistent)
+        for label, value in (("plus4", e["nbytes"] + 4), ("minus4", e["nbytes"] - 4), ("0", 0)):
+            c.header_case(f"{short}-nbytes-{label}", setter("entries", i, "nbytes", value=value))
+        c.header_case(f"drop-{short}", lambda hh, name=name: hh["entries"].remove(entry(hh, name)))
+        c.header_case(f"twice-{short}", lambda hh, name=name: hh["entries"].append(dict(entry(hh, name))))
+    for label, new in (("window", "bert.encoder.layer.0.output.dense.input_quantizer.window"),
+                       ("qkv-window", "bert.encoder.layer.0.attention.self.qkv_quantizers.0.window"),
+                       ("qkv-threshold", "bert.encoder.layer.0.attention.self.qkv_quantizers.1.threshold"),
+                       ("query-quantizer", "bert.encoder.layer.0.attention.self.query.input_quantizer.threshold"),
+                       ("layer-2", "bert.encoder.layer.2.output.dense.input_quantizer.threshold"),
+                       ("classifier", "classifier.input_quantizer.threshold")):
+        c.header_case(f"elastic-extra-{label}", lambda hh, new=new: hh["entries"].append(
+            {**entry(hh, "bert.pooler.dense.input_quantizer.threshold"), "name": new}))
+    # values a crafted file may hold: the model stays consistent, so it loads and runs (or is refused)
+    for name in quantizer_names:
+        e = entry(h, name)
+        for label, value in (("nan", np.nan), ("inf", np.inf), ("minus-inf", -np.inf), ("huge", 3e38), ("0", 0.0),
+                             ("negative", -1.5), ("subnormal", 1e-45)):
+            damaged = bytearray(data)
+            damaged[e["offset"]:e["offset"] + e["nbytes"]] = np.full(e["shape"], value, "<f4").tobytes()
+            c.add(f"values-{label}-{name}", assemble(h, bytes(damaged), 2), "safe")
+    return c
+
+
 def random_mutation_cases(raw: bytes, seed: int = 13) -> Cases:
     """Random damage without recomputing the checksum (bit flips, truncations, appended or
     prepended junk: all must be refused), and random rewrites of the header or the data
@@ -596,6 +665,19 @@ def test_crafted_checksum_valid_files_are_refused(packed_path, tmp_path):
     assert not list((tmp_path / "tmp").iterdir())  # the tokenizer's private folders are gone
 
 
+def test_crafted_elastic_files_are_refused(elastic_path, tmp_path):
+    cases = elastic_cases(elastic_path.read_bytes())
+    assert len(cases.files) > 150
+    tally = check_outcomes(cases, run_cases(cases, tmp_path))
+    assert tally.get("invalid", 0) > 120 and tally.get("loaded", 0) >= 30, tally
+
+
+def test_random_mutations_of_an_elastic_file(elastic_path, tmp_path):
+    cases = random_mutation_cases(elastic_path.read_bytes(), seed=17)
+    tally = check_outcomes(cases, run_cases(cases, tmp_path))
+    assert tally["invalid"] >= 150 and "wrong" not in tally
+
+
 def test_random_mutations_are_refused_or_valid(packed_path, tmp_path):
     cases = random_mutation_cases(packed_path.read_bytes())
     tally = check_outcomes(cases, run_cases(cases, tmp_path))
@@ -611,14 +693,15 @@ def native_worker(packed: str) -> None:
     lib = kernels.lib()
     buf = np.zeros(4096, np.uint64)
     p = buf.ctypes.data
+    past = np.array([9], np.int64)  # a {0, 1}-input offset past K = 8
     big, neg = 2**40, -1
     calls = {
-        "sign_pack K=0": lambda: lib.bb_sign_pack(p, 1, 0, 1, p, 1),
-        "sign_pack M<0": lambda: lib.bb_sign_pack(p, neg, 8, 8, p, 1),
-        "sign_pack ldx<K": lambda: lib.bb_sign_pack(p, 2, 64, 8, p, 1),
-        "sign_pack ldo<words": lambda: lib.bb_sign_pack(p, 2, 130, 130, p, 2),
-        "sign_pack null": lambda: lib.bb_sign_pack(None, 2, 8, 8, p, 1),
-        "sign_pack huge": lambda: lib.bb_sign_pack(p, big, big, big, p, big),
+        "sign_pack K=0": lambda: lib.bb_sign_pack(p, 1, 0, 1, p, 1, None),
+        "sign_pack M<0": lambda: lib.bb_sign_pack(p, neg, 8, 8, p, 1, None),
+        "sign_pack ldx<K": lambda: lib.bb_sign_pack(p, 2, 64, 8, p, 1, None),
+        "sign_pack ldo<words": lambda: lib.bb_sign_pack(p, 2, 130, 130, p, 2, None),
+        "sign_pack null": lambda: lib.bb_sign_pack(None, 2, 8, 8, p, 1, None),
+        "sign_pack huge": lambda: lib.bb_sign_pack(p, big, big, big, p, big, None),
         "linear K=0": lambda: lib.bb_linear(p, 1, 1, 0, p, 32, p, p, None, p, None, 0, None, None),
         "linear N=0": lambda: lib.bb_linear(p, 1, 1, 64, p, 0, p, p, None, p, None, 0, None, None),
         "linear lda<words": lambda: lib.bb_linear(p, 1, 1, 65, p, 32, p, p, None, p, None, 0, None, None),
@@ -629,23 +712,24 @@ def native_worker(packed: str) -> None:
         "linear float no c0": lambda: lib.bb_linear(p, 1, 1, 64, p, 32, None, p, None, p, None, 0, None, None),
         "linear null a": lambda: lib.bb_linear(None, 1, 1, 64, p, 32, p, p, None, p, None, 0, None, None),
         "linear huge": lambda: lib.bb_linear(p, big, big, big, p, big, p, p, None, p, None, 0, None, None),
-        "thresholds K=0": lambda: lib.bb_bit_thresholds(p, p, 0, 4, p, p),
-        "thresholds null": lambda: lib.bb_bit_thresholds(None, p, 8, 4, p, p),
-        "epilogue N<0": lambda: lib.bb_float_epilogue(p, p, 8, neg, p, p),
-        "layernorm H=0": lambda: lib.bb_layernorm(p, 1, 0, p, p, 1e-12, p, None, 0),
-        "layernorm null gamma": lambda: lib.bb_layernorm(p, 1, 8, None, p, 1e-12, p, None, 0),
-        "layernorm ldo<words": lambda: lib.bb_layernorm(p, 1, 130, p, p, 1e-12, p, p, 2),
+        "thresholds K=0": lambda: lib.bb_bit_thresholds(p, p, None, 0, 4, p, p),
+        "thresholds null": lambda: lib.bb_bit_thresholds(None, p, None, 8, 4, p, p),
+        "epilogue N<0": lambda: lib.bb_float_epilogue(p, p, 8, neg, None, p, p),
+        "epilogue offset past K": lambda: lib.bb_float_epilogue(p, p, 8, 1, past.ctypes.data, p, p),
+        "layernorm H=0": lambda: lib.bb_layernorm(p, 1, 0, p, p, 1e-12, p, None, 0, None),
+        "layernorm null gamma": lambda: lib.bb_layernorm(p, 1, 8, None, p, 1e-12, p, None, 0, None),
+        "layernorm ldo<words": lambda: lib.bb_layernorm(p, 1, 130, p, p, 1e-12, p, p, 2, None),
         "embed L=0": lambda: lib.bb_embed(p, p, 4, 0, p, p, 4, p, 4, p, 2, 8, p),
         "embed L>P": lambda: lib.bb_embed(p, p, 8, 8, p, p, 4, p, 4, p, 2, 8, p),
         "embed M%L": lambda: lib.bb_embed(p, p, 5, 2, p, p, 4, p, 4, p, 2, 8, p),
         "embed V=0": lambda: lib.bb_embed(p, p, 2, 2, p, p, 0, p, 4, p, 2, 8, p),
         "embed null": lambda: lib.bb_embed(None, p, 2, 2, p, p, 4, p, 4, p, 2, 8, p),
-        "attention L=0": lambda: lib.bb_biattention(p, 2, 0, 8, 16, 1, 0, 1, 8, p, p, 1, None),
-        "attention offset past row": lambda: lib.bb_biattention(p, 1, 0, 8, 60, 1, 4, 1, 8, p, p, 1, None),
-        "attention negative offset": lambda: lib.bb_biattention(p, 1, -8, 8, 16, 1, 4, 1, 8, p, p, 1, None),
-        "attention ldo<words": lambda: lib.bb_biattention(p, 4, 0, 80, 160, 1, 4, 1, 80, p, p, 1, None),
-        "attention huge": lambda: lib.bb_biattention(p, big, 0, 0, 0, big, big, big, big, p, p, big, None),
-        "attention null valid": lambda: lib.bb_biattention(p, 1, 0, 8, 16, 1, 4, 1, 8, None, p, 1, None),
+        "attention L=0": lambda: lib.bb_biattention(p, 2, 0, 8, 16, 1, 0, 1, 8, p, p, 1, None, None),
+        "attention offset past row": lambda: lib.bb_biattention(p, 1, 0, 8, 60, 1, 4, 1, 8, p, p, 1, None, None),
+        "attention negative offset": lambda: lib.bb_biattention(p, 1, -8, 8, 16, 1, 4, 1, 8, p, p, 1, None, None),
+        "attention ldo<words": lambda: lib.bb_biattention(p, 4, 0, 80, 160, 1, 4, 1, 80, p, p, 1, None, None),
+        "attention huge": lambda: lib.bb_biattention(p, big, 0, 0, 0, big, big, big, big, p, p, big, None, None),
+        "attention null valid": lambda: lib.bb_biattention(p, 1, 0, 8, 16, 1, 4, 1, 8, None, p, 1, None, None),
         "encoder heads do not divide": lambda: lib.bb_encoder(p, 1, 1, 4, 35, 4, 40, 1e-12, p, p, p, None),
         "encoder null layers": lambda: lib.bb_encoder(None, 1, 1, 4, 32, 4, 40, 1e-12, p, p, p, None),
         "encoder null parameter": lambda: lib.bb_encoder(ctypes.byref(kernels.LayerParams()), 1, 1, 4, 32, 4, 40,
@@ -658,12 +742,12 @@ def native_worker(packed: str) -> None:
     for name, call in calls.items():
         print(f"native {name}: {call()}", flush=True)
     # zero rows is a no-op for every kernel
-    for name, call in {"sign_pack M=0": lambda: lib.bb_sign_pack(None, 0, 8, 8, None, 1),
+    for name, call in {"sign_pack M=0": lambda: lib.bb_sign_pack(None, 0, 8, 8, None, 1, None),
                        "linear M=0": lambda: lib.bb_linear(None, 0, 1, 64, None, 32, None, None, None, p, None, 0,
                                                            None, None),
                        "encoder B=0": lambda: lib.bb_encoder(None, 1, 0, 0, 32, 4, 40, 1e-12, None, None, None, None),
                        "attention B=0": lambda: lib.bb_biattention(None, 1, 0, 8, 16, 0, 4, 1, 8, None, None, 1,
-                                                                   None)}.items():
+                                                                   None, None)}.items():
         print(f"noop {name}: {call()}", flush=True)
 
     model = load_packed(packed)
@@ -723,7 +807,7 @@ def test_native_kernels_and_inputs_refuse_bad_arguments(packed_path, tmp_path):
             assert rc == str(kernels.EINVAL), (name, rc)
         elif name.startswith("noop "):
             assert rc == str(kernels.OK), (name, rc)
-    assert sum(n.startswith("native ") for n in got) == 40
+    assert sum(n.startswith("native ") for n in got) == 41
     assert got["input forward (0, 8)"] == got["input forward (0, 0)"] == "result (0, 3)"
     assert got["input forward (0, 8) hidden"] == "result (0, 3)"
     assert got["input predict []"] == "result (0, 3)"

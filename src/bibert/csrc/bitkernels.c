@@ -9,6 +9,9 @@
  *                        or the bit (y_n < 0) when the consumer binarizes again
  *   Bi-Attention         A_ij = d - 2 * popcount(q_i XOR k_j),  BA_ij = A_ij > 0 && valid_j
  *                        c_ic = popcount(BA_i) - 2 * popcount(BA_i AND vneg_c),  bit = c < 0
+ *   elastic binarization (docs/method.md §7): a bit is !(x - t >= 0) for a per-channel
+ *                        threshold t; {0, 1} levels z = (1 + s') / 2 of the bits s' change
+ *                        the float epilogue only: z . w = (K + rowsum(w)) / 2 - popcount
  *
  * Weights are pre-packed in panels of 32 output channels: panel p, word k holds 32
  * consecutive uint64 (word k of channels 32p .. 32p+31), so one 512-bit vector carries
@@ -47,7 +50,7 @@
 #define BB_X86 0
 #endif
 
-#define BB_ABI_VERSION 9
+#define BB_ABI_VERSION 10
 #define BB_PANEL 32
 #define BB_MR 6
 
@@ -380,6 +383,19 @@ static inline __attribute__((always_inline)) void sign_pack_row_portable(const f
     }
 }
 
+/* With per-channel thresholds t (elastic binarization, docs/method.md §7): the level is
+ * sign(x - t), so bit = !(x - t >= 0), the float32 difference and compare the student makes. */
+static inline __attribute__((always_inline)) void sign_pack_row_thr_portable(const float *x, const float *t,
+                                                                             int64_t K, uint64_t *out) {
+    int64_t kw = words_of(K);
+    for (int64_t w = 0; w < kw; w++) {
+        uint64_t v = 0;
+        int64_t n = K - 64 * w < 64 ? K - 64 * w : 64;
+        for (int64_t b = 0; b < n; b++) v |= (uint64_t)!(x[64 * w + b] - t[64 * w + b] >= 0.0f) << b;
+        out[w] = v;
+    }
+}
+
 #if BB_X86
 __attribute__((target("avx512f,avx512bw,avx512dq")))
 static void sign_pack_row_avx512(const float *x, int64_t K, uint64_t *out) {
@@ -399,10 +415,48 @@ static void sign_pack_row_avx512(const float *x, int64_t K, uint64_t *out) {
         out[w] = v;
     }
 }
+
+__attribute__((target("avx512f,avx512bw,avx512dq")))
+static void sign_pack_row_thr_avx512(const float *x, const float *t, int64_t K, uint64_t *out) {
+    int64_t kw = words_of(K);
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t w = 0; w < kw; w++) {
+        uint64_t v = 0;
+        for (int q = 0; q < 4; q++) {
+            int64_t j = 64 * w + 16 * q;
+            int64_t n = K - j;
+            if (n <= 0) break;
+            __mmask16 lm = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+            __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(lm, x + j), _mm512_maskz_loadu_ps(lm, t + j));
+            __mmask16 neg = _mm512_mask_cmp_ps_mask(lm, d, zero, _CMP_NGE_UQ); /* !(d >= 0) */
+            v |= (uint64_t)neg << (16 * q);
+        }
+        out[w] = v;
+    }
+}
 #endif
 
+/* sign bits of one row, against thresholds t when given (else against 0) */
+static inline __attribute__((always_inline)) void sign_pack_row(const float *x, const float *t, int64_t K,
+                                                                uint64_t *out, int avx512) {
+#if BB_X86
+    if (avx512) {
+        if (t)
+            sign_pack_row_thr_avx512(x, t, K, out);
+        else
+            sign_pack_row_avx512(x, K, out);
+        return;
+    }
+#endif
+    (void)avx512;
+    if (t)
+        sign_pack_row_thr_portable(x, t, K, out);
+    else
+        sign_pack_row_portable(x, K, out);
+}
+
 typedef struct {
-    const float *x;
+    const float *x, *t;
     int64_t K, ldx, ldo;
     uint64_t *out;
     int avx512;
@@ -411,25 +465,21 @@ typedef struct {
 static void sign_pack_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
     const sign_pack_args *g = (const sign_pack_args *)ctx;
     for (int64_t m = lo; m < hi; m++) {
-#if BB_X86
-        if (g->avx512)
-            sign_pack_row_avx512(g->x + m * g->ldx, g->K, g->out + m * g->ldo);
-        else
-#endif
-            sign_pack_row_portable(g->x + m * g->ldx, g->K, g->out + m * g->ldo);
+        sign_pack_row(g->x + m * g->ldx, g->t, g->K, g->out + m * g->ldo, g->avx512);
         for (int64_t w = words_of(g->K); w < g->ldo; w++) g->out[m * g->ldo + w] = 0;
     }
     (void)tid;
 }
 
-/* Checks: K >= 1, ldx >= K, ldo >= words(K), x and out given (for M > 0). */
-int bb_sign_pack(const float *x, int64_t M, int64_t K, int64_t ldx, uint64_t *out, int64_t ldo) {
+/* bits[m, j] = x[m, j] < 0, or with thresholds t [K] (may be NULL) !(x[m, j] - t[j] >= 0).
+ * Checks: K >= 1, ldx >= K, ldo >= words(K), x and out given (for M > 0). */
+int bb_sign_pack(const float *x, int64_t M, int64_t K, int64_t ldx, uint64_t *out, int64_t ldo, const float *t) {
     if (!count_ok(M)) return BB_EINVAL;
     if (M == 0) return BB_OK;
     if (!dim_ok(K) || !dim_ok(ldx) || ldx < K || !dim_ok(ldo) || ldo < words_of(K) || !elems_ok(M, ldx, 1) ||
         !elems_ok(M, ldo, 1) || !x || !out)
         return BB_EINVAL;
-    sign_pack_args g = {x, K, ldx, ldo, out, bb_get_kernel() == BB_KERNEL_AVX512};
+    sign_pack_args g = {x, t, K, ldx, ldo, out, bb_get_kernel() == BB_KERNEL_AVX512};
     bb_parallel_for(M, rows_grain(M, K, 16384), sign_pack_rows, &g);
     return BB_OK;
 }
@@ -458,13 +508,25 @@ static inline float epilogue(int64_t K, int64_t pc, float alpha, float bias) {
     return alpha * (float)(K - 2 * pc) + bias;
 }
 
-/* c0 = alpha * K + bias, c1 = -2 alpha, each [N]. Checks: K >= 1, the four arrays given. */
-int bb_float_epilogue(const float *alpha, const float *bias, int64_t K, int64_t N, float *c0, float *c1) {
+/* c0 = alpha * K + bias, c1 = -2 alpha, each [N]. With `offset` [N] (may be NULL): the
+ * input holds {0, 1} levels z = (1 + s') / 2 of the +-1 bits s' (elastic binarization,
+ * docs/method.md §7), z . w = offset - popcount(s' XOR w) with offset = (K + rowsum(w)) / 2,
+ * so c0 = alpha * offset + bias, c1 = -alpha. Checks: K >= 1, the four arrays given, each
+ * offset in [0, K]. */
+int bb_float_epilogue(const float *alpha, const float *bias, int64_t K, int64_t N, const int64_t *offset,
+                      float *c0, float *c1) {
     if (!count_ok(N) || !dim_ok(K)) return BB_EINVAL;
     if (N && (!alpha || !bias || !c0 || !c1)) return BB_EINVAL;
+    for (int64_t n = 0; offset && n < N; n++)
+        if (offset[n] < 0 || offset[n] > K) return BB_EINVAL;
     for (int64_t n = 0; n < N; n++) {
-        c0[n] = alpha[n] * (float)K + bias[n];
-        c1[n] = -2.0f * alpha[n];
+        if (offset) {
+            c0[n] = alpha[n] * (float)offset[n] + bias[n];
+            c1[n] = -alpha[n];
+        } else {
+            c0[n] = alpha[n] * (float)K + bias[n];
+            c1[n] = -2.0f * alpha[n];
+        }
     }
     return BB_OK;
 }
@@ -777,16 +839,27 @@ int bb_linear(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint64
 /* ------------------------------------------------------------------------------------ */
 /* integer thresholds of the bit epilogue                                                */
 
-/* For each channel n, (alpha_n * (K - 2p) + bias_n < 0) == ((p > thr_n) XOR flip_n) for
- * every p in [0, K]: the float expression is monotone in p (IEEE rounding is monotone), so
- * a binary search over p on the same expression gives the exact integer threshold.
- * thr: int64 [N], flip: uint8 [N]. Checks: K >= 1, the four arrays given. */
-int bb_bit_thresholds(const float *alpha, const float *bias, int64_t K, int64_t N, int64_t *thr, uint8_t *flip) {
+/* The bit of output n for popcount p: y < 0 for y = alpha_n * (K - 2p) + bias_n, or with a
+ * compare value t_n (the next quantizer's threshold, elastic binarization) !(y - t_n >= 0),
+ * the float32 difference and compare the student makes. */
+static inline int epilogue_bit(int64_t K, int64_t pc, float alpha, float bias, const float *t) {
+    float y = epilogue(K, pc, alpha, bias);
+    return t ? !(y - *t >= 0.0f) : y < 0.0f;
+}
+
+/* For each channel n, epilogue_bit(p) == ((p > thr_n) XOR flip_n) for every p in [0, K]:
+ * the float expression is monotone in p (IEEE rounding is monotone), so a binary search over
+ * p on the same expression gives the exact integer threshold. t: compare values [N] or NULL
+ * (compare with 0: y < 0). thr: int64 [N], flip: uint8 [N]. Checks: K >= 1, the four arrays
+ * given. */
+int bb_bit_thresholds(const float *alpha, const float *bias, const float *t, int64_t K, int64_t N, int64_t *thr,
+                      uint8_t *flip) {
     if (!count_ok(N) || !dim_ok(K)) return BB_EINVAL;
     if (N && (!alpha || !bias || !thr || !flip)) return BB_EINVAL;
     for (int64_t n = 0; n < N; n++) {
-        int neg0 = epilogue(K, 0, alpha[n], bias[n]) < 0.0f; /* p = 0 */
-        int negK = epilogue(K, K, alpha[n], bias[n]) < 0.0f; /* p = K */
+        const float *tn = t ? t + n : NULL;
+        int neg0 = epilogue_bit(K, 0, alpha[n], bias[n], tn); /* p = 0 */
+        int negK = epilogue_bit(K, K, alpha[n], bias[n], tn); /* p = K */
         if (neg0 == negK) { /* constant: p > -1 always holds */
             thr[n] = -1;
             flip[n] = (uint8_t)!neg0;
@@ -796,7 +869,7 @@ int bb_bit_thresholds(const float *alpha, const float *bias, int64_t K, int64_t 
         int64_t lo = 0, hi = K; /* pred(lo) == neg0, pred(hi) != neg0 */
         while (hi - lo > 1) {
             int64_t mid = lo + (hi - lo) / 2;
-            if ((epilogue(K, mid, alpha[n], bias[n]) < 0.0f) == neg0) lo = mid; else hi = mid;
+            if (epilogue_bit(K, mid, alpha[n], bias[n], tn) == neg0) lo = mid; else hi = mid;
         }
         thr[n] = lo;           /* p > lo  <=>  p >= hi  <=>  predicate == !neg0 */
         flip[n] = (uint8_t)neg0; /* neg = (p > lo) XOR neg0 */
@@ -946,9 +1019,10 @@ BB_AVX512 static void layernorm_row_avx512(const float *x, int64_t H, const floa
 }
 #endif
 
-/* out = LayerNorm(x) per row (out may alias x); out_bits (if not NULL) = sign bits of out. */
+/* out = LayerNorm(x) per row (out may alias x); out_bits (if not NULL) = sign bits of out,
+ * against the thresholds t when given. */
 typedef struct {
-    const float *x, *g, *b;
+    const float *x, *g, *b, *t;
     int64_t H, ldo;
     float eps;
     float *out;
@@ -966,29 +1040,27 @@ static void layernorm_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
     (void)tid;
     for (int64_t m = lo; m < hi; m++) {
 #if BB_X86
-        if (kernel == BB_KERNEL_AVX512) {
+        if (kernel == BB_KERNEL_AVX512)
             layernorm_row_avx512(x + m * H, H, g, b, eps, out + m * H);
-            if (out_bits) sign_pack_row_avx512(out + m * H, H, out_bits + m * ldo);
-        } else
+        else
 #endif
-        {
             layernorm_row_portable(x + m * H, H, g, b, eps, out + m * H);
-            if (out_bits) sign_pack_row_portable(out + m * H, H, out_bits + m * ldo);
-        }
-        if (out_bits)
+        if (out_bits) {
+            sign_pack_row(out + m * H, a->t, H, out_bits + m * ldo, kernel == BB_KERNEL_AVX512);
             for (int64_t w = words_of(H); w < ldo; w++) out_bits[m * ldo + w] = 0;
+        }
     }
-    (void)kernel;
 }
 
-/* Checks: H >= 1, x, g, b, out given; with out_bits, ldo >= words(H). */
+/* t: thresholds [H] of the bits (elastic binarization), or NULL for the signs.
+ * Checks: H >= 1, x, g, b, out given; with out_bits, ldo >= words(H). */
 int bb_layernorm(const float *x, int64_t M, int64_t H, const float *g, const float *b, float eps, float *out,
-                 uint64_t *out_bits, int64_t ldo) {
+                 uint64_t *out_bits, int64_t ldo, const float *t) {
     if (!count_ok(M)) return BB_EINVAL;
     if (M == 0) return BB_OK;
     if (!dim_ok(H) || !elems_ok(M, H, 1) || !x || !g || !b || !out) return BB_EINVAL;
     if (out_bits && (!dim_ok(ldo) || ldo < words_of(H) || !elems_ok(M, ldo, 1))) return BB_EINVAL;
-    layernorm_args a = {x, g, b, H, ldo, eps, out, out_bits, bb_get_kernel()};
+    layernorm_args a = {x, g, b, t, H, ldo, eps, out, out_bits, bb_get_kernel()};
     bb_parallel_for(M, rows_grain(M, H, 8192), layernorm_rows, &a);
     return BB_OK;
 }
@@ -1090,11 +1162,14 @@ typedef struct {
     uint64_t *out;       /* [B*L, ldo] context sign bits */
     int64_t ldo;
     int32_t *counts;     /* [B*L, H*d] or NULL */
+    const float *thr;    /* [H*d] thresholds of the context bits (elastic), or NULL: bit = count < 0 */
 } attn_args;
 
-/* One query row i of one (b, h): BA bits into ba[lw], context bits into cb[dw]. */
+/* One query row i of one (b, h): BA bits into ba[lw], context bits into cb[dw]; t: the head's
+ * thresholds (bit = !(count - t >= 0) in float32, as the student compares) or NULL. */
 static inline __attribute__((always_inline)) void attn_row_portable(const attn_args *g, int64_t bh, int64_t i,
-                                                                    uint64_t *ba, uint64_t *cb, int32_t *cnt) {
+                                                                    uint64_t *ba, uint64_t *cb, int32_t *cnt,
+                                                                    const float *t) {
     int64_t b = bh / g->H;
     const uint64_t *q = g->q + (bh * g->L + i) * g->dw;
     const uint64_t *kt = g->kt + bh * g->dw * g->lp;
@@ -1116,25 +1191,26 @@ static inline __attribute__((always_inline)) void attn_row_portable(const attn_a
         int64_t neg = 0;
         for (int64_t w = 0; w < g->lw; w++) neg += __builtin_popcountll(ba[w] & vt[w * g->dp + c]);
         int64_t count = npos - 2 * neg;
-        cb[c >> 6] |= (uint64_t)(count < 0) << (c & 63);
+        int bit = t ? !((float)count - t[c] >= 0.0f) : count < 0;
+        cb[c >> 6] |= (uint64_t)bit << (c & 63);
         if (cnt) cnt[c] = (int32_t)count;
     }
 }
 
 static void attn_row_portable_generic(const attn_args *g, int64_t bh, int64_t i, uint64_t *ba, uint64_t *cb,
-                                      int32_t *cnt) {
-    attn_row_portable(g, bh, i, ba, cb, cnt);
+                                      int32_t *cnt, const float *t) {
+    attn_row_portable(g, bh, i, ba, cb, cnt, t);
 }
 
 #if BB_X86
 __attribute__((target("popcnt"))) static void attn_row_portable_popcnt(const attn_args *g, int64_t bh,
                                                                         int64_t i, uint64_t *ba, uint64_t *cb,
-                                                                        int32_t *cnt) {
-    attn_row_portable(g, bh, i, ba, cb, cnt);
+                                                                        int32_t *cnt, const float *t) {
+    attn_row_portable(g, bh, i, ba, cb, cnt, t);
 }
 
 BB_AVX512 static void attn_row_avx512(const attn_args *g, int64_t bh, int64_t i, uint64_t *ba, uint64_t *cb,
-                                      int32_t *cnt) {
+                                      int32_t *cnt, const float *t) {
     int64_t b = bh / g->H;
     const uint64_t *q = g->q + (bh * g->L + i) * g->dw;
     const uint64_t *kt = g->kt + bh * g->dw * g->lp;
@@ -1173,9 +1249,16 @@ BB_AVX512 static void attn_row_avx512(const attn_args *g, int64_t bh, int64_t i,
         for (int v = 0; v < nblk; v++) {
             int64_t c = c0 + 8 * v;
             __m512i count = _mm512_sub_epi64(nv, _mm512_slli_epi64(acc[v], 1));
-            uint64_t neg = _mm512_cmp_epi64_mask(count, _mm512_setzero_si512(), _MM_CMPINT_LT);
             int nc = g->d - c >= 8 ? 8 : (int)(g->d - c);
             if (nc <= 0) break;
+            uint64_t neg;
+            if (t) { /* counts are below 2^24 in size: exact in float32 */
+                __m256 dv8 = _mm256_sub_ps(_mm512_cvtepi64_ps(count),
+                                           _mm256_maskz_loadu_ps((__mmask8)((1u << nc) - 1), t + c));
+                neg = _mm256_cmp_ps_mask(dv8, _mm256_setzero_ps(), _CMP_NGE_UQ);
+            } else {
+                neg = _mm512_cmp_epi64_mask(count, _mm512_setzero_si512(), _MM_CMPINT_LT);
+            }
             neg &= (1u << nc) - 1;
             cb[c >> 6] |= neg << (c & 63);
             if (cnt) _mm256_mask_storeu_epi32(cnt + c, (__mmask8)((1u << nc) - 1), _mm512_cvtepi64_epi32(count));
@@ -1184,7 +1267,7 @@ BB_AVX512 static void attn_row_avx512(const attn_args *g, int64_t bh, int64_t i,
 }
 #endif
 
-typedef void (*attn_fn)(const attn_args *, int64_t, int64_t, uint64_t *, uint64_t *, int32_t *);
+typedef void (*attn_fn)(const attn_args *, int64_t, int64_t, uint64_t *, uint64_t *, int32_t *, const float *);
 
 static attn_fn pick_attn(void) {
 #if BB_X86
@@ -1246,7 +1329,8 @@ static void attn_query_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
         uint64_t *orow = g->out + r * ldo;
         for (int64_t x = 0; x < ldo; x++) orow[x] = 0;
         for (int64_t h = 0; h < H; h++) {
-            j->fn(g, b * H + h, i, ba, cb, g->counts ? g->counts + r * H * d + h * d : NULL);
+            j->fn(g, b * H + h, i, ba, cb, g->counts ? g->counts + r * H * d + h * d : NULL,
+                  g->thr ? g->thr + h * d : NULL);
             for (int64_t x = 0; x < g->dw; x++) {
                 int nb = d - 64 * x >= 64 ? 64 : (int)(d - 64 * x);
                 or_bits64(orow, h * d + 64 * x, nb, cb[x]);
@@ -1257,13 +1341,14 @@ static void attn_query_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
 
 /* Bi-Attention of B sequences of L rows. qkv: bit rows [B*L, ldq] holding Q, K and V
  * (hidden = H*d bits each) at bit offsets q_off, k_off, v_off. valid: [B, ceil(L/64)] key
- * bits (1 = real token). out: context sign bits [B*L, ldo], bit h*d+c of row = (count < 0).
+ * bits (1 = real token). out: context sign bits [B*L, ldo], bit h*d+c of row = (count < 0),
+ * or with thresholds t [H*d] (elastic binarization) !(count - t[h*d+c] >= 0) in float32.
  * counts (optional): the integer context [B*L, H*d]. Checks: L, H, d >= 1, each of Q, K, V
  * (H*d bits from its offset) inside a row of ldq words, ldo >= words(H*d), qkv, valid and
  * out given. Returns BB_OK, BB_EINVAL or BB_ENOMEM. */
 int bb_biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_off, int64_t v_off, int64_t B,
                    int64_t L, int64_t H, int64_t d, const uint64_t *valid, uint64_t *out, int64_t ldo,
-                   int32_t *counts) {
+                   int32_t *counts, const float *t) {
     if (!count_ok(B)) return BB_EINVAL;
     if (B == 0) return BB_OK;
     if (!dim_ok(L) || !dim_ok(H) || !dim_ok(d) || !dim_ok(ldq) || !dim_ok(ldo) || !qkv || !valid || !out)
@@ -1288,7 +1373,7 @@ int bb_biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_of
     uint64_t *buf = (uint64_t *)aligned_alloc(64, (size_t)((nq + nk + nv) * 8 + 63) / 64 * 64);
     if (!buf) return BB_ENOMEM;
     uint64_t *qb = buf, *kb = buf + nq, *vb = buf + nq + nk;
-    g.q = qb; g.kt = kb; g.vt = vb; g.valid = valid; g.out = out; g.ldo = ldo; g.counts = counts;
+    g.q = qb; g.kt = kb; g.vt = vb; g.valid = valid; g.out = out; g.ldo = ldo; g.counts = counts; g.thr = t;
 
     attn_job job = {&g, qkv, ldq, q_off, k_off, v_off, pick_attn(), NULL, (g.lw + g.dw + 7) / 8 * 8};
     /* phase 1: per (b, h), gather the head's bits into the layouts above */
@@ -1311,7 +1396,11 @@ int bb_biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_of
 /* a whole encoder in one call                                                            */
 
 /* One encoder layer's parameters, as the Python side lays them out once at load time.
- * Linears: weight panels; bit-output ones thresholds and flips, float-output ones c0, c1. */
+ * Linears: weight panels; bit-output ones thresholds and flips, float-output ones c0, c1.
+ * Elastic binarization (docs/method.md §7) adds the thresholds of three sets of bits, each
+ * NULL for plain signs: ctx_t [H] of the context bits, ln1_t [H] of the FFN-in input bits
+ * (packed from the first LayerNorm), ln2_t [H] of the bits packed from the second LayerNorm
+ * (the next layer's Q/K/V input). Its scales and {0, 1} levels live in the epilogues. */
 typedef struct {
     const uint64_t *qkv_w; const int64_t *qkv_thr; const uint32_t *qkv_flip;
     const uint64_t *ao_w; const float *ao_c0, *ao_c1;
@@ -1319,6 +1408,7 @@ typedef struct {
     const uint64_t *fi_w; const int64_t *fi_thr; const uint32_t *fi_flip;
     const uint64_t *fo_w; const float *fo_c0, *fo_c1;
     const float *ln2_g, *ln2_b;
+    const float *ctx_t, *ln1_t, *ln2_t;
 } bb_layer;
 
 /* n_layers encoder layers on the B sequences at x / xb; layer l's output is copied to
@@ -1336,12 +1426,12 @@ static int encoder_rows(const bb_layer *layers, int64_t n_layers, int64_t B, int
     for (int64_t l = 0; l < n_layers && rc == BB_OK; l++) {
         const bb_layer *p = layers + l;
         rc = bb_linear(xb, M, hw, H, p->qkv_w, 3 * H, NULL, NULL, NULL, NULL, qkv, qw, p->qkv_thr, p->qkv_flip);
-        if (!rc) rc = bb_biattention(qkv, qw, 0, H, 2 * H, B, L, heads, H / heads, valid, ctx, hw, NULL);
+        if (!rc) rc = bb_biattention(qkv, qw, 0, H, 2 * H, B, L, heads, H / heads, valid, ctx, hw, NULL, p->ctx_t);
         if (!rc) rc = bb_linear(ctx, M, hw, H, p->ao_w, H, p->ao_c0, p->ao_c1, x, y, NULL, 0, NULL, NULL);
-        if (!rc) rc = bb_layernorm(y, M, H, p->ln1_g, p->ln1_b, eps, a, ab, hw);
+        if (!rc) rc = bb_layernorm(y, M, H, p->ln1_g, p->ln1_b, eps, a, ab, hw, p->ln1_t);
         if (!rc) rc = bb_linear(ab, M, hw, H, p->fi_w, I, NULL, NULL, NULL, NULL, fb, iw, p->fi_thr, p->fi_flip);
         if (!rc) rc = bb_linear(fb, M, iw, I, p->fo_w, H, p->fo_c0, p->fo_c1, a, y, NULL, 0, NULL, NULL);
-        if (!rc) rc = bb_layernorm(y, M, H, p->ln2_g, p->ln2_b, eps, x, xb, hw);
+        if (!rc) rc = bb_layernorm(y, M, H, p->ln2_g, p->ln2_b, eps, x, xb, hw, p->ln2_t);
         if (!rc && hidden) memcpy(hidden + l * hidden_stride, x, (size_t)(M * H) * 4);
     }
     free(buf);
@@ -1379,7 +1469,8 @@ static void encoder_sequences(void *ctx, int64_t lo, int64_t hi, int tid) {
  * threads, each thread runs whole sequences (no synchronisation inside the forward);
  * otherwise every kernel splits its work across the threads. Checks: L, H, heads, I >= 1,
  * heads divides H, the sizes' products in range, every buffer and every parameter pointer
- * of the n_layers layers given. Returns BB_OK, BB_EINVAL or BB_ENOMEM. */
+ * of the n_layers layers given (the thresholds ctx_t, ln1_t, ln2_t may be NULL). Returns
+ * BB_OK, BB_EINVAL or BB_ENOMEM. */
 int bb_encoder(const bb_layer *layers, int64_t n_layers, int64_t B, int64_t L, int64_t H, int64_t heads,
                int64_t I, float eps, const uint64_t *valid, float *x, uint64_t *xb, float *hidden) {
     if (!count_ok(n_layers) || !count_ok(B)) return BB_EINVAL;

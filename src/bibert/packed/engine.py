@@ -11,6 +11,11 @@ Per encoder layer, with x the float hidden state and xb its sign bits:
 then pooler tanh(BinaryLinear(sign(x[CLS]))) and the full-precision classifier. Floats
 appear only where the student keeps full precision: embeddings sum, LayerNorms,
 residuals, the epilogues alpha * (K - 2 popcount) + bias, tanh and the classifier.
+
+An elastic student (docs/method.md §7) runs the same kernels: each bit compares with its
+quantizer's per-channel threshold (when packing a LayerNorm output, on the context counts,
+or inside the integer thresholds of the FFN-in bit epilogue), each scale is folded into the
+per-row alpha of the Linear it feeds, and FFN-out's {0, 1} input changes its float epilogue.
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ import numpy as np
 
 from ..errors import BibertError
 from . import kernels
-from .format import BINARY_LINEARS, TOKENIZER_FILES, PackedFile, check_packed, read_packed
+from .format import (BINARY_LINEARS, QUANTIZER_SCALE, QUANTIZER_THRESHOLD, TOKENIZER_FILES, PackedFile,
+                     check_packed, read_packed)
 
 
 @dataclass
@@ -40,10 +46,15 @@ class BinaryLinear:
     epilogue: tuple[np.ndarray, np.ndarray]  # the float epilogue's c0, c1
 
     @classmethod
-    def from_rows(cls, bits: np.ndarray, K: int, alpha: np.ndarray, bias: np.ndarray) -> "BinaryLinear":
+    def from_rows(cls, bits: np.ndarray, K: int, alpha: np.ndarray, bias: np.ndarray,
+                  compare: np.ndarray | None = None, zero_one: bool = False) -> "BinaryLinear":
+        """compare: the thresholds of the quantizer that binarizes the output (bit output);
+        zero_one: the input bits stand for {0, 1} levels (float output). Elastic binarization,
+        docs/method.md §7; alpha already holds the input quantizer's scale."""
         alpha, bias = np.ascontiguousarray(alpha, np.float32), np.ascontiguousarray(bias, np.float32)
-        return cls(kernels.pack_panels(bits), K, bits.shape[0], alpha, bias, kernels.bit_thresholds(alpha, bias, K),
-                   kernels.float_epilogue(alpha, bias, K))
+        offset = kernels.zero_one_offsets(bits, K) if zero_one else None
+        return cls(kernels.pack_panels(bits), K, bits.shape[0], alpha, bias,
+                   kernels.bit_thresholds(alpha, bias, K, compare), kernels.float_epilogue(alpha, bias, K, offset))
 
     def __call__(self, a_bits: np.ndarray, residual: np.ndarray | None = None, out_bits: bool = False) -> np.ndarray:
         return kernels.binary_linear(a_bits, self.K, self.panels, self.N, self.alpha, self.bias, residual, out_bits,
@@ -58,6 +69,12 @@ class Layer:
     ffn_in: BinaryLinear
     ffn_out: BinaryLinear
     ln2: tuple[np.ndarray, np.ndarray]
+    # elastic binarization: thresholds of the Q/K/V input, the context and the FFN-in input
+    # bits (None: plain signs); ln2_t packs this layer's output for the next layer's Q/K/V
+    qkv_t: np.ndarray | None = None
+    ctx_t: np.ndarray | None = None
+    ln1_t: np.ndarray | None = None
+    ln2_t: np.ndarray | None = None
 
 
 @dataclass
@@ -77,6 +94,7 @@ class PackedModel:
         """Checks `packed` (config, every tensor's dtype and shape, the files) before any of
         it reaches the kernels; `source` names it in the error."""
         shape = check_packed(packed, source)
+        self.activations = packed.quantization.get("activations", "sign")  # checked: sign or elastic
         self.config = packed.config
         self.source = source
         self.hidden, self.heads, self.head_size = shape.hidden, shape.heads, shape.head_size
@@ -92,8 +110,22 @@ class PackedModel:
         def f32(name):
             return np.ascontiguousarray(t[name], dtype=np.float32)
 
-        def linear(name, K):
-            return BinaryLinear.from_rows(t[name + ".bits"], K, f32(name + ".alpha"), f32(name + ".bias"))
+        elastic = self.activations == "elastic"
+
+        def quantizer(module):
+            """(threshold float32 [C], scale float32) of a module's input quantizer, or Nones."""
+            if not elastic:
+                return None, None
+            return f32(module + QUANTIZER_THRESHOLD), np.float32(f32(module + QUANTIZER_SCALE)[0])
+
+        def scaled(alpha, scale):
+            """alpha * s in float32, one rounding per row: what the student computes."""
+            return alpha if scale is None else np.ascontiguousarray(alpha * scale, dtype=np.float32)
+
+        def linear(name, K, compare=None, zero_one=False):
+            _, scale = quantizer(name)
+            return BinaryLinear.from_rows(t[name + ".bits"], K, scaled(f32(name + ".alpha"), scale),
+                                          f32(name + ".bias"), compare, zero_one)
 
         e = "bert.embeddings."
         self.word_bits = np.ascontiguousarray(t[e + "word_embeddings.bits"])
@@ -105,20 +137,28 @@ class PackedModel:
         for n in range(self.num_layers):
             p = f"bert.encoder.layer.{n}."
             q, k, v = (p + BINARY_LINEARS[i] for i in range(3))
+            qkv_t, qkv_s = quantizer(p + "attention.self")  # one quantizer for the three
             qkv = BinaryLinear.from_rows(
                 np.concatenate([t[q + ".bits"], t[k + ".bits"], t[v + ".bits"]]), H,
-                np.concatenate([f32(q + ".alpha"), f32(k + ".alpha"), f32(v + ".alpha")]),
+                scaled(np.concatenate([f32(q + ".alpha"), f32(k + ".alpha"), f32(v + ".alpha")]), qkv_s),
                 np.concatenate([f32(q + ".bias"), f32(k + ".bias"), f32(v + ".bias")]))
+            out_t, _ = quantizer(p + "output.dense")  # FFN-out's {0, 1} levels: a compare of FFN-in's output
             self.layers.append(Layer(
                 qkv=qkv,
                 attn_out=linear(p + "attention.output.dense", H),
                 ln1=(f32(p + "attention.output.LayerNorm.weight"), f32(p + "attention.output.LayerNorm.bias")),
-                ffn_in=linear(p + "intermediate.dense", H),
-                ffn_out=linear(p + "output.dense", self.intermediate),
+                ffn_in=linear(p + "intermediate.dense", H, compare=out_t),
+                ffn_out=linear(p + "output.dense", self.intermediate, zero_one=elastic),
                 ln2=(f32(p + "output.LayerNorm.weight"), f32(p + "output.LayerNorm.bias")),
+                qkv_t=qkv_t,
+                ctx_t=quantizer(p + "attention.output.dense")[0],
+                ln1_t=quantizer(p + "intermediate.dense")[0],
             ))
+        for layer, following in zip(self.layers, self.layers[1:]):
+            layer.ln2_t = following.qkv_t  # the last layer's bits are not read: the head packs [CLS] again
         self._native_layers = (kernels.LayerParams * self.num_layers)(*(self._layer_params(l) for l in self.layers))
         self.pooler = linear("bert.pooler.dense", H)
+        self.pooler_t = quantizer("bert.pooler.dense")[0]
         self.classifier_weight, self.classifier_bias = f32("classifier.weight"), f32("classifier.bias")
         self.num_labels = shape.num_labels
         self.labels = list(shape.labels)
@@ -129,10 +169,14 @@ class PackedModel:
             tail = b.thresholds if bits else b.epilogue
             return [b.panels.ctypes.data, tail[0].ctypes.data, tail[1].ctypes.data]
 
+        def opt(a: np.ndarray | None):
+            return None if a is None else a.ctypes.data
+
         return kernels.LayerParams(*lin(layer.qkv, True), *lin(layer.attn_out, False),
                                    layer.ln1[0].ctypes.data, layer.ln1[1].ctypes.data,
                                    *lin(layer.ffn_in, True), *lin(layer.ffn_out, False),
-                                   layer.ln2[0].ctypes.data, layer.ln2[1].ctypes.data)
+                                   layer.ln2[0].ctypes.data, layer.ln2[1].ctypes.data,
+                                   opt(layer.ctx_t), opt(layer.ln1_t), opt(layer.ln2_t))
 
     # ---- the forward, piece by piece -------------------------------------------------
 
@@ -168,33 +212,38 @@ class PackedModel:
         return ids.astype(np.int64), mask != 0, tt.astype(np.int64)
 
     def embeddings(self, ids: np.ndarray, token_type_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """LayerNorm(word + token type + position): float [B*L, H] and its sign bits."""
+        """LayerNorm(word + token type + position): float [B*L, H] and its bits (the first
+        layer's Q/K/V input)."""
         x = kernels.embed(ids, token_type_ids, self.word_bits, self.word_alpha, self.position, self.token_type)
-        return kernels.layernorm(x, *self.emb_ln, self.eps, with_bits=True)
+        return kernels.layernorm(x, *self.emb_ln, self.eps, with_bits=True, thresholds=self.layers[0].qkv_t)
 
     def encoder_layer(self, n: int, x: np.ndarray, xb: np.ndarray, key_valid: np.ndarray,
                       trace: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Layer n on hidden state x [B*L, H] (bits xb); key_valid bool [B, L], one kernel call
-        per step (`forward` runs the same steps natively, all layers in one call). With `trace`,
-        stores the intermediates: qkv bits, context bits and counts, attention output, FFN bits."""
+        """Layer n on hidden state x [B*L, H] (bits xb, packed for this layer's Q/K/V input);
+        key_valid bool [B, L], one kernel call per step (`forward` runs the same steps natively,
+        all layers in one call). With `trace`, stores the intermediates: qkv bits, context bits
+        and counts, attention output, FFN bits."""
         layer, H = self.layers[n], self.hidden
         B, L = key_valid.shape
         qkv = layer.qkv(xb, out_bits=True)  # [B*L, words(3H)]
         if trace is not None:
-            ctx, trace["context_counts"] = kernels.biattention(qkv, (0, H, 2 * H), B, L, self.heads,
-                                                               self.head_size, key_valid, counts=True)
+            ctx, trace["context_counts"] = kernels.biattention(qkv, (0, H, 2 * H), B, L, self.heads, self.head_size,
+                                                               key_valid, counts=True, thresholds=layer.ctx_t)
         else:
-            ctx = kernels.biattention(qkv, (0, H, 2 * H), B, L, self.heads, self.head_size, key_valid)
-        a, ab = kernels.layernorm(layer.attn_out(ctx, residual=x), *layer.ln1, self.eps, with_bits=True)
+            ctx = kernels.biattention(qkv, (0, H, 2 * H), B, L, self.heads, self.head_size, key_valid,
+                                      thresholds=layer.ctx_t)
+        a, ab = kernels.layernorm(layer.attn_out(ctx, residual=x), *layer.ln1, self.eps, with_bits=True,
+                                  thresholds=layer.ln1_t)
         f = layer.ffn_in(ab, out_bits=True)  # [B*L, words(intermediate)]
-        out, outb = kernels.layernorm(layer.ffn_out(f, residual=a), *layer.ln2, self.eps, with_bits=True)
+        out, outb = kernels.layernorm(layer.ffn_out(f, residual=a), *layer.ln2, self.eps, with_bits=True,
+                                      thresholds=layer.ln2_t)
         if trace is not None:
             trace.update(qkv_bits=qkv, context_bits=ctx, attn_out=a, ffn_bits=f, output=out)
         return out, outb
 
     def head(self, cls_hidden: np.ndarray) -> np.ndarray:
         """Pooler + classifier on the [CLS] hidden states [B, H]: logits [B, num_labels]."""
-        pooled = np.tanh(self.pooler(kernels.sign_pack(cls_hidden)))
+        pooled = np.tanh(self.pooler(kernels.sign_pack(cls_hidden, self.pooler_t)))
         return pooled @ self.classifier_weight.T + self.classifier_bias
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None,

@@ -10,7 +10,8 @@ Layout (docs/packed_format.md has the full description):
 Binarized weights (every encoder Linear, the pooler and the word embedding) are stored
 as sign bits, row-major uint64 words: bit 1 <=> -1, element j in word j // 64, bit j % 64,
 padding bits 0; beside them the per-row scale alpha. Everything else (biases, LayerNorms,
-position / token-type embeddings, classifier) is full precision in the chosen side dtype.
+position / token-type embeddings, classifier; an elastic student's per-channel thresholds
+and scalar scales) is full precision in the chosen side dtype.
 
 Files are untrusted input: `read_packed` checks every header field, entry and size against
 what the config implies before anything is used, and `expected_tensors` is the one table
@@ -33,7 +34,10 @@ import numpy as np
 from ..errors import BibertError
 
 MAGIC = b"BIBERTPK"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this bibert reads and writes
+# What each version adds (docs/packed_format.md, "Versions"): a file is written with the
+# lowest version that holds it, so a reader that predates a feature asks to upgrade.
+ACTIVATIONS_VERSION = {"sign": 1, "elastic": 2}  # quantization.activations -> first version
 ALIGN = 64
 PREAMBLE = struct.Struct("<8sIIQ")  # magic, version, reserved, header length
 DIGEST = 32
@@ -110,8 +114,8 @@ def _check_exportable(config: dict, directory) -> None:
     bits = (q.get("weight_bits"), q.get("embedding_bits"), q.get("activation_bits"))
     if bits != (1, 1, 1) or q.get("attention") != "bi":
         raise BibertError(
-            f"only fully binarized students (bits 1-1-1, attention 'bi') can be packed; {directory} is "
-            f"{'-'.join(map(str, bits))} with attention {q.get('attention')!r}"
+            f"only fully binarized students (bits 1-1-1, attention 'bi'; sign or elastic activations) can be "
+            f"packed; {directory} is {'-'.join(map(str, bits))} with attention {q.get('attention')!r}"
         )
     if config.get("hidden_act") not in GELU_FAMILY:
         raise BibertError(f"hidden_act {config.get('hidden_act')!r} does not keep the sign of its input; "
@@ -144,8 +148,8 @@ def export_packed(student_dir: str | os.PathLike, out: str | os.PathLike, side_d
 
     hf_config = {k: v for k, v in config.items() if k not in ("bibert_format_version", "quantization")}
     try:
-        check_quantization(config["quantization"])
-        table = expected_tensors(hf_config, np.dtype(side).name)
+        activations = check_quantization(config["quantization"])
+        table = expected_tensors(hf_config, np.dtype(side).name, activations)
     except _Invalid as exc:
         raise BibertError(f"cannot pack {student_dir}: {exc}") from None
 
@@ -155,12 +159,17 @@ def export_packed(student_dir: str | os.PathLike, out: str | os.PathLike, side_d
         return state[name].float()
 
     tensors: dict[str, np.ndarray] = {}
-    for name in table:  # file order; a weight's sign bits and scale come from one binarization
+    for name, spec in table.items():  # file order; a weight's sign bits and scale come from one binarization
         if name.endswith(".bits"):
             base = name[: -len(".bits")]
             alpha, signs = weight_scale_and_signs(take(base + ".weight"))
             tensors[name] = pack_sign_rows(signs.numpy())
             tensors[base + ".alpha"] = alpha.numpy().astype(side)
+        elif name.endswith(QUANTIZER_SCALE):  # a scalar parameter, stored as one value
+            value = take(name)
+            if value.numel() != 1:
+                raise BibertError(f"{weights_path}: {name} has shape {list(value.shape)}; it must be a scalar")
+            tensors[name] = value.reshape(spec.shape).numpy().astype(side)
         elif not name.endswith(".alpha"):
             tensors[name] = take(name).numpy().astype(side)
     for name, spec in table.items():
@@ -176,7 +185,8 @@ def export_packed(student_dir: str | os.PathLike, out: str | os.PathLike, side_d
     if "tokenizer.json" in files:  # it holds the vocabulary too
         files.pop("vocab.txt", None)
 
-    packed = PackedFile(hf_config, config["quantization"], np.dtype(side).name, tensors, files)
+    packed = PackedFile(hf_config, config["quantization"], np.dtype(side).name, tensors, files,
+                        required_version(activations))
     out = Path(out)
     write_packed(packed, out)
     return ExportReport(out, out.stat().st_size, weights_path.stat().st_size)
@@ -186,11 +196,18 @@ def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+def required_version(activations: str) -> int:
+    """The lowest format version that holds a model with these activations (the version a
+    file is written with)."""
+    return ACTIVATIONS_VERSION[activations]
+
+
 def write_packed(packed: PackedFile, path: Path) -> None:
-    """Serialise `packed` (atomically: a temporary file renamed into place). A model that
-    `read_packed` would refuse is not written."""
+    """Serialise `packed` (atomically: a temporary file renamed into place) with the lowest
+    format version that holds it. A model that `read_packed` would refuse is not written."""
     try:
         _check_packed(packed)
+        version = required_version(check_quantization(packed.quantization))
     except _Invalid as exc:
         raise BibertError(f"refusing to write {path}: {exc}") from None
     entries, blobs, offset = [], [], 0
@@ -201,7 +218,7 @@ def write_packed(packed: PackedFile, path: Path) -> None:
                         "offset": offset, "nbytes": arr.nbytes, **({"compression": "xz"} if kind == "file" else {})})
         blobs.append((offset, arr.tobytes()))
         offset = _aligned(offset + arr.nbytes)
-    header = {"format_version": FORMAT_VERSION, "config": packed.config, "quantization": packed.quantization,
+    header = {"format_version": version, "config": packed.config, "quantization": packed.quantization,
               "side_dtype": packed.side_dtype, "bit_order": BIT_ORDER,
               "entries": entries}
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
@@ -209,7 +226,7 @@ def write_packed(packed: PackedFile, path: Path) -> None:
     data = bytearray(offset)
     for off, raw in blobs:
         data[off:off + len(raw)] = raw
-    body = PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(head)) + head + bytes(data)
+    body = PREAMBLE.pack(MAGIC, version, 0, len(head)) + head + bytes(data)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -369,9 +386,9 @@ def model_shape(config) -> ModelShape:
                       c["vocab_size"], c["max_position_embeddings"], c["type_vocab_size"], float(eps), tuple(labels))
 
 
-def check_quantization(quantization) -> None:
-    """The student's quantization must be the one the engine computes: bits 1-1-1,
-    Bi-Attention, sign activations."""
+def check_quantization(quantization) -> str:
+    """The student's quantization must be one the engine computes: bits 1-1-1, Bi-Attention,
+    sign or elastic activations (docs/method.md §7). Returns the activations."""
     from ..config import QuantConfig
 
     q = _object(quantization, "quantization")
@@ -381,8 +398,9 @@ def check_quantization(quantization) -> None:
         _integer(q[name], f"quantization.{name}", 1, 1)
     _string(q["attention"], "quantization.attention", ("bi",))
     _integer(q["version"], "quantization.version", 1, QuantConfig.VERSION)
-    if "activations" in q:
-        _string(q["activations"], "quantization.activations", ("sign",))
+    if "activations" not in q:
+        return "sign"
+    return _string(q["activations"], "quantization.activations", tuple(ACTIVATIONS_VERSION))
 
 
 @dataclass(frozen=True)
@@ -395,11 +413,19 @@ class TensorSpec:
     width: int | None = None
 
 
-def expected_tensors(config, side_dtype: str) -> dict[str, TensorSpec]:
-    """Every tensor entry of a packed model with this config and side dtype, in file
-    order: the one place that says which tensors a file holds (a format addition is a
-    new row here). Raises _Invalid for a config the engine cannot run."""
+QUANTIZER_THRESHOLD, QUANTIZER_SCALE = ".input_quantizer.threshold", ".input_quantizer.scale"
+# elastic binarization: the modules whose input quantizer a file holds, per layer (and the
+# pooler); attention.self's one quantizer feeds query, key and value (docs/method.md §7)
+ELASTIC_INPUTS = ("attention.self", "attention.output.dense", "intermediate.dense", "output.dense")
+
+
+def expected_tensors(config, side_dtype: str, activations: str = "sign") -> dict[str, TensorSpec]:
+    """Every tensor entry of a packed model with this config, side dtype and activations
+    (`check_quantization`), in file order: the one place that says which tensors a file
+    holds (a format addition is a new row here). Raises _Invalid for a config the engine
+    cannot run."""
     s = model_shape(config)
+    _string(activations, "quantization.activations", tuple(ACTIVATIONS_VERSION))
     side = np.dtype(SIDE_DTYPES[_string(side_dtype, "side_dtype", HEADER_SIDE_DTYPES)]).newbyteorder("<").str
     H, I = s.hidden, s.intermediate
     table: dict[str, TensorSpec] = {}
@@ -412,6 +438,11 @@ def expected_tensors(config, side_dtype: str) -> dict[str, TensorSpec]:
 
     def full(name: str, *shape: int) -> None:
         table[name] = TensorSpec(side, shape)
+
+    def quantizer(name: str, channels: int) -> None:  # elastic: threshold per channel, one scale
+        if activations == "elastic":
+            full(name + QUANTIZER_THRESHOLD, channels)
+            full(name + QUANTIZER_SCALE, 1)
 
     e = "bert.embeddings."
     binary(e + "word_embeddings", s.vocab, H, bias=False)
@@ -427,7 +458,10 @@ def expected_tensors(config, side_dtype: str) -> dict[str, TensorSpec]:
         for ln in LAYER_NORMS:
             full(p + ln + ".weight", H)
             full(p + ln + ".bias", H)
+        for module in ELASTIC_INPUTS:
+            quantizer(p + module, I if module == "output.dense" else H)
     binary("bert.pooler.dense", H, H)
+    quantizer("bert.pooler.dense", H)
     full("classifier.weight", s.num_labels, H)
     full("classifier.bias", s.num_labels)
     return table
@@ -581,8 +615,11 @@ def _check_header(header, version: int, data_len: int) -> tuple[dict[str, Tensor
     _integer(header["format_version"], "header.format_version (the preamble's version)", version, version)
     if "bit_order" in header:
         _string(header["bit_order"], "header.bit_order", (BIT_ORDER,))
-    check_quantization(header["quantization"])
-    table = expected_tensors(header["config"], header["side_dtype"])
+    activations = check_quantization(header["quantization"])
+    if required_version(activations) > version:
+        raise _Invalid(f"quantization.activations {activations!r} needs format version "
+                       f"{required_version(activations)}; the file has version {version}")
+    table = expected_tensors(header["config"], header["side_dtype"], activations)
     return table, _check_entries(header["entries"], table, data_len)
 
 
@@ -630,8 +667,7 @@ def _check_packed(packed: PackedFile) -> ModelShape:
     tokenizer files of the fixed names only."""
     if not isinstance(packed, PackedFile) or not isinstance(packed.tensors, dict) or not isinstance(packed.files, dict):
         raise _Invalid("it is not a PackedFile with dictionaries of tensors and files")
-    check_quantization(packed.quantization)
-    table = expected_tensors(packed.config, packed.side_dtype)
+    table = expected_tensors(packed.config, packed.side_dtype, check_quantization(packed.quantization))
     unexpected = sorted(map(str, packed.tensors.keys() - table.keys()))
     if unexpected:
         raise _Invalid(f"{_show(unexpected[0])} is not a tensor of a model with this config")

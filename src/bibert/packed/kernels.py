@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import BibertError
 
-ABI_VERSION = 9
+ABI_VERSION = 10
 PANEL = 32
 KERNELS = {"auto": 0, "portable": 1, "avx512": 2, "avx2": 3}
 MAX_THREADS = 1024  # bb_set_threads' cap
@@ -70,14 +70,14 @@ def lib() -> ctypes.CDLL:
     P, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     handle.bb_set_kernel.argtypes = [ctypes.c_int]
     handle.bb_set_threads.argtypes = [ctypes.c_int]
-    for name, args in (("bb_sign_pack", [P, I, I, I, P, I]),
+    for name, args in (("bb_sign_pack", [P, I, I, I, P, I, P]),
                        ("bb_linear", [P, I, I, I, P, I, P, P, P, P, P, I, P, P]),
-                       ("bb_bit_thresholds", [P, P, I, I, P, P]),
-                       ("bb_float_epilogue", [P, P, I, I, P, P]),
+                       ("bb_bit_thresholds", [P, P, P, I, I, P, P]),
+                       ("bb_float_epilogue", [P, P, I, I, P, P, P]),
                        ("bb_encoder", [P, I, I, I, I, I, I, F, P, P, P, P]),
-                       ("bb_layernorm", [P, I, I, P, P, F, P, P, I]),
+                       ("bb_layernorm", [P, I, I, P, P, F, P, P, I, P]),
                        ("bb_embed", [P, P, I, I, P, P, I, P, I, P, I, I, P]),
-                       ("bb_biattention", [P, I, I, I, I, I, I, I, I, P, P, I, P])):
+                       ("bb_biattention", [P, I, I, I, I, I, I, I, I, P, P, I, P, P])):
         getattr(handle, name).argtypes = args
         getattr(handle, name).restype = ctypes.c_int  # OK, ENOMEM or EINVAL
     handle.bb_popcount_roofline.argtypes = [I, P]
@@ -202,36 +202,67 @@ def pack_panels(bits: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(n_pad // PANEL, PANEL, kw).transpose(0, 2, 1))
 
 
-def sign_pack(x: np.ndarray) -> np.ndarray:
-    """float [M, K] -> sign bits [M, words(K)] (bit = x < 0)."""
+def _thresholds(t: np.ndarray | None, n: int, what: str) -> np.ndarray | None:
+    """Per-channel thresholds (elastic binarization) as a float32 vector of n, or None."""
+    if t is None:
+        return None
+    t = _f32(t)
+    _shape(t, (n,), what)
+    return t
+
+
+def sign_pack(x: np.ndarray, thresholds: np.ndarray | None = None) -> np.ndarray:
+    """float [M, K] -> sign bits [M, words(K)]: bit = x < 0, or with per-channel thresholds
+    t [K] (elastic binarization) bit = !(x - t >= 0), the student's float32 compare."""
     x = _matrix(_f32(x), "sign_pack: x")
     M, K = x.shape
+    t = _thresholds(thresholds, K, "sign_pack: thresholds")
     out = np.empty((M, words(K)), dtype=np.uint64)
-    _check_rc(lib().bb_sign_pack(_ptr(x), M, K, K, _ptr(out), out.shape[1]), "sign_pack")
+    _check_rc(lib().bb_sign_pack(_ptr(x), M, K, K, _ptr(out), out.shape[1], _ptr(t)), "sign_pack")
     return out
 
 
-def bit_thresholds(alpha: np.ndarray, bias: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
-    """Integer form of the bit epilogue: (alpha_n (K - 2p) + bias_n < 0) == (p > thr_n) XOR flip_n.
+def bit_thresholds(alpha: np.ndarray, bias: np.ndarray, K: int,
+                   compare: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Integer form of the bit epilogue: bit_n(p) == (p > thr_n) XOR flip_n for every popcount
+    p, where bit_n(p) = (y < 0) for y = alpha_n (K - 2p) + bias_n, or with compare values t
+    (the next quantizer's thresholds, elastic binarization) bit_n(p) = !(y - t_n >= 0).
     Returns thr int64 [panels*32] and flip uint32 [panels] (bit c = channel 32*panel + c)."""
     alpha, bias = _vectors(alpha, bias, "bit_thresholds")
     N = alpha.shape[0]
+    t = _thresholds(compare, N, "bit_thresholds: compare")
     n_pad = -(-N // PANEL) * PANEL
     thr = np.full(n_pad, -1, dtype=np.int64)
     flip = np.zeros(n_pad, dtype=np.uint8)
-    _check_rc(lib().bb_bit_thresholds(_ptr(alpha), _ptr(bias), K, N, _ptr(thr), _ptr(flip)), "bit_thresholds")
+    _check_rc(lib().bb_bit_thresholds(_ptr(alpha), _ptr(bias), _ptr(t), K, N, _ptr(thr), _ptr(flip)),
+              "bit_thresholds")
     weights = (np.uint64(1) << np.arange(PANEL, dtype=np.uint64))
     flip_words = (flip.reshape(-1, PANEL).astype(np.uint64) * weights).sum(axis=1).astype(np.uint32)
     return thr, flip_words
 
 
-def float_epilogue(alpha: np.ndarray, bias: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
-    """(c0, c1) = (alpha * K + bias, -2 alpha): the float epilogue y = c0 + c1 * popcount."""
+def float_epilogue(alpha: np.ndarray, bias: np.ndarray, K: int,
+                   offset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(c0, c1) = (alpha * K + bias, -2 alpha): the float epilogue y = c0 + c1 * popcount.
+    With `offset` (int64 [N]): the input bits stand for {0, 1} levels (elastic binarization),
+    z . w = offset - popcount with offset = (K + rowsum(w)) / 2 (`zero_one_offsets`), and
+    (c0, c1) = (alpha * offset + bias, -alpha)."""
     alpha, bias = _vectors(alpha, bias, "float_epilogue")
+    if offset is not None:
+        offset = np.ascontiguousarray(offset, dtype=np.int64)
+        _shape(offset, alpha.shape, "float_epilogue: offset")
     c0, c1 = np.empty_like(alpha), np.empty_like(alpha)
-    _check_rc(lib().bb_float_epilogue(_ptr(alpha), _ptr(bias), K, alpha.shape[0], _ptr(c0), _ptr(c1)),
+    _check_rc(lib().bb_float_epilogue(_ptr(alpha), _ptr(bias), K, alpha.shape[0], _ptr(offset), _ptr(c0), _ptr(c1)),
               "float_epilogue")
     return c0, c1
+
+
+def zero_one_offsets(weight_bits: np.ndarray, K: int) -> np.ndarray:
+    """(K + rowsum(w)) / 2 = K - popcount(row) per weight row (bits [N, words(K)], padding 0):
+    the dot product of {0, 1} levels z with +-1 weights is this minus popcount(s' XOR w)
+    for the bits s' of z (docs/method.md §7)."""
+    bits = np.ascontiguousarray(weight_bits, dtype="<u8")
+    return K - np.bitwise_count(bits).sum(axis=1, dtype=np.int64)
 
 
 def _vectors(alpha: np.ndarray, bias: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -249,7 +280,7 @@ def binary_linear(a_bits: np.ndarray, K: int, panels: np.ndarray, N: int, alpha:
     """y = alpha * (K - 2 popcount(a XOR w)) + bias [+ residual]: float [M, N] (evaluated as
     c0 + c1 * popcount, equal to rounding), or with out_bits the sign bits of y exactly, uint64
     [M, words(N)]. thresholds (`bit_thresholds`) and epilogue (`float_epilogue`) are computed
-    here when not given."""
+    here when not given; pass them for the elastic forms (compare values, {0, 1} inputs)."""
     a_bits, panels = _matrix(_u64(a_bits), "binary_linear: a_bits"), _u64(panels)
     alpha, bias = _vectors(alpha, bias, "binary_linear")
     M = a_bits.shape[0]
@@ -288,7 +319,8 @@ class LayerParams(ctypes.Structure):
         "qkv_w", "qkv_thr", "qkv_flip",
         "ao_w", "ao_c0", "ao_c1", "ln1_g", "ln1_b",
         "fi_w", "fi_thr", "fi_flip",
-        "fo_w", "fo_c0", "fo_c1", "ln2_g", "ln2_b")]
+        "fo_w", "fo_c0", "fo_c1", "ln2_g", "ln2_b",
+        "ctx_t", "ln1_t", "ln2_t")]  # elastic thresholds, None (NULL) for plain signs
 
 
 def encoder(layers: ctypes.Array, n_layers: int, B: int, L: int, hidden_size: int, heads: int, intermediate: int,
@@ -339,17 +371,19 @@ def popcount_roofline(seconds: float = 0.2) -> float:
     return best
 
 
-def layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float,
-              with_bits: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """Row LayerNorm of float [M, H]; with_bits also returns the output's sign bits."""
+def layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float, with_bits: bool = False,
+              thresholds: np.ndarray | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Row LayerNorm of float [M, H]; with_bits also returns the output's sign bits (against
+    per-channel thresholds [H] when given, as `sign_pack`)."""
     x, gamma, beta = _matrix(_f32(x), "layernorm: x"), _f32(gamma), _f32(beta)
     M, H = x.shape
     _shape(gamma, (H,), "layernorm: gamma")
     _shape(beta, (H,), "layernorm: beta")
+    t = _thresholds(thresholds, H, "layernorm: thresholds")
     out = np.empty_like(x)
     bits = np.empty((M, words(H)), dtype=np.uint64) if with_bits else None
     _check_rc(lib().bb_layernorm(_ptr(x), M, H, _ptr(gamma), _ptr(beta), eps, _ptr(out), _ptr(bits),
-                                 0 if bits is None else bits.shape[1]), "layernorm")
+                                 0 if bits is None else bits.shape[1], _ptr(t)), "layernorm")
     return (out, bits) if with_bits else out
 
 
@@ -379,10 +413,12 @@ def embed(ids: np.ndarray, type_ids: np.ndarray, word_bits: np.ndarray, word_alp
 
 
 def biattention(qkv_bits: np.ndarray, offsets: tuple[int, int, int], B: int, L: int, heads: int, head_size: int,
-                key_valid: np.ndarray, counts: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                key_valid: np.ndarray, counts: bool = False,
+                thresholds: np.ndarray | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Bi-Attention in bits. qkv_bits [B*L, W] holds sign bits of Q, K, V at bit offsets
-    `offsets`; key_valid: bool [B, L]. Returns the context sign bits [B*L, words(H*d)] and,
-    with counts, the integer context int32 [B*L, H*d]."""
+    `offsets`; key_valid: bool [B, L]. Returns the context sign bits [B*L, words(H*d)]
+    (against per-channel thresholds [H*d] when given: bit = !(count - t >= 0)) and, with
+    counts, the integer context int32 [B*L, H*d]."""
     qkv_bits = _matrix(_u64(qkv_bits), "biattention: qkv_bits")
     if B < 0 or L < 1 or heads < 1 or head_size < 1:
         raise BibertError(f"biattention: B={B}, L={L}, heads={heads}, head_size={head_size}: sizes must be positive")
@@ -391,10 +427,11 @@ def biattention(qkv_bits: np.ndarray, offsets: tuple[int, int, int], B: int, L: 
     if any(off < 0 or off + heads * head_size > 64 * qkv_bits.shape[1] for off in offsets):
         raise BibertError(f"biattention: offsets {offsets} put Q, K or V outside rows of {64 * qkv_bits.shape[1]} bits")
     _shape(np.asarray(key_valid), (B, L), "biattention: key_valid")
+    t = _thresholds(thresholds, heads * head_size, "biattention: thresholds")
     valid = pack_bool(key_valid)
     out = np.empty((B * L, words(heads * head_size)), dtype=np.uint64)
     cnt = np.empty((B * L, heads * head_size), dtype=np.int32) if counts else None
     q_off, k_off, v_off = offsets
     _check_rc(lib().bb_biattention(_ptr(qkv_bits), qkv_bits.shape[1], q_off, k_off, v_off, B, L, heads, head_size,
-                                   _ptr(valid), _ptr(out), out.shape[1], _ptr(cnt)), "biattention")
+                                   _ptr(valid), _ptr(out), out.shape[1], _ptr(cnt), _ptr(t)), "biattention")
     return (out, cnt) if counts else out

@@ -1,6 +1,6 @@
 """Naive NumPy references of the packed engine's kernels and of the student's forward.
 
-Written from SPEC.md in plain integer / float arithmetic on {-1, +1} values, with no bit
+Written from docs/method.md in plain integer / float arithmetic on {-1, +1} values, with no bit
 tricks, so that the native kernels can be checked against something independent:
 
     sign(x)            +1 if x >= 0 else -1                       (IEEE: -0.0 -> +1)
