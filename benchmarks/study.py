@@ -85,6 +85,7 @@ class Row:
     activations: str = "sign"  # "elastic": learned thresholds and scales (beyond the paper)
     via: str | None = None  # multi-step distillation through a student with these bits
     quantizer_lr: float | None = None
+    precision: str = "fp32"  # "bf16": mixed precision (exact integer forward, bf16 gradients and teacher)
     section: str = "main"  # "main" table, "budget" check or "beyond" the paper
 
 ROWS = [
@@ -107,7 +108,8 @@ ROWS = [
         section="beyond"),
     Row("elastic_via4", "1-1-1 BiBERT + elastic, via 1-1-4", "1-1-1", "bi", "dmd", (1,), activations="elastic",
         via="1-1-4", section="beyond"),
-    Row("via4", "1-1-1 BiBERT via 1-1-4", "1-1-1", "bi", "dmd", (1,), via="1-1-4", section="beyond"),
+    Row("elastic_bf16", "1-1-1 BiBERT + elastic, bf16 mixed precision", "1-1-1", "bi", "dmd", (1,),
+        activations="elastic", precision="bf16", section="beyond"),
 ]
 TABLE_ROWS = [r for r in ROWS if r.section != "budget"]
 BUDGET_PAIRS = [("bibert", "bibert_x3"), ("w1a2", "w1a2_x3")]
@@ -218,6 +220,7 @@ def run_row(task: str, row: Row, seed: int, teacher: Path, b: Budget) -> dict | 
         data = dict(train_file=str(augmented_file(task, b)), max_steps=int(steps)) if row.augmented else \
             dict(max_train_examples=b.train_examples)
         extra = {"quantizer_lr": row.quantizer_lr} if row.quantizer_lr else {}
+        extra["precision"] = row.precision
         return _timed(out, lambda: distill(
             str(teacher), task, out, quant=QuantConfig.from_bits(row.bits, row.attention, row.activations),
             distill=row.distill, via=row.via, resume=True, epochs=epochs, lr=b.lr, max_length=b.max_length,

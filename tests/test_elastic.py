@@ -8,8 +8,8 @@ import torch
 
 from bibert import QuantConfig
 from bibert.errors import BibertError
-from bibert.modeling import ActQuantizer, BiBertForSequenceClassification, binarize, calibrate_quantizers
-from bibert.quantizers import binary_linear, binarize_weight, scale_grad, sign_ste, threshold_ste
+from bibert.modeling import ActQuantizer, BiBertForSequenceClassification, ScoreBinarizer, binarize, calibrate_quantizers
+from bibert.quantizers import binary_linear, binarize_weight, bool_ste, scale_grad, sign_ste, threshold_ste
 
 X = torch.tensor([[-2.5, -1.0, -0.5, -0.0], [0.0, 0.3, 1.0, 1.7], [0.25, 0.7, -0.1, 2.0]], dtype=torch.float64)
 T = torch.tensor([0.0, 0.3, -0.5, 0.25], dtype=torch.float64)  # thresholds, some equal to inputs
@@ -45,6 +45,39 @@ def test_threshold_ste_at_zero_threshold_and_unit_window_is_sign_ste():
     y1.backward(g)
     y2.backward(g)
     assert torch.equal(x1.grad, x2.grad)
+
+
+def test_strict_threshold_ste_at_zero_and_unit_window_is_bool_ste():
+    x1, x2 = X.clone().requires_grad_(), X.clone().requires_grad_()
+    y1 = threshold_ste(x1, torch.zeros(4, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64),
+                       unsigned=True, strict=True)
+    y2 = bool_ste(x2)
+    assert torch.equal(y1, y2)
+    g = torch.randn(3, 4, dtype=torch.float64)
+    y1.backward(g)
+    y2.backward(g)
+    assert torch.equal(x1.grad, x2.grad)
+
+
+@pytest.mark.parametrize("window", [1.0, 0.3])
+def test_score_quantizer_per_head_threshold_against_formula(window):
+    torch.manual_seed(3)
+    sb = ScoreBinarizer(3).double()
+    with torch.no_grad():
+        sb.threshold.copy_(torch.tensor([0.0, 0.5, -0.25], dtype=torch.float64))
+        sb.window.fill_(window)
+    a = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    a[0, 1, 0, 0] = 0.5  # exactly at the threshold: 0, as the paper's bool at 0
+    a[1, 0, 2, 3] = 0.0
+    a.requires_grad_()
+    y = sb(a)
+    t = sb.threshold.detach()[None, :, None, None]
+    assert torch.equal(y.detach(), (a.detach() - t > 0).double())
+    g = torch.randn_like(a)
+    y.backward(g)
+    inside = ((a.detach() - t).abs() <= window).double() / window
+    assert torch.allclose(a.grad, g * inside)
+    assert torch.allclose(sb.threshold.grad, -(g * inside).sum((0, 2, 3)))
 
 
 def test_scale_grad_is_identity_forward_and_scales_backward():
@@ -111,7 +144,8 @@ def test_elastic_student_has_the_quantizers_and_saves_them(tiny_config, tmp_path
     names = {n for n, m in student.named_modules() if isinstance(m, ActQuantizer)}
     per_layer = {"attention.self.input_quantizer", "attention.output.dense.input_quantizer",
                  "intermediate.dense.input_quantizer", "output.dense.input_quantizer",
-                 "attention.self.qkv_quantizers.0", "attention.self.qkv_quantizers.1", "attention.self.qkv_quantizers.2"}
+                 "attention.self.qkv_quantizers.0", "attention.self.qkv_quantizers.1", "attention.self.qkv_quantizers.2",
+                 "attention.self.score_quantizer"}
     expected = {f"bert.encoder.layer.{i}.{n}" for i in range(2) for n in per_layer} | {"bert.pooler.dense.input_quantizer"}
     assert names == expected
     assert student.bert.encoder.layer[0].output.dense.input_quantizer.unsigned

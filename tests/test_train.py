@@ -106,7 +106,7 @@ def crash_at(step):
 
 @pytest.mark.parametrize("grouped", [False, True])
 def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_teacher, tmp_path, grouped):
-    opts = dict(max_steps=10, eval_every=4, save_every=3, group_by_length=grouped, **SLICE)
+    opts = dict(**{**SLICE, "log_every": 3}, max_steps=10, eval_every=4, save_every=3, group_by_length=grouped)
     distill(tiny_teacher, "rotten_tomatoes", tmp_path / "a", **opts)
     with pytest.raises(Crash):  # dies after step 7: the last state is step 6, steps 7.. are redone
         distill(tiny_teacher, "rotten_tomatoes", tmp_path / "b", hooks=[crash_at(7)], **opts)
@@ -115,8 +115,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_teacher, tmp_path
     assert_same_weights(tmp_path / "a" / "last", tmp_path / "b" / "last")
     assert_same_weights(tmp_path / "a" / "best", tmp_path / "b" / "best")
     a, b = ((tmp_path / r / "metrics.jsonl").read_text() for r in "ab")
-    strip = lambda text: [{k: v for k, v in json.loads(x).items()} for x in text.splitlines()]  # noqa: E731
-    assert [e["dev"] for e in strip(a)] == [e["dev"] for e in strip(b)]
+    assert a == b  # dev metrics and the training-loss averages (log windows cut by the crash included)
+    assert "train" in json.loads(a.splitlines()[-1])
     # resuming a finished run only rewrites the final outputs
     res = distill(tiny_teacher, "rotten_tomatoes", tmp_path / "b", resume=True, **opts)
     assert res["steps"] == 10
@@ -126,7 +126,8 @@ def test_killed_process_resumes_to_the_same_weights(tiny_teacher, tmp_path):
     """SIGKILL at an arbitrary moment (here: as soon as a checkpoint exists, so mid-run),
     then --resume: same final weights as the uninterrupted run."""
     args = ["distill", "--teacher", tiny_teacher, "--task", "rotten_tomatoes", "--max-steps", "30",
-            "--eval-every", "10", "--save-every", "2", "--max-train-examples", "48", "--max-eval-examples", "16",
+            "--eval-every", "10", "--save-every", "2", "--log-every", "3", "--max-train-examples", "48",
+            "--max-eval-examples", "16",
             "--batch-size", "8", "--max-length", "24"]
     cmd = [sys.executable, "-m", "bibert.cli", *args]
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # as in this process: same sums
@@ -142,6 +143,17 @@ def test_killed_process_resumes_to_the_same_weights(tiny_teacher, tmp_path):
     assert cli_main([*args, "--out", str(tmp_path / "k"), "--resume"]) == 0
     assert cli_main([*args, "--out", str(tmp_path / "u")]) == 0
     assert_same_weights(tmp_path / "u" / "last", tmp_path / "k" / "last")
+    for name in ("metrics.jsonl",):  # the logs too, loss averages included
+        assert (tmp_path / "u" / name).read_text() == (tmp_path / "k" / name).read_text()
+    u, k = (json.loads((tmp_path / r / "results.json").read_text()) for r in "uk")
+    assert u["best"] == k["best"] and u["last"] == k["last"]
+
+
+def test_resume_of_a_missing_run_says_it_starts_afresh(tiny_teacher, tmp_path, capsys):
+    distill(tiny_teacher, "rotten_tomatoes", tmp_path / "fresh", resume=True, max_steps=2, **SLICE)
+    assert "holds no run yet, so this starts a new one" in capsys.readouterr().out
+    distill(tiny_teacher, "rotten_tomatoes", tmp_path / "fresh", resume=True, max_steps=2, **SLICE)
+    assert "resuming" in capsys.readouterr().out
 
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_teacher, tmp_path):

@@ -68,6 +68,7 @@ class ActQuantizer(nn.Module):
     def __init__(self, channels: int, unsigned: bool = False, threshold: bool = True, scale: bool = True):
         super().__init__()
         self.unsigned = unsigned
+        self.strict = False
         self.threshold = nn.Parameter(torch.zeros(channels)) if threshold else None
         if not threshold:
             self.register_buffer("fixed_threshold", torch.zeros(channels), persistent=False)
@@ -76,7 +77,7 @@ class ActQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.threshold if self.threshold is not None else self.fixed_threshold
-        return threshold_ste(x, t.to(x.dtype), self.window, self.unsigned)
+        return threshold_ste(x, t.to(x.dtype), self.window, self.unsigned, self.strict)
 
     def output_scale(self, x: torch.Tensor) -> torch.Tensor | None:
         """s for an input like x, with LSQ's gradient scale 1/sqrt(x.numel())."""
@@ -108,18 +109,36 @@ class QuantLinear(nn.Linear):
             return self.forward_levels(self.input_quantizer(x), self.input_quantizer.output_scale(x))
         xq = quantize_activation(x, self.activation_bits, sign_source)
         if self.weight_bits == 1:
-            return binary_linear(xq, self.weight, self.bias)
+            return binary_linear(xq, self.weight, self.bias, integer_input=self.activation_bits == 1)
         return F.linear(xq, quantize_weight(self.weight, self.weight_bits), self.bias)
 
     def forward_levels(self, levels: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         """The Linear on already binarized input levels (+-1 or {0, 1}) times `scale`."""
         if self.weight_bits == 1:
-            return binary_linear(levels, self.weight, self.bias, scale)
+            return binary_linear(levels, self.weight, self.bias, scale, integer_input=True)
         xq = levels if scale is None else levels * scale
         return F.linear(xq, quantize_weight(self.weight, self.weight_bits), self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, W{self.weight_bits}A{self.activation_bits}"
+
+
+class ScoreBinarizer(ActQuantizer):
+    """Elastic Bi-Attention: BA = 1[A - t_h > 0] with a learned threshold t_h per head (A ==
+    t_h gives 0, as the paper's bool at t = 0) and a data-sized STE window, on the scores
+    A (B, nh, T, T). The paper's Bi-Attention is t = 0 with window 1."""
+
+    def __init__(self, heads: int):
+        super().__init__(heads, unsigned=True, threshold=True, scale=False)
+        self.strict = True
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:  # (B, nh, T, T)
+        shifted = scores - self.threshold.to(scores.dtype)[None, :, None, None]
+        return threshold_ste(shifted, self.fixed_zero(scores), self.window, unsigned=True, strict=True)
+
+    @staticmethod
+    def fixed_zero(scores: torch.Tensor) -> torch.Tensor:
+        return scores.new_zeros(scores.shape[-1])
 
 
 def _elastic(q: QuantConfig, channels: int, **kwargs) -> ActQuantizer | None:
@@ -174,6 +193,8 @@ class SelfAttention(nn.Module):
         self.input_quantizer = _elastic(q, h)
         if q.elastic:
             self.qkv_quantizers = nn.ModuleList(ActQuantizer(h, threshold=False, scale=False) for _ in range(3))
+            if q.attention == "bi":
+                self.score_quantizer = ScoreBinarizer(self.num_heads)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +212,9 @@ class SelfAttention(nn.Module):
             q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))  # real-valued
             qb, kb, vb = (quantize_activation(t, a) for t in (q, k, v))
         scores = qb @ kb.transpose(-1, -2) / math.sqrt(self.head_size) + mask  # (B, nh, T, T)
-        if self.quant.attention == "bi":
+        if self.quant.attention == "bi" and self.quant.elastic:
+            weights = self.score_quantizer(self.dropout(scores))  # {0, 1}; 0 on padded keys
+        elif self.quant.attention == "bi":
             weights = bool_ste(self.dropout(scores))  # {0, 1}; 0 on padded keys
         else:
             weights = quantize_probs(self.dropout(F.softmax(scores, dim=-1)), a)
@@ -515,12 +538,18 @@ def calibrate_quantizers(student: BiBertForSequenceClassification, batch: dict,
             return x[valid]
         return x.reshape(-1, x.shape[-1])  # the pooler's [CLS] rows
 
+    pairs = (valid[:, None, :, None] & valid[:, None, None, :])  # (B, 1, T, T): real query and key
+
     teacher_inputs = _teacher_linear_inputs(teacher, inputs, quantizers, student, layer_map) if teacher is not None else {}
     report = {}
     for name, q in quantizers.items():
-        x = real(seen[name].float(), name)
-        t = (q.threshold if q.threshold is not None else q.fixed_threshold).float()
-        window = (x - t).abs().mean().clamp_min(1e-3)
+        if isinstance(q, ScoreBinarizer):  # scores (B, nh, T, T), threshold per head
+            shifted = seen[name].float() - q.threshold.float()[None, :, None, None]
+            window = shifted.masked_select(pairs.expand_as(shifted)).abs().mean().clamp_min(1e-3)
+        else:
+            x = real(seen[name].float(), name)
+            t = (q.threshold if q.threshold is not None else q.fixed_threshold).float()
+            window = (x - t).abs().mean().clamp_min(1e-3)
         q.window.fill_(float(window))
         entry = {"window": float(window)}
         if q.scale is not None:

@@ -98,32 +98,61 @@ def binarize_weight(w: torch.Tensor) -> torch.Tensor:
     return _RowBinarize.apply(w)
 
 
+def _integer_matmul_available() -> bool:
+    """Whether torch has the int8 x int8 -> int32 matmul on CPU (exact integer counts)."""
+    try:
+        a = torch.ones(2, 8, dtype=torch.int8)
+        return bool(torch._int_mm(a, a.T.contiguous()).eq(8).all())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_INT_MM = _integer_matmul_available()
+
+
+def integer_counts(levels: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """levels (..., K) of integers in [-1, 1] times signs (O, K) in {-1, +1}, transposed:
+    (..., O), exact, in levels' dtype. On CPU an int8 matmul with int32 accumulation (several
+    times faster than float32 there); elsewhere a float matmul (exact for K < 2^24)."""
+    if _INT_MM and levels.device.type == "cpu" and levels.dtype.is_floating_point:
+        flat = levels.reshape(-1, levels.shape[-1]).to(torch.int8)
+        counts = torch._int_mm(flat, signs.to(torch.int8).T)  # (N, O) int32
+        return counts.to(levels.dtype).reshape(*levels.shape[:-1], signs.shape[0])
+    return torch.nn.functional.linear(levels, signs.to(levels.dtype))
+
+
 class _BinaryLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, bias, act_scale):
+    def forward(ctx, x, w, bias, act_scale, integer_input):
         alpha, centred = _scale_and_centred(w)  # (out,), (out, in)
         signs = sign(centred)
         ctx.save_for_backward(x, centred, alpha, signs, act_scale)
-        counts = torch.nn.functional.linear(x, signs)  # integer-valued for +-1 / {0,1} inputs: exact in float
+        # gradients in bf16 when the forward runs under bf16 autocast (mixed precision)
+        ctx.low_precision = torch.is_autocast_enabled(x.device.type)
+        if integer_input:  # +-1 / {0,1} levels: exact integer counts
+            counts = integer_counts(x, signs)
+        else:
+            counts = torch.nn.functional.linear(x, signs.to(x.dtype))
         scale = alpha if act_scale is None else alpha * act_scale  # one float per output row
         return counts * scale + bias  # two roundings, as the packed engine's epilogue
 
     @staticmethod
     def backward(ctx, grad):
         x, centred, alpha, signs, act_scale = ctx.saved_tensors
+        mm = torch.bfloat16 if ctx.low_precision else grad.dtype
         g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        grad_xb = grad @ (alpha[:, None] * signs).to(grad.dtype)  # dL/d(scaled input)
+        grad_xb = (grad.to(mm) @ (alpha[:, None] * signs).to(mm)).to(grad.dtype)  # dL/d(scaled input)
         xq = x if act_scale is None else x * act_scale  # the input as the Linear sees it
-        grad_w = (g2.T @ xq.reshape(-1, x.shape[-1]).to(g2.dtype)) * (centred.abs() <= 1).to(g2.dtype)
+        grad_w = (g2.T.to(mm) @ xq.reshape(-1, x.shape[-1]).to(mm)).to(g2.dtype) * (centred.abs() <= 1).to(g2.dtype)
         grad_s = None
         if act_scale is not None:
             grad_s = (x.to(grad.dtype) * grad_xb).sum().to(act_scale.dtype)
             grad_xb = grad_xb * act_scale.to(grad.dtype)
-        return grad_xb.to(x.dtype), grad_w.to(centred.dtype), g2.sum(0).to(centred.dtype), grad_s
+        return grad_xb.to(x.dtype), grad_w.to(centred.dtype), g2.sum(0).to(centred.dtype), grad_s, None
 
 
 def binary_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor,
-                  act_scale: torch.Tensor | None = None) -> torch.Tensor:
+                  act_scale: torch.Tensor | None = None, integer_input: bool = False) -> torch.Tensor:
     """A Linear with BiBERT's binarized weight: y = alpha * (x @ sign(Wc)^T) + b.
 
     The same function as F.linear(x, binarize_weight(w), b), evaluated the way the packed
@@ -137,8 +166,12 @@ def binary_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor,
         y = (alpha * s) * (x @ sign(Wc)^T) + b      (alpha * s rounded once per row)
         dL/dx = s (dL/dy @ Wb);  dL/dW = (dL/dy^T (s x)) * 1[|Wc| <= 1];
         dL/ds = sum(x * (dL/dy @ Wb))
+
+    integer_input: x holds integers in [-1, 1] (binarized levels), so the counts are taken
+    with an exact integer matmul where that is faster (`integer_counts`). Under bf16
+    autocast the backward's two matmuls run in bf16 (the forward stays exact).
     """
-    return _BinaryLinear.apply(x, w, bias, act_scale)
+    return _BinaryLinear.apply(x, w, bias, act_scale, integer_input)
 
 
 def weight_scale_and_signs(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,11 +253,12 @@ def quantize_probs(p: torch.Tensor, bits: int) -> torch.Tensor:
 
 class _ThresholdSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, threshold, window, unsigned):
+    def forward(ctx, x, threshold, window, unsigned, strict):
         d = x - threshold
         ctx.save_for_backward(d, window)
-        ctx.unsigned = unsigned
-        keep = d >= 0  # IEEE compare: x == threshold gives +1 (or 1), as sign(0) = +1
+        ctx.half_window = unsigned and not strict
+        # IEEE compare: x == threshold gives +1 (or 1), as sign(0) = +1; `strict` gives 0 there
+        keep = d > 0 if strict else d >= 0
         if unsigned:
             return keep.to(x.dtype)
         return torch.where(keep, 1.0, -1.0).to(x.dtype)
@@ -232,13 +266,14 @@ class _ThresholdSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         d, window = ctx.saved_tensors
-        half = window / 2 if ctx.unsigned else window
+        half = window / 2 if ctx.half_window else window
         grad_x = grad * (d.abs() <= half).to(grad.dtype) / window.to(grad.dtype)
         grad_t = -grad_x.reshape(-1, grad_x.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_t, None, None
+        return grad_x, grad_t, None, None, None
 
 
-def threshold_ste(x: torch.Tensor, threshold: torch.Tensor, window: torch.Tensor, unsigned: bool = False) -> torch.Tensor:
+def threshold_ste(x: torch.Tensor, threshold: torch.Tensor, window: torch.Tensor, unsigned: bool = False,
+                  strict: bool = False) -> torch.Tensor:
     """Elastic activation binarizer: a learned per-channel threshold, a data-sized STE window.
 
     forward:  signed:   sign(x - t)      in {-1, +1}   (x == t gives +1)
@@ -249,8 +284,10 @@ def threshold_ste(x: torch.Tensor, threshold: torch.Tensor, window: torch.Tensor
               dL/dt = -sum over every position of dL/dx, per channel
     x: (..., C); t: (C,); w: a positive scalar tensor (no gradient). With t = 0 and w = 1
     the signed form is exactly `sign_ste`.
+    strict (unsigned only; Bi-Attention's bool): forward 1[x - t > 0] (x == t gives 0),
+    backward dL/dx = dL/dy * 1[|x - t| <= w] / w; with t = 0 and w = 1 exactly `bool_ste`.
     """
-    return _ThresholdSTE.apply(x, threshold, window, unsigned)
+    return _ThresholdSTE.apply(x, threshold, window, unsigned, strict)
 
 
 class _GradScale(torch.autograd.Function):
