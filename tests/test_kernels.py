@@ -158,6 +158,19 @@ def test_biattention(path, B, L, heads, d):
     t = rng.choice(np.array([-2, -1, 0, 1, 2, 0.5, -1.5, 1e9, -np.inf], np.float32), hidden)
     bits_t = kernels.biattention(qkv, (0, hidden, 2 * hidden), B, L, heads, d, valid, thresholds=t)
     np.testing.assert_array_equal(bits_t, threshold_bits(expected.astype(np.float32), t))
+    # per-head score thresholds (elastic Bi-Attention): BA = 1[(q . k) / sqrt(d) - t_h > 0] in float32
+    exact = np.float32(d - 2 * rng.integers(0, d + 1)) / np.float32(np.sqrt(np.float64(d)))
+    t_h = np.array([exact, 0.0, -0.3, 1.7, np.inf, -np.inf, np.nan][:heads] + [0.25] * max(0, heads - 7), np.float32)
+    lim = kernels.score_limits(t_h, d)
+    _, counts_h = kernels.biattention(qkv, (0, hidden, 2 * hidden), B, L, heads, d, valid, counts=True,
+                                      score_limits=lim)
+    split = lambda a: reference.sign(a).reshape(B, L, heads, d).transpose(0, 2, 1, 3)
+    dots = (split(q) @ split(k).transpose(0, 1, 3, 2)).astype(np.float32) / np.float32(np.sqrt(np.float64(d)))
+    with np.errstate(invalid="ignore"):
+        ba = ((dots - t_h[None, :, None, None]) > 0) & valid[:, None, None, :]
+    want = (ba.astype(np.int64) @ split(v)).transpose(0, 2, 1, 3).reshape(B * L, hidden)
+    np.testing.assert_array_equal(counts_h, want)
+    np.testing.assert_array_equal(kernels.score_limits(np.zeros(heads, np.float32), d), np.full(heads, (d + 1) // 2))
 
 
 def test_embed(path):
@@ -236,7 +249,8 @@ def _every_kernel(rng_seed: int) -> list[np.ndarray]:
             ln, ln_bits, ctx, counts,
             kernels.sign_pack(x, t_k),  # elastic binarization: thresholds, compare values, {0, 1} inputs
             kernels.layernorm(x * 3 + 1, np.ones(K), np.zeros(K), 1e-12, with_bits=True, thresholds=t_k)[1],
-            kernels.biattention(qkv, (0, heads * d, 2 * heads * d), B, L, heads, d, valid, thresholds=t_ctx),
+            kernels.biattention(qkv, (0, heads * d, 2 * heads * d), B, L, heads, d, valid, thresholds=t_ctx,
+                                score_limits=kernels.score_limits(rng.normal(0, 1, heads), d)),
             kernels.binary_linear(xb, K, panels, N, alpha, bias, out_bits=True,
                                   thresholds=kernels.bit_thresholds(alpha, bias, K, compare=t_n)),
             kernels.binary_linear(xb, K, panels, N, alpha, bias, residual,

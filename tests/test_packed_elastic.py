@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 
 import numpy as np
@@ -41,7 +42,7 @@ def quantizer_inputs(student, ids, mask, types) -> dict[str, tuple[torch.Tensor,
     """Input and output (levels) of every input quantizer, by name, from one forward."""
     seen, hooks = {}, []
     for name, mod in student.named_modules():
-        if isinstance(mod, ActQuantizer):
+        if isinstance(mod, ActQuantizer) and "score_quantizer" not in name:
             hooks.append(mod.register_forward_hook(
                 lambda m, i, o, key=name: seen.__setitem__(key, (i[0].detach(), o.detach()))))
     with torch.no_grad():
@@ -75,6 +76,13 @@ def make_elastic_student(tmp_path, hidden=24, heads=3, ffn=40, layers=2, labels=
             else:
                 q.threshold.copy_(torch.from_numpy(rng.normal(0, 0.3, C)))
             q.scale.fill_(-0.7 if i == 2 else float(rng.uniform(0.3, 2.5)))
+        d = hidden // heads
+        for name, m in student.named_modules():  # elastic Bi-Attention's per-head score thresholds, if any
+            if name.endswith("score_quantizer"):  # some equal to a score value (A == t gives BA = 0)
+                pc = rng.integers(0, d + 1, heads)
+                exact = (d - 2 * pc).astype(np.float32) / np.float32(np.sqrt(np.float64(d)))
+                m.threshold.copy_(torch.from_numpy(np.where(rng.random(heads) < 0.7, exact,
+                                                            rng.normal(0, 0.5, heads).astype(np.float32))))
         if coincide:  # in forward order: a quantizer's input depends only on the ones before it
             ids, mask, types = batch(len(VOCAB))
             valid = mask.bool()
@@ -174,7 +182,7 @@ def check_layer_by_layer(student, engine, ids, mask, types):
         # Bi-Attention: integer counts, and context bits against the context thresholds
         ctx_in, ctx_levels = seen[p + "attention.output.dense.input_quantizer"]
         ctx_bits, counts = kernels.biattention(want, (0, H, 2 * H), B, L, engine.heads, engine.head_size, valid,
-                                               counts=True, thresholds=layer.ctx_t)
+                                               counts=True, thresholds=layer.ctx_t, score_limits=layer.score_lim)
         np.testing.assert_array_equal(counts, ctx_in.reshape(B * L, H).numpy().astype(np.int32))
         np.testing.assert_array_equal(ctx_bits, levels_bits(ctx_levels))
         # attention output: float, to rounding
@@ -278,6 +286,40 @@ def test_kernel_families_and_threads_identical(exported):
         np.testing.assert_array_equal(results[0][0], other[0])
         for a, b in zip(results[0][1], other[1]):
             np.testing.assert_array_equal(a, b)
+
+
+def test_score_thresholds_are_stored_and_run(exported):
+    """Per-head score thresholds (elastic Bi-Attention), when the student has them; zeros (the
+    paper's bool of the scores) when it does not."""
+    student, _, out = exported
+    packed = read_packed(out)
+    engine = load_packed(out)
+    d = engine.head_size
+    for n, layer in enumerate(student.bert.encoder.layer):
+        stored = packed.tensors[f"bert.encoder.layer.{n}.attention.self.score_quantizer.threshold"]
+        sq = getattr(layer.attention.self, "score_quantizer", None)
+        np.testing.assert_array_equal(stored, np.zeros(engine.heads) if sq is None else sq.threshold.detach().numpy())
+        # the integer limits decide what the student's float compare decides, for every score
+        dots = torch.arange(d, -d - 1, -2, dtype=torch.float32)  # q . k for popcount 0..d
+        scores = (dots / math.sqrt(d))[None, :] - torch.from_numpy(stored.copy())[:, None]
+        np.testing.assert_array_equal(np.arange(d + 1)[None, :] < engine.layers[n].score_lim[:, None],
+                                      (scores > 0).numpy())
+
+
+def test_export_refuses_parameters_the_format_cannot_hold(exported, tmp_path):
+    """A student parameter with no place in the file would be dropped silently: refused."""
+    from safetensors.torch import load_file, save_file
+
+    _, folder, _ = exported
+    other = tmp_path / "extra"
+    other.mkdir()
+    for f in folder.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    state = load_file(str(other / "model.safetensors"))
+    state["bert.encoder.layer.0.attention.self.other_quantizer.threshold"] = torch.zeros(3)
+    save_file(state, str(other / "model.safetensors"))
+    with pytest.raises(BibertError, match="other_quantizer.threshold.*no place"):
+        export_packed(other, tmp_path / "x.bibert")
 
 
 def test_fp16_side_parameters_and_predict(exported, tmp_path):

@@ -479,7 +479,8 @@ def elastic_cases(raw: bytes) -> Cases:
                        "bert.encoder.layer.0.attention.self.input_quantizer.threshold",
                        "bert.encoder.layer.0.attention.output.dense.input_quantizer.threshold",
                        "bert.pooler.dense.input_quantizer.scale",
-                       "bert.encoder.layer.1.intermediate.dense.input_quantizer.scale")
+                       "bert.encoder.layer.1.intermediate.dense.input_quantizer.scale",
+                       "bert.encoder.layer.0.attention.self.score_quantizer.threshold")
     for name in quantizer_names:
         e, i = entry(h, name), names.index(name)
         short = name.replace("bert.encoder.", "").replace("input_quantizer.", "")
@@ -694,6 +695,7 @@ def native_worker(packed: str) -> None:
     buf = np.zeros(4096, np.uint64)
     p = buf.ctypes.data
     past = np.array([9], np.int64)  # a {0, 1}-input offset past K = 8
+    past_d = np.array([10], np.int64)  # a score limit past d + 1 = 9
     big, neg = 2**40, -1
     calls = {
         "sign_pack K=0": lambda: lib.bb_sign_pack(p, 1, 0, 1, p, 1, None),
@@ -724,12 +726,14 @@ def native_worker(packed: str) -> None:
         "embed M%L": lambda: lib.bb_embed(p, p, 5, 2, p, p, 4, p, 4, p, 2, 8, p),
         "embed V=0": lambda: lib.bb_embed(p, p, 2, 2, p, p, 0, p, 4, p, 2, 8, p),
         "embed null": lambda: lib.bb_embed(None, p, 2, 2, p, p, 4, p, 4, p, 2, 8, p),
-        "attention L=0": lambda: lib.bb_biattention(p, 2, 0, 8, 16, 1, 0, 1, 8, p, p, 1, None, None),
-        "attention offset past row": lambda: lib.bb_biattention(p, 1, 0, 8, 60, 1, 4, 1, 8, p, p, 1, None, None),
-        "attention negative offset": lambda: lib.bb_biattention(p, 1, -8, 8, 16, 1, 4, 1, 8, p, p, 1, None, None),
-        "attention ldo<words": lambda: lib.bb_biattention(p, 4, 0, 80, 160, 1, 4, 1, 80, p, p, 1, None, None),
-        "attention huge": lambda: lib.bb_biattention(p, big, 0, 0, 0, big, big, big, big, p, p, big, None, None),
-        "attention null valid": lambda: lib.bb_biattention(p, 1, 0, 8, 16, 1, 4, 1, 8, None, p, 1, None, None),
+        "attention L=0": lambda: lib.bb_biattention(p, 2, 0, 8, 16, 1, 0, 1, 8, p, p, 1, None, None, None),
+        "attention offset past row": lambda: lib.bb_biattention(p, 1, 0, 8, 60, 1, 4, 1, 8, p, p, 1, None, None, None),
+        "attention negative offset": lambda: lib.bb_biattention(p, 1, -8, 8, 16, 1, 4, 1, 8, p, p, 1, None, None, None),
+        "attention ldo<words": lambda: lib.bb_biattention(p, 4, 0, 80, 160, 1, 4, 1, 80, p, p, 1, None, None, None),
+        "attention huge": lambda: lib.bb_biattention(p, big, 0, 0, 0, big, big, big, big, p, p, big, None, None, None),
+        "attention null valid": lambda: lib.bb_biattention(p, 1, 0, 8, 16, 1, 4, 1, 8, None, p, 1, None, None, None),
+        "attention limit past d": lambda: lib.bb_biattention(p, 1, 0, 8, 16, 1, 4, 1, 8, p, p, 1, None, None,
+                                                             past_d.ctypes.data),
         "encoder heads do not divide": lambda: lib.bb_encoder(p, 1, 1, 4, 35, 4, 40, 1e-12, p, p, p, None),
         "encoder null layers": lambda: lib.bb_encoder(None, 1, 1, 4, 32, 4, 40, 1e-12, p, p, p, None),
         "encoder null parameter": lambda: lib.bb_encoder(ctypes.byref(kernels.LayerParams()), 1, 1, 4, 32, 4, 40,
@@ -747,7 +751,7 @@ def native_worker(packed: str) -> None:
                                                            None, None),
                        "encoder B=0": lambda: lib.bb_encoder(None, 1, 0, 0, 32, 4, 40, 1e-12, None, None, None, None),
                        "attention B=0": lambda: lib.bb_biattention(None, 1, 0, 8, 16, 0, 4, 1, 8, None, None, 1,
-                                                                   None, None)}.items():
+                                                                   None, None, None)}.items():
         print(f"noop {name}: {call()}", flush=True)
 
     model = load_packed(packed)
@@ -807,7 +811,7 @@ def test_native_kernels_and_inputs_refuse_bad_arguments(packed_path, tmp_path):
             assert rc == str(kernels.EINVAL), (name, rc)
         elif name.startswith("noop "):
             assert rc == str(kernels.OK), (name, rc)
-    assert sum(n.startswith("native ") for n in got) == 41
+    assert sum(n.startswith("native ") for n in got) == 42
     assert got["input forward (0, 8)"] == got["input forward (0, 0)"] == "result (0, 3)"
     assert got["input forward (0, 8) hidden"] == "result (0, 3)"
     assert got["input predict []"] == "result (0, 3)"

@@ -50,7 +50,7 @@
 #define BB_X86 0
 #endif
 
-#define BB_ABI_VERSION 10
+#define BB_ABI_VERSION 11
 #define BB_PANEL 32
 #define BB_MR 6
 
@@ -1163,6 +1163,7 @@ typedef struct {
     int64_t ldo;
     int32_t *counts;     /* [B*L, H*d] or NULL */
     const float *thr;    /* [H*d] thresholds of the context bits (elastic), or NULL: bit = count < 0 */
+    const int64_t *lim;  /* [H] BA_ij = popcount(q_i XOR k_j) < lim_h (elastic), or NULL: (d + 1) / 2 */
 } attn_args;
 
 /* One query row i of one (b, h): BA bits into ba[lw], context bits into cb[dw]; t: the head's
@@ -1175,13 +1176,14 @@ static inline __attribute__((always_inline)) void attn_row_portable(const attn_a
     const uint64_t *kt = g->kt + bh * g->dw * g->lp;
     const uint64_t *vt = g->vt + bh * g->lw * g->dp;
     const uint64_t *valid = g->valid + b * g->lw;
+    int64_t lim = g->lim ? g->lim[bh % g->H] : (g->d + 1) / 2; /* A > 0 <=> 2 pc < d <=> pc < lim */
     int64_t npos = 0;
     for (int64_t w = 0; w < g->lw; w++) {
         uint64_t bits = 0;
         for (int t = 0; t < 64; t++) {
             int64_t j = 64 * w + t, pc = 0;
             for (int64_t x = 0; x < g->dw; x++) pc += __builtin_popcountll(q[x] ^ kt[x * g->lp + j]);
-            bits |= (uint64_t)(2 * pc < g->d) << t;
+            bits |= (uint64_t)(pc < lim) << t;
         }
         ba[w] = bits & valid[w];
         npos += __builtin_popcountll(ba[w]);
@@ -1216,7 +1218,7 @@ BB_AVX512 static void attn_row_avx512(const attn_args *g, int64_t bh, int64_t i,
     const uint64_t *kt = g->kt + bh * g->dw * g->lp;
     const uint64_t *vt = g->vt + bh * g->lw * g->dp;
     const uint64_t *valid = g->valid + b * g->lw;
-    const __m512i dv = _mm512_set1_epi64(g->d);
+    const __m512i limv = _mm512_set1_epi64(g->lim ? g->lim[bh % g->H] : (g->d + 1) / 2);
     int64_t npos = 0;
     for (int64_t w = 0; w < g->lw; w++) {
         __m512i acc[8];
@@ -1230,7 +1232,7 @@ BB_AVX512 static void attn_row_avx512(const attn_args *g, int64_t bh, int64_t i,
         }
         uint64_t bits = 0;
         for (int v = 0; v < 8; v++)
-            bits |= (uint64_t)_mm512_cmp_epi64_mask(_mm512_slli_epi64(acc[v], 1), dv, _MM_CMPINT_LT) << (8 * v);
+            bits |= (uint64_t)_mm512_cmp_epi64_mask(acc[v], limv, _MM_CMPINT_LT) << (8 * v);
         ba[w] = bits & valid[w];
         npos += __builtin_popcountll(ba[w]);
     }
@@ -1341,14 +1343,16 @@ static void attn_query_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
 
 /* Bi-Attention of B sequences of L rows. qkv: bit rows [B*L, ldq] holding Q, K and V
  * (hidden = H*d bits each) at bit offsets q_off, k_off, v_off. valid: [B, ceil(L/64)] key
- * bits (1 = real token). out: context sign bits [B*L, ldo], bit h*d+c of row = (count < 0),
+ * bits (1 = real token). BA_ij = A_ij > 0, or with lim [H] (elastic Bi-Attention: a per-head
+ * threshold on the scores, turned into an integer) popcount(q_i XOR k_j) < lim_h, each lim_h
+ * in [0, d + 1]. out: context sign bits [B*L, ldo], bit h*d+c of row = (count < 0),
  * or with thresholds t [H*d] (elastic binarization) !(count - t[h*d+c] >= 0) in float32.
  * counts (optional): the integer context [B*L, H*d]. Checks: L, H, d >= 1, each of Q, K, V
  * (H*d bits from its offset) inside a row of ldq words, ldo >= words(H*d), qkv, valid and
  * out given. Returns BB_OK, BB_EINVAL or BB_ENOMEM. */
 int bb_biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_off, int64_t v_off, int64_t B,
                    int64_t L, int64_t H, int64_t d, const uint64_t *valid, uint64_t *out, int64_t ldo,
-                   int32_t *counts, const float *t) {
+                   int32_t *counts, const float *t, const int64_t *lim) {
     if (!count_ok(B)) return BB_EINVAL;
     if (B == 0) return BB_OK;
     if (!dim_ok(L) || !dim_ok(H) || !dim_ok(d) || !dim_ok(ldq) || !dim_ok(ldo) || !qkv || !valid || !out)
@@ -1363,6 +1367,8 @@ int bb_biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_of
     int64_t dw_ = words_of(d), lw_ = words_of(L);
     if (!elems_ok(B * H, L, dw_) || !elems_ok(B * H, dw_, lw_ * 64) || !elems_ok(B * H, lw_, (d + 7) / 8 * 8))
         return BB_EINVAL;
+    for (int64_t h = 0; lim && h < H; h++)
+        if (lim[h] < 0 || lim[h] > d + 1) return BB_EINVAL;
     attn_args g;
     g.B = B; g.L = L; g.H = H; g.d = d;
     g.dw = words_of(d);
@@ -1374,6 +1380,7 @@ int bb_biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_of
     if (!buf) return BB_ENOMEM;
     uint64_t *qb = buf, *kb = buf + nq, *vb = buf + nq + nk;
     g.q = qb; g.kt = kb; g.vt = vb; g.valid = valid; g.out = out; g.ldo = ldo; g.counts = counts; g.thr = t;
+    g.lim = lim;
 
     attn_job job = {&g, qkv, ldq, q_off, k_off, v_off, pick_attn(), NULL, (g.lw + g.dw + 7) / 8 * 8};
     /* phase 1: per (b, h), gather the head's bits into the layouts above */
@@ -1400,7 +1407,8 @@ int bb_biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_of
  * Elastic binarization (docs/method.md §7) adds the thresholds of three sets of bits, each
  * NULL for plain signs: ctx_t [H] of the context bits, ln1_t [H] of the FFN-in input bits
  * (packed from the first LayerNorm), ln2_t [H] of the bits packed from the second LayerNorm
- * (the next layer's Q/K/V input). Its scales and {0, 1} levels live in the epilogues. */
+ * (the next layer's Q/K/V input); score_lim [heads] the integer form of the per-head score
+ * thresholds (bb_biattention). Its scales and {0, 1} levels live in the epilogues. */
 typedef struct {
     const uint64_t *qkv_w; const int64_t *qkv_thr; const uint32_t *qkv_flip;
     const uint64_t *ao_w; const float *ao_c0, *ao_c1;
@@ -1409,6 +1417,7 @@ typedef struct {
     const uint64_t *fo_w; const float *fo_c0, *fo_c1;
     const float *ln2_g, *ln2_b;
     const float *ctx_t, *ln1_t, *ln2_t;
+    const int64_t *score_lim;
 } bb_layer;
 
 /* n_layers encoder layers on the B sequences at x / xb; layer l's output is copied to
@@ -1426,7 +1435,8 @@ static int encoder_rows(const bb_layer *layers, int64_t n_layers, int64_t B, int
     for (int64_t l = 0; l < n_layers && rc == BB_OK; l++) {
         const bb_layer *p = layers + l;
         rc = bb_linear(xb, M, hw, H, p->qkv_w, 3 * H, NULL, NULL, NULL, NULL, qkv, qw, p->qkv_thr, p->qkv_flip);
-        if (!rc) rc = bb_biattention(qkv, qw, 0, H, 2 * H, B, L, heads, H / heads, valid, ctx, hw, NULL, p->ctx_t);
+        if (!rc) rc = bb_biattention(qkv, qw, 0, H, 2 * H, B, L, heads, H / heads, valid, ctx, hw, NULL, p->ctx_t,
+                                     p->score_lim);
         if (!rc) rc = bb_linear(ctx, M, hw, H, p->ao_w, H, p->ao_c0, p->ao_c1, x, y, NULL, 0, NULL, NULL);
         if (!rc) rc = bb_layernorm(y, M, H, p->ln1_g, p->ln1_b, eps, a, ab, hw, p->ln1_t);
         if (!rc) rc = bb_linear(ab, M, hw, H, p->fi_w, I, NULL, NULL, NULL, NULL, fb, iw, p->fi_thr, p->fi_flip);
@@ -1469,7 +1479,7 @@ static void encoder_sequences(void *ctx, int64_t lo, int64_t hi, int tid) {
  * threads, each thread runs whole sequences (no synchronisation inside the forward);
  * otherwise every kernel splits its work across the threads. Checks: L, H, heads, I >= 1,
  * heads divides H, the sizes' products in range, every buffer and every parameter pointer
- * of the n_layers layers given (the thresholds ctx_t, ln1_t, ln2_t may be NULL). Returns
+ * of the n_layers layers given (ctx_t, ln1_t, ln2_t and score_lim may be NULL). Returns
  * BB_OK, BB_EINVAL or BB_ENOMEM. */
 int bb_encoder(const bb_layer *layers, int64_t n_layers, int64_t B, int64_t L, int64_t H, int64_t heads,
                int64_t I, float eps, const uint64_t *valid, float *x, uint64_t *xb, float *hidden) {

@@ -29,8 +29,8 @@ import numpy as np
 
 from ..errors import BibertError
 from . import kernels
-from .format import (BINARY_LINEARS, QUANTIZER_SCALE, QUANTIZER_THRESHOLD, TOKENIZER_FILES, PackedFile,
-                     check_packed, read_packed)
+from .format import (BINARY_LINEARS, QUANTIZER_SCALE, QUANTIZER_THRESHOLD, SCORE_THRESHOLD, TOKENIZER_FILES,
+                     PackedFile, check_packed, read_packed)
 
 
 @dataclass
@@ -75,6 +75,7 @@ class Layer:
     ctx_t: np.ndarray | None = None
     ln1_t: np.ndarray | None = None
     ln2_t: np.ndarray | None = None
+    score_lim: np.ndarray | None = None  # per-head score thresholds as popcount limits (`kernels.score_limits`)
 
 
 @dataclass
@@ -153,6 +154,7 @@ class PackedModel:
                 qkv_t=qkv_t,
                 ctx_t=quantizer(p + "attention.output.dense")[0],
                 ln1_t=quantizer(p + "intermediate.dense")[0],
+                score_lim=kernels.score_limits(f32(p + SCORE_THRESHOLD), self.head_size) if elastic else None,
             ))
         for layer, following in zip(self.layers, self.layers[1:]):
             layer.ln2_t = following.qkv_t  # the last layer's bits are not read: the head packs [CLS] again
@@ -176,7 +178,7 @@ class PackedModel:
                                    layer.ln1[0].ctypes.data, layer.ln1[1].ctypes.data,
                                    *lin(layer.ffn_in, True), *lin(layer.ffn_out, False),
                                    layer.ln2[0].ctypes.data, layer.ln2[1].ctypes.data,
-                                   opt(layer.ctx_t), opt(layer.ln1_t), opt(layer.ln2_t))
+                                   opt(layer.ctx_t), opt(layer.ln1_t), opt(layer.ln2_t), opt(layer.score_lim))
 
     # ---- the forward, piece by piece -------------------------------------------------
 
@@ -228,10 +230,11 @@ class PackedModel:
         qkv = layer.qkv(xb, out_bits=True)  # [B*L, words(3H)]
         if trace is not None:
             ctx, trace["context_counts"] = kernels.biattention(qkv, (0, H, 2 * H), B, L, self.heads, self.head_size,
-                                                               key_valid, counts=True, thresholds=layer.ctx_t)
+                                                               key_valid, counts=True, thresholds=layer.ctx_t,
+                                                               score_limits=layer.score_lim)
         else:
             ctx = kernels.biattention(qkv, (0, H, 2 * H), B, L, self.heads, self.head_size, key_valid,
-                                      thresholds=layer.ctx_t)
+                                      thresholds=layer.ctx_t, score_limits=layer.score_lim)
         a, ab = kernels.layernorm(layer.attn_out(ctx, residual=x), *layer.ln1, self.eps, with_bits=True,
                                   thresholds=layer.ln1_t)
         f = layer.ffn_in(ab, out_bits=True)  # [B*L, words(intermediate)]

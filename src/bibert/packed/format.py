@@ -153,9 +153,12 @@ def export_packed(student_dir: str | os.PathLike, out: str | os.PathLike, side_d
     except _Invalid as exc:
         raise BibertError(f"cannot pack {student_dir}: {exc}") from None
 
+    taken: set[str] = set()
+
     def take(name: str) -> torch.Tensor:
         if name not in state:
             raise BibertError(f"{weights_path} lacks {name}")
+        taken.add(name)
         return state[name].float()
 
     tensors: dict[str, np.ndarray] = {}
@@ -170,8 +173,16 @@ def export_packed(student_dir: str | os.PathLike, out: str | os.PathLike, side_d
             if value.numel() != 1:
                 raise BibertError(f"{weights_path}: {name} has shape {list(value.shape)}; it must be a scalar")
             tensors[name] = value.reshape(spec.shape).numpy().astype(side)
+        elif name.endswith(SCORE_THRESHOLD) and name not in state:  # a student without learned score
+            tensors[name] = np.zeros(spec.shape, side)  # thresholds computes Bi-Attention's bool, t = 0
         elif not name.endswith(".alpha"):
             tensors[name] = take(name).numpy().astype(side)
+    # every parameter of the student must reach the file: one the format has no place for
+    # would change what the student computes (the STE windows only matter in training)
+    left = sorted(k for k in state if k not in taken and not k.endswith(TRAINING_ONLY))
+    if left:
+        raise BibertError(f"{weights_path} holds {left[0]}{f' (and {len(left) - 1} more)' if len(left) > 1 else ''}, "
+                          "which the packed format has no place for: this bibert cannot pack the student exactly")
     for name, spec in table.items():
         if tensors[name].shape != spec.shape:
             raise BibertError(f"{weights_path}: {name} has shape {list(tensors[name].shape)}, but config.json "
@@ -414,6 +425,8 @@ class TensorSpec:
 
 
 QUANTIZER_THRESHOLD, QUANTIZER_SCALE = ".input_quantizer.threshold", ".input_quantizer.scale"
+SCORE_THRESHOLD = "attention.self.score_quantizer.threshold"  # per head; 0 is the paper's Bi-Attention
+TRAINING_ONLY = (".window",)  # state-dict entries that do not change the forward (a quantizer's STE window)
 # elastic binarization: the modules whose input quantizer a file holds, per layer (and the
 # pooler); attention.self's one quantizer feeds query, key and value (docs/method.md §7)
 ELASTIC_INPUTS = ("attention.self", "attention.output.dense", "intermediate.dense", "output.dense")
@@ -460,6 +473,8 @@ def expected_tensors(config, side_dtype: str, activations: str = "sign") -> dict
             full(p + ln + ".bias", H)
         for module in ELASTIC_INPUTS:
             quantizer(p + module, I if module == "output.dense" else H)
+        if activations == "elastic":
+            full(p + SCORE_THRESHOLD, s.heads)
     binary("bert.pooler.dense", H, H)
     quantizer("bert.pooler.dense", H)
     full("classifier.weight", s.num_labels, H)

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import BibertError
 
-ABI_VERSION = 10
+ABI_VERSION = 11
 PANEL = 32
 KERNELS = {"auto": 0, "portable": 1, "avx512": 2, "avx2": 3}
 MAX_THREADS = 1024  # bb_set_threads' cap
@@ -77,7 +77,7 @@ def lib() -> ctypes.CDLL:
                        ("bb_encoder", [P, I, I, I, I, I, I, F, P, P, P, P]),
                        ("bb_layernorm", [P, I, I, P, P, F, P, P, I, P]),
                        ("bb_embed", [P, P, I, I, P, P, I, P, I, P, I, I, P]),
-                       ("bb_biattention", [P, I, I, I, I, I, I, I, I, P, P, I, P, P])):
+                       ("bb_biattention", [P, I, I, I, I, I, I, I, I, P, P, I, P, P, P])):
         getattr(handle, name).argtypes = args
         getattr(handle, name).restype = ctypes.c_int  # OK, ENOMEM or EINVAL
     handle.bb_popcount_roofline.argtypes = [I, P]
@@ -320,7 +320,7 @@ class LayerParams(ctypes.Structure):
         "ao_w", "ao_c0", "ao_c1", "ln1_g", "ln1_b",
         "fi_w", "fi_thr", "fi_flip",
         "fo_w", "fo_c0", "fo_c1", "ln2_g", "ln2_b",
-        "ctx_t", "ln1_t", "ln2_t")]  # elastic thresholds, None (NULL) for plain signs
+        "ctx_t", "ln1_t", "ln2_t", "score_lim")]  # elastic, None (NULL) for plain signs
 
 
 def encoder(layers: ctypes.Array, n_layers: int, B: int, L: int, hidden_size: int, heads: int, intermediate: int,
@@ -412,11 +412,26 @@ def embed(ids: np.ndarray, type_ids: np.ndarray, word_bits: np.ndarray, word_alp
     return out
 
 
+def score_limits(thresholds: np.ndarray, head_size: int) -> np.ndarray:
+    """Per-head score thresholds t (elastic Bi-Attention: BA = 1[A - t_h > 0] with A =
+    (q . k) / sqrt(d) in float32, as the student computes it) as integers: BA = popcount(q XOR k)
+    < lim_h, since q . k = d - 2 popcount. int64 [heads], each in [0, d + 1]."""
+    t = _f32(thresholds)
+    if t.ndim != 1:
+        raise BibertError(f"score_limits: thresholds must be a vector, not of shape {t.shape}")
+    d = int(head_size)
+    dots = (d - 2 * np.arange(d + 1)).astype(np.float32) / np.float32(np.sqrt(np.float64(d)))  # popcount 0..d
+    with np.errstate(invalid="ignore"):
+        attend = (dots[None, :] - t[:, None]) > 0  # falls from True to False as the popcount grows
+    return np.where(attend.all(axis=1), d + 1, np.argmin(attend, axis=1)).astype(np.int64)
+
+
 def biattention(qkv_bits: np.ndarray, offsets: tuple[int, int, int], B: int, L: int, heads: int, head_size: int,
-                key_valid: np.ndarray, counts: bool = False,
-                thresholds: np.ndarray | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                key_valid: np.ndarray, counts: bool = False, thresholds: np.ndarray | None = None,
+                score_limits: np.ndarray | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Bi-Attention in bits. qkv_bits [B*L, W] holds sign bits of Q, K, V at bit offsets
-    `offsets`; key_valid: bool [B, L]. Returns the context sign bits [B*L, words(H*d)]
+    `offsets`; key_valid: bool [B, L]. BA = A > 0, or with `score_limits` ([heads], from
+    `score_limits`) popcount(q XOR k) < lim_h. Returns the context sign bits [B*L, words(H*d)]
     (against per-channel thresholds [H*d] when given: bit = !(count - t >= 0)) and, with
     counts, the integer context int32 [B*L, H*d]."""
     qkv_bits = _matrix(_u64(qkv_bits), "biattention: qkv_bits")
@@ -428,10 +443,15 @@ def biattention(qkv_bits: np.ndarray, offsets: tuple[int, int, int], B: int, L: 
         raise BibertError(f"biattention: offsets {offsets} put Q, K or V outside rows of {64 * qkv_bits.shape[1]} bits")
     _shape(np.asarray(key_valid), (B, L), "biattention: key_valid")
     t = _thresholds(thresholds, heads * head_size, "biattention: thresholds")
+    lim = None
+    if score_limits is not None:
+        lim = np.ascontiguousarray(score_limits, dtype=np.int64)
+        _shape(lim, (heads,), "biattention: score_limits")
     valid = pack_bool(key_valid)
     out = np.empty((B * L, words(heads * head_size)), dtype=np.uint64)
     cnt = np.empty((B * L, heads * head_size), dtype=np.int32) if counts else None
     q_off, k_off, v_off = offsets
     _check_rc(lib().bb_biattention(_ptr(qkv_bits), qkv_bits.shape[1], q_off, k_off, v_off, B, L, heads, head_size,
-                                   _ptr(valid), _ptr(out), out.shape[1], _ptr(cnt), _ptr(t)), "biattention")
+                                   _ptr(valid), _ptr(out), out.shape[1], _ptr(cnt), _ptr(t), _ptr(lim)),
+              "biattention")
     return (out, cnt) if counts else out
