@@ -52,7 +52,7 @@ def start_server(model: Path, threads: int, extra: list[str]) -> tuple[subproces
         [sys.executable, "-m", "bibert.cli", "serve", "--model", str(model), "--host", "127.0.0.1", "--port", "0",
          "--threads", str(threads), "--max-texts", str(MAX_TEXTS), "--log-level", "warning", *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines: list[str] = []
     ready = threading.Event()
 
@@ -347,29 +347,37 @@ def main(argv=None) -> int:
 
 
 def to_markdown(r: dict) -> str:
+    mix = ", ".join(f"{k} text{'s' if int(k) > 1 else ''}: {v:g}%" for k, v in r["texts_per_request_weights"].items())
+    threads = r["threads_per_server"]
     lines = [
         f"# bibert serve under load: batching on vs off ({r['clients']} clients)",
         "",
         f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores shared by the client, both servers and "
-        f"other jobs; {r['date']}. Model: {r['model']}; one server process each, {r['threads_per_server']} kernel "
-        f"threads. {r['clients']} closed-loop keep-alive clients, {r['seconds_per_mode']:g} s per mode in "
-        f"{r['rounds']} alternating rounds. 90% well-formed requests (1-8 texts of mixed length, 10% with pairs), "
-        "10% malformed.",
+        f"other jobs; {r['date']}. Model: {r['model']}; one server process each, {threads} kernel "
+        f"thread{'s' if threads > 1 else ''}. {r['clients']} closed-loop keep-alive clients, "
+        f"{r['seconds_per_mode']:g} s per mode in {r['rounds']} alternating rounds. 90% well-formed requests "
+        f"({mix}; texts of {'one review snippet' if r.get('short_texts') else 'one to four review snippets'}; "
+        "10% with pairs), 10% malformed.",
         "",
         "| mode | requests/s | texts/s | p50 ms | p90 ms | p99 ms | max ms | failed well-formed | malformed | "
-        "malformed not 4xx | mean batch (texts / requests) | healthy after | exit on SIGTERM |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "malformed not 4xx | mean batch (texts / requests) | server CPU ms per request | per text | "
+        "server cores busy | healthy after | exit on SIGTERM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, x in r["results"].items():
         lat = x["latency_ms"]
         lines.append(f"| {mode} | {x['requests_per_s']} | {x['texts_per_s']} | {lat['p50']} | {lat['p90']} | "
                      f"{lat['p99']} | {lat['max']} | {x['failed_well_formed']} | {x['malformed']} | "
                      f"{sum(x['malformed_not_4xx'].values())} | {x['server_mean_batch_texts']} / "
-                     f"{x['server_mean_batch_requests']} | {'yes' if x['healthy_after'] else 'NO'} | "
-                     f"{x['exit_code_on_sigterm']} |")
+                     f"{x['server_mean_batch_requests']} | {x['server_cpu_ms_per_request']} | "
+                     f"{x['server_cpu_ms_per_text']} | {x['server_cores_busy']} | "
+                     f"{'yes' if x['healthy_after'] else 'NO'} | {x['exit_code_on_sigterm']} |")
     c = r["criteria"]
     lines += ["", f"Batching on vs off: {r['speedup_requests_per_s']}x requests/s, {r['speedup_texts_per_s']}x texts/s.",
               "", "Checks: " + ", ".join(f"{k.replace('_', ' ')}: {'yes' if v else 'NO'}" for k, v in c.items()) + ".",
+              "", "Server CPU is user + system time of the server process over the measured rounds (from /proc), "
+              "per answered request (well-formed and malformed) and per text; on a shared machine it is steadier "
+              "than requests/s, which follow the CPU share the server gets.",
               "", f"Reproduce: `{r['command'].strip()}`", ""]
     return "\n".join(lines)
 

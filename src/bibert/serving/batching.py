@@ -9,6 +9,7 @@ Results come back in input order, equal to `PackedModel.predict` on the same tex
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -50,18 +51,25 @@ def plan_forwards(lengths: list[int], max_rows: int = MAX_ROWS, max_tokens: int 
     return groups
 
 
-def predict_texts(model, texts: list[str], pairs: list[str] | None = None, max_length: int | None = None,
-                  max_rows: int = MAX_ROWS, slack: float = SLACK,
-                  on_forward: Callable[[int], None] | None = None) -> tuple[list, np.ndarray, int]:
-    """(labels, scores, forwards) for `texts` (and `pairs`), in input order: scores are class
-    probabilities [n, num_labels] (the predicted values [n] for regression). The texts must
-    be valid Unicode strings (checked by the caller). on_forward(k) is called after each
-    forward of k texts."""
+@dataclass
+class Prepared:
+    """Texts tokenized and cut into forwards: per forward, the texts' indices and the padded
+    input_ids, attention_mask and token_type_ids (None where the tokenizer gives none)."""
+
+    n: int
+    forwards: list[tuple[list[int], np.ndarray, np.ndarray, np.ndarray | None]] = field(default_factory=list)
+
+
+def prepare(model, texts: list[str], pairs: list[str] | None = None, max_length: int | None = None,
+            max_rows: int = MAX_ROWS, slack: float = SLACK) -> Prepared:
+    """Tokenize `texts` (and `pairs`) and plan the forwards (see `plan_forwards`). Uses the
+    model's tokenizer only, not the engine: it may run on another thread than `run`, but one
+    thread at a time (the tokenizer's settings change with each call)."""
     n = len(texts)
     if pairs is not None and len(pairs) != n:
         raise BibertError(f"{n} texts but {len(pairs)} pairs: give one pair per text")
     if not n:
-        return [], np.zeros((0, model.num_labels) if model.num_labels > 1 else (0,), np.float32), 0
+        return Prepared(0)
     limit = effective_max_length(model, max_length)
     tokenizer = model.tokenizer
     special = tokenizer.num_special_tokens_to_add(pair=pairs is not None)
@@ -80,25 +88,50 @@ def predict_texts(model, texts: list[str], pairs: list[str] | None = None, max_l
     if min(lengths) < 1:
         raise BibertError("the tokenizer gave an empty sequence; the model needs at least its [CLS] token")
     pad = tokenizer.pad_token_id or 0
-    logits = np.empty((n, model.num_labels), np.float32)
-    groups = plan_forwards(lengths, max_rows=max_rows, slack=slack)
-    for group in groups:
+    prepared = Prepared(n)
+    for group in plan_forwards(lengths, max_rows=max_rows, slack=slack):
         width = lengths[group[-1]]
-        a_ids = np.full((len(group), width), pad, np.int64)
-        a_mask = np.zeros((len(group), width), np.int64)
-        a_types = np.zeros((len(group), width), np.int64) if types is not None else None
-        for row, i in enumerate(group):
-            k = lengths[i]
-            a_ids[row, :k] = ids[i]
-            a_mask[row, :k] = 1
-            if a_types is not None:
-                a_types[row, :k] = types[i]
+        if all(lengths[i] == width for i in group):  # one length: no padding
+            a_ids = np.array([ids[i] for i in group], np.int64)
+            a_mask = np.ones_like(a_ids)
+            a_types = None if types is None else np.array([types[i] for i in group], np.int64)
+        else:
+            a_ids = np.full((len(group), width), pad, np.int64)
+            a_mask = np.zeros((len(group), width), np.int64)
+            a_types = np.zeros((len(group), width), np.int64) if types is not None else None
+            for row, i in enumerate(group):
+                k = lengths[i]
+                a_ids[row, :k] = ids[i]
+                a_mask[row, :k] = 1
+                if a_types is not None:
+                    a_types[row, :k] = types[i]
+        prepared.forwards.append((group, a_ids, a_mask, a_types))
+    return prepared
+
+
+def run(model, prepared: Prepared, on_forward: Callable[[int], None] | None = None) -> tuple[list, np.ndarray, int]:
+    """(labels, scores, forwards) of prepared texts, in input order: scores are class
+    probabilities [n, num_labels] (the predicted values [n] for regression). on_forward(k)
+    is called after each forward of k texts."""
+    logits = np.empty((prepared.n, model.num_labels), np.float32)
+    for group, a_ids, a_mask, a_types in prepared.forwards:
         logits[group] = model.forward(a_ids, a_mask, a_types)
         if on_forward is not None:
             on_forward(len(group))
+    count = len(prepared.forwards)
     if model.num_labels == 1:
         scores = logits[:, 0]
-        return [float(v) for v in scores], scores, len(groups)
+        return [float(v) for v in scores], scores, count
+    if not prepared.n:
+        return [], np.zeros((0, model.num_labels), np.float32), 0
     z = np.exp(logits - logits.max(axis=1, keepdims=True))
     scores = z / z.sum(axis=1, keepdims=True)
-    return [model.labels[i] for i in scores.argmax(axis=1)], scores, len(groups)
+    return [model.labels[i] for i in scores.argmax(axis=1)], scores, count
+
+
+def predict_texts(model, texts: list[str], pairs: list[str] | None = None, max_length: int | None = None,
+                  max_rows: int = MAX_ROWS, slack: float = SLACK,
+                  on_forward: Callable[[int], None] | None = None) -> tuple[list, np.ndarray, int]:
+    """(labels, scores, forwards) for `texts` (and `pairs`), in input order: `prepare`, then
+    `run`. The texts must be valid Unicode strings (checked by the caller)."""
+    return run(model, prepare(model, texts, pairs, max_length, max_rows, slack), on_forward)

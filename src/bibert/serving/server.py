@@ -5,12 +5,13 @@
                    -> {"labels": [...], "scores": [[p_label0, p_label1, ...], ...]} in input order
 
 Each process has one engine thread that owns the model (the native kernels are driven by
-one caller at a time). Requests are checked on the event loop and queued; the engine thread
+one caller at a time). Requests are checked on the event loop and queued; a prep thread
 takes what is queued, waits up to a short window for more while the batch is below
-`max_batch` texts, tokenizes them, runs texts of one token length together in forwards
-(bibert.serving.batching) and hands every request its own slice of the results. Requests with and without pairs run in
-separate forwards. A batch that fails is rerun request by request, so that one bad
-request fails alone.
+`max_batch` texts and tokenizes it while the engine thread runs the batch before; the
+engine runs texts of one token length together in forwards (bibert.serving.batching) and
+hands every request its own slice of the results. Requests with and without pairs run in
+separate forwards. A batch that cannot be tokenized is retried request by request, so that
+one bad request fails alone.
 
 Errors are JSON {"error": message}: 400 for a body that is not JSON or not of the expected
 shape, 404/405 for other routes, 413 for too many texts or too large a body, 503 when the
@@ -26,6 +27,7 @@ import json
 import logging
 import math
 import os
+import queue
 import signal
 import socket
 import sys
@@ -45,7 +47,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ..errors import BibertError
-from .batching import predict_texts
+from .batching import prepare, run
 
 log = logging.getLogger("bibert.serve")
 DRAIN_LIMIT = 64 << 20  # an oversized body up to this size is read (and dropped) before the 413, so the client sees it
@@ -99,7 +101,11 @@ class _Job:
 
 
 class EngineWorker:
-    """One thread owning the model: runs queued requests in batches (see the module's doc)."""
+    """Runs queued requests in batches (see the module's doc) on two threads: "bibert-prep"
+    takes a batch of queued requests and tokenizes it while "bibert-engine", the only thread
+    that calls the model's forward, runs the batch before it; so tokenizing overlaps the
+    forwards, and the prep thread takes the next batch only once the engine has picked up
+    the last one (batches stay as large as the queue allows)."""
 
     def __init__(self, model, settings: ServeSettings):
         self.model, self.settings = model, settings
@@ -107,16 +113,19 @@ class EngineWorker:
         self._queue: deque[_Job] = deque()
         self._queued = 0  # texts in the queue
         self._closing = False
-        self._thread: threading.Thread | None = None
+        self._ready: queue.Queue = queue.Queue(maxsize=1)  # prepared batches, for the engine thread
+        self._threads: list[threading.Thread] = []
         self.stats = {"requests": 0, "texts": 0, "batches": 0, "forwards": 0}
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="bibert-engine", daemon=True)
-        self._thread.start()
+        for target, name in ((self._prep_loop, "bibert-prep"), (self._engine_loop, "bibert-engine")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
     def submit(self, texts: list[str], pairs: list[str] | None) -> asyncio.Future:
         loop = asyncio.get_running_loop()
@@ -133,12 +142,12 @@ class EngineWorker:
         return future
 
     def close(self, timeout: float | None = 30.0) -> None:
-        """Finish what is queued, then stop the thread."""
+        """Finish what is queued, then stop the threads."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        for thread in self._threads:
+            thread.join(timeout)
 
     def _take(self) -> list[_Job] | None:
         s = self.settings
@@ -165,64 +174,79 @@ class EngineWorker:
             self._queued -= n
             return batch
 
-    def _run(self) -> None:
-        while True:
-            batch = self._take()
-            if batch is None:
-                return
-            try:
-                self._process(batch)
-            except BaseException as exc:  # never leave a request waiting, never let the thread die
-                for job in batch:
-                    _deliver(job, error=exc)
-                if not isinstance(exc, Exception):
-                    raise
+    def _prep_loop(self) -> None:
+        try:
+            while True:
+                batch = self._take()
+                if batch is None:
+                    return
+                self.stats["batches"] += 1
+                self.stats["requests"] += len(batch)
+                self.stats["texts"] += sum(len(j.texts) for j in batch)
+                for group in ([j for j in batch if j.pairs is None], [j for j in batch if j.pairs is not None]):
+                    for item in self._prepare(group) if group else ():
+                        self._ready.put(item)
+                        self._ready.join()  # until the engine thread has picked it up
+        finally:
+            self._ready.put(None)
 
-    def _process(self, batch: list[_Job]) -> None:
-        self.stats["batches"] += 1
-        self.stats["requests"] += len(batch)
-        self.stats["texts"] += sum(len(j.texts) for j in batch)
-        for group in ([j for j in batch if j.pairs is None], [j for j in batch if j.pairs is not None]):
-            if not group:
-                continue
+    def _prepare(self, jobs: list[_Job]) -> list[tuple[list[_Job], object]]:
+        """(jobs, Prepared or the exception): the jobs together or, when that fails, each
+        alone, so that one bad request fails alone."""
+        def one(group):
+            texts = [t for j in group for t in j.texts]
+            pairs = None if group[0].pairs is None else [p for j in group for p in j.pairs]
+            return prepare(self.model, texts, pairs, self.settings.max_length, max_rows=self.settings.engine_batch)
+
+        try:
+            return [(jobs, one(jobs))]
+        except Exception as exc:
+            if len(jobs) == 1:
+                return [(jobs, exc)]
+        out = []
+        for job in jobs:
             try:
-                results = self._predict(group)
+                out.append(([job], one([job])))
             except Exception as exc:
-                if len(group) == 1:
-                    _deliver(group[0], error=exc)
-                    continue
-                for job in group:  # find the request that fails; the others succeed
-                    try:
-                        result = self._predict([job])[0]
-                    except Exception as one:
-                        _deliver(job, error=one)
-                    else:
-                        _deliver(job, result=result)
+                out.append(([job], exc))
+        return out
+
+    def _engine_loop(self) -> None:
+        while True:
+            item = self._ready.get()
+            self._ready.task_done()
+            if item is None:
+                return
+            jobs, prepared = item
+            try:
+                if isinstance(prepared, BaseException):
+                    raise prepared
+                labels, scores, forwards = run(self.model, prepared)
+                self.stats["forwards"] += forwards
+                results = _split(jobs, labels, scores)
+            except Exception as exc:  # never leave a request waiting, never let the thread die
+                for job in jobs:
+                    _deliver(job, error=exc)
                 continue
-            for job, result in zip(group, results):
+            for job, result in zip(jobs, results):
                 _deliver(job, result=result)
 
-    def _predict(self, jobs: list[_Job]) -> list[tuple[list, list]]:
-        """(labels, scores) per job: the jobs' texts run together (in forwards of texts of one
-        token length), split back per job."""
-        texts = [t for j in jobs for t in j.texts]
-        pairs = None if jobs[0].pairs is None else [p for j in jobs for p in j.pairs]
-        labels, scores, forwards = predict_texts(self.model, texts, pairs, self.settings.max_length,
-                                                 max_rows=self.settings.engine_batch)
-        self.stats["forwards"] += forwards
-        scores = np.round(scores.astype(np.float64), 7)
-        if scores.ndim == 1:  # regression: one value per text
-            scores = scores[:, None]
-        rows = scores.tolist()
-        if not np.isfinite(scores).all():  # JSON has no NaN
-            rows = [[v if math.isfinite(v) else None for v in row] for row in rows]
-            labels = [v if not isinstance(v, float) or math.isfinite(v) else None for v in labels]
-        out, s = [], 0
-        for job in jobs:
-            k = len(job.texts)
-            out.append((labels[s:s + k], rows[s:s + k]))
-            s += k
-        return out
+
+def _split(jobs: list[_Job], labels: list, scores: np.ndarray) -> list[tuple[list, list]]:
+    """(labels, scores) per job, as JSON-ready lists (scores to 7 digits, NaN as null)."""
+    scores = np.round(scores.astype(np.float64), 7)
+    if scores.ndim == 1:  # regression: one value per text
+        scores = scores[:, None]
+    rows = scores.tolist()
+    if not np.isfinite(scores).all():  # JSON has no NaN
+        rows = [[v if math.isfinite(v) else None for v in row] for row in rows]
+        labels = [v if not isinstance(v, float) or math.isfinite(v) else None for v in labels]
+    out, s = [], 0
+    for job in jobs:
+        k = len(job.texts)
+        out.append((labels[s:s + k], rows[s:s + k]))
+        s += k
+    return out
 
 
 def _deliver(job: _Job, result=None, error: BaseException | None = None) -> None:
