@@ -148,7 +148,9 @@ def main(argv=None) -> int:
                 times[name].append(s.seconds)
                 cpu[name].append(time.process_time() - c)
                 print(f"rep {rep + 1}/{args.reps} {name}: {args.rows / s.seconds:.1f} rows/s", flush=True)
+        checks = engine_checks(engine, texts[:1000], args.batch_size, max(3, args.reps))
         result = {
+            "engine_checks_cpu_ms_per_text": checks,
             "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                         "kernel": kernels.get_kernel()},
             "model": args.model or f"{args.shape} (random weights)", "shape": SHAPES.get(args.shape),
@@ -171,6 +173,40 @@ def main(argv=None) -> int:
     stem.with_suffix(".md").write_text(md)
     print(md)
     return 0
+
+
+def engine_checks(engine, texts: list[str], batch_size: int, reps: int) -> dict:
+    """CPU ms per text, in memory (no file), medians of interleaved repetitions: the same
+    texts through PackedModel.predict in input order (batches padded to their longest text),
+    grouped by token length (what predict --file does), one text per forward; and the
+    forward alone for one 28-token sequence vs 16 of them together."""
+    from bibert.serving.batching import predict_texts
+
+    one = "It's fitfully funny but never really takes off, and Eyre is on his way to becoming a star."
+    enc = engine.tokenizer([one], return_tensors="np")
+    single = [enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")]
+    sixteen = [a.repeat(16, axis=0) for a in single]
+    runs = {
+        f"PackedModel.predict, input order, batch {batch_size}":
+            (lambda: engine.predict(texts, batch_size=batch_size, max_length=128), len(texts)),
+        "grouped by token length": (lambda: predict_texts(engine, texts, max_length=128, max_rows=batch_size),
+                                    len(texts)),
+        "one text per forward": (lambda: predict_texts(engine, texts, max_length=128, max_rows=1), len(texts)),
+        f"forward only: 1 sequence of {single[0].shape[1]} tokens": (lambda: [engine.forward(*single)
+                                                                              for _ in range(200)], 200),
+        f"forward only: 16 sequences of {single[0].shape[1]} tokens": (lambda: [engine.forward(*sixteen)
+                                                                                for _ in range(13)], 208),
+    }
+    from bibert.packed import kernels
+
+    kernels.set_threads(1)
+    cpu = {k: [] for k in runs}
+    for _ in range(reps):
+        for name, (fn, n) in runs.items():
+            c = time.process_time()
+            fn()
+            cpu[name].append(1000 * (time.process_time() - c) / n)
+    return {k: round(statistics.median(v), 3) for k, v in cpu.items()}
 
 
 def to_markdown(r: dict) -> str:
@@ -196,7 +232,10 @@ def to_markdown(r: dict) -> str:
               f"{v['threads=1 window=2048']['rows_per_s_median'] / v[small]['rows_per_s_median']:.2f}x.",
               "", "CPU ms per row: user + system time of the process (all its threads) per row; on a shared machine "
               "it is steadier than rows/s, which follow the CPU share the run gets.",
-              "", f"Reproduce: `{r['command'].strip()}`", ""]
+              "", "In memory, one kernel thread, the first 1000 rows (CPU ms per text, medians of interleaved runs):",
+              "", "| run | CPU ms per text |", "|---|---|"]
+    lines += [f"| {k} | {x} |" for k, x in r["engine_checks_cpu_ms_per_text"].items()]
+    lines += ["", f"Reproduce: `{r['command'].strip()}`", ""]
     return "\n".join(lines)
 
 

@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -90,11 +90,12 @@ def predict_file(model, input_path: str | os.PathLike, out: str | os.PathLike, t
 
     if isinstance(model, PackedModel):
         engine, model_path = model, Path(model.source)
-        if threads is not None or kernel is not None:
-            from ..packed import kernels
+        from ..packed import kernels
 
-            kernels.set_threads(threads) if threads is not None else None
-            kernels.set_kernel(kernel) if kernel is not None else None
+        if threads is not None:
+            kernels.set_threads(threads)
+        if kernel is not None:
+            kernels.set_kernel(kernel)
     else:
         model_path = Path(model)
         engine = load_packed(model_path, threads=threads, kernel=kernel)

@@ -461,6 +461,9 @@ def serve(model_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 80
     settings.check()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise BibertError(f"workers is {workers!r}: give a positive number of processes")
+    if workers > 1 and not hasattr(os, "fork"):
+        raise BibertError("several workers need fork(), which this platform lacks; run one worker per "
+                          "process behind a load balancer instead")
     if threads is None and not os.environ.get("BIBERT_THREADS"):
         kernels.lib()
         threads = max(1, kernels.default_threads() // workers)
