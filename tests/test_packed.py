@@ -212,6 +212,65 @@ def test_dispatch_paths_identical(exported):
             np.testing.assert_array_equal(a, b)
 
 
+def test_padded_rows_are_skipped_and_change_nothing(exported):
+    """forward computes only the tokens and each [CLS]: masks with padding, holes, an invalid
+    first position or no token at all give the logits of the whole-rows step-by-step path."""
+    student, _, out, _ = exported
+    engine = load_packed(out)
+    ids, _, types = batch(student.config.vocab_size, B=6, T=14, seed=5)
+    mask = np.ones((6, 14), np.int64)
+    mask[1, 9:] = 0          # right padding
+    mask[2, 3:] = 0
+    mask[3, [2, 5, 6, 11]] = 0  # holes
+    mask[4, 0] = 0           # the first position not a token: computed, but never a key
+    mask[5, :] = 0           # no token at all
+    logits, hidden = engine.forward(ids.numpy(), mask, types.numpy(), output_hidden_states=True)
+    x, xb = engine.embeddings(ids.numpy(), types.numpy())
+    for n in range(engine.num_layers):
+        x, xb = engine.encoder_layer(n, x, xb, mask.astype(bool))
+    np.testing.assert_array_equal(logits, engine.head(x.reshape(6, 14, -1)[:, 0]))
+    computed = mask.astype(bool)
+    computed[:, 0] = True
+    np.testing.assert_array_equal(hidden[-1][computed], x.reshape(6, 14, -1)[computed])
+    assert not hidden[-1][~computed].any()
+    with torch.no_grad():
+        expected = student(ids, torch.from_numpy(mask), types).logits.numpy()
+    assert (logits.argmax(1) == expected.argmax(1))[:5].all()
+
+
+def test_tuning_does_not_change_results(exported):
+    """Every per-host tuning (tile walk, micro-tile rows, row chunks, encoder blocking) of every
+    kernel family gives the same bits and floats."""
+    student, _, out, _ = exported
+    ids, mask, types = batch(student.config.vocab_size, B=7, T=20, seed=4)
+    mask[3:, 12:] = 0
+    saved = {f: kernels.get_tuning(f) for f in PATHS}, kernels.get_encoder_tuning()
+    results = []
+    try:
+        for family in PATHS:
+            for tuning, encoder_tuning in (((6, 16384, 0), (16, 512)), ((1, 64, 1), (1, 1)), ((4, 4096, 1), (3, 40)),
+                                           ((5, 1 << 20, 0), (4096, 1 << 20))):
+                kernels.set_tuning(family, *tuning)
+                kernels.set_encoder_tuning(*encoder_tuning)
+                for threads in (1, 2):
+                    engine = load_packed(out, kernel=family, threads=threads)
+                    results.append(engine.forward(ids.numpy(), mask.numpy(), types.numpy(), output_hidden_states=True))
+    finally:
+        for family, tuning in saved[0].items():
+            kernels.set_tuning(family, *tuning)
+        kernels.set_encoder_tuning(*saved[1])
+        kernels.set_kernel("auto")
+        kernels.set_threads(kernels.default_threads())
+    for other in results[1:]:
+        np.testing.assert_array_equal(results[0][0], other[0])
+        for a, b in zip(results[0][1], other[1]):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(BibertError):
+        kernels.set_tuning("avx512", 0, 16384, 0)
+    with pytest.raises(BibertError):
+        kernels.set_encoder_tuning(0, 512)
+
+
 def test_threads_do_not_change_results(exported):
     student, _, out, _ = exported
     ids, mask, types = batch(student.config.vocab_size)
@@ -302,9 +361,13 @@ def test_native_encoder_matches_layer_by_layer_calls(exported):
     _, hidden = engine.forward(ids.numpy(), mask.numpy(), types.numpy(), output_hidden_states=True)
     x, xb = engine.embeddings(ids.numpy(), types.numpy())
     valid = mask.numpy().astype(bool)
+    computed = valid.copy()
+    computed[:, 0] = True  # forward computes the tokens and each [CLS]; padded rows are zeros
     for n in range(engine.num_layers):
         x, xb = engine.encoder_layer(n, x, xb, valid)
-        np.testing.assert_array_equal(x, hidden[n + 1].reshape(x.shape))
+        got = hidden[n + 1].reshape(x.shape)
+        np.testing.assert_array_equal(x[computed.reshape(-1)], got[computed.reshape(-1)])
+        assert not got[~computed.reshape(-1)].any()
 
 
 @pytest.mark.slow

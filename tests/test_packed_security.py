@@ -696,6 +696,8 @@ def native_worker(packed: str) -> None:
     p = buf.ctypes.data
     past = np.array([9], np.int64)  # a {0, 1}-input offset past K = 8
     past_d = np.array([10], np.int64)  # a score limit past d + 1 = 9
+    one, empty, late = (np.array(v, np.int64) for v in ([0, 4], [0, 0], [1, 4]))  # sequence row starts
+    positions = np.array([1, 4], np.int64)  # two rows, the second at a position past P = 4
     big, neg = 2**40, -1
     calls = {
         "sign_pack K=0": lambda: lib.bb_sign_pack(p, 1, 0, 1, p, 1, None),
@@ -721,11 +723,11 @@ def native_worker(packed: str) -> None:
         "layernorm H=0": lambda: lib.bb_layernorm(p, 1, 0, p, p, 1e-12, p, None, 0, None),
         "layernorm null gamma": lambda: lib.bb_layernorm(p, 1, 8, None, p, 1e-12, p, None, 0, None),
         "layernorm ldo<words": lambda: lib.bb_layernorm(p, 1, 130, p, p, 1e-12, p, p, 2, None),
-        "embed L=0": lambda: lib.bb_embed(p, p, 4, 0, p, p, 4, p, 4, p, 2, 8, p),
-        "embed L>P": lambda: lib.bb_embed(p, p, 8, 8, p, p, 4, p, 4, p, 2, 8, p),
-        "embed M%L": lambda: lib.bb_embed(p, p, 5, 2, p, p, 4, p, 4, p, 2, 8, p),
-        "embed V=0": lambda: lib.bb_embed(p, p, 2, 2, p, p, 0, p, 4, p, 2, 8, p),
-        "embed null": lambda: lib.bb_embed(None, p, 2, 2, p, p, 4, p, 4, p, 2, 8, p),
+        "embed L=0": lambda: lib.bb_embed(p, p, 4, 0, p, p, 4, p, 4, p, 2, 8, p, None),
+        "embed L>P": lambda: lib.bb_embed(p, p, 8, 8, p, p, 4, p, 4, p, 2, 8, p, None),
+        "embed M%L": lambda: lib.bb_embed(p, p, 5, 2, p, p, 4, p, 4, p, 2, 8, p, None),
+        "embed V=0": lambda: lib.bb_embed(p, p, 2, 2, p, p, 0, p, 4, p, 2, 8, p, None),
+        "embed null": lambda: lib.bb_embed(None, p, 2, 2, p, p, 4, p, 4, p, 2, 8, p, None),
         "attention L=0": lambda: lib.bb_biattention(p, 2, 0, 8, 16, 1, 0, 1, 8, p, p, 1, None, None, None),
         "attention offset past row": lambda: lib.bb_biattention(p, 1, 0, 8, 60, 1, 4, 1, 8, p, p, 1, None, None, None),
         "attention negative offset": lambda: lib.bb_biattention(p, 1, -8, 8, 16, 1, 4, 1, 8, p, p, 1, None, None, None),
@@ -734,12 +736,23 @@ def native_worker(packed: str) -> None:
         "attention null valid": lambda: lib.bb_biattention(p, 1, 0, 8, 16, 1, 4, 1, 8, None, p, 1, None, None, None),
         "attention limit past d": lambda: lib.bb_biattention(p, 1, 0, 8, 16, 1, 4, 1, 8, p, p, 1, None, None,
                                                              past_d.ctypes.data),
-        "encoder heads do not divide": lambda: lib.bb_encoder(p, 1, 1, 4, 35, 4, 40, 1e-12, p, p, p, None),
-        "encoder null layers": lambda: lib.bb_encoder(None, 1, 1, 4, 32, 4, 40, 1e-12, p, p, p, None),
-        "encoder null parameter": lambda: lib.bb_encoder(ctypes.byref(kernels.LayerParams()), 1, 1, 4, 32, 4, 40,
-                                                         1e-12, p, p, p, None),
-        "encoder L=0": lambda: lib.bb_encoder(p, 1, 1, 0, 32, 4, 40, 1e-12, p, p, p, None),
-        "encoder huge": lambda: lib.bb_encoder(p, 1, big, big, big, 1, big, 1e-12, p, p, p, None),
+        "encoder heads do not divide": lambda: lib.bb_encoder(p, 1, 1, one.ctypes.data, 35, 4, 40, 1e-12, p, p, p, None),
+        "encoder null layers": lambda: lib.bb_encoder(None, 1, 1, one.ctypes.data, 32, 4, 40, 1e-12, p, p, p, None),
+        "encoder null parameter": lambda: lib.bb_encoder(ctypes.byref(kernels.LayerParams()), 1, 1, one.ctypes.data,
+                                                         32, 4, 40, 1e-12, p, p, p, None),
+        "encoder empty sequence": lambda: lib.bb_encoder(p, 1, 1, empty.ctypes.data, 32, 4, 40, 1e-12, p, p, p, None),
+        "encoder start not 0": lambda: lib.bb_encoder(p, 1, 1, late.ctypes.data, 32, 4, 40, 1e-12, p, p, p, None),
+        "encoder null start": lambda: lib.bb_encoder(p, 1, 1, None, 32, 4, 40, 1e-12, p, p, p, None),
+        "encoder huge": lambda: lib.bb_encoder(p, 1, big, p, big, 1, big, 1e-12, p, p, p, None),
+        "embed position past P": lambda: lib.bb_embed(p, p, 2, 1, p, p, 4, p, 4, p, 2, 8, p, positions.ctypes.data),
+        "tuning mr 0": lambda: lib.bb_set_tuning(1, 0, 16384, 0),
+        "tuning mr 7": lambda: lib.bb_set_tuning(1, 7, 16384, 0),
+        "tuning tiny chunk": lambda: lib.bb_set_tuning(1, 6, 16, 0),
+        "tuning order 2": lambda: lib.bb_set_tuning(1, 6, 16384, 2),
+        "tuning unknown family": lambda: lib.bb_set_tuning(9, 6, 16384, 0),
+        "tuning null out": lambda: lib.bb_get_tuning(1, None),
+        "encoder tuning tail 0": lambda: lib.bb_set_encoder_tuning(0, 512),
+        "encoder tuning group 0": lambda: lib.bb_set_encoder_tuning(16, 0),
         "roofline negative": lambda: lib.bb_popcount_roofline(neg, p),
         "roofline null": lambda: lib.bb_popcount_roofline(8, None),
     }
@@ -749,7 +762,8 @@ def native_worker(packed: str) -> None:
     for name, call in {"sign_pack M=0": lambda: lib.bb_sign_pack(None, 0, 8, 8, None, 1, None),
                        "linear M=0": lambda: lib.bb_linear(None, 0, 1, 64, None, 32, None, None, None, p, None, 0,
                                                            None, None),
-                       "encoder B=0": lambda: lib.bb_encoder(None, 1, 0, 0, 32, 4, 40, 1e-12, None, None, None, None),
+                       "encoder no sequences": lambda: lib.bb_encoder(None, 1, 0, None, 32, 4, 40, 1e-12, None, None, None,
+                                                                      None),
                        "attention B=0": lambda: lib.bb_biattention(None, 1, 0, 8, 16, 0, 4, 1, 8, None, None, 1,
                                                                    None, None, None)}.items():
         print(f"noop {name}: {call()}", flush=True)
@@ -811,7 +825,7 @@ def test_native_kernels_and_inputs_refuse_bad_arguments(packed_path, tmp_path):
             assert rc == str(kernels.EINVAL), (name, rc)
         elif name.startswith("noop "):
             assert rc == str(kernels.OK), (name, rc)
-    assert sum(n.startswith("native ") for n in got) == 42
+    assert sum(n.startswith("native ") for n in got) == 53
     assert got["input forward (0, 8)"] == got["input forward (0, 0)"] == "result (0, 3)"
     assert got["input forward (0, 8) hidden"] == "result (0, 3)"
     assert got["input predict []"] == "result (0, 3)"

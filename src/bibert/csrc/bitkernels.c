@@ -50,7 +50,7 @@
 #define BB_X86 0
 #endif
 
-#define BB_ABI_VERSION 11
+#define BB_ABI_VERSION 12
 #define BB_PANEL 32
 #define BB_MR 6
 
@@ -760,32 +760,63 @@ static linear_fn pick_linear(void) {
     return linear_portable_generic;
 }
 
+/* Per-host tuning (bb_set_tuning): how the binary Linear walks its tiles, one entry per
+ * kernel family. Every setting computes each output in one tile with the same code, so the
+ * results never depend on it; only the speed does, differently from CPU to CPU. */
+typedef struct {
+    int64_t mr;          /* rows per micro-tile, 1 to BB_MR */
+    int64_t chunk_bytes; /* activation bits of one row chunk (kept in L1 while the panels pass) */
+    int64_t float_order; /* float output: 0 = row blocks outer, every panel per block; 1 = chunked */
+} bb_tuning;
+
+#define BB_TUNING_DEFAULT {BB_MR, 16384, 0}
+static bb_tuning g_tuning[4] = {BB_TUNING_DEFAULT, BB_TUNING_DEFAULT, BB_TUNING_DEFAULT, BB_TUNING_DEFAULT};
+
+/* Sets the tuning of one kernel family (BB_KERNEL_PORTABLE, _AVX2, _AVX512): mr in [1, BB_MR],
+ * chunk_bytes in [64, 2^30], float_order 0 or 1. Not while a kernel runs. */
+int bb_set_tuning(int kernel, int64_t mr, int64_t chunk_bytes, int64_t float_order) {
+    if (kernel < BB_KERNEL_PORTABLE || kernel > BB_KERNEL_AVX2 || mr < 1 || mr > BB_MR || chunk_bytes < 64 ||
+        chunk_bytes > ((int64_t)1 << 30) || (float_order != 0 && float_order != 1))
+        return BB_EINVAL;
+    g_tuning[kernel] = (bb_tuning){mr, chunk_bytes, float_order};
+    return BB_OK;
+}
+
+/* The tuning of one kernel family into out[3] (mr, chunk_bytes, float_order). */
+int bb_get_tuning(int kernel, int64_t *out) {
+    if (kernel < BB_KERNEL_PORTABLE || kernel > BB_KERNEL_AVX2 || !out) return BB_EINVAL;
+    out[0] = g_tuning[kernel].mr;
+    out[1] = g_tuning[kernel].chunk_bytes;
+    out[2] = g_tuning[kernel].float_order;
+    return BB_OK;
+}
+
 typedef struct {
     const linear_args *g;
     linear_fn fn;
-    int64_t np, nb, chunk_blocks;
+    int64_t np, nb, chunk_blocks, mr;
 } linear_job;
 
-/* rows in the row block starting at r0 (BB_MR, fewer in the last block) */
-static inline int block_rows(int64_t M, int64_t r0) { return M - r0 < BB_MR ? (int)(M - r0) : BB_MR; }
+/* rows in the row block starting at r0 (mr, fewer in the last block) */
+static inline int block_rows(int64_t M, int64_t r0, int64_t mr) { return M - r0 < mr ? (int)(M - r0) : (int)mr; }
 
-/* float output: row blocks [lo, hi), every panel of each */
+/* row blocks [lo, hi), every panel of each */
 static void linear_float_blocks(void *ctx, int64_t lo, int64_t hi, int tid) {
     const linear_job *j = (const linear_job *)ctx;
-    int64_t M = j->g->M;
+    int64_t M = j->g->M, mr = j->mr;
     for (int64_t b = lo; b < hi; b++)
-        for (int64_t p = 0; p < j->np; p++) j->fn(j->g, b * BB_MR, block_rows(M, b * BB_MR), p);
+        for (int64_t p = 0; p < j->np; p++) j->fn(j->g, b * mr, block_rows(M, b * mr, mr), p);
     (void)tid;
 }
 
-/* bit output: tiles t = (row chunk, panel), the chunk's row blocks against one panel */
+/* tiles t = (row chunk, panel), the chunk's row blocks against one panel */
 static void linear_bit_tiles(void *ctx, int64_t lo, int64_t hi, int tid) {
     const linear_job *j = (const linear_job *)ctx;
-    int64_t M = j->g->M;
+    int64_t M = j->g->M, mr = j->mr;
     for (int64_t t = lo; t < hi; t++) {
         int64_t c = t / j->np, p = t % j->np;
         int64_t b_end = (c + 1) * j->chunk_blocks < j->nb ? (c + 1) * j->chunk_blocks : j->nb;
-        for (int64_t b = c * j->chunk_blocks; b < b_end; b++) j->fn(j->g, b * BB_MR, block_rows(M, b * BB_MR), p);
+        for (int64_t b = c * j->chunk_blocks; b < b_end; b++) j->fn(j->g, b * mr, block_rows(M, b * mr, mr), p);
     }
     (void)tid;
 }
@@ -811,27 +842,28 @@ int bb_linear(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint64
         return BB_EINVAL;
     linear_args g = {a, M, lda, K, w_panels, N, c0, c1, residual, out, out_bits, ldo, thr, flip};
     linear_fn fn = pick_linear();
+    const bb_tuning *tu = &g_tuning[bb_get_kernel()];
+    int64_t mr = tu->mr;
     int64_t np = (N + BB_PANEL - 1) / BB_PANEL;
-    int64_t nb = (M + BB_MR - 1) / BB_MR;
+    int64_t nb = (M + mr - 1) / mr;
     if (out_bits) /* words past the written half-words stay padding zeros */
         for (int64_t m = 0; m < M; m++)
             for (int64_t w = words_of(N) - 1; w < ldo; w++)
                 if (w >= 0) out_bits[m * ldo + w] = 0;
-    if (out) {
-        /* float output: row blocks outer, so each block's output rows are written contiguously
-         * while the weight panels stream from L2 (measured faster than the chunked order below,
-         * which suits the bit output) */
-        linear_job job = {&g, fn, np, nb, 0};
+    if (out && !tu->float_order) {
+        /* row blocks outer: each block's output rows are written contiguously while the weight
+         * panels stream from L2 */
+        linear_job job = {&g, fn, np, nb, 0, mr};
         bb_parallel_for(nb, 1, linear_float_blocks, &job);
         return BB_OK;
     }
-    /* bit output: rows in chunks whose activation bits stay in L1 (~16 KiB); within a chunk,
+    /* chunked: rows in chunks whose activation bits stay in L1 (chunk_bytes); within a chunk,
      * every panel (read from L2) runs over the chunk's row blocks */
-    int64_t chunk_blocks = (16384 / (words_of(K) * 8)) / BB_MR;
+    int64_t chunk_blocks = (tu->chunk_bytes / (words_of(K) * 8)) / mr;
     if (chunk_blocks < 1) chunk_blocks = 1;
     if (chunk_blocks > nb) chunk_blocks = nb;
     int64_t nc = (nb + chunk_blocks - 1) / chunk_blocks;
-    linear_job job = {&g, fn, np, nb, chunk_blocks};
+    linear_job job = {&g, fn, np, nb, chunk_blocks, mr};
     bb_parallel_for(nc * np, 1, linear_bit_tiles, &job);
     return BB_OK;
 }
@@ -965,57 +997,199 @@ int64_t bb_popcount_roofline(int64_t iters, int64_t *checksum) {
 /* ------------------------------------------------------------------------------------ */
 /* LayerNorm (+ sign bits of its output)                                                 */
 
-/* Both kernel families: 16 partial sums (lane = i % 16), then lanes added in order. */
-static inline __attribute__((always_inline)) void layernorm_row_portable(const float *x, int64_t H,
-                                                                         const float *g, const float *b,
-                                                                         float eps, float *out) {
-    float acc[16] = {0};
-    for (int64_t i = 0; i < H; i++) acc[i & 15] += x[i];
-    float s = 0.0f;
-    for (int l = 0; l < 16; l++) s += acc[l];
-    float mean = s / (float)H;
-    float acc2[16] = {0};
-    for (int64_t i = 0; i < H; i++) {
-        float d = x[i] - mean;
-        acc2[i & 15] += d * d;
+/* Every kernel family computes each row the same way: 16 partial sums (lane = i % 16, each
+ * summed in the order of i), then the lanes added in order; the same for the squared
+ * deviations; then out = ((x - mean) * rstd) * g + b. Rows are processed R at a time so that
+ * their independent sums overlap (a single row's sum is one chain of dependent adds); each
+ * row's own operations, and so its result, do not change with R. */
+static inline __attribute__((always_inline)) void layernorm_block_portable(const float *x, int64_t H, const float *g,
+                                                                           const float *b, float eps, float *out,
+                                                                           const int R) {
+    float acc[4][16], mean[4], rstd[4];
+    for (int r = 0; r < R; r++)
+        for (int l = 0; l < 16; l++) acc[r][l] = 0.0f;
+    int64_t i = 0;
+    for (; i + 16 <= H; i += 16)
+        for (int r = 0; r < R; r++)
+            for (int l = 0; l < 16; l++) acc[r][l] += x[r * H + i + l];
+    for (; i < H; i++)
+        for (int r = 0; r < R; r++) acc[r][i & 15] += x[r * H + i];
+    for (int r = 0; r < R; r++) {
+        float s = 0.0f;
+        for (int l = 0; l < 16; l++) s += acc[r][l];
+        mean[r] = s / (float)H;
+        for (int l = 0; l < 16; l++) acc[r][l] = 0.0f;
     }
-    float v = 0.0f;
-    for (int l = 0; l < 16; l++) v += acc2[l];
-    float rstd = 1.0f / sqrtf(v / (float)H + eps);
-    for (int64_t i = 0; i < H; i++) out[i] = (x[i] - mean) * rstd * g[i] + b[i];
+    for (i = 0; i + 16 <= H; i += 16)
+        for (int r = 0; r < R; r++)
+            for (int l = 0; l < 16; l++) {
+                float d = x[r * H + i + l] - mean[r];
+                acc[r][l] += d * d;
+            }
+    for (; i < H; i++)
+        for (int r = 0; r < R; r++) {
+            float d = x[r * H + i] - mean[r];
+            acc[r][i & 15] += d * d;
+        }
+    for (int r = 0; r < R; r++) {
+        float v = 0.0f;
+        for (int l = 0; l < 16; l++) v += acc[r][l];
+        rstd[r] = 1.0f / sqrtf(v / (float)H + eps);
+    }
+    for (int r = 0; r < R; r++)
+        for (i = 0; i < H; i++) out[r * H + i] = (x[r * H + i] - mean[r]) * rstd[r] * g[i] + b[i];
+}
+
+static void layernorm_block_generic(const float *x, int64_t H, const float *g, const float *b, float eps, float *out,
+                                    int R) {
+    if (R == 4) layernorm_block_portable(x, H, g, b, eps, out, 4);
+    else layernorm_block_portable(x, H, g, b, eps, out, 1);
 }
 
 #if BB_X86
-BB_AVX512 static void layernorm_row_avx512(const float *x, int64_t H, const float *g, const float *b,
-                                           float eps, float *out) {
+/* AVX2: lanes 0-7 and 8-15 of the 16 partial sums in two registers per row; the elements
+ * past the last whole 16 are added one by one (as the portable loop does), then the bits */
+static inline __attribute__((always_inline)) __attribute__((target("avx2"))) void layernorm_block_avx2_r(
+    const float *x, int64_t H, const float *g, const float *b, float eps, float *out, const float *t,
+    uint64_t *bits, int64_t ldb, const int R) {
+    float lanes[16] __attribute__((aligned(32))), mean[4], rstd[4];
+    __m256 lo[4], hi[4];
+    int64_t H16 = H & ~(int64_t)15;
+    for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < H16; i += 16)
+        for (int r = 0; r < R; r++) {
+            lo[r] = _mm256_add_ps(lo[r], _mm256_loadu_ps(x + r * H + i));
+            hi[r] = _mm256_add_ps(hi[r], _mm256_loadu_ps(x + r * H + i + 8));
+        }
+    for (int r = 0; r < R; r++) {
+        _mm256_store_ps(lanes, lo[r]);
+        _mm256_store_ps(lanes + 8, hi[r]);
+        for (int64_t i = H16; i < H; i++) lanes[i & 15] += x[r * H + i];
+        float sum = 0.0f;
+        for (int l = 0; l < 16; l++) sum += lanes[l];
+        mean[r] = sum / (float)H;
+        lo[r] = hi[r] = _mm256_setzero_ps();
+    }
+    for (int64_t i = 0; i < H16; i += 16)
+        for (int r = 0; r < R; r++) {
+            __m256 mv = _mm256_set1_ps(mean[r]);
+            __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(x + r * H + i), mv);
+            __m256 d1 = _mm256_sub_ps(_mm256_loadu_ps(x + r * H + i + 8), mv);
+            lo[r] = _mm256_add_ps(lo[r], _mm256_mul_ps(d0, d0));
+            hi[r] = _mm256_add_ps(hi[r], _mm256_mul_ps(d1, d1));
+        }
+    for (int r = 0; r < R; r++) {
+        _mm256_store_ps(lanes, lo[r]);
+        _mm256_store_ps(lanes + 8, hi[r]);
+        for (int64_t i = H16; i < H; i++) {
+            float d = x[r * H + i] - mean[r];
+            lanes[i & 15] += d * d;
+        }
+        float v = 0.0f;
+        for (int l = 0; l < 16; l++) v += lanes[l];
+        rstd[r] = 1.0f / sqrtf(v / (float)H + eps);
+    }
+    for (int r = 0; r < R; r++) {
+        __m256 mv = _mm256_set1_ps(mean[r]), rv = _mm256_set1_ps(rstd[r]), zero = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= H; i += 8) {
+            __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + r * H + i), mv);
+            __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(d, rv), _mm256_loadu_ps(g + i)),
+                                     _mm256_loadu_ps(b + i));
+            _mm256_storeu_ps(out + r * H + i, y);
+            if (bits) {
+                __m256 c = t ? _mm256_cmp_ps(_mm256_sub_ps(y, _mm256_loadu_ps(t + i)), zero, _CMP_NGE_UQ)
+                             : _mm256_cmp_ps(y, zero, _CMP_LT_OQ);
+                uint64_t m8 = (uint64_t)(unsigned)_mm256_movemask_ps(c);
+                if ((i & 63) == 0) bits[r * ldb + (i >> 6)] = 0;
+                bits[r * ldb + (i >> 6)] |= m8 << (i & 63);
+            }
+        }
+        for (; i < H; i++) {
+            float y = (x[r * H + i] - mean[r]) * rstd[r] * g[i] + b[i];
+            out[r * H + i] = y;
+            if (bits) {
+                int bit = t ? !(y - t[i] >= 0.0f) : y < 0.0f;
+                if ((i & 63) == 0) bits[r * ldb + (i >> 6)] = 0;
+                bits[r * ldb + (i >> 6)] |= (uint64_t)bit << (i & 63);
+            }
+        }
+    }
+}
+
+__attribute__((target("avx2"))) static void layernorm_block_avx2(const float *x, int64_t H, const float *g,
+                                                                 const float *b, float eps, float *out,
+                                                                 const float *t, uint64_t *bits, int64_t ldb, int R) {
+    if (R == 4) layernorm_block_avx2_r(x, H, g, b, eps, out, t, bits, ldb, 4);
+    else layernorm_block_avx2_r(x, H, g, b, eps, out, t, bits, ldb, 1);
+}
+
+/* 16 floats at p: a plain load when lm is full (the common case), else a masked one */
+static inline __attribute__((always_inline)) BB_AVX512 __m512 load16(__mmask16 lm, const float *p) {
+    return lm == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(lm, p);
+}
+
+/* R rows; each row's bits (if bits) packed from its output values as they are stored */
+static inline __attribute__((always_inline)) BB_AVX512 void layernorm_block_avx512(
+    const float *x, int64_t H, const float *g, const float *b, float eps, float *out, const float *t, uint64_t *bits,
+    int64_t ldb, const int R) {
     float lanes[16];
-    __m512 acc = _mm512_setzero_ps();
+    __m512 acc[4], mv[4], rv[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t i = 0; i < H; i += 16) {
         __mmask16 lm = H - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (H - i)) - 1);
-        acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(lm, x + i));
+        for (int r = 0; r < R; r++) acc[r] = _mm512_add_ps(acc[r], load16(lm, x + r * H + i));
     }
-    _mm512_storeu_ps(lanes, acc);
-    float s = 0.0f;
-    for (int l = 0; l < 16; l++) s += lanes[l];
-    float mean = s / (float)H;
-    __m512 mv = _mm512_set1_ps(mean);
-    acc = _mm512_setzero_ps();
+    for (int r = 0; r < R; r++) {
+        _mm512_storeu_ps(lanes, acc[r]);
+        float s = 0.0f;
+        for (int l = 0; l < 16; l++) s += lanes[l];
+        mv[r] = _mm512_set1_ps(s / (float)H);
+        acc[r] = _mm512_setzero_ps();
+    }
     for (int64_t i = 0; i < H; i += 16) {
         __mmask16 lm = H - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (H - i)) - 1);
-        __m512 d = _mm512_maskz_sub_ps(lm, _mm512_maskz_loadu_ps(lm, x + i), mv);
-        acc = _mm512_add_ps(acc, _mm512_mul_ps(d, d));
+        for (int r = 0; r < R; r++) {
+            __m512 d = _mm512_maskz_sub_ps(lm, load16(lm, x + r * H + i), mv[r]);
+            acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(d, d));
+        }
     }
-    _mm512_storeu_ps(lanes, acc);
-    float v = 0.0f;
-    for (int l = 0; l < 16; l++) v += lanes[l];
-    __m512 rv = _mm512_set1_ps(1.0f / sqrtf(v / (float)H + eps));
-    for (int64_t i = 0; i < H; i += 16) {
-        __mmask16 lm = H - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (H - i)) - 1);
-        __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(lm, x + i), mv);
-        __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(d, rv), _mm512_maskz_loadu_ps(lm, g + i)),
-                                 _mm512_maskz_loadu_ps(lm, b + i));
-        _mm512_mask_storeu_ps(out + i, lm, y);
+    for (int r = 0; r < R; r++) {
+        _mm512_storeu_ps(lanes, acc[r]);
+        float v = 0.0f;
+        for (int l = 0; l < 16; l++) v += lanes[l];
+        rv[r] = _mm512_set1_ps(1.0f / sqrtf(v / (float)H + eps));
     }
+    const __m512 zero = _mm512_setzero_ps();
+    for (int r = 0; r < R; r++) {
+        uint64_t word = 0;
+        for (int64_t i = 0; i < H; i += 16) {
+            __mmask16 lm = H - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (H - i)) - 1);
+            __m512 d = _mm512_sub_ps(load16(lm, x + r * H + i), mv[r]);
+            __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(d, rv[r]), load16(lm, g + i)),
+                                     load16(lm, b + i));
+            if (lm == 0xFFFF)
+                _mm512_storeu_ps(out + r * H + i, y);
+            else
+                _mm512_mask_storeu_ps(out + r * H + i, lm, y);
+            if (bits) { /* the compare of sign_pack_row_*_avx512 on the stored value */
+                __mmask16 neg = t ? _mm512_mask_cmp_ps_mask(lm, _mm512_sub_ps(y, load16(lm, t + i)),
+                                                            zero, _CMP_NGE_UQ)
+                                  : _mm512_mask_cmp_ps_mask(lm, y, zero, _CMP_LT_OQ);
+                word |= (uint64_t)neg << (i & 63);
+                if ((i & 63) == 48 || i + 16 >= H) {
+                    bits[r * ldb + (i >> 6)] = word;
+                    word = 0;
+                }
+            }
+        }
+    }
+}
+
+BB_AVX512 static void layernorm_rows_avx512(const float *x, int64_t H, const float *g, const float *b, float eps,
+                                            float *out, const float *t, uint64_t *bits, int64_t ldb, int R) {
+    if (R == 4) layernorm_block_avx512(x, H, g, b, eps, out, t, bits, ldb, 4);
+    else layernorm_block_avx512(x, H, g, b, eps, out, t, bits, ldb, 1);
 }
 #endif
 
@@ -1038,17 +1212,26 @@ static void layernorm_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
     uint64_t *out_bits = a->out_bits;
     int kernel = a->kernel;
     (void)tid;
-    for (int64_t m = lo; m < hi; m++) {
+    for (int64_t m = lo; m < hi;) {
+        int R = hi - m >= 4 ? 4 : 1;
 #if BB_X86
-        if (kernel == BB_KERNEL_AVX512)
-            layernorm_row_avx512(x + m * H, H, g, b, eps, out + m * H);
-        else
+        if (kernel == BB_KERNEL_AVX512) {
+            layernorm_rows_avx512(x + m * H, H, g, b, eps, out + m * H, a->t, out_bits ? out_bits + m * ldo : NULL,
+                                  ldo, R);
+        } else
+        if (kernel == BB_KERNEL_AVX2) {
+            layernorm_block_avx2(x + m * H, H, g, b, eps, out + m * H, a->t, out_bits ? out_bits + m * ldo : NULL,
+                                 ldo, R);
+        } else
 #endif
-            layernorm_row_portable(x + m * H, H, g, b, eps, out + m * H);
-        if (out_bits) {
-            sign_pack_row(out + m * H, a->t, H, out_bits + m * ldo, kernel == BB_KERNEL_AVX512);
-            for (int64_t w = words_of(H); w < ldo; w++) out_bits[m * ldo + w] = 0;
+        {
+            layernorm_block_generic(x + m * H, H, g, b, eps, out + m * H, R);
+            for (int r = 0; out_bits && r < R; r++)
+                sign_pack_row(out + (m + r) * H, a->t, H, out_bits + (m + r) * ldo, 0);
         }
+        for (int r = 0; out_bits && r < R; r++)
+            for (int64_t w = words_of(H); w < ldo; w++) out_bits[(m + r) * ldo + w] = 0;
+        m += R;
     }
 }
 
@@ -1101,6 +1284,8 @@ typedef struct {
     float *out;
     int avx512;
     _Atomic int *bad;
+    const int64_t *positions; /* [M] or NULL: row m is at position m % L */
+    int64_t P;
 } embed_args;
 
 static void embed_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
@@ -1113,13 +1298,15 @@ static void embed_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
     int avx512 = a->avx512;
     (void)tid;
     for (int64_t m = lo; m < hi; m++) {
-        if ((uint64_t)ids[m] >= (uint64_t)a->V || (uint64_t)type_ids[m] >= (uint64_t)a->T) {
+        int64_t at = a->positions ? a->positions[m] : m % L;
+        if ((uint64_t)ids[m] >= (uint64_t)a->V || (uint64_t)type_ids[m] >= (uint64_t)a->T ||
+            (uint64_t)at >= (uint64_t)a->P) {
             memset(out + m * H, 0, (size_t)H * sizeof(float));
             atomic_store_explicit(a->bad, 1, memory_order_relaxed);
             continue;
         }
         const uint64_t *wb = word_bits + ids[m] * hw;
-        const float *t = type + type_ids[m] * H, *p = pos + (m % L) * H;
+        const float *t = type + type_ids[m] * H, *p = pos + at * H;
 #if BB_X86
         if (avx512) {
             embed_row_avx512(wb, word_alpha[ids[m]], t, p, H, out + m * H);
@@ -1131,12 +1318,14 @@ static void embed_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
     (void)avx512;
 }
 
-/* ids, type_ids [M] (M = B*L); word_bits [V, words(H)], word_alpha [V], pos [P, H], type [T, H].
- * Checks: L, V, P, T, H >= 1, L <= P, M a multiple of L, every array given; every id and
- * type id in range (else BB_EINVAL, the rows concerned zero). */
+/* ids, type_ids [M] (M = B*L); word_bits [V, words(H)], word_alpha [V], pos [P, H], type [T, H];
+ * positions [M] (optional; rows of several sequences packed without their padding): each row's
+ * position, else row m is at position m % L. Checks: L, V, P, T, H >= 1, L <= P, M a multiple of
+ * L, every array given; every id, type id and position in range (else BB_EINVAL, the rows
+ * concerned zero). */
 int bb_embed(const int64_t *ids, const int64_t *type_ids, int64_t M, int64_t L, const uint64_t *word_bits,
              const float *word_alpha, int64_t V, const float *pos, int64_t P, const float *type, int64_t T,
-             int64_t H, float *out) {
+             int64_t H, float *out, const int64_t *positions) {
     if (!count_ok(M)) return BB_EINVAL;
     if (M == 0) return BB_OK;
     if (!dim_ok(L) || !dim_ok(V) || !dim_ok(P) || !dim_ok(T) || !dim_ok(H) || L > P || M % L ||
@@ -1145,7 +1334,7 @@ int bb_embed(const int64_t *ids, const int64_t *type_ids, int64_t M, int64_t L, 
         return BB_EINVAL;
     _Atomic int bad = 0;
     embed_args a = {ids, type_ids, L, H, V, T, word_bits, word_alpha, pos, type, out,
-                    bb_get_kernel() == BB_KERNEL_AVX512, &bad};
+                    bb_get_kernel() == BB_KERNEL_AVX512, &bad, positions, P};
     bb_parallel_for(M, rows_grain(M, H, 16384), embed_rows, &a);
     return atomic_load(&bad) ? BB_EINVAL : BB_OK;
 }
@@ -1420,73 +1609,151 @@ typedef struct {
     const int64_t *score_lim;
 } bb_layer;
 
-/* n_layers encoder layers on the B sequences at x / xb; layer l's output is copied to
- * hidden + l * hidden_stride when hidden is not NULL. */
-static int encoder_rows(const bb_layer *layers, int64_t n_layers, int64_t B, int64_t L, int64_t H, int64_t heads,
-                        int64_t I, float eps, const uint64_t *valid, float *x, uint64_t *xb, float *hidden,
-                        int64_t hidden_stride) {
-    int64_t M = B * L, hw = words_of(H), qw = words_of(3 * H), iw = words_of(I);
-    size_t n = (size_t)M * (qw + hw + hw + iw) * 8 + (size_t)M * H * 4 * 2;
-    char *buf = (char *)malloc(n);
+/* Rows of the tail (attention output, LayerNorm, FFN, LayerNorm) handled together: their
+ * float intermediates stay in L2 while the layer's weights pass (per-host tuning). */
+static int64_t g_tail_rows = 16;
+/* Rows of one group: sequences run through all layers together (the Q/K/V Linear sees their
+ * rows as one taller matrix); with more groups than threads, groups run in parallel. */
+static int64_t g_group_rows = 512;
+
+/* Sets the encoder's row blocking: tail_rows in [1, 4096], group_rows in [1, 2^20]. Any setting
+ * gives the same results. Not while a kernel runs. */
+int bb_set_encoder_tuning(int64_t tail_rows, int64_t group_rows) {
+    if (tail_rows < 1 || tail_rows > 4096 || group_rows < 1 || group_rows > ((int64_t)1 << 20)) return BB_EINVAL;
+    g_tail_rows = tail_rows;
+    g_group_rows = group_rows;
+    return BB_OK;
+}
+
+int bb_get_encoder_tuning(int64_t *out) {
+    if (!out) return BB_EINVAL;
+    out[0] = g_tail_rows;
+    out[1] = g_group_rows;
+    return BB_OK;
+}
+
+/* One group of sequences: rows start[0] .. start[n_seq] of x / xb (sequence s owns rows
+ * start[s] .. start[s+1]); row_valid (one byte per row) says which rows are keys. */
+typedef struct {
+    const bb_layer *layers;
+    int64_t n_layers, H, heads, I;
+    float eps;
+    const int64_t *start;
+    const uint8_t *row_valid;
+    float *x;
+    uint64_t *xb;
+    float *hidden;         /* [n_layers, hidden_stride] or NULL */
+    int64_t hidden_stride; /* rows x H of the whole batch */
+    _Atomic int rc;
+} encoder_job;
+
+/* the tail of one layer for the rows of chunks [lo, hi) (tail_rows each) of a group */
+typedef struct {
+    const bb_layer *p;
+    int64_t r0, M, H, I, tail_rows;
+    float eps;
+    const uint64_t *ctx;
+    float *x;
+    uint64_t *xb;
+    char *scratch;         /* per thread: y, a [tail_rows, H], ab [tail_rows, hw], fb [tail_rows, iw] */
+    int64_t scratch_bytes;
+    _Atomic int rc;
+} tail_job;
+
+static void tail_chunks(void *ctx, int64_t lo, int64_t hi, int tid) {
+    tail_job *j = (tail_job *)ctx;
+    const bb_layer *p = j->p;
+    int64_t H = j->H, I = j->I, hw = words_of(H), iw = words_of(I);
+    float *y = (float *)(j->scratch + tid * j->scratch_bytes), *a = y + j->tail_rows * H;
+    uint64_t *ab = (uint64_t *)(a + j->tail_rows * H), *fb = ab + j->tail_rows * hw;
+    for (int64_t c = lo; c < hi; c++) {
+        int64_t r = j->r0 + c * j->tail_rows;
+        int64_t n = j->r0 + j->M - r < j->tail_rows ? j->r0 + j->M - r : j->tail_rows;
+        float *x = j->x + r * H;
+        int rc = bb_linear(j->ctx + r * hw, n, hw, H, p->ao_w, H, p->ao_c0, p->ao_c1, x, y, NULL, 0, NULL, NULL);
+        if (!rc) rc = bb_layernorm(y, n, H, p->ln1_g, p->ln1_b, j->eps, a, ab, hw, p->ln1_t);
+        if (!rc) rc = bb_linear(ab, n, hw, H, p->fi_w, I, NULL, NULL, NULL, NULL, fb, iw, p->fi_thr, p->fi_flip);
+        if (!rc) rc = bb_linear(fb, n, iw, I, p->fo_w, H, p->fo_c0, p->fo_c1, a, y, NULL, 0, NULL, NULL);
+        if (!rc) rc = bb_layernorm(y, n, H, p->ln2_g, p->ln2_b, j->eps, x, j->xb + r * hw, hw, p->ln2_t);
+        if (rc) atomic_store(&j->rc, rc);
+    }
+}
+
+/* sequences [s0, s1) of the job as one group, through every layer */
+static int encoder_group(encoder_job *j, int64_t s0, int64_t s1) {
+    int64_t H = j->H, I = j->I, hw = words_of(H), qw = words_of(3 * H);
+    int64_t r0 = j->start[s0], M = j->start[s1] - r0, maxlen = 0;
+    for (int64_t s = s0; s < s1; s++)
+        if (j->start[s + 1] - j->start[s] > maxlen) maxlen = j->start[s + 1] - j->start[s];
+    int64_t tail_rows = g_tail_rows < M ? g_tail_rows : M;
+    int nthreads = team();
+    int64_t scratch_bytes = ((tail_rows * H * 4 * 2 + tail_rows * (hw + words_of(I)) * 8) + 63) / 64 * 64;
+    size_t n = (size_t)M * (qw + hw) * 8 + (size_t)words_of(maxlen) * 8 + (size_t)nthreads * scratch_bytes + 64;
+    char *buf = (char *)aligned_alloc(64, (n + 63) / 64 * 64);
     if (!buf) return BB_ENOMEM;
-    uint64_t *qkv = (uint64_t *)buf, *ctx = qkv + M * qw, *ab = ctx + M * hw, *fb = ab + M * hw;
-    float *y = (float *)(fb + M * iw), *a = y + M * H;
+    char *scratch = buf;
+    uint64_t *qkv = (uint64_t *)(scratch + nthreads * scratch_bytes), *ctx = qkv + M * qw, *valid = ctx + M * hw;
+    float *x = j->x + r0 * H;
+    uint64_t *xb = j->xb + r0 * hw;
     int rc = BB_OK;
-    for (int64_t l = 0; l < n_layers && rc == BB_OK; l++) {
-        const bb_layer *p = layers + l;
+    for (int64_t l = 0; l < j->n_layers && rc == BB_OK; l++) {
+        const bb_layer *p = j->layers + l;
         rc = bb_linear(xb, M, hw, H, p->qkv_w, 3 * H, NULL, NULL, NULL, NULL, qkv, qw, p->qkv_thr, p->qkv_flip);
-        if (!rc) rc = bb_biattention(qkv, qw, 0, H, 2 * H, B, L, heads, H / heads, valid, ctx, hw, NULL, p->ctx_t,
-                                     p->score_lim);
-        if (!rc) rc = bb_linear(ctx, M, hw, H, p->ao_w, H, p->ao_c0, p->ao_c1, x, y, NULL, 0, NULL, NULL);
-        if (!rc) rc = bb_layernorm(y, M, H, p->ln1_g, p->ln1_b, eps, a, ab, hw, p->ln1_t);
-        if (!rc) rc = bb_linear(ab, M, hw, H, p->fi_w, I, NULL, NULL, NULL, NULL, fb, iw, p->fi_thr, p->fi_flip);
-        if (!rc) rc = bb_linear(fb, M, iw, I, p->fo_w, H, p->fo_c0, p->fo_c1, a, y, NULL, 0, NULL, NULL);
-        if (!rc) rc = bb_layernorm(y, M, H, p->ln2_g, p->ln2_b, eps, x, xb, hw, p->ln2_t);
-        if (!rc && hidden) memcpy(hidden + l * hidden_stride, x, (size_t)(M * H) * 4);
+        for (int64_t s = s0; s < s1 && !rc; s++) { /* Bi-Attention within each sequence */
+            int64_t a0 = j->start[s] - r0, L = j->start[s + 1] - j->start[s];
+            for (int64_t w = 0; w < words_of(L); w++) valid[w] = 0;
+            for (int64_t i = 0; i < L; i++) valid[i >> 6] |= (uint64_t)(j->row_valid[r0 + a0 + i] != 0) << (i & 63);
+            rc = bb_biattention(qkv + a0 * qw, qw, 0, H, 2 * H, 1, L, j->heads, H / j->heads, valid, ctx + a0 * hw, hw,
+                                NULL, p->ctx_t, p->score_lim);
+        }
+        if (rc) break;
+        tail_job t = {p, 0, M, H, I, tail_rows, j->eps, ctx, x, xb, scratch, scratch_bytes, BB_OK};
+        bb_parallel_for((M + tail_rows - 1) / tail_rows, 1, tail_chunks, &t);
+        rc = atomic_load(&t.rc);
+        if (!rc && j->hidden) memcpy(j->hidden + l * j->hidden_stride + r0 * H, x, (size_t)(M * H) * 4);
     }
     free(buf);
     return rc;
 }
 
+/* groups [lo, hi), each a whole forward on one thread; group g = sequences gs[g] .. gs[g+1] */
 typedef struct {
-    const bb_layer *layers;
-    int64_t n_layers, L, H, heads, I;
-    float eps;
-    const uint64_t *valid;
-    float *x;
-    uint64_t *xb;
-    float *hidden;
-    int64_t hidden_stride, lw, hw;
-    _Atomic int rc;
-} encoder_job;
+    encoder_job *job;
+    const int64_t *gs;
+} groups_job;
 
-/* sequences [lo, hi), each a whole forward on one thread */
-static void encoder_sequences(void *ctx, int64_t lo, int64_t hi, int tid) {
-    encoder_job *j = (encoder_job *)ctx;
-    int64_t L = j->L, H = j->H;
+static void encoder_groups(void *ctx, int64_t lo, int64_t hi, int tid) {
+    groups_job *g = (groups_job *)ctx;
     (void)tid;
-    for (int64_t b = lo; b < hi; b++) {
-        int rc = encoder_rows(j->layers, j->n_layers, 1, L, H, j->heads, j->I, j->eps, j->valid + b * j->lw,
-                              j->x + b * L * H, j->xb + b * L * j->hw, j->hidden ? j->hidden + b * L * H : NULL,
-                              j->hidden_stride);
-        if (rc) atomic_store(&j->rc, rc);
+    for (int64_t k = lo; k < hi; k++) {
+        int rc = encoder_group(g->job, g->gs[k], g->gs[k + 1]);
+        if (rc) atomic_store(&g->job->rc, rc);
     }
 }
 
-/* Runs n_layers encoder layers on x [B*L, H] (float, updated in place) with its sign bits
- * xb [B*L, words(H)] (updated too). valid: [B, words(L)] key bits. hidden (optional):
- * [n_layers, B*L, H] receives every layer's output. With at least as many sequences as
- * threads, each thread runs whole sequences (no synchronisation inside the forward);
- * otherwise every kernel splits its work across the threads. Checks: L, H, heads, I >= 1,
- * heads divides H, the sizes' products in range, every buffer and every parameter pointer
- * of the n_layers layers given (ctx_t, ln1_t, ln2_t and score_lim may be NULL). Returns
- * BB_OK, BB_EINVAL or BB_ENOMEM. */
-int bb_encoder(const bb_layer *layers, int64_t n_layers, int64_t B, int64_t L, int64_t H, int64_t heads,
-               int64_t I, float eps, const uint64_t *valid, float *x, uint64_t *xb, float *hidden) {
-    if (!count_ok(n_layers) || !count_ok(B)) return BB_EINVAL;
-    if (B == 0 || n_layers == 0) return BB_OK;
-    if (!dim_ok(L) || !dim_ok(H) || !dim_ok(heads) || !dim_ok(I) || H % heads || !elems_ok(B, L, 3 * H) ||
-        !elems_ok(B, L, I) || (hidden && !elems_ok(n_layers, B * L, H)) || !layers || !valid || !x || !xb)
+/* Runs n_layers encoder layers on n_seq sequences packed row after row: sequence s owns rows
+ * start[s] .. start[s+1] of x [rows, H] (float, updated in place) and of its bits xb [rows,
+ * words(H)] (updated too); rows = start[n_seq]. A sequence holds only the rows to compute (a
+ * padded position need not be a row); row_valid [rows] marks the rows that are keys of their
+ * sequence's attention (the others are queries only). hidden (optional): [n_layers, rows, H]
+ * receives every layer's output. Sequences run in groups of about g_group_rows rows; with at
+ * least as many groups as threads, each thread runs whole groups (no synchronisation inside a
+ * forward); otherwise the kernels of each group split their work across the threads. Checks:
+ * H, heads, I >= 1, heads divides H, start non-decreasing from 0 with every sequence at least
+ * one row, the sizes' products in range, every buffer and every parameter pointer of the
+ * n_layers layers given (ctx_t, ln1_t, ln2_t and score_lim may be NULL). Returns BB_OK,
+ * BB_EINVAL or BB_ENOMEM. */
+int bb_encoder(const bb_layer *layers, int64_t n_layers, int64_t n_seq, const int64_t *start, int64_t H,
+               int64_t heads, int64_t I, float eps, const uint8_t *row_valid, float *x, uint64_t *xb, float *hidden) {
+    if (!count_ok(n_layers) || !count_ok(n_seq)) return BB_EINVAL;
+    if (n_seq == 0 || n_layers == 0) return BB_OK;
+    if (!start || start[0] != 0 || !dim_ok(H) || !dim_ok(heads) || !dim_ok(I) || H % heads || !layers ||
+        !row_valid || !x || !xb)
+        return BB_EINVAL;
+    for (int64_t s = 0; s < n_seq; s++)
+        if (start[s + 1] <= start[s] || start[s + 1] - start[s] > BB_MAX_DIM) return BB_EINVAL;
+    int64_t rows = start[n_seq];
+    if (!elems_ok(rows, 3 * H, 1) || !elems_ok(rows, I, 1) || (hidden && !elems_ok(n_layers, rows, H)))
         return BB_EINVAL;
     for (int64_t l = 0; l < n_layers; l++) {
         const bb_layer *p = layers + l;
@@ -1495,10 +1762,23 @@ int bb_encoder(const bb_layer *layers, int64_t n_layers, int64_t B, int64_t L, i
         for (size_t i = 0; i < sizeof ptrs / sizeof ptrs[0]; i++)
             if (!ptrs[i]) return BB_EINVAL;
     }
-    int64_t M = B * L, hw = words_of(H), lw = words_of(L);
-    if (g_threads == 1 || B < g_threads)
-        return encoder_rows(layers, n_layers, B, L, H, heads, I, eps, valid, x, xb, hidden, M * H);
-    encoder_job job = {layers, n_layers, L, H, heads, I, eps, valid, x, xb, hidden, M * H, lw, hw, BB_OK};
-    bb_parallel_for(B, 1, encoder_sequences, &job);
+    /* groups of consecutive sequences of about g_group_rows rows, at least as many as threads
+     * when there are enough sequences */
+    int64_t target = g_group_rows;
+    if (g_threads > 1 && n_seq >= g_threads && (rows + g_threads - 1) / g_threads < target)
+        target = (rows + g_threads - 1) / g_threads;
+    int64_t *gs = (int64_t *)malloc((size_t)(n_seq + 1) * sizeof(int64_t));
+    if (!gs) return BB_ENOMEM;
+    int64_t ng = 0;
+    gs[0] = 0;
+    for (int64_t s = 0; s < n_seq; s++)
+        if (s + 1 == n_seq || start[s + 1] - start[gs[ng]] + (start[s + 2] - start[s + 1]) > target) gs[++ng] = s + 1;
+    encoder_job job = {layers, n_layers, H, heads, I, eps, start, row_valid, x, xb, hidden, rows * H, BB_OK};
+    groups_job g = {&job, gs};
+    if (g_threads > 1 && ng >= g_threads)
+        bb_parallel_for(ng, 1, encoder_groups, &g);
+    else
+        encoder_groups(&g, 0, ng, 0);
+    free(gs);
     return atomic_load(&job.rc);
 }

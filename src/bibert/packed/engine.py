@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BibertError
-from . import kernels
+from . import kernels, tuning
 from .format import (BINARY_LINEARS, QUANTIZER_SCALE, QUANTIZER_THRESHOLD, SCORE_THRESHOLD, TOKENIZER_FILES,
                      PackedFile, check_packed, read_packed)
 
@@ -213,10 +213,12 @@ class PackedModel:
             raise BibertError(f"token_type_ids must lie in [0, {self.type_vocab_size})")
         return ids.astype(np.int64), mask != 0, tt.astype(np.int64)
 
-    def embeddings(self, ids: np.ndarray, token_type_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def embeddings(self, ids: np.ndarray, token_type_ids: np.ndarray,
+                   positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """LayerNorm(word + token type + position): float [B*L, H] and its bits (the first
-        layer's Q/K/V input)."""
-        x = kernels.embed(ids, token_type_ids, self.word_bits, self.word_alpha, self.position, self.token_type)
+        layer's Q/K/V input). Token j of a row is at position j, or at positions[b, j]."""
+        x = kernels.embed(ids, token_type_ids, self.word_bits, self.word_alpha, self.position, self.token_type,
+                          positions)
         return kernels.layernorm(x, *self.emb_ln, self.eps, with_bits=True, thresholds=self.layers[0].qkv_t)
 
     def encoder_layer(self, n: int, x: np.ndarray, xb: np.ndarray, key_valid: np.ndarray,
@@ -251,7 +253,11 @@ class PackedModel:
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None,
                 output_hidden_states: bool = False):
-        """Logits float32 [B, num_labels] (and, if asked, the L+1 hidden states [B, L, H])."""
+        """Logits float32 [B, num_labels] (and, if asked, the L+1 hidden states [B, L, H]).
+
+        Only the rows that matter are computed: the positions the mask marks as tokens, and
+        each sequence's first ([CLS]) position. A padded position is never a key, so no token
+        depends on it; its hidden states are returned as zeros."""
         ids, valid, tt = self._check(input_ids, attention_mask, token_type_ids)
         B, L = ids.shape
         if B and not L:
@@ -261,14 +267,32 @@ class PackedModel:
             if output_hidden_states:
                 return logits, [np.zeros((0, L, self.hidden), np.float32) for _ in range(self.num_layers + 1)]
             return logits
-        x, xb = self.embeddings(ids, tt)
-        hidden = np.empty((self.num_layers, B * L, self.hidden), np.float32) if output_hidden_states else None
+        keep = valid.copy()
+        keep[:, 0] = True  # the head reads [CLS]
+        start = np.zeros(B + 1, np.int64)
+        np.cumsum(keep.sum(axis=1), out=start[1:])
+        if keep.all():  # no padding: rows in place
+            rows, positions = None, None
+            x, xb = self.embeddings(ids, tt)
+        else:  # the computed rows of every sequence, packed one after another
+            rows = np.flatnonzero(keep)
+            positions = (rows % L)[None]
+            x, xb = self.embeddings(ids.reshape(-1)[rows][None], tt.reshape(-1)[rows][None], positions)
+        row_valid = valid.reshape(-1) if rows is None else valid.reshape(-1)[rows]
+        M = int(start[-1])
+        hidden = np.empty((self.num_layers, M, self.hidden), np.float32) if output_hidden_states else None
         first = x.copy() if output_hidden_states else None
-        kernels.encoder(self._native_layers, self.num_layers, B, L, self.hidden, self.heads, self.intermediate,
-                        self.eps, valid, x, xb, hidden)  # every layer in one native call; x, xb in place
-        logits = self.head(x.reshape(B, L, self.hidden)[:, 0])
+        kernels.encoder(self._native_layers, self.num_layers, start, self.hidden, self.heads, self.intermediate,
+                        self.eps, row_valid, x, xb, hidden)  # every layer in one native call; x, xb in place
+        logits = self.head(x[start[:-1]])
         if output_hidden_states:
-            return logits, [first.reshape(B, L, self.hidden)] + [h.reshape(B, L, self.hidden) for h in hidden]
+            def unpack(h):
+                if rows is None:
+                    return h.reshape(B, L, self.hidden)
+                full = np.zeros((B * L, self.hidden), np.float32)
+                full[rows] = h
+                return full.reshape(B, L, self.hidden)
+            return logits, [unpack(first)] + [unpack(h) for h in hidden]
         return logits
 
     # ---- text in, labels out ---------------------------------------------------------
@@ -414,11 +438,15 @@ def _load_tokenizer(files: dict[str, bytes], config: dict, source: str):
 
 def load_packed(path: str | os.PathLike, threads: int | None = None, kernel: str | None = None) -> PackedModel:
     """Load a packed model file. threads: threads of the kernels' pool (default: the
-    environment's BIBERT_THREADS or every core); kernel: "auto", "avx512" or "portable"
-    (default: BIBERT_KERNEL or auto). Both settings are process-wide."""
+    environment's BIBERT_THREADS or every core); kernel: "auto", "avx512", "avx2" or
+    "portable" (default: BIBERT_KERNEL or auto). Both settings are process-wide, and so is
+    the kernel family's per-host tuning (`bibert.packed.tuning`: measured at the first load of
+    a model of this size on this CPU, then cached; BIBERT_TUNE=0 keeps the defaults)."""
     kernels.lib()
     if kernel is not None:
         kernels.set_kernel(kernel)
     if threads is not None:
         kernels.set_threads(threads)
-    return PackedModel(read_packed(path), source=str(path))
+    model = PackedModel(read_packed(path), source=str(path))
+    tuning.tune_host(model.hidden, model.intermediate)  # cached per CPU after the first time
+    return model

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import BibertError
 
-ABI_VERSION = 11
+ABI_VERSION = 12
 PANEL = 32
 KERNELS = {"auto": 0, "portable": 1, "avx512": 2, "avx2": 3}
 MAX_THREADS = 1024  # bb_set_threads' cap
@@ -74,9 +74,13 @@ def lib() -> ctypes.CDLL:
                        ("bb_linear", [P, I, I, I, P, I, P, P, P, P, P, I, P, P]),
                        ("bb_bit_thresholds", [P, P, P, I, I, P, P]),
                        ("bb_float_epilogue", [P, P, I, I, P, P, P]),
-                       ("bb_encoder", [P, I, I, I, I, I, I, F, P, P, P, P]),
+                       ("bb_encoder", [P, I, I, P, I, I, I, F, P, P, P, P]),
+                       ("bb_set_tuning", [ctypes.c_int, I, I, I]),
+                       ("bb_get_tuning", [ctypes.c_int, P]),
+                       ("bb_set_encoder_tuning", [I, I]),
+                       ("bb_get_encoder_tuning", [P]),
                        ("bb_layernorm", [P, I, I, P, P, F, P, P, I, P]),
-                       ("bb_embed", [P, P, I, I, P, P, I, P, I, P, I, I, P]),
+                       ("bb_embed", [P, P, I, I, P, P, I, P, I, P, I, I, P, P]),
                        ("bb_biattention", [P, I, I, I, I, I, I, I, I, P, P, I, P, P, P])):
         getattr(handle, name).argtypes = args
         getattr(handle, name).restype = ctypes.c_int  # OK, ENOMEM or EINVAL
@@ -142,6 +146,39 @@ def set_threads(n: int) -> None:
 
 def get_threads() -> int:
     return int(lib().bb_get_threads())
+
+
+def set_tuning(family: str, mr: int, chunk_bytes: int, float_order: int) -> None:
+    """How the binary Linear of one kernel family walks its tiles (per-host tuning; the
+    results never depend on it): mr rows per micro-tile (1 to 6), chunk_bytes of activation
+    bits per row chunk (64 to 2^30), float_order 0 (float output by row blocks) or 1 (by row
+    chunks, as the bit output)."""
+    if family not in KERNEL_NAMES.values():
+        raise BibertError(f"unknown kernel family {family!r}: choose one of {', '.join(KERNEL_NAMES.values())}")
+    _check_rc(lib().bb_set_tuning(KERNELS[family], int(mr), int(chunk_bytes), int(float_order)),
+              f"set_tuning({family}, {mr}, {chunk_bytes}, {float_order})")
+
+
+def get_tuning(family: str) -> tuple[int, int, int]:
+    """(mr, chunk_bytes, float_order) of one kernel family."""
+    out = np.zeros(3, np.int64)
+    _check_rc(lib().bb_get_tuning(KERNELS[family], _ptr(out)), "get_tuning")
+    return tuple(int(v) for v in out)
+
+
+def set_encoder_tuning(tail_rows: int, group_rows: int) -> None:
+    """The encoder's row blocking (per-host tuning; the results never depend on it): rows of
+    the layer tail handled together (1 to 4096) and rows of a group of sequences run through
+    the layers together (1 to 2^20)."""
+    _check_rc(lib().bb_set_encoder_tuning(int(tail_rows), int(group_rows)),
+              f"set_encoder_tuning({tail_rows}, {group_rows})")
+
+
+def get_encoder_tuning() -> tuple[int, int]:
+    """(tail_rows, group_rows)."""
+    out = np.zeros(2, np.int64)
+    _check_rc(lib().bb_get_encoder_tuning(_ptr(out)), "get_encoder_tuning")
+    return int(out[0]), int(out[1])
 
 
 def _ptr(a: np.ndarray | None) -> int | None:
@@ -323,18 +360,23 @@ class LayerParams(ctypes.Structure):
         "ctx_t", "ln1_t", "ln2_t", "score_lim")]  # elastic, None (NULL) for plain signs
 
 
-def encoder(layers: ctypes.Array, n_layers: int, B: int, L: int, hidden_size: int, heads: int, intermediate: int,
-            eps: float, key_valid: np.ndarray, x: np.ndarray, xb: np.ndarray,
+def encoder(layers: ctypes.Array, n_layers: int, start: np.ndarray, hidden_size: int, heads: int, intermediate: int,
+            eps: float, row_valid: np.ndarray, x: np.ndarray, xb: np.ndarray,
             hidden: np.ndarray | None = None) -> None:
-    """Run n_layers encoder layers in one native call; x [B*L, H] float32 and its sign bits xb
-    are updated in place; hidden [n_layers, B*L, H] (optional) receives each layer's output.
-    Checks the sizes and the arrays x, xb, hidden (dtype, shape, writable in place) and
-    key_valid; the lengths of the parameter arrays behind `layers` cannot be checked here:
+    """Run n_layers encoder layers in one native call on sequences packed row after row:
+    sequence s owns rows start[s] to start[s+1] (int64 [n+1], from 0, each sequence at least one
+    row; a padded position need not be a row). row_valid (bool [rows]) marks the rows that are
+    keys of their sequence's attention. x [rows, H] float32 and its bits xb are updated in
+    place; hidden [n_layers, rows, H] (optional) receives each layer's output. Checks the sizes
+    and the arrays; the lengths of the parameter arrays behind `layers` cannot be checked here:
     they must be PackedModel's (checked when it was built) and stay alive while it runs."""
-    M = B * L
-    if len(layers) < n_layers or B < 0 or L < 1 or hidden_size < 1 or heads < 1 or hidden_size % heads:
-        raise BibertError(f"encoder: sizes do not fit (layers {n_layers} of {len(layers)}, B={B}, L={L}, "
-                          f"hidden {hidden_size}, heads {heads})")
+    start = np.ascontiguousarray(start, dtype=np.int64)
+    if start.ndim != 1 or len(start) < 1 or start[0] != 0 or np.any(np.diff(start) < 1):
+        raise BibertError("encoder: start must rise from 0 by at least one row per sequence")
+    M = int(start[-1])
+    if len(layers) < n_layers or hidden_size < 1 or heads < 1 or hidden_size % heads:
+        raise BibertError(f"encoder: sizes do not fit (layers {n_layers} of {len(layers)}, hidden {hidden_size}, "
+                          f"heads {heads})")
     for a, dtype, shape, what in ((x, np.float32, (M, hidden_size), "x"), (xb, np.uint64, (M, words(hidden_size)), "xb"),
                                   (hidden, np.float32, (n_layers, M, hidden_size), "hidden")):
         if a is None and what == "hidden":
@@ -343,10 +385,12 @@ def encoder(layers: ctypes.Array, n_layers: int, B: int, L: int, hidden_size: in
                 or not a.flags.writeable:
             raise BibertError(f"encoder: {what} must be a writable C-contiguous {np.dtype(dtype).name} array of "
                               f"shape {shape}")
-    _shape(np.asarray(key_valid), (B, L), "encoder: key_valid")
-    valid = pack_bool(key_valid)
-    _check_rc(lib().bb_encoder(ctypes.byref(layers), n_layers, B, L, hidden_size, heads, intermediate, eps,
-                               _ptr(valid), _ptr(x), _ptr(xb), _ptr(hidden)), "encoder")
+    valid = np.ascontiguousarray(row_valid, dtype=np.uint8)
+    _shape(valid, (M,), "encoder: row_valid")
+    if len(start) == 1:
+        return
+    _check_rc(lib().bb_encoder(ctypes.byref(layers), n_layers, len(start) - 1, _ptr(start), hidden_size, heads,
+                               intermediate, eps, _ptr(valid), _ptr(x), _ptr(xb), _ptr(hidden)), "encoder")
 
 
 def popcount_roofline(seconds: float = 0.2) -> float:
@@ -388,9 +432,10 @@ def layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float, wi
 
 
 def embed(ids: np.ndarray, type_ids: np.ndarray, word_bits: np.ndarray, word_alpha: np.ndarray,
-          position: np.ndarray, token_type: np.ndarray) -> np.ndarray:
-    """(word + token type) + position for ids [B, L]: float [B*L, H]. Ids outside the
-    vocabulary or the type table raise BibertError (the C side checks each)."""
+          position: np.ndarray, token_type: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
+    """(word + token type) + position for ids [B, L]: float [B*L, H], token j of a row at
+    position j, or at positions[b, j] when given (rows packed without their padding). Ids
+    outside the vocabulary or the type table raise BibertError (the C side checks each)."""
     ids = _matrix(np.ascontiguousarray(ids, dtype=np.int64), "embed: ids")
     type_ids = np.ascontiguousarray(type_ids, dtype=np.int64)
     word_bits, word_alpha = _matrix(_u64(word_bits), "embed: word_bits"), _f32(word_alpha)
@@ -401,13 +446,16 @@ def embed(ids: np.ndarray, type_ids: np.ndarray, word_bits: np.ndarray, word_alp
     _shape(word_bits, (V, words(H)), "embed: word_bits")
     _shape(word_alpha, (V,), "embed: word_alpha")
     _shape(token_type, (T, H), "embed: token_type")
-    if L > P:
+    if positions is not None:
+        positions = np.ascontiguousarray(positions, dtype=np.int64)
+        _shape(positions, (B, L), "embed: positions")
+    elif L > P:
         raise BibertError(f"embed: {L} tokens, but only {P} positions")
     out = np.empty((B * L, H), dtype=np.float32)
-    rc = lib().bb_embed(_ptr(ids), _ptr(type_ids), B * L, L, _ptr(word_bits), _ptr(word_alpha), V, _ptr(position), P,
-                        _ptr(token_type), T, H, _ptr(out))
-    if rc == EINVAL:  # the shapes are checked above: an id or a type id is out of range
-        raise BibertError(f"embed: token ids must lie in [0, {V}) and token types in [0, {T})")
+    rc = lib().bb_embed(_ptr(ids), _ptr(type_ids), B * L, 1 if positions is not None else L, _ptr(word_bits),
+                        _ptr(word_alpha), V, _ptr(position), P, _ptr(token_type), T, H, _ptr(out), _ptr(positions))
+    if rc == EINVAL:  # the shapes are checked above: an id, a type id or a position is out of range
+        raise BibertError(f"embed: token ids must lie in [0, {V}), token types in [0, {T}) and positions in [0, {P})")
     _check_rc(rc, "embed")
     return out
 
