@@ -40,13 +40,13 @@ class _Recorder:
     def __init__(self):
         self.linears = []
 
-    def __call__(self, x, w, b):
-        y = binary_linear(x, w, b)
+    def __call__(self, x, w, b, act_scale=None, integer_input=False):
+        y = binary_linear(x, w, b, act_scale, integer_input=integer_input)
         self.linears.append((x.detach().clone(), w.detach().clone(), b.detach().clone(), y.detach().clone()))
         return y
 
 
-def test_one_bit_student_quantizes_exactly_what_spec_says(tiny_config, monkeypatch):
+def test_one_bit_student_quantizes_exactly_what_the_method_says(tiny_config, monkeypatch):
     torch.manual_seed(0)
     teacher = BertForSequenceClassification(tiny_config).eval()
     student = binarize(teacher).eval()

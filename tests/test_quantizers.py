@@ -1,7 +1,10 @@
 """Each quantizer's forward and gradient against its formula, on inputs with zeros and values beyond +-1."""
+import numpy as np
+import pytest
 import torch
 
 from bibert.quantizers import (
+    ACTIVATION_CLIP_STD,
     binarize_weight,
     binary_linear,
     bool_ste,
@@ -85,8 +88,41 @@ def test_k_bit_symmetric_quantizer():
 def test_probability_quantizer():
     p = torch.softmax(torch.randn(4, 8), dim=-1)
     assert torch.all(quantize_probs(p, 1) == 1)  # the collapse Bi-Attention avoids
-    q2 = quantize_probs(p, 2)
-    assert set(torch.round(q2 * 3).unique().tolist()) <= {0.0, 1.0, 2.0, 3.0}
+    # 2 bits: the grid {0, 1/3, 2/3, 1}, each probability to its nearest level (a tie to the even step)
+    x = torch.tensor([0.0, 0.1, 0.17, 0.3, 0.5, 0.6, 0.84, 1.0], dtype=torch.float64, requires_grad=True)
+    q2 = quantize_probs(x, 2)
+    assert torch.equal(q2, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3], dtype=torch.float64) / 3)
+    g = torch.arange(1.0, 9.0, dtype=torch.float64)
+    q2.backward(g)
+    assert torch.equal(x.grad, g)  # straight through
+    q4 = quantize_probs(torch.tensor([0.02, 0.04, 0.5, 0.97]), 4)  # 15 steps of 1/15
+    assert torch.allclose(q4, torch.tensor([0.0, 1.0, 8.0, 15.0]) / 15, atol=0, rtol=1e-7)
+    assert quantize_probs(x, 32) is x
+
+
+def test_k_bit_activation_clip_is_acias_gaussian_optimum():
+    """k-bit activations: clip c = min(max|x|, c_k * std(x)) with c_k = 1.71, 2.55, 3.92 for
+    2, 4, 8 bits, then the symmetric grid of step c / (2^(k-1) - 1); gradient 1[|x| <= c]."""
+    x = torch.tensor([-3.0, -1.0, -0.4, 0.0, 0.2, 0.5, 1.5, 2.5], dtype=torch.float64, requires_grad=True)
+    std = float(np.std(x.detach().numpy(), ddof=1))  # torch's std: the unbiased one
+    assert std == pytest.approx(1.6448512742146975, rel=1e-12)
+    clip = 1.71 * std  # 2.8127, below max|x| = 3
+    assert ACTIVATION_CLIP_STD == {2: 1.71, 4: 2.55, 8: 3.92}
+    y = quantize_activation(x, 2)  # ternary {-c, 0, c}: x / c rounds to -1 (clamped), 0 (|x / c| < 0.5) or 1
+    expected = [-clip, 0.0, 0.0, 0.0, 0.0, 0.0, clip, clip]
+    assert np.allclose(y.detach().numpy(), expected, rtol=1e-6, atol=0)  # the std is taken in float32
+    y.backward(torch.ones_like(y))
+    assert x.grad.tolist() == [0.0 if abs(v) > clip else 1.0 for v in x.detach().tolist()]
+    # 4 bits: 2.55 std = 4.19 lies beyond max|x| = 3, so the clip is 3: 7 levels per side of step 3/7
+    assert 2.55 * std > 3
+    y4 = quantize_activation(x.detach(), 4)
+    assert torch.allclose(y4, torch.tensor([-7.0, -2, -1, 0, 0, 1, 4, 6], dtype=torch.float64) * 3 / 7, rtol=1e-12)
+    # a sample whose max|x| lies below c_k * std: the clip is max|x|, so the ends are exact
+    z = torch.tensor([-1.0, -0.5, 0.25, 1.0], dtype=torch.float64)
+    assert 3.92 * float(z.std()) > 1.0
+    z8 = quantize_activation(z, 8)
+    assert z8[0].item() == -1.0 and z8[-1].item() == 1.0
+    assert np.allclose(z8.numpy(), np.round(z.numpy() * 127) / 127, rtol=0, atol=1e-12)
 
 
 def test_binary_linear_equals_linear_with_binarized_weight_and_its_gradients():

@@ -1,7 +1,23 @@
-"""Crash-safe checkpoint folders and the training state that `--resume` continues from.
+"""What a model folder and a training run hold on disk, and how every file is written.
 
-A folder (best/, last/, checkpoint/) is written whole into a hidden temporary folder,
-every file fsync'ed, then swapped in by renames:
+This module owns the names and versions of everything bibert writes outside the packed
+format (bibert.packed.format has its own): a model folder, a run's output folder, and the
+training state that `--resume` continues from.
+
+A model folder (`save_pretrained`, best/ and last/ of a run):
+
+    config.json        the Hugging Face BertConfig, plus for a BiBERT student
+                       "bibert_format_version" (MODEL_FORMAT_VERSION) and "quantization"
+    model.safetensors  the weights (a student's latent full-precision ones)
+    tokenizer files    (written by the tokenizer's own save_pretrained)
+
+A run's output folder: config.json (the run's TrainConfig), metrics.jsonl (one line per
+evaluation), results.json, calibration.json (elastic students), training_curves.png,
+best/ and last/ (model folders) and checkpoint/ (the training state).
+
+Every file is written whole to a temporary name in its folder, fsync'ed and renamed over
+the old one (`atomic_write`), so a crash leaves the old file or the new one, never half
+of one. A folder (best/, last/, checkpoint/) is written the same way as a whole:
 
     write .NAME.tmp/  ->  fsync  ->  rename NAME -> .NAME.old  ->  rename .NAME.tmp -> NAME
     ->  fsync the parent  ->  delete .NAME.old
@@ -17,29 +33,154 @@ ratio; checkpoint/model.safetensors holds the model's state dict.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Callable
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Callable
 
 from .errors import BibertError
 
+if TYPE_CHECKING:  # torch is imported where the training state is written or read: the rest stays light
+    import torch
+
+# a model folder
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+MODEL_FORMAT_KEY = "bibert_format_version"  # in config.json: present only in a BiBERT student's
+MODEL_FORMAT_VERSION = 1  # the newest BiBERT model folder this bibert reads and writes
+QUANTIZATION_KEY = "quantization"  # in config.json: the student's QuantConfig.to_dict()
+
+# a run's output folder
+RUN_CONFIG_NAME = CONFIG_NAME  # the run's TrainConfig.to_dict()
+METRICS_NAME = "metrics.jsonl"
+RESULTS_NAME = "results.json"
+CALIBRATION_NAME = "calibration.json"
+CURVES_NAME = "training_curves.png"
+BEST_DIR, LAST_DIR = "best", "last"
+
+# the training state
 TRAIN_STATE_VERSION = 1
 STATE_DIR = "checkpoint"
 STATE_FILE = "training_state.pt"
-MODEL_FILE = "model.safetensors"
 
 
-def _fsync(path: Path) -> None:
+# ------------------------------------------------------------------------------ files
+
+def _fsync(path: Path | str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call write(tmp) with a temporary path in `path`'s folder (same suffix, so that writers
+    that add one, like numpy's savez, keep it), fsync it and rename it to `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a UTF-8 text file atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj, **dumps) -> None:
+    """Write `obj` as indented JSON (and a final newline) atomically."""
+    write_text(path, json.dumps(obj, **{"indent": 2, **dumps}) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Write one JSON object per line atomically."""
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def append_jsonl(path: str | os.PathLike, row: dict) -> None:
+    """Append one JSON line (a log: a crash may lose the last line, never an earlier one)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_json(path: str | os.PathLike):
+    """A JSON file, with a clear error when it is not valid JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BibertError(f"{path} is not valid JSON ({exc})") from None
+
+
+def read_json_if_exists(path: str | os.PathLike):
+    """A JSON file, or None where there is none."""
+    return read_json(path) if Path(path).is_file() else None
+
+
+# ----------------------------------------------------------------------- model folders
+
+def read_config(directory: str | os.PathLike) -> dict:
+    """config.json of a model folder, with clear errors for a wrong path or file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BibertError(f"model folder {directory} does not exist")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise BibertError(f"no model here: {directory} has no {CONFIG_NAME} (a model folder holds "
+                          f"{CONFIG_NAME}, the weights and the tokenizer)")
+    return read_json(path)
+
+
+def is_student_config(config: dict) -> bool:
+    """Whether a model folder's config.json is a BiBERT student's (else a Hugging Face model's)."""
+    return MODEL_FORMAT_KEY in config
+
+
+def is_student_folder(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds a BiBERT student (raises BibertError if it holds no model)."""
+    return is_student_config(read_config(directory))
+
+
+def model_labels(model: str | os.PathLike) -> tuple[list[str] | None, bool | None]:
+    """(label names, regression) a model folder's head stands for: (None, True) for a
+    regressor (one output), (names, None) for a classifier with names of its own in
+    id2label, (None, None) otherwise (generic LABEL_i names, no head, or not a folder)."""
+    if not os.path.isdir(model):
+        return None, None
+    config = read_config(model)
+    id2label = config.get("id2label") or {}
+    names = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    if config.get("num_labels", len(names)) == 1 or len(names) == 1:
+        return None, True
+    generic = all(n == f"LABEL_{i}" for i, n in enumerate(names))
+    return (None if generic else names), None
+
+
+def student_config(config: dict, quant: dict) -> dict:
+    """A student's config.json: the BertConfig dict with the format version and quantization."""
+    return {**config, MODEL_FORMAT_KEY: MODEL_FORMAT_VERSION, QUANTIZATION_KEY: quant}
+
+
+def split_student_config(config: dict, where: str | os.PathLike) -> tuple[dict, dict]:
+    """(BertConfig dict, quantization dict) of a student's config.json; checks the version."""
+    config = dict(config)
+    version = config.pop(MODEL_FORMAT_KEY)
+    if not isinstance(version, int) or version > MODEL_FORMAT_VERSION:
+        raise BibertError(f"{where} was written in bibert format version {version}; this bibert reads up to"
+                          f" {MODEL_FORMAT_VERSION}: upgrade bibert")
+    return config, config.pop(QUANTIZATION_KEY)
+
+
+# ---------------------------------------------------------------------- folders whole
 
 def _fsync_tree(folder: Path) -> None:
     for root, _, files in os.walk(folder):
@@ -77,12 +218,16 @@ def recover_folder(path: str | os.PathLike) -> None:
             os.rename(old, path)
 
 
+# ----------------------------------------------------------------------- training state
+
 def save_training_state(out: Path, model: torch.nn.Module, state: dict) -> None:
     """Atomically write out/checkpoint/ (model weights + training state)."""
+    import torch
+    from safetensors.torch import save_file
 
     def write(folder: Path) -> None:
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(weights, str(folder / MODEL_FILE), metadata={"format": "pt"})
+        save_file(weights, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
         torch.save({**state, "version": TRAIN_STATE_VERSION}, folder / STATE_FILE)
 
     write_folder_atomically(out / STATE_DIR, write)
@@ -91,12 +236,15 @@ def save_training_state(out: Path, model: torch.nn.Module, state: dict) -> None:
 def load_training_state(out: Path, model: torch.nn.Module) -> dict | None:
     """Load out/checkpoint/ into `model` and return the training state (None if none yet).
     Run `recover_folder(out / STATE_DIR)` first (once, in one process)."""
+    import torch
+    from safetensors.torch import load_file
+
     folder = Path(out) / STATE_DIR
     if not folder.exists():
         return None
     try:
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        weights = load_file(str(folder / MODEL_FILE))
+        weights = load_file(str(folder / WEIGHTS_NAME))
     except Exception as exc:  # torch / safetensors raise many types for damaged files
         raise BibertError(f"cannot read the training state in {folder} ({exc}); it is damaged") from None
     if state.get("version", 0) > TRAIN_STATE_VERSION:

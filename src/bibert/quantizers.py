@@ -1,6 +1,6 @@
 """Quantizers of BiBERT, each a pure function with its forward and backward formula.
 
-Follows SPEC sections 1-3 (Qin et al., "BiBERT: Accurate Fully Binarized BERT", ICLR
+Follows docs/method.md §1-3 (Qin et al., "BiBERT: Accurate Fully Binarized BERT", ICLR
 2022). One deliberate definition everywhere, in training and in the packed engine:
 
     sign(x) = +1 if x >= 0 else -1        (IEEE compare: -0.0 -> +1, never 0)
@@ -69,9 +69,19 @@ def bool_ste(x: torch.Tensor) -> torch.Tensor:
     return _BoolSTE.apply(x)
 
 
+def centre_rows(w: torch.Tensor) -> torch.Tensor:
+    """Wc = W - mean_i W[o, i]: each row minus its mean, what the weight binarizer takes the sign of."""
+    return w - w.mean(dim=-1, keepdim=True)
+
+
 def _scale_and_centred(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(alpha = mean_i |W[o,i]| per row, Wc = W - row mean): the two halves of the binarizer."""
-    return w.abs().mean(dim=-1), w - w.mean(dim=-1, keepdim=True)
+    return w.abs().mean(dim=-1), centre_rows(w)
+
+
+def positive_signs(w: torch.Tensor) -> torch.Tensor:
+    """sign(Wc) == +1 of `binarize_weight`, as a bool tensor (the bits its signs take)."""
+    return centre_rows(w) >= 0
 
 
 class _RowBinarize(torch.autograd.Function):
@@ -228,7 +238,7 @@ def quantize_activation(x: torch.Tensor, bits: int, sign_source: torch.Tensor | 
 
 
 def quantize_probs(p: torch.Tensor, bits: int) -> torch.Tensor:
-    """Softmax probabilities of the straightforward baseline (SPEC 3).
+    """Softmax probabilities of the straightforward baseline (docs/method.md §3).
 
     1 bit: sign(p) like any activation (all ones since p >= 0: the information collapse
     Bi-Attention removes); k bits: unsigned uniform grid on [0, 1] with 2^k - 1 steps and a
