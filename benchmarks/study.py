@@ -141,7 +141,7 @@ def claim(folder: Path, wait: bool):
 
 
 def _timed(folder: Path, fn) -> dict:
-    from bibert.train import _write_json
+    from bibert.checkpoint import write_json as _write_json
 
     t0 = time.perf_counter()
     res = fn()
@@ -188,7 +188,7 @@ def augmented_file(task: str, b: Budget) -> Path:
     from bibert.augment import Augmenter, WordVectors, augment_examples
     from bibert.data import load_examples
     from bibert.tasks import get_task
-    from bibert.train import take_slice
+    from bibert.data import take_slice
 
     out = RESULTS / task / "augmented_train.jsonl"
     done = out.with_name(out.name + ".done")

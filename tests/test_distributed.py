@@ -11,8 +11,8 @@ from transformers import AutoTokenizer
 from bibert import BiBertForSequenceClassification
 from bibert.data import build_dataset, load_examples
 from bibert.evaluate import evaluate_model
-from bibert.tasks import get_task
-from bibert.train import TrainConfig, take_slice
+from bibert.config import TrainConfig
+from bibert.data import take_slice
 
 from test_train import make_tiny_teacher
 
@@ -64,7 +64,7 @@ def test_two_process_run(teacher_dir, tmp_path):
     assert [json.loads(x)["step"] for x in lines] == [3, 6]  # one writer
     # metrics gathered over 17 dev examples (uneven shards) = one process's evaluation
     config = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
-    task = get_task(config.task)
+    task = config.task
     dev = build_dataset(take_slice(load_examples(task, "dev"), 17, config.seed),
                         AutoTokenizer.from_pretrained(teacher), config.max_length, task)
     student = BiBertForSequenceClassification.from_pretrained(out / "last")

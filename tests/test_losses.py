@@ -184,12 +184,39 @@ def test_dmd_objective_adds_all_parts_with_weight_one():
     assert parts["hid"].item() == pytest.approx(sum(np_r2b(a, b) for a, b in zip(hs, ht)), rel=1e-10)
 
 
-def test_dmd_gradient_flows_to_the_student_only():
-    s = qkv_stack(1, 0)
-    s = tuple(tuple(x.clone().requires_grad_(True) for x in layer) for layer in s)
-    t = qkv_stack(1, 100)
-    sum(dmd_loss(s, t).values()).backward()
-    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in s[0])
+def test_dmd_gradient_is_the_derivative_of_the_loss():
+    """The student's gradient of sum(q, k, v) against central differences in float64."""
+    s = tuple(tuple(x.clone().requires_grad_(True) for x in layer) for layer in qkv_stack(1, 0, (1, 2, 3, 2)))
+    t = qkv_stack(1, 100, (1, 2, 3, 2))
+    assert torch.autograd.gradcheck(lambda *f: sum(dmd_loss(((f[0], f[1], f[2]),), t).values()), s[0],
+                                    eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_distillation_gradient_flows_to_the_student_only(tiny_config):
+    """DistillObjective runs the teacher without gradients: after backward every teacher
+    parameter has none (even with requires_grad on), every student weight has some."""
+    from transformers import BertForSequenceClassification
+
+    from bibert import QuantConfig, binarize
+    from bibert.losses import DistillObjective
+
+    torch.manual_seed(0)
+    hf = BertForSequenceClassification(tiny_config)
+    teacher = binarize(hf, QuantConfig.full_precision()).eval()
+    student = binarize(hf).train()
+    ids = torch.randint(5, tiny_config.vocab_size, (3, 7))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
+             "labels": torch.tensor([0, 1, 2])}
+    for kind in ("dmd", "standard"):
+        student.zero_grad(set_to_none=True)
+        objective = DistillObjective(teacher, kind, LayerMap(2, 2), is_regression=False)
+        parts = objective(student, batch)
+        assert set(parts) == set(objective.parts)
+        parts["loss"].backward()
+        assert all(p.grad is None for p in teacher.parameters())
+        assert all(p.requires_grad for p in teacher.parameters())
+        linears = [p for n, p in student.named_parameters() if n.endswith("dense.weight")]
+        assert linears and all(p.grad is not None and p.grad.abs().sum() > 0 for p in linears)
 
 
 def test_masked_dmd_and_hidden_loss_use_only_real_positions():

@@ -115,3 +115,11 @@ def test_custom_tasks():
     assert cls.num_labels == 2 and (cls.text_a, cls.text_b) == ("sentence1", "sentence2")
     with pytest.raises(BibertError, match="at least two labels"):
         Task.custom("one", ["x"], pair=False)
+
+
+def test_unknown_split_lists_each_split_once():
+    with pytest.raises(BibertError, match=r"sst2 has no split 'validation'; valid: dev, test, train\Z"):
+        get_task("sst2").eval_splits("validation")
+    with pytest.raises(BibertError, match=r"valid: dev, test, train, dev_matched, dev_mismatched, test_matched, "
+                                          r"test_mismatched\Z"):
+        get_task("mnli").eval_splits("validation")

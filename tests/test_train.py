@@ -17,7 +17,9 @@ from bibert import BiBertForSequenceClassification, QuantConfig
 from bibert.checkpoint import recover_folder, write_folder_atomically
 from bibert.cli import main as cli_main
 from bibert.errors import BibertError
-from bibert.train import TrainConfig, distill, finetune, finetune_and_distill, group_by_length, resolve_config
+from bibert.config import TrainConfig, resolve_config
+from bibert.data import group_by_length
+from bibert.train import distill, finetune, finetune_and_distill
 
 # a few dozen real Rotten Tomatoes snippets, short sequences: seconds per run
 SLICE = dict(max_train_examples=48, max_eval_examples=16, batch_size=8, max_length=24, log_every=1)

@@ -22,7 +22,8 @@ __all__ = [
 
 
 def summary(model_or_config, seq_len: int = 128, quant: QuantConfig | None = None):
-    """Per-layer cost table (bits, parameters, memory, binary and float MACs); see bibert.summary module."""
-    from .cost import model_summary
+    """The per-layer cost table (bits, parameters, memory, binary and float MACs) of a model,
+    a BertConfig, a model folder or a config.json: `bibert.cost.model_cost`."""
+    from .cost import model_cost
 
-    return model_summary(model_or_config, seq_len=seq_len, quant=quant)
+    return model_cost(model_or_config, seq_len=seq_len, quant=quant)

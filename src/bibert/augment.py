@@ -1,4 +1,4 @@
-"""TinyBERT-style data augmentation (the paper's "with DA" rows; SPEC section 5).
+"""TinyBERT-style data augmentation (the paper's "with DA" rows; docs/method.md §5).
 
 For each training sentence, up to `copies` (20) new sentences: every word that has a
 letter and is not a stop word is, with probability `prob` (0.4), replaced by one of
@@ -13,8 +13,9 @@ sentence pairs each sentence is augmented in turn, the other kept as is.
 
 Deterministic: row i draws from random.Random(f"{seed}:{i}"), so a run resumed after
 an interruption writes exactly what an uninterrupted run writes. Output: JSONL with
-the task's fields, "label" (label name, or number for regression) and "row" (the
-input row), readable by `bibert.data.load_examples(task, "train", file=...)`.
+the task's fields, "label" (label name, or number for regression; another column name
+for a file of your own data that has one) and "row" (the input row), readable by
+`bibert.data.load_examples(task, "train", file=...)`.
 Left out: TinyBERT's sentence-length cap for the MLM (sentences are truncated to
 the MLM's maximum length instead).
 """
@@ -23,10 +24,12 @@ from __future__ import annotations
 import json
 import random
 import re
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import write_text
 from .data import Example
 from .errors import BibertError
 from .fetch import fetch
@@ -192,11 +195,11 @@ class Augmenter:
         return out
 
 
-def _row_json(task: Task, text_a: str, text_b: str | None, label, row: int) -> str:
+def _row_json(task: Task, text_a: str, text_b: str | None, label, row: int, label_column: str = "label") -> str:
     record = {task.text_a: text_a}
     if task.is_pair:
         record[task.text_b] = text_b
-    record["label"] = label if task.is_regression else task.label_list[label]
+    record[label_column] = label if task.is_regression else task.label_list[label]
     record["row"] = row
     return json.dumps(record, ensure_ascii=False) + "\n"
 
@@ -222,8 +225,9 @@ def _resume_point(out: Path) -> int:
 
 
 def augment_examples(task: Task, examples: list[Example], out: str | Path, augmenter: Augmenter,
-                     seed: int = 0, progress: bool = True) -> int:
-    """Write the original and augmented rows of every example to `out` (JSONL).
+                     seed: int = 0, progress: bool = True, label_column: str = "label") -> int:
+    """Write the original and augmented rows of every example to `out` (JSONL): the task's
+    text fields and `label_column` (so that a file of your own data keeps its columns).
 
     Resumable: an existing `out` written with the same options (recorded in
     `<out>.options.json`) is continued from its last complete input row.
@@ -234,13 +238,13 @@ def augment_examples(task: Task, examples: list[Example], out: str | Path, augme
     out = Path(out)
     options = {"task": task.name, "rows": len(examples), "copies": augmenter.copies,
                "prob": augmenter.prob, "top_k": augmenter.top_k, "seed": seed,
-               "mlm": augmenter.mlm is not None}
+               "mlm": augmenter.mlm is not None, **({"label_column": label_column} if label_column != "label" else {})}
     meta = out.with_name(out.name + ".options.json")
     if out.exists() and (not meta.exists() or json.loads(meta.read_text()) != options):
         raise BibertError(f"{out} exists and was written with other options or input; "
                           f"delete it or rerun with the same options to resume")
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta.write_text(json.dumps(options, indent=1))
+    write_text(meta, json.dumps(options, indent=1))
     start = _resume_point(out)
     with open(out, "a", encoding="utf-8") as f:
         for i in tqdm(range(start, len(examples)), initial=start, total=len(examples),
@@ -249,10 +253,11 @@ def augment_examples(task: Task, examples: list[Example], out: str | Path, augme
             if ex.label is None:
                 raise BibertError(f"row {i} has no label; augmentation needs a labeled training file")
             rng = random.Random(f"{seed}:{i}")
-            lines = [_row_json(task, ex.text_a, ex.text_b, ex.label, i)]
-            lines += [_row_json(task, a, ex.text_b, ex.label, i) for a in augmenter.augment(ex.text_a, rng)]
+            row = partial(_row_json, task, label=ex.label, row=i, label_column=label_column)
+            lines = [row(ex.text_a, ex.text_b)]
+            lines += [row(a, ex.text_b) for a in augmenter.augment(ex.text_a, rng)]
             if task.is_pair:
-                lines += [_row_json(task, ex.text_a, b, ex.label, i) for b in augmenter.augment(ex.text_b, rng)]
+                lines += [row(ex.text_a, b) for b in augmenter.augment(ex.text_b, rng)]
             f.write("".join(lines))
             f.flush()
     with open(out, "rb") as f:

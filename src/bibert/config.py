@@ -1,15 +1,24 @@
-"""`QuantConfig`: which parts of the BERT are quantized, and to how many bits.
+"""The configurations: `QuantConfig` (the student) and `TrainConfig` (one training run).
 
-A versioned dataclass that round-trips through `to_dict` / `from_dict` (it is stored
-inside every checkpoint's config.json). The default is the BiBERT student: 1-bit
-weights, 1-bit word embedding, 1-bit activations and Bi-Attention.
+`QuantConfig`: which parts of the BERT are quantized, and to how many bits. A versioned
+dataclass that round-trips through `to_dict` / `from_dict` (it is stored inside every
+student's config.json). The default is the BiBERT student: 1-bit weights, 1-bit word
+embedding, 1-bit activations and Bi-Attention.
+
+`TrainConfig`: everything one run of `bibert.train` does, stored as OUT/config.json.
+Each field states its help text and option group in its metadata, so that the command
+line (`bibert finetune`, `bibert distill`) is generated from it; `resolve_config` fills
+the fields left out from the recipe (the task's, docs/method.md §5, for distillation;
+FINETUNE_RECIPE for fine-tuning).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
 
 from .errors import BibertError
+from .tasks import HELD_OUT_PERCENT, Task, get_task
 
 SUPPORTED_BITS = (1, 2, 4, 8, 32)
 ATTENTIONS = ("bi", "softmax")
@@ -23,8 +32,9 @@ class QuantConfig:
     weight_bits:     bits of every encoder Linear and the pooler (1 = BiBERT's binarizer).
     embedding_bits:  bits of the word-embedding table (position/token-type stay fp32).
     activation_bits: bits of every input of a quantized Linear (1 = sign, no scale).
-    attention:       "bi" = Bi-Attention (bool of the scores, SPEC 2);
-                     "softmax" = standard attention with quantized probabilities (SPEC 3).
+    attention:       "bi" = Bi-Attention (bool of the scores, docs/method.md §3);
+                     "softmax" = the straightforward baseline: standard attention with
+                     quantized probabilities (docs/method.md §3).
     activations:     how 1-bit activations are binarized: "sign" = the paper's sign(x)
                      with no scale; "elastic" = learned per-channel thresholds and scales,
                      {0, 1} levels for the FFN-out input (beyond the paper, after BiT;
@@ -98,3 +108,215 @@ class QuantConfig:
         if unknown:
             raise BibertError(f"unknown quantization config keys: {sorted(unknown)}")
         return cls(**d)
+
+
+# ----------------------------------------------------------------------------- training
+
+MODES = ("finetune", "distill")
+DISTILL_KINDS = ("dmd", "standard")  # the first is the default
+PRECISIONS = ("fp32", "bf16")
+# Teacher fine-tuning: the usual BERT recipe (lr in 2e-5..5e-5, 3 epochs); docs/method.md
+# §5's table is the distillation recipe. Max length and batch size come from the task.
+FINETUNE_RECIPE = {"lr": 5e-5, "epochs": 3.0}
+RECIPE = ("lr", "epochs", "max_length", "batch_size")  # options whose default is the recipe's
+
+# option groups of the command line
+RECIPE_GROUP = "recipe"
+STUDENT_GROUP = "student (distill only)"
+DATA_GROUP = "data"
+RUN_GROUP = "evaluation, checkpoints, hardware"
+
+
+def option(default=None, help: str = "", group: str = RUN_GROUP, modes: tuple[str, ...] = MODES,
+           flags: tuple[str, ...] = (), default_text: str | None = None, choices: tuple | None = None,
+           shared: bool = False):
+    """A TrainConfig field with what the command line needs to know about it.
+
+    help: the option's help text; group: its section in --help; modes: the commands that
+    have it; flags: its option strings (default: --the-name); default_text: what --help
+    says the default is, where it is not the field's default (None: the field's default);
+    choices: the values allowed; shared: `finetune_and_distill` gives it to both stages
+    (it describes the data or the machine, not one stage's recipe).
+    """
+    return field(default=default, metadata={"help": help, "group": group, "modes": modes, "flags": flags,
+                                            "default_text": default_text, "choices": choices, "shared": shared})
+
+
+@dataclass
+class TrainConfig:
+    """The resolved configuration of one run (saved as OUT/config.json).
+
+    mode: "finetune" (full-precision teacher) or "distill" (binarized student).
+    task: the task (a registry task, or one of your own data: `bibert.data.resolve_task`).
+    model: the model to fine-tune, or the teacher folder to distil from.
+    out: the output folder.
+    quant: the student (distill only; default QuantConfig(), BiBERT 1-1-1).
+    The other fields are options; each one's help text is in its metadata.
+    """
+
+    mode: str
+    task: Task
+    model: str
+    out: str
+    quant: QuantConfig | None = None
+    distill: str | None = option(
+        None, "objective: dmd = Direction-Matching Distillation (docs/method.md §4); standard = TinyBERT/BinaryBERT's",
+        STUDENT_GROUP, ("distill",), default_text=DISTILL_KINDS[0], choices=DISTILL_KINDS)
+    student_layers: int | None = option(
+        None, "a shallower student (the teacher's depth must be a multiple of it)", STUDENT_GROUP, ("distill",),
+        default_text="the teacher's depth")
+    lr: float = option(FINETUNE_RECIPE["lr"], "peak learning rate", RECIPE_GROUP)
+    epochs: float = option(FINETUNE_RECIPE["epochs"], "training epochs", RECIPE_GROUP)
+    max_length: int = option(128, "tokens per example (longer ones are truncated)", RECIPE_GROUP)
+    batch_size: int = option(16, "examples per step and process", RECIPE_GROUP)
+    max_steps: int | None = option(None, "stop after this many optimizer steps (the schedule ends there too)",
+                                   RECIPE_GROUP, default_text="the epochs'")
+    weight_decay: float = option(0.01, "AdamW weight decay, except biases and LayerNorms", RECIPE_GROUP)
+    warmup_ratio: float = option(0.1, "share of the steps with linear warm-up (then linear decay)", RECIPE_GROUP)
+    max_grad_norm: float = option(1.0, "gradient clipping norm", RECIPE_GROUP)
+    adam_eps: float = option(1e-6, "AdamW epsilon", RECIPE_GROUP)
+    eval_every: int | None = option(None, "steps between dev evaluations",
+                                    default_text="an epoch divided by --evals-per-epoch")
+    evals_per_epoch: int = option(4, "dev evaluations per epoch when --eval-every is not given; the best one is kept")
+    save_every: int | None = option(None, "steps between extra training-state checkpoints",
+                                    default_text="only at evaluations")
+    log_every: int = option(10, "steps between logged loss averages")
+    max_train_examples: int | None = option(None, "train on a seeded random slice of this size", DATA_GROUP,
+                                            default_text="all", shared=True)
+    max_eval_examples: int | None = option(None, "evaluate on a seeded random slice of this size", DATA_GROUP,
+                                           default_text="all", shared=True)
+    train_file: str | None = option(
+        None, "train on this .csv/.tsv/.jsonl/.parquet file (your own data, or e.g. `bibert augment`'s output); "
+        "without --task, a task of your own data: labels (any values) from this file, or regression when they are "
+        "numbers that are not all whole", DATA_GROUP, flags=("--train-file", "--file"),
+        default_text="the task's train split")
+    data_dir: str | None = option(None, "GLUE folder in the original TSV layout (e.g. glue_data/SST-2)", DATA_GROUP,
+                                  default_text="the task's own data: the offline corpora, else Hugging Face datasets",
+                                  shared=True)
+    eval_test: bool = option(False, "score the best checkpoint on the labeled test split (or --test-file)")
+    group_by_length: bool = option(
+        False, "batch examples of similar length together: less padding, so faster steps on CPU (each epoch's "
+        "shuffled order is cut into windows of 50 batches, each sorted by length and cut into batches, and the "
+        "batches shuffled again)", DATA_GROUP)
+    dmd_mask_padding: bool = option(
+        False, "leave padded positions out of DMD and the hidden loss (--distill dmd; the reference keeps them, "
+        "docs/method.md §4)", STUDENT_GROUP, ("distill",))
+    init_from: str | None = option(
+        None, "start the student from this BiBERT folder (e.g. an intermediate 1-1-4 student's best/)",
+        STUDENT_GROUP, ("distill",), default_text="the teacher's weights")
+    quantizer_lr: float | None = option(
+        None, "peak learning rate of the elastic thresholds and scales (no weight decay; docs/method.md §7)",
+        STUDENT_GROUP, ("distill",), default_text="--lr")
+    seed: int = option(42, "seed of the data order, a new head and dropout", shared=True)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N", shared=True)
+    precision: str = option("fp32", "bf16 autocast (GPU) or fp32", choices=PRECISIONS, shared=True)
+    dev_file: str | None = option(
+        None, "dev data: a .csv/.tsv/.jsonl/.parquet file with the train file's columns", DATA_GROUP,
+        default_text=f"the task's dev split; for your own data, a fixed {HELD_OUT_PERCENT}% of --train-file (by a hash "
+        "of the text)",
+        shared=True)
+    test_file: str | None = option(None, "labeled test data for --eval-test, with the train file's columns",
+                                   DATA_GROUP, default_text="the task's test split", shared=True)
+    text_column: str | None = option(None, "column of the first text in --train-file, --dev-file, --test-file",
+                                     DATA_GROUP, default_text="the task's field, e.g. sentence; text for your own "
+                                     "data", shared=True)
+    text_pair_column: str | None = option(None, "column of the second text, for sentence pairs", DATA_GROUP,
+                                          flags=("--text-pair-column", "--pair-column"),
+                                          default_text="the task's field; none for your own data", shared=True)
+    label_column: str | None = option(None, "column of the label", DATA_GROUP, default_text="label", shared=True)
+
+    VERSION: ClassVar[int] = 2  # 2: task of your own data (a dict), dev/test files and columns
+    # options that may change between a run and its resumption
+    RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = ("out", "device", "save_every", "eval_test")
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise BibertError(f"unknown mode {self.mode!r}: choose finetune or distill")
+        if isinstance(self.task, str):
+            self.task = get_task(self.task)
+        elif isinstance(self.task, dict):
+            self.task = Task.from_dict(self.task)
+        if isinstance(self.quant, dict):
+            self.quant = QuantConfig.from_dict(self.quant)
+        if self.mode == "distill":
+            self.distill = DISTILL_KINDS[0] if self.distill is None else self.distill
+            if self.distill not in DISTILL_KINDS:
+                raise BibertError(f"unknown distillation {self.distill!r}: choose dmd or standard")
+            self.quant = self.quant or QuantConfig()
+        if self.dmd_mask_padding and (self.mode != "distill" or self.distill != "dmd"):
+            raise BibertError("--dmd-mask-padding applies to distillation with --distill dmd only")
+        if self.precision not in PRECISIONS:
+            raise BibertError(f"unknown precision {self.precision!r}: choose fp32 or bf16")
+        for name in ("lr", "epochs"):
+            if not getattr(self, name) > 0:
+                raise BibertError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.mode != "distill" and (self.init_from is not None or self.quantizer_lr is not None):
+            raise BibertError("--init-from and --quantizer-lr apply to distillation only")
+        if self.quantizer_lr is not None and not self.quantizer_lr > 0:
+            raise BibertError(f"--quantizer-lr must be positive, got {self.quantizer_lr}")
+        for name in ("max_length", "batch_size", "log_every", "max_steps", "eval_every", "evals_per_epoch", "save_every",
+                     "max_train_examples", "max_eval_examples", "student_layers"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise BibertError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise BibertError(f"--warmup-ratio must lie in [0, 1), got {self.warmup_ratio}")
+
+    @property
+    def quant_config(self) -> QuantConfig | None:
+        """The student's QuantConfig (the same as `quant`; kept for older callers)."""
+        return self.quant
+
+    def to_dict(self) -> dict:
+        """JSON: a registry task by its name, a task of your own data whole (Task.to_dict)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["task"] = self.task.name if self.task.registered else self.task.to_dict()
+        d["quant"] = self.quant.to_dict() if self.quant is not None else None
+        return {**d, "version": self.VERSION}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Read `to_dict`'s output, or an older version's (version 1: the task by name)."""
+        d = dict(d)
+        version = d.pop("version", 1)
+        if not isinstance(version, int) or version > cls.VERSION:
+            raise BibertError(f"training config version {version} is newer than this bibert ({cls.VERSION}); upgrade bibert")
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise BibertError(f"unknown training options: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+def option_fields(mode: str | None = None) -> list:
+    """The option fields of TrainConfig (those with help text), of one mode's command or all."""
+    return [f for f in fields(TrainConfig) if f.metadata.get("help") and (mode is None or mode in f.metadata["modes"])]
+
+
+def recipe_defaults(mode: str, task: Task) -> dict:
+    """The defaults that come from the recipe: the task's (docs/method.md §5) for distillation,
+    FINETUNE_RECIPE with the task's max length and batch size for fine-tuning."""
+    recipe = {"lr": task.lr, "epochs": float(task.epochs)} if mode == "distill" else dict(FINETUNE_RECIPE)
+    return {**recipe, "max_length": task.max_length, "batch_size": task.batch_size}
+
+
+def resolve_config(mode: str, model: str, task: str | Task | None, out: str | os.PathLike, **options) -> TrainConfig:
+    """A TrainConfig with every option left out (or None) taken from the recipe
+    (`recipe_defaults`). `model` may be a folder, a hub name or `teacher` (the offline
+    teacher, `bibert.data.resolve_model`); `task` a Task, a registry name, or None / a name
+    of your own with `train_file` (`bibert.data.resolve_task`: for distillation the labels
+    are the teacher's)."""
+    from .checkpoint import model_labels
+    from .data import resolve_model, resolve_task
+
+    known = {f.name for f in fields(TrainConfig)} - {"mode", "task", "model", "out"}
+    unknown = set(options) - known
+    if unknown:
+        raise BibertError(f"unknown training options: {', '.join(sorted(unknown))}")
+    resolved = {k: v for k, v in options.items() if v is not None}
+    model = resolve_model(str(model))
+    labels, regression = model_labels(model) if mode == "distill" else (None, None)  # a teacher's labels stay
+    task = resolve_task(task, labels=labels, regression=regression, **{
+        k: resolved.get(k) for k in ("train_file", "text_column", "text_pair_column", "label_column")})
+    for key, value in recipe_defaults(mode, task).items():
+        resolved.setdefault(key, value)
+    return TrainConfig(mode=mode, task=task, model=model, out=str(out), **resolved)

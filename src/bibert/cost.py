@@ -1,6 +1,7 @@
 """What a (quantized) BERT costs: per-layer bits, parameters, memory and operations.
 
-In the spirit of Larq's `models.summary()`, with the paper's accounting (SPEC 7):
+In the spirit of Larq's `models.summary()`, with the paper's accounting (docs/method.md §6,
+paper §4.1):
 - a product of a w-bit and an a-bit operand (both below 32 bits) is w*a binary
   operations per multiply-accumulate; a full-precision MAC is 2 FLOPs; a binary operation
   counts as 1/64 FLOP: ops = 2 * MACs * w * a / 64;
@@ -13,13 +14,20 @@ In the spirit of Larq's `models.summary()`, with the paper's accounting (SPEC 7)
 as far as its figures let it be inferred: per-row scales left out, and the embedding bits E
 applied to the position / token-type tables too (BERT-base: 418 MiB fp32, 13.5 MiB
 1-1-1; the paper prints 418 and 13.4 "MB", which are MiB).
+
+    config_cost(config, quant, seq_len)      a CostTable for a BertConfig
+    model_cost(model_or_config, seq_len)     the same for a model, a folder or a config.json
+                                             (`bibert.summary` and `bibert summary`)
+
+The older names `summarize`, `model_summary`, `Summary` and `Row` stay as aliases.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .bert_names import ATTENTION_OUTPUT, CLASSIFIER, ENCODER_LAYER, FFN_IN, FFN_OUT, LAYER_NORMS, POOLER, QKV, WORD_EMBEDDINGS
+from .checkpoint import CONFIG_NAME, is_student_config, read_config, read_json, split_student_config
 from .config import QuantConfig
 from .errors import BibertError
 
@@ -28,7 +36,9 @@ MIB = 2**20
 
 
 @dataclass
-class Row:
+class CostRow:
+    """One row of a CostTable: a layer's (or an operation's) parameters, memory and work."""
+
     name: str
     kind: str
     input_bits: int | str
@@ -53,12 +63,14 @@ class Row:
 
 
 @dataclass
-class Summary:
+class CostTable:
+    """The cost of one sequence through a BERT classifier: rows, `totals`, `table()`, `to_dict()`."""
+
     bits: str
     attention: str
     seq_len: int
     embedding_bits: int
-    rows: list[Row] = field(default_factory=list)
+    rows: list[CostRow] = field(default_factory=list)
 
     @property
     def totals(self) -> dict:
@@ -108,7 +120,7 @@ def _bops(a: int, b: int) -> int:
     return a * b if a < 32 and b < 32 else 0
 
 
-def _matmul(row: Row, macs: int, a_bits: int, b_bits: int) -> None:
+def _matmul(row: CostRow, macs: int, a_bits: int, b_bits: int) -> None:
     if _bops(a_bits, b_bits):
         row.binary_macs += macs
         row.bops_per_mac = _bops(a_bits, b_bits)
@@ -116,56 +128,57 @@ def _matmul(row: Row, macs: int, a_bits: int, b_bits: int) -> None:
         row.fp_macs += macs
 
 
-def _linear(name: str, n_in: int, n_out: int, tokens: int, q: QuantConfig) -> Row:
+def _linear(name: str, n_in: int, n_out: int, tokens: int, q: QuantConfig) -> CostRow:
     w, a = q.weight_bits, q.activation_bits
-    row = Row(name, "linear", a, w, quantized_params=n_in * n_out, qbits=w, fp_params=n_out)
+    row = CostRow(name, "linear", a, w, quantized_params=n_in * n_out, qbits=w, fp_params=n_out)
     row.scales = n_out if w < 32 else 0
     _matmul(row, tokens * n_in * n_out, w, a)
     row.elementwise_flops = tokens * n_out * (1 + (w < 32))  # bias (+ scale)
     return row
 
 
-def summarize(config, quant: QuantConfig | None = None, seq_len: int = 128) -> Summary:
+def config_cost(config, quant: QuantConfig | None = None, seq_len: int = 128) -> CostTable:
     """Cost of one sequence of `seq_len` tokens through a BERT classifier of `config`."""
     q = quant or QuantConfig()
     h, i, T = config.hidden_size, config.intermediate_size, seq_len
     nh = config.num_attention_heads
     hs = h // nh
     ew = ELEMENTWISE_FLOPS
-    s = Summary(q.bits, q.attention, T, q.embedding_bits)
+    s = CostTable(q.bits, q.attention, T, q.embedding_bits)
     e = q.embedding_bits
-    s.rows.append(Row("embeddings.word_embeddings", "embedding", "-", e, quantized_params=config.vocab_size * h, qbits=e,
-                      scales=config.vocab_size if e < 32 else 0))
-    s.rows.append(Row("embeddings.position+token_type+LN", "embedding", "-", 32,
+    s.rows.append(CostRow(WORD_EMBEDDINGS, "embedding", "-", e, quantized_params=config.vocab_size * h, qbits=e,
+                          scales=config.vocab_size if e < 32 else 0))
+    s.rows.append(CostRow("embeddings.position+token_type+LN", "embedding", "-", 32,
                       aux_params=(config.max_position_embeddings + config.type_vocab_size) * h, fp_params=2 * h,
                       elementwise_flops=T * h * (2 * ew["add"] + ew["layernorm"])))
     for l in range(config.num_hidden_layers):
-        p = f"encoder.layer.{l}."
-        s.rows += [_linear(p + f"attention.self.{n}", h, h, T, q) for n in ("query", "key", "value")]
+        p = ENCODER_LAYER.format(l)
+        s.rows += [_linear(p + name, h, h, T, q) for name in QKV]
         a = q.activation_bits
-        scores = Row(p + "attention.scores", "matmul", a, a, elementwise_flops=nh * T * T * 2)
+        scores = CostRow(p + "attention.scores", "matmul", a, a, elementwise_flops=nh * T * T * 2)
         _matmul(scores, nh * T * T * hs, a, a)
         prob_bits = 1 if q.attention == "bi" else a
-        ctx = Row(p + f"attention.context ({q.attention})", "matmul", prob_bits, a,
+        ctx = CostRow(p + f"attention.context ({q.attention})", "matmul", prob_bits, a,
                   elementwise_flops=nh * T * T * (ew["softmax"] if q.attention == "softmax" else 0))
         _matmul(ctx, nh * T * T * hs, prob_bits, a)
         s.rows += [scores, ctx]
-        s.rows.append(_linear(p + "attention.output.dense", h, h, T, q))
-        s.rows.append(Row(p + "attention.output.LayerNorm", "norm", 32, 32, fp_params=2 * h, elementwise_flops=T * h * (ew["add"] + ew["layernorm"])))
-        inter = _linear(p + "intermediate.dense", h, i, T, q)
+        norm_flops = T * h * (ew["add"] + ew["layernorm"])
+        s.rows.append(_linear(p + ATTENTION_OUTPUT, h, h, T, q))
+        s.rows.append(CostRow(p + LAYER_NORMS[0], "norm", 32, 32, fp_params=2 * h, elementwise_flops=norm_flops))
+        inter = _linear(p + FFN_IN, h, i, T, q)
         inter.elementwise_flops += T * i * ew["gelu"]
         s.rows.append(inter)
-        s.rows.append(_linear(p + "output.dense", i, h, T, q))
-        s.rows.append(Row(p + "output.LayerNorm", "norm", 32, 32, fp_params=2 * h, elementwise_flops=T * h * (ew["add"] + ew["layernorm"])))
-    pooler = _linear("pooler.dense", h, h, 1, q)
+        s.rows.append(_linear(p + FFN_OUT, i, h, T, q))
+        s.rows.append(CostRow(p + LAYER_NORMS[1], "norm", 32, 32, fp_params=2 * h, elementwise_flops=norm_flops))
+    pooler = _linear(POOLER, h, h, 1, q)
     pooler.elementwise_flops += h * ew["tanh"]
     s.rows.append(pooler)
-    s.rows.append(_linear("classifier", h, config.num_labels, 1, QuantConfig.full_precision()))
+    s.rows.append(_linear(CLASSIFIER, h, config.num_labels, 1, QuantConfig.full_precision()))
     return s
 
 
-def model_summary(model_or_config, seq_len: int = 128, quant: QuantConfig | None = None) -> Summary:
-    """`summarize` for a model, a BertConfig, a model folder or a config.json path.
+def model_cost(model_or_config, seq_len: int = 128, quant: QuantConfig | None = None) -> CostTable:
+    """`config_cost` for a model, a BertConfig, a model folder or a config.json path.
 
     The quantization comes from `quant`, else from the model / checkpoint, else 1-1-1 "bi".
     """
@@ -174,24 +187,30 @@ def model_summary(model_or_config, seq_len: int = 128, quant: QuantConfig | None
     from .modeling import BiBertForSequenceClassification
 
     if isinstance(model_or_config, BiBertForSequenceClassification):
-        return summarize(model_or_config.config, quant or model_or_config.quant, seq_len)
+        return config_cost(model_or_config.config, quant or model_or_config.quant, seq_len)
     if hasattr(model_or_config, "config") and hasattr(model_or_config.config, "hidden_size"):
-        return summarize(model_or_config.config, quant or QuantConfig.full_precision(), seq_len)
+        return config_cost(model_or_config.config, quant or QuantConfig.full_precision(), seq_len)
     if isinstance(model_or_config, BertConfig):
-        return summarize(model_or_config, quant, seq_len)
+        return config_cost(model_or_config, quant, seq_len)
     path = Path(model_or_config)
     if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise BibertError(f"{model_or_config}: no such model folder or config.json")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BibertError(f"{path} is not valid JSON ({exc})") from None
+        d = read_config(path)
+    elif path.is_file():
+        d = read_json(path)
+    else:
+        raise BibertError(f"{model_or_config}: no such model folder or {CONFIG_NAME}")
     if d.get("model_type") != "bert":
         raise BibertError(f"{path} describes a {d.get('model_type')!r} model; bibert supports BERT (model_type 'bert')")
-    stored = d.pop("quantization", None)
-    d.pop("bibert_format_version", None)
+    stored = None
+    if is_student_config(d):
+        d, stored = split_student_config(d, path)
     if quant is None:
         quant = QuantConfig.from_dict(stored) if stored else QuantConfig.full_precision()
-    return summarize(BertConfig.from_dict(d), quant, seq_len)
+    return config_cost(BertConfig.from_dict(d), quant, seq_len)
+
+
+# the older names
+summarize = config_cost
+model_summary = model_cost
+Summary = CostTable
+Row = CostRow

@@ -1,7 +1,7 @@
 """Examples, tokenized features and batches for every task.
 
 Sources, in the order `load_examples` tries them:
-1. a user file (`file=`): .csv, .tsv or .jsonl, columns named by text_column /
+1. a user file (`file=`): .csv, .tsv, .jsonl or .parquet, columns named by text_column /
    pair_column / label_column (defaults: the task's own field names and "label");
 2. a GLUE folder in the original layout (`data_dir=glue_data/SST-2`, or the
    glue_data root): each task's TSV columns and quirks (CoLA's header-less train/dev,
@@ -12,7 +12,11 @@ Sources, in the order `load_examples` tries them:
 4. Hugging Face `datasets` ("glue" configs), imported only when needed.
 
 An `Example` holds its label as an index into `task.label_list` (classification), a
-float (regression) or None (unlabeled test data). `build_dataset` tokenizes with the
+float (regression) or None (unlabeled test data). A task of your own data
+(`resolve_task`, `infer_custom_task`) takes its labels from its train file, and its dev
+data from a dev file or, without one, from a fixed share of the train file
+(`load_split`). A run's batches come from `group_by_length` (optional) and its data
+slices from `take_slice`. `build_dataset` tokenizes with the
 teacher's tokenizer (truncation, no padding) and caches the features on disk keyed by
 the tokenizer, task, max length and a hash of the examples; `collate_batch` pads per
 batch. Left out: sequence packing and streaming datasets that do not fit in memory.
@@ -24,7 +28,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -35,13 +38,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .checkpoint import atomic_write
 from .errors import BibertError
-from .fetch import cache_dir, fetch, teacher_path
-from .tasks import Task, get_task
+from .fetch import cache_dir, fetch, resolve_model, sha256_of, teacher_path
+from .tasks import HELD_OUT_PERCENT, Task, get_task
 
-__all__ = ["Example", "load_examples", "infer_custom_task", "label_counts", "TokenizedDataset",
-           "build_dataset", "collate_batch", "make_dataloader", "fetch", "teacher_path", "cache_dir",
-           "rotten_tomatoes_splits", "snli_splits"]
+__all__ = ["Example", "load_examples", "load_split", "infer_custom_task", "resolve_task", "label_counts",
+           "TokenizedDataset", "build_dataset", "collate_batch", "make_dataloader", "group_by_length", "take_slice",
+           "fetch", "teacher_path", "resolve_model", "cache_dir", "rotten_tomatoes_splits", "snli_splits"]
 
 Label = int | float | None
 
@@ -78,6 +82,15 @@ def _lines(path: Path):
             yield lineno, text.rstrip("\r\n")
 
 
+def _label_name(raw) -> str:
+    """A label read from a file as a name: JSON's 1 and 1.0 both give "1", true gives "true"."""
+    if isinstance(raw, bool):
+        return str(raw).lower()
+    if isinstance(raw, float) and raw.is_integer():
+        return str(int(raw))
+    return str(raw).strip()
+
+
 def _label(task: Task, raw, where: str) -> Label:
     """Turn a label read from a file into an index (classification) or a float (regression)."""
     if raw is None or (isinstance(raw, str) and raw.strip() == ""):
@@ -87,11 +100,12 @@ def _label(task: Task, raw, where: str) -> Label:
             return float(raw)
         except (TypeError, ValueError):
             raise BibertError(f"{where}: label {raw!r} is not a number ({task.name} is regression)") from None
-    text = str(raw).strip()
+    text = _label_name(raw)
     if text in task.label_list:
         return task.label_list.index(text)
+    # a JSON number may be an index into label names that are words (not when the names are numbers)
     if isinstance(raw, (int, float)) and not isinstance(raw, bool) and float(raw).is_integer() \
-            and 0 <= int(raw) < task.num_labels:
+            and 0 <= int(raw) < task.num_labels and _as_numbers(task.label_list) is None:
         return int(raw)
     raise BibertError(f"{where}: unknown label {raw!r} for {task.name} "
                       f"(expected one of: {', '.join(task.label_list)})")
@@ -167,7 +181,8 @@ def read_glue_tsv(task: Task, split: str, data_dir: str | Path) -> list[Example]
 
 
 def _user_rows(path: Path):
-    """Yield (line number, dict) from a .csv, .tsv or .jsonl file."""
+    """Yield (where, dict) from a .csv, .tsv, .jsonl or .parquet file; `where` is "line N"
+    (or "row group G row R" in parquet) for messages."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
         for lineno, line in _lines(path):
@@ -179,7 +194,7 @@ def _user_rows(path: Path):
                 raise BibertError(f"file {path} line {lineno}: malformed JSON ({exc.msg})") from None
             if not isinstance(row, dict):
                 raise BibertError(f"file {path} line {lineno}: expected a JSON object per line")
-            yield lineno, row
+            yield f"line {lineno}", row
     elif suffix in (".csv", ".tsv"):
         text = "\n".join(line for _, line in _lines(path))
         reader = csv.reader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
@@ -192,24 +207,47 @@ def _user_rows(path: Path):
             if len(fields) != len(header):
                 raise BibertError(f"file {path} line {reader.line_num}: malformed row, expected "
                                   f"{len(header)} fields, found {len(fields)}")
-            yield reader.line_num, dict(zip(header, fields))
+            yield f"line {reader.line_num}", dict(zip(header, fields))
+    elif suffix == ".parquet":
+        from .serving.tables import TableReader
+
+        for row in TableReader(path).rows():
+            yield row.where, row.values
     else:
-        raise BibertError(f"file {path}: unsupported format {suffix!r}; use .csv, .tsv or .jsonl")
+        raise BibertError(f"file {path}: unsupported format {suffix!r}; use .csv, .tsv, .jsonl or .parquet")
+
+
+_COLUMNS_SHOWN: set[tuple] = set()
+
+
+def _show_columns(path: Path, used: dict[str, str], columns) -> None:
+    """Say once per file which columns are read, when the file has others too."""
+    others = [c for c in columns if c not in used.values()]
+    key = (str(path.resolve()), tuple(used.items()))
+    if others and key not in _COLUMNS_SHOWN:
+        _COLUMNS_SHOWN.add(key)
+        print(f"{path}: reading " + ", ".join(f"{role} from column {col!r}" for role, col in used.items())
+              + f"; not used: {', '.join(map(repr, others))}", file=sys.stderr)
 
 
 def read_user_file(task: Task, path: str | Path, text_column: str | None = None,
                    pair_column: str | None = None, label_column: str = "label",
                    labeled: bool = True) -> list[Example]:
-    """Read a user .csv/.tsv/.jsonl; column names default to the task's fields and "label"."""
+    """Read a user .csv/.tsv/.jsonl/.parquet; column names default to the task's fields and "label".
+    Columns the task does not read are named once on stderr."""
     path = Path(path)
     text_column = text_column or task.text_a
     pair_column = pair_column or task.text_b
+    used = {"text": text_column, "text pair": pair_column, "label": label_column if labeled else None}
+    used = {role: col for role, col in used.items() if col is not None}
     examples = []
-    for lineno, row in _user_rows(path):
-        where = f"file {path} line {lineno}"
-        for col in (text_column, pair_column, label_column if labeled else None):
-            if col is not None and col not in row:
+    for where, row in _user_rows(path):
+        where = f"file {path} {where}"
+        for col in used.values():
+            if col not in row:
                 raise BibertError(f"{where}: missing column {col!r} (columns: {', '.join(map(str, row))})")
+        if not examples:
+            _show_columns(path, used, row)
         label = _label(task, row[label_column], where) if labeled else None
         examples.append(Example(str(row[text_column]),
                                 None if pair_column is None else str(row[pair_column]), label))
@@ -218,18 +256,82 @@ def read_user_file(task: Task, path: str | Path, text_column: str | None = None,
 
 def infer_custom_task(path: str | Path, name: str = "custom", text_column: str = "text",
                       pair_column: str | None = None, label_column: str = "label",
-                      regression: bool = False) -> Task:
-    """A `Task.custom` whose labels are the distinct labels of a training file (sorted)."""
+                      regression: bool | None = None, labels: list[str] | None = None) -> Task:
+    """A `Task.custom` for a file of your own data, whose fields are the file's text columns.
+
+    Labels: `labels` when given (a model's, in its order); else the distinct labels of the
+    file, sorted (as numbers when they are all whole numbers: 2 before 10). A regression
+    when `regression` is True, or when it is None and every label is a number but not all
+    are whole numbers (0.5, 3.8, ...).
+    """
     path = Path(path)
-    labels = set()
-    for lineno, row in _user_rows(path):
-        if label_column not in row:
-            raise BibertError(f"file {path} line {lineno}: missing column {label_column!r} "
-                              f"(columns: {', '.join(map(str, row))})")
-        labels.add(str(row[label_column]).strip())
-    if not labels:
+    names = set()
+    for where, row in _user_rows(path):
+        for col in (text_column, pair_column, label_column):
+            if col is not None and col not in row:
+                raise BibertError(f"file {path} {where}: missing column {col!r} "
+                                  f"(columns: {', '.join(map(str, row))})")
+        names.add(_label_name(row[label_column]))
+    if not names:
         raise BibertError(f"file {path} has no examples")
-    return Task.custom(name, None if regression else sorted(labels), pair=pair_column is not None)
+    numbers = _as_numbers(names)
+    if regression is None:
+        regression = labels is None and numbers is not None and not all(x.is_integer() for x in numbers.values())
+    if regression:
+        if numbers is None:
+            raise BibertError(f"file {path}: a regression needs numbers in column {label_column!r}, found "
+                              f"{', '.join(sorted(n for n in names if n not in (numbers or {})))[:200]}")
+        label_list = None
+    elif labels is not None:
+        label_list = list(labels)
+    elif numbers is not None:
+        label_list = sorted(names, key=lambda n: numbers[n])
+    else:
+        label_list = sorted(names)
+    return Task.custom(name, label_list, pair=pair_column is not None, text_a=text_column, text_b=pair_column)
+
+
+def _as_numbers(names) -> dict[str, float] | None:
+    """{name: float} when every label name is a number, else None."""
+    try:
+        return {n: float(n) for n in names}
+    except ValueError:
+        return None
+
+
+def resolve_task(task: str | Task | None, train_file: str | Path | None = None, text_column: str | None = None,
+                 text_pair_column: str | None = None, label_column: str | None = None,
+                 labels: list[str] | None = None, regression: bool | None = None) -> Task:
+    """The task of a run: a Task as it is; a registry name (GLUE, rotten_tomatoes, snli);
+    else, with `train_file`, a task of your own data (`infer_custom_task`) named `task` or
+    after the file. Columns default to "text" and "label"; `labels` / `regression`: a
+    model's labels to keep (a teacher's), when it has some."""
+    if isinstance(task, Task):
+        return task
+    if task is not None and (train_file is None or is_task_name(task)):
+        return get_task(task)
+    if train_file is None:
+        raise BibertError("give --task (a GLUE task, rotten_tomatoes or snli) or --train-file with your own data")
+    return infer_custom_task(train_file, name=task or Path(train_file).stem, text_column=text_column or "text",
+                             pair_column=text_pair_column, label_column=label_column or "label",
+                             regression=regression, labels=labels)
+
+
+def is_task_name(name: str) -> bool:
+    try:
+        get_task(name)
+        return True
+    except BibertError:
+        return False
+
+
+def describe_task(task: Task) -> str:
+    """One line: a registry task's name, or what a task of your own data is."""
+    if task.registered:
+        return task.name
+    kind = "regression" if task.is_regression else f"labels {', '.join(task.label_list)}"
+    fields = task.text_a + (f" + {task.text_b}" if task.is_pair else "")
+    return f"{task.name} (your own data: text {fields}; {kind})"
 
 
 # --------------------------------------------------------------------- offline corpora
@@ -356,12 +458,99 @@ def _has_column(path, column: str) -> bool:
     return first is not None and column in first[1]
 
 
+def held_out(example: Example) -> bool:
+    """Whether an example of a train file belongs to the held-out dev share (its text's hash)."""
+    return _stable_bucket(f"{example.text_a}\t{example.text_b or ''}") < HELD_OUT_PERCENT
+
+
+def load_split(task: Task, split: str, *, train_file: str | Path | None = None, dev_file: str | Path | None = None,
+               test_file: str | Path | None = None, data_dir: str | Path | None = None,
+               text_column: str | None = None, text_pair_column: str | None = None,
+               label_column: str | None = None) -> list[Example]:
+    """The examples of one split of a run ("train", a dev split or a test split).
+
+    A file given for the split's kind (train_file, dev_file, test_file) is read with the
+    columns given (default: the task's fields and "label"); otherwise the task's own data
+    (`load_examples`). A task of your own data has no data of its own: without a dev file
+    its dev examples are the held-out share of the train file (`held_out`, HELD_OUT_PERCENT
+    of it, fixed by the texts' hashes, so the same for the teacher and the student), which
+    its training then leaves out; its test examples need a test file.
+    """
+    columns = {"text_column": text_column, "pair_column": text_pair_column, "label_column": label_column or "label"}
+    kind = "train" if split == "train" else "dev" if split in task.dev_splits else "test"
+    file = {"train": train_file, "dev": dev_file, "test": test_file}[kind]
+    hold_out = not task.registered and dev_file is None
+    if file is None and not task.registered:
+        if kind == "test" or train_file is None:
+            raise BibertError(f"{task.name} is a task of your own data: pass --{kind}-file with its {kind} data")
+        file = train_file
+    if file is None:
+        return load_examples(task, split, data_dir=data_dir)
+    examples = load_examples(task, split if kind != "dev" or file != train_file else "train", file=file, **columns)
+    if hold_out and kind in ("train", "dev"):
+        examples = [ex for ex in examples if held_out(ex) == (kind == "dev")]
+        if not examples:
+            raise BibertError(f"{train_file}: its held-out {HELD_OUT_PERCENT}% for dev data leaves no {kind} "
+                              f"examples; pass --dev-file")
+    return examples
+
+
+def source_record(file: str | Path | None = None, data_dir: str | Path | None = None) -> dict:
+    """Where evaluation data came from: {"file", "sha256"}, {"data_dir"} or {"source": "task"}."""
+    if file is not None:
+        return {"file": str(Path(file).resolve()), "sha256": sha256_of(Path(file))}
+    if data_dir is not None:
+        return {"data_dir": str(Path(data_dir).resolve())}
+    return {"source": "task"}
+
+
 def label_counts(task: Task, examples: list[Example]) -> dict[str, int]:
     """Label name -> count (classification), or {} for regression / unlabeled data."""
     if task.is_regression:
         return {}
     counts = Counter(ex.label for ex in examples if ex.label is not None)
     return {name: counts.get(i, 0) for i, name in enumerate(task.label_list)} if counts else {}
+
+
+# ------------------------------------------------------------------ slices and batches
+
+def take_slice(examples: list, limit: int | None, seed: int) -> list:
+    """A seeded random subset of `limit` examples, in their original order (all if None)."""
+    if limit is None or limit >= len(examples):
+        return examples
+    pick = np.sort(np.random.default_rng(seed).permutation(len(examples))[:limit])
+    return [examples[i] for i in pick]
+
+
+GROUP_WINDOW = 50  # batches per length-sorted window
+
+
+def group_by_length(order: list[int], lengths, batch_size: int, seed: int) -> list[int]:
+    """`order` rearranged so that each batch_size slice holds examples of similar length.
+
+    The order is cut into windows of GROUP_WINDOW batches; each window is sorted by
+    length (longest first) and cut into batches; the batches of all windows are then
+    shuffled (seeded), except that the batch holding the longest example goes first, so
+    that a run meets its peak memory at once. A permutation of `order`: every example
+    is still seen once per epoch.
+    """
+    window = batch_size * GROUP_WINDOW
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w:w + window], key=lambda i: -int(lengths[i]))
+        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+    if not batches:
+        return []
+    # the last slice of `order` may be short; keep the short batch last so that every
+    # other batch stays full
+    short = [b for b in batches if len(b) < batch_size]
+    full = [b for b in batches if len(b) == batch_size]
+    rng = np.random.default_rng(seed)
+    perm = [full[i] for i in rng.permutation(len(full))]
+    if perm:
+        longest = max(range(len(perm)), key=lambda j: int(lengths[perm[j][0]]))
+        perm[0], perm[longest] = perm[longest], perm[0]
+    return [i for b in perm + short for i in b]
 
 
 # --------------------------------------------------------------------------- features
@@ -453,9 +642,8 @@ def build_dataset(examples: list[Example], tokenizer, max_length: int, task: Tas
     labels = np.asarray([ex.label for ex in examples] if labeled else [],
                         dtype=np.float32 if task.is_regression else np.int64)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, input_ids=input_ids, token_type_ids=token_type_ids, offsets=offsets, labels=labels)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: np.savez(tmp, input_ids=input_ids, token_type_ids=token_type_ids, offsets=offsets,
+                                            labels=labels))
     return TokenizedDataset(input_ids, token_type_ids, offsets, labels if labeled else None,
                             task.is_regression, pad)
 

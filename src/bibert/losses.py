@@ -1,9 +1,11 @@
-"""Distillation losses: BiBERT's Direction-Matching Distillation and the standard objective.
+"""Training objectives: BiBERT's Direction-Matching Distillation, the standard objective, fine-tuning.
 
-Follows SPEC section 4 (DMD, Qin et al. ICLR 2022) and section 3 (the standard
-TinyBERT / BinaryBERT objective of the straightforward baseline). Every loss takes the
+Follows docs/method.md §4 (DMD, Qin et al. ICLR 2022, paper §3.3) and its standard
+TinyBERT / BinaryBERT objective of the straightforward baseline. Every loss takes the
 student's and the teacher's tensors and a `LayerMap` that says which teacher layer each
-student layer matches (the identity when both have the same depth).
+student layer matches (the identity when both have the same depth). The objectives the
+training loop calls (`FinetuneObjective`, `DistillObjective`) run the models on a batch
+and return their loss parts; each declares the names of its parts.
 
     r2b(S, T)      = || S/||S|| - T/||T|| ||_2           norms over the WHOLE tensor
     P_F            = F F^T / sqrt(d)                     per head, F in {Q, K, V}: (B, nh, T, T)
@@ -13,7 +15,7 @@ student layer matches (the identity when both have the same depth).
                      (regression: MSE(z_s, z_t))
     standard       = sum_l MSE(A_l^s, A_l^t) + sum_l MSE(H_l^s, H_l^t) + soft CE
 
-Padded positions stay in P_F and H (the reference's choice, SPEC 4); with `mask` (the
+Padded positions stay in P_F and H (the reference's choice, docs/method.md §4); with `mask` (the
 batch's attention mask) they are zeroed in student and teacher alike before the norms:
 the entries of P_F that involve a padded query or key, and H at padded positions. In the standard
 objective, the masked attention scores (-10000 on padded keys) are replaced by 0 before
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .errors import BibertError
 
@@ -40,7 +43,7 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class LayerMap:
-    """Which teacher layer each student layer matches (SPEC 4, TinyBERT's uniform map).
+    """Which teacher layer each student layer matches (docs/method.md §4, TinyBERT's uniform map).
 
     With k = teacher_layers / student_layers: student layer i (0-based) matches teacher
     layer (i+1)k-1 for Q/K/V and attention scores, and hidden state i (0 = embeddings)
@@ -206,7 +209,7 @@ def standard_distill_loss(student, teacher, attention_mask: torch.Tensor, is_reg
 def dmd_distill_loss(student, teacher, labels: torch.Tensor | None, is_regression: bool = False,
                      layer_map: LayerMap | None = None, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """BiBERT's objective on two `BiBertOutput`s (with hidden states and Q/K/V):
-    {"pred", "q", "k", "v", "hid", "loss" = pred + q + k + v + hid} (SPEC 4, all weights 1).
+    {"pred", "q", "k", "v", "hid", "loss" = pred + q + k + v + hid} (docs/method.md §4, all weights 1).
     mask: the attention mask, to leave padded positions out of DMD and the hidden loss
     (an option; the reference keeps them)."""
     parts = {"pred": prediction_loss(student.logits, teacher.logits, labels, is_regression)}
@@ -214,6 +217,40 @@ def dmd_distill_loss(student, teacher, labels: torch.Tensor | None, is_regressio
     parts["hid"] = hidden_loss(student.hidden_states, teacher.hidden_states, layer_map, mask)
     parts["loss"] = parts["pred"] + parts["q"] + parts["k"] + parts["v"] + parts["hid"]
     return parts
+
+
+class FinetuneObjective:
+    """The model's own loss: cross-entropy (MSE for regression) against the labels."""
+
+    parts = ("loss",)
+
+    def __call__(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        return {"loss": model(**batch).loss}
+
+
+class DistillObjective:
+    """DMD (`dmd_distill_loss`) or the standard TinyBERT/BinaryBERT objective
+    (`standard_distill_loss`) of a student against a frozen teacher (docs/method.md §4)."""
+
+    PARTS = {"dmd": ("loss", "pred", "q", "k", "v", "hid"), "standard": ("loss", "pred", "att", "hid")}
+
+    def __init__(self, teacher: nn.Module, kind: str, layer_map: LayerMap, is_regression: bool,
+                 mask_padding: bool = False):
+        self.teacher, self.kind, self.layer_map, self.is_regression = teacher, kind, layer_map, is_regression
+        self.mask_padding = mask_padding
+        self.parts = self.PARTS[kind]
+
+    def __call__(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+        want = dict(output_hidden_states=True, output_qkv=self.kind == "dmd",
+                    output_attention_scores=self.kind == "standard")
+        with torch.no_grad():
+            t = self.teacher(**inputs, **want)
+        s = model(**inputs, **want)
+        if self.kind == "dmd":
+            mask = batch["attention_mask"] if self.mask_padding else None
+            return dmd_distill_loss(s, t, batch.get("labels"), self.is_regression, self.layer_map, mask)
+        return standard_distill_loss(s, t, batch["attention_mask"], self.is_regression, self.layer_map)
 
 
 def _check_depth(what: str, n_student: int, n_teacher: int, layer_map: LayerMap) -> None:

@@ -1,8 +1,9 @@
 """The fully binarized BERT student (BiBERT) and its straightforward baseline.
 
-One readable model file, following SPEC sections 1-3. The modules mirror Hugging Face's
-BertForSequenceClassification so that the latent full-precision parameters keep the
-teacher's state-dict names (`bert.encoder.layer.N.attention.self.query.weight`, ...).
+One readable model file, following docs/method.md §1-3 (and §7, elastic binarization).
+The modules mirror Hugging Face's BertForSequenceClassification so that the latent
+full-precision parameters keep the teacher's state-dict names
+(`bert.encoder.layer.N.attention.self.query.weight`, ...; listed in bibert.bert_names).
 What changes is where the numbers are quantized (see `QuantConfig`):
 
     word embedding            -> quantize_weight (1 bit: alpha_row * sign(row - mean))
@@ -15,13 +16,19 @@ What changes is where the numbers are quantized (see `QuantConfig`):
 With `QuantConfig.full_precision()` the model computes exactly what BERT computes, so the
 teacher of the distillation is the same class (it exposes Q, K, V for DMD).
 Only BERT (model_type "bert", absolute positions) is supported.
+
+Also here: loading the teacher and the starting student of a distillation
+(`load_teacher`, `load_student_init`, `shrink_student`) and the sign-flip diagnostic of
+training (`binarized_signs`, `flip_ratio`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
-import tempfile
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,14 +39,16 @@ from torch import nn
 from transformers import BertConfig
 from transformers.activations import ACT2FN
 
+from .bert_names import LAYER_PREFIX, QKV, SELF_ATTENTION, layer_of
+from .checkpoint import (CONFIG_NAME, WEIGHTS_NAME, atomic_write, is_student_config, is_student_folder, read_config,
+                         split_student_config, student_config)
 from .config import QuantConfig
 from .errors import BibertError
-from .quantizers import (binary_linear, bool_ste, quantize_activation, quantize_probs, quantize_weight, scale_grad,
-                         threshold_ste)
+from .losses import LayerMap
+from .quantizers import (binary_linear, bool_ste, positive_signs, quantize_activation, quantize_probs, quantize_weight,
+                         scale_grad, threshold_ste)
+from .tasks import Task
 
-FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 MASK_VALUE = -10000.0  # additive key mask: far below any score, so bool() and softmax give 0
 GELU_FAMILY = ("gelu", "gelu_new", "gelu_python", "gelu_pytorch_tanh", "gelu_accurate")
 
@@ -141,9 +150,9 @@ class ScoreBinarizer(ActQuantizer):
         return scores.new_zeros(scores.shape[-1])
 
 
-def _elastic(q: QuantConfig, channels: int, **kwargs) -> ActQuantizer | None:
-    """An ActQuantizer when `q` asks for elastic binarization, else None."""
-    return ActQuantizer(channels, **kwargs) if q.elastic else None
+def _elastic(quant: QuantConfig, channels: int, **kwargs) -> ActQuantizer | None:
+    """An ActQuantizer when `quant` asks for elastic binarization, else None."""
+    return ActQuantizer(channels, **kwargs) if quant.elastic else None
 
 
 class QuantEmbedding(nn.Embedding):
@@ -158,9 +167,10 @@ class QuantEmbedding(nn.Embedding):
 
 
 class Embeddings(nn.Module):
-    def __init__(self, config: BertConfig, q: QuantConfig):
+    def __init__(self, config: BertConfig, quant: QuantConfig):
         super().__init__()
-        self.word_embeddings = QuantEmbedding(config.vocab_size, config.hidden_size, q.embedding_bits, config.pad_token_id)
+        self.word_embeddings = QuantEmbedding(config.vocab_size, config.hidden_size, quant.embedding_bits,
+                                              config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -181,19 +191,19 @@ class SelfAttention(nn.Module):
     the Linear's bias already shifts it; no scale: Bi-Attention only reads their signs).
     """
 
-    def __init__(self, config: BertConfig, q: QuantConfig):
+    def __init__(self, config: BertConfig, quant: QuantConfig):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_size = config.hidden_size // config.num_attention_heads
-        self.quant = q
-        w, a, h = q.weight_bits, q.activation_bits, config.hidden_size
+        self.quant = quant
+        w, a, h = quant.weight_bits, quant.activation_bits, config.hidden_size
         self.query = QuantLinear(h, h, w, a)
         self.key = QuantLinear(h, h, w, a)
         self.value = QuantLinear(h, h, w, a)
-        self.input_quantizer = _elastic(q, h)
-        if q.elastic:
+        self.input_quantizer = _elastic(quant, h)
+        if quant.elastic:
             self.qkv_quantizers = nn.ModuleList(ActQuantizer(h, threshold=False, scale=False) for _ in range(3))
-            if q.attention == "bi":
+            if quant.attention == "bi":
                 self.score_quantizer = ScoreBinarizer(self.num_heads)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
@@ -206,7 +216,7 @@ class SelfAttention(nn.Module):
         if self.input_quantizer is not None:
             levels, scale = self.input_quantizer(x), self.input_quantizer.output_scale(x)
             q, k, v = (lin.forward_levels(levels, scale) for lin in (self.query, self.key, self.value))  # (B, T, h)
-            qb, kb, vb = (self._heads(quant(t)) for quant, t in zip(self.qkv_quantizers, (q, k, v)))
+            qb, kb, vb = (self._heads(quantizer(t)) for quantizer, t in zip(self.qkv_quantizers, (q, k, v)))
             q, k, v = self._heads(q), self._heads(k), self._heads(v)  # real-valued, for DMD
         else:
             q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))  # real-valued
@@ -224,20 +234,20 @@ class SelfAttention(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, config: BertConfig, q: QuantConfig):
+    def __init__(self, config: BertConfig, quant: QuantConfig):
         super().__init__()
-        h, i, w, a = config.hidden_size, config.intermediate_size, q.weight_bits, q.activation_bits
+        h, i, w, a = config.hidden_size, config.intermediate_size, quant.weight_bits, quant.activation_bits
         self.attention = nn.Module()
-        self.attention.self = SelfAttention(config, q)
-        self.attention.output = _DenseNorm(h, h, w, a, config, _elastic(q, h))
+        self.attention.self = SelfAttention(config, quant)
+        self.attention.output = _DenseNorm(h, h, w, a, config, _elastic(quant, h))
         self.intermediate = nn.Module()
-        self.intermediate.dense = QuantLinear(h, i, w, a, _elastic(q, h))
+        self.intermediate.dense = QuantLinear(h, i, w, a, _elastic(quant, h))
         # elastic: FFN-out reads {0, 1} levels thresholded on the pre-activation (where GELU
         # output is close to 0, so is the level); sign: sign(GELU(pre)) = sign(pre)
-        self.output = _DenseNorm(i, h, w, a, config, _elastic(q, i, unsigned=True))
+        self.output = _DenseNorm(i, h, w, a, config, _elastic(quant, i, unsigned=True))
         self.act = ACT2FN[config.hidden_act]
         self.sign_from_pre_activation = config.hidden_act in GELU_FAMILY
-        self.levels_from_pre_activation = q.elastic
+        self.levels_from_pre_activation = quant.elastic
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor):
         context, qkv, scores = self.attention.self(x, mask)
@@ -265,14 +275,14 @@ class _DenseNorm(nn.Module):
 
 
 class BertBody(nn.Module):
-    def __init__(self, config: BertConfig, q: QuantConfig):
+    def __init__(self, config: BertConfig, quant: QuantConfig):
         super().__init__()
-        self.embeddings = Embeddings(config, q)
+        self.embeddings = Embeddings(config, quant)
         self.encoder = nn.Module()
-        self.encoder.layer = nn.ModuleList(Layer(config, q) for _ in range(config.num_hidden_layers))
+        self.encoder.layer = nn.ModuleList(Layer(config, quant) for _ in range(config.num_hidden_layers))
         self.pooler = nn.Module()
-        self.pooler.dense = QuantLinear(config.hidden_size, config.hidden_size, q.weight_bits, q.activation_bits,
-                                        _elastic(q, config.hidden_size))
+        self.pooler.dense = QuantLinear(config.hidden_size, config.hidden_size, quant.weight_bits,
+                                        quant.activation_bits, _elastic(quant, config.hidden_size))
 
 
 class BiBertForSequenceClassification(nn.Module):
@@ -375,37 +385,27 @@ class BiBertForSequenceClassification(nn.Module):
     # ---- saving and loading ---------------------------------------------------------
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write config.json (BertConfig + quantization + format version) and
+        """Write config.json (BertConfig + quantization + model format version) and
         model.safetensors (latent full-precision weights, Hugging Face names); each file is
         written to a temporary name and renamed, so a crash never leaves half a file."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        config = self.config.to_dict()
-        config.update(
-            architectures=[type(self).__name__],
-            bibert_format_version=FORMAT_VERSION,
-            quantization=self.quant.to_dict(),
-        )
+        config = student_config({**self.config.to_dict(), "architectures": [type(self).__name__]}, self.quant.to_dict())
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-        _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))
+        atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+        atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str = "cpu") -> "BiBertForSequenceClassification":
         """Load a folder written by `save_pretrained`; refuses other kinds of folders."""
         config_dict = read_config(directory)
-        if "bibert_format_version" not in config_dict:
+        if not is_student_config(config_dict):
             raise BibertError(
                 f"{directory} holds a Hugging Face model, not a BiBERT student; build one with "
                 "bibert.binarize(path) or `bibert distill`"
             )
-        version = config_dict.pop("bibert_format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise BibertError(
-                f"{directory} was written in bibert format version {version}; this bibert reads up to"
-                f" {FORMAT_VERSION}: upgrade bibert"
-            )
-        quant = QuantConfig.from_dict(config_dict.pop("quantization"))
+        config_dict, quant = split_student_config(config_dict, directory)
+        quant = QuantConfig.from_dict(quant)
         weights = Path(directory) / WEIGHTS_NAME
         if not weights.is_file():
             raise BibertError(f"{directory} has no {WEIGHTS_NAME}: the checkpoint is incomplete")
@@ -418,31 +418,6 @@ class BiBertForSequenceClassification(nn.Module):
         if missing or unexpected:
             raise BibertError(f"{weights} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return model
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def read_config(directory: str | os.PathLike) -> dict:
-    """config.json of a model folder, with clear errors for a wrong path or file."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise BibertError(f"model folder {directory} does not exist")
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise BibertError(f"{directory} has no {CONFIG_NAME}: it is not a model folder")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BibertError(f"{path} is not valid JSON ({exc})") from None
 
 
 def _check_bert_config(config) -> None:
@@ -475,7 +450,7 @@ def binarize(model_or_path, config: QuantConfig | None = None, num_labels: int |
         source = model_or_path
     else:
         path = str(model_or_path)
-        if os.path.isdir(path) and "bibert_format_version" in read_config(path):
+        if os.path.isdir(path) and is_student_folder(path):
             return binarize(BiBertForSequenceClassification.from_pretrained(path), quant, num_labels)
         source = load_hf_classifier(path, num_labels)
         hf_config = source.config
@@ -576,11 +551,11 @@ def _teacher_linear_inputs(teacher, inputs, quantizers, student, layer_map) -> d
         if parts[-1] != "input_quantizer":
             continue
         owner = ".".join(parts[:-1])  # the Linear (or SelfAttention for the shared Q/K/V input)
-        if owner.endswith("attention.self"):
-            owner += ".query"
-        if parts[:3] == ["bert", "encoder", "layer"]:
-            i = int(parts[3])
-            owner = owner.replace(f"bert.encoder.layer.{i}.", f"bert.encoder.layer.{(i + 1) * factor - 1}.", 1)
+        if owner.endswith(SELF_ATTENTION):
+            owner = owner[:-len(SELF_ATTENTION)] + QKV[0]
+        i = layer_of(owner)
+        if i is not None:
+            owner = owner.replace(LAYER_PREFIX.format(i), LAYER_PREFIX.format((i + 1) * factor - 1), 1)
         targets[owner] = name
     modules = dict(teacher.named_modules())
     seen = {}
@@ -598,11 +573,14 @@ def load_hf_classifier(name_or_path: str, num_labels: int | None = None, **kwarg
     """A Hugging Face BERT sequence classifier from a folder or hub name (eager attention).
     Weights stored as a pickle (pytorch_model.bin) are read only when they hold plain
     tensors; a pickle that holds anything else (it could run code) or a damaged one is
-    refused with a BibertError."""
+    refused with a BibertError. Weights the checkpoint lacks (a new classification head)
+    are named in one line on stderr, instead of transformers' load report."""
     import pickle
 
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    if os.path.isdir(name_or_path):
+        read_config(name_or_path)  # a folder without config.json holds no model: say so
     try:
         hf_config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as exc:
@@ -610,19 +588,124 @@ def load_hf_classifier(name_or_path: str, num_labels: int | None = None, **kwarg
     _check_bert_config(hf_config)
     extra = {"num_labels": num_labels} if num_labels is not None else {}
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, attn_implementation="eager", **extra, **kwargs
-        )
+        with _quiet_load_report():
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                name_or_path, attn_implementation="eager", output_loading_info=True, **extra, **kwargs
+            )
     except pickle.UnpicklingError:
         raise BibertError(
             f"refusing the weights of {name_or_path!r}: pytorch_model.bin is a pickle that holds more than plain "
             "tensors (loading it could run code), or it is damaged. Use a copy of the model with model.safetensors, "
             "or convert it where you trust the file: model.save_pretrained(folder, safe_serialization=True)"
         ) from None
+    new = sorted(set(info.get("missing_keys") or ()) | {m[0] for m in info.get("mismatched_keys") or ()})
+    if new:
+        what = (f"a new classification head ({model.config.num_labels} outputs)"
+                if all(k.startswith("classifier.") for k in new) else "weights the checkpoint lacks")
+        print(f"{name_or_path}: {what} starts from random values: {', '.join(new)}", file=sys.stderr)
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_load_report():
+    """Holds back transformers' load report (a table that reads like an error for the
+    expected new head); `load_hf_classifier` says what matters in one line."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    drop = _DropLoadReport()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
 
 
 def load_any_model(directory: str | os.PathLike) -> nn.Module:
     """A BiBERT folder as BiBertForSequenceClassification, any other as a HF classifier."""
-    if "bibert_format_version" in read_config(directory):
+    if is_student_folder(directory):
         return BiBertForSequenceClassification.from_pretrained(directory)
     return load_hf_classifier(str(directory))
+
+
+# ------------------------------------------------- distillation: teacher and student
+
+def load_teacher(path: str, task: Task) -> BiBertForSequenceClassification:
+    """The frozen teacher (eval mode, no gradients), exposing Q/K/V and hidden states.
+
+    A Hugging Face BERT classifier becomes the full-precision BiBERT wrapper (computes
+    exactly BERT); a BiBERT folder is used as it is (multi-step distillation). Its head
+    must match the task: a classifier with the task's number of labels.
+    """
+    if os.path.isdir(path):
+        config = read_config(path)
+        if is_student_config(config):
+            teacher = BiBertForSequenceClassification.from_pretrained(path)
+        else:
+            if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+                raise BibertError(
+                    f"the teacher {path} has no classification head ({', '.join(config.get('architectures') or ['?'])});"
+                    f" fine-tune it on {task.name} first: bibert finetune --model {path} "
+                    + (f"--task {task.name}" if task.registered else "--train-file FILE") + " --out DIR"
+                )
+            teacher = binarize(load_hf_classifier(path), QuantConfig.full_precision())
+    else:  # a hub name
+        teacher = binarize(load_hf_classifier(path), QuantConfig.full_precision())
+    check_labels(teacher.config, task, f"the teacher {path}")
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+def load_student_init(path: str, task: Task) -> nn.Module:
+    """The weights a student starts from when they are not the teacher's: a BiBERT folder
+    (e.g. an intermediate 1-1-4 student) or a Hugging Face classifier folder."""
+    if not os.path.isdir(path):
+        raise BibertError(f"--init-from {path}: no such folder; give a student's best/ folder")
+    model = BiBertForSequenceClassification.from_pretrained(path) if is_student_folder(path) \
+        else load_hf_classifier(path)
+    check_labels(model.config, task, f"the starting student {path}")
+    return model
+
+
+def check_labels(config, task: Task, what: str) -> None:
+    """Refuse a model (`what`, for the message) whose head does not fit the task: another
+    number of outputs, or label names other than the task's (generic LABEL_i names pass)."""
+    if config.num_labels != task.num_labels:
+        kind = "a regressor (1 output)" if config.num_labels == 1 else f"{config.num_labels} labels"
+        raise BibertError(f"{what} has {kind}, but {task.name} needs {task.num_labels}; "
+                          f"use a teacher fine-tuned on {task.name}")
+    names = [config.id2label[i] for i in sorted(config.id2label)] if getattr(config, "id2label", None) else []
+    generic = all(str(n) == f"LABEL_{i}" for i, n in enumerate(names))
+    if task.label_list is not None and names and not generic and tuple(map(str, names)) != task.label_list:
+        raise BibertError(f"{what} predicts labels {names}, but {task.name}'s labels are {list(task.label_list)}")
+
+
+def shrink_student(student: BiBertForSequenceClassification, layers: int) -> BiBertForSequenceClassification:
+    """Keep `layers` encoder layers: student layer i starts from teacher layer (i+1)k-1,
+    the layer it is matched to (docs/method.md §4's depth mapping)."""
+    keep = LayerMap(layers, student.config.num_hidden_layers).layers
+    student.bert.encoder.layer = nn.ModuleList(student.bert.encoder.layer[i] for i in keep)
+    student.config.num_hidden_layers = layers
+    return student
+
+
+def binarized_signs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The signs of every 1-bit weight and word-embedding table, as `binarize_weight` takes
+    them (sign(W - rowmean(W)) == +1; bool)."""
+    out = {}
+    for name, m in model.named_modules():
+        bits = m.weight_bits if isinstance(m, QuantLinear) else m.bits if isinstance(m, QuantEmbedding) else None
+        if bits == 1:
+            out[name] = positive_signs(m.weight.detach())
+    return out
+
+
+def flip_ratio(model: nn.Module, reference: dict[str, torch.Tensor]) -> float:
+    """Fraction of binarized weight signs that differ from `reference`."""
+    now = binarized_signs(model)
+    changed = sum(int((now[k] != ref.to(now[k].device)).sum()) for k, ref in reference.items())
+    total = sum(ref.numel() for ref in reference.values())
+    return changed / total if total else 0.0

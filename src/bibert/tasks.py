@@ -2,7 +2,7 @@
 
 A `Task` names its sentence fields, its label set (None for regression), its metrics,
 the metric that picks the best checkpoint, its evaluation splits and the training
-recipe of the BiBERT reference (SPEC section 5: batch 16; lr, epochs and max length
+recipe of the BiBERT reference (docs/method.md §5: batch 16; lr, epochs and max length
 per task). `compute_metrics` computes every metric of a task with scikit-learn / scipy.
 
 Label order follows the GLUE `ClassLabel` names of Hugging Face `datasets`, so an
@@ -13,13 +13,16 @@ Left out: GLUE's diagnostic set (AX) and test-set submission files.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
 from .errors import BibertError
 
 ALL_METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman", "pearson_spearman_mean")
+# A task of your own data without a dev file holds out this share of its train file as dev
+# data: the examples whose text hashes into the first HELD_OUT_PERCENT of 100 buckets.
+HELD_OUT_PERCENT = 10
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class Task:
     metrics: metric keys `compute_metrics` returns; best_metric: the one that selects
         the best checkpoint.
     dev_splits / test_splits: split names used by `bibert evaluate --split dev|test`.
-    lr, epochs, max_length, batch_size: recipe defaults (SPEC section 5).
+    lr, epochs, max_length, batch_size: recipe defaults (docs/method.md §5).
     glue_dir: folder name in the original GLUE layout (None for non-GLUE tasks).
     hf_config / hf_fields: `datasets.load_dataset("glue", hf_config)` and its column
         names for text_a / text_b (None when the task is not on the hub's GLUE).
@@ -80,23 +83,54 @@ class Task:
             return self.test_splits
         if split in self.splits:
             return (split,)
-        raise BibertError(f"{self.name} has no split {split!r}; valid: dev, test, {', '.join(self.splits)}")
+        valid = dict.fromkeys(("dev", "test", *self.splits))  # each name once, in order
+        raise BibertError(f"{self.name} has no split {split!r}; valid: {', '.join(valid)}")
+
+    @property
+    def registered(self) -> bool:
+        """Whether this is a task of the registry (TASKS), which knows where its data come from."""
+        return TASKS.get(self.name) == self
 
     @classmethod
-    def custom(cls, name: str, label_list: list[str] | None, pair: bool) -> "Task":
+    def custom(cls, name: str, label_list: list[str] | None, pair: bool, text_a: str | None = None,
+               text_b: str | None = None) -> "Task":
         """A user task: labels given (classification) or None (regression).
 
-        Fields are "sentence" (single) or "sentence1"/"sentence2" (pair); metrics are
-        accuracy and macro F1 (selection: accuracy), or Pearson/Spearman (selection:
-        their mean). Recipe: lr 1e-4, 10 epochs, max length 128.
+        Fields are text_a (default "sentence", or "sentence1" for pairs) and, for pairs,
+        text_b (default "sentence2"): the columns of the task's files. Metrics are accuracy
+        and macro F1 (selection: accuracy), or Pearson/Spearman (selection: their mean).
+        Recipe: lr 1e-4, 10 epochs, max length 128, batch 16.
         """
         if label_list is not None and len(label_list) < 2:
             raise BibertError(f"task {name!r} needs at least two labels, found {list(label_list)}")
-        text_a, text_b = ("sentence1", "sentence2") if pair else ("sentence", None)
+        if pair:
+            text_a, text_b = text_a or "sentence1", text_b or "sentence2"
+        else:
+            text_a, text_b = text_a or "sentence", None
         if label_list is None:
             return cls(name, text_a, text_b, None, ("pearson", "spearman", "pearson_spearman_mean"),
                        "pearson_spearman_mean")
         return cls(name, text_a, text_b, tuple(label_list), ("accuracy", "f1"), "accuracy")
+
+    VERSION = 1  # of to_dict()
+
+    def to_dict(self) -> dict:
+        """Every field, as JSON (a run's config.json stores a task of your own data this way)."""
+        return {**{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}, "version": self.VERSION}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Task":
+        d = dict(d)
+        version = d.pop("version", 1)
+        if not isinstance(version, int) or version > cls.VERSION:
+            raise BibertError(f"task version {version} is newer than this bibert understands ({cls.VERSION}); "
+                              "upgrade bibert")
+        known = {f.name for f in fields(cls)}
+        if set(d) - known or "name" not in d:
+            raise BibertError(f"not a task: unknown keys {sorted(set(d) - known)}" if set(d) - known
+                              else "not a task: no name")
+        tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**tuples)
 
 
 _ACC = ("accuracy",)
@@ -137,8 +171,11 @@ def _normalise(name: str) -> str:
     return name.strip().lower().replace("-", "").replace("_", "")
 
 
-def get_task(name: str) -> Task:
-    """Look a task up by name, ignoring case, "-" and "_": "SST-2", "sst-2", "sst2" all work."""
+def get_task(name: str | Task) -> Task:
+    """Look a task up by name, ignoring case, "-" and "_": "SST-2", "sst-2", "sst2" all work
+    (a Task is returned as it is)."""
+    if isinstance(name, Task):
+        return name
     by_key = {_normalise(key): task for key, task in TASKS.items()}
     if _normalise(name) not in by_key:
         raise BibertError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")

@@ -3,12 +3,17 @@
     finetune(model, task, out, **options)   full-precision teacher (Hugging Face folders out)
     distill(teacher, task, out, quant=QuantConfig(), distill="dmd", **options)
                                             binarized student (BiBERT folders out)
+    finetune_and_distill(model, task, out)  both, the teacher's best checkpoint distilled
+    run(TrainConfig)                        a resolved configuration (e.g. OUT/config.json)
 
-Both resolve a `TrainConfig` (the task's recipe from SPEC section 5 for distillation; a
-standard BERT fine-tuning recipe for the teacher, see FINETUNE_RECIPE), then run
-`Trainer`: AdamW (eps 1e-6, weight decay 0.01 except biases and LayerNorm), linear
-warm-up over the first 10% of the steps then linear decay, gradient clipping at 1.0,
-evaluation every `eval_every` steps keeping the best checkpoint by the task's metric.
+Each resolves a `TrainConfig` (bibert.config: every option, its default and help; the
+task's recipe, docs/method.md §5, for distillation; FINETUNE_RECIPE for the teacher),
+then runs `Trainer`: AdamW (eps 1e-6, weight decay 0.01 except biases and LayerNorm),
+linear warm-up over the first 10% of the steps then linear decay, gradient clipping at
+1.0, evaluation every `eval_every` steps keeping the best checkpoint by the task's
+metric. The objective is bibert.losses' (`FinetuneObjective`, `DistillObjective`), the
+data bibert.data's (`load_split`, `take_slice`, `group_by_length`), the teacher and the
+starting student bibert.modeling's, the files bibert.checkpoint's.
 
 The same code runs in one process (CPU or one GPU) or under `torchrun` (DDP; see
 bibert.distributed): the data order is a seeded per-epoch permutation
@@ -16,22 +21,20 @@ bibert.distributed): the data order is a seeded per-epoch permutation
 (`resume=True`) takes the same batches, dropout masks and optimizer steps as an
 uninterrupted run and ends with the same weights.
 
-Output folder: config.json (this TrainConfig), metrics.jsonl (one line per
-evaluation), results.json, training_curves.png, best/ and last/ (model + tokenizer,
-loadable by from_pretrained), checkpoint/ (the training state for --resume).
+Output folder (bibert.checkpoint): config.json (this TrainConfig), metrics.jsonl (one
+line per evaluation), results.json, training_curves.png, best/ and last/ (model +
+tokenizer, loadable by from_pretrained), checkpoint/ (the training state for --resume).
 Left out: gradient accumulation, mixed precision other than bf16 autocast, and
 multi-node launch beyond torchrun's own.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
-from typing import Callable, ClassVar, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -39,299 +42,25 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from . import distributed
-from .checkpoint import STATE_DIR, load_training_state, recover_folder, save_training_state, write_folder_atomically
-from .config import QuantConfig
-from .data import build_dataset, collate_batch, load_examples
+from .checkpoint import (BEST_DIR, CALIBRATION_NAME, CURVES_NAME, LAST_DIR, METRICS_NAME, RESULTS_NAME,
+                         RUN_CONFIG_NAME, STATE_DIR, WEIGHTS_NAME, append_jsonl, load_training_state,
+                         read_json_if_exists, recover_folder, save_training_state, write_folder_atomically, write_json,
+                         write_jsonl)
+from .config import QuantConfig, TrainConfig, option_fields, resolve_config
+from .data import (build_dataset, collate_batch, describe_task, group_by_length, is_task_name, load_split,
+                   take_slice)
 from .errors import BibertError
 from .evaluate import predict
-from .losses import LayerMap, dmd_distill_loss, standard_distill_loss
-from .modeling import (BiBertForSequenceClassification, QuantEmbedding, QuantLinear, _is_quantizer_key, binarize,
-                       calibrate_quantizers, load_hf_classifier, read_config)
-from .tasks import Task, compute_metrics, get_task
+from .losses import DistillObjective, FinetuneObjective, LayerMap
+from .modeling import (BiBertForSequenceClassification, _is_quantizer_key, binarize, binarized_signs,
+                       calibrate_quantizers, flip_ratio, load_hf_classifier, load_student_init, load_teacher,
+                       shrink_student)
+from .tasks import Task, compute_metrics
 
-MODES = ("finetune", "distill")
-DISTILL_KINDS = ("dmd", "standard")
-PRECISIONS = ("fp32", "bf16")
-# Teacher fine-tuning: the usual BERT recipe (lr in 2e-5..5e-5, 3 epochs); SPEC 5's
-# table is the distillation recipe. Max length and batch size come from the task.
-FINETUNE_RECIPE = {"lr": 5e-5, "epochs": 3.0}
-LOSS_PARTS = {"finetune": ("loss",), "dmd": ("loss", "pred", "q", "k", "v", "hid"),
-              "standard": ("loss", "pred", "att", "hid")}
+__all__ = ["finetune", "distill", "finetune_and_distill", "run", "Trainer", "TrainConfig", "resolve_config",
+           "VIA_SHARE"]
 
-
-@dataclass
-class TrainConfig:
-    """The resolved configuration of one run (saved as OUT/config.json).
-
-    mode: "finetune" (full-precision teacher) or "distill" (binarized student).
-    model: the model to fine-tune, or the teacher folder to distil from.
-    quant / distill / student_layers: the student (QuantConfig.to_dict()), the
-        objective ("dmd" or "standard") and an optional shallower depth (distill only).
-    lr, epochs, max_length, batch_size: the recipe; batch_size is per process.
-    max_steps: stop after this many optimizer steps (overrides epochs for the schedule).
-    eval_every / save_every: steps between evaluations (default: evals_per_epoch times an
-        epoch) and between extra training-state checkpoints (default: only at evaluations).
-    evals_per_epoch: dev evaluations per epoch when eval_every is not given (the best one
-        is kept, as the reference keeps the best of its evaluations every 200 steps).
-    init_from: the student's starting weights (distill only; default: the teacher's). A
-        BiBERT folder, e.g. the best checkpoint of a 1-1-4 student (multi-step distillation).
-    quantizer_lr: peak learning rate of the elastic quantizers' thresholds and scales (no
-        weight decay; default: lr).
-    max_train_examples / max_eval_examples: seeded random slices of the data.
-    dmd_mask_padding: leave padded positions out of DMD's similarity matrices and the hidden
-        loss (distill with dmd only; the reference, and the default, keeps them).
-    group_by_length: batch examples of similar length together (less padding, so faster
-        on CPU: each epoch's shuffled order is cut into windows of 50 batches, each window
-        sorted by length and cut into batches, and the batches shuffled again).
-    """
-
-    mode: str
-    task: str
-    model: str
-    out: str
-    quant: dict | None = None
-    distill: str | None = None
-    student_layers: int | None = None
-    lr: float = FINETUNE_RECIPE["lr"]
-    epochs: float = FINETUNE_RECIPE["epochs"]
-    max_length: int = 128
-    batch_size: int = 16
-    max_steps: int | None = None
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    adam_eps: float = 1e-6
-    eval_every: int | None = None
-    evals_per_epoch: int = 4
-    save_every: int | None = None
-    log_every: int = 10
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
-    train_file: str | None = None
-    data_dir: str | None = None
-    eval_test: bool = False
-    group_by_length: bool = False
-    dmd_mask_padding: bool = False
-    init_from: str | None = None
-    quantizer_lr: float | None = None
-    seed: int = 42
-    device: str = "auto"
-    precision: str = "fp32"
-
-    VERSION: ClassVar[int] = 1
-    # options that may change between a run and its resumption
-    RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = ("out", "device", "save_every", "eval_test")
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise BibertError(f"unknown mode {self.mode!r}: choose finetune or distill")
-        self.task = get_task(self.task).name
-        if self.mode == "distill":
-            if self.distill not in DISTILL_KINDS:
-                raise BibertError(f"unknown distillation {self.distill!r}: choose dmd or standard")
-            self.quant = QuantConfig.from_dict(self.quant or {}).to_dict()
-        if self.dmd_mask_padding and (self.mode != "distill" or self.distill != "dmd"):
-            raise BibertError("--dmd-mask-padding applies to distillation with --distill dmd only")
-        if self.precision not in PRECISIONS:
-            raise BibertError(f"unknown precision {self.precision!r}: choose fp32 or bf16")
-        for name in ("lr", "epochs"):
-            if not getattr(self, name) > 0:
-                raise BibertError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.mode != "distill" and (self.init_from is not None or self.quantizer_lr is not None):
-            raise BibertError("--init-from and --quantizer-lr apply to distillation only")
-        if self.quantizer_lr is not None and not self.quantizer_lr > 0:
-            raise BibertError(f"--quantizer-lr must be positive, got {self.quantizer_lr}")
-        for name in ("max_length", "batch_size", "log_every", "max_steps", "eval_every", "evals_per_epoch", "save_every",
-                     "max_train_examples", "max_eval_examples", "student_layers"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise BibertError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise BibertError(f"--warmup-ratio must lie in [0, 1), got {self.warmup_ratio}")
-
-    @property
-    def quant_config(self) -> QuantConfig | None:
-        return QuantConfig.from_dict(self.quant) if self.quant is not None else None
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "version": self.VERSION}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        d = dict(d)
-        version = d.pop("version", 1)
-        if not isinstance(version, int) or version > cls.VERSION:
-            raise BibertError(f"training config version {version} is newer than this bibert ({cls.VERSION}); upgrade bibert")
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise BibertError(f"unknown training options: {', '.join(sorted(unknown))}")
-        return cls(**d)
-
-
-GROUP_WINDOW = 50  # batches per length-sorted window
-
-
-def group_by_length(order: list[int], lengths, batch_size: int, seed: int) -> list[int]:
-    """`order` rearranged so that each batch_size slice holds examples of similar length.
-
-    The order is cut into windows of GROUP_WINDOW batches; each window is sorted by
-    length (longest first) and cut into batches; the batches of all windows are then
-    shuffled (seeded), except that the batch holding the longest example goes first, so
-    that a run meets its peak memory at once. A permutation of `order`: every example
-    is still seen once per epoch.
-    """
-    window = batch_size * GROUP_WINDOW
-    batches = []
-    for w in range(0, len(order), window):
-        chunk = sorted(order[w:w + window], key=lambda i: -int(lengths[i]))
-        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
-    if not batches:
-        return []
-    # the last slice of `order` may be short; keep the short batch last so that every
-    # other batch stays full
-    short = [b for b in batches if len(b) < batch_size]
-    full = [b for b in batches if len(b) == batch_size]
-    rng = np.random.default_rng(seed)
-    perm = [full[i] for i in rng.permutation(len(full))]
-    if perm:
-        longest = max(range(len(perm)), key=lambda j: int(lengths[perm[j][0]]))
-        perm[0], perm[longest] = perm[longest], perm[0]
-    return [i for b in perm + short for i in b]
-
-
-def resolve_config(mode: str, model: str, task: str | Task, out: str | os.PathLike, **options) -> TrainConfig:
-    """A TrainConfig with every option left out (or None) taken from the recipe:
-    distillation -> the task's SPEC 5 recipe (lr, epochs, max length, batch 16);
-    fine-tuning  -> FINETUNE_RECIPE (lr 5e-5, 3 epochs) with the task's max length and batch."""
-    task = get_task(task) if isinstance(task, str) else task
-    known = {f.name for f in fields(TrainConfig)} - {"mode", "task", "model", "out"}
-    unknown = set(options) - known
-    if unknown:
-        raise BibertError(f"unknown training options: {', '.join(sorted(unknown))}")
-    recipe = {"lr": task.lr, "epochs": float(task.epochs)} if mode == "distill" else dict(FINETUNE_RECIPE)
-    recipe.update(max_length=task.max_length, batch_size=task.batch_size)
-    resolved = {k: v for k, v in options.items() if v is not None}
-    for key, value in recipe.items():
-        resolved.setdefault(key, value)
-    return TrainConfig(mode=mode, task=task.name, model=str(model), out=str(out), **resolved)
-
-
-# ------------------------------------------------------------------------------ models
-
-def load_teacher(path: str, task: Task) -> BiBertForSequenceClassification:
-    """The frozen teacher (eval mode, no gradients), exposing Q/K/V and hidden states.
-
-    A Hugging Face BERT classifier becomes the full-precision BiBERT wrapper (computes
-    exactly BERT); a BiBERT folder is used as it is (multi-step distillation). Its head
-    must match the task: a classifier with the task's number of labels.
-    """
-    if os.path.isdir(path):
-        config = read_config(path)
-        if "bibert_format_version" in config:
-            teacher = BiBertForSequenceClassification.from_pretrained(path)
-        else:
-            if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
-                raise BibertError(
-                    f"the teacher {path} has no classification head ({', '.join(config.get('architectures') or ['?'])});"
-                    f" fine-tune it on {task.name} first: bibert finetune --model {path} --task {task.name} --out DIR"
-                )
-            teacher = binarize(load_hf_classifier(path), QuantConfig.full_precision())
-    else:  # a hub name
-        teacher = binarize(load_hf_classifier(path), QuantConfig.full_precision())
-    _check_labels(teacher.config, task, f"the teacher {path}")
-    teacher.eval().requires_grad_(False)
-    return teacher
-
-
-def load_student_init(path: str, task: Task) -> nn.Module:
-    """The weights a student starts from when they are not the teacher's: a BiBERT folder
-    (e.g. an intermediate 1-1-4 student) or a Hugging Face classifier folder."""
-    if not os.path.isdir(path):
-        raise BibertError(f"--init-from {path}: no such folder; give a student's best/ folder")
-    model = BiBertForSequenceClassification.from_pretrained(path) if "bibert_format_version" in read_config(path) \
-        else load_hf_classifier(path)
-    _check_labels(model.config, task, f"the starting student {path}")
-    return model
-
-
-def _check_labels(config, task: Task, what: str) -> None:
-    if config.num_labels != task.num_labels:
-        kind = "a regressor (1 output)" if config.num_labels == 1 else f"{config.num_labels} labels"
-        raise BibertError(f"{what} has {kind}, but {task.name} needs {task.num_labels}; "
-                          f"use a teacher fine-tuned on {task.name}")
-    names = [config.id2label[i] for i in sorted(config.id2label)] if getattr(config, "id2label", None) else []
-    generic = all(str(n) == f"LABEL_{i}" for i, n in enumerate(names))
-    if task.label_list is not None and names and not generic and tuple(map(str, names)) != task.label_list:
-        raise BibertError(f"{what} predicts labels {names}, but {task.name}'s labels are {list(task.label_list)}")
-
-
-def shrink_student(student: BiBertForSequenceClassification, layers: int) -> BiBertForSequenceClassification:
-    """Keep `layers` encoder layers: student layer i starts from teacher layer (i+1)k-1,
-    the layer it is matched to (SPEC 4's depth mapping)."""
-    keep = LayerMap(layers, student.config.num_hidden_layers).layers
-    student.bert.encoder.layer = nn.ModuleList(student.bert.encoder.layer[i] for i in keep)
-    student.config.num_hidden_layers = layers
-    return student
-
-
-def binarized_signs(model: nn.Module) -> dict[str, torch.Tensor]:
-    """sign(W - rowmean(W)) >= 0 of every 1-bit weight and word-embedding table (bool)."""
-    out = {}
-    for name, m in model.named_modules():
-        bits = m.weight_bits if isinstance(m, QuantLinear) else m.bits if isinstance(m, QuantEmbedding) else None
-        if bits == 1:
-            w = m.weight.detach()
-            out[name] = (w - w.mean(-1, keepdim=True)) >= 0
-    return out
-
-
-def flip_ratio(model: nn.Module, reference: dict[str, torch.Tensor]) -> float:
-    """Fraction of binarized weight signs that differ from `reference`."""
-    now = binarized_signs(model)
-    changed = sum(int((now[k] != ref.to(now[k].device)).sum()) for k, ref in reference.items())
-    total = sum(ref.numel() for ref in reference.values())
-    return changed / total if total else 0.0
-
-
-def take_slice(examples: list, limit: int | None, seed: int) -> list:
-    """A seeded random subset of `limit` examples, in their original order (all if None)."""
-    if limit is None or limit >= len(examples):
-        return examples
-    pick = np.sort(np.random.default_rng(seed).permutation(len(examples))[:limit])
-    return [examples[i] for i in pick]
-
-
-# -------------------------------------------------------------------------- objectives
-
-class FinetuneObjective:
-    """The model's own loss: cross-entropy (MSE for regression) against the labels."""
-
-    parts = LOSS_PARTS["finetune"]
-
-    def __call__(self, model, batch: dict) -> dict[str, torch.Tensor]:
-        return {"loss": model(**batch).loss}
-
-
-class DistillObjective:
-    """DMD (SPEC 4) or the standard TinyBERT/BinaryBERT objective against a frozen teacher."""
-
-    def __init__(self, teacher: nn.Module, kind: str, layer_map: LayerMap, is_regression: bool,
-                 mask_padding: bool = False):
-        self.teacher, self.kind, self.layer_map, self.is_regression = teacher, kind, layer_map, is_regression
-        self.mask_padding = mask_padding
-        self.parts = LOSS_PARTS[kind]
-
-    def __call__(self, model, batch: dict) -> dict[str, torch.Tensor]:
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
-        want = dict(output_hidden_states=True, output_qkv=self.kind == "dmd",
-                    output_attention_scores=self.kind == "standard")
-        with torch.no_grad():
-            t = self.teacher(**inputs, **want)
-        s = model(**inputs, **want)
-        if self.kind == "dmd":
-            mask = batch["attention_mask"] if self.mask_padding else None
-            return dmd_distill_loss(s, t, batch.get("labels"), self.is_regression, self.layer_map, mask)
-        return standard_distill_loss(s, t, batch["attention_mask"], self.is_regression, self.layer_map)
+VIA_SHARE = 0.5  # multi-step distillation: the --via stage's share of the epochs (docs/method.md §8)
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -348,8 +77,11 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, hooks: Sequence[Hook] = ()):
         self.config, self.hooks = config, list(hooks)
-        self.task = get_task(config.task)
+        self.task = config.task
         self.out = Path(config.out)
+        # a dev (test) file stands for the task's first dev (test) split
+        self.dev_splits = self.task.dev_splits[:1] if config.dev_file else self.task.dev_splits
+        self.test_splits = self.task.test_splits[:1] if config.test_file else self.task.test_splits
 
     # ---- set-up -----------------------------------------------------------------------
 
@@ -366,7 +98,7 @@ class Trainer:
         else:
             self.teacher = load_teacher(cfg.model, task).to(self.ctx.device)
             source = self.teacher if cfg.init_from is None else load_student_init(cfg.init_from, task)
-            student = binarize(source, cfg.quant_config)
+            student = binarize(source, cfg.quant)
             # quantizers the source did not have start from data (calibrate_quantizers)
             self.fresh_quantizers = not (isinstance(source, BiBertForSequenceClassification) and source.quant.elastic)
             if cfg.student_layers:
@@ -384,15 +116,21 @@ class Trainer:
         except (OSError, ValueError) as exc:
             raise BibertError(f"cannot load the tokenizer of {cfg.model}: {str(exc).splitlines()[0]}") from None
 
-    def _dataset(self, split: str, limit: int | None, file: str | None = None):
+    def _examples(self, split: str) -> list:
         cfg = self.config
-        examples = take_slice(load_examples(self.task, split, data_dir=cfg.data_dir, file=file), limit, cfg.seed)
+        return load_split(self.task, split, train_file=cfg.train_file, dev_file=cfg.dev_file, test_file=cfg.test_file,
+                          data_dir=cfg.data_dir, text_column=cfg.text_column, text_pair_column=cfg.text_pair_column,
+                          label_column=cfg.label_column)
+
+    def _dataset(self, split: str, limit: int | None):
+        cfg = self.config
+        examples = take_slice(self._examples(split), limit, cfg.seed)
         return build_dataset(examples, self.tokenizer, cfg.max_length, self.task)
 
     def _build_data(self) -> None:
         cfg = self.config
-        self.train_set = self._dataset("train", cfg.max_train_examples, cfg.train_file)
-        self.dev_sets = {s: self._dataset(s, cfg.max_eval_examples) for s in self.task.dev_splits}
+        self.train_set = self._dataset("train", cfg.max_train_examples)
+        self.dev_sets = {s: self._dataset(s, cfg.max_eval_examples) for s in self.dev_splits}
         self.sampler = DistributedSampler(self.train_set, num_replicas=self.ctx.world_size, rank=self.ctx.rank,
                                           shuffle=True, seed=cfg.seed, drop_last=False)
         self.steps_per_epoch = math.ceil(len(self.sampler) / cfg.batch_size)
@@ -422,12 +160,12 @@ class Trainer:
 
     def _start_or_resume(self, resume: bool) -> None:
         """Fresh state, or the saved one; checks that a resumed run has the same options."""
-        config_path = self.out / "config.json"
+        config_path = self.out / RUN_CONFIG_NAME
         saved = None
         if resume and not config_path.exists() and self.ctx.is_main:
             print(f"--resume: {self.out} holds no run yet, so this starts a new one", flush=True)
         if config_path.exists():
-            saved = TrainConfig.from_dict(json.loads(config_path.read_text()))
+            saved = TrainConfig.from_dict(read_json_if_exists(config_path))
             if not resume:
                 raise BibertError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
             ours, theirs = self.config.to_dict(), saved.to_dict()
@@ -441,7 +179,7 @@ class Trainer:
         self.log_sums, self.log_count = {}, 0  # training losses since the last logged average
         distributed.barrier(self.ctx)  # every process has looked at OUT before rank 0 changes it
         if saved is not None and self.ctx.is_main:
-            for name in (STATE_DIR, "best", "last"):
+            for name in (STATE_DIR, BEST_DIR, LAST_DIR):
                 recover_folder(self.out / name)
         distributed.barrier(self.ctx)
         state = load_training_state(self.out, self.model) if saved is not None else None
@@ -451,7 +189,7 @@ class Trainer:
             self.flip_reference = binarized_signs(self.model)
             if self.ctx.is_main:
                 self.out.mkdir(parents=True, exist_ok=True)
-                _write_json(config_path, self.config.to_dict())
+                write_json(config_path, self.config.to_dict())
             return
         if state["world_size"] != self.ctx.world_size:
             raise BibertError(f"{self.out} was trained with {state['world_size']} processes; resume it with the same number")
@@ -470,7 +208,7 @@ class Trainer:
         if rng.get("cuda") is not None and self.ctx.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.ctx.device)
         if self.ctx.is_main:  # the log holds exactly the evaluations up to the saved step
-            _write_lines(self.out / "metrics.jsonl", self.evaluations)
+            write_jsonl(self.out / METRICS_NAME, self.evaluations)
 
     def _calibrate(self) -> dict:
         """Windows and scales of fresh elastic quantizers from the first training batch
@@ -479,8 +217,8 @@ class Trainer:
         with self._autocast():
             report = calibrate_quantizers(self.model, batch, self.teacher, self.layer_map)
         if self.ctx.is_main and report:
-            (self.out / "calibration.json").parent.mkdir(parents=True, exist_ok=True)
-            _write_json(self.out / "calibration.json", report)
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.out / CALIBRATION_NAME, report)
         return report
 
     # ---- evaluation and saving -----------------------------------------------------------
@@ -511,7 +249,7 @@ class Trainer:
         return out
 
     def _score(self, metrics: dict) -> float:
-        return metrics[self.task.dev_splits[0]][self.task.best_metric]
+        return metrics[self.dev_splits[0]][self.task.best_metric]
 
     def _save_model(self, name: str) -> None:
         def write(folder: Path) -> None:
@@ -547,9 +285,9 @@ class Trainer:
         if improved:
             self.best = {"score": score, "step": self.step, "metrics": metrics}
         if self.ctx.is_main:
-            _append_line(self.out / "metrics.jsonl", entry)
+            append_jsonl(self.out / METRICS_NAME, entry)
             if improved:
-                self._save_model("best")
+                self._save_model(BEST_DIR)
             self._plot()
             shown = "  ".join(f"{s} " + " ".join(f"{k}={v:.4f}" for k, v in m.items()) for s, m in metrics.items())
             bar.write(f"step {self.step}: {shown}" + ("  (best)" if improved else ""))
@@ -557,9 +295,9 @@ class Trainer:
     def _plot(self) -> None:
         from .plotting import plot_training_curves
 
-        split, metric = self.task.dev_splits[0], self.task.best_metric
+        split, metric = self.dev_splits[0], self.task.best_metric
         curve = [{"step": e["step"], metric: e[split][metric]} for e in self.evaluations]
-        plot_training_curves(self.history, curve, metric, self.out / "training_curves.png")
+        plot_training_curves(self.history, curve, metric, self.out / CURVES_NAME)
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -603,6 +341,8 @@ class Trainer:
 
     def _run(self, resume: bool) -> dict:
         cfg, ctx = self.config, self.ctx
+        if ctx.is_main and not self.task.registered:
+            print(f"task {describe_task(self.task)}", flush=True)
         self._build_models()
         self._build_data()
         self._build_optimizer()
@@ -669,19 +409,19 @@ class Trainer:
             self._evaluate_and_keep_best(tqdm(disable=True))
             self._save_state()
         if self.ctx.is_main:
-            self._save_model("last")
+            self._save_model(LAST_DIR)
         test = None
         if cfg.eval_test:
             from safetensors.torch import load_file
 
             distributed.barrier(self.ctx)  # best/ is complete
-            best = load_file(str(self.out / "best" / "model.safetensors"), device=str(self.ctx.device))
+            best = load_file(str(self.out / BEST_DIR / WEIGHTS_NAME), device=str(self.ctx.device))
             self.unwrapped.load_state_dict(best)
             test = self.evaluate(self.unwrapped, self._test_sets())
         last = self.evaluations[-1]
         results = {
             "task": self.task.name, "mode": cfg.mode, "metric": self.task.best_metric,
-            "best": self.best, "last": {"step": last["step"], "metrics": {s: last[s] for s in self.task.dev_splits}},
+            "best": self.best, "last": {"step": last["step"], "metrics": {s: last[s] for s in self.dev_splits}},
             "test": test, "teacher": self.teacher_metrics, "steps": self.step,
             "epochs": round(self.step / self.steps_per_epoch, 4), "train_examples": len(self.train_set),
             "world_size": self.ctx.world_size, "train_seconds": round(self.train_seconds, 3),
@@ -689,15 +429,15 @@ class Trainer:
             "out": str(self.out),
         }
         if self.ctx.is_main:
-            _write_json(self.out / "results.json", results)
+            write_json(self.out / RESULTS_NAME, results)
             self._plot()
         distributed.barrier(self.ctx)  # leave together: no rank tears the group down while another still works
         return results
 
     def _test_sets(self) -> dict:
         sets = {}
-        for split in self.task.test_splits:
-            examples = load_examples(self.task, split, data_dir=self.config.data_dir)
+        for split in self.test_splits:
+            examples = self._examples(split)
             if all(ex.label is not None for ex in examples):
                 sets[split] = build_dataset(examples, self.tokenizer, self.config.max_length, self.task)
         if not sets:
@@ -719,88 +459,70 @@ def finetune(model: str, task: str | Task, out: str | os.PathLike, *, resume: bo
     return Trainer(resolve_config("finetune", model, task, out, **options), hooks).run(resume)
 
 
-def distill(teacher: str, task: str | Task, out: str | os.PathLike, *, quant: QuantConfig | None = None,
-            distill: str = "dmd", student_layers: int | None = None, resume: bool = False,
-            via: str | QuantConfig | None = None, via_share: float = 0.5,
+def distill(teacher: str, task: str | Task | None, out: str | os.PathLike, *, quant: QuantConfig | None = None,
+            distill: str | None = None, student_layers: int | None = None, resume: bool = False,
+            via: str | QuantConfig | None = None, via_share: float = VIA_SHARE,
             hooks: Sequence[Hook] = (), **options) -> dict:
     """Build a quantized student (default BiBERT 1-1-1, Bi-Attention) from a fine-tuned
-    teacher folder and train it with DMD ("dmd") or the standard objective ("standard").
+    teacher folder and train it with DMD ("dmd", the default) or the standard objective
+    ("standard").
 
     The paper's ablation: softmax+standard (baseline), bi+standard, softmax+dmd, bi+dmd.
     best/ and last/ are BiBERT folders (BiBertForSequenceClassification.from_pretrained).
+    A task of your own data (task None or a name of your own, with train_file) keeps the
+    teacher's labels.
 
-    via (multi-step distillation, after BiT): first distil an intermediate student with
-    these bits (e.g. "1-1-4": same attention and objective, wider activations) into
-    OUT/via-<bits>/, for `via_share` of the epochs; then the final student starts from its
-    best checkpoint and trains for the rest, against the same teacher. The total number of
-    steps is the single-stage run's. Each stage resumes on its own; a finished stage is kept.
-    Returns the results dict of the final stage (also written to out/results.json), with the
-    intermediate stage's under "via".
+    via (multi-step distillation, after BiT; docs/method.md §8): first distil an
+    intermediate student with these bits (e.g. "1-1-4": same attention and objective,
+    wider activations) into OUT/via-<bits>/, for `via_share` of the epochs; then the final
+    student starts from its best checkpoint and trains for the rest, against the same
+    teacher. The total number of steps is the single-stage run's. Each stage resumes on its
+    own; a finished stage is kept. Returns the results dict of the final stage (also
+    written to out/results.json), with the intermediate stage's under "via".
     """
     quant = quant or QuantConfig()
+    final = resolve_config("distill", teacher, task, out, quant=quant, distill=distill, student_layers=student_layers,
+                           **options)
 
     def stage(stage_out, stage_quant: QuantConfig, **stage_options) -> dict:
-        config = resolve_config("distill", teacher, task, stage_out, quant=stage_quant.to_dict(), distill=distill,
+        config = resolve_config("distill", final.model, final.task, stage_out, quant=stage_quant, distill=distill,
                                 student_layers=student_layers, **stage_options)
         return Trainer(config, hooks).run(resume)
 
     if via is None:
-        return stage(out, quant, **options)
+        return Trainer(final, hooks).run(resume)
     if not 0 < via_share < 1:
         raise BibertError(f"--via-share must lie strictly between 0 and 1, got {via_share}")
     if options.get("max_steps") is not None or options.get("init_from") is not None:
         raise BibertError("--via splits the epochs between the stages: leave out --max-steps and --init-from")
     middle = via if isinstance(via, QuantConfig) else QuantConfig.from_bits(via, quant.attention)
-    epochs = options.get("epochs") or float((get_task(task) if isinstance(task, str) else task).epochs)
     stage_out = Path(out) / f"via-{middle.bits}"
-    first_options = {**options, "epochs": epochs * via_share}
-    first = _finished(stage_out) or stage(stage_out, middle, **first_options)
-    second = stage(out, quant, **{**options, "epochs": epochs * (1 - via_share), "init_from": str(stage_out / "best")})
+    first = read_json_if_exists(stage_out / RESULTS_NAME) or stage(stage_out, middle,
+                                                                  **{**options, "epochs": final.epochs * via_share})
+    second = stage(out, quant, **{**options, "epochs": final.epochs * (1 - via_share),
+                                  "init_from": str(stage_out / BEST_DIR)})
     second["via"] = first
     if int(os.environ.get("RANK", "0")) == 0:
-        _write_json(Path(out) / "results.json", second)
+        write_json(Path(out) / RESULTS_NAME, second)
     return second
 
 
-def _finished(out: Path) -> dict | None:
-    """results.json of a finished run in `out`, else None."""
-    path = out / "results.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def finetune_and_distill(model: str, task: str | Task, out: str | os.PathLike, *, resume: bool = False,
+def finetune_and_distill(model: str, task: str | Task | None, out: str | os.PathLike, *, resume: bool = False,
                          teacher_options: dict | None = None, **distill_options) -> dict:
     """The whole recipe: fine-tune `model` into OUT/teacher, then distil its best
     checkpoint into OUT/student. teacher_options go to `finetune`, the rest to `distill`
-    (quant, distill, student_layers and any training option). Returns
-    {"teacher": results, "student": results}."""
+    (quant, distill, student_layers and any training option); the options that describe
+    the data and the machine (TrainConfig fields marked shared) go to both, and so does
+    train_file for a task of your own data. Returns {"teacher": results, "student": results}."""
     out = Path(out)
-    shared = {k: distill_options[k] for k in ("max_train_examples", "max_eval_examples", "data_dir",
-                                              "seed", "device", "precision") if k in distill_options}
+    own_data = not task.registered if isinstance(task, Task) else task is None or not is_task_name(task)
+    keys = {f.name for f in option_fields() if f.metadata["shared"]} | ({"train_file"} if own_data else set())
+    shared = {k: distill_options[k] for k in keys if k in distill_options}
     teacher = finetune(model, task, out / "teacher", resume=resume, **{**shared, **(teacher_options or {})})
-    student = distill(str(out / "teacher" / "best"), task, out / "student", resume=resume, **distill_options)
+    student = distill(str(out / "teacher" / BEST_DIR), task, out / "student", resume=resume, **distill_options)
     return {"teacher": teacher, "student": student}
 
 
 def run(config: TrainConfig, resume: bool = False, hooks: Sequence[Hook] = ()) -> dict:
     """Run a resolved TrainConfig (e.g. TrainConfig.from_dict(json.load(open("OUT/config.json"))))."""
     return Trainer(config, hooks).run(resume)
-
-
-# ----------------------------------------------------------------------------- helpers
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _write_lines(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
-
-
-def _append_line(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")

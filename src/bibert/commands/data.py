@@ -8,18 +8,28 @@ RESOURCE_NAMES = ["rotten_tomatoes", "snli", "glove", "teacher"]
 
 def add_source_arguments(p) -> None:
     """--data-dir / --file and the column options shared by commands that read a task."""
+    from .train import add_config_options
+
     p.add_argument("--data-dir", help="GLUE folder in the original layout, e.g. glue_data/SST-2 "
                    "(or the glue_data root)")
-    p.add_argument("--file", help="your own .csv, .tsv or .jsonl file instead of the task's data")
-    p.add_argument("--text-column", help="with --file: column of the first text (default: the task's field, "
-                   "e.g. sentence or sentence1)")
-    p.add_argument("--pair-column", help="with --file: column of the second text (default: the task's field)")
-    p.add_argument("--label-column", default="label", help="with --file: label column (default label)")
+    p.add_argument("--file", help="your own .csv, .tsv, .jsonl or .parquet file instead of the task's data; "
+                   "without --task, a task of your own data")
+    add_config_options(p, "finetune", names=("text_column", "text_pair_column", "label_column"))
 
 
 def source_kwargs(args) -> dict:
     return {"data_dir": args.data_dir, "file": args.file, "text_column": args.text_column,
-            "pair_column": args.pair_column, "label_column": args.label_column}
+            "pair_column": args.text_pair_column, "label_column": args.label_column or "label"}
+
+
+def source_task(args, labels: list[str] | None = None, regression: bool | None = None):
+    """The task of a command that reads data: --task, else a task of your own data from --file
+    (with `labels` / `regression` of a model when it has them)."""
+    from ..data import resolve_task
+
+    return resolve_task(args.task, train_file=args.file, text_column=args.text_column,
+                        text_pair_column=args.text_pair_column, label_column=args.label_column,
+                        labels=labels, regression=regression)
 
 
 def register(sub) -> None:
@@ -38,7 +48,8 @@ def register(sub) -> None:
                             description="Print each split's size and label counts. Data come from "
                             "--file, --data-dir (GLUE TSV), the offline corpora (rotten_tomatoes, snli) "
                             "or Hugging Face datasets, in that order.")
-    p.add_argument("task", help="task name, e.g. sst2, mnli, rotten_tomatoes, snli")
+    p.add_argument("task", nargs="?", help="task name, e.g. sst2, mnli, rotten_tomatoes, snli (default: with --file, "
+                   "a task of your own data)")
     p.add_argument("--split", action="append", help="only this split (repeatable; default: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     add_source_arguments(p)
@@ -52,7 +63,8 @@ def register(sub) -> None:
                        "word piece; --copies new sentences per input. Deterministic for a --seed; an "
                        "interrupted run resumes where it stopped. The output JSONL is a train file: "
                        "pass it as --file to training.")
-    p.add_argument("--task", required=True, help="task name (its fields and labels shape the output)")
+    p.add_argument("--task", help="task name (its fields and labels shape the output; default: with --file, a task "
+                   "of your own data, whose columns the output keeps)")
     p.add_argument("--out", required=True, help="output .jsonl file")
     p.add_argument("--split", default="train", help="split to augment (default train)")
     p.add_argument("--copies", type=int, default=20, help="augmented copies per sentence (default 20)")
@@ -68,21 +80,20 @@ def register(sub) -> None:
 
 
 def run_fetch(args) -> int:
-    from ..fetch import fetch
+    from ..fetch import fetch, teacher_path
 
     for name in RESOURCE_NAMES if args.name == "all" else [args.name]:
-        print(f"{name}: {fetch(name)}")
+        print(f"{name}: {teacher_path() if name == 'teacher' else fetch(name)}")  # an installed teacher is reused
     return 0
 
 
 def run_info(args) -> int:
-    from ..data import load_examples, label_counts
+    from ..data import describe_task, label_counts, load_examples
     from ..errors import BibertError
-    from ..tasks import get_task
 
-    task = get_task(args.task)
+    task = source_task(args)
     report = {}
-    for split in args.split or task.splits:
+    for split in args.split or (task.splits if task.registered else ["train"]):
         try:
             examples = load_examples(task, split, **source_kwargs(args))
         except BibertError as exc:
@@ -97,7 +108,8 @@ def run_info(args) -> int:
     if args.json:
         print(json.dumps({"task": task.name, "splits": report}, indent=2))
         return 0
-    print(f"{task.name}: {'regression' if task.is_regression else ', '.join(task.label_list)}")
+    print(f"{task.name}: {'regression' if task.is_regression else ', '.join(task.label_list)}" if task.registered
+          else describe_task(task))
     for split, info in report.items():
         if "error" in info:
             print(f"  {split:15s} unavailable ({info['error']})")
@@ -113,9 +125,8 @@ def run_augment(args) -> int:
     from ..augment import Augmenter, MaskedLM, WordVectors, augment_examples
     from ..data import load_examples
     from ..errors import BibertError
-    from ..tasks import get_task
 
-    task = get_task(args.task)
+    task = source_task(args)
     examples = load_examples(task, args.split, **source_kwargs(args))
     if args.limit is not None:
         if args.limit < 1:
@@ -124,6 +135,7 @@ def run_augment(args) -> int:
     augmenter = Augmenter(WordVectors.glove(args.glove_dir),
                           MaskedLM(args.mlm_model) if args.mlm_model else None,
                           copies=args.copies, prob=args.prob, top_k=args.top_k)
-    lines = augment_examples(task, examples, args.out, augmenter, seed=args.seed)
+    lines = augment_examples(task, examples, args.out, augmenter, seed=args.seed,
+                             label_column=args.label_column or "label")
     print(f"wrote {lines} rows for {len(examples)} inputs to {args.out}")
     return 0

@@ -23,7 +23,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..config import QuantConfig
-    from ..cost import model_summary
+    from ..cost import model_cost
     from ..errors import BibertError
 
     if args.seq_len < 1:
@@ -31,6 +31,6 @@ def run(args) -> int:
     quant = QuantConfig.from_bits(args.bits, args.attention or "bi") if args.bits else None
     if args.attention and not args.bits:
         raise BibertError("--attention needs --bits")
-    s = model_summary(args.model, seq_len=args.seq_len, quant=quant)
+    s = model_cost(args.model, seq_len=args.seq_len, quant=quant)
     print(json.dumps(s.to_dict(), indent=2) if args.json else s.table())
     return 0
