@@ -9,7 +9,7 @@ from transformers import BertConfig, BertForMaskedLM, BertTokenizer
 from bibert.augment import (STOP_WORDS, Augmenter, MaskedLM, WordVectors, augment_examples,
                             split_words)
 from bibert.cli import main
-from bibert.data import Example, load_examples
+from bibert.data import Example, infer_custom_task, load_examples
 from bibert.errors import BibertError
 from bibert.tasks import get_task
 
@@ -136,3 +136,27 @@ def test_real_glove_and_cli(tmp_path, capsys):
             continue
         cands = aug.candidates(words)
         assert all(w == old or w in cands[i] for i, (old, w) in enumerate(zip(words, new)))
+
+
+def test_your_own_data_keeps_its_columns(vectors, tmp_path, capsys):
+    """bibert augment --file with columns of its own: the output has the same columns and
+    labels, so it trains with the same --text-column / --label-column."""
+    data = tmp_path / "reviews.csv"
+    data.write_text("review,sentiment\ngood movie,pos\nbad plot,neg\n")
+    args = ["--text-column", "review", "--label-column", "sentiment"]
+    glove = tmp_path / "glove"
+    glove.mkdir()
+    np.save(glove / "glove_6B_50d_emb.npy", vectors.vectors)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"index": vectors.words}), glove / "glove_6B_index.parquet")
+    out = tmp_path / "aug.jsonl"
+    assert main(["augment", "--file", str(data), *args, "--out", str(out), "--copies", "3", "--glove-dir",
+                 str(glove)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0] == {"review": "good movie", "sentiment": "pos", "row": 0}
+    assert {tuple(r) for r in rows} == {("review", "sentiment", "row")}
+    task = infer_custom_task(out, text_column="review", label_column="sentiment")
+    assert task.label_list == ("neg", "pos")
+    assert len(load_examples(task, "train", file=out, label_column="sentiment")) == len(rows)

@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -78,17 +78,25 @@ def _fsync(path: Path | str) -> None:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call write(tmp) with a temporary path in `path`'s folder (same suffix, so that writers
-    that add one, like numpy's savez, keep it), fsync it and rename it to `path`."""
+    that add one, like numpy's savez, keep it), fsync it and rename it to `path`. The file
+    gets the usual permissions (0666 less the umask), also from writers that make private
+    files (safetensors' save_file)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
+    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}"))
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         _fsync(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it back at once
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

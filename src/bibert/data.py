@@ -311,7 +311,8 @@ def resolve_task(task: str | Task | None, train_file: str | Path | None = None, 
     if task is not None and (train_file is None or is_task_name(task)):
         return get_task(task)
     if train_file is None:
-        raise BibertError("give --task (a GLUE task, rotten_tomatoes or snli) or --train-file with your own data")
+        raise BibertError("give --task (a GLUE task, rotten_tomatoes or snli) or a file of your own data "
+                          "(--train-file for training, --file otherwise)")
     return infer_custom_task(train_file, name=task or Path(train_file).stem, text_column=text_column or "text",
                              pair_column=text_pair_column, label_column=label_column or "label",
                              regression=regression, labels=labels)
