@@ -85,6 +85,7 @@ class Row:
     activations: str = "sign"  # "elastic": learned thresholds and scales (beyond the paper)
     via: str | None = None  # multi-step distillation through a student with these bits
     quantizer_lr: float | None = None
+    lr: float | None = None  # None: the task budget's
     precision: str = "fp32"  # "bf16": mixed precision (exact integer forward, bf16 gradients and teacher)
     section: str = "main"  # "main" table, "budget" check or "beyond" the paper
 
@@ -108,6 +109,8 @@ ROWS = [
         section="beyond"),
     Row("elastic_via4", "1-1-1 BiBERT + elastic, via 1-1-4", "1-1-1", "bi", "dmd", (1,), activations="elastic",
         via="1-1-4", section="beyond"),
+    Row("elastic_lr1e-3", "1-1-1 BiBERT + elastic, lr 1e-3", "1-1-1", "bi", "dmd", (1,), activations="elastic",
+        lr=1e-3, section="beyond"),
     Row("elastic_bf16", "1-1-1 BiBERT + elastic, bf16 mixed precision", "1-1-1", "bi", "dmd", (1,),
         activations="elastic", precision="bf16", section="beyond"),
 ]
@@ -223,7 +226,7 @@ def run_row(task: str, row: Row, seed: int, teacher: Path, b: Budget) -> dict | 
         extra["precision"] = row.precision
         return _timed(out, lambda: distill(
             str(teacher), task, out, quant=QuantConfig.from_bits(row.bits, row.attention, row.activations),
-            distill=row.distill, via=row.via, resume=True, epochs=epochs, lr=b.lr, max_length=b.max_length,
+            distill=row.distill, via=row.via, resume=True, epochs=epochs, lr=row.lr or b.lr, max_length=b.max_length,
             batch_size=b.batch_size, max_eval_examples=b.eval_examples, eval_test=True, seed=seed,
             group_by_length=b.group_by_length, dmd_mask_padding=row.mask_padding, **extra, **data))
 

@@ -11,6 +11,8 @@ documented uniform quantizers, not BinaryBERT's exact learned-step variant.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 # Clipping multiples of the standard deviation for k-bit activations: the MSE-optimal
@@ -117,7 +119,8 @@ def _integer_matmul_available() -> bool:
         return False
 
 
-_INT_MM = _integer_matmul_available()
+# BIBERT_INT_MM=0 turns the int8 path off (float counts everywhere: the same numbers, slower on CPU)
+_INT_MM = os.environ.get("BIBERT_INT_MM", "1") != "0" and _integer_matmul_available()
 
 
 def integer_counts(levels: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
