@@ -111,6 +111,8 @@ ROWS = [
         via="1-1-4", section="beyond"),
     Row("elastic_lr1e-3", "1-1-1 BiBERT + elastic, lr 1e-3", "1-1-1", "bi", "dmd", (1,), activations="elastic",
         lr=1e-3, section="beyond"),
+    Row("elastic_bimax", "1-1-1 elastic, Bi-Attention relative to each query's best key", "1-1-1", "bi-max", "dmd",
+        (1,), activations="elastic", section="beyond"),
     Row("elastic_bf16", "1-1-1 BiBERT + elastic, bf16 mixed precision", "1-1-1", "bi", "dmd", (1,),
         activations="elastic", precision="bf16", section="beyond"),
 ]
@@ -264,7 +266,7 @@ def collect() -> dict:
         table[task] = entry
     costs = {"teacher": summarize(cfg, QuantConfig.full_precision(), 128).totals}
     for row in ROWS:
-        costs[row.key] = summarize(cfg, QuantConfig.from_bits(row.bits, row.attention), 128).totals
+        costs[row.key] = summarize(cfg, QuantConfig.from_bits(row.bits, row.attention, row.activations), 128).totals
     return {"table": table, "costs": costs}
 
 

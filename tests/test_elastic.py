@@ -80,6 +80,37 @@ def test_score_quantizer_per_head_threshold_against_formula(window):
     assert torch.allclose(sb.threshold.grad, -(g * inside).sum((0, 2, 3)))
 
 
+@pytest.mark.parametrize("window", [1.0, 0.6])
+def test_relative_score_binarizer_keeps_keys_within_the_margin_of_the_row_maximum(window):
+    torch.manual_seed(4)
+    sb = ScoreBinarizer(2, relative=True).double()
+    assert sb.threshold.tolist() == [1.0, 1.0]  # the margin starts at 1
+    with torch.no_grad():
+        sb.threshold.copy_(torch.tensor([0.5, 0.0], dtype=torch.float64))
+        sb.window.fill_(window)
+    a = torch.randn(2, 2, 3, 5, dtype=torch.float64)
+    a[..., 4] = -10000.0  # a padded key
+    a[0, 0, 0, 1] = a[0, 0, 0].max() - 0.5  # exactly at the margin: kept (>=)
+    a.requires_grad_()
+    y = sb(a)
+    m = sb.threshold.detach()[None, :, None, None]
+    d = a.detach() - a.detach().amax(-1, keepdim=True) + m
+    assert torch.equal(y.detach(), (d >= 0).double())
+    assert y.detach()[0, 0, 0, 1] == 1 and (y.detach()[..., 4] == 0).all()
+    assert (y.detach().amax(-1) == 1).all()  # each query keeps its best key
+    g = torch.randn_like(a)
+    y.backward(g)
+    inside = (d.abs() <= window / 2).double() / window
+    assert torch.allclose(a.grad, g * inside)
+    assert torch.allclose(sb.threshold.grad, (g * inside).sum((0, 2, 3)))
+
+
+def test_bi_max_attention_needs_elastic_activations():
+    with pytest.raises(BibertError, match="bi-max"):
+        QuantConfig(attention="bi-max")
+    assert QuantConfig(attention="bi-max", activations="elastic").binary_attention
+
+
 def test_scale_grad_is_identity_forward_and_scales_backward():
     s = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     y = scale_grad(s, 0.25)

@@ -21,7 +21,7 @@ from .errors import BibertError
 from .tasks import HELD_OUT_PERCENT, Task, get_task
 
 SUPPORTED_BITS = (1, 2, 4, 8, 32)
-ATTENTIONS = ("bi", "softmax")
+ATTENTIONS = ("bi", "softmax", "bi-max")
 ACTIVATIONS = ("sign", "elastic")
 
 
@@ -33,6 +33,9 @@ class QuantConfig:
     embedding_bits:  bits of the word-embedding table (position/token-type stay fp32).
     activation_bits: bits of every input of a quantized Linear (1 = sign, no scale).
     attention:       "bi" = Bi-Attention (bool of the scores, docs/method.md §3);
+                     "bi-max" = Bi-Attention relative to each query's best key: 1 for the
+                     keys within a learned per-head margin of the row's maximum score
+                     (elastic activations only; docs/method.md §7);
                      "softmax" = the straightforward baseline: standard attention with
                      quantized probabilities (docs/method.md §3).
     activations:     how 1-bit activations are binarized: "sign" = the paper's sign(x)
@@ -59,7 +62,9 @@ class QuantConfig:
                     " (32 = full precision)"
                 )
         if self.attention not in ATTENTIONS:
-            raise BibertError(f"unknown attention {self.attention!r}: choose 'bi' or 'softmax'")
+            raise BibertError(f"unknown attention {self.attention!r}: choose one of {', '.join(ATTENTIONS)}")
+        if self.attention == "bi-max" and self.activations != "elastic":
+            raise BibertError("attention 'bi-max' learns its margins: it needs activations='elastic'")
         if self.activations not in ACTIVATIONS:
             raise BibertError(f"unknown activations {self.activations!r}: choose 'sign' or 'elastic'")
         if self.activations == "elastic" and self.activation_bits != 1:
@@ -83,6 +88,11 @@ class QuantConfig:
     @property
     def bits(self) -> str:
         return f"{self.weight_bits}-{self.embedding_bits}-{self.activation_bits}"
+
+    @property
+    def binary_attention(self) -> bool:
+        """Attention weights in {0, 1} (Bi-Attention, either form)."""
+        return self.attention in ("bi", "bi-max")
 
     @property
     def elastic(self) -> bool:

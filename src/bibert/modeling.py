@@ -133,17 +133,33 @@ class QuantLinear(nn.Linear):
 
 
 class ScoreBinarizer(ActQuantizer):
-    """Elastic Bi-Attention: BA = 1[A - t_h > 0] with a learned threshold t_h per head (A ==
-    t_h gives 0, as the paper's bool at t = 0) and a data-sized STE window, on the scores
-    A (B, nh, T, T). The paper's Bi-Attention is t = 0 with window 1."""
+    """Elastic Bi-Attention on the scores A (B, nh, T, T), with a data-sized STE window:
 
-    def __init__(self, heads: int):
+    absolute (attention "bi"):      BA = 1[A - t_h > 0], a learned threshold t_h per head
+                                    (A == t_h gives 0, as the paper's bool at t = 0; the
+                                    paper's Bi-Attention is t = 0 with window 1)
+    relative (attention "bi-max"):  BA = 1[(A - max_j A) + m_h >= 0], a learned margin m_h
+                                    per head below each query's best key (which is always
+                                    attended while m_h >= 0); max_j over the real keys,
+                                    taken as a constant in the backward.
+    `threshold` holds t_h, or m_h for the relative form (initialised to 1).
+    """
+
+    def __init__(self, heads: int, relative: bool = False):
         super().__init__(heads, unsigned=True, threshold=True, scale=False)
-        self.strict = True
+        self.relative = relative
+        self.strict = not relative
+        if relative:
+            with torch.no_grad():
+                self.threshold.fill_(1.0)
 
     def forward(self, scores: torch.Tensor) -> torch.Tensor:  # (B, nh, T, T)
-        shifted = scores - self.threshold.to(scores.dtype)[None, :, None, None]
-        return threshold_ste(shifted, self.fixed_zero(scores), self.window, unsigned=True, strict=True)
+        t = self.threshold.to(scores.dtype)[None, :, None, None]
+        if self.relative:
+            shifted = (scores - scores.detach().amax(-1, keepdim=True)) + t
+        else:
+            shifted = scores - t
+        return threshold_ste(shifted, self.fixed_zero(scores), self.window, unsigned=True, strict=self.strict)
 
     @staticmethod
     def fixed_zero(scores: torch.Tensor) -> torch.Tensor:
@@ -203,8 +219,8 @@ class SelfAttention(nn.Module):
         self.input_quantizer = _elastic(quant, h)
         if quant.elastic:
             self.qkv_quantizers = nn.ModuleList(ActQuantizer(h, threshold=False, scale=False) for _ in range(3))
-            if quant.attention == "bi":
-                self.score_quantizer = ScoreBinarizer(self.num_heads)
+            if quant.binary_attention:
+                self.score_quantizer = ScoreBinarizer(self.num_heads, relative=quant.attention == "bi-max")
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -222,7 +238,7 @@ class SelfAttention(nn.Module):
             q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))  # real-valued
             qb, kb, vb = (quantize_activation(t, a) for t in (q, k, v))
         scores = qb @ kb.transpose(-1, -2) / math.sqrt(self.head_size) + mask  # (B, nh, T, T)
-        if self.quant.attention == "bi" and self.quant.elastic:
+        if self.quant.binary_attention and self.quant.elastic:
             weights = self.score_quantizer(self.dropout(scores))  # {0, 1}; 0 on padded keys
         elif self.quant.attention == "bi":
             weights = bool_ste(self.dropout(scores))  # {0, 1}; 0 on padded keys
@@ -519,7 +535,8 @@ def calibrate_quantizers(student: BiBertForSequenceClassification, batch: dict,
     report = {}
     for name, q in quantizers.items():
         if isinstance(q, ScoreBinarizer):  # scores (B, nh, T, T), threshold per head
-            shifted = seen[name].float() - q.threshold.float()[None, :, None, None]
+            scores, t = seen[name].float(), q.threshold.float()[None, :, None, None]
+            shifted = scores - scores.amax(-1, keepdim=True) + t if q.relative else scores - t
             window = shifted.masked_select(pairs.expand_as(shifted)).abs().mean().clamp_min(1e-3)
         else:
             x = real(seen[name].float(), name)
