@@ -268,3 +268,34 @@ def test_short_distillation_on_real_data_lowers_the_loss(teacher_dir, tmp_path):
     assert losses[-1] < losses[0] - 0.05, losses
     assert 0 < history["flip"] < 0.5
     assert res["teacher"]["dev"]["accuracy"] > 0
+
+
+@pytest.mark.parametrize("activations", ["sign", "elastic"])
+def test_integer_counts_train_exactly_like_float_counts(tiny_teacher, tmp_path, monkeypatch, activations):
+    """The int8 matmul is a faster way to the same integer counts: a run with it and one with
+    float matmuls end with identical weights and logs."""
+    from bibert import quantizers
+
+    if not quantizers._INT_MM:
+        pytest.skip("no int8 matmul in this torch build")
+    quant = QuantConfig(activations=activations)
+    distill(tiny_teacher, "rotten_tomatoes", tmp_path / "int8", quant=quant, max_steps=4, **SLICE)
+    monkeypatch.setattr(quantizers, "_INT_MM", False)
+    distill(tiny_teacher, "rotten_tomatoes", tmp_path / "float", quant=quant, max_steps=4, **SLICE)
+    assert_same_weights(tmp_path / "int8" / "last", tmp_path / "float" / "last")
+    assert (tmp_path / "int8" / "metrics.jsonl").read_text() == (tmp_path / "float" / "metrics.jsonl").read_text()
+
+
+def test_via_runs_two_stages_with_the_budget_split(tiny_teacher, tmp_path):
+    res = distill(tiny_teacher, "rotten_tomatoes", tmp_path / "v", quant=QuantConfig(activations="elastic"),
+                  via="1-1-4", epochs=2, **SLICE)
+    first = json.loads((tmp_path / "v" / "via-1-1-4" / "results.json").read_text())
+    assert res["via"]["steps"] == first["steps"] == 6 and res["steps"] == 6  # 2 epochs of 6 steps, split in halves
+    config = json.loads((tmp_path / "v" / "config.json").read_text())
+    assert config["init_from"] == str(tmp_path / "v" / "via-1-1-4" / "best")
+    middle = BiBertForSequenceClassification.from_pretrained(tmp_path / "v" / "via-1-1-4" / "best")
+    assert middle.quant.bits == "1-1-4"
+    assert (tmp_path / "v" / "calibration.json").is_file()  # the final student's quantizers start from data
+    again = distill(tiny_teacher, "rotten_tomatoes", tmp_path / "v", quant=QuantConfig(activations="elastic"),
+                    via="1-1-4", epochs=2, resume=True, **SLICE)  # both stages finished: nothing retrained
+    assert again["best"] == res["best"]
