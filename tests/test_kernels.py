@@ -255,9 +255,24 @@ def _every_kernel(rng_seed: int) -> list[np.ndarray]:
                                   thresholds=kernels.bit_thresholds(alpha, bias, K, compare=t_n)),
             kernels.binary_linear(xb, K, panels, N, alpha, bias, residual,
                                   epilogue=kernels.float_epilogue(alpha, bias, K, offset)),
+            *_every_kbit_kernel(rng, x, ws, alpha, bias, residual, heads, d),
             kernels.embed(ids, np.zeros_like(ids), word_bits, rng.random(50).astype(np.float32),
                           rng.standard_normal((L, 300)).astype(np.float32),
                           rng.standard_normal((2, 300)).astype(np.float32))]
+
+
+def _every_kbit_kernel(rng, x, ws, alpha, bias, residual, heads, d) -> list[np.ndarray]:
+    """The k-bit (bit-serial) kernels on the same data: quantizer planes, Linear, attention, GELU."""
+    M, K = x.shape
+    N = ws.shape[0]
+    wbits = signs_to_bits(ws)
+    planes, step, levels = kernels.quantize_planes(x, 4, 2.55, levels=True)
+    y = kernels.linear_kbit(planes, M, K, kernels.pack_panels(wbits), N, 4, step, alpha, bias,
+                            kernels.kbit_offsets(wbits, K, 4), residual)
+    L = 70
+    lv = [kernels.quantize_planes(random_floats(rng, L, heads * d), 2, 1.71, levels=True)[2] for _ in range(3)]
+    ctx = kernels.biattention_kbit(*lv, 0.5, heads, d, np.arange(L) < 60)
+    return [planes, levels, y, ctx, kernels.gelu(x)]
 
 
 @pytest.mark.parametrize("threads", [2, 3, 7])

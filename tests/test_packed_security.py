@@ -79,6 +79,12 @@ def packed_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def kbit_path(tmp_path_factory) -> Path:
+    """The tiny student with 4-bit activations (bit-serial; format version 3)."""
+    return _tiny_student(tmp_path_factory.mktemp("kbit"), QuantConfig(1, 1, 4))
+
+
+@pytest.fixture(scope="module")
 def elastic_path(tmp_path_factory) -> Path:
     """The tiny student with elastic binarization (thresholds and scales; format version 2)."""
     return _tiny_student(tmp_path_factory.mktemp("elastic"), QuantConfig(activations="elastic"))
@@ -518,6 +524,37 @@ def elastic_cases(raw: bytes) -> Cases:
     return c
 
 
+def kbit_cases(raw: bytes) -> Cases:
+    """Checksum-valid rewrites of a 4-bit student's file (format version 3)."""
+    c = Cases(raw)
+    h, data = c.header, c.data
+    assert c.version == 3 and assemble(h, data, 3) == raw
+    c.add("kbit-in-version-2", assemble({**h, "format_version": 2}, data, version=2))
+    c.add("kbit-in-version-1", assemble({**h, "format_version": 1}, data, version=1))
+    c.add("kbit-version-next", assemble({**h, "format_version": FORMAT_VERSION + 1}, data,
+                                        version=FORMAT_VERSION + 1), "newer")
+    for label, value in (("1", 1), ("2", 2), ("3", 3), ("8", 8), ("0", 0), ("bool", True), ("float", 4.0), ("str", "4")):
+        expect = "invalid" if label not in ("2",) else "safe"  # 2 bits: a consistent model of another width
+        c.header_case(f"kbit-activation_bits-{label}", setter("quantization", "activation_bits", value=value), expect)
+    c.header_case("kbit-elastic", setter("quantization", "activations", value="elastic"))
+    c.header_case("kbit-weight-bits-4", setter("quantization", "weight_bits", value=4))
+    names = [e["name"] for e in h["entries"]]
+    i = names.index("activation_clip_std")
+    for label, value in (("f8", "<f8"), ("f2", "<f2"), ("u4", "<u4"), ("null", None)):
+        c.header_case(f"clip-std-dtype-{label}", setter("entries", i, "dtype", value=value))
+    for label, value in (("scalar", []), ("two", [2]), ("column", [1, 1]), ("null", None)):
+        c.header_case(f"clip-std-shape-{label}", setter("entries", i, "shape", value=value))
+    c.header_case("clip-std-missing", lambda hh: hh["entries"].remove(entry(hh, "activation_clip_std")))
+    c.header_case("clip-std-twice", lambda hh: hh["entries"].append(dict(entry(hh, "activation_clip_std"))))
+    e = entry(h, "activation_clip_std")
+    for label, value in (("nan", np.nan), ("inf", np.inf), ("minus-inf", -np.inf), ("0", 0.0), ("negative", -2.0),
+                         ("huge", 3e38), ("subnormal", 1e-45)):
+        damaged = bytearray(data)
+        damaged[e["offset"]:e["offset"] + 4] = np.float32(value).tobytes()
+        c.add(f"clip-std-value-{label}", assemble(h, bytes(damaged), 3), "safe")
+    return c
+
+
 def random_mutation_cases(raw: bytes, seed: int = 13) -> Cases:
     """Random damage without recomputing the checksum (bit flips, truncations, appended or
     prepended junk: all must be refused), and random rewrites of the header or the data
@@ -673,6 +710,18 @@ def test_crafted_elastic_files_are_refused(elastic_path, tmp_path):
     assert tally.get("invalid", 0) > 120 and tally.get("loaded", 0) >= 30, tally
 
 
+def test_crafted_kbit_files_are_refused(kbit_path, tmp_path):
+    cases = kbit_cases(kbit_path.read_bytes())
+    tally = check_outcomes(cases, run_cases(cases, tmp_path))
+    assert tally.get("invalid", 0) >= 20 and tally.get("loaded", 0) >= 7, tally
+
+
+def test_random_mutations_of_a_kbit_file(kbit_path, tmp_path):
+    cases = random_mutation_cases(kbit_path.read_bytes(), seed=19)
+    tally = check_outcomes(cases, run_cases(cases, tmp_path))
+    assert tally["invalid"] >= 150 and "wrong" not in tally
+
+
 def test_random_mutations_of_an_elastic_file(elastic_path, tmp_path):
     cases = random_mutation_cases(elastic_path.read_bytes(), seed=17)
     tally = check_outcomes(cases, run_cases(cases, tmp_path))
@@ -751,6 +800,22 @@ def native_worker(packed: str) -> None:
         "tuning order 2": lambda: lib.bb_set_tuning(1, 6, 16384, 2),
         "tuning unknown family": lambda: lib.bb_set_tuning(9, 6, 16384, 0),
         "tuning null out": lambda: lib.bb_get_tuning(1, None),
+        "quantize bits 3": lambda: lib.bb_quantize_planes(p, 2, 8, 8, 3, 2.55, p, 1, p, None),
+        "quantize ldx<C": lambda: lib.bb_quantize_planes(p, 2, 8, 4, 4, 2.55, p, 1, p, None),
+        "quantize ldo<words": lambda: lib.bb_quantize_planes(p, 2, 130, 130, 4, 2.55, p, 2, p, None),
+        "quantize null step": lambda: lib.bb_quantize_planes(p, 2, 8, 8, 4, 2.55, p, 1, None, None),
+        "quantize huge": lambda: lib.bb_quantize_planes(p, big, big, big, 4, 2.55, p, big, p, None),
+        "linear kbit bits 1": lambda: lib.bb_linear_kbit(p, 1, 1, 64, p, 32, 1, 1.0, p, p, p, None, p),
+        "linear kbit K=0": lambda: lib.bb_linear_kbit(p, 1, 1, 0, p, 32, 4, 1.0, p, p, p, None, p),
+        "linear kbit lda<words": lambda: lib.bb_linear_kbit(p, 1, 1, 65, p, 32, 4, 1.0, p, p, p, None, p),
+        "linear kbit null offsets": lambda: lib.bb_linear_kbit(p, 1, 1, 64, p, 32, 4, 1.0, p, p, None, None, p),
+        "linear kbit huge": lambda: lib.bb_linear_kbit(p, big, big, big, p, big, 4, 1.0, p, p, p, None, p),
+        "attention kbit L=0": lambda: lib.bb_biattention_kbit(p, p, p, 0, 1, 8, 1.0, p, p, 8, None),
+        "attention kbit ldo<H*d": lambda: lib.bb_biattention_kbit(p, p, p, 4, 2, 8, 1.0, p, p, 8, None),
+        "attention kbit null valid": lambda: lib.bb_biattention_kbit(p, p, p, 4, 1, 8, 1.0, None, p, 8, None),
+        "attention kbit huge": lambda: lib.bb_biattention_kbit(p, p, p, big, big, big, 1.0, p, p, big, None),
+        "gelu C=0": lambda: lib.bb_gelu(p, 1, 0, p),
+        "gelu null": lambda: lib.bb_gelu(None, 1, 8, p),
         "encoder tuning tail 0": lambda: lib.bb_set_encoder_tuning(0, 512),
         "encoder tuning group 0": lambda: lib.bb_set_encoder_tuning(16, 0),
         "roofline negative": lambda: lib.bb_popcount_roofline(neg, p),
@@ -825,7 +890,7 @@ def test_native_kernels_and_inputs_refuse_bad_arguments(packed_path, tmp_path):
             assert rc == str(kernels.EINVAL), (name, rc)
         elif name.startswith("noop "):
             assert rc == str(kernels.OK), (name, rc)
-    assert sum(n.startswith("native ") for n in got) == 53
+    assert sum(n.startswith("native ") for n in got) == 69
     assert got["input forward (0, 8)"] == got["input forward (0, 0)"] == "result (0, 3)"
     assert got["input forward (0, 8) hidden"] == "result (0, 3)"
     assert got["input predict []"] == "result (0, 3)"

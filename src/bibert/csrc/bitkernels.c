@@ -50,7 +50,7 @@
 #define BB_X86 0
 #endif
 
-#define BB_ABI_VERSION 12
+#define BB_ABI_VERSION 13
 #define BB_PANEL 32
 #define BB_MR 6
 
@@ -499,7 +499,31 @@ typedef struct {
     int64_t ldo;
     const int64_t *thr;        /* bit output: [ceil(N/32)*32] thresholds (bb_bit_thresholds) */
     const uint32_t *flip;      /* bit output: [ceil(N/32)] flip bits, one word per panel */
+    int kbits;                 /* k-bit input (bb_linear_kbit): k bit-planes per row, else 0 */
+    const int64_t *koff;       /* k-bit: [N] pw_n + Q K, the count is P - koff (P = sum 2^b p_b) */
+    float kstep;               /* k-bit: the input's step; c0 = alpha, c1 = bias */
 } linear_args;
+
+/* k-bit input (docs/packed_format.md, "Multi-bit activations"): rows r0 .. r0+mr-1 of a tile
+ * are bit-planes 0 .. k-1 of consecutive input rows (u = level + Q, plane b = bit b of u),
+ * pc their popcounts against the panel's channels. Each input row's integer count is
+ * C = sum_b 2^b pc_b - koff_n (= sum_j level_j w_j, exactly) and its output
+ * y = ((C * step) * alpha_n + bias_n) [+ residual], the student's rounding order. */
+static void kbit_epilogue(const linear_args *g, int64_t r0, int mr, int64_t p, int nc, const int64_t (*pc)[BB_PANEL]) {
+    int k = g->kbits;
+    int64_t n0 = p * BB_PANEL;
+    for (int r = 0; r + k <= mr; r += k) {
+        int64_t m = (r0 + r) / k;
+        float *o = g->out + m * g->N + n0;
+        const float *res = g->residual ? g->residual + m * g->N + n0 : NULL;
+        for (int c = 0; c < nc; c++) {
+            int64_t P = 0;
+            for (int b = 0; b < k; b++) P += pc[r + b][c] << b;
+            float y = (float)(P - g->koff[n0 + c]) * g->kstep * g->c0[n0 + c] + g->c1[n0 + c];
+            o[c] = res ? y + res[c] : y;
+        }
+    }
+}
 
 /* The binary Linear's output, alpha * (K - 2p) + bias, as the model defines it. The bit
  * epilogue decides exactly this expression (through bb_bit_thresholds); the float epilogue
@@ -561,6 +585,7 @@ static inline __attribute__((always_inline)) void linear_block_portable(const li
     const uint64_t *wp = g->w + p * kw * BB_PANEL;
     int64_t n0 = p * BB_PANEL;
     int nc = g->N - n0 < BB_PANEL ? (int)(g->N - n0) : BB_PANEL;
+    int64_t tile[BB_MR][BB_PANEL];
     for (int r = 0; r < mr; r += 2) {
         int64_t m = r0 + r;
         const uint64_t *a0 = g->a + m * g->lda;
@@ -584,9 +609,17 @@ static inline __attribute__((always_inline)) void linear_block_portable(const li
             pc0[c] = (int64_t)s00; pc0[c + 1] = (int64_t)s01; pc0[c + 2] = (int64_t)s02; pc0[c + 3] = (int64_t)s03;
             pc1[c] = (int64_t)s10; pc1[c + 1] = (int64_t)s11; pc1[c + 2] = (int64_t)s12; pc1[c + 3] = (int64_t)s13;
         }
+        if (g->kbits) {
+            for (int c = 0; c < BB_PANEL; c++) {
+                tile[r][c] = pc0[c];
+                if (r + 1 < mr) tile[r + 1][c] = pc1[c];
+            }
+            continue;
+        }
         linear_row_epilogue_portable(g, m, p, nc, pc0);
         if (r + 1 < mr) linear_row_epilogue_portable(g, m + 1, p, nc, pc1);
     }
+    if (g->kbits) kbit_epilogue(g, r0, mr, p, nc, (const int64_t (*)[BB_PANEL])tile);
 }
 
 static void linear_portable_generic(const linear_args *g, int64_t r0, int mr, int64_t p) {
@@ -638,6 +671,27 @@ static inline __attribute__((always_inline)) BB_AVX512 void linear_block_avx512(
         }
     }
     uint32_t valid = nc >= 32 ? 0xFFFFFFFFu : (1u << nc) - 1;
+    if (g->kbits) { /* kbit_epilogue, 8 channels at a time: the same integer and float operations */
+        int k = g->kbits;
+        const __m512 stv = _mm512_set1_ps(g->kstep);
+        for (int r = 0; r + k <= MR; r += k) {
+            int64_t m = (r0 + r) / k;
+            for (int c = 0; c < 4; c++) {
+                int n = nc - 8 * c;
+                if (n <= 0) break;
+                __mmask8 lm = n >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << n) - 1);
+                __m512i P = acc[r][c];
+                for (int b = 1; b < k; b++) P = _mm512_add_epi64(P, _mm512_slli_epi64(acc[r + b][c], (unsigned)b));
+                P = _mm512_sub_epi64(P, _mm512_maskz_loadu_epi64(lm, g->koff + n0 + 8 * c));
+                __m256 y = _mm256_mul_ps(_mm512_cvtepi64_ps(P), _mm512_castps512_ps256(stv));
+                y = _mm256_add_ps(_mm256_mul_ps(y, _mm256_maskz_loadu_ps(lm, g->c0 + n0 + 8 * c)),
+                                  _mm256_maskz_loadu_ps(lm, g->c1 + n0 + 8 * c));
+                if (g->residual) y = _mm256_add_ps(y, _mm256_maskz_loadu_ps(lm, g->residual + m * g->N + n0 + 8 * c));
+                _mm256_mask_storeu_ps(g->out + m * g->N + n0 + 8 * c, lm, y);
+            }
+        }
+        return;
+    }
     if (g->out_bits) {
         const int64_t *t = g->thr + n0;
         __m512i t0 = _mm512_loadu_si512(t), t1 = _mm512_loadu_si512(t + 8);
@@ -721,6 +775,7 @@ BB_AVX2 static void linear_avx2(const linear_args *g, int64_t r0, int mr, int64_
     int64_t kw = words_of(g->K);
     const uint64_t *wp = g->w + p * kw * BB_PANEL;
     int nc = g->N - p * BB_PANEL < BB_PANEL ? (int)(g->N - p * BB_PANEL) : BB_PANEL;
+    int64_t tile[BB_MR][BB_PANEL];
     for (int r = 0; r < mr; r += 2) {
         int64_t m = r0 + r;
         const uint64_t *a0 = g->a + m * g->lda;
@@ -743,9 +798,17 @@ BB_AVX2 static void linear_avx2(const linear_args *g, int64_t r0, int mr, int64_
                 _mm256_store_si256((__m256i *)(pc1 + 16 * half + 4 * v), s1[v]);
             }
         }
+        if (g->kbits) {
+            for (int c = 0; c < BB_PANEL; c++) {
+                tile[r][c] = pc0[c];
+                if (r + 1 < mr) tile[r + 1][c] = pc1[c];
+            }
+            continue;
+        }
         linear_row_epilogue_avx2(g, m, p, nc, pc0);
         if (r + 1 < mr) linear_row_epilogue_avx2(g, m + 1, p, nc, pc1);
     }
+    if (g->kbits) kbit_epilogue(g, r0, mr, p, nc, (const int64_t (*)[BB_PANEL])tile);
 }
 #endif
 
@@ -826,6 +889,8 @@ static void linear_bit_tiles(void *ctx, int64_t lo, int64_t hi, int tid) {
  * [M, ldo] (whole words of each row rewritten), decided exactly by the integer thresholds
  * thr / flip of bb_bit_thresholds (flip: one uint32 of bits per panel; thr padded to whole
  * panels). c0/c1 may be NULL for bit output, thr/flip for float output. */
+static void linear_run(const linear_args *g);
+
 int bb_linear(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint64_t *w_panels, int64_t N,
               const float *c0, const float *c1, const float *residual, float *out, uint64_t *out_bits,
               int64_t ldo, const int64_t *thr, const uint32_t *flip) {
@@ -840,22 +905,32 @@ int bb_linear(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint64
     if (out_bits ? !thr || !flip || !dim_ok(ldo) || ldo < words_of(N) || !elems_ok(M, ldo, 1)
                  : !c0 || !c1 || !elems_ok(M, N, 1))
         return BB_EINVAL;
-    linear_args g = {a, M, lda, K, w_panels, N, c0, c1, residual, out, out_bits, ldo, thr, flip};
-    linear_fn fn = pick_linear();
-    const bb_tuning *tu = &g_tuning[bb_get_kernel()];
-    int64_t mr = tu->mr;
-    int64_t np = (N + BB_PANEL - 1) / BB_PANEL;
-    int64_t nb = (M + mr - 1) / mr;
+    linear_args g = {a, M, lda, K, w_panels, N, c0, c1, residual, out, out_bits, ldo, thr, flip, 0, NULL, 0.0f};
     if (out_bits) /* words past the written half-words stay padding zeros */
         for (int64_t m = 0; m < M; m++)
             for (int64_t w = words_of(N) - 1; w < ldo; w++)
                 if (w >= 0) out_bits[m * ldo + w] = 0;
-    if (out && !tu->float_order) {
+    linear_run(&g);
+    return BB_OK;
+}
+
+/* The tiles of one Linear, walked as the kernel family's tuning says. */
+static void linear_run(const linear_args *gp) {
+    const linear_args g = *gp;
+    int64_t M = g.M, K = g.K, N = g.N;
+    linear_fn fn = pick_linear();
+    const bb_tuning *tu = &g_tuning[bb_get_kernel()];
+    int64_t mr = tu->mr;
+    if (g.kbits) /* a tile holds whole input rows: all k planes of each */
+        mr = mr / g.kbits * g.kbits > 0 ? mr / g.kbits * g.kbits : g.kbits;
+    int64_t np = (N + BB_PANEL - 1) / BB_PANEL;
+    int64_t nb = (M + mr - 1) / mr;
+    if (g.out && !tu->float_order) {
         /* row blocks outer: each block's output rows are written contiguously while the weight
          * panels stream from L2 */
         linear_job job = {&g, fn, np, nb, 0, mr};
         bb_parallel_for(nb, 1, linear_float_blocks, &job);
-        return BB_OK;
+        return;
     }
     /* chunked: rows in chunks whose activation bits stay in L1 (chunk_bytes); within a chunk,
      * every panel (read from L2) runs over the chunk's row blocks */
@@ -865,6 +940,27 @@ int bb_linear(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint64
     int64_t nc = (nb + chunk_blocks - 1) / chunk_blocks;
     linear_job job = {&g, fn, np, nb, chunk_blocks, mr};
     bb_parallel_for(nc * np, 1, linear_bit_tiles, &job);
+}
+
+/* A binary Linear on k-bit input, bit-serially (docs/packed_format.md, "Multi-bit
+ * activations"): a [M * bits, lda] holds bits (2 or 4) bit-planes per input row (plane b of
+ * row m at row m * bits + b: bit b of u = level + Q, Q = 2^(bits-1) - 1, padding bits 0), as
+ * bb_quantize_planes writes them. out [M, N] = ((C * step) * alpha + bias) [+ residual] with the
+ * exact integer C = sum_j level_j w_j = sum_b 2^b popcount(plane_b XOR w) - koff_n, koff_n =
+ * popcount(w_n) + Q K. Checks: bits 2 or 4, K, N >= 1, lda >= words(K), every array but
+ * residual given. */
+int bb_linear_kbit(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint64_t *w_panels, int64_t N,
+                   int bits, float step, const float *alpha, const float *bias, const int64_t *koff,
+                   const float *residual, float *out) {
+    if (!count_ok(M) || (bits != 2 && bits != 4)) return BB_EINVAL;
+    if (M == 0) return BB_OK;
+    if (!dim_ok(K) || !dim_ok(N) || !dim_ok(lda) || lda < words_of(K) || !elems_ok(M * bits, lda, 1) ||
+        !elems_ok((N + BB_PANEL - 1) / BB_PANEL * BB_PANEL, words_of(K), 1) || !elems_ok(M, N, 1) || !a ||
+        !w_panels || !alpha || !bias || !koff || !out)
+        return BB_EINVAL;
+    linear_args g = {a, M * bits, lda, K, w_panels, N, alpha, bias, residual, out, NULL, 0, NULL, NULL, bits, koff,
+                     step};
+    linear_run(&g);
     return BB_OK;
 }
 
@@ -1585,6 +1681,417 @@ int bb_biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_of
     bb_parallel_for(B * L, 4, attn_query_rows, &job);
     free(job.scratch);
     free(buf);
+    return BB_OK;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* k-bit activations, bit-serially (docs/packed_format.md, "Multi-bit activations")       */
+
+/* The student's k-bit quantizer of one tensor (quantize_activation / quantize_symmetric in
+ * bibert/quantizers.py), on the M x C values at x (row stride ldx):
+ *   clip  c = max(min(max |x|, fl(clip_std * std(x))), 1e-8)   (NaN if std is)
+ *   step  = fl(c / Q),  Q = 2^(bits-1) - 1
+ *   level = rint(clamp(x, -c, c) / step)   (half to even) in [-Q, Q]
+ * std is the unbiased standard deviation: the mean of the double sum rounded to float32, the
+ * squared deviations summed in double (8 partial sums by column % 8, rows in order), the
+ * square root rounded to float32, which is what torch computes for a float32 tensor. */
+static float clip_of(double sum, double ss_unused, float amax, int nan, double n, float clip_std, double ss);
+
+#if BB_X86
+/* the two passes of kbit_clip, 8 doubles at a time: lane l holds the columns c = l mod 8, as
+ * in the portable loops (a masked tail adds +0.0) */
+BB_AVX512 static float kbit_clip_avx512(const float *x, int64_t M, int64_t C, int64_t ldx, float clip_std) {
+    __m512d s = _mm512_setzero_pd();
+    __m256 amax = _mm256_setzero_ps();
+    __mmask8 nan = 0;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t c = 0; c < C; c += 8) {
+            __mmask8 lm = C - c >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << (C - c)) - 1);
+            __m256 v = _mm256_maskz_loadu_ps(lm, x + m * ldx + c);
+            s = _mm512_add_pd(s, _mm512_cvtps_pd(v));
+            amax = _mm256_max_ps(amax, _mm256_and_ps(v, absmask));
+            nan |= _mm256_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        }
+    double lanes[8];
+    _mm512_storeu_pd(lanes, s);
+    double sum = 0;
+    for (int l = 0; l < 8; l++) sum += lanes[l];
+    float am[8];
+    _mm256_storeu_ps(am, amax);
+    float a = 0.0f;
+    for (int l = 0; l < 8; l++)
+        if (am[l] > a) a = am[l];
+    double n = (double)M * (double)C;
+    __m512d mean = _mm512_set1_pd((double)(float)(sum / n));
+    s = _mm512_setzero_pd();
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t c = 0; c < C; c += 8) {
+            __mmask8 lm = C - c >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << (C - c)) - 1);
+            __m512d d = _mm512_maskz_sub_pd(lm, _mm512_cvtps_pd(_mm256_maskz_loadu_ps(lm, x + m * ldx + c)), mean);
+            s = _mm512_add_pd(s, _mm512_mul_pd(d, d));
+        }
+    _mm512_storeu_pd(lanes, s);
+    double ss = 0;
+    for (int l = 0; l < 8; l++) ss += lanes[l];
+    return clip_of(sum, 0, a, nan != 0, n, clip_std, ss);
+}
+#endif
+
+/* the clip from the sums (see kbit_clip) */
+static float clip_of(double sum, double ss_unused, float amax, int nan, double n, float clip_std, double ss) {
+    (void)sum;
+    (void)ss_unused;
+    float sd = (float)sqrt(ss / (n - 1.0));
+    float scaled = clip_std * sd;
+    float clip = nan || scaled != scaled ? NAN : amax < scaled ? amax : scaled;
+    if (clip < 1e-8f) clip = 1e-8f;
+    return clip;
+}
+
+static float kbit_clip(const float *x, int64_t M, int64_t C, int64_t ldx, float clip_std) {
+#if BB_X86
+    if (bb_get_kernel() == BB_KERNEL_AVX512) return kbit_clip_avx512(x, M, C, ldx, clip_std);
+#endif
+    double s8[8] = {0};
+    float amax = 0.0f;
+    int nan = 0;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t c = 0; c < C; c++) {
+            float v = x[m * ldx + c];
+            s8[c & 7] += v;
+            float a = fabsf(v);
+            if (a > amax) amax = a;
+            if (v != v) nan = 1;
+        }
+    double sum = 0;
+    for (int l = 0; l < 8; l++) sum += s8[l];
+    double n = (double)M * (double)C;
+    double mean = (double)(float)(sum / n);
+    for (int l = 0; l < 8; l++) s8[l] = 0;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t c = 0; c < C; c++) {
+            double d = (double)x[m * ldx + c] - mean;
+            s8[c & 7] += d * d;
+        }
+    double ss = 0;
+    for (int l = 0; l < 8; l++) ss += s8[l];
+    return clip_of(sum, 0, amax, nan, n, clip_std, ss);
+}
+
+typedef struct {
+    const float *x;
+    int64_t C, ldx, ldo;
+    int bits;
+    float clip, step;
+    uint64_t *out;
+    int8_t *levels;
+} kq_args;
+
+#if BB_X86
+/* 16 values at a time: the portable loop's clamp, division and rint (half to even), NaN and
+ * a non-finite step giving level 0 */
+BB_AVX512 static void kbit_pack_row_avx512(const kq_args *a, int64_t m) {
+    int Q = (1 << (a->bits - 1)) - 1, k = a->bits;
+    const float *xr = a->x + m * a->ldx;
+    int finite = a->step > 0.0f && a->step <= 3.0e38f;
+    const __m512 lo = _mm512_set1_ps(-a->clip), hi = _mm512_set1_ps(a->clip), st = _mm512_set1_ps(a->step);
+    const __m512i qv = _mm512_set1_epi32(Q), nq = _mm512_set1_epi32(-Q);
+    for (int b = 0; b < k; b++)
+        for (int64_t w = 0; w < a->ldo; w++) a->out[(m * k + b) * a->ldo + w] = 0;
+    for (int64_t c = 0; c < a->C; c += 16) {
+        __mmask16 lm = a->C - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (a->C - c)) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(lm, xr + c);
+        __mmask16 ok = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q) & lm;
+        if (!finite) ok = 0;
+        v = _mm512_min_ps(_mm512_max_ps(v, lo), hi); /* clamp: v < -c -> -c, v > c -> c */
+        __m512 q = _mm512_roundscale_ps(_mm512_div_ps(v, st), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512i n = _mm512_maskz_cvtps_epi32(ok, q);
+        n = _mm512_min_epi32(_mm512_max_epi32(n, nq), qv);
+        __m512i u = _mm512_add_epi32(n, qv);
+        for (int b = 0; b < k; b++) {
+            __mmask16 bitm = _mm512_mask_test_epi32_mask(lm, u, _mm512_set1_epi32(1 << b));
+            a->out[(m * k + b) * a->ldo + (c >> 6)] |= (uint64_t)bitm << (c & 63);
+        }
+        if (a->levels) _mm_mask_storeu_epi8(a->levels + m * a->C + c, lm, _mm512_cvtepi32_epi8(n));
+    }
+}
+#endif
+
+static void kbit_pack_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
+    const kq_args *a = (const kq_args *)ctx;
+#if BB_X86
+    if (bb_get_kernel() == BB_KERNEL_AVX512) {
+        for (int64_t m = lo; m < hi; m++) kbit_pack_row_avx512(a, m);
+        return;
+    }
+#endif
+    int Q = (1 << (a->bits - 1)) - 1, k = a->bits;
+    float step = a->step, clip = a->clip;
+    int finite = step > 0.0f && step <= 3.0e38f; /* a NaN clip (std of a single value) gives level 0 */
+    (void)tid;
+    for (int64_t m = lo; m < hi; m++) {
+        const float *xr = a->x + m * a->ldx;
+        for (int b = 0; b < k; b++)
+            for (int64_t w = 0; w < a->ldo; w++) a->out[(m * k + b) * a->ldo + w] = 0;
+        for (int64_t c = 0; c < a->C; c++) {
+            float v = xr[c];
+            int level = 0;
+            if (finite && v == v) {
+                if (v < -clip) v = -clip;
+                if (v > clip) v = clip;
+                float q = rintf(v / step);
+                level = q < (float)-Q ? -Q : q > (float)Q ? Q : (int)q;
+            }
+            unsigned u = (unsigned)(level + Q);
+            for (int b = 0; b < k; b++)
+                a->out[(m * k + b) * a->ldo + (c >> 6)] |= (uint64_t)((u >> b) & 1) << (c & 63);
+            if (a->levels) a->levels[m * a->C + c] = (int8_t)level;
+        }
+    }
+}
+
+/* Quantizes the M x C floats at x (row stride ldx) to bits-bit levels as the student does
+ * (kbit_clip; one clip for the whole tensor) and writes their bit-planes for bb_linear_kbit and
+ * bb_biattention_kbit: plane b of row m at out + (m * bits + b) * ldo holds bit b of
+ * u = level + Q (padding bits 0). *step_out receives the step; levels (optional, int8 [M, C])
+ * the levels. Checks: bits 2 or 4, C >= 1, ldx >= C, ldo >= words(C), x, out, step_out given. */
+int bb_quantize_planes(const float *x, int64_t M, int64_t C, int64_t ldx, int bits, float clip_std, uint64_t *out,
+                       int64_t ldo, float *step_out, int8_t *levels) {
+    if (!count_ok(M) || (bits != 2 && bits != 4)) return BB_EINVAL;
+    if (M == 0) return BB_OK;
+    if (!dim_ok(C) || !dim_ok(ldx) || ldx < C || !dim_ok(ldo) || ldo < words_of(C) || !elems_ok(M, ldx, 1) ||
+        !elems_ok(M * bits, ldo, 1) || !x || !out || !step_out)
+        return BB_EINVAL;
+    float clip = kbit_clip(x, M, C, ldx, clip_std);
+    float step = clip / (float)((1 << (bits - 1)) - 1);
+    kq_args a = {x, C, ldx, ldo, bits, clip, step, out, levels};
+    bb_parallel_for(M, rows_grain(M, C, 16384), kbit_pack_rows, &a);
+    *step_out = step;
+    return BB_OK;
+}
+
+/* GELU of the FFN-in output for the k-bit FFN-out input: x * 0.5 * (1 + erf(x / sqrt 2)) with
+ * erf from the Abramowitz-Stegun 7.1.26 form (error below 1.5e-7) and a polynomial exp, in
+ * float32 with fused multiply-adds (fmaf: the same result on every kernel family). It is
+ * close to torch's float32 GELU but not bit-identical to it. */
+static inline __attribute__((always_inline)) float gelu_one(float x) {
+    float d = -((x * (float)M_SQRT1_2) * (x * (float)M_SQRT1_2));
+    float qf = rintf(d * 1.44269504088896341f);
+    float s = fmaf(qf, -0.693145751953125f, d);
+    s = fmaf(qf, -1.428606765330187045e-06f, s);
+    float u = 0.000198527617612853646278381f;
+    u = fmaf(u, s, 0.00139304355252534151077271f);
+    u = fmaf(u, s, 0.00833336077630519866943359f);
+    u = fmaf(u, s, 0.0416664853692054748535156f);
+    u = fmaf(u, s, 0.166666671633720397949219f);
+    u = fmaf(u, s, 0.5f);
+    u = 1.0f + fmaf(s * s, u, s);
+    int q = d < -104.0f ? 0 : (int)qf;
+    int q1 = q >> 1, q2 = q - q1;
+    union { uint32_t i; float f; } p1 = {(uint32_t)(q1 + 127) << 23}, p2 = {(uint32_t)(q2 + 127) << 23};
+    float e = d < -104.0f ? 0.0f : u * p1.f * p2.f; /* exp(-(x/sqrt 2)^2) */
+    float z = fabsf(x * (float)M_SQRT1_2);
+    float t = 1.0f / fmaf(0.3275911f, z, 1.0f);
+    float r = fmaf(fmaf(fmaf(fmaf(1.061405429f, t, -1.453152027f), t, 1.421413741f), t, -0.284496736f), t,
+                   0.254829592f);
+    float erf_abs = fmaf(-e * t, r, 1.0f);
+    float erf = x < 0.0f ? -erf_abs : erf_abs;
+    return x != x ? x : x * 0.5f * (1.0f + erf);
+}
+
+static void gelu_rows_generic(const float *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = gelu_one(x[i]);
+}
+#if BB_X86
+__attribute__((target("avx512f,avx512dq,avx512vl,fma"))) static void gelu_rows_avx512(const float *x, float *y,
+                                                                                       int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = gelu_one(x[i]);
+}
+__attribute__((target("avx2,fma"))) static void gelu_rows_avx2(const float *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = gelu_one(x[i]);
+}
+#endif
+
+typedef struct {
+    const float *x;
+    float *y;
+    int64_t C;
+    int kind;
+} gelu_args;
+
+static void gelu_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
+    const gelu_args *a = (const gelu_args *)ctx;
+    (void)tid;
+#if BB_X86
+    if (a->kind == 2) {
+        gelu_rows_avx512(a->x + lo * a->C, a->y + lo * a->C, (hi - lo) * a->C);
+        return;
+    }
+    if (a->kind == 1) {
+        gelu_rows_avx2(a->x + lo * a->C, a->y + lo * a->C, (hi - lo) * a->C);
+        return;
+    }
+#endif
+    gelu_rows_generic(a->x + lo * a->C, a->y + lo * a->C, (hi - lo) * a->C);
+}
+
+/* y = GELU(x) for M x C floats (y may alias x). Checks: C >= 1, x and y given. */
+int bb_gelu(const float *x, int64_t M, int64_t C, float *y) {
+    if (!count_ok(M)) return BB_EINVAL;
+    if (M == 0) return BB_OK;
+    if (!dim_ok(C) || !elems_ok(M, C, 1) || !x || !y) return BB_EINVAL;
+    int kind = 0;
+#if BB_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("fma")) kind = bb_get_kernel() == BB_KERNEL_AVX512 ? 2 : __builtin_cpu_supports("avx2");
+#endif
+    gelu_args a = {x, y, C, kind};
+    bb_parallel_for(M, rows_grain(M, C, 16384), gelu_rows, &a);
+    return BB_OK;
+}
+
+/* Bi-Attention on k-bit Q, K and V of one sequence (L rows; H heads of d), from their levels
+ * (int8 [L, H*d] each, as bb_quantize_planes gives them); valid [words(L)] key bits:
+ *   S_ij      = sum_c nq_ic nk_jc                  (the score's sign: its scale is positive)
+ *   BA_ij     = S_ij > 0 and key j valid           (S = 0 gives 0, docs/method.md §3)
+ *   count_ic  = sum_j BA_ij nv_jc,   out_ic = fl(count_ic * step_v)
+ * all in integers but the last rounding. counts (optional, int32 [L, H*d]) receives the
+ * counts. Checks: L, H, d >= 1, ldo >= H*d, every buffer but counts given. */
+typedef struct {
+    const int8_t *q, *k, *v;
+    const uint64_t *valid;
+    int64_t L, H, d, ldo;
+    float sv;
+    float *out;
+    int32_t *counts;
+    int64_t scratch_ints;
+    int32_t *scratch;
+} kattn_args;
+
+static inline __attribute__((always_inline)) void kattn_head_body(const kattn_args *g, int64_t h, int32_t *buf) {
+    int64_t L = g->L, d = g->d, hd = g->H * g->d, lp = (L + 15) / 16 * 16;
+    int32_t *cnt = buf;       /* [d] */
+    int32_t *S = cnt + (d + 15) / 16 * 16; /* [lp] the scores of one query */
+    int32_t *kt = S + lp;     /* [d][lp] the head's key levels, transposed */
+    for (int64_t c = 0; c < d; c++)
+        for (int64_t j = 0; j < lp; j++) kt[c * lp + j] = j < L ? g->k[j * hd + h * d + c] : 0;
+    for (int64_t i = 0; i < L; i++) {
+        const int8_t *qi = g->q + i * hd + h * d;
+        for (int64_t j = 0; j < lp; j++) S[j] = 0;
+        for (int64_t c = 0; c < d; c++) {
+            int32_t qc = qi[c];
+            if (!qc) continue;
+            const int32_t *kc = kt + c * lp;
+            for (int64_t j = 0; j < lp; j++) S[j] += qc * kc[j];
+        }
+        for (int64_t c = 0; c < d; c++) cnt[c] = 0;
+        for (int64_t j = 0; j < L; j++) {
+            if (S[j] <= 0 || !((g->valid[j >> 6] >> (j & 63)) & 1)) continue;
+            const int8_t *nv = g->v + j * hd + h * d;
+            for (int64_t c = 0; c < d; c++) cnt[c] += nv[c];
+        }
+        for (int64_t c = 0; c < d; c++) g->out[i * g->ldo + h * d + c] = (float)cnt[c] * g->sv;
+        if (g->counts)
+            for (int64_t c = 0; c < d; c++) g->counts[i * hd + h * d + c] = cnt[c];
+    }
+}
+
+static void kattn_head_generic(const kattn_args *g, int64_t h, int32_t *buf) { kattn_head_body(g, h, buf); }
+#if BB_X86
+/* kattn_head_body with the scores of 128 keys in eight registers of 16-bit lanes (|S| <= d Q^2
+ * fits 16 bits for d <= 668) and the counts of 64 channels in four registers over the
+ * attended keys: the same integers. */
+BB_AVX512 static void kattn_head_avx512(const kattn_args *g, int64_t h, int32_t *buf) {
+    int64_t L = g->L, d = g->d, hd = g->H * g->d, lp = (L + 127) / 128 * 128;
+    if (d > 600) {
+        kattn_head_generic(g, h, buf);
+        return;
+    }
+    int16_t *kt = (int16_t *)buf;             /* [d][lp] the head's key levels, transposed */
+    int16_t *S = kt + d * lp;                 /* [lp] */
+    int32_t *att = (int32_t *)(S + lp);       /* [L] the attended keys of one query */
+    for (int64_t c = 0; c < d; c++)
+        for (int64_t j = 0; j < lp; j++) kt[c * lp + j] = j < L ? g->k[j * hd + h * d + c] : 0;
+    for (int64_t i = 0; i < L; i++) {
+        const int8_t *qi = g->q + i * hd + h * d;
+        for (int64_t j0 = 0; j0 < lp; j0 += 128) {
+            __m512i acc[4];
+            for (int v = 0; v < 4; v++) acc[v] = _mm512_setzero_si512();
+            for (int64_t c = 0; c < d; c++) {
+                if (!qi[c]) continue;
+                __m512i qv = _mm512_set1_epi16(qi[c]);
+                const int16_t *kc = kt + c * lp + j0;
+                for (int v = 0; v < 4; v++)
+                    acc[v] = _mm512_add_epi16(acc[v], _mm512_mullo_epi16(qv, _mm512_loadu_si512(kc + 32 * v)));
+            }
+            for (int v = 0; v < 4; v++) _mm512_storeu_si512(S + j0 + 32 * v, acc[v]);
+        }
+        int64_t na = 0;
+        for (int64_t j = 0; j < L; j++)
+            if (S[j] > 0 && ((g->valid[j >> 6] >> (j & 63)) & 1)) att[na++] = (int32_t)j;
+        for (int64_t c0 = 0; c0 < d; c0 += 64) {
+            __m512i cn[4];
+            for (int v = 0; v < 4; v++) cn[v] = _mm512_setzero_si512();
+            int64_t n = d - c0 < 64 ? d - c0 : 64;
+            for (int64_t a = 0; a < na; a++) {
+                const int8_t *nv = g->v + (int64_t)att[a] * hd + h * d + c0;
+                for (int v = 0; v < 4 && 16 * v < n; v++) {
+                    __mmask16 lm = n - 16 * v >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - 16 * v)) - 1);
+                    cn[v] = _mm512_add_epi32(cn[v], _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(lm, nv + 16 * v)));
+                }
+            }
+            const __m512 sv = _mm512_set1_ps(g->sv);
+            for (int v = 0; v < 4 && 16 * v < n; v++) {
+                __mmask16 lm = n - 16 * v >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - 16 * v)) - 1);
+                _mm512_mask_storeu_ps(g->out + i * g->ldo + h * d + c0 + 16 * v, lm,
+                                      _mm512_mul_ps(_mm512_cvtepi32_ps(cn[v]), sv));
+                if (g->counts) _mm512_mask_storeu_epi32(g->counts + i * hd + h * d + c0 + 16 * v, lm, cn[v]);
+            }
+        }
+    }
+}
+__attribute__((target("avx2"))) static void kattn_head_avx2(const kattn_args *g, int64_t h, int32_t *buf) {
+    kattn_head_body(g, h, buf);
+}
+#endif
+
+static void kattn_heads(void *ctx, int64_t lo, int64_t hi, int tid) {
+    const kattn_args *g = (const kattn_args *)ctx;
+    int32_t *buf = g->scratch + tid * g->scratch_ints;
+    int kernel = bb_get_kernel();
+    for (int64_t h = lo; h < hi; h++) {
+#if BB_X86
+        if (kernel == BB_KERNEL_AVX512) {
+            kattn_head_avx512(g, h, buf);
+            continue;
+        }
+        if (kernel == BB_KERNEL_AVX2) {
+            kattn_head_avx2(g, h, buf);
+            continue;
+        }
+#endif
+        (void)kernel;
+        kattn_head_generic(g, h, buf);
+    }
+}
+
+int bb_biattention_kbit(const int8_t *q, const int8_t *k, const int8_t *v, int64_t L, int64_t H, int64_t d,
+                        float step_v, const uint64_t *valid, float *out, int64_t ldo, int32_t *counts) {
+    if (!dim_ok(L) || !dim_ok(H) || !dim_ok(d) || !dim_ok(ldo)) return BB_EINVAL;
+    int64_t hd = H * d;
+    if (hd > BB_MAX_DIM || ldo < hd || !elems_ok(L, ldo, 1) || !elems_ok(L, hd, 1) || !q || !k || !v || !valid ||
+        !out)
+        return BB_EINVAL;
+    int64_t lp = (L + 127) / 128 * 128; /* room for both layouts (int32 [d + 16 + d*lp], or int16 and the list) */
+    if (!elems_ok(d + 16, lp, 1)) return BB_EINVAL;
+    int64_t si = ((d + 15) / 16 * 16 + lp + d * lp + L + 15) / 16 * 16;
+    int nthreads = team();
+    kattn_args g = {q, k, v, valid, L, H, d, ldo, step_v, out, counts, si, NULL};
+    g.scratch = (int32_t *)aligned_alloc(64, (size_t)(nthreads * si) * 4);
+    if (!g.scratch) return BB_ENOMEM;
+    bb_parallel_for(H, 1, kattn_heads, &g);
+    free(g.scratch);
     return BB_OK;
 }
 

@@ -12,6 +12,10 @@ then pooler tanh(BinaryLinear(sign(x[CLS]))) and the full-precision classifier. 
 appear only where the student keeps full precision: embeddings sum, LayerNorms,
 residuals, the epilogues alpha * (K - 2 popcount) + bias, tanh and the classifier.
 
+A 2- or 4-bit student (1-1-2, 1-1-4) runs each sequence on its own, bit-serially: every
+quantized input is k bit-planes, each a binary product whose popcounts are summed with their
+powers of two (docs/packed_format.md, "Multi-bit activations").
+
 An elastic student (docs/method.md §7) runs the same kernels: each bit compares with its
 quantizer's per-channel threshold (when packing a LayerNorm output, on the context counts,
 or inside the integer thresholds of the FFN-in bit epilogue), each scale is folded into the
@@ -29,8 +33,8 @@ import numpy as np
 
 from ..errors import BibertError
 from . import kernels, tuning
-from .format import (BINARY_LINEARS, QUANTIZER_SCALE, QUANTIZER_THRESHOLD, SCORE_THRESHOLD, TOKENIZER_FILES,
-                     PackedFile, check_packed, read_packed)
+from .format import (ACTIVATION_CLIP_STD, BINARY_LINEARS, QUANTIZER_SCALE, QUANTIZER_THRESHOLD, SCORE_THRESHOLD,
+                     TOKENIZER_FILES, PackedFile, _Invalid, check_packed, check_quantization, read_packed)
 
 
 @dataclass
@@ -44,17 +48,26 @@ class BinaryLinear:
     bias: np.ndarray  # float32 [N]
     thresholds: tuple[np.ndarray, np.ndarray]  # the bit epilogue as integer thresholds
     epilogue: tuple[np.ndarray, np.ndarray]  # the float epilogue's c0, c1
+    kbits: int = 0  # k-bit input (bit-serial): k, and the count offsets of `kernels.kbit_offsets`
+    koff: np.ndarray | None = None
 
     @classmethod
     def from_rows(cls, bits: np.ndarray, K: int, alpha: np.ndarray, bias: np.ndarray,
-                  compare: np.ndarray | None = None, zero_one: bool = False) -> "BinaryLinear":
+                  compare: np.ndarray | None = None, zero_one: bool = False, kbits: int = 0) -> "BinaryLinear":
         """compare: the thresholds of the quantizer that binarizes the output (bit output);
         zero_one: the input bits stand for {0, 1} levels (float output). Elastic binarization,
-        docs/method.md §7; alpha already holds the input quantizer's scale."""
+        docs/method.md §7; alpha already holds the input quantizer's scale. kbits: the input is
+        k-bit (2 or 4), run bit-serially (`kbit`)."""
         alpha, bias = np.ascontiguousarray(alpha, np.float32), np.ascontiguousarray(bias, np.float32)
         offset = kernels.zero_one_offsets(bits, K) if zero_one else None
         return cls(kernels.pack_panels(bits), K, bits.shape[0], alpha, bias,
-                   kernels.bit_thresholds(alpha, bias, K, compare), kernels.float_epilogue(alpha, bias, K, offset))
+                   kernels.bit_thresholds(alpha, bias, K, compare), kernels.float_epilogue(alpha, bias, K, offset),
+                   kbits, kernels.kbit_offsets(bits, K, kbits) if kbits else None)
+
+    def kbit(self, planes: np.ndarray, M: int, step: float, residual: np.ndarray | None = None) -> np.ndarray:
+        """The Linear on M rows of k-bit input (`kernels.quantize_planes`): float [M, N]."""
+        return kernels.linear_kbit(planes, M, self.K, self.panels, self.N, self.kbits, step, self.alpha, self.bias,
+                                   self.koff, residual)
 
     def __call__(self, a_bits: np.ndarray, residual: np.ndarray | None = None, out_bits: bool = False) -> np.ndarray:
         return kernels.binary_linear(a_bits, self.K, self.panels, self.N, self.alpha, self.bias, residual, out_bits,
@@ -95,7 +108,9 @@ class PackedModel:
         """Checks `packed` (config, every tensor's dtype and shape, the files) before any of
         it reaches the kernels; `source` names it in the error."""
         shape = check_packed(packed, source)
-        self.activations = packed.quantization.get("activations", "sign")  # checked: sign or elastic
+        self.mode = _mode(packed.quantization)  # "sign", "elastic", "2-bit" or "4-bit"
+        self.activations = "elastic" if self.mode == "elastic" else "sign"
+        self.kbits = int(self.mode[0]) if self.mode.endswith("-bit") else 0
         self.config = packed.config
         self.source = source
         self.hidden, self.heads, self.head_size = shape.hidden, shape.heads, shape.head_size
@@ -126,7 +141,9 @@ class PackedModel:
         def linear(name, K, compare=None, zero_one=False):
             _, scale = quantizer(name)
             return BinaryLinear.from_rows(t[name + ".bits"], K, scaled(f32(name + ".alpha"), scale),
-                                          f32(name + ".bias"), compare, zero_one)
+                                          f32(name + ".bias"), compare, zero_one, self.kbits)
+
+        self.clip_std = float(t[ACTIVATION_CLIP_STD][0]) if self.kbits else None
 
         e = "bert.embeddings."
         self.word_bits = np.ascontiguousarray(t[e + "word_embeddings.bits"])
@@ -142,7 +159,7 @@ class PackedModel:
             qkv = BinaryLinear.from_rows(
                 np.concatenate([t[q + ".bits"], t[k + ".bits"], t[v + ".bits"]]), H,
                 scaled(np.concatenate([f32(q + ".alpha"), f32(k + ".alpha"), f32(v + ".alpha")]), qkv_s),
-                np.concatenate([f32(q + ".bias"), f32(k + ".bias"), f32(v + ".bias")]))
+                np.concatenate([f32(q + ".bias"), f32(k + ".bias"), f32(v + ".bias")]), kbits=self.kbits)
             out_t, _ = quantizer(p + "output.dense")  # FFN-out's {0, 1} levels: a compare of FFN-in's output
             self.layers.append(Layer(
                 qkv=qkv,
@@ -267,6 +284,8 @@ class PackedModel:
             if output_hidden_states:
                 return logits, [np.zeros((0, L, self.hidden), np.float32) for _ in range(self.num_layers + 1)]
             return logits
+        if self.kbits:
+            return self._forward_kbit(ids, valid, tt, output_hidden_states)
         keep = valid.copy()
         keep[:, 0] = True  # the head reads [CLS]
         start = np.zeros(B + 1, np.int64)
@@ -294,6 +313,64 @@ class PackedModel:
                 return full.reshape(B, L, self.hidden)
             return logits, [unpack(first)] + [unpack(h) for h in hidden]
         return logits
+
+    # ---- k-bit activations, bit-serially ------------------------------------------------
+
+    def kbit_layer(self, n: int, x: np.ndarray, key_valid: np.ndarray, trace: dict | None = None) -> np.ndarray:
+        """Layer n of a 2- or 4-bit model on one sequence x [L, H] (key_valid bool [L]). Each
+        quantized input is the student's k-bit quantizer of that whole tensor (its clip from the
+        tensor's max and standard deviation, docs/packed_format.md, "Multi-bit activations"),
+        as bit-planes; every Linear and the attention count in integers. With `trace`, stores
+        the intermediates."""
+        layer, H, k, c = self.layers[n], self.hidden, self.kbits, self.clip_std
+        L = x.shape[0]
+        xp, xs = kernels.quantize_planes(x, k, c)
+        qkv = layer.qkv.kbit(xp, L, xs)
+        (_, _, ql), (_, _, kl), (_, vs, vl) = (kernels.quantize_planes(qkv[:, i * H:(i + 1) * H], k, c, levels=True)
+                                               for i in range(3))
+        ctx = kernels.biattention_kbit(ql, kl, vl, vs, self.heads, self.head_size, key_valid)
+        cp, cs = kernels.quantize_planes(ctx, k, c)
+        a = kernels.layernorm(layer.attn_out.kbit(cp, L, cs, residual=x), *layer.ln1, self.eps)
+        ap, a_s = kernels.quantize_planes(a, k, c)
+        pre = layer.ffn_in.kbit(ap, L, a_s)
+        g = kernels.gelu(pre)
+        gp, gs = kernels.quantize_planes(g, k, c)
+        out = kernels.layernorm(layer.ffn_out.kbit(gp, L, gs, residual=a), *layer.ln2, self.eps)
+        if trace is not None:
+            trace.update(qkv=qkv, context=ctx, attn_out=a, ffn_pre=pre, gelu=g, output=out)
+        return out
+
+    def kbit_head(self, cls_hidden: np.ndarray) -> np.ndarray:
+        """Pooler + classifier of a 2- or 4-bit model on the [CLS] hidden states [B, H], each
+        sequence's own (the student quantizes the pooler input of a batch of one)."""
+        rows = []
+        for h in np.ascontiguousarray(cls_hidden, np.float32):
+            planes, step = kernels.quantize_planes(h[None], self.kbits, self.clip_std)
+            rows.append(np.tanh(self.pooler.kbit(planes, 1, step))[0])
+        pooled = np.stack(rows) if rows else np.zeros((0, self.hidden), np.float32)
+        return pooled @ self.classifier_weight.T + self.classifier_bias
+
+    def _forward_kbit(self, ids, valid, tt, output_hidden_states):
+        """forward of a 2- or 4-bit model: each sequence on its own (its tokens and [CLS]), as
+        the student computes a batch of one; padded positions are not computed (zeros)."""
+        B, L = ids.shape
+        keep = valid.copy()
+        keep[:, 0] = True
+        hidden = [np.zeros((B, L, self.hidden), np.float32) for _ in range(self.num_layers + 1)] \
+            if output_hidden_states else None
+        cls = np.empty((B, self.hidden), np.float32)
+        for b in range(B):
+            pos = np.flatnonzero(keep[b])
+            x, _ = self.embeddings(ids[b, pos][None], tt[b, pos][None], pos[None])
+            if hidden is not None:
+                hidden[0][b, pos] = x
+            for n in range(self.num_layers):
+                x = self.kbit_layer(n, x, valid[b, pos])
+                if hidden is not None:
+                    hidden[n + 1][b, pos] = x
+            cls[b] = x[0]
+        logits = self.kbit_head(cls)
+        return (logits, hidden) if output_hidden_states else logits
 
     # ---- text in, labels out ---------------------------------------------------------
 
@@ -357,6 +434,14 @@ class PackedModel:
         if problems:
             raise BibertError(f"{self.source} is not a valid bibert file: its tokenizer gives {' and '.join(problems)}")
         return ids, enc["attention_mask"], types
+
+
+def _mode(quantization: dict) -> str:
+    """The checked quantization's mode (`format.check_quantization`)."""
+    try:
+        return check_quantization(quantization)
+    except _Invalid as exc:  # check_packed has refused it already
+        raise BibertError(str(exc)) from None
 
 
 def _positive_int(value) -> bool:

@@ -34,10 +34,12 @@ import numpy as np
 from ..errors import BibertError
 
 MAGIC = b"BIBERTPK"
-FORMAT_VERSION = 2  # the newest version this bibert reads and writes
+FORMAT_VERSION = 3  # the newest version this bibert reads and writes
 # What each version adds (docs/packed_format.md, "Versions"): a file is written with the
-# lowest version that holds it, so a reader that predates a feature asks to upgrade.
-ACTIVATIONS_VERSION = {"sign": 1, "elastic": 2}  # quantization.activations -> first version
+# lowest version that holds it, so a reader that predates a feature asks to upgrade. The
+# mode says how a model's activations are binarized (`check_quantization`).
+MODE_VERSION = {"sign": 1, "elastic": 2, "2-bit": 3, "4-bit": 3}  # mode -> first version that holds it
+ACTIVATION_CLIP_STD = "activation_clip_std"  # k-bit modes: the clip's multiple of the std (float32 [1])
 ALIGN = 64
 PREAMBLE = struct.Struct("<8sIIQ")  # magic, version, reserved, header length
 DIGEST = 32
@@ -112,10 +114,11 @@ def _check_exportable(config: dict, directory) -> None:
         raise BibertError(f"{directory} is not a BiBERT student folder (no quantization in config.json)")
     q = config["quantization"]
     bits = (q.get("weight_bits"), q.get("embedding_bits"), q.get("activation_bits"))
-    if bits != (1, 1, 1) or q.get("attention") != "bi":
+    if bits not in ((1, 1, 1), (1, 1, 2), (1, 1, 4)) or q.get("attention") != "bi":
         raise BibertError(
-            f"only fully binarized students (bits 1-1-1, attention 'bi'; sign or elastic activations) can be "
-            f"packed; {directory} is {'-'.join(map(str, bits))} with attention {q.get('attention')!r}"
+            f"only students with binary weights and word embedding, 1-, 2- or 4-bit activations and "
+            f"Bi-Attention (bits 1-1-1, 1-1-2, 1-1-4, attention 'bi') can be packed; {directory} is "
+            f"{'-'.join(map(str, bits))} with attention {q.get('attention')!r}"
         )
     if config.get("hidden_act") not in GELU_FAMILY:
         raise BibertError(f"hidden_act {config.get('hidden_act')!r} does not keep the sign of its input; "
@@ -148,8 +151,8 @@ def export_packed(student_dir: str | os.PathLike, out: str | os.PathLike, side_d
 
     hf_config = {k: v for k, v in config.items() if k not in ("bibert_format_version", "quantization")}
     try:
-        activations = check_quantization(config["quantization"])
-        table = expected_tensors(hf_config, np.dtype(side).name, activations)
+        mode = check_quantization(config["quantization"])
+        table = expected_tensors(hf_config, np.dtype(side).name, mode)
     except _Invalid as exc:
         raise BibertError(f"cannot pack {student_dir}: {exc}") from None
 
@@ -173,6 +176,10 @@ def export_packed(student_dir: str | os.PathLike, out: str | os.PathLike, side_d
             if value.numel() != 1:
                 raise BibertError(f"{weights_path}: {name} has shape {list(value.shape)}; it must be a scalar")
             tensors[name] = value.reshape(spec.shape).numpy().astype(side)
+        elif name == ACTIVATION_CLIP_STD:  # a constant of the student's k-bit quantizer
+            from ..quantizers import ACTIVATION_CLIP_STD as clip_std
+
+            tensors[name] = np.array([clip_std[int(mode[0])]], "<f4")
         elif name.endswith(SCORE_THRESHOLD) and name not in state:  # a student without learned score
             tensors[name] = np.zeros(spec.shape, side)  # thresholds computes Bi-Attention's bool, t = 0
         elif not name.endswith(".alpha"):
@@ -197,7 +204,7 @@ def export_packed(student_dir: str | os.PathLike, out: str | os.PathLike, side_d
         files.pop("vocab.txt", None)
 
     packed = PackedFile(hf_config, config["quantization"], np.dtype(side).name, tensors, files,
-                        required_version(activations))
+                        required_version(mode))
     out = Path(out)
     write_packed(packed, out)
     return ExportReport(out, out.stat().st_size, weights_path.stat().st_size)
@@ -207,10 +214,10 @@ def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def required_version(activations: str) -> int:
-    """The lowest format version that holds a model with these activations (the version a
-    file is written with)."""
-    return ACTIVATIONS_VERSION[activations]
+def required_version(mode: str) -> int:
+    """The lowest format version that holds a model of this mode (`check_quantization`): the
+    version a file is written with."""
+    return MODE_VERSION[mode]
 
 
 def write_packed(packed: PackedFile, path: Path) -> None:
@@ -398,20 +405,29 @@ def model_shape(config) -> ModelShape:
 
 
 def check_quantization(quantization) -> str:
-    """The student's quantization must be one the engine computes: bits 1-1-1, Bi-Attention,
-    sign or elastic activations (docs/method.md §7). Returns the activations."""
+    """The student's quantization must be one the engine computes: binary weights and word
+    embedding, Bi-Attention, and 1-bit activations (sign, or elastic: docs/method.md §7) or
+    2- or 4-bit ones (bit-serial). Returns the mode: "sign", "elastic", "2-bit" or "4-bit"."""
     from ..config import QuantConfig
 
     q = _object(quantization, "quantization")
     _keys(q, "quantization", {"weight_bits", "embedding_bits", "activation_bits", "attention", "version"},
           {"activations"})
-    for name in ("weight_bits", "embedding_bits", "activation_bits"):
+    for name in ("weight_bits", "embedding_bits"):
         _integer(q[name], f"quantization.{name}", 1, 1)
+    bits = q["activation_bits"]
+    if type(bits) is not int or bits not in (1, 2, 4):
+        raise _Invalid(f"quantization.activation_bits is {_show(bits)}; it must be 1, 2 or 4")
     _string(q["attention"], "quantization.attention", ("bi",))
     _integer(q["version"], "quantization.version", 1, QuantConfig.VERSION)
-    if "activations" not in q:
-        return "sign"
-    return _string(q["activations"], "quantization.activations", tuple(ACTIVATIONS_VERSION))
+    activations = "sign" if "activations" not in q else \
+        _string(q["activations"], "quantization.activations", ("sign", "elastic"))
+    if bits > 1:
+        if activations != "sign":
+            raise _Invalid(f"quantization.activations is {activations!r} with {bits}-bit activations; it must be "
+                           "'sign'")
+        return f"{bits}-bit"
+    return activations
 
 
 @dataclass(frozen=True)
@@ -432,13 +448,14 @@ TRAINING_ONLY = (".window",)  # state-dict entries that do not change the forwar
 ELASTIC_INPUTS = ("attention.self", "attention.output.dense", "intermediate.dense", "output.dense")
 
 
-def expected_tensors(config, side_dtype: str, activations: str = "sign") -> dict[str, TensorSpec]:
-    """Every tensor entry of a packed model with this config, side dtype and activations
+def expected_tensors(config, side_dtype: str, mode: str = "sign") -> dict[str, TensorSpec]:
+    """Every tensor entry of a packed model with this config, side dtype and mode
     (`check_quantization`), in file order: the one place that says which tensors a file
     holds (a format addition is a new row here). Raises _Invalid for a config the engine
     cannot run."""
     s = model_shape(config)
-    _string(activations, "quantization.activations", tuple(ACTIVATIONS_VERSION))
+    _string(mode, "the quantization mode", tuple(MODE_VERSION))
+    activations = mode
     side = np.dtype(SIDE_DTYPES[_string(side_dtype, "side_dtype", HEADER_SIDE_DTYPES)]).newbyteorder("<").str
     H, I = s.hidden, s.intermediate
     table: dict[str, TensorSpec] = {}
@@ -477,6 +494,8 @@ def expected_tensors(config, side_dtype: str, activations: str = "sign") -> dict
             full(p + SCORE_THRESHOLD, s.heads)
     binary("bert.pooler.dense", H, H)
     quantizer("bert.pooler.dense", H)
+    if mode in ("2-bit", "4-bit"):
+        table[ACTIVATION_CLIP_STD] = TensorSpec("<f4", (1,))
     full("classifier.weight", s.num_labels, H)
     full("classifier.bias", s.num_labels)
     return table
@@ -630,11 +649,11 @@ def _check_header(header, version: int, data_len: int) -> tuple[dict[str, Tensor
     _integer(header["format_version"], "header.format_version (the preamble's version)", version, version)
     if "bit_order" in header:
         _string(header["bit_order"], "header.bit_order", (BIT_ORDER,))
-    activations = check_quantization(header["quantization"])
-    if required_version(activations) > version:
-        raise _Invalid(f"quantization.activations {activations!r} needs format version "
-                       f"{required_version(activations)}; the file has version {version}")
-    table = expected_tensors(header["config"], header["side_dtype"], activations)
+    mode = check_quantization(header["quantization"])
+    if required_version(mode) > version:
+        raise _Invalid(f"quantization {mode!r} needs format version {required_version(mode)}; the file has "
+                       f"version {version}")
+    table = expected_tensors(header["config"], header["side_dtype"], mode)
     return table, _check_entries(header["entries"], table, data_len)
 
 

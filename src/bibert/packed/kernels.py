@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import BibertError
 
-ABI_VERSION = 12
+ABI_VERSION = 13
 PANEL = 32
 KERNELS = {"auto": 0, "portable": 1, "avx512": 2, "avx2": 3}
 MAX_THREADS = 1024  # bb_set_threads' cap
@@ -76,6 +76,10 @@ def lib() -> ctypes.CDLL:
                        ("bb_float_epilogue", [P, P, I, I, P, P, P]),
                        ("bb_encoder", [P, I, I, P, I, I, I, F, P, P, P, P]),
                        ("bb_set_tuning", [ctypes.c_int, I, I, I]),
+                       ("bb_quantize_planes", [P, I, I, I, ctypes.c_int, F, P, I, P, P]),
+                       ("bb_linear_kbit", [P, I, I, I, P, I, ctypes.c_int, F, P, P, P, P, P]),
+                       ("bb_biattention_kbit", [P, P, P, I, I, I, F, P, P, I, P]),
+                       ("bb_gelu", [P, I, I, P]),
                        ("bb_get_tuning", [ctypes.c_int, P]),
                        ("bb_set_encoder_tuning", [I, I]),
                        ("bb_get_encoder_tuning", [P]),
@@ -503,3 +507,86 @@ def biattention(qkv_bits: np.ndarray, offsets: tuple[int, int, int], B: int, L: 
                                    _ptr(valid), _ptr(out), out.shape[1], _ptr(cnt), _ptr(t), _ptr(lim)),
               "biattention")
     return (out, cnt) if counts else out
+
+
+# ---- k-bit activations, bit-serially (docs/packed_format.md, "Multi-bit activations") ----
+
+KBITS = (2, 4)
+
+
+def _kbits(bits: int, what: str) -> int:
+    if bits not in KBITS:
+        raise BibertError(f"{what}: bits must be 2 or 4, not {bits!r}")
+    return bits
+
+
+def quantize_planes(x: np.ndarray, bits: int, clip_std: float,
+                    levels: bool = False) -> tuple[np.ndarray, float] | tuple[np.ndarray, float, np.ndarray]:
+    """The student's k-bit quantizer of the whole tensor x [M, C] (one clip: min(max|x|,
+    clip_std * std(x))), as bit-planes: returns planes uint64 [M * bits, words(C)] (row m plane
+    b holds bit b of level + Q) and the step (float); with `levels`, also the levels int8 [M, C]."""
+    x = _matrix(_f32(x), "quantize_planes: x")
+    M, C = x.shape
+    bits = _kbits(bits, "quantize_planes")
+    out = np.empty((M * bits, words(C)), dtype=np.uint64)
+    step = ctypes.c_float()
+    lv = np.empty((M, C), dtype=np.int8) if levels else None
+    _check_rc(lib().bb_quantize_planes(_ptr(x), M, C, C, bits, float(clip_std), _ptr(out), out.shape[1],
+                                       ctypes.byref(step), _ptr(lv)), "quantize_planes")
+    return (out, step.value, lv) if levels else (out, step.value)
+
+
+def kbit_offsets(weight_bits: np.ndarray, K: int, bits: int) -> np.ndarray:
+    """popcount(w_n) + Q K per weight row (bits [N, words(K)], padding 0): a k-bit Linear's
+    count is sum_b 2^b popcount(plane_b XOR w_n) minus this."""
+    Q = (1 << (_kbits(bits, "kbit_offsets") - 1)) - 1
+    w = np.ascontiguousarray(weight_bits, dtype="<u8")
+    return np.bitwise_count(w).sum(axis=1, dtype=np.int64) + Q * K
+
+
+def linear_kbit(planes: np.ndarray, M: int, K: int, panels: np.ndarray, N: int, bits: int, step: float,
+                alpha: np.ndarray, bias: np.ndarray, offsets: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+    """A binary Linear on k-bit input (planes from `quantize_planes`, M rows): float [M, N] =
+    ((C * step) * alpha + bias) [+ residual] with the exact integer C = sum_j level_j w_j."""
+    planes, panels = _matrix(_u64(planes), "linear_kbit: planes"), _u64(panels)
+    alpha, bias = _vectors(alpha, bias, "linear_kbit")
+    bits = _kbits(bits, "linear_kbit")
+    offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+    if K < 1 or N < 1 or planes.shape[0] != M * bits or planes.shape[1] < words(K) \
+            or panels.shape != (-(-N // PANEL), words(K), PANEL) or alpha.shape != (N,) or offsets.shape != (N,):
+        raise BibertError(f"linear_kbit: shapes do not match M={M}, K={K}, N={N}, bits={bits}")
+    if residual is not None:
+        residual = _f32(residual)
+        _shape(residual, (M, N), "linear_kbit: residual")
+    out = np.empty((M, N), dtype=np.float32)
+    _check_rc(lib().bb_linear_kbit(_ptr(planes), M, planes.shape[1], K, _ptr(panels), N, bits, float(step), _ptr(alpha),
+                                   _ptr(bias), _ptr(offsets), _ptr(residual), _ptr(out)), "linear_kbit")
+    return out
+
+
+def biattention_kbit(q: np.ndarray, k: np.ndarray, v: np.ndarray, step_v: float, heads: int, head_size: int,
+                     key_valid: np.ndarray, counts: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Bi-Attention of one sequence on k-bit Q, K, V given as levels (int8 [L, heads * head_size],
+    `quantize_planes(..., levels=True)`): BA = (integer q . k > 0) and key valid, context =
+    fl(sum_j BA_ij level_v * step_v): float [L, heads * head_size]; with counts also the
+    integer sums, int32."""
+    q, k, v = (np.ascontiguousarray(a, dtype=np.int8) for a in (q, k, v))
+    hd = heads * head_size
+    L = q.shape[0] if q.ndim == 2 else 0
+    if L < 1 or heads < 1 or head_size < 1 or any(a.shape != (L, hd) for a in (q, k, v)):
+        raise BibertError(f"biattention_kbit: levels must be [L, {hd}] int8, one shape for Q, K and V")
+    _shape(np.asarray(key_valid), (L,), "biattention_kbit: key_valid")
+    valid = pack_bool(np.asarray(key_valid)[None])
+    out = np.empty((L, hd), dtype=np.float32)
+    cnt = np.empty((L, hd), dtype=np.int32) if counts else None
+    _check_rc(lib().bb_biattention_kbit(_ptr(q), _ptr(k), _ptr(v), L, heads, head_size, float(step_v), _ptr(valid),
+                                        _ptr(out), hd, _ptr(cnt)), "biattention_kbit")
+    return (out, cnt) if counts else out
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    """GELU of float [M, C] (erf form, float32; close to, not bit-identical with, torch's)."""
+    x = _matrix(_f32(x), "gelu: x")
+    out = np.empty_like(x)
+    _check_rc(lib().bb_gelu(_ptr(x), x.shape[0], x.shape[1], _ptr(out)), "gelu")
+    return out

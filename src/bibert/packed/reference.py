@@ -98,3 +98,71 @@ def student_forward(weights: dict[str, np.ndarray], config: dict, input_ids: np.
     out["pooled"] = np.tanh(blin(x[:, 0], "bert.pooler.dense"))
     out["logits"] = out["pooled"] @ w("classifier.weight").T + w("classifier.bias")
     return out
+
+
+def kbit_levels(x, bits: int):
+    """(levels, step) of the student's k-bit quantizer of the whole tensor x (torch; the
+    operations of quantize_activation / quantize_symmetric): levels are integers in [-Q, Q]."""
+    import torch
+
+    from ..quantizers import ACTIVATION_CLIP_STD
+
+    with torch.no_grad():
+        clip = torch.minimum(x.abs().amax(), ACTIVATION_CLIP_STD[bits] * x.float().std().to(x.dtype))
+        clip = torch.clamp(clip, min=1e-8)
+        step = clip / (2 ** (bits - 1) - 1)
+        return torch.round(torch.clamp(x, -clip, clip) / step), step
+
+
+def kbit_student_forward(student, input_ids, token_type_ids=None) -> dict:
+    """A 2- or 4-bit student (bits 1-1-k, Bi-Attention) on one sequence [1, L], with the integer
+    arithmetic its quantizers define: every Linear counts sum_j level_j w_j exactly and scales
+    the count once, (count * step) * alpha + bias; Bi-Attention takes the sign of the exact
+    integer scores (S = 0 gives 0) and the context count times the value step. The student's
+    own float32 matrix products only approximate these integers (their sums round, and the
+    sign of a score whose exact value is 0 is left to rounding), which is why this reference
+    exists. Embeddings, LayerNorms, GELU, tanh and the classifier are the student's modules.
+    Returns {"hidden": L+1 tensors [L, H], "levels": per layer dict of int levels,
+    "counts": per layer dict of integer counts, "logits"}."""
+    import torch
+
+    from ..quantizers import weight_scale_and_signs
+
+    bits = student.quant.activation_bits
+    ids = torch.as_tensor(input_ids)
+    tt = torch.zeros_like(ids) if token_type_ids is None else torch.as_tensor(token_type_ids)
+
+    def linear(module, x):
+        n, step = kbit_levels(x, bits)
+        alpha, signs = weight_scale_and_signs(module.weight.detach())
+        counts = (n.double() @ signs.double().T).float()
+        return (counts * step) * alpha + module.bias.detach(), n, counts
+
+    out = {"hidden": [], "levels": [], "counts": []}
+    with torch.no_grad():
+        x = student.bert.embeddings(ids, tt)[0]  # [L, H]
+        out["hidden"].append(x)
+        heads, d = student.config.num_attention_heads, student.config.hidden_size // student.config.num_attention_heads
+        for layer in student.bert.encoder.layer:
+            sa = layer.attention.self
+            lv, ct = {}, {}
+            q, lv["x"], ct["q"] = linear(sa.query, x)
+            k, _, ct["k"] = linear(sa.key, x)
+            v, _, ct["v"] = linear(sa.value, x)
+            (nq, _), (nk, _), (nv, sv) = (kbit_levels(t, bits) for t in (q, k, v))
+            lv.update(q=nq, k=nk, v=nv)
+            split = lambda t: t.double().reshape(-1, heads, d).transpose(0, 1)  # (heads, L, d)
+            ba = (split(nq) @ split(nk).transpose(1, 2)) > 0
+            ct["context"] = (ba.double() @ split(nv)).transpose(0, 1).reshape(-1, heads * d).float()
+            ctx = ct["context"] * sv
+            y, lv["context"], ct["attn_out"] = linear(layer.attention.output.dense, ctx)
+            a = layer.attention.output.LayerNorm(y + x)
+            pre, lv["attn_out"], ct["ffn_in"] = linear(layer.intermediate.dense, a)
+            y, lv["gelu"], ct["ffn_out"] = linear(layer.output.dense, layer.act(pre))
+            x = layer.output.LayerNorm(y + a)
+            out["hidden"].append(x)
+            out["levels"].append(lv)
+            out["counts"].append(ct)
+        pooled, _, _ = linear(student.bert.pooler.dense, x[:1])
+        out["logits"] = student.classifier(torch.tanh(pooled))
+    return out
