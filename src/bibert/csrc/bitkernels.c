@@ -2009,10 +2009,10 @@ BB_AVX512 static void kattn_head_avx512(const kattn_args *g, int64_t h, int32_t 
         return;
     }
     int16_t *kt = (int16_t *)buf;             /* [d][lp] the head's key levels, transposed */
-    int16_t *S = kt + d * lp;                 /* [lp] */
-    int32_t *att = (int32_t *)(S + lp);       /* [L] the attended keys of one query */
+    uint64_t *ba = (uint64_t *)(kt + d * lp); /* [lp / 64] the attended keys of one query */
     for (int64_t c = 0; c < d; c++)
         for (int64_t j = 0; j < lp; j++) kt[c * lp + j] = j < L ? g->k[j * hd + h * d + c] : 0;
+    const __m512 sv = _mm512_set1_ps(g->sv);
     for (int64_t i = 0; i < L; i++) {
         const int8_t *qi = g->q + i * hd + h * d;
         for (int64_t j0 = 0; j0 < lp; j0 += 128) {
@@ -2025,23 +2025,26 @@ BB_AVX512 static void kattn_head_avx512(const kattn_args *g, int64_t h, int32_t 
                 for (int v = 0; v < 4; v++)
                     acc[v] = _mm512_add_epi16(acc[v], _mm512_mullo_epi16(qv, _mm512_loadu_si512(kc + 32 * v)));
             }
-            for (int v = 0; v < 4; v++) _mm512_storeu_si512(S + j0 + 32 * v, acc[v]);
+            for (int w = 0; w < 2; w++) { /* S > 0 and key valid, as bits (keys past L: no valid bit) */
+                uint64_t pos = (uint64_t)_mm512_cmpgt_epi16_mask(acc[2 * w], _mm512_setzero_si512()) |
+                               (uint64_t)_mm512_cmpgt_epi16_mask(acc[2 * w + 1], _mm512_setzero_si512()) << 32;
+                int64_t word = (j0 >> 6) + w;
+                ba[word] = word < (L + 63) / 64 ? pos & g->valid[word] : 0;
+            }
         }
-        int64_t na = 0;
-        for (int64_t j = 0; j < L; j++)
-            if (S[j] > 0 && ((g->valid[j >> 6] >> (j & 63)) & 1)) att[na++] = (int32_t)j;
         for (int64_t c0 = 0; c0 < d; c0 += 64) {
             __m512i cn[4];
             for (int v = 0; v < 4; v++) cn[v] = _mm512_setzero_si512();
             int64_t n = d - c0 < 64 ? d - c0 : 64;
-            for (int64_t a = 0; a < na; a++) {
-                const int8_t *nv = g->v + (int64_t)att[a] * hd + h * d + c0;
-                for (int v = 0; v < 4 && 16 * v < n; v++) {
-                    __mmask16 lm = n - 16 * v >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - 16 * v)) - 1);
-                    cn[v] = _mm512_add_epi32(cn[v], _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(lm, nv + 16 * v)));
+            for (int64_t w = 0; w < lp / 64; w++)
+                for (uint64_t bits = ba[w]; bits; bits &= bits - 1) {
+                    int64_t j = 64 * w + __builtin_ctzll(bits);
+                    const int8_t *nv = g->v + j * hd + h * d + c0;
+                    for (int v = 0; v < 4 && 16 * v < n; v++) {
+                        __mmask16 lm = n - 16 * v >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - 16 * v)) - 1);
+                        cn[v] = _mm512_add_epi32(cn[v], _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(lm, nv + 16 * v)));
+                    }
                 }
-            }
-            const __m512 sv = _mm512_set1_ps(g->sv);
             for (int v = 0; v < 4 && 16 * v < n; v++) {
                 __mmask16 lm = n - 16 * v >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - 16 * v)) - 1);
                 _mm512_mask_storeu_ps(g->out + i * g->ldo + h * d + c0 + 16 * v, lm,
@@ -2051,6 +2054,7 @@ BB_AVX512 static void kattn_head_avx512(const kattn_args *g, int64_t h, int32_t 
         }
     }
 }
+
 __attribute__((target("avx2"))) static void kattn_head_avx2(const kattn_args *g, int64_t h, int32_t *buf) {
     kattn_head_body(g, h, buf);
 }

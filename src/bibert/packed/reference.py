@@ -10,7 +10,9 @@ tricks, so that the native kernels can be checked against something independent:
     FFN-out input      sign of the pre-GELU value
 
 `student_forward` runs the whole student from its latent weights (Hugging Face names)
-in float64 and returns every intermediate that the layer-by-layer tests compare.
+in float64 and returns every intermediate that the layer-by-layer tests compare;
+`kbit_student_forward` runs a 2- or 4-bit student with the exact integer sums its
+quantizers define (docs/packed_format.md, "Multi-bit activations").
 """
 from __future__ import annotations
 
