@@ -175,6 +175,7 @@ class PackedModel:
             ))
         for layer, following in zip(self.layers, self.layers[1:]):
             layer.ln2_t = following.qkv_t  # the last layer's bits are not read: the head packs [CLS] again
+        self._weights = _arena([lin for l in self.layers for lin in (l.qkv, l.attn_out, l.ffn_in, l.ffn_out)])
         self._native_layers = (kernels.LayerParams * self.num_layers)(*(self._layer_params(l) for l in self.layers))
         self.pooler = linear("bert.pooler.dense", H)
         self.pooler_t = quantizer("bert.pooler.dense")[0]
@@ -434,6 +435,21 @@ class PackedModel:
         if problems:
             raise BibertError(f"{self.source} is not a valid bibert file: its tokenizer gives {' and '.join(problems)}")
         return ids, enc["attention_mask"], types
+
+
+def _arena(linears: list[BinaryLinear]) -> np.ndarray:
+    """Moves the weight panels of `linears` into one buffer, in the order the forward reads
+    them (each panel 64-byte aligned): the forward streams one contiguous region, which the
+    operating system can back with large pages (NumPy asks for them on large buffers)."""
+    sizes = [-(-lin.panels.size // 8) * 8 for lin in linears]
+    arena = np.empty(sum(sizes) + 8, dtype=np.uint64)
+    start = (-arena.ctypes.data % 64) // 8
+    for lin, size in zip(linears, sizes):
+        view = arena[start:start + lin.panels.size].reshape(lin.panels.shape)
+        view[...] = lin.panels
+        lin.panels = view
+        start += size
+    return arena
 
 
 def _mode(quantization: dict) -> str:
