@@ -103,20 +103,32 @@ ROWS = [
     # with three times the epochs (1,992 steps on rotten_tomatoes, 1,875 on snli; about 50 min a run).
     Row("bibert_x3", "1-1-1 BiBERT, 3x the epochs", "1-1-1", "bi", "dmd", (1,), epochs_scale=3.0, section="budget"),
     Row("w1a2_x3", "1-1-2, 3x the epochs", "1-1-2", "softmax", "standard", (1,), epochs_scale=3.0, section="budget"),
-    # Beyond the paper: elastic binarization and multi-step distillation (docs/method.md), at the
-    # same task budget (a multi-step row splits the same epochs between its two stages).
-    Row("elastic", "1-1-1 BiBERT + elastic binarization", "1-1-1", "bi", "dmd", (1,), activations="elastic",
-        section="beyond"),
-    Row("elastic_via4", "1-1-1 BiBERT + elastic, via 1-1-4", "1-1-1", "bi", "dmd", (1,), activations="elastic",
-        via="1-1-4", section="beyond"),
-    Row("elastic_lr1e-3", "1-1-1 BiBERT + elastic, lr 1e-3", "1-1-1", "bi", "dmd", (1,), activations="elastic",
+    # Model selection: the rows above ran with one dev evaluation per epoch (the earlier default);
+    # every run since evaluates four times per epoch and keeps the best. These two measure the change.
+    Row("bibert_eval4", "1-1-1 BiBERT, four dev evaluations per epoch", "1-1-1", "bi", "dmd", (1,),
+        section="selection"),
+    Row("w1a2_eval4", "1-1-2, four dev evaluations per epoch", "1-1-2", "softmax", "standard", (1,),
+        section="selection"),
+    # Beyond the paper: elastic binarization, elastic Bi-Attention and multi-step distillation
+    # (docs/method.md §7-8), at the same task budget (a multi-step row splits the same epochs
+    # between its two stages). Four dev evaluations per epoch.
+    Row("elastic", "1-1-1 elastic binarization (Bi-Attention with a learned threshold per head)", "1-1-1", "bi",
+        "dmd", (1,), activations="elastic", section="beyond"),
+    Row("elastic_bimax", "1-1-1 Elastic BiBERT: elastic binarization + bi-max attention", "1-1-1", "bi-max", "dmd",
+        (1, 2, 3), activations="elastic", section="beyond"),
+    Row("elastic_via4", "elastic (bi), multi-step via 1-1-4 (half the epochs each)", "1-1-1", "bi", "dmd", (1,),
+        activations="elastic", via="1-1-4", section="beyond"),
+    Row("elastic_lr1e-3", "elastic (bi), lr 1e-3", "1-1-1", "bi", "dmd", (1,), activations="elastic",
         lr=1e-3, section="beyond"),
-    Row("elastic_bimax", "1-1-1 elastic, Bi-Attention relative to each query's best key", "1-1-1", "bi-max", "dmd",
-        (1,), activations="elastic", section="beyond"),
-    Row("elastic_bf16", "1-1-1 BiBERT + elastic, bf16 mixed precision", "1-1-1", "bi", "dmd", (1,),
+    Row("elastic_bimax_lr1e-3", "elastic + bi-max, lr 1e-3", "1-1-1", "bi-max", "dmd", (1,),
+        activations="elastic", lr=1e-3, section="beyond"),
+    Row("elastic_bimax_bf16", "elastic + bi-max, bf16 mixed precision", "1-1-1", "bi-max", "dmd", (1,),
         activations="elastic", precision="bf16", section="beyond"),
 ]
-TABLE_ROWS = [r for r in ROWS if r.section != "budget"]
+BEST = "elastic_bimax"  # the best 1-1-1 recipe: in the main table, and bibert demo's default
+TABLE_ROWS = [r for r in ROWS if r.section == "main" or r.key == BEST]
+BEYOND_ROWS = [r for r in ROWS if r.section == "beyond"]
+SELECTION_PAIRS = [("bibert", "bibert_eval4"), ("w1a2", "w1a2_eval4")]
 BUDGET_PAIRS = [("bibert", "bibert_x3"), ("w1a2", "w1a2_x3")]
 PAPER_SST2 = {"teacher": 93.2, "baseline": 77.6, "bibert": 88.7, "bibert_da": 90.9, "w1a2": 82.5, "w1a4": 92.3}
 PAPER_MNLI = {"teacher": 84.9, "bibert": 66.1, "bibert_da": 66.1, "w1a2": 62.7, "w1a4": 83.9}
@@ -341,6 +353,8 @@ def write_report() -> Path:
     for key in ("teacher", "baseline", "bibert", "bibert_da", "w1a2", "w1a4"):
         ours = [(_fmt(table[t][key]["scores"]) if key in table.get(t, {}) else "-") for t in ("rotten_tomatoes", "snli")]
         lines.append(f"| {labels[key][0]} | {PAPER_SST2.get(key, '-')} | {PAPER_MNLI.get(key, '-')} | {ours[0]} | {ours[1]} |")
+    lines += beyond_section(table, labels)
+    lines += selection_section(table, labels)
     lines += budget_section(table, labels)
     lines += ["", "## Wall time per run (seconds, this machine)", "", "| task | run | seconds |", "|---|---|---|"]
     for task in tasks:
@@ -383,6 +397,58 @@ def dev_curve(task: str, key: str, seed: int = 1) -> list[tuple[int, float]]:
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [(r["step"], 100 * next(iter(r["dev"].values()))) for r in rows if "dev" in r]
+
+
+def explored(task: str) -> dict[str, float]:
+    """Test scores (%) of the exploration runs kept under results/study/explore/TASK/ (runs of
+    an earlier form of a recipe, which the current code no longer builds)."""
+    out = {}
+    for folder in sorted((RESULTS / "explore" / task).glob("*")):
+        res = _results(folder)
+        if res and res.get("test"):
+            out[folder.name] = test_score(res)
+    return out
+
+
+def beyond_section(table: dict, labels: dict) -> list[str]:
+    """Every row beyond the paper, with its seeds, beside the paper's BiBERT and 1-1-2."""
+    tasks = list(table)
+    lines = ["", "## Beyond the paper: a 1-1-1 student worth deploying", "",
+             "Same budget as the rows above (steps, data, batch, lr unless stated), four dev evaluations per epoch. "
+             "docs/method.md §7-8 defines each piece.", "",
+             "| recipe | attention | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+    for key in ["bibert", "w1a2"] + [r.key for r in BEYOND_ROWS]:
+        row = next((r for r in ROWS if r.key == key), None)
+        cells = [(_fmt(table[t][key]["scores"]) if key in table[t] else "-") for t in tasks]
+        lines.append(f"| {labels[key][0]}{' (best)' if key == BEST else ''} | {row.attention if row else '-'} | "
+                     + " | ".join(cells) + " |")
+    extra = {t: explored(t) for t in tasks}
+    if any(extra.values()):
+        lines += ["", "Earlier forms, which the code no longer builds (kept in `benchmarks/results/study/explore/`, "
+                  "seed 1): `no_score_threshold` = elastic binarization before Bi-Attention had its learned threshold "
+                  "per head; `dropout_on_weights` = bi-max with attention dropout after the binarization instead of "
+                  "before it.", "",
+                  "| run | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for name in sorted({n for e in extra.values() for n in e}):
+            lines.append(f"| {name} | " + " | ".join(f"{extra[t][name]:.1f}" if name in extra[t] else "-"
+                                                    for t in tasks) + " |")
+    return lines
+
+
+def selection_section(table: dict, labels: dict) -> list[str]:
+    """What four dev evaluations per epoch (instead of one) change, seed 1."""
+    pairs = [(a, b) for a, b in SELECTION_PAIRS if any(b in table[t] for t in table)]
+    if not pairs:
+        return []
+    lines = ["", "## Model selection: one or four dev evaluations per epoch (seed 1)", "",
+             "| recipe | task | one per epoch | four per epoch |", "|---|---|---|---|"]
+    for a, b in pairs:
+        for task in table:
+            if a in table[task] and b in table[task]:
+                ea, eb = table[task][a], table[task][b]
+                s1 = ea["scores"][ea["seeds"].index(1)] if 1 in ea["seeds"] else None
+                lines.append(f"| {labels[a][0]} | {task} | {s1:.1f} | {eb['scores'][0]:.1f} |")
+    return lines
 
 
 def budget_section(table: dict, labels: dict) -> list[str]:
