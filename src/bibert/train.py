@@ -188,8 +188,11 @@ class Trainer:
                 self.calibration = self._calibrate()
             self.flip_reference = binarized_signs(self.model)
             if self.ctx.is_main:
+                if saved is not None:
+                    print(f"{self.out} has no checkpoint yet: the run starts again from step 0", flush=True)
                 self.out.mkdir(parents=True, exist_ok=True)
                 write_json(config_path, self.config.to_dict())
+                write_jsonl(self.out / METRICS_NAME, [])  # no lines left from a run that never checkpointed
             return
         if state["world_size"] != self.ctx.world_size:
             raise BibertError(f"{self.out} was trained with {state['world_size']} processes; resume it with the same number")
