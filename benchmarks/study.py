@@ -1,6 +1,6 @@
 """The paper's ablation and bit-width comparison at our scale, on real offline data.
 
-Rows (SPEC 6, issue "reproduce the paper's claims"), each a `bibert distill` run from the
+Rows (the paper's Table 1 ablation and its bit-width comparison), each a `bibert distill` run from the
 same fine-tuned teacher, with the same training slice, epochs, max length and batch:
 
     teacher                       32-32-32  (fine-tuned once per task)
@@ -10,10 +10,15 @@ same fine-tuned teacher, with the same training slice, epochs, max length and ba
     BiBERT                        1-1-1  bi      + dmd                        x3
     BiBERT + DA                   1-1-1  bi      + dmd on GloVe-augmented data (same steps)
     1-1-2, 1-1-4                  softmax + standard (the quantized comparison rows)
-    BiBERT, DMD without padding   bi + dmd with --dmd-mask-padding (an option SPEC 4 invites)
+    BiBERT, DMD without padding   bi + dmd with --dmd-mask-padding (docs/method.md, distillation)
 
 and a budget check on both tasks (seed 1): BiBERT and 1-1-2 again with 3x the epochs,
 to see whether 1-1-2's lead over BiBERT is a matter of training steps.
+
+Beyond the paper (docs/method.md sections 7-8): Elastic BiBERT (elastic binarization, with
+the absolute or the row-relative "bi-max" Bi-Attention) x3 seeds, multi-step distillation
+through 1-1-4, a larger learning rate, bf16; and a model-selection check (BiBERT and 1-1-2
+evaluated 4 times per epoch instead of once).
 
 Resumable: every finished run leaves results.json in its folder and is skipped on a
 rerun; an interrupted run resumes from its last checkpoint. `--report` (re)writes
