@@ -13,7 +13,7 @@ asan: $(ASAN_LIB)
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" \
 	BIBERT_NATIVE_LIB=$(abspath $(ASAN_LIB)) BIBERT_KERNEL=portable \
-	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_packed.py tests/test_packed_elastic.py tests/test_packed_kbit.py tests/test_packed_security.py
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_packed.py tests/test_packed_elastic.py tests/test_packed_bimax.py tests/test_packed_kbit.py tests/test_packed_security.py
 
 $(ASAN_LIB): $(CSRC)
 	mkdir -p $(dir $@)

@@ -173,6 +173,75 @@ def test_biattention(path, B, L, heads, d):
     np.testing.assert_array_equal(kernels.score_limits(np.zeros(heads, np.float32), d), np.full(heads, (d + 1) // 2))
 
 
+def random_count_minima(rng, heads: int, d: int) -> np.ndarray:
+    """Valid relative tables [heads, d + 1] (column j for the row maximum c_max = 2j - d): per
+    head the best key only, every key, nothing, or the keys within a random number of steps
+    of c_max (at least -d)."""
+    c_max = np.arange(-d, d + 1, 2)
+    table = np.empty((heads, d + 1), np.int64)
+    for h in range(heads):
+        kind = ("best", "all", "none", "steps")[h % 4] if h < 4 else "steps"
+        if kind == "best":
+            table[h] = c_max
+        elif kind == "all":
+            table[h] = -d
+        elif kind == "none":
+            table[h] = d + 2
+        else:
+            table[h] = np.maximum(c_max - 2 * int(rng.integers(0, d + 1)), -d)
+    return table
+
+
+@pytest.mark.parametrize("B,L,heads,d", [(1, 1, 1, 1), (2, 7, 5, 5), (1, 64, 2, 64), (3, 70, 4, 32),
+                                         (3, 33, 2, 100), (2, 130, 6, 64), (3, 9, 1, 70000)])
+def test_biattention_relative(path, B, L, heads, d):
+    """Bi-Attention relative to each query's best real key: BA_ij = 1[c_ij >= c_min[h][c_max_i]]
+    for the integer c = q . k and c_max_i the largest over row i's real keys; a sequence with no
+    real key attends to nothing."""
+    rng = np.random.default_rng(B * L * heads * d + 1)
+    hidden = heads * d
+    q, k, v = (random_floats(rng, B, L, hidden) for _ in range(3))
+    lengths = rng.integers(1, L + 1, size=B)
+    lengths[0] = L
+    if B > 2:
+        lengths[2] = 0  # no real key at all
+    valid = np.arange(L)[None, :] < lengths[:, None]
+    if B > 1 and L > 8:
+        valid[1, [0, 3, 4]] = False  # holes, the first position among them
+    table = random_count_minima(rng, heads, d)
+    qkv = kernels.pack_bool(np.concatenate([q, k, v], axis=2).reshape(B * L, 3 * hidden) < 0)
+    t = rng.choice(np.array([-2, -1, 0, 1, 0.5, 1e9], np.float32), hidden)
+    bits, counts = kernels.biattention(qkv, (0, hidden, 2 * hidden), B, L, heads, d, valid, counts=True,
+                                       thresholds=t, relative=kernels.relative_limits(table, d))
+    split = lambda a: reference.sign(a).reshape(B, L, heads, d).transpose(0, 2, 1, 3)
+    dots = split(q) @ split(k).transpose(0, 1, 3, 2)  # (B, heads, L, L) integers
+    c_max = np.where(valid[:, None, None, :], dots, -d - 1).max(axis=-1)  # -d - 1: no real key
+    lowest = np.where(c_max >= -d, table[np.arange(heads)[None, :, None], (np.maximum(c_max, -d) + d) // 2], d + 3)
+    ba = (dots >= lowest[..., None]) & valid[:, None, None, :]
+    want = (ba.astype(np.int64) @ split(v)).transpose(0, 2, 1, 3).reshape(B * L, hidden)
+    np.testing.assert_array_equal(counts, want)
+    np.testing.assert_array_equal(bits, threshold_bits(want.astype(np.float32), t))
+    # the absolute limits and the relative table together are refused
+    with pytest.raises(BibertError, match="not both"):
+        kernels.biattention(qkv, (0, hidden, 2 * hidden), B, L, heads, d, valid,
+                            score_limits=np.zeros(heads, np.int64), relative=kernels.relative_limits(table, d))
+
+
+def test_relative_limits_of_a_table():
+    """c >= c_min <=> popcount <= (d - c_min) / 2, indexed by the row's smallest popcount."""
+    d = 6
+    table = np.array([[-6, -4, -2, 0, 2, 4, 6], [-6] * 7, [8] * 7, [-6, -6, -6, -4, -4, -2, 0]])
+    lim = kernels.relative_limits(table, d)
+    for h in range(4):
+        for p_min in range(d + 1):
+            c_min = table[h, d - p_min]  # c_max = d - 2 p_min: column (c_max + d) / 2
+            assert all((p < lim[h, p_min]) == (d - 2 * p >= c_min) for p in range(d + 1))
+    assert lim.dtype == np.int64 and lim.min() >= 0 and lim.max() <= d + 1
+    for bad in (table[:, :-1], table.astype(np.float32), np.full((1, 7), 7), np.full((1, 7), -8), np.full((1, 7), 10)):
+        with pytest.raises(BibertError, match="relative_limits"):
+            kernels.relative_limits(bad, d)
+
+
 def test_embed(path):
     rng = np.random.default_rng(0)
     V, H, P, T, B, L = 50, 70, 16, 2, 3, 9

@@ -53,16 +53,18 @@ def quantizer_inputs(student, ids, mask, types) -> dict[str, tuple[torch.Tensor,
 
 
 def make_elastic_student(tmp_path, hidden=24, heads=3, ffn=40, layers=2, labels=3, seed=0, std=0.5,
-                         coincide=True):
+                         coincide=True, attention="bi", margins=None):
     """A random elastic 1-1-1 student folder (word-level tokenizer beside it): random weights,
     thresholds and scales != 1 (one negative); with `coincide`, some thresholds set to values
     their quantizer actually sees on `batch()` (so that x == t occurs), the context thresholds
-    integers and half-integers (the counts' own values)."""
+    integers and half-integers (the counts' own values). attention "bi-max": Bi-Attention
+    relative to each query's best key, with `margins(layer, heads, head_size, rng)` giving each
+    layer's per-head margins (default: the student's initial 1)."""
     config = BertConfig(vocab_size=len(VOCAB), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=64,
                         num_labels=labels)
     torch.manual_seed(seed)
-    student = BiBertForSequenceClassification(config, QuantConfig(activations="elastic")).eval()
+    student = BiBertForSequenceClassification(config, QuantConfig(activations="elastic", attention=attention)).eval()
     rng = np.random.default_rng(seed)
     quantizers = {n: m for n, m in student.named_modules() if isinstance(m, ActQuantizer) and m.scale is not None}
     with torch.no_grad():
@@ -77,8 +79,12 @@ def make_elastic_student(tmp_path, hidden=24, heads=3, ffn=40, layers=2, labels=
                 q.threshold.copy_(torch.from_numpy(rng.normal(0, 0.3, C)))
             q.scale.fill_(-0.7 if i == 2 else float(rng.uniform(0.3, 2.5)))
         d = hidden // heads
+        for n, layer in enumerate(student.bert.encoder.layer):  # "bi-max": the per-head margins
+            if attention == "bi-max" and margins is not None:
+                layer.attention.self.score_quantizer.threshold.copy_(
+                    torch.as_tensor(margins(n, heads, d, rng), dtype=torch.float32))
         for name, m in student.named_modules():  # elastic Bi-Attention's per-head score thresholds, if any
-            if name.endswith("score_quantizer"):  # some equal to a score value (A == t gives BA = 0)
+            if name.endswith("score_quantizer") and not m.relative:  # some equal to a score value (A == t: BA = 0)
                 pc = rng.integers(0, d + 1, heads)
                 exact = (d - 2 * pc).astype(np.float32) / np.float32(np.sqrt(np.float64(d)))
                 m.threshold.copy_(torch.from_numpy(np.where(rng.random(heads) < 0.7, exact,
@@ -93,7 +99,7 @@ def make_elastic_student(tmp_path, hidden=24, heads=3, ffn=40, layers=2, labels=
                 rows = x[valid] if x.dim() == 3 else x  # the pooler's input is [B, H]
                 for c in range(0, q.threshold.numel(), 3):
                     q.threshold[c] = rows[int(rng.integers(len(rows))), c]
-    folder = tmp_path / f"elastic_{hidden}_{heads}_{layers}_{seed}"
+    folder = tmp_path / f"elastic_{attention}_{hidden}_{heads}_{layers}_{seed}"
     student.save_pretrained(folder)
     (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer",
@@ -182,7 +188,8 @@ def check_layer_by_layer(student, engine, ids, mask, types):
         # Bi-Attention: integer counts, and context bits against the context thresholds
         ctx_in, ctx_levels = seen[p + "attention.output.dense.input_quantizer"]
         ctx_bits, counts = kernels.biattention(want, (0, H, 2 * H), B, L, engine.heads, engine.head_size, valid,
-                                               counts=True, thresholds=layer.ctx_t, score_limits=layer.score_lim)
+                                               counts=True, thresholds=layer.ctx_t, score_limits=layer.score_lim,
+                                               relative=layer.score_rel)
         np.testing.assert_array_equal(counts, ctx_in.reshape(B * L, H).numpy().astype(np.int32))
         np.testing.assert_array_equal(ctx_bits, levels_bits(ctx_levels))
         # attention output: float, to rounding

@@ -90,6 +90,13 @@ def elastic_path(tmp_path_factory) -> Path:
     return _tiny_student(tmp_path_factory.mktemp("elastic"), QuantConfig(activations="elastic"))
 
 
+@pytest.fixture(scope="module")
+def bimax_path(tmp_path_factory) -> Path:
+    """The tiny elastic student with Bi-Attention relative to each query's best key (a table of
+    smallest attended counts per head; format version 4)."""
+    return _tiny_student(tmp_path_factory.mktemp("bimax"), QuantConfig(activations="elastic", attention="bi-max"))
+
+
 def split(raw: bytes) -> tuple[dict, bytes]:
     """A packed file's header (parsed) and data section."""
     _, _, _, head_len = PREAMBLE.unpack_from(raw)
@@ -555,6 +562,67 @@ def kbit_cases(raw: bytes) -> Cases:
     return c
 
 
+def bimax_cases(raw: bytes) -> Cases:
+    """Checksum-valid rewrites of a "bi-max" student's file (format version 4) around the table
+    of smallest attended counts that replaces the score thresholds."""
+    c = Cases(raw)
+    h, data = c.header, c.data
+    assert c.version == 4 and assemble(h, data, 4) == raw
+    for version in (1, 2, 3):
+        c.add(f"bimax-in-version-{version}", assemble({**h, "format_version": version}, data, version=version))
+    c.add("bimax-version-next", assemble({**h, "format_version": FORMAT_VERSION + 1}, data,
+                                         version=FORMAT_VERSION + 1), "newer")
+    for label, value in (("sign", "sign"), ("missing", DELETE)):
+        c.header_case(f"bimax-activations-{label}", setter("quantization", "activations", value=value))
+    for label, value in (("bi", "bi"), ("softmax", "softmax"), ("upper", "BI-MAX"), ("int", 1)):
+        c.header_case(f"bimax-attention-{label}", setter("quantization", "attention", value=value))
+    c.header_case("bimax-4-bit", setter("quantization", "activation_bits", value=4))
+    name = "bert.encoder.layer.1.attention.self.score_quantizer.count_min"
+    names = [e["name"] for e in h["entries"]]
+    e, i = entry(h, name), names.index(name)
+    heads, cols = e["shape"]
+    d = cols - 1
+    assert e["dtype"] == "<i4" and (heads, d) == (5, 7)
+    for label, value in (("i8", "<i8"), ("i2", "<i2"), ("u4", "<u4"), ("f4", "<f4"), ("big-endian", ">i4"),
+                         ("null", None)):
+        c.header_case(f"count-min-dtype-{label}", setter("entries", i, "dtype", value=value))
+    for label, value in (("d", [heads, d]), ("d-plus-2", [heads, d + 2]), ("heads-plus-1", [heads + 1, cols]),
+                         ("flat", [heads * cols]), ("transposed", [cols, heads]), ("3-d", [heads, cols, 1]),
+                         ("null", None)):
+        c.header_case(f"count-min-shape-{label}", setter("entries", i, "shape", value=value))
+
+        def consistent(hh, value=value):  # shape and nbytes agree, the config does not
+            hh["entries"][i].update(shape=value, nbytes=4 * math.prod(value))
+        if isinstance(value, list) and value != [cols, heads] and math.prod(value) * 4 <= e["nbytes"] + 64:
+            c.header_case(f"count-min-shape-and-nbytes-{label}", consistent)
+    for label, value in (("plus4", e["nbytes"] + 4), ("minus4", e["nbytes"] - 4), ("0", 0)):
+        c.header_case(f"count-min-nbytes-{label}", setter("entries", i, "nbytes", value=value))
+    c.header_case("count-min-drop", lambda hh: hh["entries"].remove(entry(hh, name)))
+    c.header_case("count-min-twice", lambda hh: hh["entries"].append(dict(entry(hh, name))))
+    c.header_case("count-min-beside-margins", lambda hh: hh["entries"].append(
+        {**entry(hh, "bert.pooler.dense.input_quantizer.threshold"),
+         "name": "bert.encoder.layer.1.attention.self.score_quantizer.threshold"}))
+
+    best = np.tile(np.arange(-d, d + 1, 2, dtype="<i4"), (heads, 1))
+
+    def changed(row, col, value, base=best):
+        t = base.copy()
+        t[row, col] = value
+        return t
+
+    tables = {"best-only": (best, "safe"), "every-key": (np.full_like(best, -d), "safe"),
+              "nothing": (np.full_like(best, d + 2), "safe"),
+              "int32-max": (changed(0, 0, 2**31 - 1), "invalid"), "int32-min": (changed(2, 3, -2**31), "invalid"),
+              "below-minus-d": (changed(1, 1, -d - 2), "invalid"), "past-d-plus-2": (changed(1, 1, d + 4), "invalid"),
+              "parity": (changed(4, 7, d - 1), "invalid"), "above-its-maximum": (changed(0, 0, -d + 2), "invalid"),
+              "falling": (changed(3, d, -d), "invalid"), "nothing-for-one-row": (changed(0, d, d + 2), "invalid")}
+    for label, (table, expect) in tables.items():
+        damaged = bytearray(data)
+        damaged[e["offset"]:e["offset"] + e["nbytes"]] = table.astype("<i4").tobytes()
+        c.add(f"count-min-values-{label}", assemble(h, bytes(damaged), 4), expect)
+    return c
+
+
 def random_mutation_cases(raw: bytes, seed: int = 13) -> Cases:
     """Random damage without recomputing the checksum (bit flips, truncations, appended or
     prepended junk: all must be refused), and random rewrites of the header or the data
@@ -710,6 +778,18 @@ def test_crafted_elastic_files_are_refused(elastic_path, tmp_path):
     assert tally.get("invalid", 0) > 120 and tally.get("loaded", 0) >= 30, tally
 
 
+def test_crafted_bimax_files_are_refused(bimax_path, tmp_path):
+    cases = bimax_cases(bimax_path.read_bytes())
+    tally = check_outcomes(cases, run_cases(cases, tmp_path))
+    assert tally.get("invalid", 0) >= 40 and tally.get("loaded", 0) >= 3, tally
+
+
+def test_random_mutations_of_a_bimax_file(bimax_path, tmp_path):
+    cases = random_mutation_cases(bimax_path.read_bytes(), seed=23)
+    tally = check_outcomes(cases, run_cases(cases, tmp_path))
+    assert tally["invalid"] >= 150 and "wrong" not in tally
+
+
 def test_crafted_kbit_files_are_refused(kbit_path, tmp_path):
     cases = kbit_cases(kbit_path.read_bytes())
     tally = check_outcomes(cases, run_cases(cases, tmp_path))
@@ -745,6 +825,9 @@ def native_worker(packed: str) -> None:
     p = buf.ctypes.data
     past = np.array([9], np.int64)  # a {0, 1}-input offset past K = 8
     past_d = np.array([10], np.int64)  # a score limit past d + 1 = 9
+    rel_ok = np.arange(9, dtype=np.int64)  # relative limits [1 head, d + 1 = 9]
+    rel_past, rel_negative = rel_ok.copy(), rel_ok.copy()
+    rel_past[8], rel_negative[3] = 10, -1
     one, empty, late = (np.array(v, np.int64) for v in ([0, 4], [0, 0], [1, 4]))  # sequence row starts
     positions = np.array([1, 4], np.int64)  # two rows, the second at a position past P = 4
     big, neg = 2**40, -1
@@ -777,14 +860,25 @@ def native_worker(packed: str) -> None:
         "embed M%L": lambda: lib.bb_embed(p, p, 5, 2, p, p, 4, p, 4, p, 2, 8, p, None),
         "embed V=0": lambda: lib.bb_embed(p, p, 2, 2, p, p, 0, p, 4, p, 2, 8, p, None),
         "embed null": lambda: lib.bb_embed(None, p, 2, 2, p, p, 4, p, 4, p, 2, 8, p, None),
-        "attention L=0": lambda: lib.bb_biattention(p, 2, 0, 8, 16, 1, 0, 1, 8, p, p, 1, None, None, None),
-        "attention offset past row": lambda: lib.bb_biattention(p, 1, 0, 8, 60, 1, 4, 1, 8, p, p, 1, None, None, None),
-        "attention negative offset": lambda: lib.bb_biattention(p, 1, -8, 8, 16, 1, 4, 1, 8, p, p, 1, None, None, None),
-        "attention ldo<words": lambda: lib.bb_biattention(p, 4, 0, 80, 160, 1, 4, 1, 80, p, p, 1, None, None, None),
-        "attention huge": lambda: lib.bb_biattention(p, big, 0, 0, 0, big, big, big, big, p, p, big, None, None, None),
-        "attention null valid": lambda: lib.bb_biattention(p, 1, 0, 8, 16, 1, 4, 1, 8, None, p, 1, None, None, None),
+        "attention L=0": lambda: lib.bb_biattention(p, 2, 0, 8, 16, 1, 0, 1, 8, p, p, 1, None, None, None, None),
+        "attention offset past row": lambda: lib.bb_biattention(p, 1, 0, 8, 60, 1, 4, 1, 8, p, p, 1, None, None, None,
+                                                                None),
+        "attention negative offset": lambda: lib.bb_biattention(p, 1, -8, 8, 16, 1, 4, 1, 8, p, p, 1, None, None, None,
+                                                                None),
+        "attention ldo<words": lambda: lib.bb_biattention(p, 4, 0, 80, 160, 1, 4, 1, 80, p, p, 1, None, None, None,
+                                                          None),
+        "attention huge": lambda: lib.bb_biattention(p, big, 0, 0, 0, big, big, big, big, p, p, big, None, None, None,
+                                                     None),
+        "attention null valid": lambda: lib.bb_biattention(p, 1, 0, 8, 16, 1, 4, 1, 8, None, p, 1, None, None, None,
+                                                           None),
         "attention limit past d": lambda: lib.bb_biattention(p, 1, 0, 8, 16, 1, 4, 1, 8, p, p, 1, None, None,
-                                                             past_d.ctypes.data),
+                                                             past_d.ctypes.data, None),
+        "attention relative limit past d": lambda: lib.bb_biattention(p, 1, 0, 8, 16, 1, 4, 1, 8, p, p, 1, None,
+                                                                      None, None, rel_past.ctypes.data),
+        "attention relative limit negative": lambda: lib.bb_biattention(p, 1, 0, 8, 16, 1, 4, 1, 8, p, p, 1, None,
+                                                                        None, None, rel_negative.ctypes.data),
+        "attention both limits": lambda: lib.bb_biattention(p, 1, 0, 8, 16, 1, 4, 1, 8, p, p, 1, None, None,
+                                                            np.zeros(1, np.int64).ctypes.data, rel_ok.ctypes.data),
         "encoder heads do not divide": lambda: lib.bb_encoder(p, 1, 1, one.ctypes.data, 35, 4, 40, 1e-12, p, p, p, None),
         "encoder null layers": lambda: lib.bb_encoder(None, 1, 1, one.ctypes.data, 32, 4, 40, 1e-12, p, p, p, None),
         "encoder null parameter": lambda: lib.bb_encoder(ctypes.byref(kernels.LayerParams()), 1, 1, one.ctypes.data,
@@ -830,7 +924,7 @@ def native_worker(packed: str) -> None:
                        "encoder no sequences": lambda: lib.bb_encoder(None, 1, 0, None, 32, 4, 40, 1e-12, None, None, None,
                                                                       None),
                        "attention B=0": lambda: lib.bb_biattention(None, 1, 0, 8, 16, 0, 4, 1, 8, None, None, 1,
-                                                                   None, None, None)}.items():
+                                                                   None, None, None, None)}.items():
         print(f"noop {name}: {call()}", flush=True)
 
     model = load_packed(packed)
@@ -890,7 +984,7 @@ def test_native_kernels_and_inputs_refuse_bad_arguments(packed_path, tmp_path):
             assert rc == str(kernels.EINVAL), (name, rc)
         elif name.startswith("noop "):
             assert rc == str(kernels.OK), (name, rc)
-    assert sum(n.startswith("native ") for n in got) == 69
+    assert sum(n.startswith("native ") for n in got) == 72
     assert got["input forward (0, 8)"] == got["input forward (0, 0)"] == "result (0, 3)"
     assert got["input forward (0, 8) hidden"] == "result (0, 3)"
     assert got["input predict []"] == "result (0, 3)"

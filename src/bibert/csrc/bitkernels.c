@@ -8,6 +8,8 @@
  *   binary Linear        y_n = alpha_n * dot + bias_n [+ residual]   (float epilogue)
  *                        or the bit (y_n < 0) when the consumer binarizes again
  *   Bi-Attention         A_ij = d - 2 * popcount(q_i XOR k_j),  BA_ij = A_ij > 0 && valid_j
+ *                        (elastic: popcount(q_i XOR k_j) < lim_h, or relative to the row's
+ *                        best real key, < lim_h[min_j popcount(q_i XOR k_j)])
  *                        c_ic = popcount(BA_i) - 2 * popcount(BA_i AND vneg_c),  bit = c < 0
  *   elastic binarization (docs/method.md §7): a bit is !(x - t >= 0) for a per-channel
  *                        threshold t; {0, 1} levels z = (1 + s') / 2 of the bits s' change
@@ -50,7 +52,7 @@
 #define BB_X86 0
 #endif
 
-#define BB_ABI_VERSION 13
+#define BB_ABI_VERSION 14
 #define BB_PANEL 32
 #define BB_MR 6
 
@@ -1449,30 +1451,67 @@ typedef struct {
     int32_t *counts;     /* [B*L, H*d] or NULL */
     const float *thr;    /* [H*d] thresholds of the context bits (elastic), or NULL: bit = count < 0 */
     const int64_t *lim;  /* [H] BA_ij = popcount(q_i XOR k_j) < lim_h (elastic), or NULL: (d + 1) / 2 */
+    const int64_t *rel;  /* [H, d + 1] BA_ij = popcount(q_i XOR k_j) < rel[h][p_i], p_i the row's smallest
+                          * popcount over its real keys (elastic, relative), or NULL */
+    const int64_t *pad;  /* [B, lp] with rel: 0 for a real key, d + 1 for any other */
 } attn_args;
 
-/* One query row i of one (b, h): BA bits into ba[lw], context bits into cb[dw]; t: the head's
- * thresholds (bit = !(count - t >= 0) in float32, as the student compares) or NULL. */
-static inline __attribute__((always_inline)) void attn_row_portable(const attn_args *g, int64_t bh, int64_t i,
-                                                                    uint64_t *ba, uint64_t *cb, int32_t *cnt,
-                                                                    const float *t) {
+/* The limit of a relative row (attn_args.rel) from its smallest popcount over the real keys;
+ * a row without a real key attends to nothing. */
+static inline int64_t relative_limit(const attn_args *g, int64_t h, int64_t pmin) {
+    return pmin <= g->d ? g->rel[h * (g->d + 1) + pmin] : 0;
+}
+
+/* Each query row of each (b, h) in two steps: its BA bits (attn_ba_fn), then its context from
+ * them (attn_ctx_fn). A row's BA bits of all heads come first, so that the heads' dependency
+ * chains (a relative row's limit waits for its smallest popcount) overlap. */
+
+/* BA bits of query row i of one (b, h) into ba[lw]; pcs [lp]: scratch for the row's popcounts
+ * (relative rows). */
+static inline __attribute__((always_inline)) void attn_ba_portable(const attn_args *g, int64_t bh, int64_t i,
+                                                                   uint64_t *ba, int64_t *pcs) {
     int64_t b = bh / g->H;
     const uint64_t *q = g->q + (bh * g->L + i) * g->dw;
     const uint64_t *kt = g->kt + bh * g->dw * g->lp;
-    const uint64_t *vt = g->vt + bh * g->lw * g->dp;
     const uint64_t *valid = g->valid + b * g->lw;
-    int64_t lim = g->lim ? g->lim[bh % g->H] : (g->d + 1) / 2; /* A > 0 <=> 2 pc < d <=> pc < lim */
-    int64_t npos = 0;
-    for (int64_t w = 0; w < g->lw; w++) {
-        uint64_t bits = 0;
-        for (int t = 0; t < 64; t++) {
-            int64_t j = 64 * w + t, pc = 0;
-            for (int64_t x = 0; x < g->dw; x++) pc += __builtin_popcountll(q[x] ^ kt[x * g->lp + j]);
-            bits |= (uint64_t)(pc < lim) << t;
+    if (g->rel) { /* relative: every popcount first, then the limit of the row's best real key */
+        int64_t pmin = g->d + 1;
+        for (int64_t w = 0; w < g->lw; w++)
+            for (int t = 0; t < 64; t++) {
+                int64_t j = 64 * w + t, pc = 0;
+                for (int64_t x = 0; x < g->dw; x++) pc += __builtin_popcountll(q[x] ^ kt[x * g->lp + j]);
+                pcs[j] = pc;
+                if (((valid[w] >> t) & 1) && pc < pmin) pmin = pc;
+            }
+        int64_t lim = relative_limit(g, bh % g->H, pmin);
+        for (int64_t w = 0; w < g->lw; w++) {
+            uint64_t bits = 0;
+            for (int t = 0; t < 64; t++) bits |= (uint64_t)(pcs[64 * w + t] < lim) << t;
+            ba[w] = bits & valid[w];
         }
-        ba[w] = bits & valid[w];
-        npos += __builtin_popcountll(ba[w]);
+    } else {
+        int64_t lim = g->lim ? g->lim[bh % g->H] : (g->d + 1) / 2; /* A > 0 <=> 2 pc < d <=> pc < lim */
+        for (int64_t w = 0; w < g->lw; w++) {
+            uint64_t bits = 0;
+            for (int t = 0; t < 64; t++) {
+                int64_t j = 64 * w + t, pc = 0;
+                for (int64_t x = 0; x < g->dw; x++) pc += __builtin_popcountll(q[x] ^ kt[x * g->lp + j]);
+                bits |= (uint64_t)(pc < lim) << t;
+            }
+            ba[w] = bits & valid[w];
+        }
     }
+}
+
+/* The context of one row of one (b, h) from its BA bits: bits into cb[dw], counts into cnt (or
+ * NULL); t: the head's thresholds (bit = !(count - t >= 0) in float32, as the student compares)
+ * or NULL. */
+static inline __attribute__((always_inline)) void attn_ctx_portable(const attn_args *g, int64_t bh,
+                                                                    const uint64_t *ba, uint64_t *cb, int32_t *cnt,
+                                                                    const float *t) {
+    const uint64_t *vt = g->vt + bh * g->lw * g->dp;
+    int64_t npos = 0;
+    for (int64_t w = 0; w < g->lw; w++) npos += __builtin_popcountll(ba[w]);
     for (int64_t x = 0; x < g->dw; x++) cb[x] = 0;
     for (int64_t c = 0; c < g->d; c++) {
         int64_t neg = 0;
@@ -1484,43 +1523,136 @@ static inline __attribute__((always_inline)) void attn_row_portable(const attn_a
     }
 }
 
-static void attn_row_portable_generic(const attn_args *g, int64_t bh, int64_t i, uint64_t *ba, uint64_t *cb,
-                                      int32_t *cnt, const float *t) {
-    attn_row_portable(g, bh, i, ba, cb, cnt, t);
+static void attn_ba_portable_generic(const attn_args *g, int64_t bh, int64_t i, uint64_t *ba, int64_t *pcs) {
+    attn_ba_portable(g, bh, i, ba, pcs);
+}
+
+static void attn_ctx_portable_generic(const attn_args *g, int64_t bh, const uint64_t *ba, uint64_t *cb, int32_t *cnt,
+                                      const float *t) {
+    attn_ctx_portable(g, bh, ba, cb, cnt, t);
 }
 
 #if BB_X86
-__attribute__((target("popcnt"))) static void attn_row_portable_popcnt(const attn_args *g, int64_t bh,
-                                                                        int64_t i, uint64_t *ba, uint64_t *cb,
-                                                                        int32_t *cnt, const float *t) {
-    attn_row_portable(g, bh, i, ba, cb, cnt, t);
+__attribute__((target("popcnt"))) static void attn_ba_portable_popcnt(const attn_args *g, int64_t bh, int64_t i,
+                                                                       uint64_t *ba, int64_t *pcs) {
+    attn_ba_portable(g, bh, i, ba, pcs);
 }
 
-BB_AVX512 static void attn_row_avx512(const attn_args *g, int64_t bh, int64_t i, uint64_t *ba, uint64_t *cb,
-                                      int32_t *cnt, const float *t) {
+__attribute__((target("popcnt"))) static void attn_ctx_portable_popcnt(const attn_args *g, int64_t bh,
+                                                                        const uint64_t *ba, uint64_t *cb,
+                                                                        int32_t *cnt, const float *t) {
+    attn_ctx_portable(g, bh, ba, cb, cnt, t);
+}
+
+/* popcount(q XOR k_j) of the 64 keys of word w of a row, in 8 vectors of 8 keys */
+static inline __attribute__((always_inline)) BB_AVX512 void attn_popcounts_avx512(const attn_args *g, const uint64_t *q,
+                                                                                  const uint64_t *kt, int64_t w,
+                                                                                  __m512i acc[8]) {
+    for (int v = 0; v < 8; v++) acc[v] = _mm512_setzero_si512();
+    for (int64_t x = 0; x < g->dw; x++) {
+        __m512i qv = _mm512_set1_epi64((long long)q[x]);
+        const uint64_t *kx = kt + x * g->lp + 64 * w;
+        for (int v = 0; v < 8; v++)
+            acc[v] = _mm512_add_epi64(acc[v], _mm512_popcnt_epi64(_mm512_xor_si512(qv, _mm512_loadu_si512(kx + 8 * v))));
+    }
+}
+
+/* the smallest of 8 vectors */
+static inline __attribute__((always_inline)) BB_AVX512 __m512i attn_min8_avx512(const __m512i m[8]) {
+    __m512i m01 = _mm512_min_epi64(m[0], m[1]), m23 = _mm512_min_epi64(m[2], m[3]);
+    __m512i m45 = _mm512_min_epi64(m[4], m[5]), m67 = _mm512_min_epi64(m[6], m[7]);
+    return _mm512_min_epi64(_mm512_min_epi64(m01, m23), _mm512_min_epi64(m45, m67));
+}
+
+/* the smallest lane of 8 popcounts, each at most d + 1 (in 16 bits below 2^16, one instruction) */
+static inline __attribute__((always_inline)) BB_AVX512 int64_t attn_lane_min_avx512(const attn_args *g, __m512i m) {
+    if (g->d < 0xffff) return _mm_cvtsi128_si32(_mm_minpos_epu16(_mm512_cvtepi64_epi16(m))) & 0xffff;
+    return _mm512_reduce_min_epi64(m);
+}
+
+/* the BA bits of 64 keys: popcount < lim */
+static inline __attribute__((always_inline)) BB_AVX512 uint64_t attn_below_avx512(const __m512i acc[8], __m512i limv) {
+    uint64_t bits = 0;
+    for (int v = 0; v < 8; v++) bits |= (uint64_t)_mm512_cmp_epi64_mask(acc[v], limv, _MM_CMPINT_LT) << (8 * v);
+    return bits;
+}
+
+/* 64 keys' popcounts in 8 named vectors (a0 .. a7), which the compiler keeps in registers */
+#define BB_LOAD8(a, p)                                                                                     \
+    __m512i a##0 = _mm512_loadu_si512((p)), a##1 = _mm512_loadu_si512((p) + 8),                            \
+            a##2 = _mm512_loadu_si512((p) + 16), a##3 = _mm512_loadu_si512((p) + 24),                      \
+            a##4 = _mm512_loadu_si512((p) + 32), a##5 = _mm512_loadu_si512((p) + 40),                      \
+            a##6 = _mm512_loadu_si512((p) + 48), a##7 = _mm512_loadu_si512((p) + 56)
+#define BB_POP1(a, v, qv, kx) a##v = _mm512_add_epi64(a##v,                                               \
+                                     _mm512_popcnt_epi64(_mm512_xor_si512(qv, _mm512_loadu_si512((kx) + 8 * v))))
+#define BB_POP8(a, qv, kx)                                                                                 \
+    do {                                                                                                   \
+        BB_POP1(a, 0, qv, kx); BB_POP1(a, 1, qv, kx); BB_POP1(a, 2, qv, kx); BB_POP1(a, 3, qv, kx);        \
+        BB_POP1(a, 4, qv, kx); BB_POP1(a, 5, qv, kx); BB_POP1(a, 6, qv, kx); BB_POP1(a, 7, qv, kx);        \
+    } while (0)
+#define BB_MIN8(a)                                                                                         \
+    _mm512_min_epi64(_mm512_min_epi64(_mm512_min_epi64(a##0, a##1), _mm512_min_epi64(a##2, a##3)),        \
+                     _mm512_min_epi64(_mm512_min_epi64(a##4, a##5), _mm512_min_epi64(a##6, a##7)))
+#define BB_BELOW1(a, v, limv) ((uint64_t)_mm512_cmp_epi64_mask(a##v, limv, _MM_CMPINT_LT) << (8 * v))
+#define BB_BELOW8(a, limv)                                                                                 \
+    (BB_BELOW1(a, 0, limv) | BB_BELOW1(a, 1, limv) | BB_BELOW1(a, 2, limv) | BB_BELOW1(a, 3, limv) |       \
+     BB_BELOW1(a, 4, limv) | BB_BELOW1(a, 5, limv) | BB_BELOW1(a, 6, limv) | BB_BELOW1(a, 7, limv))
+
+BB_AVX512 static void attn_ba_avx512(const attn_args *g, int64_t bh, int64_t i, uint64_t *ba, int64_t *pcs) {
     int64_t b = bh / g->H;
     const uint64_t *q = g->q + (bh * g->L + i) * g->dw;
     const uint64_t *kt = g->kt + bh * g->dw * g->lp;
-    const uint64_t *vt = g->vt + bh * g->lw * g->dp;
     const uint64_t *valid = g->valid + b * g->lw;
-    const __m512i limv = _mm512_set1_epi64(g->lim ? g->lim[bh % g->H] : (g->d + 1) / 2);
-    int64_t npos = 0;
-    for (int64_t w = 0; w < g->lw; w++) {
-        __m512i acc[8];
-        for (int v = 0; v < 8; v++) acc[v] = _mm512_setzero_si512();
-        for (int64_t x = 0; x < g->dw; x++) {
-            __m512i qv = _mm512_set1_epi64((long long)q[x]);
-            const uint64_t *kx = kt + x * g->lp + 64 * w;
-            for (int v = 0; v < 8; v++)
-                acc[v] = _mm512_add_epi64(acc[v],
-                                          _mm512_popcnt_epi64(_mm512_xor_si512(qv, _mm512_loadu_si512(kx + 8 * v))));
+    if (!g->rel) {
+        const __m512i limv = _mm512_set1_epi64(g->lim ? g->lim[bh % g->H] : (g->d + 1) / 2);
+        for (int64_t w = 0; w < g->lw; w++) {
+            __m512i acc[8];
+            attn_popcounts_avx512(g, q, kt, w, acc);
+            ba[w] = attn_below_avx512(acc, limv) & valid[w];
         }
-        uint64_t bits = 0;
-        for (int v = 0; v < 8; v++)
-            bits |= (uint64_t)_mm512_cmp_epi64_mask(acc[v], limv, _MM_CMPINT_LT) << (8 * v);
-        ba[w] = bits & valid[w];
-        npos += __builtin_popcountll(ba[w]);
+    } else if (g->lw <= 2) { /* relative, up to 128 keys: as below, the popcounts kept in registers */
+        const int64_t *pad = g->pad + b * g->lp;
+        const int two = g->lw == 2;
+        BB_LOAD8(a, pad);
+        BB_LOAD8(c, pad + (two ? 64 : 0));
+        for (int64_t x = 0; x < g->dw; x++) {
+            const __m512i qv = _mm512_set1_epi64((long long)q[x]);
+            const uint64_t *kx = kt + x * g->lp;
+            BB_POP8(a, qv, kx);
+            if (two) BB_POP8(c, qv, kx + 64);
+        }
+        __m512i m = BB_MIN8(a);
+        if (two) m = _mm512_min_epi64(m, BB_MIN8(c));
+        const __m512i limv = _mm512_set1_epi64(relative_limit(g, bh % g->H, attn_lane_min_avx512(g, m)));
+        ba[0] = BB_BELOW8(a, limv);
+        if (two) ba[1] = BB_BELOW8(c, limv);
+    } else { /* relative: the popcounts (d + 1 more for a key that is not real) wait in pcs for the limit */
+        const int64_t *pad = g->pad + b * g->lp;
+        __m512i minv = _mm512_set1_epi64(g->d + 1);
+        for (int64_t w = 0; w < g->lw; w++) {
+            __m512i acc[8];
+            attn_popcounts_avx512(g, q, kt, w, acc);
+            for (int v = 0; v < 8; v++) {
+                acc[v] = _mm512_add_epi64(acc[v], _mm512_loadu_si512(pad + 64 * w + 8 * v));
+                _mm512_storeu_si512(pcs + 64 * w + 8 * v, acc[v]);
+            }
+            minv = _mm512_min_epi64(minv, attn_min8_avx512(acc));
+        }
+        /* a key that is not real has at least d + 1 >= every limit: never attended */
+        const __m512i limv = _mm512_set1_epi64(relative_limit(g, bh % g->H, attn_lane_min_avx512(g, minv)));
+        for (int64_t w = 0; w < g->lw; w++) {
+            __m512i acc[8];
+            for (int v = 0; v < 8; v++) acc[v] = _mm512_loadu_si512(pcs + 64 * w + 8 * v);
+            ba[w] = attn_below_avx512(acc, limv);
+        }
     }
+}
+
+BB_AVX512 static void attn_ctx_avx512(const attn_args *g, int64_t bh, const uint64_t *ba, uint64_t *cb, int32_t *cnt,
+                                      const float *t) {
+    const uint64_t *vt = g->vt + bh * g->lw * g->dp;
+    int64_t npos = 0;
+    for (int64_t w = 0; w < g->lw; w++) npos += __builtin_popcountll(ba[w]);
     const __m512i nv = _mm512_set1_epi64(npos);
     for (int64_t x = 0; x < g->dw; x++) cb[x] = 0;
     for (int64_t c0 = 0; c0 < g->dp; c0 += 32) {
@@ -1554,22 +1686,33 @@ BB_AVX512 static void attn_row_avx512(const attn_args *g, int64_t bh, int64_t i,
 }
 #endif
 
-typedef void (*attn_fn)(const attn_args *, int64_t, int64_t, uint64_t *, uint64_t *, int32_t *, const float *);
+typedef void (*attn_ba_fn)(const attn_args *, int64_t, int64_t, uint64_t *, int64_t *);
+typedef void (*attn_ctx_fn)(const attn_args *, int64_t, const uint64_t *, uint64_t *, int32_t *, const float *);
 
-static attn_fn pick_attn(void) {
+static void pick_attn(attn_ba_fn *ba, attn_ctx_fn *ctx) {
 #if BB_X86
-    if (bb_get_kernel() == BB_KERNEL_AVX512) return attn_row_avx512;
-    if (cpu_has_popcnt()) return attn_row_portable_popcnt;
+    if (bb_get_kernel() == BB_KERNEL_AVX512) {
+        *ba = attn_ba_avx512;
+        *ctx = attn_ctx_avx512;
+        return;
+    }
+    if (cpu_has_popcnt()) {
+        *ba = attn_ba_portable_popcnt;
+        *ctx = attn_ctx_portable_popcnt;
+        return;
+    }
 #endif
-    return attn_row_portable_generic;
+    *ba = attn_ba_portable_generic;
+    *ctx = attn_ctx_portable_generic;
 }
 
 typedef struct {
     attn_args *g;
     const uint64_t *qkv;
     int64_t ldq, q_off, k_off, v_off;
-    attn_fn fn;
-    uint64_t *scratch;      /* [threads, scratch_words] */
+    attn_ba_fn ba_fn;
+    attn_ctx_fn ctx_fn;
+    uint64_t *scratch;      /* [threads, scratch_words]: ba [H, lw], cb [dw], popcounts [lp] of a relative row */
     int64_t scratch_words;
 } attn_job;
 
@@ -1610,14 +1753,16 @@ static void attn_query_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
     const attn_job *j = (const attn_job *)ctx;
     const attn_args *g = j->g;
     int64_t H = g->H, L = g->L, d = g->d, ldo = g->ldo;
-    uint64_t *ba = j->scratch + tid * j->scratch_words, *cb = ba + g->lw;
+    uint64_t *ba = j->scratch + tid * j->scratch_words, *cb = ba + H * g->lw;
+    int64_t *pcs = g->rel ? (int64_t *)(cb + g->dw) : NULL;
     for (int64_t r = lo; r < hi; r++) {
         int64_t b = r / L, i = r % L;
         uint64_t *orow = g->out + r * ldo;
         for (int64_t x = 0; x < ldo; x++) orow[x] = 0;
+        for (int64_t h = 0; h < H; h++) j->ba_fn(g, b * H + h, i, ba + h * g->lw, pcs);
         for (int64_t h = 0; h < H; h++) {
-            j->fn(g, b * H + h, i, ba, cb, g->counts ? g->counts + r * H * d + h * d : NULL,
-                  g->thr ? g->thr + h * d : NULL);
+            j->ctx_fn(g, b * H + h, ba + h * g->lw, cb, g->counts ? g->counts + r * H * d + h * d : NULL,
+                      g->thr ? g->thr + h * d : NULL);
             for (int64_t x = 0; x < g->dw; x++) {
                 int nb = d - 64 * x >= 64 ? 64 : (int)(d - 64 * x);
                 or_bits64(orow, h * d + 64 * x, nb, cb[x]);
@@ -1629,15 +1774,40 @@ static void attn_query_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
 /* Bi-Attention of B sequences of L rows. qkv: bit rows [B*L, ldq] holding Q, K and V
  * (hidden = H*d bits each) at bit offsets q_off, k_off, v_off. valid: [B, ceil(L/64)] key
  * bits (1 = real token). BA_ij = A_ij > 0, or with lim [H] (elastic Bi-Attention: a per-head
- * threshold on the scores, turned into an integer) popcount(q_i XOR k_j) < lim_h, each lim_h
- * in [0, d + 1]. out: context sign bits [B*L, ldo], bit h*d+c of row = (count < 0),
- * or with thresholds t [H*d] (elastic binarization) !(count - t[h*d+c] >= 0) in float32.
- * counts (optional): the integer context [B*L, H*d]. Checks: L, H, d >= 1, each of Q, K, V
- * (H*d bits from its offset) inside a row of ldq words, ldo >= words(H*d), qkv, valid and
+ * threshold on the scores, turned into an integer) popcount(q_i XOR k_j) < lim_h, or with rel
+ * [H, d + 1] (elastic Bi-Attention relative to each query's best key: a per-head margin below
+ * the row maximum, turned into integers) popcount(q_i XOR k_j) < rel[h][p_i], p_i the smallest
+ * popcount of row i over its real keys (a row without one attends to nothing); every limit in
+ * [0, d + 1], lim and rel not both given. out: context sign bits [B*L, ldo], bit h*d+c of row =
+ * (count < 0), or with thresholds t [H*d] (elastic binarization) !(count - t[h*d+c] >= 0) in
+ * float32. counts (optional): the integer context [B*L, H*d]. Checks: L, H, d >= 1, each of Q,
+ * K, V (H*d bits from its offset) inside a row of ldq words, ldo >= words(H*d), qkv, valid and
  * out given. Returns BB_OK, BB_EINVAL or BB_ENOMEM. */
+static int biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_off, int64_t v_off, int64_t B,
+                       int64_t L, int64_t H, int64_t d, const uint64_t *valid, uint64_t *out, int64_t ldo,
+                       int32_t *counts, const float *t, const int64_t *lim, const int64_t *rel, int check_limits);
+
+/* the score limits of Bi-Attention (H, d >= 1, H * d in range): each of lim [H] and rel [H, d + 1]
+ * in [0, d + 1], not both given */
+static int limits_ok(int64_t H, int64_t d, const int64_t *lim, const int64_t *rel) {
+    if (lim && rel) return 0;
+    for (int64_t h = 0; lim && h < H; h++)
+        if (lim[h] < 0 || lim[h] > d + 1) return 0;
+    for (int64_t n = 0; rel && n < H * (d + 1); n++)
+        if (rel[n] < 0 || rel[n] > d + 1) return 0;
+    return 1;
+}
+
 int bb_biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_off, int64_t v_off, int64_t B,
                    int64_t L, int64_t H, int64_t d, const uint64_t *valid, uint64_t *out, int64_t ldo,
-                   int32_t *counts, const float *t, const int64_t *lim) {
+                   int32_t *counts, const float *t, const int64_t *lim, const int64_t *rel) {
+    return biattention(qkv, ldq, q_off, k_off, v_off, B, L, H, d, valid, out, ldo, counts, t, lim, rel, 1);
+}
+
+/* bb_biattention, checking the limits' values only with check_limits (bb_encoder checks them once) */
+static int biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_off, int64_t v_off, int64_t B,
+                       int64_t L, int64_t H, int64_t d, const uint64_t *valid, uint64_t *out, int64_t ldo,
+                       int32_t *counts, const float *t, const int64_t *lim, const int64_t *rel, int check_limits) {
     if (!count_ok(B)) return BB_EINVAL;
     if (B == 0) return BB_OK;
     if (!dim_ok(L) || !dim_ok(H) || !dim_ok(d) || !dim_ok(ldq) || !dim_ok(ldo) || !qkv || !valid || !out)
@@ -1652,22 +1822,30 @@ int bb_biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_of
     int64_t dw_ = words_of(d), lw_ = words_of(L);
     if (!elems_ok(B * H, L, dw_) || !elems_ok(B * H, dw_, lw_ * 64) || !elems_ok(B * H, lw_, (d + 7) / 8 * 8))
         return BB_EINVAL;
-    for (int64_t h = 0; lim && h < H; h++)
-        if (lim[h] < 0 || lim[h] > d + 1) return BB_EINVAL;
+    if (lim && rel) return BB_EINVAL;
+    if (check_limits && !limits_ok(H, d, lim, rel)) return BB_EINVAL;
     attn_args g;
     g.B = B; g.L = L; g.H = H; g.d = d;
     g.dw = words_of(d);
     g.lw = words_of(L);
     g.lp = g.lw * 64;
     g.dp = (d + 7) / 8 * 8;
-    int64_t nq = B * H * L * g.dw, nk = B * H * g.dw * g.lp, nv = B * H * g.lw * g.dp;
-    uint64_t *buf = (uint64_t *)aligned_alloc(64, (size_t)((nq + nk + nv) * 8 + 63) / 64 * 64);
+    int64_t nq = B * H * L * g.dw, nk = B * H * g.dw * g.lp, nv = B * H * g.lw * g.dp, np = rel ? B * g.lp : 0;
+    uint64_t *buf = (uint64_t *)aligned_alloc(64, (size_t)((nq + nk + nv + np) * 8 + 63) / 64 * 64);
     if (!buf) return BB_ENOMEM;
     uint64_t *qb = buf, *kb = buf + nq, *vb = buf + nq + nk;
+    int64_t *pad = rel ? (int64_t *)(vb + nv) : NULL;
+    for (int64_t b = 0; rel && b < B; b++)
+        for (int64_t w = 0; w < g.lw; w++)
+            for (int j = 0; j < 64; j++) pad[(b * g.lw + w) * 64 + j] = (valid[b * g.lw + w] >> j) & 1 ? 0 : d + 1;
+    g.pad = pad;
     g.q = qb; g.kt = kb; g.vt = vb; g.valid = valid; g.out = out; g.ldo = ldo; g.counts = counts; g.thr = t;
     g.lim = lim;
+    g.rel = rel;
 
-    attn_job job = {&g, qkv, ldq, q_off, k_off, v_off, pick_attn(), NULL, (g.lw + g.dw + 7) / 8 * 8};
+    attn_job job = {&g, qkv, ldq, q_off, k_off, v_off, NULL, NULL, NULL,
+                    (H * g.lw + g.dw + (rel ? g.lp : 0) + 7) / 8 * 8};
+    pick_attn(&job.ba_fn, &job.ctx_fn);
     /* phase 1: per (b, h), gather the head's bits into the layouts above */
     bb_parallel_for(B * H, 1, attn_gather_heads, &job);
     /* phase 2: per query row, every head; each row of `out` is written by one chunk. Scratch
@@ -2108,7 +2286,8 @@ int bb_biattention_kbit(const int8_t *q, const int8_t *k, const int8_t *v, int64
  * NULL for plain signs: ctx_t [H] of the context bits, ln1_t [H] of the FFN-in input bits
  * (packed from the first LayerNorm), ln2_t [H] of the bits packed from the second LayerNorm
  * (the next layer's Q/K/V input); score_lim [heads] the integer form of the per-head score
- * thresholds (bb_biattention). Its scales and {0, 1} levels live in the epilogues. */
+ * thresholds, or score_rel [heads, d + 1] that of the per-head margins below each query's best
+ * key (bb_biattention's lim and rel). Its scales and {0, 1} levels live in the epilogues. */
 typedef struct {
     const uint64_t *qkv_w; const int64_t *qkv_thr; const uint32_t *qkv_flip;
     const uint64_t *ao_w; const float *ao_c0, *ao_c1;
@@ -2117,7 +2296,7 @@ typedef struct {
     const uint64_t *fo_w; const float *fo_c0, *fo_c1;
     const float *ln2_g, *ln2_b;
     const float *ctx_t, *ln1_t, *ln2_t;
-    const int64_t *score_lim;
+    const int64_t *score_lim, *score_rel;
 } bb_layer;
 
 /* Rows of the tail (attention output, LayerNorm, FFN, LayerNorm) handled together: their
@@ -2214,8 +2393,8 @@ static int encoder_group(encoder_job *j, int64_t s0, int64_t s1) {
             int64_t a0 = j->start[s] - r0, L = j->start[s + 1] - j->start[s];
             for (int64_t w = 0; w < words_of(L); w++) valid[w] = 0;
             for (int64_t i = 0; i < L; i++) valid[i >> 6] |= (uint64_t)(j->row_valid[r0 + a0 + i] != 0) << (i & 63);
-            rc = bb_biattention(qkv + a0 * qw, qw, 0, H, 2 * H, 1, L, j->heads, H / j->heads, valid, ctx + a0 * hw, hw,
-                                NULL, p->ctx_t, p->score_lim);
+            rc = biattention(qkv + a0 * qw, qw, 0, H, 2 * H, 1, L, j->heads, H / j->heads, valid, ctx + a0 * hw, hw,
+                             NULL, p->ctx_t, p->score_lim, p->score_rel, 0);
         }
         if (rc) break;
         tail_job t = {p, 0, M, H, I, tail_rows, j->eps, ctx, x, xb, scratch, scratch_bytes, BB_OK};
@@ -2252,7 +2431,7 @@ static void encoder_groups(void *ctx, int64_t lo, int64_t hi, int tid) {
  * forward); otherwise the kernels of each group split their work across the threads. Checks:
  * H, heads, I >= 1, heads divides H, start non-decreasing from 0 with every sequence at least
  * one row, the sizes' products in range, every buffer and every parameter pointer of the
- * n_layers layers given (ctx_t, ln1_t, ln2_t and score_lim may be NULL). Returns BB_OK,
+ * n_layers layers given (ctx_t, ln1_t, ln2_t, score_lim and score_rel may be NULL). Returns BB_OK,
  * BB_EINVAL or BB_ENOMEM. */
 int bb_encoder(const bb_layer *layers, int64_t n_layers, int64_t n_seq, const int64_t *start, int64_t H,
                int64_t heads, int64_t I, float eps, const uint8_t *row_valid, float *x, uint64_t *xb, float *hidden) {
@@ -2272,6 +2451,7 @@ int bb_encoder(const bb_layer *layers, int64_t n_layers, int64_t n_seq, const in
                               p->fi_w, p->fi_thr, p->fi_flip, p->fo_w, p->fo_c0, p->fo_c1, p->ln2_g, p->ln2_b};
         for (size_t i = 0; i < sizeof ptrs / sizeof ptrs[0]; i++)
             if (!ptrs[i]) return BB_EINVAL;
+        if (!limits_ok(heads, H / heads, p->score_lim, p->score_rel)) return BB_EINVAL;
     }
     /* groups of consecutive sequences of about g_group_rows rows, at least as many as threads
      * when there are enough sequences */

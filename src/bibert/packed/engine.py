@@ -20,6 +20,8 @@ An elastic student (docs/method.md §7) runs the same kernels: each bit compares
 quantizer's per-channel threshold (when packing a LayerNorm output, on the context counts,
 or inside the integer thresholds of the FFN-in bit epilogue), each scale is folded into the
 per-row alpha of the Linear it feeds, and FFN-out's {0, 1} input changes its float epilogue.
+Elastic Bi-Attention compares each popcount with an integer limit per head ("bi"), or per head
+and row: a limit looked up from the row's smallest popcount over its real keys ("bi-max").
 """
 from __future__ import annotations
 
@@ -33,8 +35,9 @@ import numpy as np
 
 from ..errors import BibertError
 from . import kernels, tuning
-from .format import (ACTIVATION_CLIP_STD, BINARY_LINEARS, QUANTIZER_SCALE, QUANTIZER_THRESHOLD, SCORE_THRESHOLD,
-                     TOKENIZER_FILES, PackedFile, _Invalid, check_packed, check_quantization, read_packed)
+from .format import (ACTIVATION_CLIP_STD, BINARY_LINEARS, QUANTIZER_SCALE, QUANTIZER_THRESHOLD, SCORE_COUNT_MIN,
+                     SCORE_THRESHOLD, TOKENIZER_FILES, PackedFile, _Invalid, check_packed, check_quantization,
+                     read_packed)
 
 
 @dataclass
@@ -89,6 +92,7 @@ class Layer:
     ln1_t: np.ndarray | None = None
     ln2_t: np.ndarray | None = None
     score_lim: np.ndarray | None = None  # per-head score thresholds as popcount limits (`kernels.score_limits`)
+    score_rel: np.ndarray | None = None  # "bi-max": limits per head and row minimum (`kernels.relative_limits`)
 
 
 @dataclass
@@ -108,8 +112,9 @@ class PackedModel:
         """Checks `packed` (config, every tensor's dtype and shape, the files) before any of
         it reaches the kernels; `source` names it in the error."""
         shape = check_packed(packed, source)
-        self.mode = _mode(packed.quantization)  # "sign", "elastic", "2-bit" or "4-bit"
-        self.activations = "elastic" if self.mode == "elastic" else "sign"
+        self.mode = _mode(packed.quantization)  # "sign", "elastic", "elastic-bi-max", "2-bit" or "4-bit"
+        self.activations = "elastic" if self.mode in ("elastic", "elastic-bi-max") else "sign"
+        self.relative_attention = self.mode == "elastic-bi-max"
         self.kbits = int(self.mode[0]) if self.mode.endswith("-bit") else 0
         self.config = packed.config
         self.source = source
@@ -171,7 +176,10 @@ class PackedModel:
                 qkv_t=qkv_t,
                 ctx_t=quantizer(p + "attention.output.dense")[0],
                 ln1_t=quantizer(p + "intermediate.dense")[0],
-                score_lim=kernels.score_limits(f32(p + SCORE_THRESHOLD), self.head_size) if elastic else None,
+                score_lim=kernels.score_limits(f32(p + SCORE_THRESHOLD), self.head_size)
+                if elastic and not self.relative_attention else None,
+                score_rel=kernels.relative_limits(t[p + SCORE_COUNT_MIN], self.head_size)
+                if self.relative_attention else None,
             ))
         for layer, following in zip(self.layers, self.layers[1:]):
             layer.ln2_t = following.qkv_t  # the last layer's bits are not read: the head packs [CLS] again
@@ -196,7 +204,8 @@ class PackedModel:
                                    layer.ln1[0].ctypes.data, layer.ln1[1].ctypes.data,
                                    *lin(layer.ffn_in, True), *lin(layer.ffn_out, False),
                                    layer.ln2[0].ctypes.data, layer.ln2[1].ctypes.data,
-                                   opt(layer.ctx_t), opt(layer.ln1_t), opt(layer.ln2_t), opt(layer.score_lim))
+                                   opt(layer.ctx_t), opt(layer.ln1_t), opt(layer.ln2_t), opt(layer.score_lim),
+                                   opt(layer.score_rel))
 
     # ---- the forward, piece by piece -------------------------------------------------
 
@@ -251,10 +260,10 @@ class PackedModel:
         if trace is not None:
             ctx, trace["context_counts"] = kernels.biattention(qkv, (0, H, 2 * H), B, L, self.heads, self.head_size,
                                                                key_valid, counts=True, thresholds=layer.ctx_t,
-                                                               score_limits=layer.score_lim)
+                                                               score_limits=layer.score_lim, relative=layer.score_rel)
         else:
             ctx = kernels.biattention(qkv, (0, H, 2 * H), B, L, self.heads, self.head_size, key_valid,
-                                      thresholds=layer.ctx_t, score_limits=layer.score_lim)
+                                      thresholds=layer.ctx_t, score_limits=layer.score_lim, relative=layer.score_rel)
         a, ab = kernels.layernorm(layer.attn_out(ctx, residual=x), *layer.ln1, self.eps, with_bits=True,
                                   thresholds=layer.ln1_t)
         f = layer.ffn_in(ab, out_bits=True)  # [B*L, words(intermediate)]

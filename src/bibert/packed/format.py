@@ -34,11 +34,11 @@ import numpy as np
 from ..errors import BibertError
 
 MAGIC = b"BIBERTPK"
-FORMAT_VERSION = 3  # the newest version this bibert reads and writes
+FORMAT_VERSION = 4  # the newest version this bibert reads and writes
 # What each version adds (docs/packed_format.md, "Versions"): a file is written with the
 # lowest version that holds it, so a reader that predates a feature asks to upgrade. The
 # mode says how a model's activations are binarized (`check_quantization`).
-MODE_VERSION = {"sign": 1, "elastic": 2, "2-bit": 3, "4-bit": 3}  # mode -> first version that holds it
+MODE_VERSION = {"sign": 1, "elastic": 2, "2-bit": 3, "4-bit": 3, "elastic-bi-max": 4}  # mode -> first version
 ACTIVATION_CLIP_STD = "activation_clip_std"  # k-bit modes: the clip's multiple of the std (float32 [1])
 ALIGN = 64
 PREAMBLE = struct.Struct("<8sIIQ")  # magic, version, reserved, header length
@@ -114,11 +114,11 @@ def _check_exportable(config: dict, directory) -> None:
         raise BibertError(f"{directory} is not a BiBERT student folder (no quantization in config.json)")
     q = config["quantization"]
     bits = (q.get("weight_bits"), q.get("embedding_bits"), q.get("activation_bits"))
-    if bits not in ((1, 1, 1), (1, 1, 2), (1, 1, 4)) or q.get("attention") != "bi":
+    if bits not in ((1, 1, 1), (1, 1, 2), (1, 1, 4)) or q.get("attention") not in ("bi", "bi-max"):
         raise BibertError(
             f"only students with binary weights and word embedding, 1-, 2- or 4-bit activations and "
-            f"Bi-Attention (bits 1-1-1, 1-1-2, 1-1-4, attention 'bi') can be packed; {directory} is "
-            f"{'-'.join(map(str, bits))} with attention {q.get('attention')!r}"
+            f"Bi-Attention (bits 1-1-1, 1-1-2, 1-1-4, attention 'bi' or, elastic, 'bi-max') can be packed; "
+            f"{directory} is {'-'.join(map(str, bits))} with attention {q.get('attention')!r}"
         )
     if config.get("hidden_act") not in GELU_FAMILY:
         raise BibertError(f"hidden_act {config.get('hidden_act')!r} does not keep the sign of its input; "
@@ -180,6 +180,12 @@ def export_packed(student_dir: str | os.PathLike, out: str | os.PathLike, side_d
             from ..quantizers import ACTIVATION_CLIP_STD as clip_std
 
             tensors[name] = np.array([clip_std[int(mode[0])]], "<f4")
+        elif name.endswith(SCORE_COUNT_MIN):  # "bi-max": the margins as a table of counts
+            margin_name = name[: -len(SCORE_COUNT_MIN)] + SCORE_THRESHOLD
+            try:
+                tensors[name] = score_count_minima(take(margin_name), spec.counts)
+            except BibertError as exc:
+                raise BibertError(f"cannot pack {student_dir}: {margin_name}: {exc}") from None
         elif name.endswith(SCORE_THRESHOLD) and name not in state:  # a student without learned score
             tensors[name] = np.zeros(spec.shape, side)  # thresholds computes Bi-Attention's bool, t = 0
         elif not name.endswith(".alpha"):
@@ -208,6 +214,49 @@ def export_packed(student_dir: str | os.PathLike, out: str | os.PathLike, side_d
     out = Path(out)
     write_packed(packed, out)
     return ExportReport(out, out.stat().st_size, weights_path.stat().st_size)
+
+
+def score_count_minima(margins, head_size: int) -> np.ndarray:
+    """The integer form of relative Bi-Attention (attention "bi-max", docs/method.md §7) with
+    per-head margins m_h: for each head and each count c_max a row's best real key can have,
+    the smallest count c = q . k that the student attends to, int32 [heads, d + 1] (column j
+    for c_max = 2j - d; d + 2 where the row attends to nothing). The student's scores are a
+    float function of the counts, so the table is not derived algebraically: it is what the
+    student's own operations compute, in float32: the scores c / sqrt(d) + key mask (q @ k^T
+    of +-1 values is the integer c exactly), then its ScoreBinarizer, for one row per c_max
+    whose keys take every count, those above c_max as padded keys. A margin under which the
+    student would attend to a padded key (the engine never does) is refused."""
+    import math
+
+    import torch
+
+    from ..modeling import MASK_VALUE, ScoreBinarizer
+
+    margins = torch.as_tensor(margins, dtype=torch.float32).reshape(-1)
+    heads, d = margins.numel(), int(head_size)
+    counts = torch.arange(-d, d + 1, 2)  # every q . k of d signs, ascending; row r has c_max = counts[r]
+    binarizer = ScoreBinarizer(heads, relative=True).eval()
+    table = np.full((heads, d + 1), d + 2, dtype=np.int32)
+    block = max(1, (1 << 22) // (heads * (d + 1)))  # rows at a time
+    with torch.no_grad():
+        binarizer.threshold.copy_(margins)
+        for r0 in range(0, d + 1, block):
+            rows = counts[r0:r0 + block]
+            real = counts[None, :] <= rows[:, None]  # [rows, keys]: a row's keys up to its best
+            mask = (1.0 - real.float()) * MASK_VALUE  # the student's additive key mask
+            scores = counts.float()[None, None, None, :] / math.sqrt(d) + mask[None, None]  # (1, heads, rows, keys)
+            attended = (binarizer(scores.expand(1, heads, -1, -1).contiguous())[0] > 0.5).numpy()
+            padded = attended & ~real.numpy()
+            if padded.any():
+                h = int(np.flatnonzero(padded.any(axis=(1, 2)))[0])
+                raise BibertError(f"the margin {float(margins[h])!r} of head {h} makes the student attend to padded "
+                                  f"keys (its key mask is {MASK_VALUE}); the packed engine never does")
+            # keys in ascending count: a row must attend to every key from its lowest to its best
+            some, lowest, n = attended.any(-1), attended.argmax(-1), attended.sum(-1)  # (heads, rows)
+            if np.any(some & (n != np.arange(r0, r0 + len(rows))[None, :] - lowest + 1)):
+                raise BibertError("the student's choice of keys is not a threshold on the count")
+            table[:, r0:r0 + len(rows)] = np.where(some, counts.numpy()[lowest], d + 2)
+    return table
 
 
 def _aligned(n: int) -> int:
@@ -407,7 +456,8 @@ def model_shape(config) -> ModelShape:
 def check_quantization(quantization) -> str:
     """The student's quantization must be one the engine computes: binary weights and word
     embedding, Bi-Attention, and 1-bit activations (sign, or elastic: docs/method.md §7) or
-    2- or 4-bit ones (bit-serial). Returns the mode: "sign", "elastic", "2-bit" or "4-bit"."""
+    2- or 4-bit ones (bit-serial); attention "bi", or "bi-max" with elastic activations.
+    Returns the mode: "sign", "elastic", "elastic-bi-max", "2-bit" or "4-bit"."""
     from ..config import QuantConfig
 
     q = _object(quantization, "quantization")
@@ -418,7 +468,7 @@ def check_quantization(quantization) -> str:
     bits = q["activation_bits"]
     if type(bits) is not int or bits not in (1, 2, 4):
         raise _Invalid(f"quantization.activation_bits is {_show(bits)}; it must be 1, 2 or 4")
-    _string(q["attention"], "quantization.attention", ("bi",))
+    attention = _string(q["attention"], "quantization.attention", ("bi", "bi-max"))
     _integer(q["version"], "quantization.version", 1, QuantConfig.VERSION)
     activations = "sign" if "activations" not in q else \
         _string(q["activations"], "quantization.activations", ("sign", "elastic"))
@@ -426,22 +476,33 @@ def check_quantization(quantization) -> str:
         if activations != "sign":
             raise _Invalid(f"quantization.activations is {activations!r} with {bits}-bit activations; it must be "
                            "'sign'")
+        if attention != "bi":
+            raise _Invalid(f"quantization.attention is {attention!r} with {bits}-bit activations; it must be 'bi'")
         return f"{bits}-bit"
+    if attention == "bi-max":
+        if activations != "elastic":
+            raise _Invalid(f"quantization.attention is 'bi-max' with activations {activations!r}; it needs "
+                           "'elastic'")
+        return "elastic-bi-max"
     return activations
 
 
 @dataclass(frozen=True)
 class TensorSpec:
     """What one tensor entry must be: its dtype (NumPy type string) and shape; for sign-bit
-    rows, `width` is the number of meaningful bits in a row (the padding bits after it are 0)."""
+    rows, `width` is the number of meaningful bits in a row (the padding bits after it are 0);
+    for a relative Bi-Attention table, `counts` is the head size d (`_check_count_minima`)."""
 
     dtype: str
     shape: tuple[int, ...]
     width: int | None = None
+    counts: int | None = None
 
 
 QUANTIZER_THRESHOLD, QUANTIZER_SCALE = ".input_quantizer.threshold", ".input_quantizer.scale"
 SCORE_THRESHOLD = "attention.self.score_quantizer.threshold"  # per head; 0 is the paper's Bi-Attention
+# "bi-max": per head and row maximum c_max, the smallest attended count (`score_count_minima`)
+SCORE_COUNT_MIN = "attention.self.score_quantizer.count_min"
 TRAINING_ONLY = (".window",)  # state-dict entries that do not change the forward (a quantizer's STE window)
 # elastic binarization: the modules whose input quantizer a file holds, per layer (and the
 # pooler); attention.self's one quantizer feeds query, key and value (docs/method.md §7)
@@ -470,7 +531,7 @@ def expected_tensors(config, side_dtype: str, mode: str = "sign") -> dict[str, T
         table[name] = TensorSpec(side, shape)
 
     def quantizer(name: str, channels: int) -> None:  # elastic: threshold per channel, one scale
-        if activations == "elastic":
+        if activations in ("elastic", "elastic-bi-max"):
             full(name + QUANTIZER_THRESHOLD, channels)
             full(name + QUANTIZER_SCALE, 1)
 
@@ -492,6 +553,8 @@ def expected_tensors(config, side_dtype: str, mode: str = "sign") -> dict[str, T
             quantizer(p + module, I if module == "output.dense" else H)
         if activations == "elastic":
             full(p + SCORE_THRESHOLD, s.heads)
+        elif activations == "elastic-bi-max":
+            table[p + SCORE_COUNT_MIN] = TensorSpec("<i4", (s.heads, s.head_size + 1), counts=s.head_size)
     binary("bert.pooler.dense", H, H)
     quantizer("bert.pooler.dense", H)
     if mode in ("2-bit", "4-bit"):
@@ -507,6 +570,33 @@ def _check_padding(name: str, bits: np.ndarray, width: int) -> None:
         tail = bits[:, -1] & ~np.uint64((1 << (width % 64)) - 1)
         if tail.any():
             raise _Invalid(f"tensor {name}: padding bits after bit {width} of a row are not 0")
+
+
+def _check_count_minima(name: str, table: np.ndarray, d: int) -> None:
+    """A relative Bi-Attention table [heads, d + 1] (`score_count_minima`): column j, for a row
+    whose best real key has the count c_max = 2j - d, holds the smallest attended count, a
+    count (-d to d, of d's parity) of at most c_max, or d + 2 where the row attends to nothing;
+    a head either attends its best key for every c_max or never; the smallest attended count
+    never falls as c_max rises."""
+    c = table.astype(np.int64)
+    if np.any((c < -d) | (c > d + 2) | ((c + d) % 2 != 0)):
+        raise _Invalid(f"tensor {name}: a count is not one of -{d}, -{d - 2}, ..., {d + 2}")
+    none = c == d + 2
+    if np.any(none.any(axis=1) & ~none.all(axis=1)):
+        raise _Invalid(f"tensor {name}: a head attends to nothing for some row maxima but not for all")
+    c_max = np.arange(-d, d + 1, 2)
+    if np.any(~none & (c > c_max[None, :])):
+        raise _Invalid(f"tensor {name}: a smallest attended count exceeds its row maximum")
+    if np.any(np.diff(c, axis=1) < 0):
+        raise _Invalid(f"tensor {name}: the smallest attended count falls as the row maximum rises")
+
+
+def _check_values(name: str, arr: np.ndarray, spec: TensorSpec) -> None:
+    """The values a tensor's spec constrains: zero padding bits, a valid relative table."""
+    if spec.width is not None:
+        _check_padding(name, arr, spec.width)
+    if spec.counts is not None:
+        _check_count_minima(name, arr, spec.counts)
 
 
 def _check_tokenizer_steps(tokenizer: dict) -> None:
@@ -689,8 +779,7 @@ def _parse(raw: bytes, path: Path) -> PackedFile:
             packed.files[e.name] = content
         else:
             arr = np.frombuffer(chunk, dtype=np.dtype(e.dtype)).reshape(e.shape)
-            if table[e.name].width is not None:
-                _check_padding(e.name, arr, table[e.name].width)
+            _check_values(e.name, arr, table[e.name])
             packed.tensors[e.name] = arr
     return packed
 
@@ -712,8 +801,7 @@ def _check_packed(packed: PackedFile) -> ModelShape:
         if not isinstance(arr, np.ndarray) or arr.dtype.str != spec.dtype or arr.shape != spec.shape:
             got = f"{arr.dtype.str} {list(arr.shape)}" if isinstance(arr, np.ndarray) else type(arr).__name__
             raise _Invalid(f"tensor {name} is {got}; the config implies {spec.dtype} {list(spec.shape)}")
-        if spec.width is not None:
-            _check_padding(name, arr, spec.width)
+        _check_values(name, arr, spec)
     for name, content in packed.files.items():
         if name not in TOKENIZER_FILES or not isinstance(content, bytes):
             raise _Invalid(f"file {_show(name)}: files are bytes named one of {', '.join(TOKENIZER_FILES)}")

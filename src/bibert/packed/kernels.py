@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import BibertError
 
-ABI_VERSION = 13
+ABI_VERSION = 14
 PANEL = 32
 KERNELS = {"auto": 0, "portable": 1, "avx512": 2, "avx2": 3}
 MAX_THREADS = 1024  # bb_set_threads' cap
@@ -85,7 +85,7 @@ def lib() -> ctypes.CDLL:
                        ("bb_get_encoder_tuning", [P]),
                        ("bb_layernorm", [P, I, I, P, P, F, P, P, I, P]),
                        ("bb_embed", [P, P, I, I, P, P, I, P, I, P, I, I, P, P]),
-                       ("bb_biattention", [P, I, I, I, I, I, I, I, I, P, P, I, P, P, P])):
+                       ("bb_biattention", [P, I, I, I, I, I, I, I, I, P, P, I, P, P, P, P])):
         getattr(handle, name).argtypes = args
         getattr(handle, name).restype = ctypes.c_int  # OK, ENOMEM or EINVAL
     handle.bb_popcount_roofline.argtypes = [I, P]
@@ -361,7 +361,7 @@ class LayerParams(ctypes.Structure):
         "ao_w", "ao_c0", "ao_c1", "ln1_g", "ln1_b",
         "fi_w", "fi_thr", "fi_flip",
         "fo_w", "fo_c0", "fo_c1", "ln2_g", "ln2_b",
-        "ctx_t", "ln1_t", "ln2_t", "score_lim")]  # elastic, None (NULL) for plain signs
+        "ctx_t", "ln1_t", "ln2_t", "score_lim", "score_rel")]  # elastic, None (NULL) for plain signs
 
 
 def encoder(layers: ctypes.Array, n_layers: int, start: np.ndarray, hidden_size: int, heads: int, intermediate: int,
@@ -478,14 +478,35 @@ def score_limits(thresholds: np.ndarray, head_size: int) -> np.ndarray:
     return np.where(attend.all(axis=1), d + 1, np.argmin(attend, axis=1)).astype(np.int64)
 
 
+def relative_limits(count_min: np.ndarray, head_size: int) -> np.ndarray:
+    """A relative Bi-Attention table (elastic "bi-max": BA_ij = 1[c_ij >= c_min[h][c_max_i]] with
+    c = q . k = d - 2 popcount(q XOR k) and c_max_i the row's largest c over its real keys;
+    int [heads, d + 1], column j for c_max = 2j - d, d + 2 where the row attends to nothing) as
+    popcount limits: BA_ij = popcount(q_i XOR k_j) < lim[h][p_i], p_i the row's smallest
+    popcount over its real keys. int64 [heads, d + 1], each in [0, d + 1]."""
+    c = np.asarray(count_min)
+    d = int(head_size)
+    if c.ndim != 2 or c.shape[1] != d + 1 or not np.issubdtype(c.dtype, np.integer):
+        raise BibertError(f"relative_limits: count_min must be an integer array [heads, {d + 1}], not {c.dtype} "
+                          f"{c.shape}")
+    c = c.astype(np.int64)
+    if np.any((c < -d) | (c > d + 2) | ((c + d) % 2 != 0)):
+        raise BibertError(f"relative_limits: every count_min must be one of -{d}, -{d - 2}, ..., {d + 2}")
+    # p_i = (d - c_max) / 2: column d - p; c >= c_min <=> popcount <= (d - c_min) / 2
+    return np.ascontiguousarray((d - c[:, ::-1]) // 2 + 1, dtype=np.int64)
+
+
 def biattention(qkv_bits: np.ndarray, offsets: tuple[int, int, int], B: int, L: int, heads: int, head_size: int,
                 key_valid: np.ndarray, counts: bool = False, thresholds: np.ndarray | None = None,
-                score_limits: np.ndarray | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                score_limits: np.ndarray | None = None,
+                relative: np.ndarray | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Bi-Attention in bits. qkv_bits [B*L, W] holds sign bits of Q, K, V at bit offsets
     `offsets`; key_valid: bool [B, L]. BA = A > 0, or with `score_limits` ([heads], from
-    `score_limits`) popcount(q XOR k) < lim_h. Returns the context sign bits [B*L, words(H*d)]
-    (against per-channel thresholds [H*d] when given: bit = !(count - t >= 0)) and, with
-    counts, the integer context int32 [B*L, H*d]."""
+    `score_limits`) popcount(q XOR k) < lim_h, or with `relative` ([heads, d + 1], from
+    `relative_limits`) popcount(q_i XOR k_j) < lim[h][p_i], p_i the smallest popcount of row i
+    over its real keys (a row without a real key attends to nothing). Returns the context sign
+    bits [B*L, words(H*d)] (against per-channel thresholds [H*d] when given: bit = !(count - t
+    >= 0)) and, with counts, the integer context int32 [B*L, H*d]."""
     qkv_bits = _matrix(_u64(qkv_bits), "biattention: qkv_bits")
     if B < 0 or L < 1 or heads < 1 or head_size < 1:
         raise BibertError(f"biattention: B={B}, L={L}, heads={heads}, head_size={head_size}: sizes must be positive")
@@ -499,12 +520,18 @@ def biattention(qkv_bits: np.ndarray, offsets: tuple[int, int, int], B: int, L: 
     if score_limits is not None:
         lim = np.ascontiguousarray(score_limits, dtype=np.int64)
         _shape(lim, (heads,), "biattention: score_limits")
+    rel = None
+    if relative is not None:
+        if lim is not None:
+            raise BibertError("biattention: give score_limits or relative, not both")
+        rel = np.ascontiguousarray(relative, dtype=np.int64)
+        _shape(rel, (heads, head_size + 1), "biattention: relative")
     valid = pack_bool(key_valid)
     out = np.empty((B * L, words(heads * head_size)), dtype=np.uint64)
     cnt = np.empty((B * L, heads * head_size), dtype=np.int32) if counts else None
     q_off, k_off, v_off = offsets
     _check_rc(lib().bb_biattention(_ptr(qkv_bits), qkv_bits.shape[1], q_off, k_off, v_off, B, L, heads, head_size,
-                                   _ptr(valid), _ptr(out), out.shape[1], _ptr(cnt), _ptr(t), _ptr(lim)),
+                                   _ptr(valid), _ptr(out), out.shape[1], _ptr(cnt), _ptr(t), _ptr(lim), _ptr(rel)),
               "biattention")
     return (out, cnt) if counts else out
 
