@@ -15,7 +15,7 @@ from bibert.cli import main as cli_main
 from bibert.packed import export_packed, load_packed
 from bibert.serving import predict_file
 from bibert.serving.batch_predict import progress_path
-from bibert.serving.tables import TableReader
+from bibert.tables import TableReader
 from test_packed import make_student
 
 TEXTS = [

@@ -209,7 +209,7 @@ def _user_rows(path: Path):
                                   f"{len(header)} fields, found {len(fields)}")
             yield f"line {reader.line_num}", dict(zip(header, fields))
     elif suffix == ".parquet":
-        from .serving.tables import TableReader
+        from .tables import TableReader
 
         for row in TableReader(path).rows():
             yield row.where, row.values

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import BibertError
 from .batching import effective_max_length, predict_texts
-from .tables import Row, TableReader, TableWriter, output_format
+from ..tables import Row, TableReader, TableWriter, output_format
 
 PROGRESS_SUFFIX = ".progress.json"
 PROGRESS_VERSION = 1

@@ -1,5 +1,5 @@
 """Streaming readers of row files (.csv, .tsv, .jsonl, .parquet) and appending writers
-(.csv, .jsonl) for batch prediction.
+(.csv, .jsonl): your own training data and batch prediction read and write through them.
 
 Readers hold at most one row (text formats) or one row group (parquet) in memory; they
 yield `Row(number, where, values)`: the 0-based number of the data row, a place for error
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import BibertError
+from .errors import BibertError
 
 INPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
