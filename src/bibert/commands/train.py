@@ -121,7 +121,9 @@ def register(sub) -> None:
                        description="Build a quantized student from a fine-tuned teacher and train it with "
                        "Direction-Matching Distillation (--distill dmd) or the standard TinyBERT/BinaryBERT "
                        "objective (--distill standard). Ablation rows: baseline = --attention softmax "
-                       "--distill standard; +Bi-Attention = bi + standard; +DMD = softmax + dmd; BiBERT = bi + dmd. "
+                       "--distill standard; +Bi-Attention = bi + standard; +DMD = softmax + dmd; BiBERT = bi + dmd (the "
+                       "default). The most accurate 1-1-1 student, Elastic BiBERT (beyond the paper, docs/method.md "
+                       "§7): --activations elastic --attention bi-max. "
                        "The recipe's defaults (the task's, from the BiBERT paper: docs/method.md §5) are shown "
                        "with each option. A student of your own data keeps the teacher's labels.")
     p.add_argument("--teacher", required=True, help="fine-tuned teacher folder (from `bibert finetune`) or hub name")
