@@ -2,6 +2,7 @@
 PYTHON ?= python
 ASAN_LIB := build/asan/_bitkernels_asan.so
 CSRC := src/bibert/csrc/bitkernels.c
+CHDR := src/bibert/csrc/bitkernels.h
 
 .PHONY: asan tsan bench bench-quick
 
@@ -15,7 +16,7 @@ asan: $(ASAN_LIB)
 	BIBERT_NATIVE_LIB=$(abspath $(ASAN_LIB)) BIBERT_KERNEL=portable \
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_packed.py tests/test_packed_elastic.py tests/test_packed_bimax.py tests/test_packed_kbit.py tests/test_packed_security.py
 
-$(ASAN_LIB): $(CSRC)
+$(ASAN_LIB): $(CSRC) $(CHDR)
 	mkdir -p $(dir $@)
 	gcc -O1 -g -std=gnu11 -pthread -fno-strict-aliasing -ffp-contract=off -fPIC -shared \
 	    -fsanitize=address -fno-omit-frame-pointer -o $@ $(CSRC)
@@ -30,7 +31,7 @@ tsan: $(TSAN_LIB)
 	BIBERT_NATIVE_LIB=$(abspath $(TSAN_LIB)) \
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "pool_gives or paths_agree"
 
-$(TSAN_LIB): $(CSRC)
+$(TSAN_LIB): $(CSRC) $(CHDR)
 	mkdir -p $(dir $@)
 	gcc -O1 -g -std=gnu11 -pthread -fno-strict-aliasing -ffp-contract=off -fPIC -shared \
 	    -fsanitize=thread -o $@ $(CSRC)

@@ -6,6 +6,7 @@ setup(
         Extension(
             "bibert._bitkernels",
             sources=["src/bibert/csrc/bitkernels.c"],
+            depends=["src/bibert/csrc/bitkernels.h"],
             extra_compile_args=["-O3", "-std=gnu11", "-pthread", "-fno-strict-aliasing", "-ffp-contract=off"],
             extra_link_args=["-pthread"],
         )

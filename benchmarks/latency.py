@@ -38,6 +38,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from bibert.modeling import binarize
 from bibert.packed import export_packed, kernels, load_packed
+from roofline import Ceiling, popcount_roofline
 
 MODELS = {
     "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
@@ -119,8 +120,6 @@ def gemm_shapes(cfg: dict, M: int, roofline: float, reps: int) -> list[dict]:
     register-only loop of about the same duration), so a noisy stretch of a shared machine
     hits them alike; "% of roofline" is the median over rounds of the per-round ratio.
     `roofline` only calibrates the ceiling loop's length."""
-    import ctypes
-
     H, I = cfg["hidden_size"], cfg["intermediate_size"]
     rng = np.random.default_rng(0)
     lib = kernels.lib()
@@ -142,10 +141,9 @@ def gemm_shapes(cfg: dict, M: int, roofline: float, reps: int) -> list[dict]:
         keep += [a, panels, alpha, bias]
         calls[label] = (K, N, bits, (a.ctypes.data, M, a.shape[1], K, panels.ctypes.data, N,
                                      alpha.ctypes.data, bias.ctypes.data) + args)
-    checksum = ctypes.c_int64()
-    macs_per_iter = lib.bb_popcount_roofline(1, ctypes.byref(checksum))
+    loop = Ceiling()
     typical = statistics.median(M * K * N for K, N, _, _ in calls.values()) / roofline  # seconds
-    iters = max(1, int(typical * roofline / macs_per_iter))
+    iters = max(1, int(typical * roofline / loop.macs_per_iter))
     ratios = {k: [] for k in calls}
     secs = {k: [] for k in calls}
     for _ in range(3):
@@ -153,7 +151,7 @@ def gemm_shapes(cfg: dict, M: int, roofline: float, reps: int) -> list[dict]:
             lib.bb_linear(*call)
     for _ in range(reps):
         t = time.perf_counter()
-        macs = lib.bb_popcount_roofline(iters, ctypes.byref(checksum))
+        macs = loop.run(iters)
         ceiling = macs / (time.perf_counter() - t)
         for label, (K, N, _, call) in calls.items():
             t = time.perf_counter()
@@ -193,7 +191,7 @@ def main(argv=None) -> int:
 
     kernels.lib()
     kernels.set_threads(1)
-    roofline = kernels.popcount_roofline(1.0)
+    roofline = popcount_roofline(1.0)
     result = {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                           "torch": torch.__version__, "kernel": kernels.get_kernel()},
               "seq": args.seq, "reps": reps, "pause": args.pause, "roofline_tmacs_1thread": round(roofline / 1e12, 3),
@@ -248,7 +246,7 @@ def gemm_kernels(args) -> int:
     rows, rooflines = [], {}
     for family in kernels.available_kernels():
         kernels.set_kernel(family)
-        rooflines[family] = kernels.popcount_roofline(1.0)
+        rooflines[family] = popcount_roofline(1.0)
         for name in args.models:
             for batch in args.batches:
                 rows += [{"kernel": family, "model": name, **r}

@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--task", required=True)
     ap.add_argument("--split", default="test")
     ap.add_argument("--versus", type=Path, help="a second student folder to time against")
+    ap.add_argument("--no-agreement", action="store_true", help="time only")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--sentences", type=int, default=256, help="sentences per timed pass")
     ap.add_argument("--threads", type=int, default=1)
@@ -112,9 +113,10 @@ def main(argv=None) -> int:
         engine = load_packed(report.path, threads=args.threads)
         student = BiBertForSequenceClassification.from_pretrained(args.student).eval()
         summary = {"student": str(args.student), "task": task.name, "split": args.split,
-                   "quantization": student.quant.to_dict(), "kernel": kernels.get_kernel(), "threads": args.threads,
-                   "agreement": agreement(student, engine, examples, task.max_length)}
-        print(json.dumps(summary["agreement"], indent=2))
+                   "quantization": student.quant.to_dict(), "kernel": kernels.get_kernel(), "threads": args.threads}
+        if not args.no_agreement:
+            summary["agreement"] = agreement(student, engine, examples, task.max_length)
+            print(json.dumps(summary["agreement"], indent=2))
         if args.versus:
             other = export_packed(args.versus, Path(tmp) / "versus.bibert")
             engines = {"student": engine, "versus": load_packed(other.path, threads=args.threads)}

@@ -1,5 +1,12 @@
-"""Each native kernel against a naive NumPy reference, on both dispatch paths."""
+"""Each native kernel against a naive NumPy reference, on both dispatch paths; the C interface
+(bitkernels.h) against the ctypes declarations."""
 from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -320,6 +327,8 @@ def _every_kernel(rng_seed: int) -> list[np.ndarray]:
             kernels.layernorm(x * 3 + 1, np.ones(K), np.zeros(K), 1e-12, with_bits=True, thresholds=t_k)[1],
             kernels.biattention(qkv, (0, heads * d, 2 * heads * d), B, L, heads, d, valid, thresholds=t_ctx,
                                 score_limits=kernels.score_limits(rng.normal(0, 1, heads), d)),
+            kernels.biattention(qkv, (0, heads * d, 2 * heads * d), B, L, heads, d, valid, counts=True,
+                                relative=kernels.relative_limits(random_count_minima(rng, heads, d), d))[1],
             kernels.binary_linear(xb, K, panels, N, alpha, bias, out_bits=True,
                                   thresholds=kernels.bit_thresholds(alpha, bias, K, compare=t_n)),
             kernels.binary_linear(xb, K, panels, N, alpha, bias, residual,
@@ -379,3 +388,69 @@ def test_thread_pool_survives_fork():
             np.testing.assert_array_equal(g, w)
     finally:
         kernels.set_threads(before)
+
+
+# ---- the C interface ---------------------------------------------------------------------
+
+HEADER = Path(kernels.__file__).resolve().parent.parent / "csrc" / "bitkernels.h"
+C_TYPES = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "float": ctypes.c_float}
+
+
+def _c_type(declaration: str):
+    """The ctypes type of a C parameter or result declaration (`const float *x`, `int64_t n`)."""
+    if "*" in declaration:
+        return ctypes.c_void_p
+    words = declaration.replace("const ", "").split()
+    if words == ["void"]:
+        return None
+    return C_TYPES[words[0]]
+
+
+def header_functions() -> dict[str, tuple]:
+    """name -> (result type, [argument types]) of every function bitkernels.h declares."""
+    text = re.sub(r"/\*.*?\*/", "", HEADER.read_text(), flags=re.S)
+    found = {}
+    for result, name, params in re.findall(r"^(int64_t|int|void)\s+(bb_\w+)\(([^)]*)\);", text, flags=re.M):
+        params = " ".join(params.split())
+        args = [] if params == "void" else [_c_type(p) for p in params.split(",")]
+        found[name] = (_c_type(result), args)
+    return found
+
+
+def test_header_matches_the_ctypes_declarations():
+    """Every function of bitkernels.h is declared to ctypes with its C types, and nothing else."""
+    declared = header_functions()
+    assert len(declared) > 20
+    assert set(declared) == set(kernels.SIGNATURES)
+    for name, (result, args) in declared.items():
+        want_result, want_args = kernels.SIGNATURES[name]
+        assert result is want_result, name
+        assert args == want_args, name
+    lib = kernels.lib()
+    for name, (result, args) in kernels.SIGNATURES.items():  # what the loaded library uses
+        assert getattr(lib, name).argtypes == args and getattr(lib, name).restype is result, name
+
+
+def test_header_constants_and_layer_struct_match_python():
+    text = HEADER.read_text()
+    assert int(re.search(r"#define BB_ABI_VERSION (\d+)", text).group(1)) == kernels.ABI_VERSION
+    codes = dict(re.findall(r"(BB_OK|BB_ENOMEM|BB_EINVAL) = (-?\d+)", text))
+    assert (int(codes["BB_OK"]), int(codes["BB_ENOMEM"]), int(codes["BB_EINVAL"])) == \
+        (kernels.OK, kernels.ENOMEM, kernels.EINVAL)
+    families = {k.lower(): int(v) for k, v in re.findall(r"BB_KERNEL_(\w+) = (\d+)", text)}
+    assert families == kernels.KERNELS
+    struct = re.search(r"typedef struct \{(.*?)\} bb_layer;", text, flags=re.S).group(1)
+    fields = re.findall(r"\*\s*(\w+)", struct)  # every field is a pointer
+    assert fields == [name for name, _ in kernels.LayerParams._fields_]
+    assert all(t is ctypes.c_void_p for _, t in kernels.LayerParams._fields_)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_every_exported_function_is_declared_in_the_header():
+    """bitkernels.c compiles with -Wmissing-prototypes as an error: every function it exports
+    has its declaration in bitkernels.h (the one header of the project it includes)."""
+    source = HEADER.with_suffix(".c")
+    proc = subprocess.run(["cc", "-std=gnu11", "-fsyntax-only", "-Wmissing-prototypes", "-Werror", str(source)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.findall(r'#include "([^"]+)"', source.read_text()) == ["bitkernels.h"]

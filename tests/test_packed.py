@@ -15,7 +15,7 @@ from bibert import BibertError
 from bibert.cli import main as cli_main
 from bibert.modeling import BiBertForSequenceClassification
 from bibert.packed import export_packed, kernels, load_packed, read_packed, reference
-from bibert.packed.format import FORMAT_VERSION, pack_sign_rows
+from bibert.packed.reader import PACKED_FORMAT_VERSION, pack_bool
 from bibert.quantizers import weight_scale_and_signs
 
 PATHS = kernels.available_kernels()  # portable, plus avx2 / avx512 where this CPU has them
@@ -85,7 +85,7 @@ def test_export_round_trip(exported):
     state = student.state_dict()
     for name in ["bert.embeddings.word_embeddings", "bert.encoder.layer.1.intermediate.dense", "bert.pooler.dense"]:
         alpha, signs = weight_scale_and_signs(state[name + ".weight"])
-        np.testing.assert_array_equal(packed.tensors[name + ".bits"], pack_sign_rows(signs.numpy()))
+        np.testing.assert_array_equal(packed.tensors[name + ".bits"], pack_bool(signs.numpy() < 0))
         np.testing.assert_array_equal(packed.tensors[name + ".alpha"], alpha.numpy())
     np.testing.assert_array_equal(packed.tensors["classifier.weight"], state["classifier.weight"].numpy())
     assert report.packed_bytes == out.stat().st_size and report.fp32_bytes > 0
@@ -118,7 +118,7 @@ def capture(student, ids, mask, types):
 
 def sign_bits(t: torch.Tensor) -> np.ndarray:
     a = t.detach().numpy()
-    return pack_sign_rows(a.reshape(-1, a.shape[-1]))
+    return pack_bool(a.reshape(-1, a.shape[-1]) < 0)
 
 
 def assert_bits_equal(bits, values):
@@ -151,12 +151,12 @@ def check_layer_by_layer(student, engine, ids, mask, types):
         for i, t in enumerate((q, k, v)):
             assert_bits_equal(kernels.pack_bool(qkv_all[:, i * H:(i + 1) * H]), t)
         # Bi-Attention from the student's Q, K, V signs: integer counts identical
-        student_qkv = pack_sign_rows(torch.cat([q, k, v], dim=2).reshape(B * L, 3 * H).numpy())
+        student_qkv = pack_bool(torch.cat([q, k, v], dim=2).reshape(B * L, 3 * H).numpy() < 0)
         ctx_bits, counts = kernels.biattention(student_qkv, (0, H, 2 * H), B, L, engine.heads, engine.head_size,
                                                valid, counts=True)
         ctx_student = seen[f"ctx{n}"][0].reshape(B * L, H).numpy()
         np.testing.assert_array_equal(counts, ctx_student.astype(np.int32))
-        np.testing.assert_array_equal(ctx_bits, pack_sign_rows(ctx_student))
+        np.testing.assert_array_equal(ctx_bits, pack_bool(ctx_student < 0))
         # attention output: Linear on the context bits, + residual, LayerNorm
         a, _ = kernels.layernorm(layer.attn_out(ctx_bits, residual=x), *layer.ln1, engine.eps, with_bits=True)
         a_student = seen[f"attn{n}"][1].reshape(B * L, H)
@@ -306,7 +306,7 @@ def test_bad_files(exported, tmp_path):
     flipped[len(raw) // 2] ^= 0x10
     corrupted.write_bytes(bytes(flipped))
     newer = tmp_path / "newer.bibert"
-    newer.write_bytes(raw[:8] + struct.pack("<I", FORMAT_VERSION + 1) + raw[12:])
+    newer.write_bytes(raw[:8] + struct.pack("<I", PACKED_FORMAT_VERSION + 1) + raw[12:])
     garbage = tmp_path / "garbage.bibert"
     garbage.write_bytes(b"not a model")
     for bad, message in ((truncated, "checksum"), (corrupted, "checksum"), (newer, "version"), (garbage, "magic"),
@@ -340,6 +340,59 @@ def test_bad_inputs(exported):
         engine.forward(np.array([[2, 5]]), token_type_ids=np.array([[0, 7]]))
     with pytest.raises(BibertError, match="shape"):
         engine.forward(np.array([[2, 5]]), attention_mask=np.array([[1, 1, 1]]))
+
+
+def test_exported_files_get_the_usual_permissions(exported, tmp_path):
+    """0666 less the umask (0644 under the usual 022), not the private 0600 of a temporary file."""
+    import os
+    import stat
+
+    _, folder, _, _ = exported
+    previous = os.umask(0o022)
+    try:
+        export_packed(folder, tmp_path / "a.bibert")
+        os.umask(0o027)
+        export_packed(folder, tmp_path / "b.bibert")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "a.bibert").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "b.bibert").stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bibert", "b.bibert"]  # no temporary file left
+
+
+def test_reading_and_running_needs_numpy_only(exported, tmp_path):
+    """A process where PyTorch and transformers cannot be imported reads the file, builds the
+    engine and runs it: the same logits as here."""
+    import subprocess
+    import sys
+
+    _, _, out, _ = exported
+    ids = np.array([[2, 5, 6, 7, 3], [2, 8, 3, 0, 0]])
+    mask = (ids != 0).astype(np.int64)
+    np.save(tmp_path / "ids.npy", ids)
+    np.save(tmp_path / "mask.npy", mask)
+    code = f"""
+import sys
+for name in ("torch", "transformers", "safetensors"):
+    sys.modules[name] = None  # importing any of them fails
+import numpy as np
+from bibert.packed import load_packed, read_packed
+read_packed({str(out)!r})
+model = load_packed({str(out)!r})
+np.save({str(tmp_path / "logits.npy")!r}, model.forward(np.load({str(tmp_path / "ids.npy")!r}),
+                                                      np.load({str(tmp_path / "mask.npy")!r})))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "logits.npy"), load_packed(out).forward(ids, mask))
+
+
+def test_reader_knows_the_students_gelus():
+    """The reader's list of activations that keep their input's sign is the student's."""
+    from bibert.modeling import GELU_FAMILY
+    from bibert.packed.reader import GELU_ACTIVATIONS
+
+    assert GELU_ACTIVATIONS == GELU_FAMILY
 
 
 def test_cli_export_and_predict(exported, tmp_path, capsys):

@@ -18,7 +18,8 @@ import torch
 from bibert import BibertError
 from bibert.modeling import ScoreBinarizer
 from bibert.packed import PackedModel, export_packed, kernels, load_packed, read_packed
-from bibert.packed.format import PREAMBLE, SCORE_COUNT_MIN, SCORE_THRESHOLD, expected_tensors, score_count_minima
+from bibert.packed.exporter import score_count_minima, write_packed
+from bibert.packed.reader import PREAMBLE, SCORE_COUNT_MIN, SCORE_THRESHOLD, expected_tensors
 from test_packed_elastic import batch, check_layer_by_layer, make_elastic_student
 
 PATHS = kernels.available_kernels()
@@ -340,8 +341,6 @@ def test_bimax_header_in_a_version_3_file_is_refused(exported, tmp_path):
 def test_tables_are_checked_in_memory(exported):
     """Tables the student cannot produce are refused before the engine sees them, as is the
     writer asked to write them."""
-    from bibert.packed.format import write_packed
-
     _, _, out = exported
     good = read_packed(out)
     name = f"bert.encoder.layer.0.{SCORE_COUNT_MIN}"

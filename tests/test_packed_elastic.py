@@ -18,7 +18,7 @@ from bibert import BibertError, QuantConfig
 from bibert.modeling import ActQuantizer, BiBertForSequenceClassification
 from bibert.packed import PackedModel, export_packed, kernels, load_packed, read_packed
 from bibert.packed.engine import BinaryLinear
-from bibert.packed.format import PREAMBLE, expected_tensors, pack_sign_rows
+from bibert.packed.reader import PREAMBLE, expected_tensors, pack_bool
 from bibert.quantizers import weight_scale_and_signs
 
 PATHS = kernels.available_kernels()
@@ -140,7 +140,7 @@ def test_export_round_trip(exported):
     assert not any("window" in name or "qkv_quantizers" in name for name in packed.tensors)  # training only
     alpha, signs = weight_scale_and_signs(state["bert.encoder.layer.0.output.dense.weight"])
     np.testing.assert_array_equal(packed.tensors["bert.encoder.layer.0.output.dense.bits"],
-                                  pack_sign_rows(signs.numpy()))
+                                  pack_bool(signs.numpy() < 0))
     np.testing.assert_array_equal(packed.tensors["bert.encoder.layer.0.output.dense.alpha"], alpha.numpy())
 
 
@@ -183,7 +183,7 @@ def check_layer_by_layer(student, engine, ids, mask, types):
         # Q, K, V bits (signs of the scaled Linear outputs)
         qkv = layer.qkv(levels_bits(x_levels), out_bits=True)
         q, k, v = (t.transpose(1, 2).reshape(B * L, H) for t in res.qkv[n])
-        want = pack_sign_rows(torch.cat([q, k, v], dim=1).numpy())
+        want = pack_bool(torch.cat([q, k, v], dim=1).numpy() < 0)
         np.testing.assert_array_equal(qkv, want)
         # Bi-Attention: integer counts, and context bits against the context thresholds
         ctx_in, ctx_levels = seen[p + "attention.output.dense.input_quantizer"]

@@ -15,7 +15,7 @@ from transformers import BertConfig
 from bibert import BibertError, QuantConfig
 from bibert.modeling import BiBertForSequenceClassification
 from bibert.packed import export_packed, kernels, load_packed, read_packed, reference
-from bibert.packed.format import PREAMBLE, expected_tensors
+from bibert.packed.reader import PREAMBLE, expected_tensors
 from bibert.quantizers import ACTIVATION_CLIP_STD, quantize_activation
 
 PATHS = kernels.available_kernels()

@@ -29,7 +29,7 @@ from transformers import BertConfig
 from bibert import BibertError, QuantConfig
 from bibert.modeling import BiBertForSequenceClassification
 from bibert.packed import PackedModel, export_packed, kernels, load_packed, read_packed
-from bibert.packed.format import ALIGN, FORMAT_VERSION, MAGIC, MAX_FILE_BYTES, PREAMBLE, PackedFile
+from bibert.packed.reader import ALIGN, MAGIC, MAX_FILE_BYTES, PACKED_FORMAT_VERSION, PREAMBLE, PackedFile
 
 INVALID = "is not a valid bibert file"
 WORDS = ["the", "movie", "was", "good", "bad", "fun", "dull", "plot", "evil"]
@@ -219,7 +219,7 @@ def crafted_cases(raw: bytes, sentinel: Path) -> Cases:
 
     # preamble and envelope
     c.add("version-0", assemble(h, data, version=0))
-    c.add("version-next", assemble(h, data, version=FORMAT_VERSION + 1), "newer")
+    c.add("version-next", assemble(h, data, version=PACKED_FORMAT_VERSION + 1), "newer")
     c.add("version-2-header-1", assemble(h, data, version=2))  # the header's version must be the preamble's
     c.add("version-2-sign-model", assemble({**h, "format_version": 2}, data, version=2), "safe")  # allowed
     c.add("version-max", assemble(h, data, version=2**32 - 1), "newer")
@@ -482,8 +482,8 @@ def elastic_cases(raw: bytes) -> Cases:
     h, data = c.header, c.data
     assert c.version == 2 and assemble(h, data, 2) == raw
     c.add("elastic-in-version-1", assemble({**h, "format_version": 1}, data, version=1))
-    c.add("elastic-version-next", assemble({**h, "format_version": FORMAT_VERSION + 1}, data,
-                                           version=FORMAT_VERSION + 1), "newer")
+    c.add("elastic-version-next", assemble({**h, "format_version": PACKED_FORMAT_VERSION + 1}, data,
+                                           version=PACKED_FORMAT_VERSION + 1), "newer")
     for label, value in (("sign", "sign"), ("missing", DELETE), ("ternary", "ternary"), ("null", None), ("int", 2),
                          ("upper", "ELASTIC")):
         c.header_case(f"elastic-activations-{label}", setter("quantization", "activations", value=value))
@@ -538,8 +538,8 @@ def kbit_cases(raw: bytes) -> Cases:
     assert c.version == 3 and assemble(h, data, 3) == raw
     c.add("kbit-in-version-2", assemble({**h, "format_version": 2}, data, version=2))
     c.add("kbit-in-version-1", assemble({**h, "format_version": 1}, data, version=1))
-    c.add("kbit-version-next", assemble({**h, "format_version": FORMAT_VERSION + 1}, data,
-                                        version=FORMAT_VERSION + 1), "newer")
+    c.add("kbit-version-next", assemble({**h, "format_version": PACKED_FORMAT_VERSION + 1}, data,
+                                        version=PACKED_FORMAT_VERSION + 1), "newer")
     for label, value in (("1", 1), ("2", 2), ("3", 3), ("8", 8), ("0", 0), ("bool", True), ("float", 4.0), ("str", "4")):
         expect = "invalid" if label not in ("2",) else "safe"  # 2 bits: a consistent model of another width
         c.header_case(f"kbit-activation_bits-{label}", setter("quantization", "activation_bits", value=value), expect)
@@ -570,8 +570,8 @@ def bimax_cases(raw: bytes) -> Cases:
     assert c.version == 4 and assemble(h, data, 4) == raw
     for version in (1, 2, 3):
         c.add(f"bimax-in-version-{version}", assemble({**h, "format_version": version}, data, version=version))
-    c.add("bimax-version-next", assemble({**h, "format_version": FORMAT_VERSION + 1}, data,
-                                         version=FORMAT_VERSION + 1), "newer")
+    c.add("bimax-version-next", assemble({**h, "format_version": PACKED_FORMAT_VERSION + 1}, data,
+                                         version=PACKED_FORMAT_VERSION + 1), "newer")
     for label, value in (("sign", "sign"), ("missing", DELETE)):
         c.header_case(f"bimax-activations-{label}", setter("quantization", "activations", value=value))
     for label, value in (("bi", "bi"), ("softmax", "softmax"), ("upper", "BI-MAX"), ("int", 1)):
@@ -912,8 +912,6 @@ def native_worker(packed: str) -> None:
         "gelu null": lambda: lib.bb_gelu(None, 1, 8, p),
         "encoder tuning tail 0": lambda: lib.bb_set_encoder_tuning(0, 512),
         "encoder tuning group 0": lambda: lib.bb_set_encoder_tuning(16, 0),
-        "roofline negative": lambda: lib.bb_popcount_roofline(neg, p),
-        "roofline null": lambda: lib.bb_popcount_roofline(8, None),
     }
     for name, call in calls.items():
         print(f"native {name}: {call()}", flush=True)
@@ -984,7 +982,7 @@ def test_native_kernels_and_inputs_refuse_bad_arguments(packed_path, tmp_path):
             assert rc == str(kernels.EINVAL), (name, rc)
         elif name.startswith("noop "):
             assert rc == str(kernels.OK), (name, rc)
-    assert sum(n.startswith("native ") for n in got) == 72
+    assert sum(n.startswith("native ") for n in got) == 70
     assert got["input forward (0, 8)"] == got["input forward (0, 0)"] == "result (0, 3)"
     assert got["input forward (0, 8) hidden"] == "result (0, 3)"
     assert got["input predict []"] == "result (0, 3)"
@@ -1037,7 +1035,7 @@ def test_hand_built_packed_file_is_checked_before_the_engine(packed_path):
 
 
 def test_writer_refuses_what_the_reader_refuses(packed_path, tmp_path):
-    from bibert.packed.format import write_packed
+    from bibert.packed.exporter import write_packed
 
     packed = read_packed(packed_path)
     packed.files["../evil.txt"] = b"x"

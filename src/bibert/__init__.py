@@ -6,7 +6,8 @@
 """
 from .config import QuantConfig
 from .errors import BibertError
-from .modeling import BiBertForSequenceClassification, BiBertOutput, binarize, load_any_model
+
+_MODELING = ("BiBertForSequenceClassification", "BiBertOutput", "binarize", "load_any_model")
 
 __version__ = "0.1.0"
 
@@ -27,3 +28,13 @@ def summary(model_or_config, seq_len: int = 128, quant: QuantConfig | None = Non
     from .cost import model_cost
 
     return model_cost(model_or_config, seq_len=seq_len, quant=quant)
+
+
+def __getattr__(name: str):
+    """The model's names, imported from bibert.modeling (PyTorch) when first used: reading and
+    running a packed model (bibert.packed) needs NumPy only."""
+    if name in _MODELING:
+        from . import modeling
+
+        return getattr(modeling, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """What a model folder and a training run hold on disk, and how every file is written.
 
 This module owns the names and versions of everything bibert writes outside the packed
-format (bibert.packed.format has its own): a model folder, a run's output folder, and the
+format (bibert.packed.reader has its own): a model folder, a run's output folder, and the
 training state that `--resume` continues from.
 
 A model folder (`save_pretrained`, best/ and last/ of a run):

@@ -45,6 +45,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "bitkernels.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define BB_X86 1
@@ -52,11 +55,8 @@
 #define BB_X86 0
 #endif
 
-#define BB_ABI_VERSION 14
 #define BB_PANEL 32
 #define BB_MR 6
-
-enum { BB_KERNEL_AUTO = 0, BB_KERNEL_PORTABLE = 1, BB_KERNEL_AVX512 = 2, BB_KERNEL_AVX2 = 3 };
 
 static int g_kernel = -1; /* resolved lazily */
 static int g_threads = 1;
@@ -124,8 +124,7 @@ static inline int64_t words_of(int64_t bits) { return (bits + 63) >> 6; }
  * a size product that could overflow, or a missing buffer. An input of zero rows is a
  * no-op. The checks are O(1) per call (the embedding also checks each token id as it
  * reads it); that the buffers are as long as the sizes say is the caller's part (the
- * Python wrappers check the arrays' shapes). */
-enum { BB_OK = 0, BB_ENOMEM = -1, BB_EINVAL = -2 };
+ * Python wrappers check the arrays' shapes). The return codes are bitkernels.h's. */
 
 /* Largest value of any one size or leading dimension: far above any model, small enough
  * that a product of two cannot overflow int64. */
@@ -1005,91 +1004,6 @@ int bb_bit_thresholds(const float *alpha, const float *bias, const float *t, int
         flip[n] = (uint8_t)neg0; /* neg = (p > lo) XOR neg0 */
     }
     return BB_OK;
-}
-
-/* ------------------------------------------------------------------------------------ */
-/* popcount roofline: XOR + VPOPCNTQ + ADD on 24 independent accumulators in registers   */
-
-#if BB_X86
-BB_AVX512 static int64_t roofline_avx512(int64_t iters) {
-    __m512i acc[24], w[4];
-    for (int i = 0; i < 24; i++) acc[i] = _mm512_setzero_si512();
-    for (int i = 0; i < 4; i++) w[i] = _mm512_set1_epi64(0x0123456789ABCDEFLL * (i + 1));
-    for (int64_t it = 0; it < iters; it++) {
-        __m512i av = _mm512_set1_epi64(it);
-        for (int r = 0; r < 6; r++) {
-            __m512i ar = _mm512_xor_si512(av, _mm512_set1_epi64(r));
-            for (int c = 0; c < 4; c++)
-                acc[4 * r + c] = _mm512_add_epi64(acc[4 * r + c], _mm512_popcnt_epi64(_mm512_xor_si512(ar, w[c])));
-        }
-    }
-    __m512i s = _mm512_setzero_si512();
-    for (int i = 0; i < 24; i++) s = _mm512_add_epi64(s, acc[i]);
-    return _mm512_reduce_add_epi64(s);
-}
-#endif
-
-/* portable ceiling: eight independent XOR + POPCNT + add chains, as in the portable
- * Linear's inner loop (the operands vary with the iteration so nothing is hoisted) */
-static inline __attribute__((always_inline)) int64_t roofline_portable(int64_t iters) {
-    uint64_t acc[8] = {0};
-    for (int64_t it = 0; it < iters; it++) {
-        uint64_t x = (uint64_t)it * 0x9E3779B97F4A7C15ULL;
-        for (int i = 0; i < 8; i++) acc[i] += (uint64_t)__builtin_popcountll(x ^ (0xD6E8FEB86659FD93ULL * (i + 1)));
-    }
-    int64_t s = 0;
-    for (int i = 0; i < 8; i++) s += (int64_t)acc[i];
-    return s;
-}
-
-static int64_t roofline_portable_generic(int64_t iters) { return roofline_portable(iters); }
-#if BB_X86
-__attribute__((target("popcnt"))) static int64_t roofline_portable_popcnt(int64_t iters) {
-    return roofline_portable(iters);
-}
-
-/* AVX2 ceiling: eight independent XOR + nibble-table popcount + add chains on 256 bits */
-BB_AVX2 static int64_t roofline_avx2(int64_t iters) {
-    __m256i acc[8], x = _mm256_setr_epi64x(1, 2, 3, 4);
-    const __m256i step = _mm256_set1_epi64x((long long)0x9E3779B97F4A7C15ULL);
-    for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_si256();
-    for (int64_t it = 0; it < iters; it++) {
-        x = _mm256_add_epi64(x, step);
-        for (int i = 0; i < 8; i++)
-            acc[i] = _mm256_add_epi64(acc[i], popcnt256_epi64(_mm256_xor_si256(x, _mm256_set1_epi64x(i * 0x1234567LL))));
-    }
-    int64_t lanes[4], s = 0;
-    for (int i = 0; i < 8; i++) {
-        _mm256_storeu_si256((__m256i *)lanes, acc[i]);
-        s += lanes[0] + lanes[1] + lanes[2] + lanes[3];
-    }
-    return s;
-}
-#endif
-
-/* Runs `iters` iterations of the active kernel family's ceiling loop (24 x 512, 8 x 256 or
- * 8 x 64 binary MACs each), on one thread; returns the binary MACs done (the caller times it),
- * or BB_EINVAL for a negative or huge count or a missing checksum. */
-int64_t bb_popcount_roofline(int64_t iters, int64_t *checksum) {
-    if (iters < 0 || iters > BB_MAX_DIM || !checksum) return BB_EINVAL;
-#if BB_X86
-    if (bb_get_kernel() == BB_KERNEL_AVX512) {
-        *checksum = roofline_avx512(iters);
-        return iters * 24 * 512;
-    }
-#endif
-#if BB_X86
-    if (bb_get_kernel() == BB_KERNEL_AVX2) {
-        *checksum = roofline_avx2(iters);
-        return iters * 8 * 256;
-    }
-    if (cpu_has_popcnt()) {
-        *checksum = roofline_portable_popcnt(iters);
-        return iters * 8 * 64;
-    }
-#endif
-    *checksum = roofline_portable_generic(iters);
-    return iters * 8 * 64;
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -2279,25 +2193,6 @@ int bb_biattention_kbit(const int8_t *q, const int8_t *k, const int8_t *v, int64
 
 /* ------------------------------------------------------------------------------------ */
 /* a whole encoder in one call                                                            */
-
-/* One encoder layer's parameters, as the Python side lays them out once at load time.
- * Linears: weight panels; bit-output ones thresholds and flips, float-output ones c0, c1.
- * Elastic binarization (docs/method.md §7) adds the thresholds of three sets of bits, each
- * NULL for plain signs: ctx_t [H] of the context bits, ln1_t [H] of the FFN-in input bits
- * (packed from the first LayerNorm), ln2_t [H] of the bits packed from the second LayerNorm
- * (the next layer's Q/K/V input); score_lim [heads] the integer form of the per-head score
- * thresholds, or score_rel [heads, d + 1] that of the per-head margins below each query's best
- * key (bb_biattention's lim and rel). Its scales and {0, 1} levels live in the epilogues. */
-typedef struct {
-    const uint64_t *qkv_w; const int64_t *qkv_thr; const uint32_t *qkv_flip;
-    const uint64_t *ao_w; const float *ao_c0, *ao_c1;
-    const float *ln1_g, *ln1_b;
-    const uint64_t *fi_w; const int64_t *fi_thr; const uint32_t *fi_flip;
-    const uint64_t *fo_w; const float *fo_c0, *fo_c1;
-    const float *ln2_g, *ln2_b;
-    const float *ctx_t, *ln1_t, *ln2_t;
-    const int64_t *score_lim, *score_rel;
-} bb_layer;
 
 /* Rows of the tail (attention output, LayerNorm, FFN, LayerNorm) handled together: their
  * float intermediates stay in L2 while the layer's weights pass (per-host tuning). */

@@ -1,6 +1,8 @@
-"""The packed 1-bit model: file format (export / read) and the native bitwise engine."""
+"""The packed 1-bit model: the file format (`reader`: NumPy only; `exporter`: from a student,
+with PyTorch) and the native bitwise engine."""
 from .engine import PackedModel, Predictions, load_packed
-from .format import FORMAT_VERSION, ExportReport, export_packed, read_packed
+from .exporter import ExportReport, export_packed, write_packed
+from .reader import PACKED_FORMAT_VERSION, PackedFile, read_packed
 
-__all__ = ["FORMAT_VERSION", "ExportReport", "PackedModel", "Predictions", "export_packed", "load_packed",
-           "read_packed"]
+__all__ = ["PACKED_FORMAT_VERSION", "ExportReport", "PackedFile", "PackedModel", "Predictions", "export_packed",
+           "load_packed", "read_packed", "write_packed"]

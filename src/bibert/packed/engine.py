@@ -35,9 +35,11 @@ import numpy as np
 
 from ..errors import BibertError
 from . import kernels, tuning
-from .format import (ACTIVATION_CLIP_STD, BINARY_LINEARS, QUANTIZER_SCALE, QUANTIZER_THRESHOLD, SCORE_COUNT_MIN,
-                     SCORE_THRESHOLD, TOKENIZER_FILES, PackedFile, _Invalid, check_packed, check_quantization,
-                     read_packed)
+from ..bert_names import (ATTENTION_OUTPUT, BODY, CLASSIFIER, FFN_IN, FFN_OUT, LAYER_NORMS, LAYER_PREFIX, QKV,
+                          SELF_ATTENTION, WORD_EMBEDDINGS)
+from .reader import (ACTIVATION_CLIP_STD, EMBEDDINGS, POOLER_DENSE, QUANTIZER_SCALE, QUANTIZER_THRESHOLD,
+                     SCORE_COUNT_MIN, SCORE_THRESHOLD, TOKENIZER_FILES, PackedFile, _Invalid, check_packed,
+                     check_quantization, read_packed)
 
 
 @dataclass
@@ -150,32 +152,33 @@ class PackedModel:
 
         self.clip_std = float(t[ACTIVATION_CLIP_STD][0]) if self.kbits else None
 
-        e = "bert.embeddings."
-        self.word_bits = np.ascontiguousarray(t[e + "word_embeddings.bits"])
-        self.word_alpha = f32(e + "word_embeddings.alpha")
+        e, word = EMBEDDINGS, f"{BODY}.{WORD_EMBEDDINGS}"
+        self.word_bits = np.ascontiguousarray(t[word + ".bits"])
+        self.word_alpha = f32(word + ".alpha")
         self.position, self.token_type = f32(e + "position_embeddings.weight"), f32(e + "token_type_embeddings.weight")
         self.emb_ln = (f32(e + "LayerNorm.weight"), f32(e + "LayerNorm.bias"))
         H = self.hidden
         self.layers = []
         for n in range(self.num_layers):
-            p = f"bert.encoder.layer.{n}."
-            q, k, v = (p + BINARY_LINEARS[i] for i in range(3))
-            qkv_t, qkv_s = quantizer(p + "attention.self")  # one quantizer for the three
+            p = LAYER_PREFIX.format(n)
+            q, k, v = (p + name for name in QKV)
+            qkv_t, qkv_s = quantizer(p + SELF_ATTENTION)  # one quantizer for the three
             qkv = BinaryLinear.from_rows(
                 np.concatenate([t[q + ".bits"], t[k + ".bits"], t[v + ".bits"]]), H,
                 scaled(np.concatenate([f32(q + ".alpha"), f32(k + ".alpha"), f32(v + ".alpha")]), qkv_s),
                 np.concatenate([f32(q + ".bias"), f32(k + ".bias"), f32(v + ".bias")]), kbits=self.kbits)
-            out_t, _ = quantizer(p + "output.dense")  # FFN-out's {0, 1} levels: a compare of FFN-in's output
+            out_t, _ = quantizer(p + FFN_OUT)  # FFN-out's {0, 1} levels: a compare of FFN-in's output
+            ln1, ln2 = (p + name for name in LAYER_NORMS)
             self.layers.append(Layer(
                 qkv=qkv,
-                attn_out=linear(p + "attention.output.dense", H),
-                ln1=(f32(p + "attention.output.LayerNorm.weight"), f32(p + "attention.output.LayerNorm.bias")),
-                ffn_in=linear(p + "intermediate.dense", H, compare=out_t),
-                ffn_out=linear(p + "output.dense", self.intermediate, zero_one=elastic),
-                ln2=(f32(p + "output.LayerNorm.weight"), f32(p + "output.LayerNorm.bias")),
+                attn_out=linear(p + ATTENTION_OUTPUT, H),
+                ln1=(f32(ln1 + ".weight"), f32(ln1 + ".bias")),
+                ffn_in=linear(p + FFN_IN, H, compare=out_t),
+                ffn_out=linear(p + FFN_OUT, self.intermediate, zero_one=elastic),
+                ln2=(f32(ln2 + ".weight"), f32(ln2 + ".bias")),
                 qkv_t=qkv_t,
-                ctx_t=quantizer(p + "attention.output.dense")[0],
-                ln1_t=quantizer(p + "intermediate.dense")[0],
+                ctx_t=quantizer(p + ATTENTION_OUTPUT)[0],
+                ln1_t=quantizer(p + FFN_IN)[0],
                 score_lim=kernels.score_limits(f32(p + SCORE_THRESHOLD), self.head_size)
                 if elastic and not self.relative_attention else None,
                 score_rel=kernels.relative_limits(t[p + SCORE_COUNT_MIN], self.head_size)
@@ -185,9 +188,9 @@ class PackedModel:
             layer.ln2_t = following.qkv_t  # the last layer's bits are not read: the head packs [CLS] again
         self._weights = _arena([lin for l in self.layers for lin in (l.qkv, l.attn_out, l.ffn_in, l.ffn_out)])
         self._native_layers = (kernels.LayerParams * self.num_layers)(*(self._layer_params(l) for l in self.layers))
-        self.pooler = linear("bert.pooler.dense", H)
-        self.pooler_t = quantizer("bert.pooler.dense")[0]
-        self.classifier_weight, self.classifier_bias = f32("classifier.weight"), f32("classifier.bias")
+        self.pooler = linear(POOLER_DENSE, H)
+        self.pooler_t = quantizer(POOLER_DENSE)[0]
+        self.classifier_weight, self.classifier_bias = f32(f"{CLASSIFIER}.weight"), f32(f"{CLASSIFIER}.bias")
         self.num_labels = shape.num_labels
         self.labels = list(shape.labels)
 

@@ -1,4 +1,5 @@
-"""ctypes bindings of the native bitwise kernels (src/bibert/csrc/bitkernels.c).
+"""ctypes bindings of the native bitwise kernels (src/bibert/csrc/bitkernels.c; its C interface,
+bitkernels.h, is what `SIGNATURES` declares to ctypes).
 
 Bit convention, everywhere: bit 1 <=> -1, bit 0 <=> +1; element j of a row in uint64
 word j // 64, bit j % 64; padding bits 0. sign(x) = +1 iff x >= 0, so a bit is x < 0.
@@ -25,8 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BibertError
+from .reader import pack_bool, unpack_bool, words  # the format's bits, as the kernels take them
 
-ABI_VERSION = 14
+ABI_VERSION = 15
 PANEL = 32
 KERNELS = {"auto": 0, "portable": 1, "avx512": 2, "avx2": 3}
 MAX_THREADS = 1024  # bb_set_threads' cap
@@ -34,12 +36,36 @@ OK, ENOMEM, EINVAL = 0, -1, -2  # the C entry points' return codes
 KERNEL_NAMES = {1: "portable", 2: "avx512", 3: "avx2"}
 REQUIRES = {"avx512": "AVX-512 F/BW/DQ/VL + VPOPCNTDQ", "avx2": "AVX2 + POPCNT"}
 
+_P, _I, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+# Every entry point of bitkernels.h: name -> (result type, argument types); pointers are c_void_p.
+# The entry points that take sizes return OK, ENOMEM or EINVAL.
+SIGNATURES = {
+    "bb_abi_version": (_INT, []),
+    "bb_cpu_has_avx512": (_INT, []),
+    "bb_cpu_has_avx2": (_INT, []),
+    "bb_set_kernel": (_INT, [_INT]),
+    "bb_get_kernel": (_INT, []),
+    "bb_set_threads": (None, [_INT]),
+    "bb_get_threads": (_INT, []),
+    "bb_sign_pack": (_INT, [_P, _I, _I, _I, _P, _I, _P]),
+    "bb_linear": (_INT, [_P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _I, _P, _P]),
+    "bb_bit_thresholds": (_INT, [_P, _P, _P, _I, _I, _P, _P]),
+    "bb_float_epilogue": (_INT, [_P, _P, _I, _I, _P, _P, _P]),
+    "bb_set_tuning": (_INT, [_INT, _I, _I, _I]),
+    "bb_get_tuning": (_INT, [_INT, _P]),
+    "bb_linear_kbit": (_INT, [_P, _I, _I, _I, _P, _I, _INT, _F, _P, _P, _P, _P, _P]),
+    "bb_layernorm": (_INT, [_P, _I, _I, _P, _P, _F, _P, _P, _I, _P]),
+    "bb_embed": (_INT, [_P, _P, _I, _I, _P, _P, _I, _P, _I, _P, _I, _I, _P, _P]),
+    "bb_biattention": (_INT, [_P, _I, _I, _I, _I, _I, _I, _I, _I, _P, _P, _I, _P, _P, _P, _P]),
+    "bb_quantize_planes": (_INT, [_P, _I, _I, _I, _INT, _F, _P, _I, _P, _P]),
+    "bb_gelu": (_INT, [_P, _I, _I, _P]),
+    "bb_biattention_kbit": (_INT, [_P, _P, _P, _I, _I, _I, _F, _P, _P, _I, _P]),
+    "bb_set_encoder_tuning": (_INT, [_I, _I]),
+    "bb_get_encoder_tuning": (_INT, [_P]),
+    "bb_encoder": (_INT, [_P, _I, _I, _P, _I, _I, _I, _F, _P, _P, _P, _P]),
+}
+
 _lib = None
-
-
-def words(bits: int) -> int:
-    """uint64 words holding `bits` bits."""
-    return (bits + 63) // 64
 
 
 def _library_path() -> Path:
@@ -63,33 +89,14 @@ def lib() -> ctypes.CDLL:
     if _lib is not None:
         return _lib
     handle = ctypes.CDLL(str(_library_path()))
+    handle.bb_abi_version.argtypes, handle.bb_abi_version.restype = [], ctypes.c_int
     if handle.bb_abi_version() != ABI_VERSION:
         raise BibertError(
             f"native kernels ABI {handle.bb_abi_version()} != {ABI_VERSION}: rebuild with `pip install -e .`"
         )
-    P, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    handle.bb_set_kernel.argtypes = [ctypes.c_int]
-    handle.bb_set_threads.argtypes = [ctypes.c_int]
-    for name, args in (("bb_sign_pack", [P, I, I, I, P, I, P]),
-                       ("bb_linear", [P, I, I, I, P, I, P, P, P, P, P, I, P, P]),
-                       ("bb_bit_thresholds", [P, P, P, I, I, P, P]),
-                       ("bb_float_epilogue", [P, P, I, I, P, P, P]),
-                       ("bb_encoder", [P, I, I, P, I, I, I, F, P, P, P, P]),
-                       ("bb_set_tuning", [ctypes.c_int, I, I, I]),
-                       ("bb_quantize_planes", [P, I, I, I, ctypes.c_int, F, P, I, P, P]),
-                       ("bb_linear_kbit", [P, I, I, I, P, I, ctypes.c_int, F, P, P, P, P, P]),
-                       ("bb_biattention_kbit", [P, P, P, I, I, I, F, P, P, I, P]),
-                       ("bb_gelu", [P, I, I, P]),
-                       ("bb_get_tuning", [ctypes.c_int, P]),
-                       ("bb_set_encoder_tuning", [I, I]),
-                       ("bb_get_encoder_tuning", [P]),
-                       ("bb_layernorm", [P, I, I, P, P, F, P, P, I, P]),
-                       ("bb_embed", [P, P, I, I, P, P, I, P, I, P, I, I, P, P]),
-                       ("bb_biattention", [P, I, I, I, I, I, I, I, I, P, P, I, P, P, P, P])):
-        getattr(handle, name).argtypes = args
-        getattr(handle, name).restype = ctypes.c_int  # OK, ENOMEM or EINVAL
-    handle.bb_popcount_roofline.argtypes = [I, P]
-    handle.bb_popcount_roofline.restype = ctypes.c_int64
+    for name, (result, args) in SIGNATURES.items():
+        function = getattr(handle, name)
+        function.argtypes, function.restype = args, result
     _lib = handle
     set_kernel(os.environ.get("BIBERT_KERNEL", "auto"))
     threads = os.environ.get("BIBERT_THREADS", "")
@@ -217,21 +224,6 @@ def _f32(a: np.ndarray) -> np.ndarray:
 
 def _u64(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.uint64)
-
-
-def pack_bool(b: np.ndarray) -> np.ndarray:
-    """bool [M, K] -> bit rows uint64 [M, words(K)] (bit set where True)."""
-    b = np.asarray(b, dtype=bool)
-    M, K = b.shape
-    padded = np.zeros((M, words(K) * 64), dtype=bool)
-    padded[:, :K] = b
-    return np.packbits(padded, axis=1, bitorder="little").view("<u8").astype(np.uint64)
-
-
-def unpack_bool(bits: np.ndarray, K: int) -> np.ndarray:
-    """bit rows uint64 [M, W] -> bool [M, K]."""
-    bits = np.ascontiguousarray(bits, dtype="<u8")
-    return np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :K].astype(bool)
 
 
 def pack_panels(bits: np.ndarray) -> np.ndarray:
@@ -395,28 +387,6 @@ def encoder(layers: ctypes.Array, n_layers: int, start: np.ndarray, hidden_size:
         return
     _check_rc(lib().bb_encoder(ctypes.byref(layers), n_layers, len(start) - 1, _ptr(start), hidden_size, heads,
                                intermediate, eps, _ptr(valid), _ptr(x), _ptr(xb), _ptr(hidden)), "encoder")
-
-
-def popcount_roofline(seconds: float = 0.2) -> float:
-    """Measured XOR + popcount + add ceiling of one core in the active kernel family, binary
-    MACs per second (best of a few timed runs of a register-only loop)."""
-    import time
-
-    checksum = ctypes.c_int64()
-    iters, best = 1 << 16, 0.0
-    lib().bb_popcount_roofline(iters, ctypes.byref(checksum))
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        t = time.perf_counter()
-        macs = lib().bb_popcount_roofline(iters, ctypes.byref(checksum))
-        dt = time.perf_counter() - t
-        if macs < 0:
-            raise BibertError("popcount_roofline: invalid iteration count")
-        if dt < 0.005:
-            iters *= 2
-            continue
-        best = max(best, macs / dt)
-    return best
 
 
 def layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float, with_bits: bool = False,

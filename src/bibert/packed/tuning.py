@@ -14,7 +14,6 @@ nothing), BIBERT_TUNE=1 measures again.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import platform

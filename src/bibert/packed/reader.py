@@ -1,4 +1,5 @@
-"""The packed 1-bit model file: export from a student folder, read back with checks.
+"""The packed 1-bit model file: its layout, its bits, and reading it back with checks. Needs
+NumPy only (exporting from a student, which needs PyTorch, is `bibert.packed.exporter`).
 
 Layout (docs/packed_format.md has the full description):
 
@@ -9,9 +10,9 @@ Layout (docs/packed_format.md has the full description):
 
 Binarized weights (every encoder Linear, the pooler and the word embedding) are stored
 as sign bits, row-major uint64 words: bit 1 <=> -1, element j in word j // 64, bit j % 64,
-padding bits 0; beside them the per-row scale alpha. Everything else (biases, LayerNorms,
-position / token-type embeddings, classifier; an elastic student's per-channel thresholds
-and scalar scales) is full precision in the chosen side dtype.
+padding bits 0 (`pack_bool`); beside them the per-row scale alpha. Everything else (biases,
+LayerNorms, position / token-type embeddings, classifier; an elastic student's per-channel
+thresholds and scalar scales) is full precision in the chosen side dtype.
 
 Files are untrusted input: `read_packed` checks every header field, entry and size against
 what the config implies before anything is used, and `expected_tensors` is the one table
@@ -21,20 +22,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import math
 import os
 import struct
-import tempfile
-import lzma
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..bert_names import (ATTENTION_OUTPUT, BINARY_LINEARS, BODY, CLASSIFIER, FFN_IN, FFN_OUT, LAYER_NORMS,
+                          LAYER_PREFIX, POOLER, SELF_ATTENTION, WORD_EMBEDDINGS)
 from ..errors import BibertError
 
 MAGIC = b"BIBERTPK"
-FORMAT_VERSION = 4  # the newest version this bibert reads and writes
+PACKED_FORMAT_VERSION = 4  # the newest packed format version this bibert reads and writes
 # What each version adds (docs/packed_format.md, "Versions"): a file is written with the
 # lowest version that holds it, so a reader that predates a feature asks to upgrade. The
 # mode says how a model's activations are binarized (`check_quantization`).
@@ -46,12 +48,12 @@ DIGEST = 32
 SIDE_DTYPES = {"float32": np.float32, "float16": np.float16, "fp32": np.float32, "fp16": np.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
                    "added_tokens.json")
-BINARY_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value",
-                  "attention.output.dense", "intermediate.dense", "output.dense")
-LAYER_NORMS = ("attention.output.LayerNorm", "output.LayerNorm")
 BIT_ORDER = "bit 1 = -1; element j in uint64 word j//64, bit j%64"
 HEADER_SIDE_DTYPES = ("float32", "float16")  # the side_dtype values a header may hold
 ENTRY_KEYS = {"kind", "name", "dtype", "shape", "offset", "nbytes"}
+# the activations that keep the sign of their input, as the student's (bibert.modeling.GELU_FAMILY):
+# the engine takes FFN-out's input bits from the pre-activation
+GELU_ACTIVATIONS = ("gelu", "gelu_new", "gelu_python", "gelu_pytorch_tanh", "gelu_accurate")
 
 # What a reader accepts. Sizes: far above any BERT, low enough that no size arithmetic can
 # overflow. Every size must also agree with the tensors actually in the file.
@@ -80,186 +82,32 @@ class PackedFile:
     side_dtype: str
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
+    format_version: int = PACKED_FORMAT_VERSION
 
 
-@dataclass
-class ExportReport:
-    path: Path
-    packed_bytes: int
-    fp32_bytes: int  # the student's fp32 safetensors
-
-    @property
-    def ratio(self) -> float:
-        return self.fp32_bytes / self.packed_bytes
-
-    def __str__(self) -> str:
-        return (f"wrote {self.path}: {self.packed_bytes / 1e6:.2f} MB packed vs "
-                f"{self.fp32_bytes / 1e6:.2f} MB fp32 safetensors ({self.ratio:.1f}x smaller)")
+def words(bits: int) -> int:
+    """uint64 words holding `bits` bits."""
+    return (bits + 63) // 64
 
 
-def pack_sign_rows(signs: np.ndarray) -> np.ndarray:
-    """{-1, +1} (or any real, bit = value < 0) rows [R, C] -> uint64 [R, ceil(C/64)]."""
-    neg = np.asarray(signs) < 0
-    R, C = neg.shape
-    padded = np.zeros((R, -(-C // 64) * 64), dtype=bool)
-    padded[:, :C] = neg
+def pack_bool(b: np.ndarray) -> np.ndarray:
+    """bool rows [M, K] -> bit rows uint64 [M, words(K)]: bit set where True, padding bits 0.
+    Sign bits of values x are pack_bool(x < 0) (sign(x) = +1 iff x >= 0)."""
+    b = np.asarray(b, dtype=bool)
+    M, K = b.shape
+    padded = np.zeros((M, words(K) * 64), dtype=bool)
+    padded[:, :K] = b
     return np.packbits(padded, axis=1, bitorder="little").view("<u8").astype(np.uint64)
 
 
-def _check_exportable(config: dict, directory) -> None:
-    from ..modeling import GELU_FAMILY
-
-    if "bibert_format_version" not in config or "quantization" not in config:
-        raise BibertError(f"{directory} is not a BiBERT student folder (no quantization in config.json)")
-    q = config["quantization"]
-    bits = (q.get("weight_bits"), q.get("embedding_bits"), q.get("activation_bits"))
-    if bits not in ((1, 1, 1), (1, 1, 2), (1, 1, 4)) or q.get("attention") not in ("bi", "bi-max"):
-        raise BibertError(
-            f"only students with binary weights and word embedding, 1-, 2- or 4-bit activations and "
-            f"Bi-Attention (bits 1-1-1, 1-1-2, 1-1-4, attention 'bi' or, elastic, 'bi-max') can be packed; "
-            f"{directory} is {'-'.join(map(str, bits))} with attention {q.get('attention')!r}"
-        )
-    if config.get("hidden_act") not in GELU_FAMILY:
-        raise BibertError(f"hidden_act {config.get('hidden_act')!r} does not keep the sign of its input; "
-                          "the packed engine needs a GELU")
+def unpack_bool(bits: np.ndarray, K: int) -> np.ndarray:
+    """bit rows uint64 [M, W] -> bool [M, K]."""
+    bits = np.ascontiguousarray(bits, dtype="<u8")
+    return np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :K].astype(bool)
 
 
-def export_packed(student_dir: str | os.PathLike, out: str | os.PathLike, side_dtype: str = "float32",
-                  tokenizer_dir: str | os.PathLike | None = None) -> ExportReport:
-    """Write the packed model of a BiBERT student folder (`save_pretrained` output) to `out`."""
-    import torch
-    from safetensors.torch import load_file
-
-    from ..modeling import WEIGHTS_NAME, read_config
-    from ..quantizers import weight_scale_and_signs
-
-    if side_dtype not in SIDE_DTYPES:
-        raise BibertError(f"side dtype {side_dtype!r}: choose float32 or float16")
-    side = SIDE_DTYPES[side_dtype]
-    student_dir = Path(student_dir)
-    config = read_config(student_dir)
-    _check_exportable(config, student_dir)
-    weights_path = student_dir / WEIGHTS_NAME
-    if not weights_path.is_file():
-        raise BibertError(f"{student_dir} has no {WEIGHTS_NAME}")
-    try:
-        state = load_file(str(weights_path))
-    except Exception as exc:
-        raise BibertError(f"cannot read {weights_path}: {exc}") from None
-    state = {k if k.startswith(("bert.", "classifier.")) else f"bert.{k}": v for k, v in state.items()}
-
-    hf_config = {k: v for k, v in config.items() if k not in ("bibert_format_version", "quantization")}
-    try:
-        mode = check_quantization(config["quantization"])
-        table = expected_tensors(hf_config, np.dtype(side).name, mode)
-    except _Invalid as exc:
-        raise BibertError(f"cannot pack {student_dir}: {exc}") from None
-
-    taken: set[str] = set()
-
-    def take(name: str) -> torch.Tensor:
-        if name not in state:
-            raise BibertError(f"{weights_path} lacks {name}")
-        taken.add(name)
-        return state[name].float()
-
-    tensors: dict[str, np.ndarray] = {}
-    for name, spec in table.items():  # file order; a weight's sign bits and scale come from one binarization
-        if name.endswith(".bits"):
-            base = name[: -len(".bits")]
-            alpha, signs = weight_scale_and_signs(take(base + ".weight"))
-            tensors[name] = pack_sign_rows(signs.numpy())
-            tensors[base + ".alpha"] = alpha.numpy().astype(side)
-        elif name.endswith(QUANTIZER_SCALE):  # a scalar parameter, stored as one value
-            value = take(name)
-            if value.numel() != 1:
-                raise BibertError(f"{weights_path}: {name} has shape {list(value.shape)}; it must be a scalar")
-            tensors[name] = value.reshape(spec.shape).numpy().astype(side)
-        elif name == ACTIVATION_CLIP_STD:  # a constant of the student's k-bit quantizer
-            from ..quantizers import ACTIVATION_CLIP_STD as clip_std
-
-            tensors[name] = np.array([clip_std[int(mode[0])]], "<f4")
-        elif name.endswith(SCORE_COUNT_MIN):  # "bi-max": the margins as a table of counts
-            margin_name = name[: -len(SCORE_COUNT_MIN)] + SCORE_THRESHOLD
-            try:
-                tensors[name] = score_count_minima(take(margin_name), spec.counts)
-            except BibertError as exc:
-                raise BibertError(f"cannot pack {student_dir}: {margin_name}: {exc}") from None
-        elif name.endswith(SCORE_THRESHOLD) and name not in state:  # a student without learned score
-            tensors[name] = np.zeros(spec.shape, side)  # thresholds computes Bi-Attention's bool, t = 0
-        elif not name.endswith(".alpha"):
-            tensors[name] = take(name).numpy().astype(side)
-    # every parameter of the student must reach the file: one the format has no place for
-    # would change what the student computes (the STE windows only matter in training)
-    left = sorted(k for k in state if k not in taken and not k.endswith(TRAINING_ONLY))
-    if left:
-        raise BibertError(f"{weights_path} holds {left[0]}{f' (and {len(left) - 1} more)' if len(left) > 1 else ''}, "
-                          "which the packed format has no place for: this bibert cannot pack the student exactly")
-    for name, spec in table.items():
-        if tensors[name].shape != spec.shape:
-            raise BibertError(f"{weights_path}: {name} has shape {list(tensors[name].shape)}, but config.json "
-                              f"implies {list(spec.shape)}")
-
-    tok_dir = Path(tokenizer_dir) if tokenizer_dir else student_dir
-    files = {name: (tok_dir / name).read_bytes() for name in TOKENIZER_FILES if (tok_dir / name).is_file()}
-    if "tokenizer.json" not in files and "vocab.txt" not in files:
-        raise BibertError(f"no tokenizer (tokenizer.json or vocab.txt) in {tok_dir}: copy the teacher's "
-                          "tokenizer files there or pass --tokenizer DIR")
-    if "tokenizer.json" in files:  # it holds the vocabulary too
-        files.pop("vocab.txt", None)
-
-    packed = PackedFile(hf_config, config["quantization"], np.dtype(side).name, tensors, files,
-                        required_version(mode))
-    out = Path(out)
-    write_packed(packed, out)
-    return ExportReport(out, out.stat().st_size, weights_path.stat().st_size)
-
-
-def score_count_minima(margins, head_size: int) -> np.ndarray:
-    """The integer form of relative Bi-Attention (attention "bi-max", docs/method.md §7) with
-    per-head margins m_h: for each head and each count c_max a row's best real key can have,
-    the smallest count c = q . k that the student attends to, int32 [heads, d + 1] (column j
-    for c_max = 2j - d; d + 2 where the row attends to nothing). The student's scores are a
-    float function of the counts, so the table is not derived algebraically: it is what the
-    student's own operations compute, in float32: the scores c / sqrt(d) + key mask (q @ k^T
-    of +-1 values is the integer c exactly), then its ScoreBinarizer, for one row per c_max
-    whose keys take every count, those above c_max as padded keys. A margin under which the
-    student would attend to a padded key (the engine never does) is refused."""
-    import math
-
-    import torch
-
-    from ..modeling import MASK_VALUE, ScoreBinarizer
-
-    margins = torch.as_tensor(margins, dtype=torch.float32).reshape(-1)
-    heads, d = margins.numel(), int(head_size)
-    counts = torch.arange(-d, d + 1, 2)  # every q . k of d signs, ascending; row r has c_max = counts[r]
-    binarizer = ScoreBinarizer(heads, relative=True).eval()
-    table = np.full((heads, d + 1), d + 2, dtype=np.int32)
-    block = max(1, (1 << 22) // (heads * (d + 1)))  # rows at a time
-    with torch.no_grad():
-        binarizer.threshold.copy_(margins)
-        for r0 in range(0, d + 1, block):
-            rows = counts[r0:r0 + block]
-            real = counts[None, :] <= rows[:, None]  # [rows, keys]: a row's keys up to its best
-            mask = (1.0 - real.float()) * MASK_VALUE  # the student's additive key mask
-            scores = counts.float()[None, None, None, :] / math.sqrt(d) + mask[None, None]  # (1, heads, rows, keys)
-            attended = (binarizer(scores.expand(1, heads, -1, -1).contiguous())[0] > 0.5).numpy()
-            padded = attended & ~real.numpy()
-            if padded.any():
-                h = int(np.flatnonzero(padded.any(axis=(1, 2)))[0])
-                raise BibertError(f"the margin {float(margins[h])!r} of head {h} makes the student attend to padded "
-                                  f"keys (its key mask is {MASK_VALUE}); the packed engine never does")
-            # keys in ascending count: a row must attend to every key from its lowest to its best
-            some, lowest, n = attended.any(-1), attended.argmax(-1), attended.sum(-1)  # (heads, rows)
-            if np.any(some & (n != np.arange(r0, r0 + len(rows))[None, :] - lowest + 1)):
-                raise BibertError("the student's choice of keys is not a threshold on the count")
-            table[:, r0:r0 + len(rows)] = np.where(some, counts.numpy()[lowest], d + 2)
-    return table
-
-
-def _aligned(n: int) -> int:
+def aligned(n: int) -> int:
+    """n rounded up to the data section's alignment."""
     return -(-n // ALIGN) * ALIGN
 
 
@@ -269,44 +117,7 @@ def required_version(mode: str) -> int:
     return MODE_VERSION[mode]
 
 
-def write_packed(packed: PackedFile, path: Path) -> None:
-    """Serialise `packed` (atomically: a temporary file renamed into place) with the lowest
-    format version that holds it. A model that `read_packed` would refuse is not written."""
-    try:
-        _check_packed(packed)
-        version = required_version(check_quantization(packed.quantization))
-    except _Invalid as exc:
-        raise BibertError(f"refusing to write {path}: {exc}") from None
-    entries, blobs, offset = [], [], 0
-    items = [("tensor", k, np.ascontiguousarray(v)) for k, v in packed.tensors.items()]
-    items += [("file", k, np.frombuffer(lzma.compress(v, preset=9 | lzma.PRESET_EXTREME), dtype=np.uint8)) for k, v in packed.files.items()]
-    for kind, name, arr in items:
-        entries.append({"kind": kind, "name": name, "dtype": arr.dtype.str, "shape": list(arr.shape),
-                        "offset": offset, "nbytes": arr.nbytes, **({"compression": "xz"} if kind == "file" else {})})
-        blobs.append((offset, arr.tobytes()))
-        offset = _aligned(offset + arr.nbytes)
-    header = {"format_version": version, "config": packed.config, "quantization": packed.quantization,
-              "side_dtype": packed.side_dtype, "bit_order": BIT_ORDER,
-              "entries": entries}
-    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    head += b" " * (_aligned(PREAMBLE.size + len(head)) - PREAMBLE.size - len(head))
-    data = bytearray(offset)
-    for off, raw in blobs:
-        data[off:off + len(raw)] = raw
-    body = PREAMBLE.pack(MAGIC, version, 0, len(head)) + head + bytes(data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-            f.write(hashlib.sha256(body).digest())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-# ---- reading: nothing in a file is trusted -------------------------------------------
+# ---- nothing in a file is trusted ------------------------------------------------------
 
 
 class _Invalid(Exception):
@@ -416,8 +227,6 @@ class ModelShape:
 def model_shape(config) -> ModelShape:
     """Checks the header's config (every field the engine reads: its type, its range and
     how it agrees with the others) and returns the model's sizes."""
-    from ..modeling import GELU_FAMILY
-
     config = _object(config, "config")
     missing = [name for name in (*CONFIG_LIMITS, "model_type", "hidden_act", "layer_norm_eps", "id2label")
                if name not in config]  # the engine reads no other field (dropout, label2id, ...)
@@ -428,7 +237,7 @@ def model_shape(config) -> ModelShape:
         raise _Invalid(f"config.num_attention_heads is {c['num_attention_heads']}; it must divide "
                        f"config.hidden_size ({c['hidden_size']})")
     _string(config["model_type"], "config.model_type", ("bert",))
-    _string(config["hidden_act"], "config.hidden_act", GELU_FAMILY)
+    _string(config["hidden_act"], "config.hidden_act", GELU_ACTIVATIONS)
     positions = config.get("position_embedding_type", "absolute")
     if positions is not None:
         _string(positions, "config.position_embedding_type", ("absolute",))
@@ -500,13 +309,15 @@ class TensorSpec:
 
 
 QUANTIZER_THRESHOLD, QUANTIZER_SCALE = ".input_quantizer.threshold", ".input_quantizer.scale"
-SCORE_THRESHOLD = "attention.self.score_quantizer.threshold"  # per head; 0 is the paper's Bi-Attention
-# "bi-max": per head and row maximum c_max, the smallest attended count (`score_count_minima`)
-SCORE_COUNT_MIN = "attention.self.score_quantizer.count_min"
+SCORE_THRESHOLD = f"{SELF_ATTENTION}.score_quantizer.threshold"  # per head; 0 is the paper's Bi-Attention
+# "bi-max": per head and row maximum c_max, the smallest attended count (`exporter.score_count_minima`)
+SCORE_COUNT_MIN = f"{SELF_ATTENTION}.score_quantizer.count_min"
 TRAINING_ONLY = (".window",)  # state-dict entries that do not change the forward (a quantizer's STE window)
 # elastic binarization: the modules whose input quantizer a file holds, per layer (and the
 # pooler); attention.self's one quantizer feeds query, key and value (docs/method.md §7)
-ELASTIC_INPUTS = ("attention.self", "attention.output.dense", "intermediate.dense", "output.dense")
+ELASTIC_INPUTS = (SELF_ATTENTION, ATTENTION_OUTPUT, FFN_IN, FFN_OUT)
+EMBEDDINGS = f"{BODY}.embeddings."  # the full-precision embedding tables and their LayerNorm
+POOLER_DENSE = f"{BODY}.{POOLER}"
 
 
 def expected_tensors(config, side_dtype: str, mode: str = "sign") -> dict[str, TensorSpec]:
@@ -535,32 +346,32 @@ def expected_tensors(config, side_dtype: str, mode: str = "sign") -> dict[str, T
             full(name + QUANTIZER_THRESHOLD, channels)
             full(name + QUANTIZER_SCALE, 1)
 
-    e = "bert.embeddings."
-    binary(e + "word_embeddings", s.vocab, H, bias=False)
+    e = EMBEDDINGS
+    binary(f"{BODY}.{WORD_EMBEDDINGS}", s.vocab, H, bias=False)
     full(e + "position_embeddings.weight", s.positions, H)
     full(e + "token_type_embeddings.weight", s.token_types, H)
     full(e + "LayerNorm.weight", H)
     full(e + "LayerNorm.bias", H)
-    linear_sizes = {"intermediate.dense": (I, H), "output.dense": (H, I)}  # (out, in); the others H x H
+    linear_sizes = {FFN_IN: (I, H), FFN_OUT: (H, I)}  # (out, in); the others H x H
     for n in range(s.layers):
-        p = f"bert.encoder.layer.{n}."
+        p = LAYER_PREFIX.format(n)
         for lin in BINARY_LINEARS:
             binary(p + lin, *linear_sizes.get(lin, (H, H)))
         for ln in LAYER_NORMS:
             full(p + ln + ".weight", H)
             full(p + ln + ".bias", H)
         for module in ELASTIC_INPUTS:
-            quantizer(p + module, I if module == "output.dense" else H)
+            quantizer(p + module, I if module == FFN_OUT else H)
         if activations == "elastic":
             full(p + SCORE_THRESHOLD, s.heads)
         elif activations == "elastic-bi-max":
             table[p + SCORE_COUNT_MIN] = TensorSpec("<i4", (s.heads, s.head_size + 1), counts=s.head_size)
-    binary("bert.pooler.dense", H, H)
-    quantizer("bert.pooler.dense", H)
+    binary(POOLER_DENSE, H, H)
+    quantizer(POOLER_DENSE, H)
     if mode in ("2-bit", "4-bit"):
         table[ACTIVATION_CLIP_STD] = TensorSpec("<f4", (1,))
-    full("classifier.weight", s.num_labels, H)
-    full("classifier.bias", s.num_labels)
+    full(f"{CLASSIFIER}.weight", s.num_labels, H)
+    full(f"{CLASSIFIER}.bias", s.num_labels)
     return table
 
 
@@ -753,9 +564,9 @@ def _parse(raw: bytes, path: Path) -> PackedFile:
     if len(raw) < PREAMBLE.size + DIGEST or raw[:8] != MAGIC:
         raise _Invalid("too short or bad magic (a packed model starts with BIBERTPK)")
     _, version, reserved, head_len = PREAMBLE.unpack_from(raw)
-    if version > FORMAT_VERSION:
+    if version > PACKED_FORMAT_VERSION:
         raise BibertError(f"{path} has packed format version {version}; this bibert reads up to "
-                          f"{FORMAT_VERSION}: upgrade bibert")
+                          f"{PACKED_FORMAT_VERSION}: upgrade bibert")
     if version < 1:
         raise _Invalid(f"format version {version}; versions start at 1")
     body, digest = memoryview(raw)[:-DIGEST], raw[-DIGEST:]
