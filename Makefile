@@ -21,15 +21,22 @@ $(ASAN_LIB): $(CSRC) $(CHDR)
 	gcc -O1 -g -std=gnu11 -pthread -fno-strict-aliasing -ffp-contract=off -fPIC -shared \
 	    -fsanitize=address -fno-omit-frame-pointer -o $@ $(CSRC)
 
-# Builds the kernels with ThreadSanitizer and runs the thread-pool tests on it (a data race
-# in the pool or in a kernel's per-thread scratch stops the run with a report; the fork
-# test is left out: ThreadSanitizer cannot start threads after a multi-threaded fork).
+# Builds the kernels with ThreadSanitizer and runs on it the thread-pool tests (every kernel,
+# 1 to 7 threads, each kernel family) and the engine's multithreaded forward (the encoder's
+# sequence groups run in parallel, or one group's kernels split across the threads; sign,
+# elastic, "bi-max" and k-bit models, every encoder blocking). A data race in the pool, in a
+# kernel's per-thread scratch or between groups stops the run with a report. The fork test is
+# left out: ThreadSanitizer cannot start threads after a multi-threaded fork. PyTorch, which
+# builds the tests' students, runs on one thread: its OpenMP pool synchronises in ways that
+# ThreadSanitizer does not see (the engine's pool is its own, with as many threads as asked).
 TSAN_LIB := build/tsan/_bitkernels_tsan.so
 tsan: $(TSAN_LIB)
-	TSAN_OPTIONS="halt_on_error=1 report_signal_unsafe=0" \
+	TSAN_OPTIONS="halt_on_error=1 report_signal_unsafe=0" OMP_NUM_THREADS=1 \
 	LD_PRELOAD="$$(gcc -print-file-name=libtsan.so)" \
 	BIBERT_NATIVE_LIB=$(abspath $(TSAN_LIB)) \
-	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "pool_gives or paths_agree"
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_packed.py tests/test_packed_elastic.py \
+	    tests/test_packed_bimax.py tests/test_packed_kbit.py \
+	    -k "pool_gives or paths_agree or threads_do_not or threads_identical or tuning_does_not"
 
 $(TSAN_LIB): $(CSRC) $(CHDR)
 	mkdir -p $(dir $@)
