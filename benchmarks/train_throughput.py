@@ -9,13 +9,18 @@ rounds and the median is reported, so noise on a shared machine hits them alike:
     finetune                 full-precision teacher (Hugging Face BertForSequenceClassification)
     bibert/float             BiBERT 1-1-1 (Bi-Attention, DMD): binary Linears as float matmuls
     bibert                   the same with exact int8 counts (the default on CPU)
-    elastic/float            1-1-1 with elastic binarization, float matmuls (the path before int8 counts)
+    elastic/float            Elastic BiBERT (elastic binarization, bi-max Bi-Attention), float matmuls
     elastic                  the same, exact int8 counts
     elastic/bf16             the same under bf16 autocast: bf16 teacher and gradients, the
                              student's forward still exact (docs/method.md §7)
 
 "float" variants set quantizers._INT_MM off, the path every run took before int8 counts:
 the student computes the same numbers either way, only the speed differs.
+A second table splits one distillation step of Elastic BiBERT into its parts, interleaved
+(`--no-components` skips it): the teacher's forward (what caching its outputs across
+epochs could save at most), and the student's forward + loss + backward, eager and under
+torch.compile (compile time reported apart).
+
 Model: the offline MiniLM teacher (6 x 384, 12 heads of 32), fine-tuned for a few
 steps first so that it has a classifier head.
 
@@ -45,12 +50,16 @@ from bibert.train import distill, finetune
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _quant(activations: str) -> QuantConfig:
+    return QuantConfig(activations=activations, attention="bi-max" if activations == "elastic" else "bi")
+
+
 def _distill(activations: str, int_mm: bool, precision: str = "fp32"):
     def run(teacher, out, opts):
         quantizers._INT_MM = int_mm and quantizers._integer_matmul_available()
         try:
             return distill(teacher, "rotten_tomatoes", out, distill="dmd",
-                           quant=QuantConfig.from_bits("1-1-1", "bi", activations), **{**opts, "precision": precision})
+                           quant=_quant(activations), **{**opts, "precision": precision})
         finally:
             quantizers._INT_MM = quantizers._integer_matmul_available()
     return run
@@ -74,6 +83,97 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+def _batch(tokenizer, batch_size: int, max_length: int) -> dict:
+    from bibert.data import rotten_tomatoes_splits
+
+    texts = [ex.text_a for ex in rotten_tomatoes_splits()["train"][:batch_size]]
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    enc["labels"] = torch.tensor([ex.label for ex in rotten_tomatoes_splits()["train"][:batch_size]])
+    return dict(enc)
+
+
+def components(teacher_dir: str, batch_size: int, max_length: int, rounds: int, reps: int) -> dict:
+    """Milliseconds of one Elastic BiBERT distillation step, by part, interleaved over
+    `rounds` (median of `reps` calls per round and part)."""
+    import time
+
+    from transformers import AutoTokenizer
+
+    from bibert.losses import DistillObjective, LayerMap
+    from bibert.modeling import binarize, calibrate_quantizers, load_teacher
+    from bibert.tasks import get_task
+
+    task = get_task("rotten_tomatoes")
+    teacher = load_teacher(teacher_dir, task).eval()
+    student = binarize(teacher, _quant("elastic")).train()
+    batch = _batch(AutoTokenizer.from_pretrained(teacher_dir), batch_size, max_length)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    layer_map = LayerMap(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    calibrate_quantizers(student, inputs, teacher, layer_map)
+    objective = DistillObjective(teacher, "dmd", layer_map, False)
+    want = dict(output_hidden_states=True, output_qkv=True)
+
+    def teacher_forward():
+        with torch.no_grad():
+            teacher(**inputs, **want)
+
+    def step(model):
+        def run():
+            loss = objective(model, batch)["loss"]
+            loss.backward()
+            student.zero_grad(set_to_none=True)
+            return loss.detach()
+        return run
+
+    torch.manual_seed(0)
+    eager_loss = step(student)().item()
+    compiled = torch.compile(student)
+    t0 = time.perf_counter()
+    try:
+        torch.manual_seed(0)
+        compiled_loss = step(compiled)().item()
+        compile_s, compile_error = time.perf_counter() - t0, None
+    except Exception as exc:  # reported, not fatal: the other parts are still measured
+        compile_s, compile_error, compiled_loss = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}", None
+    parts = {"teacher forward": teacher_forward, "student step, eager": step(student)}
+    if compile_error is None:
+        parts["student step, torch.compile"] = step(compiled)
+    times: dict[str, list[float]] = {name: [] for name in parts}
+    for _ in range(rounds):
+        for name, fn in parts.items():
+            calls = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                fn()
+                calls.append(time.perf_counter() - t)
+            times[name].append(statistics.median(calls) * 1e3)
+    return {"batch_size": batch_size, "max_length": max_length, "rounds": rounds, "reps": reps,
+            "median_ms": {k: round(statistics.median(v), 2) for k, v in times.items()}, "runs_ms": times,
+            "compile_seconds": None if compile_s is None else round(compile_s, 1), "compile_error": compile_error,
+            "eager_loss": eager_loss, "compiled_loss": compiled_loss}
+
+
+def components_table(c: dict) -> list[str]:
+    ms = c["median_ms"]
+    step = ms["teacher forward"] + ms["student step, eager"]
+    lines = ["", f"One Elastic BiBERT distillation step by part (batch {c['batch_size']}, length {c['max_length']}; "
+             f"medians of {c['rounds']} interleaved rounds):", "", "| part | ms | share of an eager step |", "|---|---|---|"]
+    for name, v in ms.items():
+        lines.append(f"| {name} | {v:.1f} | {v / step:.0%} |")
+    share = ms["teacher forward"] / step
+    lines.append("")
+    lines.append(f"Caching the teacher's outputs could make a step at most {1 / (1 - share):.2f}x faster "
+                 f"(the teacher's share is {share:.0%}).")
+    if c["compile_error"]:
+        lines.append(f"torch.compile failed: {c['compile_error']}")
+    else:
+        ratio = ms["student step, eager"] / ms["student step, torch.compile"]
+        lines.append(f"torch.compile: the student's step {ratio:.2f}x the eager speed after {c['compile_seconds']} s "
+                     f"of compilation; first-step loss {c['compiled_loss']:.4f} compiled vs {c['eager_loss']:.4f} eager "
+                     "(dropout draws differ under compile).")
+    return lines
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
@@ -84,6 +184,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the study's setting)")
     p.add_argument("--variants", nargs="*", choices=list(VARIANTS), help="only these variants")
     p.add_argument("--out", default=str(RESULTS / "train_throughput.json"))
+    p.add_argument("--no-components", action="store_true", help="skip the per-part timing of one step")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -102,6 +203,8 @@ def main() -> int:
                 runs[name].append(res["train_examples_per_s"])
                 print(f"round {r + 1}/{args.repeats} {name}: {res['train_examples_per_s']:.1f} examples/s",
                       file=sys.stderr)
+        parts = None if args.no_components or args.device == "cuda" else \
+            components(teacher, args.batch_size, args.max_length, rounds=max(3, args.repeats), reps=3)
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else \
         f"CPU ({cpu_name()}, {torch.get_num_threads()} threads)"
@@ -111,6 +214,7 @@ def main() -> int:
         "settings": {k: getattr(args, k) for k in ("steps", "repeats", "batch_size", "max_length", "threads")},
         "results": {name: {"median_examples_per_s": round(statistics.median(v), 2), "runs": v}
                     for name, v in runs.items()},
+        "components": parts,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
@@ -122,6 +226,8 @@ def main() -> int:
         ratio = f"{r['median_examples_per_s'] / base['median_examples_per_s']:.2f}x" if base else "-"
         lines.append(f"| {name:<16} | {r['median_examples_per_s']:.1f} | {ratio} | "
                      f"{', '.join(f'{x:.1f}' for x in r['runs'])} |")
+    if parts:
+        lines += components_table(parts)
     Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
