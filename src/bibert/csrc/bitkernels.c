@@ -648,86 +648,150 @@ static inline __attribute__((always_inline)) BB_AVX512 void epilogue16(__m512i l
     _mm512_mask_storeu_ps(out, lm, y);
 }
 
+/* kbit_epilogue on the counts of one tile, 8 channels at a time: the same integer and float
+ * operations */
+static BB_AVX512 void kbit_epilogue_avx512(const linear_args *g, int64_t r0, int mr, int64_t p, int nc,
+                                           const int64_t (*pc)[BB_PANEL]) {
+    int k = g->kbits;
+    int64_t n0 = p * BB_PANEL;
+    const __m512 stv = _mm512_set1_ps(g->kstep);
+    for (int r = 0; r + k <= mr; r += k) {
+        int64_t m = (r0 + r) / k;
+        for (int c = 0; c < 4; c++) {
+            int n = nc - 8 * c;
+            if (n <= 0) break;
+            __mmask8 lm = n >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << n) - 1);
+            __m512i P = _mm512_load_si512((const __m512i *)(pc[r] + 8 * c));
+            for (int b = 1; b < k; b++)
+                P = _mm512_add_epi64(P, _mm512_slli_epi64(_mm512_load_si512((const __m512i *)(pc[r + b] + 8 * c)),
+                                                          (unsigned)b));
+            P = _mm512_sub_epi64(P, _mm512_maskz_loadu_epi64(lm, g->koff + n0 + 8 * c));
+            __m256 y = _mm256_mul_ps(_mm512_cvtepi64_ps(P), _mm512_castps512_ps256(stv));
+            y = _mm256_add_ps(_mm256_mul_ps(y, _mm256_maskz_loadu_ps(lm, g->c0 + n0 + 8 * c)),
+                              _mm256_maskz_loadu_ps(lm, g->c1 + n0 + 8 * c));
+            if (g->residual) y = _mm256_add_ps(y, _mm256_maskz_loadu_ps(lm, g->residual + m * g->N + n0 + 8 * c));
+            _mm256_mask_storeu_ps(g->out + m * g->N + n0 + 8 * c, lm, y);
+        }
+    }
+}
+
+enum { BB_OUT_BITS, BB_OUT_FLOAT, BB_OUT_KBIT };
+
+/* the bit epilogue of one row: 32 compares with the thresholds, flipped, masked to the panel */
+static inline __attribute__((always_inline)) BB_AVX512 void bits_row32(const linear_args *g, int64_t m, int64_t p,
+                                                                     __m512i s0, __m512i s1, __m512i s2, __m512i s3,
+                                                                     const __m512i t[4], uint32_t fl, uint32_t valid) {
+    uint32_t bits = (uint32_t)_mm512_cmpgt_epi64_mask(s0, t[0]) | (uint32_t)_mm512_cmpgt_epi64_mask(s1, t[1]) << 8 |
+                    (uint32_t)_mm512_cmpgt_epi64_mask(s2, t[2]) << 16 | (uint32_t)_mm512_cmpgt_epi64_mask(s3, t[3]) << 24;
+    ((uint32_t *)(g->out_bits + m * g->ldo))[p] = (bits ^ fl) & valid;
+}
+
+/* the float epilogue of one row's 32 channels */
+static inline __attribute__((always_inline)) BB_AVX512 void float_row32(const linear_args *g, int64_t m, int64_t n0,
+                                                                      __m512i s0, __m512i s1, __m512i s2, __m512i s3,
+                                                                      const __m512 c[4], __mmask16 lm0, __mmask16 lm1) {
+    float *o = g->out + m * g->N + n0;
+    const float *res = g->residual ? g->residual + m * g->N + n0 : NULL;
+    epilogue16(s0, s1, c[0], c[2], res, o, lm0);
+    if (lm1) epilogue16(s2, s3, c[1], c[3], res ? res + 16 : NULL, o + 16, lm1);
+}
+
+/* the counts of one row into a tile row (k-bit epilogue) */
+static inline __attribute__((always_inline)) BB_AVX512 void store_row32(int64_t *t, __m512i s0, __m512i s1,
+                                                                      __m512i s2, __m512i s3) {
+    _mm512_store_si512((__m512i *)t, s0);
+    _mm512_store_si512((__m512i *)(t + 8), s1);
+    _mm512_store_si512((__m512i *)(t + 16), s2);
+    _mm512_store_si512((__m512i *)(t + 24), s3);
+}
+
+#define BB_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#define BB_POP(av, w) _mm512_popcnt_epi64(_mm512_xor_si512(av, w))
+#define BB_ROW_FIRST(r)                                                                                       \
+    if (MR > r) {                                                                                             \
+        __m512i av = _mm512_set1_epi64((long long)a[r * lda]);                                                \
+        s##r##0 = BB_POP(av, w0), s##r##1 = BB_POP(av, w1), s##r##2 = BB_POP(av, w2), s##r##3 = BB_POP(av, w3); \
+    }
+#define BB_ROW_NEXT(r)                                                                                        \
+    if (MR > r) {                                                                                             \
+        __m512i av = _mm512_set1_epi64((long long)a[r * lda + k]);                                            \
+        s##r##0 = _mm512_add_epi64(s##r##0, BB_POP(av, w0));                                                  \
+        s##r##1 = _mm512_add_epi64(s##r##1, BB_POP(av, w1));                                                  \
+        s##r##2 = _mm512_add_epi64(s##r##2, BB_POP(av, w2));                                                  \
+        s##r##3 = _mm512_add_epi64(s##r##3, BB_POP(av, w3));                                                  \
+    }
+#define BB_ROW_BITS(r) \
+    if (MR > r) bits_row32(g, r0 + r, p, s##r##0, s##r##1, s##r##2, s##r##3, t, fl, valid);
+#define BB_ROW_FLOAT(r) \
+    if (MR > r) float_row32(g, r0 + r, n0, s##r##0, s##r##1, s##r##2, s##r##3, c, lm0, lm1);
+#define BB_ROW_STORE(r) \
+    if (MR > r) store_row32(tile[r], s##r##0, s##r##1, s##r##2, s##r##3);
+#define BB_ROW_DECL(r) __m512i s##r##0, s##r##1, s##r##2, s##r##3;
+
+/* One row block (MR rows) x one panel; OUT (a constant) selects the epilogue. The 4 * MR
+ * accumulators are separate variables (not an array, which the compiler would keep in memory
+ * and copy to registers around the K loop of every block); the first K-word initialises them
+ * (K >= 1, so there always is one). */
 static inline __attribute__((always_inline)) BB_AVX512 void linear_block_avx512(const linear_args *g,
                                                                                int64_t r0, const int MR,
-                                                                               int64_t p) {
+                                                                               int64_t p, const int OUT) {
     int64_t kw = words_of(g->K);
     const uint64_t *wp = g->w + p * kw * BB_PANEL;
     int64_t n0 = p * BB_PANEL;
     int nc = g->N - n0 < BB_PANEL ? (int)(g->N - n0) : BB_PANEL;
     const uint64_t *a = g->a + r0 * g->lda;
-    __m512i acc[BB_MR][4];
-    for (int r = 0; r < MR; r++)
-        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_si512();
-    for (int64_t k = 0; k < kw; k++) {
+    int64_t lda = g->lda;
+    BB_ROWS(BB_ROW_DECL)
+    {
+        __m512i w0 = _mm512_loadu_si512(wp), w1 = _mm512_loadu_si512(wp + 8);
+        __m512i w2 = _mm512_loadu_si512(wp + 16), w3 = _mm512_loadu_si512(wp + 24);
+        BB_ROWS(BB_ROW_FIRST)
+    }
+    for (int64_t k = 1; k < kw; k++) {
         const uint64_t *wk = wp + k * BB_PANEL;
         __m512i w0 = _mm512_loadu_si512(wk), w1 = _mm512_loadu_si512(wk + 8);
         __m512i w2 = _mm512_loadu_si512(wk + 16), w3 = _mm512_loadu_si512(wk + 24);
-        for (int r = 0; r < MR; r++) {
-            __m512i av = _mm512_set1_epi64((long long)a[r * g->lda + k]);
-            acc[r][0] = _mm512_add_epi64(acc[r][0], _mm512_popcnt_epi64(_mm512_xor_si512(av, w0)));
-            acc[r][1] = _mm512_add_epi64(acc[r][1], _mm512_popcnt_epi64(_mm512_xor_si512(av, w1)));
-            acc[r][2] = _mm512_add_epi64(acc[r][2], _mm512_popcnt_epi64(_mm512_xor_si512(av, w2)));
-            acc[r][3] = _mm512_add_epi64(acc[r][3], _mm512_popcnt_epi64(_mm512_xor_si512(av, w3)));
-        }
+        BB_ROWS(BB_ROW_NEXT)
     }
     uint32_t valid = nc >= 32 ? 0xFFFFFFFFu : (1u << nc) - 1;
-    if (g->kbits) { /* kbit_epilogue, 8 channels at a time: the same integer and float operations */
-        int k = g->kbits;
-        const __m512 stv = _mm512_set1_ps(g->kstep);
-        for (int r = 0; r + k <= MR; r += k) {
-            int64_t m = (r0 + r) / k;
-            for (int c = 0; c < 4; c++) {
-                int n = nc - 8 * c;
-                if (n <= 0) break;
-                __mmask8 lm = n >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << n) - 1);
-                __m512i P = acc[r][c];
-                for (int b = 1; b < k; b++) P = _mm512_add_epi64(P, _mm512_slli_epi64(acc[r + b][c], (unsigned)b));
-                P = _mm512_sub_epi64(P, _mm512_maskz_loadu_epi64(lm, g->koff + n0 + 8 * c));
-                __m256 y = _mm256_mul_ps(_mm512_cvtepi64_ps(P), _mm512_castps512_ps256(stv));
-                y = _mm256_add_ps(_mm256_mul_ps(y, _mm256_maskz_loadu_ps(lm, g->c0 + n0 + 8 * c)),
-                                  _mm256_maskz_loadu_ps(lm, g->c1 + n0 + 8 * c));
-                if (g->residual) y = _mm256_add_ps(y, _mm256_maskz_loadu_ps(lm, g->residual + m * g->N + n0 + 8 * c));
-                _mm256_mask_storeu_ps(g->out + m * g->N + n0 + 8 * c, lm, y);
-            }
-        }
-        return;
-    }
-    if (g->out_bits) {
-        const int64_t *t = g->thr + n0;
-        __m512i t0 = _mm512_loadu_si512(t), t1 = _mm512_loadu_si512(t + 8);
-        __m512i t2 = _mm512_loadu_si512(t + 16), t3 = _mm512_loadu_si512(t + 24);
+    if (OUT == BB_OUT_KBIT) { /* through memory: the k-bit epilogue combines the counts of several rows */
+        int64_t tile[BB_MR][BB_PANEL] __attribute__((aligned(64)));
+        BB_ROWS(BB_ROW_STORE)
+        kbit_epilogue_avx512(g, r0, MR, p, nc, (const int64_t (*)[BB_PANEL])tile);
+    } else if (OUT == BB_OUT_BITS) {
+        const int64_t *tp = g->thr + n0;
+        const __m512i t[4] = {_mm512_loadu_si512(tp), _mm512_loadu_si512(tp + 8), _mm512_loadu_si512(tp + 16),
+                              _mm512_loadu_si512(tp + 24)};
         uint32_t fl = g->flip[p];
-        for (int r = 0; r < MR; r++) {
-            uint32_t bits = (uint32_t)_mm512_cmpgt_epi64_mask(acc[r][0], t0) |
-                            (uint32_t)_mm512_cmpgt_epi64_mask(acc[r][1], t1) << 8 |
-                            (uint32_t)_mm512_cmpgt_epi64_mask(acc[r][2], t2) << 16 |
-                            (uint32_t)_mm512_cmpgt_epi64_mask(acc[r][3], t3) << 24;
-            ((uint32_t *)(g->out_bits + (r0 + r) * g->ldo))[n0 / 32] = (bits ^ fl) & valid;
-        }
-        return;
-    }
-    __mmask16 lm0 = (__mmask16)valid, lm1 = (__mmask16)(valid >> 16);
-    __m512 c00 = _mm512_maskz_loadu_ps(lm0, g->c0 + n0), c01 = _mm512_maskz_loadu_ps(lm1, g->c0 + n0 + 16);
-    __m512 c10 = _mm512_maskz_loadu_ps(lm0, g->c1 + n0), c11 = _mm512_maskz_loadu_ps(lm1, g->c1 + n0 + 16);
-    for (int r = 0; r < MR; r++) {
-        int64_t m = r0 + r;
-        float *o = g->out + m * g->N + n0;
-        const float *res = g->residual ? g->residual + m * g->N + n0 : NULL;
-        epilogue16(acc[r][0], acc[r][1], c00, c10, res, o, lm0);
-        if (lm1) epilogue16(acc[r][2], acc[r][3], c01, c11, res ? res + 16 : NULL, o + 16, lm1);
+        BB_ROWS(BB_ROW_BITS)
+    } else {
+        /* c0 / c1 in registers, loaded once per panel (stores to `out` could alias them, so the
+         * compiler would otherwise reload them for every row) */
+        __mmask16 lm0 = (__mmask16)valid, lm1 = (__mmask16)(valid >> 16);
+        const __m512 c[4] = {_mm512_maskz_loadu_ps(lm0, g->c0 + n0), _mm512_maskz_loadu_ps(lm1, g->c0 + n0 + 16),
+                             _mm512_maskz_loadu_ps(lm0, g->c1 + n0), _mm512_maskz_loadu_ps(lm1, g->c1 + n0 + 16)};
+        BB_ROWS(BB_ROW_FLOAT)
     }
 }
 
-BB_AVX512 static void linear_avx512(const linear_args *g, int64_t r0, int mr, int64_t p) {
-    switch (mr) {
-    case 6: linear_block_avx512(g, r0, 6, p); break;
-    case 5: linear_block_avx512(g, r0, 5, p); break;
-    case 4: linear_block_avx512(g, r0, 4, p); break;
-    case 3: linear_block_avx512(g, r0, 3, p); break;
-    case 2: linear_block_avx512(g, r0, 2, p); break;
-    default: linear_block_avx512(g, r0, 1, p); break;
+#define BB_LINEAR_AVX512(OUT)                                                                                 \
+    switch (mr) {                                                                                             \
+    case 6: linear_block_avx512(g, r0, 6, p, OUT); break;                                                     \
+    case 5: linear_block_avx512(g, r0, 5, p, OUT); break;                                                     \
+    case 4: linear_block_avx512(g, r0, 4, p, OUT); break;                                                     \
+    case 3: linear_block_avx512(g, r0, 3, p, OUT); break;                                                     \
+    case 2: linear_block_avx512(g, r0, 2, p, OUT); break;                                                     \
+    default: linear_block_avx512(g, r0, 1, p, OUT); break;                                                    \
     }
+
+BB_AVX512 static void linear_avx512_bits(const linear_args *g, int64_t r0, int mr, int64_t p) {
+    BB_LINEAR_AVX512(BB_OUT_BITS)
+}
+BB_AVX512 static void linear_avx512_float(const linear_args *g, int64_t r0, int mr, int64_t p) {
+    BB_LINEAR_AVX512(BB_OUT_FLOAT)
+}
+BB_AVX512 static void linear_avx512_kbit(const linear_args *g, int64_t r0, int mr, int64_t p) {
+    BB_LINEAR_AVX512(BB_OUT_KBIT)
 }
 #endif
 
@@ -815,9 +879,10 @@ BB_AVX2 static void linear_avx2(const linear_args *g, int64_t r0, int mr, int64_
 
 typedef void (*linear_fn)(const linear_args *, int64_t, int, int64_t);
 
-static linear_fn pick_linear(void) {
+static linear_fn pick_linear(const linear_args *g) {
 #if BB_X86
-    if (bb_get_kernel() == BB_KERNEL_AVX512) return linear_avx512;
+    if (bb_get_kernel() == BB_KERNEL_AVX512)
+        return g->kbits ? linear_avx512_kbit : g->out_bits ? linear_avx512_bits : linear_avx512_float;
     if (bb_get_kernel() == BB_KERNEL_AVX2) return linear_avx2;
     if (cpu_has_popcnt()) return linear_portable_popcnt;
 #endif
@@ -919,7 +984,7 @@ int bb_linear(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint64
 static void linear_run(const linear_args *gp) {
     const linear_args g = *gp;
     int64_t M = g.M, K = g.K, N = g.N;
-    linear_fn fn = pick_linear();
+    linear_fn fn = pick_linear(&g);
     const bb_tuning *tu = &g_tuning[bb_get_kernel()];
     int64_t mr = tu->mr;
     if (g.kbits) /* a tile holds whole input rows: all k planes of each */
