@@ -1585,9 +1585,14 @@ BB_AVX512 static void attn_ba_avx512(const attn_args *g, int64_t bh, int64_t i, 
     if (!g->rel) {
         const __m512i limv = _mm512_set1_epi64(g->lim ? g->lim[bh % g->H] : (g->d + 1) / 2);
         for (int64_t w = 0; w < g->lw; w++) {
-            __m512i acc[8];
-            attn_popcounts_avx512(g, q, kt, w, acc);
-            ba[w] = attn_below_avx512(acc, limv) & valid[w];
+            const __m512i zero = _mm512_setzero_si512();
+            __m512i a0 = zero, a1 = zero, a2 = zero, a3 = zero, a4 = zero, a5 = zero, a6 = zero, a7 = zero;
+            for (int64_t x = 0; x < g->dw; x++) {
+                const __m512i qv = _mm512_set1_epi64((long long)q[x]);
+                const uint64_t *kx = kt + x * g->lp + 64 * w;
+                BB_POP8(a, qv, kx);
+            }
+            ba[w] = BB_BELOW8(a, limv) & valid[w];
         }
     } else if (g->lw <= 2) { /* relative, up to 128 keys: as below, the popcounts kept in registers */
         const int64_t *pad = g->pad + b * g->lp;
@@ -1627,12 +1632,54 @@ BB_AVX512 static void attn_ba_avx512(const attn_args *g, int64_t bh, int64_t i, 
     }
 }
 
+/* the context counts of 64 columns in 8 named vectors: a_v += popcount(BA AND v-bits) */
+#define BB_AND1(a, v, bv, vw) a##v = _mm512_add_epi64(a##v,                                               \
+                                     _mm512_popcnt_epi64(_mm512_and_si512(bv, _mm512_loadu_si512((vw) + 8 * v))))
+#define BB_AND8(a, bv, vw)                                                                                 \
+    do {                                                                                                   \
+        BB_AND1(a, 0, bv, vw); BB_AND1(a, 1, bv, vw); BB_AND1(a, 2, bv, vw); BB_AND1(a, 3, bv, vw);        \
+        BB_AND1(a, 4, bv, vw); BB_AND1(a, 5, bv, vw); BB_AND1(a, 6, bv, vw); BB_AND1(a, 7, bv, vw);        \
+    } while (0)
+/* columns 8v .. 8v+7 of a one-word context (attn_ctx_avx512, dp = 64): their count
+ * npos - 2 * popcount, its sign bits (or, with thresholds, !(count - t >= 0) in float32) into
+ * neg, the counts into cnt when asked; the general path's operations */
+#define BB_CTX1(a, v)                                                                                      \
+    do {                                                                                                   \
+        int n_ = (int)g->d - 8 * v >= 8 ? 8 : (int)g->d - 8 * v;                                           \
+        if (n_ <= 0) break;                                                                                \
+        __mmask8 m_ = (__mmask8)((1u << n_) - 1);                                                          \
+        __m512i count_ = _mm512_sub_epi64(nv, _mm512_slli_epi64(a##v, 1));                                 \
+        uint64_t neg_;                                                                                     \
+        if (t) {                                                                                           \
+            __m256 dv8_ = _mm256_sub_ps(_mm512_cvtepi64_ps(count_), _mm256_maskz_loadu_ps(m_, t + 8 * v));  \
+            neg_ = _mm256_cmp_ps_mask(dv8_, _mm256_setzero_ps(), _CMP_NGE_UQ);                             \
+        } else {                                                                                           \
+            neg_ = _mm512_cmp_epi64_mask(count_, _mm512_setzero_si512(), _MM_CMPINT_LT);                   \
+        }                                                                                                  \
+        neg |= (neg_ & m_) << (8 * v);                                                                     \
+        if (cnt) _mm256_mask_storeu_epi32(cnt + 8 * v, m_, _mm512_cvtepi64_epi32(count_));                \
+    } while (0)
+
 BB_AVX512 static void attn_ctx_avx512(const attn_args *g, int64_t bh, const uint64_t *ba, uint64_t *cb, int32_t *cnt,
                                       const float *t) {
     const uint64_t *vt = g->vt + bh * g->lw * g->dp;
     int64_t npos = 0;
     for (int64_t w = 0; w < g->lw; w++) npos += __builtin_popcountll(ba[w]);
     const __m512i nv = _mm512_set1_epi64(npos);
+    if (g->dp == 64) { /* one word of context bits (57 to 64 columns): 8 vectors of counts in registers */
+        const __m512i zero = _mm512_setzero_si512();
+        __m512i a0 = zero, a1 = zero, a2 = zero, a3 = zero, a4 = zero, a5 = zero, a6 = zero, a7 = zero;
+        for (int64_t w = 0; w < g->lw; w++) {
+            const __m512i bv = _mm512_set1_epi64((long long)ba[w]);
+            const uint64_t *vw = vt + w * 64;
+            BB_AND8(a, bv, vw);
+        }
+        uint64_t neg = 0;
+        BB_CTX1(a, 0); BB_CTX1(a, 1); BB_CTX1(a, 2); BB_CTX1(a, 3);
+        BB_CTX1(a, 4); BB_CTX1(a, 5); BB_CTX1(a, 6); BB_CTX1(a, 7);
+        cb[0] = neg;
+        return;
+    }
     for (int64_t x = 0; x < g->dw; x++) cb[x] = 0;
     for (int64_t c0 = 0; c0 < g->dp; c0 += 32) {
         int nblk = g->dp - c0 >= 32 ? 4 : (int)((g->dp - c0) / 8);
