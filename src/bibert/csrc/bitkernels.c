@@ -1238,6 +1238,24 @@ static inline __attribute__((always_inline)) BB_AVX512 void layernorm_block_avx5
         rv[r] = _mm512_set1_ps(1.0f / sqrtf(v / (float)H + eps));
     }
     const __m512 zero = _mm512_setzero_ps();
+    if (bits && H % 64 == 0) { /* whole words: four vectors of 16 per word, no masks */
+        for (int r = 0; r < R; r++)
+            for (int64_t i = 0; i < H; i += 64) {
+                uint64_t word = 0;
+                for (int v = 0; v < 4; v++) {
+                    int64_t e = i + 16 * v;
+                    __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + r * H + e), mv[r]);
+                    __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(d, rv[r]), _mm512_loadu_ps(g + e)),
+                                             _mm512_loadu_ps(b + e));
+                    _mm512_storeu_ps(out + r * H + e, y);
+                    __mmask16 neg = t ? _mm512_cmp_ps_mask(_mm512_sub_ps(y, _mm512_loadu_ps(t + e)), zero, _CMP_NGE_UQ)
+                                      : _mm512_cmp_ps_mask(y, zero, _CMP_LT_OQ);
+                    word |= (uint64_t)neg << (16 * v);
+                }
+                bits[r * ldb + (i >> 6)] = word;
+            }
+        return;
+    }
     for (int r = 0; r < R; r++) {
         uint64_t word = 0;
         for (int64_t i = 0; i < H; i += 16) {
