@@ -1728,6 +1728,45 @@ BB_AVX512 static void attn_ctx_avx512(const attn_args *g, int64_t bh, const uint
         }
     }
 }
+/* Query row r of every head for d = 64 with fixed limits (not relative): one word of query,
+ * key and context bits per head, each head's context one word of the output row. The BA bits
+ * of all heads, then their contexts: attn_ba_avx512 and attn_ctx_avx512's operations, inline.
+ * ba: scratch [H, lw]. */
+BB_AVX512 static void attn_row_avx512_d64(const attn_args *g, int64_t r, uint64_t *ba) {
+    int64_t H = g->H, L = g->L, lw = g->lw, b = r / L, i = r % L;
+    const uint64_t *valid = g->valid + b * lw;
+    uint64_t *orow = g->out + r * g->ldo;
+    const __m512i zero = _mm512_setzero_si512();
+    for (int64_t h = 0; h < H; h++) {
+        int64_t bh = b * H + h;
+        const __m512i qv = _mm512_set1_epi64((long long)g->q[bh * L + i]);
+        const __m512i limv = _mm512_set1_epi64(g->lim ? g->lim[h] : (g->d + 1) / 2);
+        const uint64_t *kt = g->kt + bh * g->lp;
+        for (int64_t w = 0; w < lw; w++) {
+            __m512i a0 = zero, a1 = zero, a2 = zero, a3 = zero, a4 = zero, a5 = zero, a6 = zero, a7 = zero;
+            BB_POP8(a, qv, kt + 64 * w);
+            ba[h * lw + w] = BB_BELOW8(a, limv) & valid[w];
+        }
+    }
+    for (int64_t h = 0; h < H; h++) {
+        const uint64_t *vt = g->vt + (b * H + h) * lw * 64, *bah = ba + h * lw;
+        const float *t = g->thr ? g->thr + h * 64 : NULL;
+        int32_t *cnt = g->counts ? g->counts + (r * H + h) * 64 : NULL;
+        int64_t npos = 0;
+        for (int64_t w = 0; w < lw; w++) npos += __builtin_popcountll(bah[w]);
+        const __m512i nv = _mm512_set1_epi64(npos);
+        __m512i a0 = zero, a1 = zero, a2 = zero, a3 = zero, a4 = zero, a5 = zero, a6 = zero, a7 = zero;
+        for (int64_t w = 0; w < lw; w++) {
+            const __m512i bv = _mm512_set1_epi64((long long)bah[w]);
+            BB_AND8(a, bv, vt + w * 64);
+        }
+        uint64_t neg = 0;
+        BB_CTX1(a, 0); BB_CTX1(a, 1); BB_CTX1(a, 2); BB_CTX1(a, 3);
+        BB_CTX1(a, 4); BB_CTX1(a, 5); BB_CTX1(a, 6); BB_CTX1(a, 7);
+        orow[h] = neg;
+    }
+    for (int64_t x = H; x < g->ldo; x++) orow[x] = 0;
+}
 #endif
 
 typedef void (*attn_ba_fn)(const attn_args *, int64_t, int64_t, uint64_t *, int64_t *);
@@ -1756,6 +1795,7 @@ typedef struct {
     int64_t ldq, q_off, k_off, v_off;
     attn_ba_fn ba_fn;
     attn_ctx_fn ctx_fn;
+    int row_d64;            /* rows through attn_row_avx512_d64 */
     uint64_t *scratch;      /* [threads, scratch_words]: ba [H, lw], cb [dw], popcounts [lp] of a relative row */
     int64_t scratch_words;
 } attn_job;
@@ -1799,6 +1839,12 @@ static void attn_query_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
     int64_t H = g->H, L = g->L, d = g->d, ldo = g->ldo;
     uint64_t *ba = j->scratch + tid * j->scratch_words, *cb = ba + H * g->lw;
     int64_t *pcs = g->rel ? (int64_t *)(cb + g->dw) : NULL;
+#if BB_X86
+    if (j->row_d64) {
+        for (int64_t r = lo; r < hi; r++) attn_row_avx512_d64(g, r, ba);
+        return;
+    }
+#endif
     for (int64_t r = lo; r < hi; r++) {
         int64_t b = r / L, i = r % L;
         uint64_t *orow = g->out + r * ldo;
@@ -1887,9 +1933,10 @@ static int biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t 
     g.lim = lim;
     g.rel = rel;
 
-    attn_job job = {&g, qkv, ldq, q_off, k_off, v_off, NULL, NULL, NULL,
+    attn_job job = {&g, qkv, ldq, q_off, k_off, v_off, NULL, NULL, 0, NULL,
                     (H * g.lw + g.dw + (rel ? g.lp : 0) + 7) / 8 * 8};
     pick_attn(&job.ba_fn, &job.ctx_fn);
+    job.row_d64 = BB_X86 && bb_get_kernel() == BB_KERNEL_AVX512 && d == 64 && !rel;
     /* phase 1: per (b, h), gather the head's bits into the layouts above */
     bb_parallel_for(B * H, 1, attn_gather_heads, &job);
     /* phase 2: per query row, every head; each row of `out` is written by one chunk. Scratch
