@@ -5,6 +5,8 @@ import pytest
 import torch
 from transformers import BertConfig
 
+from bibert.packed import kernels
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
@@ -13,6 +15,15 @@ def offline_teacher_dir() -> str | None:
     if spec is None or spec.origin is None:
         return None
     return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+@pytest.fixture(params=kernels.available_kernels())  # portable, plus avx2 / avx512 where this CPU has them
+def path(request):
+    """Each native kernel family this CPU can run, selected for the test's duration."""
+    previous = kernels.get_kernel()
+    kernels.set_kernel(request.param)
+    yield request.param
+    kernels.set_kernel(previous)
 
 
 @pytest.fixture(scope="session")

@@ -17,13 +17,6 @@ from bibert.packed import kernels, reference
 PATHS = kernels.available_kernels()  # portable, plus avx2 / avx512 where this CPU has them
 
 
-@pytest.fixture(params=PATHS)
-def path(request):
-    previous = kernels.get_kernel()
-    kernels.set_kernel(request.param)
-    yield request.param
-    kernels.set_kernel(previous)
-
 
 def signs_to_bits(s: np.ndarray) -> np.ndarray:
     return kernels.pack_bool(s < 0)

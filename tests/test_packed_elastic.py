@@ -116,14 +116,6 @@ def exported(request, tmp_path_factory):
     return student, folder, out
 
 
-@pytest.fixture(params=PATHS)
-def path(request):
-    kernels.lib()
-    previous = kernels.get_kernel()
-    kernels.set_kernel(request.param)
-    yield request.param
-    kernels.set_kernel(previous)
-
 
 def test_export_round_trip(exported):
     student, _, out = exported

@@ -55,14 +55,6 @@ def exported(request, tmp_path_factory):
     return request.param, student, folder, out
 
 
-@pytest.fixture(params=PATHS)
-def path(request):
-    kernels.lib()
-    previous = kernels.get_kernel()
-    kernels.set_kernel(request.param)
-    yield request.param
-    kernels.set_kernel(previous)
-
 
 # ---- the kernels -------------------------------------------------------------------------
 
