@@ -15,7 +15,8 @@ from bibert import BibertError
 from bibert.cli import main as cli_main
 from bibert.modeling import BiBertForSequenceClassification
 from bibert.packed import export_packed, kernels, load_packed, read_packed, reference
-from bibert.packed.reader import PACKED_FORMAT_VERSION, pack_bool
+from bibert.packed.exporter import write_packed
+from bibert.packed.reader import PACKED_FORMAT_VERSION, PackedFile, pack_bool
 from bibert.quantizers import weight_scale_and_signs
 
 PATHS = kernels.available_kernels()  # portable, plus avx2 / avx512 where this CPU has them
@@ -88,9 +89,18 @@ def test_fp16_side_parameters(exported, tmp_path):
     half = export_packed(folder, tmp_path / "half.bibert", side_dtype="float16")
     assert half.packed_bytes < out.stat().st_size
     assert read_packed(half.path).tensors["classifier.bias"].dtype == np.float16
+    # the engine computes in float32 from the stored float16 values: the same file with those
+    # values widened to float32 gives bit-identical logits, close to the float32 file's
+    p16 = read_packed(half.path)
+    widened = PackedFile(p16.config, p16.quantization, "float32", files=p16.files, tensors={
+        name: t.astype(np.float32) if t.dtype == np.float16 else t for name, t in p16.tensors.items()})
+    write_packed(widened, tmp_path / "widened.bibert")
     ids, mask, types = batch(student.config.vocab_size)
-    logits = load_packed(half.path).forward(ids.numpy(), mask.numpy(), types.numpy())
-    assert np.isfinite(logits).all()
+    run = lambda path: load_packed(path).forward(ids.numpy(), mask.numpy(), types.numpy())  # noqa: E731
+    logits16, logits32 = run(half.path), run(out)
+    assert np.array_equal(logits16, run(tmp_path / "widened.bibert"))
+    assert not np.array_equal(logits16, logits32)  # the rounding is real ...
+    assert np.abs(logits16 - logits32).max() < 0.1 * np.abs(logits32).max()  # ... and small
 
 
 def capture(student, ids, mask, types):
