@@ -17,6 +17,7 @@ from bibert.modeling import BiBertForSequenceClassification
 from bibert.packed import export_packed, kernels, load_packed, read_packed, reference
 from bibert.packed.exporter import write_packed
 from bibert.packed.reader import PACKED_FORMAT_VERSION, PackedFile, pack_bool
+from packed_util import assert_same_outputs
 from bibert.quantizers import weight_scale_and_signs
 
 PATHS = kernels.available_kernels()  # portable, plus avx2 / avx512 where this CPU has them
@@ -208,10 +209,7 @@ def test_dispatch_paths_identical(exported):
         engine = load_packed(out, kernel=name)
         results.append(engine.forward(ids.numpy(), mask.numpy(), types.numpy(), output_hidden_states=True))
     kernels.set_kernel("auto")
-    for other in results[1:]:
-        np.testing.assert_array_equal(results[0][0], other[0])
-        for a, b in zip(results[0][1], other[1]):
-            np.testing.assert_array_equal(a, b)
+    assert_same_outputs(results)
 
 
 def test_padded_rows_are_skipped_and_change_nothing(exported):
@@ -263,10 +261,7 @@ def test_tuning_does_not_change_results(exported):
         kernels.set_encoder_tuning(*saved[1])
         kernels.set_kernel("auto")
         kernels.set_threads(kernels.default_threads())
-    for other in results[1:]:
-        np.testing.assert_array_equal(results[0][0], other[0])
-        for a, b in zip(results[0][1], other[1]):
-            np.testing.assert_array_equal(a, b)
+    assert_same_outputs(results)
     with pytest.raises(BibertError):
         kernels.set_tuning("avx512", 0, 16384, 0)
     with pytest.raises(BibertError):

@@ -6,10 +6,8 @@ identical predictions with padded and holed masks, every kernel family and threa
 alike, format version 4, and what the exporter and the reader refuse."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-import struct
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ from bibert.modeling import ScoreBinarizer
 from bibert.packed import PackedModel, export_packed, kernels, load_packed, read_packed
 from bibert.packed.exporter import score_count_minima, write_packed
 from bibert.packed.reader import PREAMBLE, SCORE_COUNT_MIN, SCORE_THRESHOLD, expected_tensors
+from packed_util import assert_same_outputs, with_header_version
 from test_packed_elastic import batch, check_layer_by_layer, make_elastic_student
 
 PATHS = kernels.available_kernels()
@@ -273,10 +272,7 @@ def test_kernel_families_and_threads_identical(exported):
             results.append(engine.forward(ids.numpy(), mask.numpy(), types.numpy(), output_hidden_states=True))
     kernels.set_kernel("auto")
     kernels.set_threads(kernels.default_threads())
-    for other in results[1:]:
-        np.testing.assert_array_equal(results[0][0], other[0])
-        for a, b in zip(results[0][1], other[1]):
-            np.testing.assert_array_equal(a, b)
+    assert_same_outputs(results)
 
 
 # ---- what the exporter and the reader refuse --------------------------------------------
@@ -317,15 +313,7 @@ def test_export_refuses_what_the_format_cannot_hold(exported, tmp_path, change, 
 
 def test_bimax_header_in_a_version_3_file_is_refused(exported, tmp_path):
     _, _, out = exported
-    raw = bytearray(out.read_bytes())
-    head_len = PREAMBLE.unpack_from(raw)[3]
-    header = json.loads(raw[PREAMBLE.size:PREAMBLE.size + head_len])
-    header["format_version"] = 3
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (head_len - len(text))
-    body = struct.pack("<8sIIQ", b"BIBERTPK", 3, 0, head_len) + text + bytes(raw[PREAMBLE.size + head_len:-32])
-    bad = tmp_path / "v3.bibert"
-    bad.write_bytes(body + hashlib.sha256(body).digest())
+    bad = with_header_version(out, 3, tmp_path / "v3.bibert")
     with pytest.raises(BibertError, match="needs format version 4"):
         read_packed(bad)
 

@@ -4,10 +4,8 @@ input values and scales != 1 included), end-to-end agreement on a larger model, 
 kernel family and thread count alike, and what the reader refuses."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import struct
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ from bibert.packed import PackedModel, export_packed, kernels, load_packed, read
 from bibert.packed.engine import BinaryLinear
 from bibert.packed.reader import PREAMBLE, expected_tensors, pack_bool
 from bibert.quantizers import weight_scale_and_signs
+from packed_util import assert_same_outputs, with_header_version
 
 PATHS = kernels.available_kernels()
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)]
@@ -285,10 +284,7 @@ def test_kernel_families_and_threads_identical(exported):
             results.append(engine.forward(ids.numpy(), mask.numpy(), types.numpy(), output_hidden_states=True))
     kernels.set_kernel("auto")
     kernels.set_threads(kernels.default_threads())
-    for other in results[1:]:
-        np.testing.assert_array_equal(results[0][0], other[0])
-        for a, b in zip(results[0][1], other[1]):
-            np.testing.assert_array_equal(a, b)
+    assert_same_outputs(results)
 
 
 def test_score_thresholds_are_stored_and_run(exported):
@@ -370,15 +366,7 @@ def test_zero_thresholds_unit_scales_match_sign_student_except_ffn_out(tmp_path)
 
 def test_elastic_header_in_a_version_1_file_is_refused(exported, tmp_path):
     _, _, out = exported
-    raw = bytearray(out.read_bytes())
-    head_len = PREAMBLE.unpack_from(raw)[3]
-    header = json.loads(raw[PREAMBLE.size:PREAMBLE.size + head_len])
-    header["format_version"] = 1
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (head_len - len(text))
-    body = struct.pack("<8sIIQ", b"BIBERTPK", 1, 0, head_len) + text + bytes(raw[PREAMBLE.size + head_len:-32])
-    bad = tmp_path / "v1.bibert"
-    bad.write_bytes(body + hashlib.sha256(body).digest())
+    bad = with_header_version(out, 1, tmp_path / "v1.bibert")
     with pytest.raises(BibertError, match="needs format version 2"):
         read_packed(bad)
 

@@ -17,6 +17,7 @@ from bibert.modeling import BiBertForSequenceClassification
 from bibert.packed import export_packed, kernels, load_packed, read_packed, reference
 from bibert.packed.reader import PREAMBLE, expected_tensors
 from bibert.quantizers import ACTIVATION_CLIP_STD, quantize_activation
+from packed_util import assert_same_outputs
 
 PATHS = kernels.available_kernels()
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)]
@@ -132,10 +133,7 @@ def test_kernel_families_and_threads_identical(exported):
             results.append(engine.forward(ids.numpy(), output_hidden_states=True))
     kernels.set_kernel("auto")
     kernels.set_threads(kernels.default_threads())
-    for other in results[1:]:
-        np.testing.assert_array_equal(results[0][0], other[0])
-        for a, b in zip(results[0][1], other[1]):
-            np.testing.assert_array_equal(a, b)
+    assert_same_outputs(results)
 
 
 # ---- the model ---------------------------------------------------------------------------

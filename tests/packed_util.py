@@ -1,0 +1,32 @@
+"""Helpers shared by the packed-engine tests."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from bibert.packed.reader import PREAMBLE
+
+
+def assert_same_outputs(results: list) -> None:
+    """Every engine output (logits, hidden states) equal to the first, bit for bit."""
+    for other in results[1:]:
+        np.testing.assert_array_equal(results[0][0], other[0])
+        for a, b in zip(results[0][1], other[1]):
+            np.testing.assert_array_equal(a, b)
+
+
+def with_header_version(src: Path, version: int, dest: Path) -> Path:
+    """A copy of the packed file `src` whose preamble and header claim `version`, with a
+    valid checksum: only the version check can refuse it."""
+    raw = src.read_bytes()
+    head_len = PREAMBLE.unpack_from(raw)[3]
+    header = json.loads(raw[PREAMBLE.size:PREAMBLE.size + head_len])
+    header["format_version"] = version
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (head_len - len(text))
+    body = PREAMBLE.pack(b"BIBERTPK", version, 0, head_len) + text + raw[PREAMBLE.size + head_len:-32]
+    dest.write_bytes(body + hashlib.sha256(body).digest())
+    return dest
