@@ -111,7 +111,8 @@ class CostTable:
             f" 32-bit: {t['params_32bit']:,}",
             f"operations: {t['gflops']:.3f} GFLOPs (binary MACs {t['binary_macs'] / 1e9:.3f} G,"
             f" fp MACs {t['fp_macs'] / 1e9:.3f} G)",
-            f"size: {t['size_mib']:.2f} MiB stored; {t['size_paper_mib']:.2f} MiB in the paper's accounting",
+            f"size: {t['size_mib']:.2f} MiB of parameters as stored ({t['size_mib'] * 2**20 / 1e6:.2f} MB; a packed "
+            f"file adds its tokenizer and header); {t['size_paper_mib']:.2f} MiB in the paper's accounting",
         ]
         return "\n".join(lines)
 
