@@ -19,7 +19,7 @@ from bibert.packed import PackedModel, export_packed, kernels, load_packed, read
 from bibert.packed.exporter import score_count_minima, write_packed
 from bibert.packed.reader import PREAMBLE, SCORE_COUNT_MIN, SCORE_THRESHOLD, expected_tensors
 from packed_util import assert_same_outputs, with_header_version
-from test_packed_elastic import batch, check_layer_by_layer, make_elastic_student
+from test_packed_elastic import batch, check_end_to_end, check_layer_by_layer, make_elastic_student
 
 PATHS = kernels.available_kernels()
 SHAPES = [dict(hidden=24, heads=3, ffn=40), dict(hidden=130, heads=2, ffn=200), dict(hidden=128, heads=2, ffn=256)]
@@ -251,15 +251,7 @@ def test_end_to_end_agrees_with_student(tmp_path):
     """A larger random model, many sequences of mixed lengths: >= 99.5% identical predictions."""
     student, folder = make_elastic_student(tmp_path, hidden=128, heads=4, ffn=256, layers=4, labels=5, seed=7,
                                            coincide=False, attention="bi-max", margins=varied_margins)
-    export_packed(folder, tmp_path / "big.bibert")
-    engine = load_packed(tmp_path / "big.bibert")
-    ids, mask, types = batch(student.config.vocab_size, B=400, T=48, seed=11)
-    with torch.no_grad():
-        expected = student(ids, mask, types).logits.numpy()
-    got = engine.forward(ids.numpy(), mask.numpy(), types.numpy())
-    agree = (got.argmax(1) == expected.argmax(1)).mean()
-    assert agree >= 0.995, agree
-    assert np.median(np.abs(got - expected)) < 1e-3
+    check_end_to_end(student, folder, tmp_path)
 
 
 def test_kernel_families_and_threads_identical(exported):
