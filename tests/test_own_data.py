@@ -85,6 +85,11 @@ def test_readme_example_end_to_end(reviews, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all(line.split("\t")[0] in ("pos", "neg") for line in lines)
     assert all("neg=" in line and "pos=" in line for line in lines)
+    assert lines[1].split("\t")[2] == "dull"  # several texts: each line names its text
+    long = "a gorgeous, witty, seductive movie that goes on and on about nothing in particular for hours"
+    assert cli_main(["predict", "--model", str(packed), long]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.count("\t") == 1 and long not in line  # one text: not echoed back
 
 
 def test_regression_of_your_own_data(tiny_teacher, tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+PREVIEW = 60  # characters of each text shown beside its prediction
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -131,8 +133,10 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        for r in rows:
-            print(f"{r['label']}\t" + " ".join(f"{k}={v:.4f}" for k, v in r["scores"].items()) + f"\t{r['text']}")
+        for r in rows:  # one text: its label and scores; several: each line names its text, shortened
+            line = f"{r['label']}\t" + " ".join(f"{k}={v:.4f}" for k, v in r["scores"].items())
+            text = r["text"] if len(r["text"]) <= PREVIEW else r["text"][:PREVIEW - 3] + "..."
+            print(line + (f"\t{text}" if len(rows) > 1 else ""))
     return 0
 
 
