@@ -30,3 +30,20 @@ def with_header_version(src: Path, version: int, dest: Path) -> Path:
     body = PREAMBLE.pack(b"BIBERTPK", version, 0, head_len) + text + raw[PREAMBLE.size + head_len:-32]
     dest.write_bytes(body + hashlib.sha256(body).digest())
     return dest
+
+
+def outputs_everywhere(path: Path, *inputs) -> list:
+    """The engine's (logits, hidden states) for `inputs`, with every kernel family this CPU
+    runs and 1, 2 and 3 threads; the process-wide kernel and thread settings are restored."""
+    from bibert.packed import kernels, load_packed
+
+    results = []
+    try:
+        for name in kernels.available_kernels():
+            for threads in (1, 2, 3):
+                engine = load_packed(path, kernel=name, threads=threads)
+                results.append(engine.forward(*inputs, output_hidden_states=True))
+    finally:
+        kernels.set_kernel("auto")
+        kernels.set_threads(kernels.default_threads())
+    return results

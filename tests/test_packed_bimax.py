@@ -15,13 +15,12 @@ import torch
 
 from bibert import BibertError
 from bibert.modeling import ScoreBinarizer
-from bibert.packed import PackedModel, export_packed, kernels, load_packed, read_packed
+from bibert.packed import PackedModel, export_packed, load_packed, read_packed
 from bibert.packed.exporter import score_count_minima, write_packed
 from bibert.packed.reader import PREAMBLE, SCORE_COUNT_MIN, SCORE_THRESHOLD, expected_tensors
-from packed_util import assert_same_outputs, with_header_version
+from packed_util import assert_same_outputs, outputs_everywhere, with_header_version
 from test_packed_elastic import batch, check_end_to_end, check_layer_by_layer, make_elastic_student
 
-PATHS = kernels.available_kernels()
 SHAPES = [dict(hidden=24, heads=3, ffn=40), dict(hidden=130, heads=2, ffn=200), dict(hidden=128, heads=2, ffn=256)]
 
 
@@ -257,14 +256,7 @@ def test_end_to_end_agrees_with_student(tmp_path):
 def test_kernel_families_and_threads_identical(exported):
     student, _, out = exported
     ids, mask, types = batch(student.config.vocab_size, B=5, T=20, seed=2)
-    results = []
-    for name in PATHS:
-        for threads in (1, 2, 3):
-            engine = load_packed(out, kernel=name, threads=threads)
-            results.append(engine.forward(ids.numpy(), mask.numpy(), types.numpy(), output_hidden_states=True))
-    kernels.set_kernel("auto")
-    kernels.set_threads(kernels.default_threads())
-    assert_same_outputs(results)
+    assert_same_outputs(outputs_everywhere(out, ids.numpy(), mask.numpy(), types.numpy()))
 
 
 # ---- what the exporter and the reader refuse --------------------------------------------

@@ -18,9 +18,8 @@ from bibert.packed import PackedModel, export_packed, kernels, load_packed, read
 from bibert.packed.engine import BinaryLinear
 from bibert.packed.reader import PREAMBLE, expected_tensors, pack_bool
 from bibert.quantizers import weight_scale_and_signs
-from packed_util import assert_same_outputs, with_header_version
+from packed_util import assert_same_outputs, outputs_everywhere, with_header_version
 
-PATHS = kernels.available_kernels()
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)]
 SHAPES = [dict(hidden=24, heads=3, ffn=40), dict(hidden=130, heads=2, ffn=200), dict(hidden=128, heads=2, ffn=256)]
 
@@ -283,14 +282,7 @@ def test_native_encoder_matches_layer_by_layer_calls(exported):
 def test_kernel_families_and_threads_identical(exported):
     student, _, out = exported
     ids, mask, types = batch(student.config.vocab_size, B=5, T=20, seed=2)
-    results = []
-    for name in PATHS:
-        for threads in (1, 2, 3):
-            engine = load_packed(out, kernel=name, threads=threads)
-            results.append(engine.forward(ids.numpy(), mask.numpy(), types.numpy(), output_hidden_states=True))
-    kernels.set_kernel("auto")
-    kernels.set_threads(kernels.default_threads())
-    assert_same_outputs(results)
+    assert_same_outputs(outputs_everywhere(out, ids.numpy(), mask.numpy(), types.numpy()))
 
 
 def test_score_thresholds_are_stored_and_run(exported):

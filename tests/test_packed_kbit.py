@@ -17,9 +17,8 @@ from bibert.modeling import BiBertForSequenceClassification
 from bibert.packed import export_packed, kernels, load_packed, read_packed, reference
 from bibert.packed.reader import PREAMBLE, expected_tensors
 from bibert.quantizers import ACTIVATION_CLIP_STD, quantize_activation
-from packed_util import assert_same_outputs
+from packed_util import assert_same_outputs, outputs_everywhere
 
-PATHS = kernels.available_kernels()
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)]
 
 
@@ -126,14 +125,7 @@ def test_gelu_is_close_to_torchs(path):
 def test_kernel_families_and_threads_identical(exported):
     bits, student, _, out = exported
     ids = sequence(40, seed=2)
-    results = []
-    for name in PATHS:
-        for threads in (1, 2, 3):
-            engine = load_packed(out, kernel=name, threads=threads)
-            results.append(engine.forward(ids.numpy(), output_hidden_states=True))
-    kernels.set_kernel("auto")
-    kernels.set_threads(kernels.default_threads())
-    assert_same_outputs(results)
+    assert_same_outputs(outputs_everywhere(out, ids.numpy()))
 
 
 # ---- the model ---------------------------------------------------------------------------
