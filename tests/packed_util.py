@@ -6,8 +6,30 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from bibert.packed.reader import PREAMBLE
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+VOCAB = SPECIAL_TOKENS + [f"w{i}" for i in range(40)]  # word-level vocabulary of the random students
+
+
+def randomize(student, std: float, keep: tuple[str, ...] = ("LayerNorm.weight",)) -> None:
+    """Every parameter whose name holds none of `keep` drawn from N(0, std), in parameter order:
+    larger than the 0.02 init, so that activations are not all near zero."""
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if not any(k in name for k in keep):
+                p.normal_(0, std)
+
+
+def save_with_tokenizer(student, folder: Path, vocab: list[str]) -> Path:
+    """`student` saved in `folder` with a word-level BERT tokenizer of `vocab` beside it."""
+    student.save_pretrained(folder)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer",
+                                                              "do_lower_case": True}))
+    return folder
 
 
 def assert_same_outputs(results: list) -> None:

@@ -17,7 +17,7 @@ from bibert.modeling import BiBertForSequenceClassification
 from bibert.packed import export_packed, kernels, load_packed, read_packed, reference
 from bibert.packed.exporter import write_packed
 from bibert.packed.reader import PACKED_FORMAT_VERSION, PackedFile, pack_bool
-from packed_util import assert_same_outputs
+from packed_util import SPECIAL_TOKENS, assert_same_outputs, randomize, save_with_tokenizer
 from bibert.quantizers import weight_scale_and_signs
 
 PATHS = kernels.available_kernels()  # portable, plus avx2 / avx512 where this CPU has them
@@ -27,22 +27,14 @@ WORDS = ["the", "movie", "was", "good", "bad", "great", "boring", "a", "plot", "
 
 def make_student(tmp_path, hidden=24, heads=3, ffn=40, layers=2, labels=3, seed=0, std=0.5):
     """A random 1-1-1 student folder with a small word-level tokenizer beside it."""
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    vocab = SPECIAL_TOKENS + WORDS
     config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=32,
                         num_labels=labels)
     torch.manual_seed(seed)
     student = BiBertForSequenceClassification(config).eval()
-    with torch.no_grad():  # larger than the 0.02 init, so that activations are not all near zero
-        for name, p in student.named_parameters():
-            if "LayerNorm.weight" not in name:
-                p.normal_(0, std)
-    folder = tmp_path / f"student_{hidden}_{heads}"
-    student.save_pretrained(folder)
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer",
-                                                              "do_lower_case": True}))
-    return student, folder
+    randomize(student, std)
+    return student, save_with_tokenizer(student, tmp_path / f"student_{hidden}_{heads}", vocab)
 
 
 def batch(vocab, B=3, T=12, seed=0):

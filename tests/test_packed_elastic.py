@@ -4,7 +4,6 @@ input values and scales != 1 included), end-to-end agreement on a larger model, 
 kernel family and thread count alike, and what the reader refuses."""
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -18,9 +17,9 @@ from bibert.packed import PackedModel, export_packed, kernels, load_packed, read
 from bibert.packed.engine import BinaryLinear
 from bibert.packed.reader import PREAMBLE, expected_tensors, pack_bool
 from bibert.quantizers import weight_scale_and_signs
-from packed_util import assert_same_outputs, outputs_everywhere, with_header_version
+from packed_util import (VOCAB, assert_same_outputs, outputs_everywhere, randomize, save_with_tokenizer,
+                         with_header_version)
 
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)]
 SHAPES = [dict(hidden=24, heads=3, ffn=40), dict(hidden=130, heads=2, ffn=200), dict(hidden=128, heads=2, ffn=256)]
 
 
@@ -65,10 +64,8 @@ def make_elastic_student(tmp_path, hidden=24, heads=3, ffn=40, layers=2, labels=
     student = BiBertForSequenceClassification(config, QuantConfig(activations="elastic", attention=attention)).eval()
     rng = np.random.default_rng(seed)
     quantizers = {n: m for n, m in student.named_modules() if isinstance(m, ActQuantizer) and m.scale is not None}
+    randomize(student, std, keep=("LayerNorm.weight", "quantizer"))
     with torch.no_grad():
-        for name, p in student.named_parameters():
-            if "LayerNorm.weight" not in name and "quantizer" not in name:
-                p.normal_(0, std)
         for i, (name, q) in enumerate(quantizers.items()):
             C = q.threshold.numel()
             if name.endswith("attention.output.dense.input_quantizer"):  # on integer counts
@@ -97,12 +94,8 @@ def make_elastic_student(tmp_path, hidden=24, heads=3, ffn=40, layers=2, labels=
                 rows = x[valid] if x.dim() == 3 else x  # the pooler's input is [B, H]
                 for c in range(0, q.threshold.numel(), 3):
                     q.threshold[c] = rows[int(rng.integers(len(rows))), c]
-    folder = tmp_path / f"elastic_{attention}_{hidden}_{heads}_{layers}_{seed}"
-    student.save_pretrained(folder)
-    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer",
-                                                              "do_lower_case": True}))
-    return student, folder
+    return student, save_with_tokenizer(student, tmp_path / f"elastic_{attention}_{hidden}_{heads}_{layers}_{seed}",
+                                        VOCAB)
 
 
 @pytest.fixture(scope="module", params=range(len(SHAPES)), ids=["h24x3", "h130x2", "h128x2"])

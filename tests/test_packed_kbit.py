@@ -17,9 +17,8 @@ from bibert.modeling import BiBertForSequenceClassification
 from bibert.packed import export_packed, kernels, load_packed, read_packed, reference
 from bibert.packed.reader import PREAMBLE, expected_tensors
 from bibert.quantizers import ACTIVATION_CLIP_STD, quantize_activation
-from packed_util import assert_same_outputs, outputs_everywhere
+from packed_util import VOCAB, assert_same_outputs, outputs_everywhere, randomize, save_with_tokenizer
 
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)]
 
 
 def make_student(tmp_path, bits, hidden=48, heads=3, ffn=80, layers=2, labels=3, seed=0, std=0.5):
@@ -27,16 +26,8 @@ def make_student(tmp_path, bits, hidden=48, heads=3, ffn=80, layers=2, labels=3,
                         intermediate_size=ffn, max_position_embeddings=64, num_labels=labels)
     torch.manual_seed(seed)
     student = BiBertForSequenceClassification(config, QuantConfig(1, 1, bits)).eval()
-    with torch.no_grad():
-        for name, p in student.named_parameters():
-            if "LayerNorm.weight" not in name:
-                p.normal_(0, std)
-    folder = tmp_path / f"w1a{bits}_{hidden}_{layers}_{seed}"
-    student.save_pretrained(folder)
-    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer",
-                                                              "do_lower_case": True}))
-    return student, folder
+    randomize(student, std)
+    return student, save_with_tokenizer(student, tmp_path / f"w1a{bits}_{hidden}_{layers}_{seed}", VOCAB)
 
 
 def sequence(length: int, seed: int = 0) -> torch.Tensor:
