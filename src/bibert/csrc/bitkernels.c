@@ -1580,13 +1580,16 @@ static inline __attribute__((always_inline)) BB_AVX512 uint64_t attn_below_avx51
             a##2 = _mm512_loadu_si512((p) + 16), a##3 = _mm512_loadu_si512((p) + 24),                      \
             a##4 = _mm512_loadu_si512((p) + 32), a##5 = _mm512_loadu_si512((p) + 40),                      \
             a##6 = _mm512_loadu_si512((p) + 48), a##7 = _mm512_loadu_si512((p) + 56)
-#define BB_POP1(a, v, qv, kx) a##v = _mm512_add_epi64(a##v,                                               \
-                                     _mm512_popcnt_epi64(_mm512_xor_si512(qv, _mm512_loadu_si512((kx) + 8 * v))))
-#define BB_POP8(a, qv, kx)                                                                                 \
+/* a_v += popcount(op(x, the 8 words at p + 8v)) for v = 0 .. 7; op is _mm512_xor_si512 (query
+ * against keys) or _mm512_and_si512 (BA against value bits) */
+#define BB_ACC1(a, v, op, x, p)                                                                            \
+    a##v = _mm512_add_epi64(a##v, _mm512_popcnt_epi64(op(x, _mm512_loadu_si512((p) + 8 * v))))
+#define BB_ACC8(a, op, x, p)                                                                               \
     do {                                                                                                   \
-        BB_POP1(a, 0, qv, kx); BB_POP1(a, 1, qv, kx); BB_POP1(a, 2, qv, kx); BB_POP1(a, 3, qv, kx);        \
-        BB_POP1(a, 4, qv, kx); BB_POP1(a, 5, qv, kx); BB_POP1(a, 6, qv, kx); BB_POP1(a, 7, qv, kx);        \
+        BB_ACC1(a, 0, op, x, p); BB_ACC1(a, 1, op, x, p); BB_ACC1(a, 2, op, x, p); BB_ACC1(a, 3, op, x, p);\
+        BB_ACC1(a, 4, op, x, p); BB_ACC1(a, 5, op, x, p); BB_ACC1(a, 6, op, x, p); BB_ACC1(a, 7, op, x, p);\
     } while (0)
+#define BB_POP8(a, qv, kx) BB_ACC8(a, _mm512_xor_si512, qv, kx)
 #define BB_MIN8(a)                                                                                         \
     _mm512_min_epi64(_mm512_min_epi64(_mm512_min_epi64(a##0, a##1), _mm512_min_epi64(a##2, a##3)),        \
                      _mm512_min_epi64(_mm512_min_epi64(a##4, a##5), _mm512_min_epi64(a##6, a##7)))
@@ -1651,13 +1654,7 @@ BB_AVX512 static void attn_ba_avx512(const attn_args *g, int64_t bh, int64_t i, 
 }
 
 /* the context counts of 64 columns in 8 named vectors: a_v += popcount(BA AND v-bits) */
-#define BB_AND1(a, v, bv, vw) a##v = _mm512_add_epi64(a##v,                                               \
-                                     _mm512_popcnt_epi64(_mm512_and_si512(bv, _mm512_loadu_si512((vw) + 8 * v))))
-#define BB_AND8(a, bv, vw)                                                                                 \
-    do {                                                                                                   \
-        BB_AND1(a, 0, bv, vw); BB_AND1(a, 1, bv, vw); BB_AND1(a, 2, bv, vw); BB_AND1(a, 3, bv, vw);        \
-        BB_AND1(a, 4, bv, vw); BB_AND1(a, 5, bv, vw); BB_AND1(a, 6, bv, vw); BB_AND1(a, 7, bv, vw);        \
-    } while (0)
+#define BB_AND8(a, bv, vw) BB_ACC8(a, _mm512_and_si512, bv, vw)
 /* columns 8v .. 8v+7 of a one-word context (attn_ctx_avx512, dp = 64): their count
  * npos - 2 * popcount, its sign bits (or, with thresholds, !(count - t >= 0) in float32) into
  * neg, the counts into cnt when asked; the general path's operations */
