@@ -58,7 +58,7 @@ def _stage(title: str) -> None:
 def interleaved_latency(fns: dict, inputs: list, rounds: int = LATENCY_ROUNDS, warmup: int = 3) -> dict:
     """Milliseconds per call of each function in `fns` on each input, the functions taking
     turns on every input and every round (noise on a shared machine hits them alike).
-    Returns {name: {"median_ms", "p10_ms", "p90_ms", "calls"}} and, per input, the ratios."""
+    Returns {name: {"median_ms", "p10_ms", "p90_ms", "calls"}}."""
     for fn in fns.values():
         for x in inputs[:warmup]:
             fn(x)
