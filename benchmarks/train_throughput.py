@@ -86,9 +86,10 @@ def cpu_name() -> str:
 def _batch(tokenizer, batch_size: int, max_length: int) -> dict:
     from bibert.data import rotten_tomatoes_splits
 
-    texts = [ex.text_a for ex in rotten_tomatoes_splits()["train"][:batch_size]]
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    enc["labels"] = torch.tensor([ex.label for ex in rotten_tomatoes_splits()["train"][:batch_size]])
+    examples = rotten_tomatoes_splits()["train"][:batch_size]
+    enc = tokenizer([ex.text_a for ex in examples], padding="max_length", truncation=True, max_length=max_length,
+                    return_tensors="pt")
+    enc["labels"] = torch.tensor([ex.label for ex in examples])
     return dict(enc)
 
 
@@ -137,8 +138,8 @@ def components(teacher_dir: str, batch_size: int, max_length: int, rounds: int, 
     def student_step(model, ctx):
         def run():
             with ctx():
-                loss = objective(model, batch)["loss"]  # includes the teacher's forward:
-            loss.backward()                              # its time is subtracted below
+                loss = objective(model, batch)["loss"]  # a whole step: the teacher's forward included
+            loss.backward()
             student.zero_grad(set_to_none=True)
         return run
 
