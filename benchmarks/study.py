@@ -91,6 +91,7 @@ class Row:
     via: str | None = None  # multi-step distillation through a student with these bits
     quantizer_lr: float | None = None
     lr: float | None = None  # None: the task budget's
+    pred_weight: float = 1.0  # weight of the prediction loss beside the DMD/hidden terms
     precision: str = "fp32"  # "bf16": mixed precision (exact integer forward, bf16 gradients and teacher)
     section: str = "main"  # "main" table, "budget" check or "beyond" the paper
 
@@ -129,6 +130,10 @@ ROWS = [
         activations="elastic", lr=1e-3, section="beyond"),
     Row("elastic_bimax_bf16", "elastic + bi-max, bf16 mixed precision", "1-1-1", "bi-max", "dmd", (1,),
         activations="elastic", precision="bf16", section="beyond"),
+    Row("elastic_bimax_bf16_pred3", "elastic + bi-max, bf16, prediction loss x3", "1-1-1", "bi-max", "dmd", (1,),
+        activations="elastic", precision="bf16", pred_weight=3.0, section="beyond"),
+    Row("elastic_bimax_bf16_qlr5e-3", "elastic + bi-max, bf16, quantizer lr 5e-3", "1-1-1", "bi-max", "dmd", (1,),
+        activations="elastic", precision="bf16", quantizer_lr=5e-3, section="beyond"),
 ]
 BEST = "elastic_bimax"  # the best 1-1-1 recipe: in the main table, and bibert demo's default
 TABLE_ROWS = [r for r in ROWS if r.section == "main" or r.key == BEST]
@@ -243,6 +248,8 @@ def run_row(task: str, row: Row, seed: int, teacher: Path, b: Budget) -> dict | 
             dict(max_train_examples=b.train_examples)
         extra = {"quantizer_lr": row.quantizer_lr} if row.quantizer_lr else {}
         extra["precision"] = row.precision
+        if row.pred_weight != 1.0:
+            extra["pred_weight"] = row.pred_weight
         return _timed(out, lambda: distill(
             str(teacher), task, out, quant=QuantConfig.from_bits(row.bits, row.attention, row.activations),
             distill=row.distill, via=row.via, resume=True, epochs=epochs, lr=row.lr or b.lr, max_length=b.max_length,

@@ -169,6 +169,9 @@ def test_hidden_mse_and_standard_objective():
     assert parts["att"].item() == pytest.approx(expected_att, rel=1e-12)
     assert parts["pred"].item() == pytest.approx(soft, rel=1e-12)
     assert parts["loss"].item() == pytest.approx(expected_att + expected_hid + soft, rel=1e-12)
+    weighted = standard_distill_loss(student, teacher, mask, pred_weight=2.5)
+    assert weighted["pred"].item() == pytest.approx(soft, rel=1e-12)  # the part is logged unweighted
+    assert weighted["loss"].item() == pytest.approx(expected_att + expected_hid + 2.5 * soft, rel=1e-12)
 
 
 def test_dmd_objective_adds_all_parts_with_weight_one():
@@ -182,6 +185,12 @@ def test_dmd_objective_adds_all_parts_with_weight_one():
     total = sum(parts[k].item() for k in ("pred", "q", "k", "v", "hid"))
     assert parts["loss"].item() == pytest.approx(total, rel=1e-12)
     assert parts["hid"].item() == pytest.approx(sum(np_r2b(a, b) for a, b in zip(hs, ht)), rel=1e-10)
+    weighted = dmd_distill_loss(SimpleNamespace(logits=zs, hidden_states=hs, qkv=qs),
+                                SimpleNamespace(logits=zt, hidden_states=ht, qkv=qt), y, pred_weight=3.0)
+    soft = np.mean(-(np.exp(np_log_softmax(zt)) * np_log_softmax(zs)).sum(-1))
+    ce = np.mean(-np_log_softmax(zs)[np.arange(2), y.numpy()])
+    assert weighted["pred"].item() == pytest.approx(soft + 0.5 * ce, rel=1e-10)
+    assert weighted["loss"].item() == pytest.approx(total + 2.0 * (soft + 0.5 * ce), rel=1e-10)
 
 
 def test_dmd_gradient_is_the_derivative_of_the_loss():

@@ -200,6 +200,10 @@ def test_bad_options_give_clear_errors(tiny_teacher, teacher_dir, tmp_path):
         distill(teacher_dir, "rotten_tomatoes", tmp_path / "z", max_steps=1, **SLICE)
     with pytest.raises(BibertError, match="batch-size must be a positive integer"):
         distill(tiny_teacher, "rotten_tomatoes", tmp_path / "w", batch_size=0)
+    with pytest.raises(BibertError, match="--pred-weight must be a finite number >= 0"):
+        distill(tiny_teacher, "rotten_tomatoes", tmp_path / "p", pred_weight=-1.0)
+    with pytest.raises(BibertError, match="--pred-weight applies to distillation only"):
+        resolve_config("finetune", tiny_teacher, "rotten_tomatoes", tmp_path / "f", pred_weight=2.0)
 
 
 def test_an_existing_run_needs_resume_with_the_same_options(tiny_teacher, tmp_path):

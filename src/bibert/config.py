@@ -13,6 +13,7 @@ FINETUNE_RECIPE for fine-tuning).
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
@@ -214,6 +215,10 @@ class TrainConfig:
     init_from: str | None = option(
         None, "start the student from this BiBERT folder (e.g. an intermediate 1-1-4 student's best/)",
         STUDENT_GROUP, ("distill",), default_text="the teacher's weights")
+    pred_weight: float = option(
+        1.0, "weight of the prediction loss (soft cross-entropy against the teacher, plus half the label "
+        "cross-entropy under dmd) beside the attention/DMD and hidden-state terms, each of weight 1",
+        STUDENT_GROUP, ("distill",))
     quantizer_lr: float | None = option(
         None, "peak learning rate of the elastic thresholds and scales (no weight decay; docs/method.md §7)",
         STUDENT_GROUP, ("distill",), default_text="--lr")
@@ -262,6 +267,10 @@ class TrainConfig:
                 raise BibertError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.mode != "distill" and (self.init_from is not None or self.quantizer_lr is not None):
             raise BibertError("--init-from and --quantizer-lr apply to distillation only")
+        if not (self.pred_weight >= 0 and math.isfinite(self.pred_weight)):
+            raise BibertError(f"--pred-weight must be a finite number >= 0, got {self.pred_weight}")
+        if self.mode != "distill" and self.pred_weight != 1.0:
+            raise BibertError("--pred-weight applies to distillation only")
         if self.quantizer_lr is not None and not self.quantizer_lr > 0:
             raise BibertError(f"--quantizer-lr must be positive, got {self.quantizer_lr}")
         for name in ("max_length", "batch_size", "log_every", "max_steps", "eval_every", "evals_per_epoch", "save_every",

@@ -193,29 +193,31 @@ def hidden_mse(student_hidden, teacher_hidden, layer_map: LayerMap | None = None
 
 
 def standard_distill_loss(student, teacher, attention_mask: torch.Tensor, is_regression: bool = False,
-                          layer_map: LayerMap | None = None) -> dict[str, torch.Tensor]:
+                          layer_map: LayerMap | None = None, pred_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """TinyBERT / BinaryBERT objective on two `BiBertOutput`s (with hidden states and
     attention scores): {"att": attention_score_mse, "hid": hidden_mse, "pred": soft CE
-    (MSE for regression), "loss": their sum}."""
+    (MSE for regression), "loss": att + hid + pred_weight * pred}."""
     parts = {
         "att": attention_score_mse(student.attention_scores, teacher.attention_scores, attention_mask, layer_map),
         "hid": hidden_mse(student.hidden_states, teacher.hidden_states, layer_map),
         "pred": prediction_loss(student.logits, teacher.logits, None, is_regression, ground_truth_weight=0.0),
     }
-    parts["loss"] = parts["att"] + parts["hid"] + parts["pred"]
+    parts["loss"] = parts["att"] + parts["hid"] + pred_weight * parts["pred"]
     return parts
 
 
 def dmd_distill_loss(student, teacher, labels: torch.Tensor | None, is_regression: bool = False,
-                     layer_map: LayerMap | None = None, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                     layer_map: LayerMap | None = None, mask: torch.Tensor | None = None,
+                     pred_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """BiBERT's objective on two `BiBertOutput`s (with hidden states and Q/K/V):
-    {"pred", "q", "k", "v", "hid", "loss" = pred + q + k + v + hid} (docs/method.md §4, all weights 1).
+    {"pred", "q", "k", "v", "hid", "loss" = pred_weight * pred + q + k + v + hid} (docs/method.md §4;
+    the paper's weights are all 1).
     mask: the attention mask, to leave padded positions out of DMD and the hidden loss
     (an option; the reference keeps them)."""
     parts = {"pred": prediction_loss(student.logits, teacher.logits, labels, is_regression)}
     parts.update(dmd_loss(student.qkv, teacher.qkv, layer_map, mask))
     parts["hid"] = hidden_loss(student.hidden_states, teacher.hidden_states, layer_map, mask)
-    parts["loss"] = parts["pred"] + parts["q"] + parts["k"] + parts["v"] + parts["hid"]
+    parts["loss"] = pred_weight * parts["pred"] + parts["q"] + parts["k"] + parts["v"] + parts["hid"]
     return parts
 
 
@@ -235,9 +237,9 @@ class DistillObjective:
     PARTS = {"dmd": ("loss", "pred", "q", "k", "v", "hid"), "standard": ("loss", "pred", "att", "hid")}
 
     def __init__(self, teacher: nn.Module, kind: str, layer_map: LayerMap, is_regression: bool,
-                 mask_padding: bool = False):
+                 mask_padding: bool = False, pred_weight: float = 1.0):
         self.teacher, self.kind, self.layer_map, self.is_regression = teacher, kind, layer_map, is_regression
-        self.mask_padding = mask_padding
+        self.mask_padding, self.pred_weight = mask_padding, pred_weight
         self.parts = self.PARTS[kind]
 
     def __call__(self, model, batch: dict) -> dict[str, torch.Tensor]:
@@ -249,8 +251,10 @@ class DistillObjective:
         s = model(**inputs, **want)
         if self.kind == "dmd":
             mask = batch["attention_mask"] if self.mask_padding else None
-            return dmd_distill_loss(s, t, batch.get("labels"), self.is_regression, self.layer_map, mask)
-        return standard_distill_loss(s, t, batch["attention_mask"], self.is_regression, self.layer_map)
+            return dmd_distill_loss(s, t, batch.get("labels"), self.is_regression, self.layer_map, mask,
+                                    self.pred_weight)
+        return standard_distill_loss(s, t, batch["attention_mask"], self.is_regression, self.layer_map,
+                                     self.pred_weight)
 
 
 def _check_depth(what: str, n_student: int, n_teacher: int, layer_map: LayerMap) -> None:

@@ -107,7 +107,7 @@ class Trainer:
             layer_map = LayerMap(student.config.num_hidden_layers, self.teacher.config.num_hidden_layers)
             self.layer_map = layer_map
             self.objective = DistillObjective(self.teacher, cfg.distill, layer_map, task.is_regression,
-                                              cfg.dmd_mask_padding)
+                                              cfg.dmd_mask_padding, cfg.pred_weight)
         self.model.to(self.ctx.device).train()
         from transformers import AutoTokenizer
 
