@@ -130,7 +130,7 @@ ROWS = [
         activations="elastic", lr=1e-3, section="beyond"),
     Row("elastic_bimax_bf16", "elastic + bi-max, bf16 mixed precision", "1-1-1", "bi-max", "dmd", (1,),
         activations="elastic", precision="bf16", section="beyond"),
-    Row("elastic_bimax_bf16_pred3", "elastic + bi-max, bf16, prediction loss x3", "1-1-1", "bi-max", "dmd", (1,),
+    Row("elastic_bimax_bf16_pred3", "elastic + bi-max, bf16, prediction loss x3", "1-1-1", "bi-max", "dmd", (1, 2, 3),
         activations="elastic", precision="bf16", pred_weight=3.0, section="beyond"),
     Row("elastic_bimax_bf16_qlr5e-3", "elastic + bi-max, bf16, quantizer lr 5e-3", "1-1-1", "bi-max", "dmd", (1,),
         activations="elastic", precision="bf16", quantizer_lr=5e-3, section="beyond"),

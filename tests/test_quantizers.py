@@ -149,3 +149,27 @@ def test_binary_linear_equals_linear_with_binarized_weight_and_its_gradients():
     counts = x32 @ torch.where(w32 - w32.mean(1, keepdim=True) >= 0, 1.0, -1.0).T
     assert torch.equal(counts, counts.round())
     assert torch.equal(binary_linear(x32, w32, b32), counts * w32.abs().mean(1) + b32)
+
+
+def test_binary_linear_under_bf16_autocast_keeps_exact_outputs_and_close_gradients():
+    """Mixed precision (--precision bf16): the forward's counts stay exact integers, so y equals
+    the float32 result bit for bit; the backward's two matrix products run in bf16 (8 bits of
+    mantissa) and land within bf16 rounding of the float64 gradients."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.where(torch.randn(4, 6, 64, generator=g) >= 0, 1.0, -1.0)
+    w = torch.randn(16, 64, generator=g) * 0.8
+    b = torch.randn(16, generator=g)
+    upstream = torch.randn(4, 6, 16, generator=g)
+    args = [t.clone().requires_grad_() for t in (x, w, b)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = binary_linear(*args, integer_input=True)
+    assert y.dtype == torch.float32
+    assert torch.equal(y, binary_linear(x, w, b, integer_input=True))
+    y.backward(upstream)
+    ref_args = [t.double().requires_grad_() for t in (x, w, b)]
+    binary_linear(*ref_args).backward(upstream.double())
+    for got, expected in zip(args, ref_args):
+        scale = expected.grad.abs().max()
+        assert got.grad.dtype == torch.float32
+        assert (got.grad.double() - expected.grad).abs().max() <= 2 ** -7 * scale, "beyond bf16 rounding"
+    assert not torch.equal(args[0].grad.double(), ref_args[0].grad)  # the products did run in bf16

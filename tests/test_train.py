@@ -1,5 +1,6 @@
 """The training loop: outputs, resume equality, NaN stop, ablation variants, errors, CLI."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -248,6 +249,23 @@ def test_cli_group_by_length_reaches_the_run(tiny_teacher, tmp_path):
                      "--batch-size", "8", "--max-length", "24", "--group-by-length"])
     assert code == 0
     assert json.loads((out / "config.json").read_text())["group_by_length"] is True
+
+
+def test_precision_auto_is_bf16_only_where_the_device_has_it(tiny_teacher, tmp_path, monkeypatch):
+    from bibert import distributed
+
+    cpu = torch.device("cpu")
+    assert distributed.resolve_precision("fp32", cpu) == "fp32" and distributed.resolve_precision("bf16", cpu) == "bf16"
+    for native, expected in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(distributed, "has_native_bf16", lambda device, native=native: native)
+        out = tmp_path / expected
+        res = distill(tiny_teacher, "rotten_tomatoes", out, max_steps=2, precision="auto", eval_test=True,
+                      quant=QuantConfig(activations="elastic", attention="bi-max"), **SLICE)
+        assert res["precision"] == expected
+        assert json.loads((out / "config.json").read_text())["precision"] == "auto"  # a resume decides again
+        logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert logged and all("train" in r for r in logged)
+        assert all(math.isfinite(v) for r in logged for v in r["train"].values())
 
 
 def test_dmd_mask_padding_option(tiny_teacher, tmp_path):

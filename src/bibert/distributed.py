@@ -52,6 +52,24 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bf16 natively: a GPU with bf16 support, or a CPU with
+    AVX512-BF16 or AMX (where oneDNN runs bf16 products in hardware; elsewhere bf16 is emulated
+    and slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> "bf16" where `has_native_bf16(device)`, else "fp32"; fp32 and bf16 stay."""
+    if precision == "auto":
+        return "bf16" if has_native_bf16(device) else "fp32"
+    return precision
+
+
 def setup(device: str = "auto") -> DistContext:
     """Read torchrun's environment, pick the device and join the process group if needed."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -227,7 +227,7 @@ class Trainer:
     # ---- evaluation and saving -----------------------------------------------------------
 
     def _autocast(self):
-        return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
+        return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def evaluate(self, model: nn.Module, datasets: dict) -> dict[str, dict[str, float]]:
         """{split: metrics}; each process predicts every world_size-th example, and the
@@ -337,6 +337,7 @@ class Trainer:
 
     def run(self, resume: bool = False) -> dict:
         self.ctx = distributed.setup(self.config.device)
+        self.precision = distributed.resolve_precision(self.config.precision, self.ctx.device)
         try:
             return self._run(resume)
         finally:
@@ -427,7 +428,8 @@ class Trainer:
             "best": self.best, "last": {"step": last["step"], "metrics": {s: last[s] for s in self.dev_splits}},
             "test": test, "teacher": self.teacher_metrics, "steps": self.step,
             "epochs": round(self.step / self.steps_per_epoch, 4), "train_examples": len(self.train_set),
-            "world_size": self.ctx.world_size, "train_seconds": round(self.train_seconds, 3),
+            "world_size": self.ctx.world_size, "precision": self.precision,
+            "train_seconds": round(self.train_seconds, 3),
             "train_examples_per_s": round(self.step * cfg.batch_size * self.ctx.world_size / max(self.train_seconds, 1e-9), 2),
             "out": str(self.out),
         }
