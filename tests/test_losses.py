@@ -65,6 +65,22 @@ def test_r2b_is_not_squared_and_rejects_shape_mismatch():
         r2b(s, torch.zeros(3))
 
 
+def test_r2b_of_an_all_zero_tensor_is_one_with_finite_gradients():
+    """An all-zero tensor has direction 0 (as with a norm guarded by EPS): r2b = ||t_dir|| = 1;
+    and identical directions give 0 without an infinite gradient."""
+    t = rand(3, 4, seed=8)
+    zero = torch.zeros(3, 4, dtype=torch.float64, requires_grad=True)
+    out = r2b(zero, t)
+    assert out.item() == pytest.approx(1.0, rel=1e-12)
+    out.backward()
+    assert torch.isfinite(zero.grad).all()
+    s = t.clone().requires_grad_()
+    same = r2b(s, 3 * t)
+    assert same.item() == pytest.approx(0.0, abs=1e-7)
+    same.backward()
+    assert torch.isfinite(s.grad).all()
+
+
 def test_r2b_keeps_bf16_inputs_in_float32():
     s, t = rand(3, 5, seed=3), rand(3, 5, seed=4)
     out = r2b(s.bfloat16(), t.bfloat16())

@@ -17,7 +17,11 @@ and return their loss parts; each declares the names of its parts.
 
 Padded positions stay in P_F and H (the reference's choice, docs/method.md §4); with `mask` (the
 batch's attention mask) they are zeroed in student and teacher alike before the norms:
-the entries of P_F that involve a padded query or key, and H at padded positions. In the standard
+the entries of P_F that involve a padded query or key, and H at padded positions.
+
+Every r2b is computed from inner products (`r2b_from_products`), and DMD's from (hs, hs) Gram
+matrices F^T F' instead of the (T, T) patterns: the same values, in a fraction of the time
+and memory. In the standard
 objective, the masked attention scores (-10000 on padded keys) are replaced by 0 before
 the MSE, as TinyBERT does. Every loss is computed in at least float32 (also under bf16
 autocast).
@@ -80,28 +84,38 @@ def r2b(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """|| s/||s|| - t/||t|| ||, every norm the Frobenius norm over the whole tensor (not squared).
 
     Batch, heads and positions are normalised together, not row by row. The result lies in
-    [0, 2]: 0 when s and t point the same way, sqrt(2) when orthogonal.
+    [0, 2]: 0 when s and t point the same way, sqrt(2) when orthogonal. Computed from the
+    three inner products <s, t>, <s, s>, <t, t> (`r2b_from_products`): the same function, with
+    one pass over each tensor instead of normalised copies.
     """
     if s.shape != t.shape:
         raise BibertError(f"r2b needs tensors of one shape, got {tuple(s.shape)} and {tuple(t.shape)}")
     s, t = _wide(s), _wide(t)
-    s_dir = s / s.norm().clamp_min(EPS)
-    t_dir = t / t.norm().clamp_min(EPS)
-    return (s_dir - t_dir).norm()
+    return r2b_from_products(_dot(s, t), _dot(s, s), _dot(t, t)).to(s.dtype)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """<a, b> over every element (one BLAS dot in the tensors' dtype), as a float64 scalar."""
+    return torch.tensordot(a, b, dims=a.dim()).to(torch.float64) if a.dim() else (a * b).to(torch.float64)
+
+
+def r2b_from_products(st: torch.Tensor, ss: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+    """r2b(s, t) from <s, t>, ||s||^2 and ||t||^2 (float64 scalars):
+
+        r2b^2 = |s_dir|^2 + |t_dir|^2 - 2 <s, t> / (||s|| ||t||)
+
+    with |x_dir| = 1, or 0 for an all-zero tensor (its direction is taken as 0, so r2b is 1,
+    as with a norm guarded by EPS). The square root is guarded at 0, where rounding may land
+    (s and t pointing the same way): there the gradient is 0 instead of infinite."""
+    us, ut = ss.clamp_min(EPS ** 2), tt.clamp_min(EPS ** 2)
+    squared = ss / us + tt / ut - 2 * st / (us * ut).sqrt()
+    return squared.clamp_min(1e-30).sqrt()
 
 
 def similarity_pattern(f: torch.Tensor) -> torch.Tensor:
     """P_F = F F^T / sqrt(d) per head: (B, nh, T, d) -> (B, nh, T, T)."""
     f = _wide(f)
     return f @ f.transpose(-1, -2) / math.sqrt(f.shape[-1])
-
-
-def _pair_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """(B, T) attention mask -> (B, 1, T, T) float: 1 where query and key are both real."""
-    if mask is None:
-        return None
-    m = mask.to(torch.float32)
-    return (m[:, :, None] * m[:, None, :])[:, None]
 
 
 def dmd_loss(student_qkv, teacher_qkv, layer_map: LayerMap | None = None,
@@ -111,21 +125,33 @@ def dmd_loss(student_qkv, teacher_qkv, layer_map: LayerMap | None = None,
     student_qkv / teacher_qkv: per layer a (q, k, v) triple of real-valued projections
     before sign, each (B, nh, T, hs). Returns {"q", "k", "v"}, each sum_l r2b(P_F^s, P_F^t);
     loss_DMD is their sum. mask (B, T), optional: leave padded positions out of P_F.
+
+    The (T, T) patterns are never formed: r2b needs only <P^s, P^t>, ||P^s||^2 and ||P^t||^2,
+    and per head <F_s F_s^T, F_t F_t^T> = ||F_s^T F_t||^2, a (hs, hs) Gram matrix (the
+    1/sqrt(d) of P_F cancels in the directions). Zeroing the rows of padded positions in F
+    zeroes exactly the entries of P_F that involve them.
     """
     layer_map = layer_map or LayerMap(len(student_qkv), len(teacher_qkv))
     _check_depth("qkv", len(student_qkv), len(teacher_qkv), layer_map)
-    pairs = _pair_mask(mask)
+    rows = None if mask is None else mask[:, None, :, None]
 
-    def pattern(f):
-        p = similarity_pattern(f)
-        return p if pairs is None else p * pairs.to(p.dtype)
+    def wide(f):
+        f = _wide(f)
+        return f if rows is None else f * rows.to(f.dtype)
+
+    def gram_norm2(a, b):  # ||a^T b||^2 summed over batch and heads: <a a^T, b b^T> when a is b
+        g = a.transpose(-1, -2) @ b  # (B, nh, hs, hs)
+        return _dot(g, g)
 
     parts = {}
     for j, name in enumerate("qkv"):
-        parts[name] = sum(
-            r2b(pattern(student_qkv[i][j]), pattern(teacher_qkv[t][j]))
-            for i, t in enumerate(layer_map.layers)
-        )
+        total = 0.0
+        for i, t in enumerate(layer_map.layers):
+            fs, ft = wide(student_qkv[i][j]), wide(teacher_qkv[t][j])
+            if fs.shape != ft.shape:
+                raise BibertError(f"r2b needs tensors of one shape, got {tuple(fs.shape)} and {tuple(ft.shape)}")
+            total = total + r2b_from_products(gram_norm2(fs, ft), gram_norm2(fs, fs), gram_norm2(ft, ft))
+        parts[name] = total.to(torch.promote_types(student_qkv[0][j].dtype, torch.float32))
     return parts
 
 

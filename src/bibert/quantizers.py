@@ -22,7 +22,7 @@ ACTIVATION_CLIP_STD = {2: 1.71, 4: 2.55, 8: 3.92}
 
 def sign(x: torch.Tensor) -> torch.Tensor:
     """+1 where x >= 0 (including -0.0), -1 elsewhere; same dtype as x."""
-    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+    return (x >= 0).to(x.dtype).mul_(2).sub_(1)  # a few times faster on CPU than torch.where with scalars
 
 
 class _SignSTE(torch.autograd.Function):
@@ -34,7 +34,7 @@ class _SignSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        return grad * (x.abs() <= 1).to(grad.dtype), None
+        return grad * (x.abs() <= 1), None  # a bool factor: the same products, one pass fewer
 
 
 def sign_ste(x: torch.Tensor, sign_source: torch.Tensor | None = None) -> torch.Tensor:
@@ -59,7 +59,7 @@ class _BoolSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        return grad * (x.abs() <= 1).to(grad.dtype)
+        return grad * (x.abs() <= 1)
 
 
 def bool_ste(x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +96,7 @@ class _RowBinarize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (centred,) = ctx.saved_tensors
-        return grad * (centred.abs() <= 1).to(grad.dtype)
+        return grad * (centred.abs() <= 1)
 
 
 def binarize_weight(w: torch.Tensor) -> torch.Tensor:
@@ -156,7 +156,7 @@ class _BinaryLinear(torch.autograd.Function):
         g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
         grad_xb = (grad.to(mm) @ (alpha[:, None] * signs).to(mm)).to(grad.dtype)  # dL/d(scaled input)
         xq = x if act_scale is None else x * act_scale  # the input as the Linear sees it
-        grad_w = (g2.T.to(mm) @ xq.reshape(-1, x.shape[-1]).to(mm)).to(g2.dtype) * (centred.abs() <= 1).to(g2.dtype)
+        grad_w = (g2.T.to(mm) @ xq.reshape(-1, x.shape[-1]).to(mm)).to(g2.dtype) * (centred.abs() <= 1)
         grad_s = None
         if act_scale is not None:
             grad_s = (x.to(grad.dtype) * grad_xb).sum().to(act_scale.dtype)
@@ -203,7 +203,7 @@ class _UniformSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, clip = ctx.saved_tensors
-        return grad * (x.abs() <= clip).to(grad.dtype), None, None
+        return grad * (x.abs() <= clip), None, None
 
 
 def quantize_symmetric(x: torch.Tensor, bits: int, clip: torch.Tensor) -> torch.Tensor:
@@ -268,19 +268,18 @@ class _ThresholdSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, threshold, window, unsigned, strict):
         d = x - threshold
-        ctx.save_for_backward(d, window)
-        ctx.half_window = unsigned and not strict
+        half = window / 2 if unsigned and not strict else window
+        ctx.save_for_backward(d.abs() <= half, window)  # the STE's window, as bools (d itself is not needed)
         # IEEE compare: x == threshold gives +1 (or 1), as sign(0) = +1; `strict` gives 0 there
         keep = d > 0 if strict else d >= 0
         if unsigned:
             return keep.to(x.dtype)
-        return torch.where(keep, 1.0, -1.0).to(x.dtype)
+        return keep.to(x.dtype).mul_(2).sub_(1)
 
     @staticmethod
     def backward(ctx, grad):
-        d, window = ctx.saved_tensors
-        half = window / 2 if ctx.half_window else window
-        grad_x = grad * (d.abs() <= half).to(grad.dtype) / window.to(grad.dtype)
+        inside, window = ctx.saved_tensors
+        grad_x = grad * inside / window.to(grad.dtype)
         grad_t = -grad_x.reshape(-1, grad_x.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
         return grad_x, grad_t, None, None, None
 
