@@ -623,13 +623,15 @@ static inline __attribute__((always_inline)) void linear_block_portable(const li
     if (g->kbits) kbit_epilogue(g, r0, mr, p, nc, (const int64_t (*)[BB_PANEL])tile);
 }
 
-static void linear_portable_generic(const linear_args *g, int64_t r0, int mr, int64_t p) {
+static void linear_portable_generic(const linear_args *g, int64_t r0, int mr, int64_t p, const uint64_t *pf) {
+    (void)pf;
     linear_block_portable(g, r0, mr, p);
 }
 
 #if BB_X86
 __attribute__((target("popcnt")))
-static void linear_portable_popcnt(const linear_args *g, int64_t r0, int mr, int64_t p) {
+static void linear_portable_popcnt(const linear_args *g, int64_t r0, int mr, int64_t p, const uint64_t *pf) {
+    (void)pf;
     linear_block_portable(g, r0, mr, p);
 }
 
@@ -706,6 +708,13 @@ static inline __attribute__((always_inline)) BB_AVX512 void store_row32(int64_t 
 }
 
 #define BB_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+/* prefetch into L1 the 4 cache lines of one K-word of a panel (32 channels) at address q */
+#define BB_PREFETCH_WORD(q)                                                                                   \
+    do {                                                                                                      \
+        const char *q_ = (const char *)(q);                                                                   \
+        _mm_prefetch(q_, _MM_HINT_T0); _mm_prefetch(q_ + 64, _MM_HINT_T0);                                    \
+        _mm_prefetch(q_ + 128, _MM_HINT_T0); _mm_prefetch(q_ + 192, _MM_HINT_T0);                             \
+    } while (0)
 #define BB_POP(av, w) _mm512_popcnt_epi64(_mm512_xor_si512(av, w))
 #define BB_ROW_FIRST(r)                                                                                       \
     if (MR > r) {                                                                                             \
@@ -728,13 +737,15 @@ static inline __attribute__((always_inline)) BB_AVX512 void store_row32(int64_t 
     if (MR > r) store_row32(tile[r], s##r##0, s##r##1, s##r##2, s##r##3);
 #define BB_ROW_DECL(r) __m512i s##r##0, s##r##1, s##r##2, s##r##3;
 
-/* One row block (MR rows) x one panel; OUT (a constant) selects the epilogue. The 4 * MR
+/* One row block (MR rows) x one panel; OUT (a constant) selects the epilogue; pf (may be NULL):
+ * the panel to prefetch while this one runs, K-word by K-word (prefetch_panel). The 4 * MR
  * accumulators are separate variables (not an array, which the compiler would keep in memory
  * and copy to registers around the K loop of every block); the first K-word initialises them
  * (K >= 1, so there always is one). */
 static inline __attribute__((always_inline)) BB_AVX512 void linear_block_avx512(const linear_args *g,
                                                                                int64_t r0, const int MR,
-                                                                               int64_t p, const int OUT) {
+                                                                               int64_t p, const uint64_t *pf,
+                                                                               const int OUT) {
     int64_t kw = words_of(g->K);
     const uint64_t *wp = g->w + p * kw * BB_PANEL;
     int64_t n0 = p * BB_PANEL;
@@ -745,10 +756,12 @@ static inline __attribute__((always_inline)) BB_AVX512 void linear_block_avx512(
     {
         __m512i w0 = _mm512_loadu_si512(wp), w1 = _mm512_loadu_si512(wp + 8);
         __m512i w2 = _mm512_loadu_si512(wp + 16), w3 = _mm512_loadu_si512(wp + 24);
+        if (pf) BB_PREFETCH_WORD(pf);
         BB_ROWS(BB_ROW_FIRST)
     }
     for (int64_t k = 1; k < kw; k++) {
         const uint64_t *wk = wp + k * BB_PANEL;
+        if (pf) BB_PREFETCH_WORD((uintptr_t)pf + (uintptr_t)(k * BB_PANEL * 8));
         __m512i w0 = _mm512_loadu_si512(wk), w1 = _mm512_loadu_si512(wk + 8);
         __m512i w2 = _mm512_loadu_si512(wk + 16), w3 = _mm512_loadu_si512(wk + 24);
         BB_ROWS(BB_ROW_NEXT)
@@ -776,21 +789,24 @@ static inline __attribute__((always_inline)) BB_AVX512 void linear_block_avx512(
 
 #define BB_LINEAR_AVX512(OUT)                                                                                 \
     switch (mr) {                                                                                             \
-    case 6: linear_block_avx512(g, r0, 6, p, OUT); break;                                                     \
-    case 5: linear_block_avx512(g, r0, 5, p, OUT); break;                                                     \
-    case 4: linear_block_avx512(g, r0, 4, p, OUT); break;                                                     \
-    case 3: linear_block_avx512(g, r0, 3, p, OUT); break;                                                     \
-    case 2: linear_block_avx512(g, r0, 2, p, OUT); break;                                                     \
-    default: linear_block_avx512(g, r0, 1, p, OUT); break;                                                    \
+    case 6: linear_block_avx512(g, r0, 6, p, pf, OUT); break;                                                 \
+    case 5: linear_block_avx512(g, r0, 5, p, pf, OUT); break;                                                 \
+    case 4: linear_block_avx512(g, r0, 4, p, pf, OUT); break;                                                 \
+    case 3: linear_block_avx512(g, r0, 3, p, pf, OUT); break;                                                 \
+    case 2: linear_block_avx512(g, r0, 2, p, pf, OUT); break;                                                 \
+    default: linear_block_avx512(g, r0, 1, p, pf, OUT); break;                                                \
     }
 
-BB_AVX512 static void linear_avx512_bits(const linear_args *g, int64_t r0, int mr, int64_t p) {
+BB_AVX512 static void linear_avx512_bits(const linear_args *g, int64_t r0, int mr, int64_t p,
+                                      const uint64_t *pf) {
     BB_LINEAR_AVX512(BB_OUT_BITS)
 }
-BB_AVX512 static void linear_avx512_float(const linear_args *g, int64_t r0, int mr, int64_t p) {
+BB_AVX512 static void linear_avx512_float(const linear_args *g, int64_t r0, int mr, int64_t p,
+                                      const uint64_t *pf) {
     BB_LINEAR_AVX512(BB_OUT_FLOAT)
 }
-BB_AVX512 static void linear_avx512_kbit(const linear_args *g, int64_t r0, int mr, int64_t p) {
+BB_AVX512 static void linear_avx512_kbit(const linear_args *g, int64_t r0, int mr, int64_t p,
+                                      const uint64_t *pf) {
     BB_LINEAR_AVX512(BB_OUT_KBIT)
 }
 #endif
@@ -836,7 +852,8 @@ static inline __attribute__((always_inline)) BB_AVX2 void linear_row_epilogue_av
 /* AVX2: rows in pairs x the panel's 32 channels in two halves of 16 (4 vectors of 4);
  * 8 accumulators, 4 weight loads for 8 vector popcounts. Counts go through the portable
  * epilogue, so the outputs are the portable path's bit for bit. */
-BB_AVX2 static void linear_avx2(const linear_args *g, int64_t r0, int mr, int64_t p) {
+BB_AVX2 static void linear_avx2(const linear_args *g, int64_t r0, int mr, int64_t p, const uint64_t *pf) {
+    (void)pf;
     int64_t kw = words_of(g->K);
     const uint64_t *wp = g->w + p * kw * BB_PANEL;
     int nc = g->N - p * BB_PANEL < BB_PANEL ? (int)(g->N - p * BB_PANEL) : BB_PANEL;
@@ -877,7 +894,8 @@ BB_AVX2 static void linear_avx2(const linear_args *g, int64_t r0, int mr, int64_
 }
 #endif
 
-typedef void (*linear_fn)(const linear_args *, int64_t, int, int64_t);
+/* one row block (r0, mr rows) x panel p; the last argument: a panel to prefetch, or NULL */
+typedef void (*linear_fn)(const linear_args *, int64_t, int, int64_t, const uint64_t *);
 
 static linear_fn pick_linear(const linear_args *g) {
 #if BB_X86
@@ -929,12 +947,26 @@ typedef struct {
 /* rows in the row block starting at r0 (mr, fewer in the last block) */
 static inline int block_rows(int64_t M, int64_t r0, int64_t mr) { return M - r0 < mr ? (int)(M - r0) : (int)mr; }
 
+/* Weight prefetch. The engine lays the forward's weights out in one buffer, in the order they
+ * are read (engine._arena), so the words after a Linear's last panel are the next Linear's
+ * first; between layers they stream from L3 or memory, faster than the hardware prefetcher
+ * fetches them. A row block over a panel (in the chunked walk, the first of the chunk's blocks)
+ * therefore prefetches the panel BB_PREFETCH_PANELS ahead, past the Linear's end too: a prefetch
+ * never faults, and where nothing useful lies there it is wasted, not wrong (the address is
+ * computed as an integer, never dereferenced). Only the AVX-512 kernel uses it: the other
+ * families are far from memory-bound. */
+#define BB_PREFETCH_PANELS 2
+static inline const uint64_t *prefetch_panel(const linear_job *j, int64_t p) {
+    uintptr_t at = (uintptr_t)j->g->w + (uintptr_t)((p + BB_PREFETCH_PANELS) * words_of(j->g->K) * BB_PANEL * 8);
+    return (const uint64_t *)at;
+}
+
 /* row blocks [lo, hi), every panel of each */
 static void linear_float_blocks(void *ctx, int64_t lo, int64_t hi, int tid) {
     const linear_job *j = (const linear_job *)ctx;
     int64_t M = j->g->M, mr = j->mr;
     for (int64_t b = lo; b < hi; b++)
-        for (int64_t p = 0; p < j->np; p++) j->fn(j->g, b * mr, block_rows(M, b * mr, mr), p);
+        for (int64_t p = 0; p < j->np; p++) j->fn(j->g, b * mr, block_rows(M, b * mr, mr), p, prefetch_panel(j, p));
     (void)tid;
 }
 
@@ -945,7 +977,8 @@ static void linear_bit_tiles(void *ctx, int64_t lo, int64_t hi, int tid) {
     for (int64_t t = lo; t < hi; t++) {
         int64_t c = t / j->np, p = t % j->np;
         int64_t b_end = (c + 1) * j->chunk_blocks < j->nb ? (c + 1) * j->chunk_blocks : j->nb;
-        for (int64_t b = c * j->chunk_blocks; b < b_end; b++) j->fn(j->g, b * mr, block_rows(M, b * mr, mr), p);
+        for (int64_t b = c * j->chunk_blocks; b < b_end; b++)
+            j->fn(j->g, b * mr, block_rows(M, b * mr, mr), p, b == c * j->chunk_blocks ? prefetch_panel(j, p) : NULL);
     }
     (void)tid;
 }
