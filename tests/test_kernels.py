@@ -140,7 +140,7 @@ def test_layernorm(path, M, H):
 
 
 @pytest.mark.parametrize("B,L,heads,d", [(1, 1, 1, 1), (2, 7, 3, 5), (1, 64, 2, 64), (2, 70, 4, 32),
-                                         (3, 33, 2, 100), (1, 130, 12, 64)])
+                                         (3, 33, 2, 100), (1, 130, 12, 64), (2, 90, 3, 128)])
 def test_biattention(path, B, L, heads, d):
     rng = np.random.default_rng(B * L * heads * d)
     hidden = heads * d

@@ -1470,6 +1470,44 @@ int bb_embed(const int64_t *ids, const int64_t *type_ids, int64_t M, int64_t L, 
 /* ------------------------------------------------------------------------------------ */
 /* Bi-Attention entirely in bits                                                         */
 
+#if BB_X86
+/* transpose64 in eight 512-bit registers (row 8R + i in lane i of register R): the same six
+ * butterfly stages, each a bit-select between a row and its partner shifted. Partners 32, 16
+ * and 8 rows apart lie in other registers, those 4, 2 and 1 apart in other lanes of the same
+ * register (a lane permutation brings them). out may alias a. */
+#define BB_SEL(m, x, y) _mm512_ternarylogic_epi64(m, x, y, 0xCA) /* m ? x : y, bit by bit */
+#define BB_XSTAGE(lo, hi, j, m)                                                                               \
+    do {                                                                                                      \
+        __m512i l_ = lo;                                                                                      \
+        lo = BB_SEL(_mm512_set1_epi64((long long)((m) << (j))), _mm512_slli_epi64(hi, j), lo);                \
+        hi = BB_SEL(_mm512_set1_epi64((long long)(m)), _mm512_srli_epi64(l_, j), hi);                          \
+    } while (0)
+/* lanes i and i + j of z (upper: the lanes with bit j of i set), p: z with those lanes swapped */
+#define BB_LSTAGE(z, p, j, m, upper)                                                                          \
+    do {                                                                                                      \
+        __m512i sh_ = _mm512_mask_mov_epi64(_mm512_slli_epi64(p, j), upper, _mm512_srli_epi64(p, j));        \
+        __m512i mk_ = _mm512_mask_mov_epi64(_mm512_set1_epi64((long long)((m) << (j))), upper,                \
+                                            _mm512_set1_epi64((long long)(m)));                               \
+        z = BB_SEL(mk_, sh_, z);                                                                              \
+    } while (0)
+BB_AVX512 static void transpose64_avx512(const uint64_t a[64], uint64_t out[64]) {
+    __m512i z[8];
+    for (int r = 0; r < 8; r++) z[r] = _mm512_loadu_si512(a + 8 * r);
+    for (int r = 0; r < 4; r++) BB_XSTAGE(z[r], z[r + 4], 32, 0x00000000FFFFFFFFULL);
+    for (int r = 0; r < 8; r += 4)
+        for (int q = 0; q < 2; q++) BB_XSTAGE(z[r + q], z[r + q + 2], 16, 0x0000FFFF0000FFFFULL);
+    for (int r = 0; r < 8; r += 2) BB_XSTAGE(z[r], z[r + 1], 8, 0x00FF00FF00FF00FFULL);
+    for (int r = 0; r < 8; r++) {
+        BB_LSTAGE(z[r], _mm512_shuffle_i64x2(z[r], z[r], 0x4E), 4, 0x0F0F0F0F0F0F0F0FULL, 0xF0);
+        BB_LSTAGE(z[r], _mm512_shuffle_i64x2(z[r], z[r], 0xB1), 2, 0x3333333333333333ULL, 0xCC);
+        BB_LSTAGE(z[r], _mm512_permutex_epi64(z[r], 0xB1), 1, 0x5555555555555555ULL, 0xAA);
+        _mm512_storeu_si512(out + 8 * r, z[r]);
+    }
+}
+#undef BB_XSTAGE
+#undef BB_LSTAGE
+#endif
+
 typedef struct {
     int64_t B, L, H, d, dw, lw, lp, dp;
     const uint64_t *q;   /* [B, H, L, dw]  query bits per head */
@@ -1600,11 +1638,19 @@ static inline __attribute__((always_inline)) BB_AVX512 int64_t attn_lane_min_avx
     return _mm512_reduce_min_epi64(m);
 }
 
+/* eight 8-bit masks joined into 64 bits (k0 the lowest byte), in mask registers */
+static inline __attribute__((always_inline)) BB_AVX512 uint64_t join8_avx512(__mmask8 k0, __mmask8 k1, __mmask8 k2,
+                                                                             __mmask8 k3, __mmask8 k4, __mmask8 k5,
+                                                                             __mmask8 k6, __mmask8 k7) {
+    __mmask32 lo = _mm512_kunpackw(_mm512_kunpackb(k3, k2), _mm512_kunpackb(k1, k0));
+    __mmask32 hi = _mm512_kunpackw(_mm512_kunpackb(k7, k6), _mm512_kunpackb(k5, k4));
+    return _cvtmask64_u64(_mm512_kunpackd(hi, lo));
+}
 /* the BA bits of 64 keys: popcount < lim */
 static inline __attribute__((always_inline)) BB_AVX512 uint64_t attn_below_avx512(const __m512i acc[8], __m512i limv) {
-    uint64_t bits = 0;
-    for (int v = 0; v < 8; v++) bits |= (uint64_t)_mm512_cmp_epi64_mask(acc[v], limv, _MM_CMPINT_LT) << (8 * v);
-    return bits;
+#define BB_LT(v) _mm512_cmp_epi64_mask(acc[v], limv, _MM_CMPINT_LT)
+    return join8_avx512(BB_LT(0), BB_LT(1), BB_LT(2), BB_LT(3), BB_LT(4), BB_LT(5), BB_LT(6), BB_LT(7));
+#undef BB_LT
 }
 
 /* 64 keys' popcounts in 8 named vectors (a0 .. a7), which the compiler keeps in registers */
@@ -1626,10 +1672,12 @@ static inline __attribute__((always_inline)) BB_AVX512 uint64_t attn_below_avx51
 #define BB_MIN8(a)                                                                                         \
     _mm512_min_epi64(_mm512_min_epi64(_mm512_min_epi64(a##0, a##1), _mm512_min_epi64(a##2, a##3)),        \
                      _mm512_min_epi64(_mm512_min_epi64(a##4, a##5), _mm512_min_epi64(a##6, a##7)))
-#define BB_BELOW1(a, v, limv) ((uint64_t)_mm512_cmp_epi64_mask(a##v, limv, _MM_CMPINT_LT) << (8 * v))
-#define BB_BELOW8(a, limv)                                                                                 \
-    (BB_BELOW1(a, 0, limv) | BB_BELOW1(a, 1, limv) | BB_BELOW1(a, 2, limv) | BB_BELOW1(a, 3, limv) |       \
-     BB_BELOW1(a, 4, limv) | BB_BELOW1(a, 5, limv) | BB_BELOW1(a, 6, limv) | BB_BELOW1(a, 7, limv))
+/* the 64 bits of cmp(a_v, x) for v = 0 .. 7 (cmp: an _MM_CMPINT_ predicate) */
+#define BB_CMP1(a, v, x, cmp) _mm512_cmp_epi64_mask(a##v, x, cmp)
+#define BB_CMP8(a, x, cmp)                                                                                 \
+    join8_avx512(BB_CMP1(a, 0, x, cmp), BB_CMP1(a, 1, x, cmp), BB_CMP1(a, 2, x, cmp), BB_CMP1(a, 3, x, cmp),  \
+                 BB_CMP1(a, 4, x, cmp), BB_CMP1(a, 5, x, cmp), BB_CMP1(a, 6, x, cmp), BB_CMP1(a, 7, x, cmp))
+#define BB_BELOW8(a, limv) BB_CMP8(a, limv, _MM_CMPINT_LT)
 
 BB_AVX512 static void attn_ba_avx512(const attn_args *g, int64_t bh, int64_t i, uint64_t *ba, int64_t *pcs) {
     int64_t b = bh / g->H;
@@ -1691,9 +1739,9 @@ BB_AVX512 static void attn_ba_avx512(const attn_args *g, int64_t bh, int64_t i, 
 /* columns 8v .. 8v+7 of a one-word context (attn_ctx_avx512, dp = 64): their count
  * npos - 2 * popcount, its sign bits (or, with thresholds, !(count - t >= 0) in float32) into
  * neg, the counts into cnt when asked; the general path's operations */
-#define BB_CTX1(a, v)                                                                                      \
+#define BB_CTX1(a, v, d)                                                                                   \
     do {                                                                                                   \
-        int n_ = (int)g->d - 8 * v >= 8 ? 8 : (int)g->d - 8 * v;                                           \
+        int n_ = (int)(d) - 8 * v >= 8 ? 8 : (int)(d) - 8 * v;                                             \
         if (n_ <= 0) break;                                                                                \
         __mmask8 m_ = (__mmask8)((1u << n_) - 1);                                                          \
         __m512i count_ = _mm512_sub_epi64(nv, _mm512_slli_epi64(a##v, 1));                                 \
@@ -1723,8 +1771,8 @@ BB_AVX512 static void attn_ctx_avx512(const attn_args *g, int64_t bh, const uint
             BB_AND8(a, bv, vw);
         }
         uint64_t neg = 0;
-        BB_CTX1(a, 0); BB_CTX1(a, 1); BB_CTX1(a, 2); BB_CTX1(a, 3);
-        BB_CTX1(a, 4); BB_CTX1(a, 5); BB_CTX1(a, 6); BB_CTX1(a, 7);
+        BB_CTX1(a, 0, g->d); BB_CTX1(a, 1, g->d); BB_CTX1(a, 2, g->d); BB_CTX1(a, 3, g->d);
+        BB_CTX1(a, 4, g->d); BB_CTX1(a, 5, g->d); BB_CTX1(a, 6, g->d); BB_CTX1(a, 7, g->d);
         cb[0] = neg;
         return;
     }
@@ -1791,8 +1839,12 @@ BB_AVX512 static void attn_row_avx512_d64(const attn_args *g, int64_t r, uint64_
             BB_AND8(a, bv, vt + w * 64);
         }
         uint64_t neg = 0;
-        BB_CTX1(a, 0); BB_CTX1(a, 1); BB_CTX1(a, 2); BB_CTX1(a, 3);
-        BB_CTX1(a, 4); BB_CTX1(a, 5); BB_CTX1(a, 6); BB_CTX1(a, 7);
+        if (!t && !cnt) { /* count = npos - 2 a < 0  <=>  a > floor(npos / 2) */
+            neg = BB_CMP8(a, _mm512_set1_epi64(npos >> 1), _MM_CMPINT_NLE);
+        } else {
+            BB_CTX1(a, 0, 64); BB_CTX1(a, 1, 64); BB_CTX1(a, 2, 64); BB_CTX1(a, 3, 64);
+            BB_CTX1(a, 4, 64); BB_CTX1(a, 5, 64); BB_CTX1(a, 6, 64); BB_CTX1(a, 7, 64);
+        }
         orow[h] = neg;
     }
     for (int64_t x = H; x < g->ldo; x++) orow[x] = 0;
@@ -1826,6 +1878,7 @@ typedef struct {
     attn_ba_fn ba_fn;
     attn_ctx_fn ctx_fn;
     int row_d64;            /* rows through attn_row_avx512_d64 */
+    int avx512;             /* the AVX-512 family: its bit transpose */
     uint64_t *scratch;      /* [threads, scratch_words]: ba [H, lw], cb [dw], popcounts [lp] of a relative row */
     int64_t scratch_words;
 } attn_job;
@@ -1833,31 +1886,52 @@ typedef struct {
 static void attn_gather_heads(void *ctx, int64_t lo, int64_t hi, int tid) {
     const attn_job *j = (const attn_job *)ctx;
     const attn_args *g = j->g;
-    int64_t H = g->H, L = g->L, d = g->d;
+    int64_t H = g->H, L = g->L, d = g->d, dw = g->dw, lp = g->lp;
+    /* heads of whole words (offsets and d multiples of 64): plain word copies */
+    int whole = ((j->q_off | j->k_off | j->v_off | d) & 63) == 0;
     (void)tid;
     for (int64_t bh = lo; bh < hi; bh++) {
         int64_t b = bh / H, h = bh % H;
-        uint64_t *qh = (uint64_t *)g->q + bh * L * g->dw, *kh = (uint64_t *)g->kt + bh * g->dw * g->lp;
+        uint64_t *qh = (uint64_t *)g->q + bh * L * dw, *kh = (uint64_t *)g->kt + bh * dw * lp;
         uint64_t *vh = (uint64_t *)g->vt + bh * g->lw * g->dp;
-        memset(kh, 0, (size_t)(g->dw * g->lp) * 8);
+        const uint64_t *rows = j->qkv + b * L * j->ldq;
+        for (int64_t x = 0; x < dw; x++) /* keys past L */
+            for (int64_t i = L; i < lp; i++) kh[x * lp + i] = 0;
         memset(vh, 0, (size_t)(g->lw * g->dp) * 8);
-        for (int64_t i = 0; i < L; i++) {
-            const uint64_t *row = j->qkv + (b * L + i) * j->ldq;
-            for (int64_t x = 0; x < g->dw; x++) {
-                int nb = d - 64 * x >= 64 ? 64 : (int)(d - 64 * x);
-                qh[i * g->dw + x] = get_bits64(row, j->q_off + h * d + 64 * x, nb);
-                kh[x * g->lp + i] = get_bits64(row, j->k_off + h * d + 64 * x, nb);
+        if (whole) {
+            int64_t qw = j->q_off / 64 + h * dw, kw = j->k_off / 64 + h * dw;
+            for (int64_t i = 0; i < L; i++) {
+                const uint64_t *row = rows + i * j->ldq;
+                for (int64_t x = 0; x < dw; x++) {
+                    qh[i * dw + x] = row[qw + x];
+                    kh[x * lp + i] = row[kw + x];
+                }
+            }
+        } else {
+            for (int64_t i = 0; i < L; i++) {
+                const uint64_t *row = rows + i * j->ldq;
+                for (int64_t x = 0; x < dw; x++) {
+                    int nb = d - 64 * x >= 64 ? 64 : (int)(d - 64 * x);
+                    qh[i * dw + x] = get_bits64(row, j->q_off + h * d + 64 * x, nb);
+                    kh[x * lp + i] = get_bits64(row, j->k_off + h * d + 64 * x, nb);
+                }
             }
         }
-        uint64_t blk[64];
+        uint64_t blk[64] __attribute__((aligned(64)));
         for (int64_t w = 0; w < g->lw; w++)
-            for (int64_t x = 0; x < g->dw; x++) {
+            for (int64_t x = 0; x < dw; x++) {
                 int nb = d - 64 * x >= 64 ? 64 : (int)(d - 64 * x);
-                for (int t = 0; t < 64; t++) {
-                    int64_t r = 64 * w + t;
-                    blk[t] = r < L ? get_bits64(j->qkv + (b * L + r) * j->ldq, j->v_off + h * d + 64 * x, nb) : 0;
-                }
-                transpose64(blk);
+                int n = L - 64 * w < 64 ? (int)(L - 64 * w) : 64;
+                const uint64_t *row = rows + 64 * w * j->ldq;
+                for (int t = 0; t < n; t++, row += j->ldq)
+                    blk[t] = whole ? row[j->v_off / 64 + h * dw + x] : get_bits64(row, j->v_off + h * d + 64 * x, nb);
+                for (int t = n; t < 64; t++) blk[t] = 0;
+#if BB_X86
+                if (j->avx512)
+                    transpose64_avx512(blk, blk);
+                else
+#endif
+                    transpose64(blk);
                 for (int c = 0; c < nb; c++) vh[w * g->dp + 64 * x + c] = blk[c];
             }
     }
@@ -1963,10 +2037,11 @@ static int biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t 
     g.lim = lim;
     g.rel = rel;
 
-    attn_job job = {&g, qkv, ldq, q_off, k_off, v_off, NULL, NULL, 0, NULL,
+    attn_job job = {&g, qkv, ldq, q_off, k_off, v_off, NULL, NULL, 0, 0, NULL,
                     (H * g.lw + g.dw + (rel ? g.lp : 0) + 7) / 8 * 8};
     pick_attn(&job.ba_fn, &job.ctx_fn);
-    job.row_d64 = BB_X86 && bb_get_kernel() == BB_KERNEL_AVX512 && d == 64 && !rel;
+    job.avx512 = BB_X86 && bb_get_kernel() == BB_KERNEL_AVX512;
+    job.row_d64 = job.avx512 && d == 64 && !rel;
     /* phase 1: per (b, h), gather the head's bits into the layouts above */
     bb_parallel_for(B * H, 1, attn_gather_heads, &job);
     /* phase 2: per query row, every head; each row of `out` is written by one chunk. Scratch
