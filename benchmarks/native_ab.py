@@ -11,6 +11,10 @@ The workers also compare their outputs: logits and every hidden state must be bi
 
     python benchmarks/native_ab.py --baseline old/_bitkernels.so            # against the installed build
     python benchmarks/native_ab.py --baseline old.so --candidate new.so --families avx512 avx2 portable
+
+A baseline of another ABI runs with the bibert package it was built with (its ctypes bindings and
+engine), given as a source folder: --baseline-src old-checkout/src. The comparison is then of the
+whole forward, Python included, as the two versions run it.
 """
 from __future__ import annotations
 
@@ -95,8 +99,10 @@ def worker(model: str) -> None:
 
 
 class Worker:
-    def __init__(self, library: str | None, model: Path):
+    def __init__(self, library: str | None, model: Path, src: Path | None = None):
         env = dict(os.environ, BIBERT_THREADS="1")
+        if src:  # the bibert package this library goes with (its ctypes bindings and engine)
+            env["PYTHONPATH"] = os.pathsep.join([str(Path(src).resolve()), env.get("PYTHONPATH", "")])
         if library:
             env["BIBERT_NATIVE_LIB"] = str(Path(library).resolve())
         else:
@@ -136,6 +142,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--baseline", required=True, help="the library to compare against")
     ap.add_argument("--candidate", help="the library to measure (default: the installed build)")
+    ap.add_argument("--baseline-src", type=Path,
+                    help="the source folder (holding bibert/) of the package the baseline library belongs to, when "
+                         "its Python side differs (another ABI); default: the package this script imports")
     ap.add_argument("--labels", nargs=2, metavar=("BASELINE", "CANDIDATE"), help="names of the two builds in the report")
     ap.add_argument("--families", nargs="+", default=["auto"], help="kernel families (auto, avx512, avx2, portable)")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
@@ -153,7 +162,7 @@ def main(argv=None) -> int:
               "installed build", "seq": args.seq, "rounds": args.rounds, "rows": []}
     with tempfile.TemporaryDirectory(prefix="bibert-native-ab-") as tmp:
         model = build_model(Path(tmp))
-        base, cand = Worker(args.baseline, model), Worker(args.candidate, model)
+        base, cand = Worker(args.baseline, model, args.baseline_src), Worker(args.candidate, model)
         try:
             for family in args.families:
                 kernel = base.ask(op="family", family=family)["kernel"]
