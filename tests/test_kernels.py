@@ -438,6 +438,19 @@ def test_header_constants_and_layer_struct_match_python():
     assert all(t is ctypes.c_void_p for _, t in kernels.LayerParams._fields_)
 
 
+def test_header_model_struct_matches_python():
+    """bb_model's fields, in order, with their C types, are ModelParams'."""
+    text = re.sub(r"/\*.*?\*/", "", HEADER.read_text(), flags=re.S)
+    struct = re.search(r"typedef struct \{([^{}]*)\} bb_model;", text).group(1)
+    fields = []
+    for declaration in filter(None, (d.strip() for d in struct.split(";"))):
+        base = declaration.replace("const ", "").split()[0]
+        for name in declaration.split(base, 1)[1].split(","):
+            fields.append((name.strip(" *"), ctypes.c_void_p if "*" in name else C_TYPES[base]))
+    assert len(fields) == 14
+    assert fields == list(kernels.ModelParams._fields_)
+
+
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 def test_every_exported_function_is_declared_in_the_header():
     """bitkernels.c compiles with -Wmissing-prototypes as an error: every function it exports

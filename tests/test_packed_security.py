@@ -830,6 +830,12 @@ def native_worker(packed: str) -> None:
     rel_past[8], rel_negative[3] = 10, -1
     one, empty, late = (np.array(v, np.int64) for v in ([0, 4], [0, 0], [1, 4]))  # sequence row starts
     positions = np.array([1, 4], np.int64)  # two rows, the second at a position past P = 4
+    # the tables of bb_forward: 4 words, 4 positions, 2 token types of H = 32, all in buf; one without its word bits
+    tables = kernels.ModelParams(p, p, 4, p, 4, p, 2, p, p, None, p, p, p, None)
+    no_table = kernels.ModelParams(None, p, 4, p, 4, p, 2, p, p, None, p, p, p, None)
+    # a layer whose every parameter lies in buf (its values do not matter: the ids are refused first)
+    real_layers = ctypes.byref(kernels.LayerParams(*([p] * 16), None, None, None, None, None))
+    past_vocab, zeros4 = np.array([0, 1, 4, 2], np.int64), np.zeros(4, np.int64)  # id 4 past the 4 words
     big, neg = 2**40, -1
     calls = {
         "sign_pack K=0": lambda: lib.bb_sign_pack(p, 1, 0, 1, p, 1, None),
@@ -888,6 +894,26 @@ def native_worker(packed: str) -> None:
         "encoder null start": lambda: lib.bb_encoder(p, 1, 1, None, 32, 4, 40, 1e-12, p, p, p, None),
         "encoder huge": lambda: lib.bb_encoder(p, 1, big, p, big, 1, big, 1e-12, p, p, p, None),
         "embed position past P": lambda: lib.bb_embed(p, p, 2, 1, p, p, 4, p, 4, p, 2, 8, p, positions.ctypes.data),
+        "forward null model": lambda: lib.bb_forward(None, p, 1, 1, one.ctypes.data, 32, 4, 40, 1e-12, p, p, None, p, p,
+                                                     p, None, p),
+        "forward null table": lambda: lib.bb_forward(ctypes.byref(no_table), p, 1, 1, one.ctypes.data, 32, 4, 40,
+                                                     1e-12, p, p, None, p, p, p, None, p),
+        "forward null ids": lambda: lib.bb_forward(ctypes.byref(tables), p, 1, 1, one.ctypes.data, 32, 4, 40, 1e-12,
+                                                   None, p, None, p, p, p, None, p),
+        "forward null pooled": lambda: lib.bb_forward(ctypes.byref(tables), p, 1, 1, one.ctypes.data, 32, 4, 40,
+                                                      1e-12, p, p, None, p, p, p, None, None),
+        "forward null parameter": lambda: lib.bb_forward(ctypes.byref(tables), ctypes.byref(kernels.LayerParams()), 1,
+                                                         1, one.ctypes.data, 32, 4, 40, 1e-12, p, p, None, p, p, p,
+                                                         None, p),
+        "forward heads do not divide": lambda: lib.bb_forward(ctypes.byref(tables), p, 1, 1, one.ctypes.data, 35, 4,
+                                                              40, 1e-12, p, p, None, p, p, p, None, p),
+        "forward empty sequence": lambda: lib.bb_forward(ctypes.byref(tables), p, 1, 1, empty.ctypes.data, 32, 4, 40,
+                                                         1e-12, p, p, None, p, p, p, None, p),
+        "forward huge": lambda: lib.bb_forward(ctypes.byref(tables), p, 1, big, p, big, 1, big, 1e-12, p, p, None, p,
+                                               p, p, None, p),
+        "forward id past vocabulary": lambda: lib.bb_forward(ctypes.byref(tables), real_layers, 1, 1,
+                                                             one.ctypes.data, 32, 4, 40, 1e-12, past_vocab.ctypes.data,
+                                                             zeros4.ctypes.data, None, p, p, p, None, p),
         "tuning mr 0": lambda: lib.bb_set_tuning(1, 0, 16384, 0),
         "tuning mr 7": lambda: lib.bb_set_tuning(1, 7, 16384, 0),
         "tuning tiny chunk": lambda: lib.bb_set_tuning(1, 6, 16, 0),
@@ -951,6 +977,10 @@ def native_worker(packed: str) -> None:
               "predict bytes": lambda: model.predict([b"good"]),
               "threads=0": lambda: kernels.set_threads(0),
               "threads=10**9": lambda: kernels.set_threads(10**9),
+              "kernels.forward id past vocabulary": lambda: kernels.forward(
+                  model._native_model, model._native_layers, model.num_layers, np.array([0, 2]), model.hidden,
+                  model.heads, model.intermediate, model.eps, np.array([2, 99]), np.zeros(2, np.int64), None,
+                  np.ones(2, bool)),
               "embed id past vocabulary": lambda: kernels.embed(np.array([[2, 99]]), np.zeros((1, 2), np.int64),
                                                                 model.word_bits, model.word_alpha, model.position,
                                                                 model.token_type),
@@ -982,7 +1012,7 @@ def test_native_kernels_and_inputs_refuse_bad_arguments(packed_path, tmp_path):
             assert rc == str(kernels.EINVAL), (name, rc)
         elif name.startswith("noop "):
             assert rc == str(kernels.OK), (name, rc)
-    assert sum(n.startswith("native ") for n in got) == 70
+    assert sum(n.startswith("native ") for n in got) == 79
     assert got["input forward (0, 8)"] == got["input forward (0, 0)"] == "result (0, 3)"
     assert got["input forward (0, 8) hidden"] == "result (0, 3)"
     assert got["input predict []"] == "result (0, 3)"
@@ -992,7 +1022,8 @@ def test_native_kernels_and_inputs_refuse_bad_arguments(packed_path, tmp_path):
                       "predict max_length=0": "positive number of tokens",
                       "predict max_length=1": "at least 3", "predict batch_size=0": "positive number of texts",
                       "forward NaN types": "integers", "forward ragged": "rectangular",
-                      "threads=0": "from 1 to", "embed id past vocabulary": "token ids must lie"}
+                      "threads=0": "from 1 to", "embed id past vocabulary": "token ids must lie",
+                      "kernels.forward id past vocabulary": "outside the model's tables"}
     for name, words in expected_words.items():
         assert got[f"input {name}"].startswith("BibertError") and words in got[f"input {name}"], (name, got[f"input {name}"])
     for name, outcome in got.items():

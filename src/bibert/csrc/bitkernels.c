@@ -2598,38 +2598,34 @@ static void encoder_groups(void *ctx, int64_t lo, int64_t hi, int tid) {
     }
 }
 
-/* Runs n_layers encoder layers on n_seq sequences packed row after row: sequence s owns rows
- * start[s] .. start[s+1] of x [rows, H] (float, updated in place) and of its bits xb [rows,
- * words(H)] (updated too); rows = start[n_seq]. A sequence holds only the rows to compute (a
- * padded position need not be a row); row_valid [rows] marks the rows that are keys of their
- * sequence's attention (the others are queries only). hidden (optional): [n_layers, rows, H]
- * receives every layer's output. Sequences run in groups of about g_group_rows rows; with at
- * least as many groups as threads, each thread runs whole groups (no synchronisation inside a
- * forward); otherwise the kernels of each group split their work across the threads. Checks:
- * H, heads, I >= 1, heads divides H, start non-decreasing from 0 with every sequence at least
- * one row, the sizes' products in range, every buffer and every parameter pointer of the
- * n_layers layers given (ctx_t, ln1_t, ln2_t, score_lim and score_rel may be NULL). Returns BB_OK,
- * BB_EINVAL or BB_ENOMEM. */
-int bb_encoder(const bb_layer *layers, int64_t n_layers, int64_t n_seq, const int64_t *start, int64_t H,
-               int64_t heads, int64_t I, float eps, const uint8_t *row_valid, float *x, uint64_t *xb, float *hidden) {
-    if (!count_ok(n_layers) || !count_ok(n_seq)) return BB_EINVAL;
-    if (n_seq == 0 || n_layers == 0) return BB_OK;
-    if (!start || start[0] != 0 || !dim_ok(H) || !dim_ok(heads) || !dim_ok(I) || H % heads || !layers ||
-        !row_valid || !x || !xb)
-        return BB_EINVAL;
+/* The checks of bb_encoder (and bb_forward) on its sizes, sequences and layer parameters. */
+static int encoder_ok(const bb_layer *layers, int64_t n_layers, int64_t n_seq, const int64_t *start, int64_t H,
+                      int64_t heads, int64_t I, const uint8_t *row_valid, const float *x, const uint64_t *xb,
+                      int64_t hidden_slots, const float *hidden) {
+    if (!start || start[0] != 0 || !dim_ok(H) || !dim_ok(heads) || !dim_ok(I) || H % heads ||
+        (!layers && n_layers) || !row_valid || !x || !xb)
+        return 0;
     for (int64_t s = 0; s < n_seq; s++)
-        if (start[s + 1] <= start[s] || start[s + 1] - start[s] > BB_MAX_DIM) return BB_EINVAL;
+        if (start[s + 1] <= start[s] || start[s + 1] - start[s] > BB_MAX_DIM) return 0;
     int64_t rows = start[n_seq];
-    if (!elems_ok(rows, 3 * H, 1) || !elems_ok(rows, I, 1) || (hidden && !elems_ok(n_layers, rows, H)))
-        return BB_EINVAL;
+    if (!elems_ok(rows, 3 * H, 1) || !elems_ok(rows, I, 1) || (hidden && !elems_ok(hidden_slots, rows, H)))
+        return 0;
     for (int64_t l = 0; l < n_layers; l++) {
         const bb_layer *p = layers + l;
         const void *ptrs[] = {p->qkv_w, p->qkv_thr, p->qkv_flip, p->ao_w, p->ao_c0, p->ao_c1, p->ln1_g, p->ln1_b,
                               p->fi_w, p->fi_thr, p->fi_flip, p->fo_w, p->fo_c0, p->fo_c1, p->ln2_g, p->ln2_b};
         for (size_t i = 0; i < sizeof ptrs / sizeof ptrs[0]; i++)
-            if (!ptrs[i]) return BB_EINVAL;
-        if (!limits_ok(heads, H / heads, p->score_lim, p->score_rel)) return BB_EINVAL;
+            if (!ptrs[i]) return 0;
+        if (!limits_ok(heads, H / heads, p->score_lim, p->score_rel)) return 0;
     }
+    return 1;
+}
+
+/* bb_encoder after its checks */
+static int encoder_run(const bb_layer *layers, int64_t n_layers, int64_t n_seq, const int64_t *start, int64_t H,
+                       int64_t heads, int64_t I, float eps, const uint8_t *row_valid, float *x, uint64_t *xb,
+                       float *hidden) {
+    int64_t rows = start[n_seq];
     /* groups of consecutive sequences of about g_group_rows rows, at least as many as threads
      * when there are enough sequences */
     int64_t target = g_group_rows;
@@ -2649,4 +2645,75 @@ int bb_encoder(const bb_layer *layers, int64_t n_layers, int64_t n_seq, const in
         encoder_groups(&g, 0, ng, 0);
     free(gs);
     return atomic_load(&job.rc);
+}
+
+/* Runs n_layers encoder layers on n_seq sequences packed row after row: sequence s owns rows
+ * start[s] .. start[s+1] of x [rows, H] (float, updated in place) and of its bits xb [rows,
+ * words(H)] (updated too); rows = start[n_seq]. A sequence holds only the rows to compute (a
+ * padded position need not be a row); row_valid [rows] marks the rows that are keys of their
+ * sequence's attention (the others are queries only). hidden (optional): [n_layers, rows, H]
+ * receives every layer's output. Sequences run in groups of about g_group_rows rows; with at
+ * least as many groups as threads, each thread runs whole groups (no synchronisation inside a
+ * forward); otherwise the kernels of each group split their work across the threads. Checks:
+ * H, heads, I >= 1, heads divides H, start non-decreasing from 0 with every sequence at least
+ * one row, the sizes' products in range, every buffer and every parameter pointer of the
+ * n_layers layers given (ctx_t, ln1_t, ln2_t, score_lim and score_rel may be NULL). Returns BB_OK,
+ * BB_EINVAL or BB_ENOMEM. */
+int bb_encoder(const bb_layer *layers, int64_t n_layers, int64_t n_seq, const int64_t *start, int64_t H,
+               int64_t heads, int64_t I, float eps, const uint8_t *row_valid, float *x, uint64_t *xb, float *hidden) {
+    if (!count_ok(n_layers) || !count_ok(n_seq)) return BB_EINVAL;
+    if (n_seq == 0 || n_layers == 0) return BB_OK;
+    if (!encoder_ok(layers, n_layers, n_seq, start, H, heads, I, row_valid, x, xb, n_layers, hidden))
+        return BB_EINVAL;
+    return encoder_run(layers, n_layers, n_seq, start, H, heads, I, eps, row_valid, x, xb, hidden);
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* a whole forward in one call: embeddings, encoder, pooler                              */
+
+/* The whole forward short of the classifier: the embeddings of each row (word, token type,
+ * position; row m of sequence s at position positions[m], or m - start[s] when positions is
+ * NULL) and their LayerNorm into x and its bits xb (against m->ln_t when given), the n_layers
+ * encoder layers (bb_encoder), then the pooler on each sequence's first row: its sign bits
+ * (against m->pool_t when given) through the float Linear m->pool_w, c0, c1 (H outputs) into
+ * pooled [n_seq, H], before the tanh. hidden (optional): [n_layers + 1, rows, H], the
+ * embeddings' output, then each layer's. Each step the same kernel as bb_embed, bb_layernorm,
+ * bb_encoder, bb_sign_pack and bb_linear run on their own (so the same results). Checks:
+ * bb_encoder's, bb_embed's (each id, type and position in range, else BB_EINVAL before any layer
+ * runs), and every pointer of m given but the thresholds. Returns BB_OK, BB_EINVAL or BB_ENOMEM. */
+int bb_forward(const bb_model *m, const bb_layer *layers, int64_t n_layers, int64_t n_seq, const int64_t *start,
+               int64_t H, int64_t heads, int64_t I, float eps, const int64_t *ids, const int64_t *type_ids,
+               const int64_t *positions, const uint8_t *row_valid, float *x, uint64_t *xb, float *hidden,
+               float *pooled) {
+    if (!count_ok(n_layers) || !count_ok(n_seq)) return BB_EINVAL;
+    if (n_seq == 0) return BB_OK;
+    if (!m || !ids || !type_ids || !pooled || !m->word_bits || !m->word_alpha || !m->pos || !m->type || !m->ln_g ||
+        !m->ln_b || !m->pool_w || !m->pool_c0 || !m->pool_c1 ||
+        !encoder_ok(layers, n_layers, n_seq, start, H, heads, I, row_valid, x, xb, n_layers + 1, hidden) ||
+        !elems_ok(n_seq, H, 1))
+        return BB_EINVAL;
+    int64_t rows = start[n_seq], hw = words_of(H);
+    int64_t *at = NULL;
+    if (!positions) { /* each row's position in its sequence */
+        at = (int64_t *)malloc((size_t)rows * sizeof(int64_t));
+        if (!at) return BB_ENOMEM;
+        for (int64_t s = 0; s < n_seq; s++)
+            for (int64_t r = start[s]; r < start[s + 1]; r++) at[r] = r - start[s];
+        positions = at;
+    }
+    int rc = bb_embed(ids, type_ids, rows, 1, m->word_bits, m->word_alpha, m->vocab, m->pos, m->positions, m->type,
+                      m->types, H, x, positions);
+    free(at);
+    if (!rc) rc = bb_layernorm(x, rows, H, m->ln_g, m->ln_b, eps, x, xb, hw, m->ln_t);
+    if (rc) return rc;
+    if (hidden) memcpy(hidden, x, (size_t)(rows * H) * sizeof(float));
+    if (n_layers) rc = encoder_run(layers, n_layers, n_seq, start, H, heads, I, eps, row_valid, x, xb,
+                                   hidden ? hidden + rows * H : NULL);
+    if (rc) return rc;
+    uint64_t *cls = (uint64_t *)malloc((size_t)(n_seq * hw) * sizeof(uint64_t));
+    if (!cls) return BB_ENOMEM;
+    for (int64_t s = 0; s < n_seq && !rc; s++) rc = bb_sign_pack(x + start[s] * H, 1, H, H, cls + s * hw, hw, m->pool_t);
+    if (!rc) rc = bb_linear(cls, n_seq, hw, H, m->pool_w, H, m->pool_c0, m->pool_c1, NULL, pooled, NULL, 0, NULL, NULL);
+    free(cls);
+    return rc;
 }

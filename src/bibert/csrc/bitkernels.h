@@ -13,7 +13,7 @@
 
 #include <stdint.h>
 
-#define BB_ABI_VERSION 15 /* changes with any declaration below */
+#define BB_ABI_VERSION 16 /* changes with any declaration below */
 
 enum { BB_OK = 0, BB_ENOMEM = -1, BB_EINVAL = -2 }; /* the entry points' return codes */
 enum { BB_KERNEL_AUTO = 0, BB_KERNEL_PORTABLE = 1, BB_KERNEL_AVX512 = 2, BB_KERNEL_AVX2 = 3 };
@@ -34,6 +34,19 @@ typedef struct {
     const float *ctx_t, *ln1_t, *ln2_t;
     const int64_t *score_lim, *score_rel;
 } bb_layer;
+
+/* The parts of a model around its encoder, for bb_forward: the embeddings (word bits [vocab,
+ * words(H)] with their alphas [vocab], positions [positions, H], token types [types, H]) and
+ * their LayerNorm (ln_t [H]: thresholds of the bits it packs, the first layer's Q/K/V input; may
+ * be NULL), and the pooler (H x H panels, float epilogue c0, c1; pool_t [H]: thresholds of its
+ * input bits, may be NULL). */
+typedef struct {
+    const uint64_t *word_bits; const float *word_alpha; int64_t vocab;
+    const float *pos; int64_t positions;
+    const float *type; int64_t types;
+    const float *ln_g, *ln_b, *ln_t;
+    const uint64_t *pool_w; const float *pool_c0, *pool_c1, *pool_t;
+} bb_model;
 
 /* BB_ABI_VERSION of the library. */
 int bb_abi_version(void);
@@ -96,5 +109,10 @@ int bb_get_encoder_tuning(int64_t *out);
 /* n_layers encoder layers on n_seq sequences packed row after row (rows start[s] to start[s+1]): x [rows, H] and its bits xb updated in place, each layer's output into hidden (may be NULL). */
 int bb_encoder(const bb_layer *layers, int64_t n_layers, int64_t n_seq, const int64_t *start, int64_t H,
                int64_t heads, int64_t I, float eps, const uint8_t *row_valid, float *x, uint64_t *xb, float *hidden);
+/* Embeddings, their LayerNorm, n_layers encoder layers (as bb_encoder) and the pooler: x, xb as bb_encoder's, hidden (may be NULL) [n_layers + 1, rows, H], pooled [n_seq, H] before the tanh. */
+int bb_forward(const bb_model *m, const bb_layer *layers, int64_t n_layers, int64_t n_seq, const int64_t *start,
+               int64_t H, int64_t heads, int64_t I, float eps, const int64_t *ids, const int64_t *type_ids,
+               const int64_t *positions, const uint8_t *row_valid, float *x, uint64_t *xb, float *hidden,
+               float *pooled);
 
 #endif

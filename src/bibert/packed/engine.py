@@ -190,9 +190,22 @@ class PackedModel:
         self._native_layers = (kernels.LayerParams * self.num_layers)(*(self._layer_params(l) for l in self.layers))
         self.pooler = linear(POOLER_DENSE, H)
         self.pooler_t = quantizer(POOLER_DENSE)[0]
+        self._native_model = self._model_params()  # check_packed: the pooler is H x H
         self.classifier_weight, self.classifier_bias = f32(f"{CLASSIFIER}.weight"), f32(f"{CLASSIFIER}.bias")
         self.num_labels = shape.num_labels
         self.labels = list(shape.labels)
+
+    def _model_params(self) -> kernels.ModelParams:
+        """The embeddings, their LayerNorm and the pooler for the native forward (`forward`)."""
+        def opt(a: np.ndarray | None):
+            return None if a is None else a.ctypes.data
+
+        return kernels.ModelParams(self.word_bits.ctypes.data, self.word_alpha.ctypes.data, self.word_bits.shape[0],
+                                   self.position.ctypes.data, self.position.shape[0],
+                                   self.token_type.ctypes.data, self.token_type.shape[0],
+                                   self.emb_ln[0].ctypes.data, self.emb_ln[1].ctypes.data, opt(self.layers[0].qkv_t),
+                                   self.pooler.panels.ctypes.data, self.pooler.epilogue[0].ctypes.data,
+                                   self.pooler.epilogue[1].ctypes.data, opt(self.pooler_t))
 
     @staticmethod
     def _layer_params(layer: Layer) -> kernels.LayerParams:
@@ -254,8 +267,8 @@ class PackedModel:
     def encoder_layer(self, n: int, x: np.ndarray, xb: np.ndarray, key_valid: np.ndarray,
                       trace: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Layer n on hidden state x [B*L, H] (bits xb, packed for this layer's Q/K/V input);
-        key_valid bool [B, L], one kernel call per step (`forward` runs the same steps natively,
-        all layers in one call). With `trace`, stores the intermediates: qkv bits, context bits
+        key_valid bool [B, L], one kernel call per step (`forward` runs the same steps natively:
+        the embeddings, all layers and the pooler in one call). With `trace`, stores the intermediates: qkv bits, context bits
         and counts, attention output, FFN bits."""
         layer, H = self.layers[n], self.hidden
         B, L = key_valid.shape
@@ -278,8 +291,11 @@ class PackedModel:
 
     def head(self, cls_hidden: np.ndarray) -> np.ndarray:
         """Pooler + classifier on the [CLS] hidden states [B, H]: logits [B, num_labels]."""
-        pooled = np.tanh(self.pooler(kernels.sign_pack(cls_hidden, self.pooler_t)))
-        return pooled @ self.classifier_weight.T + self.classifier_bias
+        return self.classify(self.pooler(kernels.sign_pack(cls_hidden, self.pooler_t)))
+
+    def classify(self, pooled: np.ndarray) -> np.ndarray:
+        """The classifier on the pooler's output before its tanh [B, H]: logits [B, num_labels]."""
+        return np.tanh(pooled) @ self.classifier_weight.T + self.classifier_bias
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None,
                 output_hidden_states: bool = False):
@@ -303,20 +319,20 @@ class PackedModel:
         keep[:, 0] = True  # the head reads [CLS]
         start = np.zeros(B + 1, np.int64)
         np.cumsum(keep.sum(axis=1), out=start[1:])
-        if keep.all():  # no padding: rows in place
+        if keep.all():  # no padding: rows in place, each at its index in its sequence
             rows, positions = None, None
-            x, xb = self.embeddings(ids, tt)
+            row_ids, row_types, row_valid = ids.reshape(-1), tt.reshape(-1), valid.reshape(-1)
         else:  # the computed rows of every sequence, packed one after another
             rows = np.flatnonzero(keep)
-            positions = (rows % L)[None]
-            x, xb = self.embeddings(ids.reshape(-1)[rows][None], tt.reshape(-1)[rows][None], positions)
-        row_valid = valid.reshape(-1) if rows is None else valid.reshape(-1)[rows]
+            positions = rows % L
+            row_ids, row_types, row_valid = ids.reshape(-1)[rows], tt.reshape(-1)[rows], valid.reshape(-1)[rows]
         M = int(start[-1])
-        hidden = np.empty((self.num_layers, M, self.hidden), np.float32) if output_hidden_states else None
-        first = x.copy() if output_hidden_states else None
-        kernels.encoder(self._native_layers, self.num_layers, start, self.hidden, self.heads, self.intermediate,
-                        self.eps, row_valid, x, xb, hidden)  # every layer in one native call; x, xb in place
-        logits = self.head(x[start[:-1]])
+        hidden = np.empty((self.num_layers + 1, M, self.hidden), np.float32) if output_hidden_states else None
+        # embeddings, every layer and the pooler in one native call
+        _, pooled = kernels.forward(self._native_model, self._native_layers, self.num_layers, start, self.hidden,
+                                    self.heads, self.intermediate, self.eps, row_ids, row_types, positions, row_valid,
+                                    hidden)
+        logits = self.classify(pooled)
         if output_hidden_states:
             def unpack(h):
                 if rows is None:
@@ -324,7 +340,7 @@ class PackedModel:
                 full = np.zeros((B * L, self.hidden), np.float32)
                 full[rows] = h
                 return full.reshape(B, L, self.hidden)
-            return logits, [unpack(first)] + [unpack(h) for h in hidden]
+            return logits, [unpack(h) for h in hidden]
         return logits
 
     # ---- k-bit activations, bit-serially ------------------------------------------------

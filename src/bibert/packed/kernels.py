@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import BibertError
 from .reader import pack_bool, unpack_bool, words  # the format's bits, as the kernels take them
 
-ABI_VERSION = 15
+ABI_VERSION = 16
 PANEL = 32
 KERNELS = {"auto": 0, "portable": 1, "avx512": 2, "avx2": 3}
 MAX_THREADS = 1024  # bb_set_threads' cap
@@ -63,6 +63,7 @@ SIGNATURES = {
     "bb_set_encoder_tuning": (_INT, [_I, _I]),
     "bb_get_encoder_tuning": (_INT, [_P]),
     "bb_encoder": (_INT, [_P, _I, _I, _P, _I, _I, _I, _F, _P, _P, _P, _P]),
+    "bb_forward": (_INT, [_P, _P, _I, _I, _P, _I, _I, _I, _F, _P, _P, _P, _P, _P, _P, _P, _P]),
 }
 
 _lib = None
@@ -387,6 +388,63 @@ def encoder(layers: ctypes.Array, n_layers: int, start: np.ndarray, hidden_size:
         return
     _check_rc(lib().bb_encoder(ctypes.byref(layers), n_layers, len(start) - 1, _ptr(start), hidden_size, heads,
                                intermediate, eps, _ptr(valid), _ptr(x), _ptr(xb), _ptr(hidden)), "encoder")
+
+
+class ModelParams(ctypes.Structure):
+    """Pointers to the embeddings, their LayerNorm and the pooler, and the tables' sizes (bb_model
+    in bitkernels.h)."""
+
+    _fields_ = [("word_bits", ctypes.c_void_p), ("word_alpha", ctypes.c_void_p), ("vocab", ctypes.c_int64),
+                ("pos", ctypes.c_void_p), ("positions", ctypes.c_int64),
+                ("type", ctypes.c_void_p), ("types", ctypes.c_int64),
+                ("ln_g", ctypes.c_void_p), ("ln_b", ctypes.c_void_p), ("ln_t", ctypes.c_void_p),
+                ("pool_w", ctypes.c_void_p), ("pool_c0", ctypes.c_void_p), ("pool_c1", ctypes.c_void_p),
+                ("pool_t", ctypes.c_void_p)]
+
+
+def forward(model: ModelParams, layers: ctypes.Array, n_layers: int, start: np.ndarray, hidden_size: int, heads: int,
+            intermediate: int, eps: float, ids: np.ndarray, type_ids: np.ndarray, positions: np.ndarray | None,
+            row_valid: np.ndarray, hidden: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The whole forward but the classifier in one native call, on sequences packed row after row
+    as `encoder` takes them: each row's embeddings (token ids and types [rows]; row m at
+    positions[m], or at its index in its sequence when positions is None) and their LayerNorm,
+    n_layers encoder layers, then the pooler (before its tanh) on each sequence's first row.
+    Returns the last hidden state [rows, H] and the pooler's output [sequences, H]; hidden
+    [n_layers + 1, rows, H] (optional) receives the embeddings' output and each layer's. Checks
+    the arrays; ids, types and positions out of range raise BibertError (the C side checks each).
+    As for `encoder`, the parameter arrays behind `model` and `layers` must be PackedModel's."""
+    start = np.ascontiguousarray(start, dtype=np.int64)
+    if start.ndim != 1 or len(start) < 1 or start[0] != 0 or np.any(np.diff(start) < 1):
+        raise BibertError("forward: start must rise from 0 by at least one row per sequence")
+    M, n_seq = int(start[-1]), len(start) - 1
+    if len(layers) < n_layers or hidden_size < 1 or heads < 1 or hidden_size % heads:
+        raise BibertError(f"forward: sizes do not fit (layers {n_layers} of {len(layers)}, hidden {hidden_size}, "
+                          f"heads {heads})")
+    ids, type_ids = np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(type_ids, dtype=np.int64)
+    valid = np.ascontiguousarray(row_valid, dtype=np.uint8)
+    for a, what in ((ids, "ids"), (type_ids, "type_ids"), (valid, "row_valid")):
+        _shape(a, (M,), f"forward: {what}")
+    if positions is not None:
+        positions = np.ascontiguousarray(positions, dtype=np.int64)
+        _shape(positions, (M,), "forward: positions")
+    if hidden is not None and (not isinstance(hidden, np.ndarray) or hidden.dtype != np.float32
+                               or hidden.shape != (n_layers + 1, M, hidden_size) or not hidden.flags.c_contiguous
+                               or not hidden.flags.writeable):
+        raise BibertError(f"forward: hidden must be a writable C-contiguous float32 array of shape "
+                          f"{(n_layers + 1, M, hidden_size)}")
+    x = np.empty((M, hidden_size), np.float32)
+    pooled = np.empty((n_seq, hidden_size), np.float32)
+    if n_seq == 0:
+        return x, pooled
+    xb = np.empty((M, words(hidden_size)), np.uint64)
+    rc = lib().bb_forward(ctypes.byref(model), ctypes.byref(layers), n_layers, n_seq, _ptr(start), hidden_size, heads,
+                          intermediate, eps, _ptr(ids), _ptr(type_ids), _ptr(positions), _ptr(valid), _ptr(x),
+                          _ptr(xb), _ptr(hidden), _ptr(pooled))
+    if rc == EINVAL:
+        raise BibertError("forward: invalid arguments (token ids, types or positions outside the model's tables, "
+                          "or sizes that disagree)")
+    _check_rc(rc, "forward")
+    return x, pooled
 
 
 def layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float, with_bits: bool = False,
