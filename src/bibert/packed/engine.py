@@ -225,10 +225,11 @@ class PackedModel:
 
     # ---- the forward, piece by piece -------------------------------------------------
 
-    def _check(self, input_ids, attention_mask, token_type_ids):
+    def _check(self, input_ids, attention_mask, token_type_ids, ranges: bool = True):
         """The inputs, before any of them reaches the kernels: integer ids inside the
         vocabulary, integer token types inside the type table, a numeric mask, all three of
-        one 2-D shape, at most max_position_embeddings tokens."""
+        one 2-D shape, at most max_position_embeddings tokens. ranges=False leaves out the two
+        range checks (the native forward checks every id and type itself, see `forward`)."""
         try:
             ids = np.asarray(input_ids)
             mask = None if attention_mask is None else np.asarray(attention_mask)
@@ -241,20 +242,20 @@ class PackedModel:
         if L > self.max_positions:
             raise BibertError(f"sequence of {L} tokens is longer than the model's {self.max_positions} positions; "
                               "truncate the input (max_length)")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+        if ranges and ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise BibertError(f"token ids must lie in [0, {self.vocab_size}); is the tokenizer the model's own?")
-        mask = np.ones((B, L), np.int64) if mask is None else mask
-        tt = np.zeros((B, L), np.int64) if tt is None else tt
         for name, a in (("attention_mask", mask), ("token_type_ids", tt)):
-            if a.shape != (B, L):
+            if a is not None and a.shape != (B, L):
                 raise BibertError(f"{name} has shape {a.shape}, but input_ids has shape {(B, L)}; they must match")
-        if not (np.issubdtype(mask.dtype, np.number) or mask.dtype == bool):
+        if mask is not None and not (np.issubdtype(mask.dtype, np.number) or mask.dtype == bool):
             raise BibertError("attention_mask must hold numbers: 1 for a token, 0 for padding")
-        if not (np.issubdtype(tt.dtype, np.integer) or tt.dtype == bool):
+        if tt is not None and not (np.issubdtype(tt.dtype, np.integer) or tt.dtype == bool):
             raise BibertError("token_type_ids must be integers: 0 for the first segment, 1 for the second")
-        if tt.size and (tt.min() < 0 or tt.max() >= self.type_vocab_size):
+        if ranges and tt is not None and tt.size and (tt.min() < 0 or tt.max() >= self.type_vocab_size):
             raise BibertError(f"token_type_ids must lie in [0, {self.type_vocab_size})")
-        return ids.astype(np.int64), mask != 0, tt.astype(np.int64)
+        valid = np.ones((B, L), bool) if mask is None else mask != 0
+        return ids.astype(np.int64, copy=False), valid, np.zeros((B, L), np.int64) if tt is None else \
+            tt.astype(np.int64, copy=False)
 
     def embeddings(self, ids: np.ndarray, token_type_ids: np.ndarray,
                    positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -304,7 +305,9 @@ class PackedModel:
         Only the rows that matter are computed: the positions the mask marks as tokens, and
         each sequence's first ([CLS]) position. A padded position is never a key, so no token
         depends on it; its hidden states are returned as zeros."""
-        ids, valid, tt = self._check(input_ids, attention_mask, token_type_ids)
+        # the ids' and types' ranges are checked natively (each one, before any layer runs), and
+        # here only when that check refuses them, for its message
+        ids, valid, tt = self._check(input_ids, attention_mask, token_type_ids, ranges=bool(self.kbits))
         B, L = ids.shape
         if B and not L:
             raise BibertError("the input sequences are empty (length 0): each needs at least its [CLS] token")
@@ -315,23 +318,26 @@ class PackedModel:
             return logits
         if self.kbits:
             return self._forward_kbit(ids, valid, tt, output_hidden_states)
-        keep = valid.copy()
-        keep[:, 0] = True  # the head reads [CLS]
-        start = np.zeros(B + 1, np.int64)
-        np.cumsum(keep.sum(axis=1), out=start[1:])
-        if keep.all():  # no padding: rows in place, each at its index in its sequence
-            rows, positions = None, None
+        if valid.all():  # no padding: rows in place, each at its index in its sequence
+            rows, positions, start = None, None, np.arange(0, (B + 1) * L, L, dtype=np.int64)
             row_ids, row_types, row_valid = ids.reshape(-1), tt.reshape(-1), valid.reshape(-1)
-        else:  # the computed rows of every sequence, packed one after another
+        else:  # the computed rows of every sequence (its tokens and [CLS]), packed one after another
+            keep = valid.copy()
+            keep[:, 0] = True  # the head reads [CLS]
+            start = np.zeros(B + 1, np.int64)
+            np.cumsum(keep.sum(axis=1), out=start[1:])
             rows = np.flatnonzero(keep)
             positions = rows % L
             row_ids, row_types, row_valid = ids.reshape(-1)[rows], tt.reshape(-1)[rows], valid.reshape(-1)[rows]
         M = int(start[-1])
         hidden = np.empty((self.num_layers + 1, M, self.hidden), np.float32) if output_hidden_states else None
-        # embeddings, every layer and the pooler in one native call
-        _, pooled = kernels.forward(self._native_model, self._native_layers, self.num_layers, start, self.hidden,
-                                    self.heads, self.intermediate, self.eps, row_ids, row_types, positions, row_valid,
-                                    hidden)
+        try:  # embeddings, every layer and the pooler in one native call
+            _, pooled = kernels.forward(self._native_model, self._native_layers, self.num_layers, start, self.hidden,
+                                        self.heads, self.intermediate, self.eps, row_ids, row_types, positions,
+                                        row_valid, hidden)
+        except BibertError:
+            self._check(input_ids, attention_mask, token_type_ids)  # an id or a type out of range: its message
+            raise
         logits = self.classify(pooled)
         if output_hidden_states:
             def unpack(h):

@@ -411,22 +411,25 @@ def forward(model: ModelParams, layers: ctypes.Array, n_layers: int, start: np.n
     n_layers encoder layers, then the pooler (before its tanh) on each sequence's first row.
     Returns the last hidden state [rows, H] and the pooler's output [sequences, H]; hidden
     [n_layers + 1, rows, H] (optional) receives the embeddings' output and each layer's. Checks
-    the arrays; ids, types and positions out of range raise BibertError (the C side checks each).
-    As for `encoder`, the parameter arrays behind `model` and `layers` must be PackedModel's."""
+    the arrays (the C side checks start, each id, type and position: out of range, BibertError).
+    As for `encoder`, the parameter arrays behind `model` and `layers` must be PackedModel's.
+    Called once per forward, after the caches have been filled with weights: it keeps to few
+    NumPy calls."""
     start = np.ascontiguousarray(start, dtype=np.int64)
-    if start.ndim != 1 or len(start) < 1 or start[0] != 0 or np.any(np.diff(start) < 1):
+    if start.ndim != 1 or len(start) < 1 or start[0] != 0:
         raise BibertError("forward: start must rise from 0 by at least one row per sequence")
     M, n_seq = int(start[-1]), len(start) - 1
     if len(layers) < n_layers or hidden_size < 1 or heads < 1 or hidden_size % heads:
         raise BibertError(f"forward: sizes do not fit (layers {n_layers} of {len(layers)}, hidden {hidden_size}, "
                           f"heads {heads})")
     ids, type_ids = np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(type_ids, dtype=np.int64)
-    valid = np.ascontiguousarray(row_valid, dtype=np.uint8)
-    for a, what in ((ids, "ids"), (type_ids, "type_ids"), (valid, "row_valid")):
-        _shape(a, (M,), f"forward: {what}")
+    valid = np.ascontiguousarray(row_valid)
+    valid = valid.view(np.uint8) if valid.dtype == bool else valid.astype(np.uint8)
     if positions is not None:
         positions = np.ascontiguousarray(positions, dtype=np.int64)
-        _shape(positions, (M,), "forward: positions")
+    for a, what in ((ids, "ids"), (type_ids, "type_ids"), (valid, "row_valid"), (positions, "positions")):
+        if a is not None and a.shape != (M,):
+            raise BibertError(f"forward: {what} has shape {a.shape}; expected {(M,)}")
     if hidden is not None and (not isinstance(hidden, np.ndarray) or hidden.dtype != np.float32
                                or hidden.shape != (n_layers + 1, M, hidden_size) or not hidden.flags.c_contiguous
                                or not hidden.flags.writeable):
@@ -441,8 +444,8 @@ def forward(model: ModelParams, layers: ctypes.Array, n_layers: int, start: np.n
                           intermediate, eps, _ptr(ids), _ptr(type_ids), _ptr(positions), _ptr(valid), _ptr(x),
                           _ptr(xb), _ptr(hidden), _ptr(pooled))
     if rc == EINVAL:
-        raise BibertError("forward: invalid arguments (token ids, types or positions outside the model's tables, "
-                          "or sizes that disagree)")
+        raise BibertError("forward: invalid arguments (start not rising by at least one row per sequence, or token "
+                          "ids, types or positions outside the model's tables)")
     _check_rc(rc, "forward")
     return x, pooled
 
