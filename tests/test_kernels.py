@@ -272,6 +272,27 @@ def test_paths_agree_bit_for_bit():
         np.testing.assert_array_equal(results[0], other)
 
 
+@pytest.mark.parametrize("M,H", [(19, 80), (17, 768)])
+def test_layernorm_paths_agree_bit_for_bit(M, H):
+    """Every family's LayerNorm (8 rows at a time where H is a multiple of 16, then 4, then 1)
+    gives the same floats and bits, with and without thresholds."""
+    if len(PATHS) < 2:
+        pytest.skip("this CPU has only the portable path")
+    rng = np.random.default_rng(H)
+    x = rng.standard_normal((M, H)).astype(np.float32) * 3 + 1
+    g, b = rng.standard_normal(H).astype(np.float32), rng.standard_normal(H).astype(np.float32)
+    t = rng.standard_normal(H).astype(np.float32)
+    results = []
+    for name in PATHS:
+        kernels.set_kernel(name)
+        results.append(kernels.layernorm(x, g, b, 1e-12, with_bits=True) +
+                       kernels.layernorm(x, g, b, 1e-12, with_bits=True, thresholds=t))
+    kernels.set_kernel("auto")
+    for other in results[1:]:
+        for got, want in zip(other, results[0]):
+            np.testing.assert_array_equal(got, want)
+
+
 def test_unknown_or_unavailable_kernel():
     with pytest.raises(BibertError):
         kernels.set_kernel("sse9")

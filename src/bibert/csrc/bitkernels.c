@@ -1314,6 +1314,96 @@ static inline __attribute__((always_inline)) BB_AVX512 void layernorm_block_avx5
     }
 }
 
+/* layernorm_block_avx512 on 8 rows of H, a multiple of 16: each row's 16 partial sums in its
+ * own register (an array of vectors would live in memory), the 8 rows' sums of lanes added
+ * together, lane l of every row in one vector (transposed), so the rows' in-order chains of 16
+ * adds run side by side; the bits of a row joined in mask registers. Each row's operations are
+ * layernorm_block_avx512's, in its order (the IEEE division and square root are the same in a
+ * vector). */
+#define BB_LN8(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+
+/* 8 x 8 floats transposed: lane r of c_l = lane l of r_r */
+#define BB_T8X8(r0, r1, r2, r3, r4, r5, r6, r7, c)                                                            \
+    do {                                                                                                      \
+        __m256 t0_ = _mm256_unpacklo_ps(r0, r1), t1_ = _mm256_unpackhi_ps(r0, r1);                           \
+        __m256 t2_ = _mm256_unpacklo_ps(r2, r3), t3_ = _mm256_unpackhi_ps(r2, r3);                           \
+        __m256 t4_ = _mm256_unpacklo_ps(r4, r5), t5_ = _mm256_unpackhi_ps(r4, r5);                           \
+        __m256 t6_ = _mm256_unpacklo_ps(r6, r7), t7_ = _mm256_unpackhi_ps(r6, r7);                           \
+        __m256 u0_ = _mm256_shuffle_ps(t0_, t2_, 0x44), u1_ = _mm256_shuffle_ps(t0_, t2_, 0xEE);            \
+        __m256 u2_ = _mm256_shuffle_ps(t1_, t3_, 0x44), u3_ = _mm256_shuffle_ps(t1_, t3_, 0xEE);            \
+        __m256 u4_ = _mm256_shuffle_ps(t4_, t6_, 0x44), u5_ = _mm256_shuffle_ps(t4_, t6_, 0xEE);            \
+        __m256 u6_ = _mm256_shuffle_ps(t5_, t7_, 0x44), u7_ = _mm256_shuffle_ps(t5_, t7_, 0xEE);            \
+        c[0] = _mm256_permute2f128_ps(u0_, u4_, 0x20); c[1] = _mm256_permute2f128_ps(u1_, u5_, 0x20);         \
+        c[2] = _mm256_permute2f128_ps(u2_, u6_, 0x20); c[3] = _mm256_permute2f128_ps(u3_, u7_, 0x20);         \
+        c[4] = _mm256_permute2f128_ps(u0_, u4_, 0x31); c[5] = _mm256_permute2f128_ps(u1_, u5_, 0x31);         \
+        c[6] = _mm256_permute2f128_ps(u2_, u6_, 0x31); c[7] = _mm256_permute2f128_ps(u3_, u7_, 0x31);         \
+    } while (0)
+
+/* (((0 + l0) + l1) + ...) + l15 over the 16 lanes of each of 8 rows: row r's sum in lane r */
+static inline __attribute__((always_inline)) BB_AVX512 __m256 lanes_sum8(__m512 a0, __m512 a1, __m512 a2, __m512 a3,
+                                                                        __m512 a4, __m512 a5, __m512 a6, __m512 a7) {
+    __m256 c[16];
+#define BB_LO(a) _mm512_castps512_ps256(a)
+#define BB_HI(a) _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1))
+    BB_T8X8(BB_LO(a0), BB_LO(a1), BB_LO(a2), BB_LO(a3), BB_LO(a4), BB_LO(a5), BB_LO(a6), BB_LO(a7), c);
+    BB_T8X8(BB_HI(a0), BB_HI(a1), BB_HI(a2), BB_HI(a3), BB_HI(a4), BB_HI(a5), BB_HI(a6), BB_HI(a7), (c + 8));
+#undef BB_LO
+#undef BB_HI
+    __m256 s = _mm256_setzero_ps();
+    for (int l = 0; l < 16; l++) s = _mm256_add_ps(s, c[l]);
+    return s;
+}
+
+/* lane r of v in every lane */
+#define BB_LANE(v, r) _mm512_permutexvar_ps(_mm512_set1_epi32(r), _mm512_castps256_ps512(v))
+
+BB_AVX512 static void layernorm_rows8_avx512(const float *x, int64_t H, const float *g, const float *b, float eps,
+                                             float *out, const float *t, uint64_t *bits, int64_t ldb) {
+#define BB_LN_ZERO(r) __m512 s##r = _mm512_setzero_ps();
+#define BB_LN_SUM(r) s##r = _mm512_add_ps(s##r, _mm512_loadu_ps(x + r * H + i));
+#define BB_LN_MEAN(r) const __m512 m##r = BB_LANE(mean, r); s##r = _mm512_setzero_ps();
+#define BB_LN_VAR(r)                                                                                          \
+    {                                                                                                         \
+        __m512 d_ = _mm512_sub_ps(_mm512_loadu_ps(x + r * H + i), m##r);                                      \
+        s##r = _mm512_add_ps(s##r, _mm512_mul_ps(d_, d_));                                                    \
+    }
+    BB_LN8(BB_LN_ZERO)
+    for (int64_t i = 0; i < H; i += 16) { BB_LN8(BB_LN_SUM) }
+    const __m256 mean = _mm256_div_ps(lanes_sum8(s0, s1, s2, s3, s4, s5, s6, s7), _mm256_set1_ps((float)H));
+    BB_LN8(BB_LN_MEAN)
+    for (int64_t i = 0; i < H; i += 16) { BB_LN8(BB_LN_VAR) }
+    const __m256 var = lanes_sum8(s0, s1, s2, s3, s4, s5, s6, s7);
+    const __m256 rstd = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_sqrt_ps(_mm256_add_ps(
+                                          _mm256_div_ps(var, _mm256_set1_ps((float)H)), _mm256_set1_ps(eps))));
+    const __m512 zero = _mm512_setzero_ps();
+    for (int r = 0; r < 8; r++) {
+        const __m512 mv = BB_LANE(mean, r), rv = BB_LANE(rstd, r);
+        const float *xr = x + r * H;
+        float *o = out + r * H;
+        for (int64_t i = 0; i < H; i += 64) {
+            __mmask16 neg[4] = {0, 0, 0, 0};
+            for (int v = 0; v < 4 && i + 16 * v < H; v++) {
+                int64_t e = i + 16 * v;
+                __m512 d = _mm512_sub_ps(_mm512_loadu_ps(xr + e), mv);
+                __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(d, rv), _mm512_loadu_ps(g + e)),
+                                         _mm512_loadu_ps(b + e));
+                _mm512_storeu_ps(o + e, y);
+                if (bits)
+                    neg[v] = t ? _mm512_cmp_ps_mask(_mm512_sub_ps(y, _mm512_loadu_ps(t + e)), zero, _CMP_NGE_UQ)
+                               : _mm512_cmp_ps_mask(y, zero, _CMP_LT_OQ);
+            }
+            if (bits)
+                bits[r * ldb + (i >> 6)] = _cvtmask64_u64(_mm512_kunpackd(_mm512_kunpackw(neg[3], neg[2]),
+                                                                          _mm512_kunpackw(neg[1], neg[0])));
+        }
+    }
+#undef BB_LN_ZERO
+#undef BB_LN_SUM
+#undef BB_LN_MEAN
+#undef BB_LN_VAR
+}
+#undef BB_LANE
+
 BB_AVX512 static void layernorm_rows_avx512(const float *x, int64_t H, const float *g, const float *b, float eps,
                                             float *out, const float *t, uint64_t *bits, int64_t ldb, int R) {
     if (R == 4) layernorm_block_avx512(x, H, g, b, eps, out, t, bits, ldb, 4);
@@ -1343,6 +1433,11 @@ static void layernorm_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
     for (int64_t m = lo; m < hi;) {
         int R = hi - m >= 4 ? 4 : 1;
 #if BB_X86
+        if (kernel == BB_KERNEL_AVX512 && H % 16 == 0 && hi - m >= 8) {
+            R = 8;
+            layernorm_rows8_avx512(x + m * H, H, g, b, eps, out + m * H, a->t, out_bits ? out_bits + m * ldo : NULL,
+                                   ldo);
+        } else
         if (kernel == BB_KERNEL_AVX512) {
             layernorm_rows_avx512(x + m * H, H, g, b, eps, out + m * H, a->t, out_bits ? out_bits + m * ldo : NULL,
                                   ldo, R);
