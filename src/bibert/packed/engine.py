@@ -236,7 +236,7 @@ class PackedModel:
             tt = None if token_type_ids is None else np.asarray(token_type_ids)
         except ValueError as exc:  # ragged nested lists
             raise BibertError(f"the inputs must be rectangular arrays ({exc})") from None
-        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        if ids.ndim != 2 or not issubclass(ids.dtype.type, np.integer):  # np.issubdtype, in one call
             raise BibertError("input_ids must be a 2-D array of integer token ids, shape (batch, sequence)")
         B, L = ids.shape
         if L > self.max_positions:
@@ -247,9 +247,9 @@ class PackedModel:
         for name, a in (("attention_mask", mask), ("token_type_ids", tt)):
             if a is not None and a.shape != (B, L):
                 raise BibertError(f"{name} has shape {a.shape}, but input_ids has shape {(B, L)}; they must match")
-        if mask is not None and not (np.issubdtype(mask.dtype, np.number) or mask.dtype == bool):
+        if mask is not None and not issubclass(mask.dtype.type, (np.number, np.bool_)):
             raise BibertError("attention_mask must hold numbers: 1 for a token, 0 for padding")
-        if tt is not None and not (np.issubdtype(tt.dtype, np.integer) or tt.dtype == bool):
+        if tt is not None and not issubclass(tt.dtype.type, (np.integer, np.bool_)):
             raise BibertError("token_type_ids must be integers: 0 for the first segment, 1 for the second")
         if ranges and tt is not None and tt.size and (tt.min() < 0 or tt.max() >= self.type_vocab_size):
             raise BibertError(f"token_type_ids must lie in [0, {self.type_vocab_size})")
