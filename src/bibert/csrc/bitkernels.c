@@ -1511,6 +1511,21 @@ typedef struct {
     int64_t P;
 } embed_args;
 
+/* Prefetches the word bits, alpha and position row of row n (a forward starts with the tables
+ * in L3 or memory; word rows are scattered, so the hardware prefetcher does not fetch them).
+ * Ids out of range are left alone (embed_rows refuses them). */
+#define BB_EMBED_AHEAD 4 /* rows ahead */
+static inline void embed_prefetch(const embed_args *a, int64_t n) {
+    int64_t id = a->ids[n], at = a->positions ? a->positions[n] : n % a->L, hw = words_of(a->H);
+    if ((uint64_t)id < (uint64_t)a->V) {
+        __builtin_prefetch(a->word_bits + id * hw);
+        __builtin_prefetch(a->word_bits + id * hw + hw - 1);
+        __builtin_prefetch(a->word_alpha + id);
+    }
+    if ((uint64_t)at < (uint64_t)a->P)
+        for (int64_t i = 0; i < a->H; i += 16) __builtin_prefetch(a->pos + at * a->H + i);
+}
+
 static void embed_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
     const embed_args *a = (const embed_args *)ctx;
     const int64_t *ids = a->ids, *type_ids = a->type_ids;
@@ -1521,6 +1536,7 @@ static void embed_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
     int avx512 = a->avx512;
     (void)tid;
     for (int64_t m = lo; m < hi; m++) {
+        if (m + BB_EMBED_AHEAD < hi) embed_prefetch(a, m + BB_EMBED_AHEAD);
         int64_t at = a->positions ? a->positions[m] : m % L;
         if ((uint64_t)ids[m] >= (uint64_t)a->V || (uint64_t)type_ids[m] >= (uint64_t)a->T ||
             (uint64_t)at >= (uint64_t)a->P) {
