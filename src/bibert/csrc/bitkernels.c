@@ -642,9 +642,15 @@ static void linear_portable_popcnt(const linear_args *g, int64_t r0, int mr, int
  * operations (a multiply, then adds, no contraction) are the portable path's, in its order.
  * c0 / c1 arrive in registers, loaded once per panel (stores to `out` could alias them, so
  * the compiler would otherwise reload them for every row). */
+/* the low 32 bits of the 8 lanes of lo, then of hi: 16 int32 in one instruction */
+static inline __attribute__((always_inline)) BB_AVX512 __m512i low_dwords(__m512i lo, __m512i hi) {
+    return _mm512_permutex2var_epi32(lo, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
+                                     hi);
+}
+
 static inline __attribute__((always_inline)) BB_AVX512 void epilogue16(__m512i lo, __m512i hi, __m512 c0, __m512 c1,
                                                                        const float *res, float *out, __mmask16 lm) {
-    __m512i p32 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)), _mm512_cvtepi64_epi32(hi), 1);
+    __m512i p32 = low_dwords(lo, hi);
     __m512 y = _mm512_add_ps(c0, _mm512_mul_ps(c1, _mm512_cvtepi32_ps(p32)));
     if (res) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(lm, res));
     _mm512_mask_storeu_ps(out, lm, y);
@@ -679,10 +685,22 @@ static BB_AVX512 void kbit_epilogue_avx512(const linear_args *g, int64_t r0, int
 
 enum { BB_OUT_BITS, BB_OUT_FLOAT, BB_OUT_KBIT };
 
-/* the bit epilogue of one row: 32 compares with the thresholds, flipped, masked to the panel */
+/* the bit epilogue of one row: 32 compares with the thresholds, flipped, masked to the panel.
+ * Counts and thresholds (in [-1, K]) narrowed to int32 (K below 2^31 - 1, see linear_block_avx512),
+ * 16 channels per compare; the compares' masks joined in a mask register. */
 static inline __attribute__((always_inline)) BB_AVX512 void bits_row32(const linear_args *g, int64_t m, int64_t p,
                                                                      __m512i s0, __m512i s1, __m512i s2, __m512i s3,
-                                                                     const __m512i t[4], uint32_t fl, uint32_t valid) {
+                                                                     const __m512i t[2], uint32_t fl, uint32_t valid) {
+    __mmask16 lo = _mm512_cmpgt_epi32_mask(low_dwords(s0, s1), t[0]), hi = _mm512_cmpgt_epi32_mask(low_dwords(s2, s3), t[1]);
+    uint32_t bits = _cvtmask32_u32(_mm512_kunpackw(hi, lo));
+    ((uint32_t *)(g->out_bits + m * g->ldo))[p] = (bits ^ fl) & valid;
+}
+
+/* bits_row32 on 64-bit counts and thresholds, for K of 2^31 - 1 or more */
+static inline __attribute__((always_inline)) BB_AVX512 void bits_row32_wide(const linear_args *g, int64_t m, int64_t p,
+                                                                          __m512i s0, __m512i s1, __m512i s2,
+                                                                          __m512i s3, const __m512i t[4], uint32_t fl,
+                                                                          uint32_t valid) {
     uint32_t bits = (uint32_t)_mm512_cmpgt_epi64_mask(s0, t[0]) | (uint32_t)_mm512_cmpgt_epi64_mask(s1, t[1]) << 8 |
                     (uint32_t)_mm512_cmpgt_epi64_mask(s2, t[2]) << 16 | (uint32_t)_mm512_cmpgt_epi64_mask(s3, t[3]) << 24;
     ((uint32_t *)(g->out_bits + m * g->ldo))[p] = (bits ^ fl) & valid;
@@ -730,7 +748,9 @@ static inline __attribute__((always_inline)) BB_AVX512 void store_row32(int64_t 
         s##r##3 = _mm512_add_epi64(s##r##3, BB_POP(av, w3));                                                  \
     }
 #define BB_ROW_BITS(r) \
-    if (MR > r) bits_row32(g, r0 + r, p, s##r##0, s##r##1, s##r##2, s##r##3, t, fl, valid);
+    if (MR > r) bits_row32(g, r0 + r, p, s##r##0, s##r##1, s##r##2, s##r##3, t32, fl, valid);
+#define BB_ROW_BITS_WIDE(r) \
+    if (MR > r) bits_row32_wide(g, r0 + r, p, s##r##0, s##r##1, s##r##2, s##r##3, t, fl, valid);
 #define BB_ROW_FLOAT(r) \
     if (MR > r) float_row32(g, r0 + r, n0, s##r##0, s##r##1, s##r##2, s##r##3, c, lm0, lm1);
 #define BB_ROW_STORE(r) \
@@ -776,7 +796,12 @@ static inline __attribute__((always_inline)) BB_AVX512 void linear_block_avx512(
         const __m512i t[4] = {_mm512_loadu_si512(tp), _mm512_loadu_si512(tp + 8), _mm512_loadu_si512(tp + 16),
                               _mm512_loadu_si512(tp + 24)};
         uint32_t fl = g->flip[p];
-        BB_ROWS(BB_ROW_BITS)
+        if (g->K < INT32_MAX) { /* counts and thresholds fit int32 */
+            const __m512i t32[2] = {low_dwords(t[0], t[1]), low_dwords(t[2], t[3])};
+            BB_ROWS(BB_ROW_BITS)
+        } else {
+            BB_ROWS(BB_ROW_BITS_WIDE)
+        }
     } else {
         /* c0 / c1 in registers, loaded once per panel (stores to `out` could alias them, so the
          * compiler would otherwise reload them for every row) */
