@@ -11,7 +11,8 @@ def register(sub) -> None:
         "elastic binarization, bi-max Bi-Attention and a heavier prediction loss, in bf16 where the CPU has it; "
         "--paper: the paper's exact BiBERT), score both on the test split, export the "
         "student bit-packed, run it with the bitwise engine and print accuracy, size, operations and latency "
-        "side by side. Finished stages are kept in --out and skipped on a rerun. About 30 minutes on 2 cores; "
+        "side by side. Finished stages are kept in --out and skipped on a rerun. About 16 minutes on 2 cores with bf16 "
+        "arithmetic (AVX512-BF16 or AMX; without, the student trains in fp32, about twice as long); "
         "--quick takes a few.",
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
