@@ -137,7 +137,7 @@ ELASTIC_BIBERT = {"activations": "elastic", "attention": "bi-max", "pred_weight"
 
 def elastic_bibert_flags() -> str:
     """ELASTIC_BIBERT as `bibert distill` flags."""
-    return " ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+    return " ".join(f"--{k.replace('_', '-')} {format(v, 'g') if isinstance(v, float) else v}"
                     for k, v in ELASTIC_BIBERT.items())
 
 # option groups of the command line

@@ -88,10 +88,14 @@ def r2b(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     three inner products <s, t>, <s, s>, <t, t> (`r2b_from_products`): the same function, with
     one pass over each tensor instead of normalised copies.
     """
-    if s.shape != t.shape:
-        raise BibertError(f"r2b needs tensors of one shape, got {tuple(s.shape)} and {tuple(t.shape)}")
+    _check_same_shape(s, t)
     s, t = _wide(s), _wide(t)
     return r2b_from_products(_dot(s, t), _dot(s, s), _dot(t, t)).to(s.dtype)
+
+
+def _check_same_shape(s: torch.Tensor, t: torch.Tensor) -> None:
+    if s.shape != t.shape:
+        raise BibertError(f"r2b needs tensors of one shape, got {tuple(s.shape)} and {tuple(t.shape)}")
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -148,8 +152,7 @@ def dmd_loss(student_qkv, teacher_qkv, layer_map: LayerMap | None = None,
         total = 0.0
         for i, t in enumerate(layer_map.layers):
             fs, ft = wide(student_qkv[i][j]), wide(teacher_qkv[t][j])
-            if fs.shape != ft.shape:
-                raise BibertError(f"r2b needs tensors of one shape, got {tuple(fs.shape)} and {tuple(ft.shape)}")
+            _check_same_shape(fs, ft)
             total = total + r2b_from_products(gram_norm2(fs, ft), gram_norm2(fs, fs), gram_norm2(ft, ft))
         parts[name] = total.to(torch.promote_types(student_qkv[0][j].dtype, torch.float32))
     return parts

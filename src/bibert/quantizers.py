@@ -22,7 +22,13 @@ ACTIVATION_CLIP_STD = {2: 1.71, 4: 2.55, 8: 3.92}
 
 def sign(x: torch.Tensor) -> torch.Tensor:
     """+1 where x >= 0 (including -0.0), -1 elsewhere; same dtype as x."""
-    return (x >= 0).to(x.dtype).mul_(2).sub_(1)  # a few times faster on CPU than torch.where with scalars
+    return plus_minus_one(x >= 0, x.dtype)
+
+
+def plus_minus_one(positive: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """+1 where `positive` (bool), -1 elsewhere, in dtype (a few times faster on CPU than
+    torch.where with scalars)."""
+    return positive.to(dtype).mul_(2).sub_(1)
 
 
 class _SignSTE(torch.autograd.Function):
@@ -274,7 +280,7 @@ class _ThresholdSTE(torch.autograd.Function):
         keep = d > 0 if strict else d >= 0
         if unsigned:
             return keep.to(x.dtype)
-        return keep.to(x.dtype).mul_(2).sub_(1)
+        return plus_minus_one(keep, x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
