@@ -357,39 +357,6 @@ class LayerParams(ctypes.Structure):
         "ctx_t", "ln1_t", "ln2_t", "score_lim", "score_rel")]  # elastic, None (NULL) for plain signs
 
 
-def encoder(layers: ctypes.Array, n_layers: int, start: np.ndarray, hidden_size: int, heads: int, intermediate: int,
-            eps: float, row_valid: np.ndarray, x: np.ndarray, xb: np.ndarray,
-            hidden: np.ndarray | None = None) -> None:
-    """Run n_layers encoder layers in one native call on sequences packed row after row:
-    sequence s owns rows start[s] to start[s+1] (int64 [n+1], from 0, each sequence at least one
-    row; a padded position need not be a row). row_valid (bool [rows]) marks the rows that are
-    keys of their sequence's attention. x [rows, H] float32 and its bits xb are updated in
-    place; hidden [n_layers, rows, H] (optional) receives each layer's output. Checks the sizes
-    and the arrays; the lengths of the parameter arrays behind `layers` cannot be checked here:
-    they must be PackedModel's (checked when it was built) and stay alive while it runs."""
-    start = np.ascontiguousarray(start, dtype=np.int64)
-    if start.ndim != 1 or len(start) < 1 or start[0] != 0 or np.any(np.diff(start) < 1):
-        raise BibertError("encoder: start must rise from 0 by at least one row per sequence")
-    M = int(start[-1])
-    if len(layers) < n_layers or hidden_size < 1 or heads < 1 or hidden_size % heads:
-        raise BibertError(f"encoder: sizes do not fit (layers {n_layers} of {len(layers)}, hidden {hidden_size}, "
-                          f"heads {heads})")
-    for a, dtype, shape, what in ((x, np.float32, (M, hidden_size), "x"), (xb, np.uint64, (M, words(hidden_size)), "xb"),
-                                  (hidden, np.float32, (n_layers, M, hidden_size), "hidden")):
-        if a is None and what == "hidden":
-            continue
-        if not isinstance(a, np.ndarray) or a.dtype != dtype or a.shape != shape or not a.flags.c_contiguous \
-                or not a.flags.writeable:
-            raise BibertError(f"encoder: {what} must be a writable C-contiguous {np.dtype(dtype).name} array of "
-                              f"shape {shape}")
-    valid = np.ascontiguousarray(row_valid, dtype=np.uint8)
-    _shape(valid, (M,), "encoder: row_valid")
-    if len(start) == 1:
-        return
-    _check_rc(lib().bb_encoder(ctypes.byref(layers), n_layers, len(start) - 1, _ptr(start), hidden_size, heads,
-                               intermediate, eps, _ptr(valid), _ptr(x), _ptr(xb), _ptr(hidden)), "encoder")
-
-
 class ModelParams(ctypes.Structure):
     """Pointers to the embeddings, their LayerNorm and the pooler, and the tables' sizes (bb_model
     in bitkernels.h)."""
@@ -405,14 +372,18 @@ class ModelParams(ctypes.Structure):
 def forward(model: ModelParams, layers: ctypes.Array, n_layers: int, start: np.ndarray, hidden_size: int, heads: int,
             intermediate: int, eps: float, ids: np.ndarray, type_ids: np.ndarray, positions: np.ndarray | None,
             row_valid: np.ndarray, hidden: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The whole forward but the classifier in one native call, on sequences packed row after row
-    as `encoder` takes them: each row's embeddings (token ids and types [rows]; row m at
-    positions[m], or at its index in its sequence when positions is None) and their LayerNorm,
-    n_layers encoder layers, then the pooler (before its tanh) on each sequence's first row.
-    Returns the last hidden state [rows, H] and the pooler's output [sequences, H]; hidden
-    [n_layers + 1, rows, H] (optional) receives the embeddings' output and each layer's. Checks
-    the arrays (the C side checks start, each id, type and position: out of range, BibertError).
-    As for `encoder`, the parameter arrays behind `model` and `layers` must be PackedModel's.
+    """The whole forward but the classifier in one native call, on sequences packed row after row:
+    sequence s owns rows start[s] to start[s+1] (int64 [n+1], from 0, each sequence at least one
+    row; a padded position need not be a row), and row_valid (bool [rows]) marks the rows that
+    are keys of their sequence's attention. Each row's embeddings (token ids and types [rows];
+    row m at positions[m], or at its index in its sequence when positions is None) and their
+    LayerNorm, n_layers encoder layers, then the pooler (before its tanh) on each sequence's
+    first row. Returns the last hidden state [rows, H] and the pooler's output [sequences, H];
+    hidden [n_layers + 1, rows, H] (optional) receives the embeddings' output and each layer's.
+    Checks the arrays (the C side checks start, each id, type and position: out of range,
+    BibertError). The lengths of the parameter arrays behind `model` and `layers` cannot be
+    checked here: they must be PackedModel's (checked when it was built) and stay alive while
+    it runs.
     Called once per forward, after the caches have been filled with weights: it keeps to few
     NumPy calls."""
     start = np.ascontiguousarray(start, dtype=np.int64)
