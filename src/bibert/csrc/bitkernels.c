@@ -1265,6 +1265,19 @@ static inline __attribute__((always_inline)) BB_AVX512 __m512 load16(__mmask16 l
 }
 
 /* R rows; each row's bits (if bits) packed from its output values as they are stored */
+/* One full vector of a LayerNorm's output: y = (x - mean) * rstd * g + b over the 16 elements at
+ * x, g, b, stored at out; returns the mask of its sign bits (y < 0, or with thresholds t: y - t
+ * not >= 0, the compare of sign_pack_row_*_avx512). */
+static inline __attribute__((always_inline)) BB_AVX512 __mmask16 layernorm_out16_avx512(
+    const float *x, __m512 mv, __m512 rv, const float *g, const float *b, const float *t, float *out) {
+    const __m512 zero = _mm512_setzero_ps();
+    __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x), mv);
+    __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(d, rv), _mm512_loadu_ps(g)), _mm512_loadu_ps(b));
+    _mm512_storeu_ps(out, y);
+    return t ? _mm512_cmp_ps_mask(_mm512_sub_ps(y, _mm512_loadu_ps(t)), zero, _CMP_NGE_UQ)
+             : _mm512_cmp_ps_mask(y, zero, _CMP_LT_OQ);
+}
+
 static inline __attribute__((always_inline)) BB_AVX512 void layernorm_block_avx512(
     const float *x, int64_t H, const float *g, const float *b, float eps, float *out, const float *t, uint64_t *bits,
     int64_t ldb, const int R) {
@@ -1302,12 +1315,8 @@ static inline __attribute__((always_inline)) BB_AVX512 void layernorm_block_avx5
                 uint64_t word = 0;
                 for (int v = 0; v < 4; v++) {
                     int64_t e = i + 16 * v;
-                    __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + r * H + e), mv[r]);
-                    __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(d, rv[r]), _mm512_loadu_ps(g + e)),
-                                             _mm512_loadu_ps(b + e));
-                    _mm512_storeu_ps(out + r * H + e, y);
-                    __mmask16 neg = t ? _mm512_cmp_ps_mask(_mm512_sub_ps(y, _mm512_loadu_ps(t + e)), zero, _CMP_NGE_UQ)
-                                      : _mm512_cmp_ps_mask(y, zero, _CMP_LT_OQ);
+                    __mmask16 neg = layernorm_out16_avx512(x + r * H + e, mv[r], rv[r], g + e, b + e, t ? t + e : NULL,
+                                                           out + r * H + e);
                     word |= (uint64_t)neg << (16 * v);
                 }
                 bits[r * ldb + (i >> 6)] = word;
@@ -1400,7 +1409,6 @@ BB_AVX512 static void layernorm_rows8_avx512(const float *x, int64_t H, const fl
     const __m256 var = lanes_sum8(s0, s1, s2, s3, s4, s5, s6, s7);
     const __m256 rstd = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_sqrt_ps(_mm256_add_ps(
                                           _mm256_div_ps(var, _mm256_set1_ps((float)H)), _mm256_set1_ps(eps))));
-    const __m512 zero = _mm512_setzero_ps();
     for (int r = 0; r < 8; r++) {
         const __m512 mv = BB_LANE(mean, r), rv = BB_LANE(rstd, r);
         const float *xr = x + r * H;
@@ -1409,13 +1417,8 @@ BB_AVX512 static void layernorm_rows8_avx512(const float *x, int64_t H, const fl
             __mmask16 neg[4] = {0, 0, 0, 0};
             for (int v = 0; v < 4 && i + 16 * v < H; v++) {
                 int64_t e = i + 16 * v;
-                __m512 d = _mm512_sub_ps(_mm512_loadu_ps(xr + e), mv);
-                __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(d, rv), _mm512_loadu_ps(g + e)),
-                                         _mm512_loadu_ps(b + e));
-                _mm512_storeu_ps(o + e, y);
-                if (bits)
-                    neg[v] = t ? _mm512_cmp_ps_mask(_mm512_sub_ps(y, _mm512_loadu_ps(t + e)), zero, _CMP_NGE_UQ)
-                               : _mm512_cmp_ps_mask(y, zero, _CMP_LT_OQ);
+                __mmask16 m = layernorm_out16_avx512(xr + e, mv, rv, g + e, b + e, t ? t + e : NULL, o + e);
+                if (bits) neg[v] = m;
             }
             if (bits)
                 bits[r * ldb + (i >> 6)] = _cvtmask64_u64(_mm512_kunpackd(_mm512_kunpackw(neg[3], neg[2]),
