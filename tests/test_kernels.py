@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -384,6 +387,49 @@ def test_thread_pool_gives_the_one_thread_result(path, threads):
             np.testing.assert_array_equal(got, want)
     finally:
         kernels.set_threads(before)
+
+
+def test_spin_budget_changes_timing_not_results(path):
+    """Idle workers that sleep at once (spin 0) or poll for long must both pick up every job:
+    the results equal the one-thread results, and the setting reads back."""
+    before_threads, before_spin = kernels.get_threads(), kernels.get_spin_us()
+    try:
+        kernels.set_threads(1)
+        expected = _every_kernel(2)
+        kernels.set_threads(3)
+        for spin in (0, 1, 50, 2000):
+            kernels.set_spin_us(spin)
+            assert kernels.get_spin_us() == spin
+            for _ in range(3):
+                for got, want in zip(_every_kernel(2), expected):
+                    np.testing.assert_array_equal(got, want)
+                time.sleep(0.003)  # longer than the short budgets: the next job finds the workers asleep
+    finally:
+        kernels.set_threads(before_threads)
+        kernels.set_spin_us(before_spin)
+
+
+@pytest.mark.parametrize("bad", [-1, kernels.MAX_SPIN_US + 1, 2.5, True, "50"])
+def test_spin_budget_refuses_what_is_not_microseconds(bad):
+    before = kernels.get_spin_us()
+    with pytest.raises(BibertError, match="microseconds from 0 to"):
+        kernels.set_spin_us(bad)
+    assert kernels.get_spin_us() == before
+    assert kernels.lib().bb_set_spin_us(-5) == kernels.EINVAL  # the C entry point checks too
+    assert kernels.get_spin_us() == before
+
+
+@pytest.mark.parametrize("value,ok", [("0", True), ("200", True), ("-3", False), ("lots", False), ("2000000", False)])
+def test_spin_budget_from_the_environment(value, ok):
+    code = "from bibert.packed import kernels; kernels.lib(); print(kernels.get_spin_us())"
+    env = {**os.environ, "BIBERT_SPIN_US": value}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    if ok:
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == str(int(value))
+    else:
+        assert done.returncode != 0
+        assert f"BIBERT_SPIN_US={value!r}: give microseconds" in done.stderr
 
 
 def test_thread_pool_survives_fork():

@@ -13,7 +13,7 @@
 
 #include <stdint.h>
 
-#define BB_ABI_VERSION 16 /* changes with any declaration below */
+#define BB_ABI_VERSION 17 /* changes with any declaration below */
 
 enum { BB_OK = 0, BB_ENOMEM = -1, BB_EINVAL = -2 }; /* the entry points' return codes */
 enum { BB_KERNEL_AUTO = 0, BB_KERNEL_PORTABLE = 1, BB_KERNEL_AVX512 = 2, BB_KERNEL_AVX2 = 3 };
@@ -62,6 +62,11 @@ int bb_get_kernel(void);
 void bb_set_threads(int n);
 /* Threads of the engine's pool. */
 int bb_get_threads(void);
+/* How long (microseconds, 0 to 1000000) an idle worker of the pool polls for work before it
+ * sleeps; process-wide. Returns BB_OK, or BB_EINVAL out of range. */
+int bb_set_spin_us(int64_t us);
+/* That time, in microseconds. */
+int64_t bb_get_spin_us(void);
 
 /* Sign bits [M, ldo] of floats [M, ldx]: x < 0, or !(x - t >= 0) with per-column thresholds t [K] (may be NULL). */
 int bb_sign_pack(const float *x, int64_t M, int64_t K, int64_t ldx, uint64_t *out, int64_t ldo, const float *t);

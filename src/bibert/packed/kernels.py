@@ -8,7 +8,8 @@ The kernel family is chosen at run time: AVX-512 VPOPCNTDQ where the CPU has it,
 portable C path elsewhere (with an AVX2 binary Linear where the CPU has AVX2).
 `set_kernel("portable" | "avx2" | "avx512" | "auto")` or the
 environment variable BIBERT_KERNEL forces one; `set_threads(n)` (or BIBERT_THREADS)
-sets the thread count of the engine's own pool. BIBERT_NATIVE_LIB points at another
+sets the thread count of the engine's own pool, `set_spin_us(us)` (or BIBERT_SPIN_US) how
+long its idle threads poll for work before they sleep (50 us by default). BIBERT_NATIVE_LIB points at another
 build of the library (the sanitizer builds of `make asan` / `make tsan`).
 
 Every wrapper takes and returns NumPy arrays; buffers passed to C are kept referenced
@@ -28,10 +29,11 @@ import numpy as np
 from ..errors import BibertError
 from .reader import pack_bool, unpack_bool, words  # the format's bits, as the kernels take them
 
-ABI_VERSION = 16
+ABI_VERSION = 17
 PANEL = 32
 KERNELS = {"auto": 0, "portable": 1, "avx512": 2, "avx2": 3}
 MAX_THREADS = 1024  # bb_set_threads' cap
+MAX_SPIN_US = 1_000_000  # bb_set_spin_us' cap
 OK, ENOMEM, EINVAL = 0, -1, -2  # the C entry points' return codes
 KERNEL_NAMES = {1: "portable", 2: "avx512", 3: "avx2"}
 REQUIRES = {"avx512": "AVX-512 F/BW/DQ/VL + VPOPCNTDQ", "avx2": "AVX2 + POPCNT"}
@@ -47,6 +49,8 @@ SIGNATURES = {
     "bb_get_kernel": (_INT, []),
     "bb_set_threads": (None, [_INT]),
     "bb_get_threads": (_INT, []),
+    "bb_set_spin_us": (_INT, [_I]),
+    "bb_get_spin_us": (_I, []),
     "bb_sign_pack": (_INT, [_P, _I, _I, _I, _P, _I, _P]),
     "bb_linear": (_INT, [_P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _I, _P, _P]),
     "bb_bit_thresholds": (_INT, [_P, _P, _P, _I, _I, _P, _P]),
@@ -104,6 +108,11 @@ def lib() -> ctypes.CDLL:
     if threads and not (threads.isdigit() and int(threads) > 0):
         raise BibertError(f"BIBERT_THREADS={threads!r}: give a positive number of threads")
     set_threads(int(threads) if threads else default_threads())
+    spin = os.environ.get("BIBERT_SPIN_US", "")
+    if spin:
+        if not (spin.isdigit() and int(spin) <= MAX_SPIN_US):
+            raise BibertError(f"BIBERT_SPIN_US={spin!r}: give microseconds from 0 to {MAX_SPIN_US}")
+        set_spin_us(int(spin))
     return handle
 
 
@@ -158,6 +167,20 @@ def set_threads(n: int) -> None:
 
 def get_threads() -> int:
     return int(lib().bb_get_threads())
+
+
+def set_spin_us(us: int) -> None:
+    """How long, in microseconds, an idle thread of the engine's pool polls for the next job
+    before it sleeps (process-wide; 0 to MAX_SPIN_US). Longer: a forward that follows
+    another closely finds its threads awake; shorter: idle threads leave the cores sooner to
+    the process's other work. benchmarks/idle_spin.py measures both sides."""
+    if isinstance(us, bool) or not isinstance(us, (int, np.integer)) or not 0 <= us <= MAX_SPIN_US:
+        raise BibertError(f"spin is {us!r}: give microseconds from 0 to {MAX_SPIN_US}")
+    _check_rc(lib().bb_set_spin_us(int(us)), f"set_spin_us({us})")
+
+
+def get_spin_us() -> int:
+    return int(lib().bb_get_spin_us())
 
 
 def set_tuning(family: str, mr: int, chunk_bytes: int, float_order: int) -> None:
