@@ -4,9 +4,8 @@ Variants, each run over the same CSV file (medians over interleaved repetitions,
 noise from a shared machine hits every variant alike):
 
     threads=1 / threads=2      kernel threads of the engine
-    window=2048 / window=32    rows grouped by token length within a window of 2048 (the
-                               default) vs. within one batch of 32 (few rows of one length
-                               meet: mostly forwards of one row)
+    window=2048 / window=32    rows sorted by token count within a window of 2048 (the
+                               default) vs. within one batch of 32
 
 Model: random weights (throughput does not depend on their values) in the MiniLM student
 shape (6 x 384, 12 heads, FFN 1536), BERT-base (12 x 768) or BERT-tiny (2 x 128), 2 labels, with the offline
@@ -177,8 +176,8 @@ def main(argv=None) -> int:
 
 def engine_checks(engine, texts: list[str], batch_size: int, reps: int) -> dict:
     """CPU ms per text, in memory (no file), medians of interleaved repetitions: the same
-    texts through PackedModel.predict in input order (batches padded to their longest text),
-    grouped by token length (what predict --file does), one text per forward; and the
+    texts through PackedModel.predict in input order (batches of batch_size), sorted by token
+    count into forwards of batch_size (what predict --file does), one text per forward; and the
     forward alone for one 28-token sequence vs 16 of them together."""
     from bibert.serving.batching import predict_texts
 
@@ -189,7 +188,7 @@ def engine_checks(engine, texts: list[str], batch_size: int, reps: int) -> dict:
     runs = {
         f"PackedModel.predict, input order, batch {batch_size}":
             (lambda: engine.predict(texts, batch_size=batch_size, max_length=128), len(texts)),
-        "grouped by token length": (lambda: predict_texts(engine, texts, max_length=128, max_rows=batch_size),
+        f"sorted by token count, forwards of {batch_size}": (lambda: predict_texts(engine, texts, max_length=128, max_rows=batch_size),
                                     len(texts)),
         "one text per forward": (lambda: predict_texts(engine, texts, max_length=128, max_rows=1), len(texts)),
         f"forward only: 1 sequence of {single[0].shape[1]} tokens": (lambda: [engine.forward(*single)

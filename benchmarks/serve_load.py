@@ -234,8 +234,9 @@ def main(argv=None) -> int:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--seconds", type=float, default=60, help="measured seconds per mode (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=4, help="alternations between the modes (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="kernel threads per server (default: %(default)s; the "
-                   "client and the servers share the machine's cores)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="kernel threads per server (default: every core, as `bibert serve` picks; the client and "
+                   "the servers share them)")
     p.add_argument("--max-requests", type=int, default=200000, help="cap per client and segment")
     p.add_argument("--mix", default="1=80,2=10,4=7,8=3",
                    help="texts per well-formed request and their weights (default: %(default)s)")
@@ -376,7 +377,9 @@ def to_markdown(r: dict) -> str:
               "", "Checks: " + ", ".join(f"{k.replace('_', ' ')}: {'yes' if v else 'NO'}" for k, v in c.items()) + ".",
               "", "Server CPU is user + system time of the server process over the measured rounds (from /proc), "
               "per answered request (well-formed and malformed) and per text; on a shared machine it is steadier "
-              "than requests/s, which follow the CPU share the server gets.",
+              "than requests/s, which follow the CPU share the server gets. The load generator used "
+              + ", ".join(f"{x['client_cpu_ms_per_request']} ms ({mode})" for mode, x in r["results"].items())
+              + " of CPU per request.",
               "", f"Reproduce: `{r['command'].strip()}`", ""]
     return "\n".join(lines)
 

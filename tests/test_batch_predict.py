@@ -268,14 +268,27 @@ def test_cli_file_mode_and_text_mode(model_file, tmp_path, capsys):
     assert cli_main(["predict", "--model", str(model_file)]) == 2
 
 
-def test_forwards_group_texts_of_one_length():
+def test_forwards_take_texts_in_length_order_up_to_the_caps():
     from bibert.serving.batching import plan_forwards
 
     lengths = [5, 9, 5, 5, 12, 9, 5, 30, 5]
     groups = plan_forwards(lengths, max_rows=3)
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-    assert all(len({lengths[i] for i in g}) == 1 and len(g) <= 3 for g in groups)
-    assert [len(g) for g in groups] == [3, 2, 2, 1, 1]
-    loose = plan_forwards(lengths, max_rows=8, slack=0.5)  # 5s and 9s together: 9 * 7 <= 1.5 * 43
-    assert len(loose) < len(groups) and all(len(g) <= 8 for g in loose)
+    assert [[lengths[i] for i in g] for g in groups] == [[5, 5, 5], [5, 5, 9], [9, 12, 30]]
+    # a fourth row of 12 tokens would pad the second forward to 48 > 40 tokens
+    assert plan_forwards(lengths, max_rows=4, max_tokens=40) == [[0, 2, 3, 6], [8, 1, 5], [4], [7]]
     assert plan_forwards([100] * 50, max_rows=64, max_tokens=1000) == [list(range(i, i + 10)) for i in range(0, 50, 10)]
+
+
+def test_mixed_length_forwards_equal_one_text_per_forward(engine):
+    """Texts of different lengths share a forward (the engine computes only each sequence's
+    own tokens): every score equals that of the text run alone (to float rounding: the
+    float head is one matrix product per forward)."""
+    from bibert.serving.batching import predict_texts
+
+    texts = [" ".join(["good"] * k + ["dull film"] * (k % 3)) for k in range(1, 40, 2)]
+    labels, scores, forwards = predict_texts(engine, texts, max_rows=8)
+    alone_labels, alone, alone_forwards = predict_texts(engine, texts, max_rows=1)
+    assert forwards == 3 and alone_forwards == len(texts)
+    assert labels == alone_labels
+    np.testing.assert_allclose(scores, alone, rtol=1e-5, atol=1e-6)

@@ -4,8 +4,8 @@
 
 The input (.csv, .tsv, .jsonl or .parquet) is read as a stream, a window of rows at a time
 (constant memory for any file size). Within a window the rows are tokenized, sorted by
-token count and run in forwards of texts of one length (no padding; see
-bibert.serving.batching), then written back in input order, each
+token count and run in forwards of up to `batch_size` texts (the engine computes no
+padding; see bibert.serving.batching), then written back in input order, each
 with the input's columns (or only an id column) followed by `pred_label` and one
 `prob_<label>` per class (`pred_value` for a regression model).
 
@@ -282,7 +282,7 @@ def _texts(rows: list[Row], column: str, reader: TableReader) -> list[str]:
 
 def _predict_window(engine, texts: list[str], pairs: list[str] | None, batch_size: int,
                     max_length: int | None, bar) -> tuple[list, np.ndarray]:
-    """Labels and scores in input order; texts of one token length run together."""
+    """Labels and scores in input order; texts sorted by token count run in forwards of batch_size."""
     labels, scores, _ = predict_texts(engine, texts, pairs, max_length, max_rows=batch_size, on_forward=bar.update)
     return labels, scores
 

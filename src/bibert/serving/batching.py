@@ -1,11 +1,12 @@
-"""Predictions for many texts at once, in forwards of sequences of near-equal token length.
+"""Predictions for many texts at once, in forwards of up to MAX_ROWS sequences.
 
-The engine pads every sequence of a forward to the longest and computes the padding too,
-and a forward of one short sequence costs more per token than one of several. So the texts
-are tokenized first, sorted by token count and cut into forwards that are as large as
-allowed while padding adds at most `slack` (a fraction) of the real tokens (default: none,
-so only sequences of one length run together).
-Results come back in input order, equal to `PackedModel.predict` on the same texts.
+The engine computes only the real tokens of each sequence (a padded position is never a row,
+docs/packed_format.md), so texts of any lengths can share a forward; a forward of several
+sequences costs less per text than one of one sequence (fewer calls, and with several
+kernel threads each thread runs whole sequences). The texts are tokenized, sorted by token
+count (so that the padded arrays handed to the engine stay small) and cut into forwards of
+at most `max_rows` sequences and `max_tokens` padded tokens. Results come back in input
+order, equal to `PackedModel.predict` on the same texts.
 """
 from __future__ import annotations
 
@@ -17,9 +18,7 @@ import numpy as np
 from ..errors import BibertError
 
 MAX_ROWS = 32  # sequences per forward
-MAX_TOKENS = 4096  # padded tokens per forward (the engine's working set stays in cache)
-SLACK = 0.0  # padding allowed, as a fraction of a forward's real tokens (measured: padding costs more than
-# the forwards it saves, so by default only sequences of equal length run together)
+MAX_TOKENS = 4096  # padded tokens per forward (the input arrays built for one call)
 
 
 def effective_max_length(model, max_length: int | None) -> int:
@@ -29,23 +28,18 @@ def effective_max_length(model, max_length: int | None) -> int:
     return min(int(max_length or model.max_positions), model.max_positions)
 
 
-def plan_forwards(lengths: list[int], max_rows: int = MAX_ROWS, max_tokens: int = MAX_TOKENS,
-                  slack: float = SLACK) -> list[list[int]]:
+def plan_forwards(lengths: list[int], max_rows: int = MAX_ROWS, max_tokens: int = MAX_TOKENS) -> list[list[int]]:
     """Indices of `lengths`, grouped into forwards: sorted by length, each group grown while
-    it has at most max_rows sequences and max_tokens padded tokens, and its padding stays
-    within slack of its real tokens."""
+    it has at most max_rows sequences and max_tokens padded tokens (rows x its longest)."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     groups: list[list[int]] = []
     group: list[int] = []
-    real = 0
     for i in order:
         n = lengths[i]  # the longest so far (sorted)
-        if group and (len(group) >= max_rows or (len(group) + 1) * n > max_tokens
-                      or (len(group) + 1) * n > (1 + slack) * (real + n)):
+        if group and (len(group) >= max_rows or (len(group) + 1) * n > max_tokens):
             groups.append(group)
-            group, real = [], 0
+            group = []
         group.append(i)
-        real += n
     if group:
         groups.append(group)
     return groups
@@ -61,7 +55,7 @@ class Prepared:
 
 
 def prepare(model, texts: list[str], pairs: list[str] | None = None, max_length: int | None = None,
-            max_rows: int = MAX_ROWS, slack: float = SLACK) -> Prepared:
+            max_rows: int = MAX_ROWS) -> Prepared:
     """Tokenize `texts` (and `pairs`) and plan the forwards (see `plan_forwards`). Uses the
     model's tokenizer only, not the engine: it may run on another thread than `run`, but one
     thread at a time (the tokenizer's settings change with each call)."""
@@ -89,7 +83,7 @@ def prepare(model, texts: list[str], pairs: list[str] | None = None, max_length:
         raise BibertError("the tokenizer gave an empty sequence; the model needs at least its [CLS] token")
     pad = tokenizer.pad_token_id or 0
     prepared = Prepared(n)
-    for group in plan_forwards(lengths, max_rows=max_rows, slack=slack):
+    for group in plan_forwards(lengths, max_rows=max_rows):
         width = lengths[group[-1]]
         if all(lengths[i] == width for i in group):  # one length: no padding
             a_ids = np.array([ids[i] for i in group], np.int64)
@@ -130,8 +124,8 @@ def run(model, prepared: Prepared, on_forward: Callable[[int], None] | None = No
 
 
 def predict_texts(model, texts: list[str], pairs: list[str] | None = None, max_length: int | None = None,
-                  max_rows: int = MAX_ROWS, slack: float = SLACK,
+                  max_rows: int = MAX_ROWS,
                   on_forward: Callable[[int], None] | None = None) -> tuple[list, np.ndarray, int]:
     """(labels, scores, forwards) for `texts` (and `pairs`), in input order: `prepare`, then
     `run`. The texts must be valid Unicode strings (checked by the caller)."""
-    return run(model, prepare(model, texts, pairs, max_length, max_rows, slack), on_forward)
+    return run(model, prepare(model, texts, pairs, max_length, max_rows), on_forward)
