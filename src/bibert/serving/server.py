@@ -135,9 +135,13 @@ class EngineWorker:
             if self._queued and self._queued + len(texts) > self.settings.max_queue:
                 raise RequestError(503, f"the server is busy ({self._queued} texts waiting); retry shortly",
                                    {"Retry-After": "1"})
+            was_empty = not self._queue
             self._queue.append(_Job(texts, pairs, future, loop))
             self._queued += len(texts)
-            self._cond.notify()
+            # wake the prep thread only when it waits for a first request or its batch is full;
+            # within the window it collects what came meanwhile when the window ends
+            if was_empty or self._queued >= self.settings.max_batch:
+                self._cond.notify()
         return future
 
     def close(self, timeout: float | None = 30.0) -> None:
@@ -224,11 +228,9 @@ class EngineWorker:
                 self.stats["forwards"] += forwards
                 results = _split(jobs, labels, scores)
             except Exception as exc:  # never leave a request waiting, never let the thread die
-                for job in jobs:
-                    _deliver(job, error=exc)
+                _deliver(jobs, [exc] * len(jobs))
                 continue
-            for job, result in zip(jobs, results):
-                _deliver(job, result=result)
+            _deliver(jobs, results)
 
 
 def _split(jobs: list[_Job], labels: list, scores: np.ndarray) -> list[tuple[list, list]]:
@@ -248,19 +250,27 @@ def _split(jobs: list[_Job], labels: list, scores: np.ndarray) -> list[tuple[lis
     return out
 
 
-def _deliver(job: _Job, result=None, error: BaseException | None = None) -> None:
-    def settle():
-        if job.future.done():  # the client went away
-            return
-        if error is not None:
-            job.future.set_exception(error)
-        else:
-            job.future.set_result(result)
+def _deliver(jobs: list[_Job], outcomes: list) -> None:
+    """Settles each job's future with its outcome (a result, or an exception to raise), on
+    the job's event loop: one hand-off per loop for the whole batch."""
+    by_loop: dict = {}
+    for job, outcome in zip(jobs, outcomes):
+        by_loop.setdefault(job.loop, []).append((job.future, outcome))
 
-    try:
-        job.loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # the loop is closed
-        pass
+    def settle(pairs):
+        for future, outcome in pairs:
+            if future.done():  # the client went away
+                continue
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+    for loop, pairs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(settle, pairs)
+        except RuntimeError:  # the loop is closed
+            pass
 
 
 # ---- requests ----------------------------------------------------------------------------
