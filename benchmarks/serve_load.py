@@ -76,12 +76,24 @@ def start_server(model: Path, threads: int, extra: list[str]) -> tuple[subproces
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its finished children, from /proc (Linux)."""
+    """User + system CPU time of a process, its finished children and its live ones (a
+    server's forked workers), from /proc (Linux)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        total = sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return float("nan")
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            pass
+    for child in children:
+        t = cpu_seconds(child)
+        if t == t:  # a child that ended meanwhile is in the finished children's time
+            total += t
+    return total
 
 
 def health(port: int) -> tuple[int, dict]:

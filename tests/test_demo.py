@@ -22,6 +22,13 @@ def test_main_job_runs_end_to_end(teacher_dir, tmp_path, capsys):
     assert summary["size_ratio_teacher_vs_packed"] > 15
     assert json.loads((tmp_path / "summary.json").read_text())["rows"][0]["bits"] == "32-32-32"
     assert "packed, bitwise engine" in format_table(summary)
+    from bibert.packed import kernels
+    from bibert.packed.tuning import cpu_model
+
+    # the summary names the machine that produced its figures
+    assert summary["machine"] == {"cpu": cpu_model(), "cores": kernels.default_threads(),
+                                  "engine_kernel": kernels.get_kernel(), "engine_threads": 2}
+    assert f"machine: {cpu_model()}, " in format_table(summary)
     assert summary["quant"]["activations"] == "elastic"  # the best 1-1-1 recipe by default
     assert summary["quant"]["attention"] == "bi-max"
     config = json.loads((tmp_path / "student" / "config.json").read_text())

@@ -109,7 +109,8 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, seed: in
     from .cost import model_summary
     from .data import fetch, load_examples, teacher_path
     from .modeling import BiBertForSequenceClassification, load_hf_classifier
-    from .packed import export_packed, load_packed
+    from .packed import export_packed, kernels, load_packed
+    from .packed.tuning import cpu_model
     from .tasks import get_task
     from .train import distill, finetune
 
@@ -206,6 +207,8 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, seed: in
         "speedup_packed_vs_teacher": teacher_ms / packed_ms,
         "size_ratio_teacher_vs_packed": rows[0]["size_mb"] / rows[2]["size_mb"],
         "wall_seconds": time.perf_counter() - t_start, "torch_threads": torch.get_num_threads(),
+        "machine": {"cpu": cpu_model(), "cores": kernels.default_threads(), "engine_kernel": kernels.get_kernel(),
+                    "engine_threads": kernels.get_threads()},
         "train_seconds": {"teacher": teacher_res["train_seconds"], "student": student_res["train_seconds"]},
     }
     table = format_table(summary)
@@ -265,4 +268,8 @@ def format_table(summary: dict) -> str:
         f"faster than the teacher; training {summary['train_seconds']['teacher'] / 60:.1f} min (teacher) + "
         f"{summary['train_seconds']['student'] / 60:.1f} min (student); this invocation {summary['wall_seconds'] / 60:.1f} min",
     ]
+    machine = summary.get("machine")
+    if machine:  # summaries written before the machine was recorded have none
+        lines += ["", f"machine: {machine['cpu']}, {machine['cores']} cores; engine kernel {machine['engine_kernel']}, "
+                      f"{machine['engine_threads']} thread(s); PyTorch {summary['torch_threads']} thread(s)"]
     return "\n".join(lines)
