@@ -96,6 +96,18 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def thread_cpu(pid: int, ids: dict[str, int]) -> dict[str, float]:
+    """User + system CPU seconds of the named threads of a process, from /proc (Linux)."""
+    out = {}
+    for name, tid in ids.items():
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = sum(int(x) for x in fields[11:13]) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            out[name] = float("nan")
+    return out
+
+
 def health(port: int) -> tuple[int, dict]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
         return r.status, json.loads(r.read())
@@ -285,15 +297,23 @@ def main(argv=None) -> int:
             run = asyncio.run
         for mode in modes:  # warm-up, not counted
             run(segment(servers[mode][1], args.clients, 2.0, Stats(), pool, 99, args.max_requests))
-        before = {mode: health(servers[mode][1])[1]["served"] for mode in modes}
+        first = {mode: health(servers[mode][1])[1] for mode in modes}
+        before = {mode: first[mode]["served"] for mode in modes}
+        # per-thread CPU where the server is one process (with workers, /health answers from one of them)
+        tids = {mode: first[mode].get("thread_ids") if first[mode]["pid"] == servers[mode][0].pid else None
+                for mode in modes}
+        by_thread = {mode: {} for mode in modes}
         per = args.seconds / args.rounds
         order = list(modes)
         for r in range(args.rounds):
             for mode in (order if r % 2 == 0 else order[::-1]):
                 pid = servers[mode][0].pid
                 cpu, mine = cpu_seconds(pid), time.process_time()
+                threads0 = thread_cpu(pid, tids[mode]) if tids[mode] else {}
                 run(segment(servers[mode][1], args.clients, per, stats[mode], pool, r, args.max_requests))
                 stats[mode].server_cpu += cpu_seconds(pid) - cpu
+                for name, t in (thread_cpu(pid, tids[mode]) if tids[mode] else {}).items():
+                    by_thread[mode][name] = by_thread[mode].get(name, 0.0) + t - threads0[name]
                 stats[mode].client_cpu += time.process_time() - mine
                 s = stats[mode]
                 print(f"round {r + 1}/{args.rounds} {mode}: {len(s.latencies) / s.seconds:.1f} req/s so far, "
@@ -315,6 +335,8 @@ def main(argv=None) -> int:
                 "server_cpu_ms_per_request": round(1000 * s.server_cpu / max(1, len(s.latencies) + s.malformed), 3),
                 "server_cpu_ms_per_text": round(1000 * s.server_cpu / max(1, s.texts), 3),
                 "server_cores_busy": round(s.server_cpu / s.seconds, 2),
+                "server_cpu_ms_per_request_by_thread": _by_thread(by_thread[mode], s.server_cpu,
+                                                                  len(s.latencies) + s.malformed),
                 "client_cpu_ms_per_request": round(1000 * s.client_cpu / max(1, len(s.latencies) + s.malformed), 3),
                 "server_mean_batch_texts": round(served["texts"] / max(1, served["batches"]), 1),
                 "server_mean_batch_requests": round(served["requests"] / max(1, served["batches"]), 2),
@@ -358,6 +380,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def _by_thread(threads: dict[str, float], total: float, requests: int) -> dict[str, float] | None:
+    """Server CPU ms per request split by thread: the event loop (HTTP, JSON), the prep
+    thread (tokenizer), the engine thread (its share of every forward, and Python around
+    it) and the rest (the engine's other kernel threads)."""
+    if not threads or requests == 0:
+        return None
+    split = {name: 1000 * t / requests for name, t in threads.items()}
+    split["kernel workers and other"] = 1000 * (total - sum(threads.values())) / requests
+    return {k: round(v, 3) for k, v in split.items()}
+
+
 def to_markdown(r: dict) -> str:
     mix = ", ".join(f"{k} text{'s' if int(k) > 1 else ''}: {v:g}%" for k, v in r["texts_per_request_weights"].items())
     threads = r["threads_per_server"]
@@ -384,6 +417,14 @@ def to_markdown(r: dict) -> str:
                      f"{x['server_mean_batch_requests']} | {x['server_cpu_ms_per_request']} | "
                      f"{x['server_cpu_ms_per_text']} | {x['server_cores_busy']} | "
                      f"{'yes' if x['healthy_after'] else 'NO'} | {x['exit_code_on_sigterm']} |")
+    split = {mode: x.get("server_cpu_ms_per_request_by_thread") for mode, x in r["results"].items()}
+    split = {mode: v for mode, v in split.items() if v}
+    if split:
+        names = list(next(iter(split.values())))
+        lines += ["", "Server CPU ms per request by thread (a server of one process):", "",
+                  "| mode | " + " | ".join(n.replace("_", " ") for n in names) + " |",
+                  "|---|" + "---|" * len(names)]
+        lines += [f"| {mode} | " + " | ".join(str(v[n]) for n in names) + " |" for mode, v in split.items()]
     c = r["criteria"]
     lines += ["", f"Batching on vs off: {r['speedup_requests_per_s']}x requests/s, {r['speedup_texts_per_s']}x texts/s.",
               "", "Checks: " + ", ".join(f"{k.replace('_', ' ')}: {'yes' if v else 'NO'}" for k, v in c.items()) + ".",

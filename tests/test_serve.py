@@ -129,6 +129,10 @@ def test_health(server, engine):
     assert status == 200 and body["status"] == "ok"
     assert body["model"] == "tiny" and body["labels"] == engine.labels
     assert body["kernel"] in ("avx512", "avx2", "portable")
+    ids = body["thread_ids"]  # threads of the serving process, for per-thread CPU accounting
+    assert set(ids) == {"event_loop", "prep", "engine"} and len(set(ids.values())) == 3
+    if sys.platform == "linux":
+        assert all(os.path.isdir(f"/proc/{body['pid']}/task/{tid}") for tid in ids.values())
 
 
 def test_predict_in_input_order_with_pairs(server, engine):

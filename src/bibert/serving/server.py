@@ -123,6 +123,11 @@ class EngineWorker:
             self._threads.append(thread)
 
     @property
+    def thread_ids(self) -> dict[str, int]:
+        """Linux thread ids of the prep and engine threads ("prep", "engine")."""
+        return {t.name.removeprefix("bibert-"): t.native_id for t in self._threads}
+
+    @property
     def alive(self) -> bool:
         return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
@@ -376,7 +381,9 @@ def create_app(model, settings: ServeSettings | None = None, name: str | None = 
                 "pid": os.getpid(), "max_length": settings.max_length or model.max_positions,
                 "limits": {"max_texts": settings.max_texts, "max_body_bytes": settings.max_body_bytes},
                 "batching": {"max_batch": settings.max_batch, "window_ms": settings.batch_window_ms},
-                "served": dict(worker.stats)}
+                "served": dict(worker.stats),
+                # Linux thread ids, for per-thread CPU accounting from /proc (benchmarks/serve_load.py)
+                "thread_ids": {"event_loop": threading.get_native_id(), **worker.thread_ids}}
         return JSONResponse(body, status_code=200 if worker.alive else 503)
 
     async def predict(request: Request) -> JSONResponse:
