@@ -313,3 +313,31 @@ def test_sigterm_finishes_requests_in_flight(server, engine):
     assert server.proc.wait(30) == 0
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+
+
+def test_batches_wait_out_the_window_unless_full():
+    """The prep thread's batch: a request alone waits the window for company; enough queued
+    texts end the wait at once; a batch takes whole requests up to max_batch texts."""
+    import asyncio
+
+    from bibert.serving.server import EngineWorker, ServeSettings
+
+    worker = EngineWorker(None, ServeSettings(max_batch=5, batch_window_ms=200))
+    worker._threads = [threading.current_thread()]  # "alive", without starting its threads
+
+    async def scenario():
+        worker.submit(["a", "b"], None)
+        t = time.monotonic()
+        assert [len(j.texts) for j in worker._take()] == [2]  # alone: waited the window
+        waited = time.monotonic() - t
+        for k in (2, 2, 2, 1):
+            worker.submit(["x"] * k, None)
+        t = time.monotonic()
+        first = worker._take()  # 7 texts queued >= 5: no wait; 2 + 2, as a third request would pass 5
+        fast = time.monotonic() - t
+        second = worker._take()  # 2 + 1 = 3 < 5: waits the window again
+        return waited, fast, [len(j.texts) for j in first], [len(j.texts) for j in second]
+
+    waited, fast, first, second = asyncio.run(scenario())
+    assert waited >= 0.19 and fast < 0.1
+    assert first == [2, 2] and second == [2, 1] and worker._queued == 0

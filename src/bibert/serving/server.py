@@ -143,8 +143,8 @@ class EngineWorker:
             was_empty = not self._queue
             self._queue.append(_Job(texts, pairs, future, loop))
             self._queued += len(texts)
-            # wake the prep thread only when it waits for a first request or its batch is full;
-            # within the window it collects what came meanwhile when the window ends
+            # wake the prep thread only when it waits for a first request or the batch is full
+            # (see _take); in between, the window ends its wait
             if was_empty or self._queued >= self.settings.max_batch:
                 self._cond.notify()
         return future
@@ -158,27 +158,28 @@ class EngineWorker:
             thread.join(timeout)
 
     def _take(self) -> list[_Job] | None:
+        """The next batch: once a request is queued, wait up to the window while fewer than
+        max_batch texts are queued, then take queued requests in order up to max_batch texts
+        (at least one). The requests stay queued during the window, so that `submit` wakes
+        this thread only for a first request or a full batch, not for each one."""
         s = self.settings
         with self._cond:
             while not self._queue:
                 if self._closing:
                     return None
                 self._cond.wait()
-            batch = [self._queue.popleft()]
-            n = len(batch[0].texts)
             deadline = time.monotonic() + s.batch_window_ms / 1000
-            while n < s.max_batch:
-                if self._queue:
-                    if n + len(self._queue[0].texts) > s.max_batch:
-                        break
-                    job = self._queue.popleft()
-                    batch.append(job)
-                    n += len(job.texts)
-                    continue
+            while self._queued < s.max_batch and not self._closing:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._closing:
+                if remaining <= 0:
                     break
                 self._cond.wait(remaining)
+            batch = [self._queue.popleft()]
+            n = len(batch[0].texts)
+            while self._queue and n + len(self._queue[0].texts) <= s.max_batch:
+                job = self._queue.popleft()
+                batch.append(job)
+                n += len(job.texts)
             self._queued -= n
             return batch
 
