@@ -188,8 +188,8 @@ def engine_checks(engine, texts: list[str], batch_size: int, reps: int) -> dict:
     runs = {
         f"PackedModel.predict, input order, batch {batch_size}":
             (lambda: engine.predict(texts, batch_size=batch_size, max_length=128), len(texts)),
-        f"sorted by token count, forwards of {batch_size}": (lambda: predict_texts(engine, texts, max_length=128, max_rows=batch_size),
-                                    len(texts)),
+        f"sorted by token count, forwards of {batch_size}":
+            (lambda: predict_texts(engine, texts, max_length=128, max_rows=batch_size), len(texts)),
         "one text per forward": (lambda: predict_texts(engine, texts, max_length=128, max_rows=1), len(texts)),
         f"forward only: 1 sequence of {single[0].shape[1]} tokens": (lambda: [engine.forward(*single)
                                                                               for _ in range(200)], 200),

@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     settings = [(g, s) for g in args.gaps for s in args.spins]
     stats = {k: {"ms": [], "cpu": 0.0, "n": 0, "busy": []} for k in settings}
     alone = []  # the busy process's rate with the engine idle and asleep
+    spin_before = kernels.get_spin_us()
     try:
         for r in range(args.rounds):
             if busy:
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
         stop.set()
         if busy:
             busy.join()
-        kernels.set_spin_us(50)
+        kernels.set_spin_us(spin_before)
     base = statistics.median(alone) if alone else None
     rows = []
     for gap, spin in settings:

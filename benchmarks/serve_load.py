@@ -75,14 +75,22 @@ def start_server(model: Path, threads: int, extra: list[str]) -> tuple[subproces
     raise SystemExit("server not healthy:\n" + "".join(lines))
 
 
+def _stat_seconds(path: str, with_children: bool) -> float:
+    """User + system CPU seconds from a /proc stat file (Linux; NaN when it cannot be read):
+    utime and stime, and with_children also the finished children's cutime and cstime."""
+    try:
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+        return sum(int(x) for x in fields[11:15 if with_children else 13]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, its finished children and its live ones (a
     server's forked workers), from /proc (Linux)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total = sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return float("nan")
+    total = _stat_seconds(f"/proc/{pid}/stat", with_children=True)
+    if total != total:
+        return total
     children = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
@@ -98,14 +106,7 @@ def cpu_seconds(pid: int) -> float:
 
 def thread_cpu(pid: int, ids: dict[str, int]) -> dict[str, float]:
     """User + system CPU seconds of the named threads of a process, from /proc (Linux)."""
-    out = {}
-    for name, tid in ids.items():
-        try:
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-            out[name] = sum(int(x) for x in fields[11:13]) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            out[name] = float("nan")
-    return out
+    return {name: _stat_seconds(f"/proc/{pid}/task/{tid}/stat", with_children=False) for name, tid in ids.items()}
 
 
 def health(port: int) -> tuple[int, dict]:
@@ -383,7 +384,7 @@ def main(argv=None) -> int:
 def _by_thread(threads: dict[str, float], total: float, requests: int) -> dict[str, float] | None:
     """Server CPU ms per request split by thread: the event loop (HTTP, JSON), the prep
     thread (tokenizer), the engine thread (its share of every forward, and Python around
-    it) and the rest (the engine's other kernel threads)."""
+    it) and the rest (the engine's other kernel threads, and the tokenizer's own threads)."""
     if not threads or requests == 0:
         return None
     split = {name: 1000 * t / requests for name, t in threads.items()}

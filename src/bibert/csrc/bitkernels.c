@@ -165,7 +165,6 @@ static int elems_ok(int64_t a, int64_t b, int64_t c) {
 /* body(ctx, lo, hi, tid): items [lo, hi) of a parallel loop, on thread tid (0 = caller). */
 typedef void (*bb_body)(void *ctx, int64_t lo, int64_t hi, int tid);
 
-
 #define BB_CHUNK_BITS 20       /* the job word: generation | chunk count | next chunk */
 #define BB_MAX_CHUNKS ((1 << BB_CHUNK_BITS) - 1)
 

@@ -9,8 +9,9 @@ portable C path elsewhere (with an AVX2 binary Linear where the CPU has AVX2).
 `set_kernel("portable" | "avx2" | "avx512" | "auto")` or the
 environment variable BIBERT_KERNEL forces one; `set_threads(n)` (or BIBERT_THREADS)
 sets the thread count of the engine's own pool, `set_spin_us(us)` (or BIBERT_SPIN_US) how
-long its idle threads poll for work before they sleep (50 us by default). BIBERT_NATIVE_LIB points at another
-build of the library (the sanitizer builds of `make asan` / `make tsan`).
+long its idle threads poll for work before they sleep (50 us by default).
+BIBERT_NATIVE_LIB points at another build of the library (the sanitizer builds of
+`make asan` / `make tsan`).
 
 Every wrapper takes and returns NumPy arrays; buffers passed to C are kept referenced
 for the duration of the call. The wrappers check the arrays' shapes against the sizes they

@@ -9,8 +9,8 @@ one caller at a time). Requests are checked on the event loop and queued; a prep
 takes what is queued, waits up to a short window for more while the batch is below
 `max_batch` texts and tokenizes it while the engine thread runs the batch before; the
 engine runs the batch's texts, sorted by token count, in forwards of up to `engine_batch`
-texts (bibert.serving.batching) and hands every request its own slice of the results. Requests with and without pairs run in
-separate forwards. A batch that cannot be tokenized is retried request by request, so that
+texts (bibert.serving.batching) and hands every request its own slice of the results.
+Requests with and without pairs run in separate forwards. A batch that cannot be tokenized is retried request by request, so that
 one bad request fails alone.
 
 Errors are JSON {"error": message}: 400 for a body that is not JSON or not of the expected
@@ -57,9 +57,10 @@ DRAIN_LIMIT = 64 << 20  # an oversized body up to this size is read (and dropped
 class ServeSettings:
     """max_batch: most texts in one batch of the engine thread (1: no batching across
     requests). batch_window_ms: how long a batch below max_batch waits for more requests.
-    engine_batch: most texts per forward inside a batch. max_texts: texts per request. max_body_bytes: request body. max_queue: texts
-    waiting for the engine before requests are turned away with 503. max_length: tokens per
-    input after truncation (default: the model's positions)."""
+    engine_batch: most texts per forward inside a batch. max_texts: texts per request.
+    max_body_bytes: request body. max_queue: texts waiting for the engine before requests are
+    turned away with 503. max_length: tokens per input after truncation (default: the model's
+    positions)."""
 
     max_batch: int = 64
     batch_window_ms: float = 1.0
