@@ -21,10 +21,11 @@ the entries of P_F that involve a padded query or key, and H at padded positions
 
 Every r2b is computed from inner products (`r2b_from_products`), and DMD's from (hs, hs) Gram
 matrices F^T F' instead of the (T, T) patterns: the same values, in a fraction of the time
-and memory. In the standard
-objective, the masked attention scores (-10000 on padded keys) are replaced by 0 before
-the MSE, as TinyBERT does. Every loss is computed in at least float32 (also under bf16
-autocast).
+and memory.
+
+In the standard objective, the masked attention scores (-10000 on padded keys) are replaced
+by 0 before the MSE, as TinyBERT does. Every loss is computed in at least float32 (also
+under bf16 autocast).
 """
 from __future__ import annotations
 
