@@ -26,6 +26,14 @@ At every moment either NAME or .NAME.old is a complete folder; `recover_folder` 
 before resuming) puts .NAME.old back if a kill fell between the two renames, and clears
 temporary leftovers. Left out: checkpoint rotation (one training state is kept).
 
+Each folder written whole also holds manifest.json (MANIFEST_VERSION): the size and
+SHA-256 of every other file in it, written inside .NAME.tmp/ so that it appears with the
+files it describes. `verify_folder` checks it where weights are read back (resume,
+export, loading a model folder) and names the first damaged or missing file; a folder
+without one (written by an older bibert, or not by bibert) is read unchecked. Files
+added later (evaluate's eval_*.json) are not listed and not checked. The weights are
+also checked for NaN and Inf after a resume and before an export (`check_finite`).
+
 The training state (checkpoint/training_state.pt, format TRAIN_STATE_VERSION) holds
 the step, the optimizer and scheduler states, every process's RNG states, the best
 score so far, the metrics and loss history, and the reference signs for the flip
@@ -33,6 +41,7 @@ ratio; checkpoint/model.safetensors holds the model's state dict.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -64,6 +73,11 @@ BEST_DIR, LAST_DIR = "best", "last"
 TRAIN_STATE_VERSION = 1
 STATE_DIR = "checkpoint"
 STATE_FILE = "training_state.pt"
+
+# in every folder written whole: {"bibert_manifest_version": 1, "files": {path: {"bytes", "sha256"}}}
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+MANIFEST_KEY = "bibert_manifest_version"
 
 
 # ------------------------------------------------------------------------------ files
@@ -145,7 +159,11 @@ def read_config(directory: str | os.PathLike) -> dict:
     if not path.is_file():
         raise BibertError(f"no model here: {directory} has no {CONFIG_NAME} (a model folder holds "
                           f"{CONFIG_NAME}, the weights and the tokenizer)")
-    return read_json(path)
+    try:
+        return read_json(path)
+    except BibertError:
+        verify_folder(directory, model_folder_advice(directory))  # a damaged file is named as such
+        raise
 
 
 def is_student_config(config: dict) -> bool:
@@ -198,13 +216,15 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def write_folder_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Call write(tmp_folder), then make tmp_folder appear as `path` in one rename."""
+    """Call write(tmp_folder), add its manifest, then make tmp_folder appear as `path` in
+    one rename."""
     path = Path(path)
     tmp, old = path.parent / f".{path.name}.tmp", path.parent / f".{path.name}.old"
     path.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     write(tmp)
+    write_manifest(tmp)
     _fsync_tree(tmp)
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -226,6 +246,84 @@ def recover_folder(path: str | os.PathLike) -> None:
             os.rename(old, path)
 
 
+# ------------------------------------------------------------------------- integrity
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str | os.PathLike) -> None:
+    """Write folder/manifest.json: the size and SHA-256 of every other file under `folder`."""
+    folder = Path(folder)
+    files = {}
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        for name in sorted(names):
+            path = Path(root) / name
+            rel = path.relative_to(folder).as_posix()
+            if rel != MANIFEST_NAME:
+                files[rel] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    write_json(folder / MANIFEST_NAME, {MANIFEST_KEY: MANIFEST_VERSION, "files": files})
+
+
+def verify_folder(folder: str | os.PathLike, advice: str) -> bool:
+    """Check every file folder/manifest.json lists (size, then SHA-256); raise a BibertError
+    naming the first damaged or missing one, followed by `advice` (what to do instead).
+    False where the folder has no manifest (an older bibert's, or not bibert's): unchecked."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return False
+    try:
+        manifest = json.loads(manifest_path.read_bytes())
+        files = manifest["files"]
+        version = manifest[MANIFEST_KEY]
+        entries = [(rel, int(e["bytes"]), str(e["sha256"])) for rel, e in files.items()]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise BibertError(f"{manifest_path} is damaged (it does not list the folder's checksums); {advice}") from None
+    if not isinstance(version, int) or version > MANIFEST_VERSION:
+        raise BibertError(f"{manifest_path} has version {version!r}; this bibert reads up to {MANIFEST_VERSION}: "
+                          "upgrade bibert")
+    for rel, size, sha256 in entries:
+        path = folder / rel
+        if not path.is_file():
+            raise BibertError(f"{path} is missing (the folder's manifest lists it); {advice}")
+        if path.stat().st_size != size or _sha256(path) != sha256:
+            raise BibertError(f"{path} is damaged: its SHA-256 differs from the one written with it in "
+                              f"{MANIFEST_NAME}; {advice}")
+    return True
+
+
+def model_folder_advice(folder: str | os.PathLike) -> str:
+    """What to do about a damaged model folder (the tail of verify_folder's message)."""
+    return (f"use another copy of the model (a run's best/ or last/, a backup) or train it again; if you "
+            f"changed the file on purpose, delete {Path(folder) / MANIFEST_NAME} to accept the folder as it is")
+
+
+def check_finite(tensors: dict, where: str | os.PathLike, advice: str) -> None:
+    """Raise a BibertError naming the first floating-point tensor that holds NaN or Inf."""
+    import torch
+
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                nan = int(torch.isnan(tensor).sum())
+                inf = int((~finite).sum()) - nan
+                what = " and ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "infinite")) if n)
+                raise BibertError(f"{where}: tensor {name} holds {what} value(s); {advice}")
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message in one short line (torch explains weights_only at length)."""
+    line = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
 # ----------------------------------------------------------------------- training state
 
 def save_training_state(out: Path, model: torch.nn.Module, state: dict) -> None:
@@ -241,8 +339,15 @@ def save_training_state(out: Path, model: torch.nn.Module, state: dict) -> None:
     write_folder_atomically(out / STATE_DIR, write)
 
 
+def resume_advice(out: str | os.PathLike) -> str:
+    """What to do about a damaged training state (the tail of the resume errors)."""
+    return (f"the checkpoint cannot be resumed: resume from an earlier copy of {out} if you have one, or start the "
+            "run again in a new --out (without --resume)")
+
+
 def load_training_state(out: Path, model: torch.nn.Module) -> dict | None:
-    """Load out/checkpoint/ into `model` and return the training state (None if none yet).
+    """Load out/checkpoint/ into `model` and return the training state (None if none yet),
+    after checking the folder's manifest and that every weight is finite.
     Run `recover_folder(out / STATE_DIR)` first (once, in one process)."""
     import torch
     from safetensors.torch import load_file
@@ -250,13 +355,24 @@ def load_training_state(out: Path, model: torch.nn.Module) -> dict | None:
     folder = Path(out) / STATE_DIR
     if not folder.exists():
         return None
+    advice = resume_advice(out)
+    verify_folder(folder, advice)
+    for name in (STATE_FILE, WEIGHTS_NAME):
+        if not (folder / name).is_file():
+            raise BibertError(f"{folder / name} is missing; {advice}")
     try:
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for damaged files
+        raise BibertError(f"{folder / STATE_FILE} is damaged ({_first_line(exc)}); {advice}") from None
+    try:
         weights = load_file(str(folder / WEIGHTS_NAME))
-    except Exception as exc:  # torch / safetensors raise many types for damaged files
-        raise BibertError(f"cannot read the training state in {folder} ({exc}); it is damaged") from None
+    except Exception as exc:  # safetensors raises its own error types
+        raise BibertError(f"{folder / WEIGHTS_NAME} is damaged ({_first_line(exc)}); {advice}") from None
+    if not isinstance(state, dict):
+        raise BibertError(f"{folder / STATE_FILE} is damaged (it holds no training state); {advice}")
     if state.get("version", 0) > TRAIN_STATE_VERSION:
         raise BibertError(f"{folder} was written by a newer bibert (training state version "
                           f"{state.get('version')}); upgrade bibert")
+    check_finite(weights, folder / WEIGHTS_NAME, advice)
     model.load_state_dict(weights)
     return state

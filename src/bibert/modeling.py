@@ -40,8 +40,8 @@ from transformers import BertConfig
 from transformers.activations import ACT2FN
 
 from .bert_names import LAYER_PREFIX, QKV, SELF_ATTENTION, layer_of
-from .checkpoint import (CONFIG_NAME, WEIGHTS_NAME, atomic_write, is_student_config, is_student_folder, read_config,
-                         split_student_config, student_config)
+from .checkpoint import (CONFIG_NAME, WEIGHTS_NAME, atomic_write, is_student_config, is_student_folder,
+                         model_folder_advice, read_config, split_student_config, student_config, verify_folder)
 from .config import QuantConfig
 from .errors import BibertError
 from .losses import LayerMap
@@ -413,8 +413,10 @@ class BiBertForSequenceClassification(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str = "cpu") -> "BiBertForSequenceClassification":
-        """Load a folder written by `save_pretrained`; refuses other kinds of folders."""
+        """Load a folder written by `save_pretrained`; refuses other kinds of folders, and one whose
+        files differ from its manifest (bibert.checkpoint.verify_folder)."""
         config_dict = read_config(directory)
+        verify_folder(directory, model_folder_advice(directory))
         if not is_student_config(config_dict):
             raise BibertError(
                 f"{directory} holds a Hugging Face model, not a BiBERT student; build one with "
@@ -598,6 +600,7 @@ def load_hf_classifier(name_or_path: str, num_labels: int | None = None, **kwarg
 
     if os.path.isdir(name_or_path):
         read_config(name_or_path)  # a folder without config.json holds no model: say so
+        verify_folder(name_or_path, model_folder_advice(name_or_path))
     try:
         hf_config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as exc:

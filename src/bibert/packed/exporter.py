@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ..bert_names import BODY, CLASSIFIER
-from ..checkpoint import (CONFIG_NAME, QUANTIZATION_KEY, WEIGHTS_NAME, atomic_write, is_student_config, read_config,
-                          split_student_config)
+from ..checkpoint import (CONFIG_NAME, QUANTIZATION_KEY, WEIGHTS_NAME, atomic_write, check_finite, is_student_config,
+                          model_folder_advice, read_config, split_student_config, verify_folder)
 from ..errors import BibertError
 from .reader import (ACTIVATION_CLIP_STD, BIT_ORDER, MAGIC, PREAMBLE, QUANTIZER_SCALE, SCORE_COUNT_MIN,
                      SCORE_THRESHOLD, SIDE_DTYPES, TOKENIZER_FILES, TRAINING_ONLY, PackedFile, _check_packed,
@@ -68,6 +68,7 @@ def export_packed(student_dir: str | os.PathLike, out: str | os.PathLike, side_d
     side = SIDE_DTYPES[side_dtype]
     student_dir = Path(student_dir)
     config = read_config(student_dir)
+    verify_folder(student_dir, model_folder_advice(student_dir))
     _check_exportable(config, student_dir)
     weights_path = student_dir / WEIGHTS_NAME
     if not weights_path.is_file():
@@ -76,6 +77,8 @@ def export_packed(student_dir: str | os.PathLike, out: str | os.PathLike, side_d
         state = load_file(str(weights_path))
     except Exception as exc:
         raise BibertError(f"cannot read {weights_path}: {exc}") from None
+    check_finite(state, weights_path, "a packed model of it would predict garbage: export a student that trained "
+                 "without diverging (another checkpoint, or train again)")
     state = {k if k.startswith((f"{BODY}.", f"{CLASSIFIER}.")) else f"{BODY}.{k}": v for k, v in state.items()}
 
     hf_config, quantization = split_student_config(config, student_dir)
