@@ -5,8 +5,8 @@ from dataclasses import fields
 import pytest
 
 from bibert.cli import build_parser
-from bibert.commands.train import _options
-from bibert.config import FINETUNE_RECIPE, TrainConfig, option_fields, resolve_config
+from bibert.commands.train import _options, student_quant
+from bibert.config import FINETUNE_RECIPE, QuantConfig, TrainConfig, budget_epochs, option_fields, resolve_config
 from bibert.tasks import TASKS
 
 
@@ -54,5 +54,28 @@ def test_help_states_the_real_defaults(capsys):
             assert f"sst2 {TASKS['sst2'].lr:g}, mnli {TASKS['mnli'].lr:g}" in text
             assert "(default: dmd)" in text and "(default: 1-1-1)" in text and "(default: 0.5)" in text
         assert "(default: 42)" in text and "(default: off)" in text
-    config = resolve_config("distill", "m", "mnli", "o")
-    assert (config.lr, config.epochs, config.max_length, config.seed) == (5e-5, 5.0, 128, 42)
+    paper = resolve_config("distill", "m", "mnli", "o", paper=True)
+    assert (paper.lr, paper.epochs, paper.max_length, paper.batch_size, paper.seed) == (5e-5, 5.0, 128, 16, 42)
+    assert (paper.quant, paper.pred_weight, paper.precision, paper.group_by_length) == (QuantConfig(), 1.0, "fp32", False)
+    # the default: Elastic BiBERT's schedule, its epochs chosen from the data once it is loaded
+    elastic = resolve_config("distill", "m", "mnli", "o")
+    assert (elastic.lr, elastic.epochs, elastic.max_length, elastic.batch_size) == (5e-4, None, 128, 32)
+    assert elastic.quant == QuantConfig(activations="elastic", attention="bi-max")
+    assert (elastic.pred_weight, elastic.precision, elastic.group_by_length) == (5.0, "auto", True)
+    assert resolve_config("distill", "m", "mnli", "o", epochs=2.0, group_by_length=False).group_by_length is False
+
+
+def test_default_budget_follows_the_data_size():
+    assert budget_epochs(94_772) == pytest.approx(80_000 / 94_772)  # snli: 2,500 steps of 32
+    assert budget_epochs(10_613) == pytest.approx(80_000 / 10_613)
+    assert budget_epochs(400) == 10.0  # a small file: 10 epochs, not 200
+
+
+def test_student_flags_fill_in_from_the_recipe():
+    assert student_quant(None, None, None) is None
+    assert student_quant("1-1-1", None, None) == QuantConfig(activations="elastic", attention="bi-max")
+    assert student_quant(None, None, None, paper=True) is None
+    assert student_quant("1-1-1", None, None, paper=True) == QuantConfig()
+    assert student_quant(None, None, "sign") == QuantConfig()  # sign activations: Bi-Attention, not bi-max
+    assert student_quant("1-1-4", None, None) == QuantConfig(activation_bits=4)
+    assert student_quant(None, "softmax", None, paper=True) == QuantConfig(attention="softmax")

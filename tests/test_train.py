@@ -60,7 +60,7 @@ def test_distill_writes_every_output(tiny_teacher, tmp_path):
     for name in ("config.json", "metrics.jsonl", "results.json", "training_curves.png"):
         assert (out / name).is_file(), name
     student = BiBertForSequenceClassification.from_pretrained(out / "best")
-    assert student.quant == QuantConfig()
+    assert student.quant == QuantConfig(activations="elastic", attention="bi-max")  # the default: Elastic BiBERT
     assert AutoTokenizer.from_pretrained(out / "last").vocab_size == 30522
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in lines] == [3, 6]
@@ -68,7 +68,32 @@ def test_distill_writes_every_output(tiny_teacher, tmp_path):
     assert res["best"]["score"] == max(e["dev"]["accuracy"] for e in lines)
     assert json.loads((out / "results.json").read_text())["steps"] == 6
     config = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
-    assert (config.lr, config.epochs, config.distill) == (1e-4, 10.0, "dmd")  # rotten_tomatoes preset
+    # Elastic BiBERT's schedule; the epochs of its budget (80,000 examples, at most 10 epochs) for 48 examples
+    assert (config.lr, config.epochs, config.distill, config.pred_weight) == (5e-4, 10.0, "dmd", 5.0)
+    assert config.group_by_length and config.precision == "auto"
+
+
+def test_paper_recipe_and_the_budget_from_the_data(tiny_teacher, tmp_path, capsys):
+    res = distill(tiny_teacher, "rotten_tomatoes", tmp_path / "paper", paper=True, max_steps=2, **SLICE)
+    config = TrainConfig.from_dict(json.loads((tmp_path / "paper" / "config.json").read_text()))
+    assert (config.quant, config.lr, config.epochs, config.pred_weight) == (QuantConfig(), 1e-4, 10.0, 1.0)
+    assert (config.precision, config.group_by_length, res["steps"]) == ("fp32", False, 2)
+    # without --epochs: 80,000 / 2,000 = 40 epochs, capped at 10: 10 x ceil(2000 / 8) steps, stated at the start
+    opts = {**SLICE, "max_train_examples": 2000, "max_steps": None}
+    trainer_config = resolve_config("distill", tiny_teacher, "rotten_tomatoes", tmp_path / "budget", **opts)
+    assert trainer_config.epochs is None
+    from bibert.train import Trainer
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_once(trainer):
+        raise Stop(trainer.total_steps)
+
+    with pytest.raises(Stop) as stopped:
+        Trainer(trainer_config, hooks=[stop_at_once]).run()
+    assert stopped.value.args == (10 * 250,)
+    assert "2,500 steps of 8 examples (10.00 epochs of 2,000)" in capsys.readouterr().out
 
 
 def test_standard_softmax_baseline_and_shallow_student(tiny_teacher, tmp_path):

@@ -130,9 +130,31 @@ PRECISIONS = ("fp32", "bf16", "auto")
 # §5's table is the distillation recipe. Max length and batch size come from the task.
 FINETUNE_RECIPE = {"lr": 5e-5, "epochs": 3.0}
 RECIPE = ("lr", "epochs", "max_length", "batch_size")  # options whose default is the recipe's
-# Elastic BiBERT, the most accurate 1-1-1 recipe (beyond the paper, docs/method.md §7):
-# QuantConfig(activations, attention) and the distill options. `bibert demo` distils it.
+# Elastic BiBERT, the most accurate 1-1-1 recipe (beyond the paper, docs/method.md §7) and the
+# default of `bibert distill` and `bibert demo`: QuantConfig(activations, attention) and the
+# distill options. `--paper` distils the paper's BiBERT with the task's recipe instead.
 ELASTIC_BIBERT = {"activations": "elastic", "attention": "bi-max", "pred_weight": 5.0, "precision": "auto"}
+# Elastic BiBERT's schedule (docs/method.md §7, docs/results.md): peak lr, batch, length-grouped
+# batches, and a budget of BUDGET_EXAMPLES training examples (at most BUDGET_MAX_EPOCHS epochs)
+# when --epochs and --max-steps are left out: 2,500 steps of 32 on a large train split.
+ELASTIC_SCHEDULE = {"lr": 5e-4, "batch_size": 32, "group_by_length": True}
+BUDGET_EXAMPLES = 80_000
+BUDGET_MAX_EPOCHS = 10.0
+
+
+def budget_epochs(train_examples: int) -> float:
+    """The default budget's epochs for a train split of this size: BUDGET_EXAMPLES examples in
+    all, at most BUDGET_MAX_EPOCHS epochs (so a small file is seen 10 times, not 80,000/n)."""
+    return min(BUDGET_MAX_EPOCHS, BUDGET_EXAMPLES / max(1, train_examples))
+
+
+def default_student(paper: bool = False, activation_bits: int = 1) -> QuantConfig:
+    """The student `bibert distill` builds when no --bits/--attention/--activations is given:
+    Elastic BiBERT (1-1-1, elastic, bi-max); with `paper` the paper's BiBERT (sign, bi).
+    A k-bit student (activation_bits > 1) has sign activations and Bi-Attention either way."""
+    if paper or activation_bits != 1:
+        return QuantConfig(activation_bits=activation_bits)
+    return QuantConfig(activations=ELASTIC_BIBERT["activations"], attention=ELASTIC_BIBERT["attention"])
 
 
 def elastic_bibert_flags() -> str:
@@ -185,8 +207,12 @@ class TrainConfig:
     student_layers: int | None = option(
         None, "a shallower student (the teacher's depth must be a multiple of it)", STUDENT_GROUP, ("distill",),
         default_text="the teacher's depth")
+    paper: bool = option(
+        False, "the paper's BiBERT instead of Elastic BiBERT: sign activations, Bi-Attention, prediction weight 1, "
+        "fp32, and the task's recipe from the paper (docs/method.md §5: lr, epochs, batch 16)", STUDENT_GROUP,
+        ("distill",))
     lr: float = option(FINETUNE_RECIPE["lr"], "peak learning rate", RECIPE_GROUP)
-    epochs: float = option(FINETUNE_RECIPE["epochs"], "training epochs", RECIPE_GROUP)
+    epochs: float | None = option(FINETUNE_RECIPE["epochs"], "training epochs", RECIPE_GROUP)
     max_length: int = option(128, "tokens per example (longer ones are truncated)", RECIPE_GROUP)
     batch_size: int = option(16, "examples per step and process", RECIPE_GROUP)
     max_steps: int | None = option(None, "stop after this many optimizer steps (the schedule ends there too)",
@@ -214,30 +240,30 @@ class TrainConfig:
                                   default_text="the task's own data: the offline corpora, else Hugging Face datasets",
                                   shared=True)
     eval_test: bool = option(False, "score the best checkpoint on the labeled test split (or --test-file)")
-    group_by_length: bool = option(
-        False, "batch examples of similar length together: less padding, so faster steps on CPU (each epoch's "
+    group_by_length: bool | None = option(
+        None, "batch examples of similar length together: less padding, so faster steps on CPU (each epoch's "
         "shuffled order is cut into windows of 50 batches, each sorted by length and cut into batches, and the "
-        "batches shuffled again)", DATA_GROUP)
+        "batches shuffled again)", DATA_GROUP, default_text="on for Elastic BiBERT; off for finetune and --paper")
     dmd_mask_padding: bool = option(
         False, "leave padded positions out of DMD and the hidden loss (--distill dmd; the reference keeps them, "
         "docs/method.md §4)", STUDENT_GROUP, ("distill",))
     init_from: str | None = option(
         None, "start the student from this BiBERT folder (e.g. an intermediate 1-1-4 student's best/)",
         STUDENT_GROUP, ("distill",), default_text="the teacher's weights")
-    pred_weight: float = option(
-        1.0, "weight of the prediction loss (soft cross-entropy against the teacher, plus half the label "
+    pred_weight: float | None = option(
+        None, "weight of the prediction loss (soft cross-entropy against the teacher, plus half the label "
         "cross-entropy under dmd) beside the attention/DMD and hidden-state terms, each of weight 1",
-        STUDENT_GROUP, ("distill",))
+        STUDENT_GROUP, ("distill",), default_text=f"{ELASTIC_BIBERT['pred_weight']:g} for Elastic BiBERT; 1 with --paper")
     quantizer_lr: float | None = option(
         None, "peak learning rate of the elastic thresholds and scales (no weight decay; docs/method.md §7)",
         STUDENT_GROUP, ("distill",), default_text="--lr")
     seed: int = option(42, "seed of the data order, a new head and dropout", shared=True)
     device: str = option("auto", "auto, cpu, cuda or cuda:N", shared=True)
-    precision: str = option(
-        "fp32", "fp32; bf16 = mixed precision: bf16 autocast for the matrix products (the binarized ones stay exact), "
+    precision: str | None = option(
+        None, "fp32; bf16 = mixed precision: bf16 autocast for the matrix products (the binarized ones stay exact), "
         "about 2x faster steps where the hardware has bf16 arithmetic (CPUs with AVX512-BF16 or AMX, recent GPUs) "
         "and slower where it does not; auto = bf16 where the device has it, else fp32",
-        choices=PRECISIONS, shared=True)
+        choices=PRECISIONS, shared=True, default_text="auto for Elastic BiBERT; fp32 for finetune and --paper")
     dev_file: str | None = option(
         None, "dev data: a .csv/.tsv/.jsonl/.parquet file with the train file's columns", DATA_GROUP,
         default_text=f"the task's dev split; for your own data, a fixed {HELD_OUT_PERCENT}% of --train-file (by a hash "
@@ -266,17 +292,28 @@ class TrainConfig:
             self.task = Task.from_dict(self.task)
         if isinstance(self.quant, dict):
             self.quant = QuantConfig.from_dict(self.quant)
+        elastic_recipe = self.mode == "distill" and not self.paper
+        if self.group_by_length is None:
+            self.group_by_length = elastic_recipe and ELASTIC_SCHEDULE["group_by_length"]
+        if self.precision is None:
+            self.precision = ELASTIC_BIBERT["precision"] if elastic_recipe else "fp32"
+        if self.pred_weight is None:
+            self.pred_weight = ELASTIC_BIBERT["pred_weight"] if elastic_recipe else 1.0
+        if self.paper and self.mode != "distill":
+            raise BibertError("--paper applies to distillation only")
         if self.mode == "distill":
             self.distill = DISTILL_KINDS[0] if self.distill is None else self.distill
             if self.distill not in DISTILL_KINDS:
                 raise BibertError(f"unknown distillation {self.distill!r}: choose dmd or standard")
-            self.quant = self.quant or QuantConfig()
+            self.quant = self.quant or default_student(self.paper)
         if self.dmd_mask_padding and (self.mode != "distill" or self.distill != "dmd"):
             raise BibertError("--dmd-mask-padding applies to distillation with --distill dmd only")
         if self.precision not in PRECISIONS:
             raise BibertError(f"unknown precision {self.precision!r}: choose fp32, bf16 or auto")
+        if self.epochs is None and (self.mode != "distill" or self.paper):
+            raise BibertError("--epochs must be given: only Elastic BiBERT's distillation chooses them from the data")
         for name in ("lr", "epochs"):
-            if not getattr(self, name) > 0:
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise BibertError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.mode != "distill" and (self.init_from is not None or self.quantizer_lr is not None):
             raise BibertError("--init-from and --quantizer-lr apply to distillation only")
@@ -324,11 +361,18 @@ def option_fields(mode: str | None = None) -> list:
     return [f for f in fields(TrainConfig) if f.metadata.get("help") and (mode is None or mode in f.metadata["modes"])]
 
 
-def recipe_defaults(mode: str, task: Task) -> dict:
-    """The defaults that come from the recipe: the task's (docs/method.md §5) for distillation,
-    FINETUNE_RECIPE with the task's max length and batch size for fine-tuning."""
-    recipe = {"lr": task.lr, "epochs": float(task.epochs)} if mode == "distill" else dict(FINETUNE_RECIPE)
-    return {**recipe, "max_length": task.max_length, "batch_size": task.batch_size}
+def recipe_defaults(mode: str, task: Task, paper: bool = False) -> dict:
+    """The defaults that come from the recipe: for distillation Elastic BiBERT's schedule
+    (ELASTIC_SCHEDULE; epochs None: the budget, `budget_epochs`, once the data is known), or
+    with `paper` the task's (docs/method.md §5); for fine-tuning FINETUNE_RECIPE; the task's
+    max length, and its batch size where the recipe has none."""
+    if mode != "distill":
+        recipe = dict(FINETUNE_RECIPE)
+    elif paper:
+        recipe = {"lr": task.lr, "epochs": float(task.epochs)}
+    else:
+        recipe = {"lr": ELASTIC_SCHEDULE["lr"], "epochs": None, "batch_size": ELASTIC_SCHEDULE["batch_size"]}
+    return {"max_length": task.max_length, "batch_size": task.batch_size, **recipe}
 
 
 def resolve_config(mode: str, model: str, task: str | Task | None, out: str | os.PathLike, **options) -> TrainConfig:
@@ -349,6 +393,9 @@ def resolve_config(mode: str, model: str, task: str | Task | None, out: str | os
     labels, regression = model_labels(model) if mode == "distill" else (None, None)  # a teacher's labels stay
     task = resolve_task(task, labels=labels, regression=regression, **{
         k: resolved.get(k) for k in ("train_file", "text_column", "text_pair_column", "label_column")})
-    for key, value in recipe_defaults(mode, task).items():
-        resolved.setdefault(key, value)
+    for key, value in recipe_defaults(mode, task, bool(resolved.get("paper"))).items():
+        if key not in resolved and value is not None:
+            resolved[key] = value
+    if mode == "distill" and "epochs" not in resolved and not resolved.get("paper"):
+        resolved["epochs"] = None  # Elastic BiBERT's budget: chosen from the train split's size
     return TrainConfig(mode=mode, task=task, model=model, out=str(out), **resolved)

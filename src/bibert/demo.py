@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 TASK = "rotten_tomatoes"
+TASKS = ("rotten_tomatoes", "snli")  # the offline corpora the demo runs on
 
 
 @dataclass(frozen=True)
@@ -35,15 +36,34 @@ class Budget:
     teacher_examples: int | None  # None: the whole train split
     teacher_epochs: float
     student_examples: int | None
-    student_epochs: float
+    student_epochs: float | None  # None: the default budget (config.budget_epochs: 80,000 examples, <= 10 epochs)
     student_lr: float
     eval_examples: int | None  # dev slice used for model selection
     latency_examples: int
+    max_length: int = 64
+    teacher_seed: int | None = None  # None: the demo's --seed
+    teacher_group_by_length: bool = False
+    teacher_precision: str = "fp32"
 
 
-FULL = Budget(None, 1.0, None, 2.0, 5e-4, 600, 100)
+FULL = Budget(None, 1.0, None, 2.0, 5e-4, 600, 100)  # the default run on rotten_tomatoes: 664 student steps
 # quick: ~94 teacher steps (enough for the teacher to learn the task) and ~190 student steps
 QUICK = Budget(3000, 1.0, 3000, 2.0, 5e-4, 300, 30)
+# --budget full: benchmarks/budget.py's runs from nothing (its teacher: the whole train split, seed 0, bf16
+# where the CPU has it; the student: the default budget), one of its rows for --seed 1, 2 or 3
+BUDGETS = {
+    ("rotten_tomatoes", "quick"): QUICK,
+    ("rotten_tomatoes", "default"): FULL,
+    ("rotten_tomatoes", "full"): Budget(None, 1.0, None, None, 5e-4, 600, 100, teacher_seed=0,
+                                        teacher_precision="auto"),
+    ("snli", "quick"): QUICK,
+    # the study's snli budget: 20,000 pairs once (625 steps)
+    ("snli", "default"): Budget(20000, 1.0, 20000, 1.0, 5e-4, 600, 100, teacher_group_by_length=True,
+                                teacher_precision="auto"),
+    ("snli", "full"): Budget(None, 1.0, None, None, 5e-4, 600, 100, teacher_seed=0, teacher_group_by_length=True,
+                             teacher_precision="auto"),
+}
+BUDGET_NAMES = ("quick", "default", "full")
 LATENCY_ROUNDS = 5  # each latency sentence is timed this many times per model, interleaved
 
 
@@ -95,17 +115,20 @@ def _prune(stage: Path) -> None:
 
 
 def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, seed: int = 42,
-             threads: int | None = None, budget: Budget | None = None, paper: bool = False,
-             keep_checkpoints: bool = False) -> dict:
+             threads: int | None = None, budget: Budget | str | None = None, paper: bool = False,
+             keep_checkpoints: bool = False, task: str = TASK) -> dict:
     """Run the main job into `out`; returns (and writes to out/summary-<time>.json) the table.
 
-    budget: the slices and epochs (default FULL, or QUICK with quick=True).
+    task: rotten_tomatoes (single sentences) or snli (sentence pairs).
+    budget: the slices and epochs: a Budget, or "quick", "default" or "full" (BUDGETS: the
+    default is about 20 minutes on 2 cores, quick about 5, full the default training budget
+    of `bibert distill`, up to about 45 minutes of student training); quick=True is "quick".
     paper: distil the paper's exact BiBERT (sign activations) instead of the elastic
     student. The two live in different folders (student/, student-paper/)."""
     import torch
     from transformers import AutoTokenizer
 
-    from .config import ELASTIC_BIBERT, QuantConfig
+    from .config import ELASTIC_BIBERT, QuantConfig, default_student
     from .cost import model_summary
     from .data import fetch, load_examples, teacher_path
     from .modeling import BiBertForSequenceClassification, load_hf_classifier
@@ -114,33 +137,44 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, seed: in
     from .tasks import get_task
     from .train import distill, finetune
 
-    budget = budget or (QUICK if quick else FULL)
+    from .errors import BibertError
+
+    if task not in TASKS:
+        raise BibertError(f"bibert demo runs on the offline corpora {' or '.join(TASKS)}, not {task!r}; "
+                          "for other data use `bibert finetune` and `bibert distill`")
+    if not isinstance(budget, Budget):
+        name = budget or ("quick" if quick else "default")
+        if name not in BUDGET_NAMES:
+            raise BibertError(f"unknown budget {name!r}: choose {', '.join(BUDGET_NAMES)}")
+        budget = BUDGETS[(task, name)]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if threads:
         torch.set_num_threads(threads)
-    task = get_task(TASK)
+    task = get_task(task)
     t_start = time.perf_counter()
 
     _stage("1/5 offline teacher and corpus")
     base = teacher_path()
-    fetch(TASK)
-    print(f"teacher: {base}\ncorpus: {TASK} ({task.label_list})")
+    fetch(task.name)
+    print(f"teacher: {base}\ncorpus: {task.name} ({task.label_list})")
 
     _stage("2/5 fine-tune the full-precision teacher")
     teacher_out = out / "teacher"
     teacher_res = _done(teacher_out) or finetune(
         str(base), task, teacher_out, resume=True, epochs=budget.teacher_epochs,
         max_train_examples=budget.teacher_examples, max_eval_examples=budget.eval_examples, eval_test=True,
-        seed=seed, batch_size=32)
+        seed=seed if budget.teacher_seed is None else budget.teacher_seed, batch_size=32,
+        max_length=budget.max_length, group_by_length=budget.teacher_group_by_length,
+        precision=budget.teacher_precision)
     if not keep_checkpoints:
         _prune(teacher_out)
 
     if paper:
-        quant, options = QuantConfig(), {}
+        quant, options = QuantConfig(), {"precision": "fp32", "pred_weight": 1.0, "paper": True}
         recipe = "the paper's BiBERT: Bi-Attention + DMD"
     else:
-        quant = QuantConfig(activations=ELASTIC_BIBERT["activations"], attention=ELASTIC_BIBERT["attention"])
+        quant = default_student()
         options = {"pred_weight": ELASTIC_BIBERT["pred_weight"], "precision": ELASTIC_BIBERT["precision"]}
         recipe = (f"Elastic BiBERT: elastic binarization, bi-max Bi-Attention, DMD with the prediction loss "
                   f"x{options['pred_weight']:g}")
@@ -148,7 +182,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, seed: in
     student_out = out / ("student-paper" if paper else "student")
     student_res = _done(student_out, quant=quant.to_dict(), **options) or distill(
         str(teacher_out / "best"), task, student_out, quant=quant, distill="dmd", **options,
-        resume=True, epochs=budget.student_epochs, lr=budget.student_lr,
+        resume=True, epochs=budget.student_epochs, lr=budget.student_lr, max_length=budget.max_length,
         max_train_examples=budget.student_examples, max_eval_examples=budget.eval_examples, eval_test=True,
         seed=seed, batch_size=32, group_by_length=True)
     if not keep_checkpoints:
@@ -162,16 +196,17 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, seed: in
     tokenizer = AutoTokenizer.from_pretrained(student_out / "best")
     student = BiBertForSequenceClassification.from_pretrained(student_out / "best").eval()
     examples = {split: load_examples(task, split) for split in ("dev", "test")}
-    checks = {split: packed_vs_student(packed, student, tokenizer, task, ex) for split, ex in examples.items()}
+    checks = {split: packed_vs_student(packed, student, tokenizer, task, ex, budget.max_length)
+              for split, ex in examples.items()}
     for split, c in checks.items():
         print(f"{split}: packed {100 * c['packed']:.2f} vs simulated {100 * c['student']:.2f} "
               f"({100 * c['agreement']:.2f}% identical predictions, {c['packed_seconds']:.1f} s packed)")
-    texts = [e.text_a for e in examples["test"]]
+    pairs = [(e.text_a, e.text_b) if task.is_pair else (e.text_a,) for e in examples["test"]]
 
     _stage(f"5/5 latency, one sentence at a time ({LATENCY_ROUNDS} rounds, teacher and packed interleaved)")
     teacher_model = load_hf_classifier(str(teacher_out / "best")).eval()
-    sentences = texts[: budget.latency_examples]
-    encoded = [tokenizer(s, truncation=True, max_length=task.max_length, return_tensors="pt") for s in sentences]
+    encoded = [tokenizer(*p, truncation=True, max_length=budget.max_length, return_tensors="pt")
+               for p in pairs[: budget.latency_examples]]
 
     def teacher_call(enc):
         with torch.inference_mode():
@@ -183,7 +218,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, seed: in
     latency = interleaved_latency({"teacher": teacher_call, "packed": packed_call}, encoded)
     teacher_ms, packed_ms = latency["teacher"]["median_ms"], latency["packed"]["median_ms"]
 
-    seq = task.max_length
+    seq = budget.max_length
     fp_cost = model_summary(teacher_model.config, seq_len=seq, quant=QuantConfig.full_precision()).totals
     bi_cost = model_summary(student, seq_len=seq).totals
     metric = task.best_metric
@@ -199,11 +234,11 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, seed: in
     ]
     majority = max(np.bincount([e.label for e in examples["test"]])) / len(examples["test"])
     summary = {
-        "task": TASK, "metric": metric, "quick": quick, "recipe": recipe, "quant": quant.to_dict(),
+        "task": task.name, "metric": metric, "quick": quick, "recipe": recipe, "quant": quant.to_dict(),
         "budget": asdict(budget), "seq_len_for_gflops": seq, "majority_class": float(majority),
         "latency": latency, "student_steps": student_res["steps"], "teacher_steps": teacher_res["steps"],
         "student_precision": student_res.get("precision", "fp32"),
-        "test_examples": len(texts), "rows": rows, "packed_vs_student": checks,
+        "test_examples": len(pairs), "rows": rows, "packed_vs_student": checks,
         "speedup_packed_vs_teacher": teacher_ms / packed_ms,
         "size_ratio_teacher_vs_packed": rows[0]["size_mb"] / rows[2]["size_mb"],
         "wall_seconds": time.perf_counter() - t_start, "torch_threads": torch.get_num_threads(),
@@ -222,7 +257,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, seed: in
     return summary
 
 
-def packed_vs_student(packed, student, tokenizer, task, examples: list) -> dict:
+def packed_vs_student(packed, student, tokenizer, task, examples: list, max_length: int | None = None) -> dict:
     """Accuracy of the packed engine and of the simulated student on labeled `examples`, and
     how often their predictions agree (the engine is meant to compute the student's function)."""
     from .data import build_dataset, make_dataloader
@@ -232,10 +267,10 @@ def packed_vs_student(packed, student, tokenizer, task, examples: list) -> dict:
     gold = np.array([e.label for e in examples])
     t0 = time.perf_counter()
     pred = packed.predict([e.text_a for e in examples], None if not task.is_pair else [e.text_b for e in examples],
-                          batch_size=64, max_length=task.max_length)
+                          batch_size=64, max_length=max_length or task.max_length)
     seconds = time.perf_counter() - t0
     packed_ids = np.array([task.label_list.index(label) for label in pred.labels])
-    loader = make_dataloader(build_dataset(examples, tokenizer, task.max_length, task), 64)
+    loader = make_dataloader(build_dataset(examples, tokenizer, max_length or task.max_length, task), 64)
     student_ids = predict(student, loader, task)[0].astype(np.int64)
     metric = task.best_metric
     return {"examples": len(examples), "agreement": float(np.mean(packed_ids == student_ids)),
@@ -245,7 +280,7 @@ def packed_vs_student(packed, student, tokenizer, task, examples: list) -> dict:
 
 def format_table(summary: dict) -> str:
     lines = [
-        f"Rotten Tomatoes test ({summary['test_examples']} snippets; the majority class scores "
+        f"{summary.get('task', TASK)} test ({summary['test_examples']} examples; the majority class scores "
         f"{100 * summary['majority_class']:.1f}), {summary['metric']}; student: {summary['recipe']}, "
         f"{summary['student_steps']} steps in {summary.get('student_precision', 'fp32')}; GFLOPs at {summary['seq_len_for_gflops']} tokens; latency = median ms "
         f"per sentence, batch 1 (p10-p90 in brackets)",

@@ -46,7 +46,7 @@ from .checkpoint import (BEST_DIR, CALIBRATION_NAME, CURVES_NAME, LAST_DIR, METR
                          RUN_CONFIG_NAME, STATE_DIR, WEIGHTS_NAME, append_jsonl, load_training_state,
                          read_json_if_exists, recover_folder, save_training_state, write_folder_atomically, write_json,
                          write_jsonl)
-from .config import QuantConfig, TrainConfig, option_fields, resolve_config
+from .config import QuantConfig, TrainConfig, budget_epochs, default_student, option_fields, resolve_config
 from .data import (build_dataset, collate_batch, describe_task, group_by_length, is_task_name, load_split,
                    take_slice)
 from .errors import BibertError
@@ -60,6 +60,7 @@ from .tasks import Task, compute_metrics
 __all__ = ["finetune", "distill", "finetune_and_distill", "run", "Trainer", "TrainConfig", "resolve_config",
            "VIA_SHARE"]
 
+ESTIMATE_AFTER = (3, 13)  # the time estimate printed at the start: the steps it times (after a warm-up)
 VIA_SHARE = 0.5  # multi-step distillation: the --via stage's share of the epochs (docs/method.md §8)
 
 
@@ -144,6 +145,8 @@ class Trainer:
         self.sampler = DistributedSampler(self.train_set, num_replicas=self.ctx.world_size, rank=self.ctx.rank,
                                           shuffle=True, seed=cfg.seed, drop_last=False)
         self.steps_per_epoch = math.ceil(len(self.sampler) / cfg.batch_size)
+        if cfg.epochs is None:  # Elastic BiBERT's budget, from the train split's size (saved in config.json)
+            cfg.epochs = round(budget_epochs(len(self.train_set)), 4)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         self.eval_every = cfg.eval_every or max(1, math.ceil(self.steps_per_epoch / cfg.evals_per_epoch))
 
@@ -373,16 +376,26 @@ class Trainer:
 
         from tqdm.auto import tqdm
 
+        if ctx.is_main:
+            print(self._plan(), flush=True)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not ctx.is_main, dynamic_ncols=True,
                    desc=f"{cfg.mode} {self.task.name}")
         flip = None
         tic = time.perf_counter()
+        first_step, timed_from = self.step, None
         try:
             while self.step < self.total_steps:
                 epoch, start = divmod(self.step, self.steps_per_epoch)
                 for batch in self._batches(epoch, start):
                     values = self._train_step(batch)
                     self.step += 1
+                    if self.step == first_step + ESTIMATE_AFTER[0]:
+                        timed_from = time.perf_counter()
+                    elif self.step == first_step + ESTIMATE_AFTER[1] and timed_from is not None and ctx.is_main:
+                        per_step = (time.perf_counter() - timed_from) / (ESTIMATE_AFTER[1] - ESTIMATE_AFTER[0])
+                        left = per_step * (self.total_steps - self.step) / 60
+                        bar.write(f"{per_step:.2f} s a step here: about {left:.0f} min of training left "
+                                  f"(evaluations besides)")
                     for k, v in values.items():
                         self.log_sums[k] = self.log_sums.get(k, 0.0) + v
                     self.log_count += 1
@@ -412,6 +425,22 @@ class Trainer:
         finally:
             bar.close()
         return self._finish()
+
+    def _plan(self) -> str:
+        """What the run will do, stated when it starts: the model, the steps and the data."""
+        cfg = self.config
+        if cfg.mode == "finetune":
+            what = "fine-tuning the full-precision teacher"
+        else:
+            q = cfg.quant
+            kind = "Elastic BiBERT" if q.elastic and q.attention == "bi-max" else \
+                "the paper's BiBERT" if (q.activations, q.attention, q.activation_bits) == ("sign", "bi", 1) else "student"
+            what = f"distilling {kind} {q.bits} ({q.activations} activations, {q.attention} attention, {cfg.distill})"
+        n = len(self.train_set)
+        return (f"{what}: {self.total_steps:,} steps of {cfg.batch_size * self.ctx.world_size} examples "
+                f"({self.total_steps / self.steps_per_epoch:.2f} epochs of {n:,}), lr {cfg.lr:g}, max length "
+                f"{cfg.max_length}, {self.precision}{', length-grouped batches' if cfg.group_by_length else ''}; "
+                f"step {self.step} now")
 
     def _finish(self) -> dict:
         """Last evaluation if missing, last/, test metrics, results.json and the plot
@@ -478,9 +507,14 @@ def distill(teacher: str, task: str | Task | None, out: str | os.PathLike, *, qu
             distill: str | None = None, student_layers: int | None = None, resume: bool = False,
             via: str | QuantConfig | None = None, via_share: float = VIA_SHARE,
             hooks: Sequence[Hook] = (), **options) -> dict:
-    """Build a quantized student (default BiBERT 1-1-1, Bi-Attention) from a fine-tuned
-    teacher folder and train it with DMD ("dmd", the default) or the standard objective
-    ("standard").
+    """Build a quantized student from a fine-tuned teacher folder and train it with DMD
+    ("dmd", the default) or the standard objective ("standard").
+
+    The default student and recipe is Elastic BiBERT (1-1-1, elastic binarization, bi-max
+    Bi-Attention, prediction weight 5, bf16 where the CPU has it, lr 5e-4, batch 32,
+    length-grouped batches; docs/method.md §7) for a budget of 80,000 examples, at most 10
+    epochs (`config.budget_epochs`), unless epochs or max_steps are given; `paper=True`
+    gives the paper's BiBERT (sign activations, Bi-Attention) with the task's recipe.
 
     The paper's ablation: softmax+standard (baseline), bi+standard, softmax+dmd, bi+dmd.
     best/ and last/ are BiBERT folders (BiBertForSequenceClassification.from_pretrained).
@@ -495,7 +529,6 @@ def distill(teacher: str, task: str | Task | None, out: str | os.PathLike, *, qu
     own; a finished stage is kept. Returns the results dict of the final stage (also
     written to out/results.json), with the intermediate stage's under "via".
     """
-    quant = quant or QuantConfig()
     final = resolve_config("distill", teacher, task, out, quant=quant, distill=distill, student_layers=student_layers,
                            **options)
 
@@ -510,11 +543,18 @@ def distill(teacher: str, task: str | Task | None, out: str | os.PathLike, *, qu
         raise BibertError(f"--via-share must lie strictly between 0 and 1, got {via_share}")
     if options.get("max_steps") is not None or options.get("init_from") is not None:
         raise BibertError("--via splits the epochs between the stages: leave out --max-steps and --init-from")
-    middle = via if isinstance(via, QuantConfig) else QuantConfig.from_bits(via, quant.attention)
+    if final.epochs is None:
+        raise BibertError("--via splits the epochs between the stages: give --epochs (the default budget is for one "
+                          "stage)")
+    if isinstance(via, QuantConfig):
+        middle = via
+    else:  # the intermediate student: k-bit activations, Bi-Attention (bi-max needs 1-bit elastic ones)
+        attention = "bi" if final.quant.attention == "bi-max" else final.quant.attention
+        middle = QuantConfig.from_bits(via, attention)
     stage_out = Path(out) / f"via-{middle.bits}"
     first = read_json_if_exists(stage_out / RESULTS_NAME) or stage(stage_out, middle,
                                                                   **{**options, "epochs": final.epochs * via_share})
-    second = stage(out, quant, **{**options, "epochs": final.epochs * (1 - via_share),
+    second = stage(out, final.quant, **{**options, "epochs": final.epochs * (1 - via_share),
                                   "init_from": str(stage_out / BEST_DIR)})
     second["via"] = first
     if int(os.environ.get("RANK", "0")) == 0:

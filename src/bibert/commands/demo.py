@@ -1,4 +1,4 @@
-"""`bibert demo`: the main job on the embedded default (offline teacher + Rotten Tomatoes)."""
+"""`bibert demo`: the main job on the embedded default (offline teacher + Rotten Tomatoes, or SNLI)."""
 from __future__ import annotations
 
 
@@ -15,8 +15,16 @@ def register(sub) -> None:
         "arithmetic (AVX512-BF16 or AMX; without, the student trains in fp32, about twice as long); "
         "--quick takes a few.",
     )
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--quick", action="store_true", help="small slices: a first look in a few minutes")
+    p.add_argument("--out", default=None,
+                   help="output folder (default runs/demo; runs/demo-TASK-BUDGET for another task or budget)")
+    p.add_argument("--task", default="rotten_tomatoes", choices=["rotten_tomatoes", "snli"],
+                   help="the offline corpus: rotten_tomatoes (single sentences, default) or snli (sentence pairs)")
+    p.add_argument("--budget", choices=["quick", "default", "full"], default=None,
+                   help="how much training: quick = small slices, about 5 minutes; default = about 20 minutes "
+                        "(rotten_tomatoes: 664 student steps; snli: 20,000 pairs, 625 steps); full = the whole train "
+                        "split for the teacher and `bibert distill`'s default budget for the student (2,500 steps, "
+                        "up to about 45 minutes of student training on 2 cores), as in docs/budget.md")
+    p.add_argument("--quick", action="store_true", help="the same as --budget quick")
     p.add_argument("--seed", type=int, default=42, help="seed of every stage (42)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and the engine (default: all)")
     p.add_argument("--paper", action="store_true",
@@ -29,6 +37,14 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed, threads=args.threads, paper=args.paper,
-             keep_checkpoints=args.keep_checkpoints)
+    from ..errors import BibertError
+
+    if args.quick and args.budget not in (None, "quick"):
+        raise BibertError(f"--quick is --budget quick: leave out one of --quick and --budget {args.budget}")
+    out = args.out
+    if out is None:  # each task and budget in its own folder: a rerun skips what is finished
+        out = "runs/demo" if (args.task, args.budget or "default") == ("rotten_tomatoes", "default") and not args.quick \
+            else f"runs/demo-{args.task}-{'quick' if args.quick else args.budget or 'default'}"
+    run_demo(out, quick=args.quick, seed=args.seed, threads=args.threads, paper=args.paper,
+             keep_checkpoints=args.keep_checkpoints, task=args.task, budget=args.budget)
     return 0

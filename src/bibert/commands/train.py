@@ -7,12 +7,14 @@ run under `torchrun --nproc_per_node N -m bibert.cli ...` as well.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import typing
 
-from ..config import (ACTIVATIONS, ATTENTIONS, DATA_GROUP, FINETUNE_RECIPE, RECIPE, RECIPE_GROUP, RUN_GROUP,
-                      STUDENT_GROUP, QuantConfig, TrainConfig, elastic_bibert_flags, option_fields)
+from ..config import (ACTIVATIONS, ATTENTIONS, BUDGET_EXAMPLES, BUDGET_MAX_EPOCHS, DATA_GROUP, ELASTIC_SCHEDULE,
+                      FINETUNE_RECIPE, RECIPE, RECIPE_GROUP, RUN_GROUP, STUDENT_GROUP, QuantConfig, TrainConfig,
+                      default_student, elastic_bibert_flags, option_fields)
 from ..tasks import TASKS, Task
 
 TASK_HELP = ("a GLUE task (sst2, mnli, ...), rotten_tomatoes or snli; or, with --train-file, a name for a task of "
@@ -25,8 +27,15 @@ def _recipe_default(name: str, mode: str) -> str:
         return f"{FINETUNE_RECIPE[name]:g}, the usual BERT fine-tuning recipe"
     examples = ", ".join(f"{t} {getattr(TASKS[t], name):g}" for t in ("sst2", "mnli", "rotten_tomatoes"))
     own = getattr(Task.custom("own", None, pair=False), name)
-    where = "docs/method.md §5" if mode == "distill" else "docs/data.md"
-    return f"the task's ({where}): {examples}; your own data {own:g}"
+    if mode != "distill":
+        return f"the task's (docs/data.md): {examples}; your own data {own:g}"
+    paper = f"with --paper the task's (docs/method.md §5): {examples}; your own data {own:g}"
+    if name == "epochs":
+        return (f"Elastic BiBERT's budget, {BUDGET_EXAMPLES:,} examples and at most {BUDGET_MAX_EPOCHS:g} epochs; "
+                + paper)
+    if name in ELASTIC_SCHEDULE:
+        return f"{ELASTIC_SCHEDULE[name]:g} for Elastic BiBERT; " + paper
+    return f"the task's: {examples}; your own data {own:g}"
 
 
 def option_help(f, mode: str) -> str:
@@ -63,8 +72,8 @@ def add_config_options(parser, mode: str, names: typing.Iterable[str] | None = N
         flags = md["flags"] or (f"--{f.name.replace('_', '-')}",)
         kind = [t for t in typing.get_args(hints[f.name]) if t is not type(None)] or [hints[f.name]]
         kwargs = {"dest": f.name, "default": None, "help": option_help(f, mode)}
-        if kind[0] is bool:
-            kwargs["action"] = "store_true"
+        if kind[0] is bool:  # a flag; one whose default is the recipe's can be turned off too
+            kwargs["action"] = argparse.BooleanOptionalAction if f.default is None else "store_true"
         else:
             kwargs["type"] = kind[0]
             if md["choices"]:
@@ -77,14 +86,16 @@ def add_config_options(parser, mode: str, names: typing.Iterable[str] | None = N
 def _quant_options(group) -> None:
     from ..train import VIA_SHARE
 
-    default = QuantConfig()
-    group.add_argument("--bits", help=f"student bits W-E-A, e.g. 1-1-1 or 1-1-4 (default: {default.bits})")
+    elastic, paper = default_student(), default_student(paper=True)
+    group.add_argument("--bits", help=f"student bits W-E-A, e.g. 1-1-1 or 1-1-4 (default: {elastic.bits})")
     group.add_argument("--attention", choices=list(ATTENTIONS),
-                       help=f"bi = Bi-Attention, softmax = the baseline's (default: {default.attention})")
+                       help="bi = Bi-Attention; bi-max = Bi-Attention relative to each query's best key (elastic "
+                            "activations only); softmax = the baseline's (default: "
+                            f"{elastic.attention}; {paper.attention} with --paper or sign activations)")
     group.add_argument("--activations", choices=list(ACTIVATIONS),
                        help="1-bit activations: sign = the paper's; elastic = learned thresholds and scales, {0,1} "
                             "FFN-out input (beyond the paper, after BiT; docs/method.md §7) "
-                            f"(default: {default.activations})")
+                            f"(default: {elastic.activations}; {paper.activations} with --paper or k-bit activations)")
     group.add_argument("--via", metavar="W-E-A",
                        help="multi-step distillation (docs/method.md §8): first distil a student with these bits (e.g. "
                             "1-1-4) into OUT/via-W-E-A, then start the final student from it; the epochs are split "
@@ -120,12 +131,15 @@ def register(sub) -> None:
     p = sub.add_parser("distill", help="distil a binarized student (BiBERT) from a fine-tuned teacher",
                        description="Build a quantized student from a fine-tuned teacher and train it with "
                        "Direction-Matching Distillation (--distill dmd) or the standard TinyBERT/BinaryBERT "
-                       "objective (--distill standard). Ablation rows: baseline = --attention softmax "
-                       "--distill standard; +Bi-Attention = bi + standard; +DMD = softmax + dmd; BiBERT = bi + dmd (the "
-                       "default). The most accurate 1-1-1 student, Elastic BiBERT (beyond the paper, docs/method.md "
-                       f"§7): {elastic_bibert_flags()}. "
-                       "The recipe's defaults (the task's, from the BiBERT paper: docs/method.md §5) are shown "
-                       "with each option. A student of your own data keeps the teacher's labels.")
+                       "objective (--distill standard). The default is the most accurate 1-1-1 recipe, Elastic "
+                       f"BiBERT (beyond the paper, docs/method.md §7: {elastic_bibert_flags()}, lr "
+                       f"{ELASTIC_SCHEDULE['lr']:g}, batch {ELASTIC_SCHEDULE['batch_size']}, length-grouped batches) "
+                       f"for a budget of {BUDGET_EXAMPLES:,} training examples, at most {BUDGET_MAX_EPOCHS:g} epochs "
+                       "(stated with an estimate of the time when the run starts). --paper gives the paper's BiBERT "
+                       "with the task's recipe (docs/method.md §5); its ablation rows: baseline = --paper "
+                       "--attention softmax --distill standard; +Bi-Attention = --paper --distill standard; +DMD = "
+                       "--paper --attention softmax; BiBERT = --paper. A student of your own data keeps the "
+                       "teacher's labels.")
     p.add_argument("--teacher", required=True, help="fine-tuned teacher folder (from `bibert finetune`) or hub name")
     _common(p, "distill")
     p.set_defaults(func=run_distill)
@@ -158,12 +172,24 @@ def run_finetune(args) -> int:
     return 0
 
 
+def student_quant(bits: str | None, attention: str | None, activations: str | None,
+                  paper: bool = False) -> QuantConfig | None:
+    """The student of --bits/--attention/--activations, each left out taken from the recipe's
+    student (`default_student`: Elastic BiBERT, or with --paper the paper's BiBERT); None when
+    all three are left out (the recipe's student)."""
+    if bits is None and attention is None and activations is None:
+        return None
+    bits = bits or "1-1-1"
+    student = default_student(paper, QuantConfig.from_bits(bits).activation_bits)
+    activations = activations or student.activations
+    attention = attention or (student.attention if activations == student.activations else "bi")
+    return QuantConfig.from_bits(bits, attention, activations)
+
+
 def run_distill(args) -> int:
     from ..train import distill
 
-    default = QuantConfig()
-    quant = QuantConfig.from_bits(args.bits or default.bits, args.attention or default.attention,
-                                  args.activations or default.activations)
+    quant = student_quant(args.bits, args.attention, args.activations, bool(args.paper))
     options = _options(args, "distill")
     results = distill(args.teacher, args.task, args.out, quant=quant, resume=args.resume, via=args.via,
                       via_share=args.via_share, **options)

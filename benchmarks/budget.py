@@ -1,0 +1,311 @@
+"""Accuracy against training time: how far a 1-1-1 student gets in a given number of CPU minutes.
+
+The study (benchmarks/study.py) compares rows at one small budget (about 650 steps). This
+script asks the question a user has: given N minutes of student training on this machine,
+which recipe is most accurate? Each run is a `bibert distill` call from a teacher fine-tuned
+on the whole train split, timed wall-clock from start to finished test score, with the CPU
+named in the results.
+
+Tasks and teachers (fine-tuned here once, 1 epoch, bf16 where the CPU has it; snli's with
+length-grouped batches):
+    snli              all 94,772 offline train pairs (the study's teacher saw 20,000)
+    rotten_tomatoes   all 10,613 train snippets
+
+Runs (`RUNS` below): a recipe (Elastic BiBERT, 1-1-2, 1-1-4, and methods beyond them) at a
+number of optimizer steps of batch 32, length-grouped batches, max length 64, lr 5e-4. The
+steps set the budget; the minutes are what the run took here.
+
+Resumable: every finished run leaves results.json and is skipped on a rerun; an unfinished
+one resumes from its last checkpoint. Two workers can share the plan (each run is claimed
+with a lock):
+
+    python benchmarks/budget.py --task snli --threads 1 & python benchmarks/budget.py --task rotten_tomatoes --threads 1
+    python benchmarks/budget.py --report            # docs/budget.md and docs/budget.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study import claim  # noqa: E402  (the same run lock as the study's)
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "budget"
+DOCS = ROOT / "docs"
+BATCH, MAX_LENGTH, LR, EVAL_EXAMPLES = 32, 64, 5e-4, 600
+
+
+@dataclass(frozen=True)
+class Run:
+    key: str  # folder name prefix; the seed is appended
+    label: str
+    bits: str
+    attention: str
+    distill: str
+    steps: int
+    activations: str = "sign"
+    pred_weight: float = 1.0
+    init_from: str | None = None  # key of a finished run (same task and seed) whose best/ starts this one
+    seeds: tuple[int, ...] = (1,)
+    extra: dict = field(default_factory=dict)
+
+
+def _elastic(key, steps, seeds=(1,), **kw) -> Run:
+    return Run(key, f"Elastic BiBERT 1-1-1, {steps} steps", "1-1-1", "bi-max", "dmd", steps, activations="elastic",
+               pred_weight=5.0, seeds=seeds, **kw)
+
+
+RUNS = {
+    "snli": [
+        _elastic("elastic_s2500", 2500, seeds=(1, 2, 3)),
+    ],
+    "rotten_tomatoes": [
+        _elastic("elastic_s2500", 2500, seeds=(1, 2, 3)),
+    ],
+}
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _results(folder: Path) -> dict | None:
+    path = folder / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def teacher(task: str) -> Path:
+    """The task's teacher, fine-tuned on the whole train split (trained here if missing)."""
+    from bibert.data import teacher_path
+    from bibert.train import finetune
+
+    out = RESULTS / task / "teacher"
+    with claim(out, wait=True):
+        if not (_results(out) and (out / "best").is_dir()):
+            print(f"== {task}: teacher", flush=True)
+            t0, cpu0 = time.perf_counter(), _cpu_seconds()
+            res = finetune(str(teacher_path()), task, out, resume=True, epochs=1.0, max_length=MAX_LENGTH,
+                           batch_size=BATCH, max_eval_examples=EVAL_EXAMPLES, eval_test=True, seed=0,
+                           group_by_length=task == "snli", precision="auto")
+            _stamp(out, res, t0, cpu0)
+    return out / "best"
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _stamp(out: Path, res: dict, t0: float, cpu0: float = 0.0) -> None:
+    """results.json plus how long the run took (wall-clock and this process's CPU time, which
+    other jobs on the machine do not inflate), on which CPU, beside what load."""
+    from bibert.checkpoint import write_json
+
+    res.update(wall_seconds=round(time.perf_counter() - t0, 1), cpu=cpu_name(), cores=os.cpu_count(),
+               process_cpu_seconds=round(_cpu_seconds() - cpu0, 1),
+               threads=__import__("torch").get_num_threads(), load_average=list(os.getloadavg()))
+    write_json(out / "results.json", res)
+
+
+def run_one(task: str, run: Run, seed: int, teacher_dir: Path) -> dict | None:
+    from bibert.config import QuantConfig
+    from bibert.train import distill
+
+    out = RESULTS / task / f"{run.key}_seed{seed}"
+    if _results(out):
+        return packed_check(task, out)
+    init = None
+    if run.init_from:
+        init = RESULTS / task / f"{run.init_from}_seed{seed}" / "best"
+        if not init.is_dir():
+            print(f"-- {task}: {run.key} seed {seed} waits for {run.init_from}", flush=True)
+            return None
+    with claim(out, wait=False) as mine:
+        if not mine or _results(out):
+            return _results(out)
+        print(f"== {task}: {run.label}, seed {seed}", flush=True)
+        t0, cpu0 = time.perf_counter(), _cpu_seconds()
+        res = distill(str(teacher_dir), task, out, quant=QuantConfig.from_bits(run.bits, run.attention, run.activations),
+                      distill=run.distill, resume=True, max_steps=run.steps, epochs=1000.0, lr=LR,
+                      max_length=MAX_LENGTH, batch_size=BATCH, max_eval_examples=EVAL_EXAMPLES, eval_test=True,
+                      seed=seed, group_by_length=True, precision="auto", pred_weight=run.pred_weight,
+                      eval_every=max(1, run.steps // 8), init_from=str(init) if init else None, **run.extra)
+        _stamp(out, res, t0, cpu0)
+        return packed_check(task, out)
+
+
+def packed_check(task: str, out: Path) -> dict:
+    """Exports a finished 1-1-1 run's best student bit-packed and scores the packed model and
+    the simulated student on the test split (once; the result is kept in results.json)."""
+    from transformers import AutoTokenizer
+
+    from bibert.checkpoint import write_json
+    from bibert.data import load_examples
+    from bibert.demo import packed_vs_student
+    from bibert.modeling import BiBertForSequenceClassification
+    from bibert.packed import export_packed, load_packed
+    from bibert.tasks import get_task
+
+    res = _results(out)
+    if "packed" in res:
+        return res
+    student = BiBertForSequenceClassification.from_pretrained(out / "best").eval()
+    if student.quant.activation_bits != 1:
+        return res
+    path = out / "student.bibert"
+    export_packed(out / "best", path)
+    t = get_task(task)
+    check = packed_vs_student(load_packed(path), student, AutoTokenizer.from_pretrained(out / "best"), t,
+                              load_examples(t, "test"), MAX_LENGTH)
+    res["packed"] = {**check, "file_bytes": path.stat().st_size}
+    path.unlink()  # the check is what is kept; `bibert export` makes the file again from best/
+    write_json(out / "results.json", res)
+    print(f"   packed {100 * check['packed']:.2f} vs simulated {100 * check['student']:.2f}: "
+          f"{100 * check['agreement']:.2f}% identical predictions", flush=True)
+    return res
+
+
+def test_score(res: dict) -> float:
+    return 100 * res["test"]["test"][res["metric"]]
+
+
+# ------------------------------------------------------------------------------ report
+
+def collect() -> dict:
+    table = {}
+    for task, runs in RUNS.items():
+        t = _results(RESULTS / task / "teacher")
+        entry = {"teacher": t and {"score": test_score(t), "minutes": t["wall_seconds"] / 60, "cpu": t.get("cpu")}}
+        for run in runs:
+            done = {s: _results(RESULTS / task / f"{run.key}_seed{s}") for s in run.seeds}
+            done = {s: r for s, r in done.items() if r}
+            if done:
+                entry[run.key] = {"label": run.label, "seeds": list(done), "scores": [test_score(r) for r in done.values()],
+                                  "minutes": [r["wall_seconds"] / 60 for r in done.values()],
+                                  "cpu_minutes": [r.get("process_cpu_seconds", float("nan")) / 60 for r in done.values()],
+                                  "packed": [r.get("packed") for r in done.values()],
+                                  "cpus": sorted({r.get("cpu", "?") for r in done.values()}),
+                                  "load": [r.get("load_average", [None])[0] for r in done.values()]}
+        table[task] = entry
+    return table
+
+
+def _fmt(scores: list[float]) -> str:
+    if len(scores) == 1:
+        return f"{scores[0]:.1f}"
+    return f"{statistics.mean(scores):.1f} ± {statistics.stdev(scores):.1f} (n={len(scores)})"
+
+
+def write_report() -> Path:
+    table = collect()
+    lines = ["# Accuracy against student training time", "",
+             "Generated by `python benchmarks/budget.py --report` from the runs under `benchmarks/results/budget/`.",
+             "Test accuracy (%) of each finished run; minutes are those of the whole `bibert distill` call "
+             "(training, dev evaluations, the test score) on the CPU named, one torch thread per run: wall-clock "
+             "(which other jobs on the machine inflate: the load average says how busy it was) and the run's own "
+             "CPU time (which they do not).", ""]
+    for task, entry in table.items():
+        t = entry.get("teacher")
+        lines += [f"## {task}", ""]
+        if t:
+            lines += [f"Teacher: all-MiniLM-L6-v2 fine-tuned on the whole train split, 1 epoch: "
+                      f"**{t['score']:.1f}** test, {t['minutes']:.1f} min ({t['cpu']}).", ""]
+        lines += ["| run | steps | seeds | test acc | packed test acc | packed = simulated | wall-clock minutes per run "
+                  "| CPU minutes per run | load average at the end | CPU |", "|---|---|---|---|---|---|---|---|---|---|"]
+        steps = {r.key: r.steps for r in RUNS[task]}
+        for key, e in entry.items():
+            if key == "teacher" or not e:
+                continue
+            load = ", ".join("-" if x is None else f"{x:.1f}" for x in e["load"])
+            packed = [p for p in e["packed"] if p]
+            packed_acc = _fmt([100 * p["packed"] for p in packed]) if packed else "-"
+            agree = ", ".join(f"{100 * p['agreement']:.2f}%" for p in packed) or "-"
+            lines.append(f"| {e['label']} | {steps[key]} | {', '.join(map(str, e['seeds']))} | {_fmt(e['scores'])} | "
+                         f"{packed_acc} | {agree} | "
+                         f"{', '.join(f'{m:.1f}' for m in e['minutes'])} | "
+                         f"{', '.join(f'{m:.1f}' for m in e['cpu_minutes'])} | {load} | {', '.join(e['cpus'])} |")
+        lines.append("")
+    chart = plot(table)
+    if chart:
+        lines += [f"![accuracy against minutes]({chart.name})", ""]
+    path = DOCS / "budget.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def plot(table: dict) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, len(table), figsize=(5.5 * len(table), 4), squeeze=False)
+    for ax, (task, entry) in zip(axes[0], table.items()):
+        groups: dict[str, list] = {}
+        for key, e in entry.items():
+            if key == "teacher" or not e:
+                continue
+            family = e["label"].rsplit(",", 1)[0]
+            for m, s in zip(e["minutes"], e["scores"]):
+                groups.setdefault(family, []).append((m, s))
+        for family, pts in groups.items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=family)
+        if entry.get("teacher"):
+            ax.axhline(entry["teacher"]["score"], color="grey", ls="--", label="teacher")
+        ax.set_title(task)
+        ax.set_xlabel("student training, wall-clock minutes")
+        ax.set_ylabel("test accuracy (%)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = DOCS / "budget.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", action="append", choices=list(RUNS), help="task(s) to run (default: both)")
+    p.add_argument("--runs", nargs="*", help="only these run keys")
+    p.add_argument("--seeds", nargs="*", type=int, help="only these seeds")
+    p.add_argument("--threads", type=int, help="torch threads of this worker (default: torch's choice)")
+    p.add_argument("--report", action="store_true", help="only (re)write docs/budget.md from finished runs")
+    args = p.parse_args(argv)
+    if not args.report:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        for task in args.task or list(RUNS):
+            t = teacher(task)
+            for run in RUNS[task]:
+                if args.runs and run.key not in args.runs:
+                    continue
+                for seed in run.seeds:
+                    if not args.seeds or seed in args.seeds:
+                        run_one(task, run, seed, t)
+    print(f"wrote {write_report()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
