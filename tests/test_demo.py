@@ -51,3 +51,19 @@ def test_main_job_runs_end_to_end(teacher_dir, tmp_path, capsys):
     (tmp_path / "student" / "config.json").write_text(json.dumps(config))
     with pytest.raises(BibertError, match=r"different options \(pred_weight: 1.0 -> "):
         run_demo(tmp_path, budget=Budget(96, 1.0, 96, 1.0, 2e-4, 64, 5), threads=2)
+
+
+@pytest.mark.slow
+def test_main_job_on_sentence_pairs(teacher_dir, tmp_path):
+    summary = run_demo(tmp_path, task="snli", budget=Budget(64, 1.0, 64, 1.0, 2e-4, 32, 3), threads=2)
+    assert summary["task"] == "snli" and summary["test_examples"] == 9824  # the official test set, "-" dropped
+    assert summary["packed_vs_student"]["test"]["agreement"] >= 0.97
+    assert summary["latency"]["packed"]["calls"] == 5 * 3  # pairs encoded together for the latency rounds
+    assert format_table(summary).startswith("snli test (9824 examples")
+
+
+def test_demo_refuses_other_tasks_and_budgets(tmp_path):
+    with pytest.raises(BibertError, match="offline corpora rotten_tomatoes or snli, not 'sst2'"):
+        run_demo(tmp_path, task="sst2")
+    with pytest.raises(BibertError, match="unknown budget 'huge': choose quick, default, full"):
+        run_demo(tmp_path, budget="huge")

@@ -8,7 +8,8 @@ import torch
 
 from bibert import QuantConfig
 from bibert.errors import BibertError
-from bibert.modeling import ActQuantizer, BiBertForSequenceClassification, ScoreBinarizer, binarize, calibrate_quantizers
+from bibert.modeling import (ActQuantizer, BiBertForSequenceClassification, ScoreBinarizer, binarize, calibrate_quantizers,
+                             set_activation_hardness)
 from bibert.quantizers import binary_linear, binarize_weight, bool_ste, scale_grad, sign_ste, threshold_ste
 
 X = torch.tensor([[-2.5, -1.0, -0.5, -0.0], [0.0, 0.3, 1.0, 1.7], [0.25, 0.7, -0.1, 2.0]], dtype=torch.float64)
@@ -244,3 +245,37 @@ def test_elastic_student_learns_its_thresholds_and_scales(tiny_config):
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads.values())
     assert any(g.abs().sum() > 0 for n, g in grads.items() if n.endswith("scale"))
     assert any(g.abs().sum() > 0 for n, g in grads.items() if n.endswith("threshold"))
+
+
+@pytest.mark.parametrize("unsigned", [False, True])
+@pytest.mark.parametrize("hardness", [0.0, 0.3, 1.0])
+def test_phase_in_blends_levels_with_the_surrogate_and_keeps_the_ste_gradient(unsigned, hardness):
+    q = ActQuantizer(4, unsigned=unsigned).double()
+    with torch.no_grad():
+        q.threshold.copy_(T)
+        q.window.fill_(0.8)
+    q.hardness = hardness
+    x = X.clone().requires_grad_()
+    y = q(x)
+    u = (X - T) / 0.8
+    surrogate = (u + 0.5).clamp(0, 1) if unsigned else u.clamp(-1, 1)  # the hard-tanh the STE stands for
+    expected = hardness * reference_levels(X, T, unsigned) + (1 - hardness) * surrogate
+    assert torch.allclose(y.detach(), expected, atol=1e-12)
+    assert q.binary == (hardness == 1.0)
+    g = torch.arange(1.0, 13.0, dtype=torch.float64).reshape(3, 4)
+    y.backward(g)
+    half = 0.4 if unsigned else 0.8
+    ste = torch.where((X - T).abs() <= half, g / 0.8, torch.zeros_like(g))  # threshold_ste's gradient, any hardness
+    assert torch.allclose(x.grad, ste)
+
+
+def test_phase_in_hardness_reaches_the_quantizers_feeding_linears_only(tiny_config):
+    student = BiBertForSequenceClassification(tiny_config, QuantConfig(activations="elastic", attention="bi-max"))
+    set_activation_hardness(student, 0.25)
+    hard = {type(m).__name__: m.hardness for m in student.modules() if isinstance(m, ActQuantizer)}
+    assert hard == {"ActQuantizer": 0.25, "ScoreBinarizer": 1.0}  # Bi-Attention's weights stay {0, 1}
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 7))
+    out = student(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids))
+    assert torch.isfinite(out.logits).all()  # soft levels take the float path of the binary Linears
+    with pytest.raises(ValueError, match="hardness must lie in"):
+        set_activation_hardness(student, 1.5)

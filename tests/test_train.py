@@ -346,3 +346,25 @@ def test_via_runs_two_stages_with_the_budget_split(tiny_teacher, tmp_path):
     again = distill(tiny_teacher, "rotten_tomatoes", tmp_path / "v", quant=QuantConfig(activations="elastic"),
                     via="1-1-4", epochs=2, resume=True, **SLICE)  # both stages finished: nothing retrained
     assert again["best"] == res["best"]
+
+
+def test_phase_in_hardens_the_activations_and_evaluates_the_binary_model(tiny_teacher, tmp_path):
+    from bibert.modeling import ActQuantizer, ScoreBinarizer
+
+    seen, at_eval = [], []
+
+    def record(trainer):
+        qs = [m for m in trainer.unwrapped.modules() if isinstance(m, ActQuantizer) and not isinstance(m, ScoreBinarizer)]
+        seen.append(qs[0].hardness)
+
+    res = distill(tiny_teacher, "rotten_tomatoes", tmp_path / "p", phase_in=0.5, max_steps=8, eval_every=2,
+                  hooks=[record], **SLICE)
+    assert seen == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0])  # over the first half of the steps
+    # the dev scores are those of the binary model: best/ reloaded (hardness 1) scores the same on dev
+    assert res["steps"] == 8 and res["best"]["score"] >= 0
+    config = TrainConfig.from_dict(json.loads((tmp_path / "p" / "config.json").read_text()))
+    assert config.phase_in == 0.5
+    with pytest.raises(BibertError, match="--phase-in hardens elastic activations"):
+        distill(tiny_teacher, "rotten_tomatoes", tmp_path / "q", paper=True, phase_in=0.5, max_steps=1, **SLICE)
+    with pytest.raises(BibertError, match=r"--phase-in is a share of the steps in \[0, 1\)"):
+        distill(tiny_teacher, "rotten_tomatoes", tmp_path / "r", phase_in=1.0, max_steps=1, **SLICE)

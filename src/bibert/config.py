@@ -254,6 +254,10 @@ class TrainConfig:
         None, "weight of the prediction loss (soft cross-entropy against the teacher, plus half the label "
         "cross-entropy under dmd) beside the attention/DMD and hidden-state terms, each of weight 1",
         STUDENT_GROUP, ("distill",), default_text=f"{ELASTIC_BIBERT['pred_weight']:g} for Elastic BiBERT; 1 with --paper")
+    phase_in: float = option(
+        0.0, "progressive binarization (elastic activations): the share of the steps over which every activation "
+        "hardens from its STE's clipped-linear surrogate to binary levels, linearly (docs/method.md §7); 0 = binary "
+        "from the first step", STUDENT_GROUP, ("distill",))
     quantizer_lr: float | None = option(
         None, "peak learning rate of the elastic thresholds and scales (no weight decay; docs/method.md §7)",
         STUDENT_GROUP, ("distill",), default_text="--lr")
@@ -321,6 +325,11 @@ class TrainConfig:
             raise BibertError(f"--pred-weight must be a finite number >= 0, got {self.pred_weight}")
         if self.mode != "distill" and self.pred_weight != 1.0:
             raise BibertError("--pred-weight applies to distillation only")
+        if not 0.0 <= self.phase_in < 1.0:
+            raise BibertError(f"--phase-in is a share of the steps in [0, 1), got {self.phase_in}")
+        if self.phase_in and not (self.mode == "distill" and self.quant.elastic):
+            raise BibertError("--phase-in hardens elastic activations: it needs a distilled student with "
+                              "--activations elastic")
         if self.quantizer_lr is not None and not self.quantizer_lr > 0:
             raise BibertError(f"--quantizer-lr must be positive, got {self.quantizer_lr}")
         for name in ("max_length", "batch_size", "log_every", "max_steps", "eval_every", "evals_per_epoch", "save_every",

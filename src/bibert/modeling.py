@@ -71,6 +71,11 @@ class ActQuantizer(nn.Module):
     threshold: learned, one per channel (None: fixed at 0, e.g. where a bias already shifts x)
     scale:     learned scalar s; the consuming Linear sees s * levels (None: s = 1)
     window:    the STE's width (a buffer, set from data by `calibrate_quantizers`)
+    hardness:  1 (binary levels, the default and what is exported) or, during a phase-in
+               (progressive binarization, docs/method.md §7), lam in [0, 1): the forward gives
+               lam * levels + (1 - lam) * the STE's surrogate (the hard-tanh, or its {0, 1}
+               form, of (x - threshold) / window); the backward is the STE's either way.
+               Not saved: the trainer sets it every step.
     The gradient of s is LSQ's, scaled by 1/sqrt(elements); see `threshold_ste` for the rest.
     """
 
@@ -83,10 +88,23 @@ class ActQuantizer(nn.Module):
             self.register_buffer("fixed_threshold", torch.zeros(channels), persistent=False)
         self.scale = nn.Parameter(torch.ones(())) if scale else None
         self.register_buffer("window", torch.ones(()))
+        self.hardness = 1.0
+
+    @property
+    def binary(self) -> bool:
+        """Whether the output holds exact levels (+-1 or {0, 1}): not during a phase-in."""
+        return self.hardness >= 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.threshold if self.threshold is not None else self.fixed_threshold
-        return threshold_ste(x, t.to(x.dtype), self.window, self.unsigned, self.strict)
+        t = (self.threshold if self.threshold is not None else self.fixed_threshold).to(x.dtype)
+        levels = threshold_ste(x, t, self.window, self.unsigned, self.strict)
+        if self.binary:
+            return levels
+        with torch.no_grad():  # the surrogate the STE's gradient stands for, in the forward only
+            u = (x - t) / self.window.to(x.dtype)
+            soft = (u + 0.5).clamp_(0, 1) if self.unsigned else u.clamp_(-1, 1)
+            blend = (1.0 - self.hardness) * (soft - levels)
+        return levels + blend
 
     def output_scale(self, x: torch.Tensor) -> torch.Tensor | None:
         """s for an input like x, with LSQ's gradient scale 1/sqrt(x.numel())."""
@@ -115,16 +133,18 @@ class QuantLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor, sign_source: torch.Tensor | None = None) -> torch.Tensor:
         if self.input_quantizer is not None:
-            return self.forward_levels(self.input_quantizer(x), self.input_quantizer.output_scale(x))
+            q = self.input_quantizer
+            return self.forward_levels(q(x), q.output_scale(x), exact=q.binary)
         xq = quantize_activation(x, self.activation_bits, sign_source)
         if self.weight_bits == 1:
             return binary_linear(xq, self.weight, self.bias, integer_input=self.activation_bits == 1)
         return F.linear(xq, quantize_weight(self.weight, self.weight_bits), self.bias)
 
-    def forward_levels(self, levels: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-        """The Linear on already binarized input levels (+-1 or {0, 1}) times `scale`."""
+    def forward_levels(self, levels: torch.Tensor, scale: torch.Tensor | None, exact: bool = True) -> torch.Tensor:
+        """The Linear on already binarized input levels (+-1 or {0, 1}) times `scale`; `exact`
+        False: levels blended with their surrogate during a phase-in (float counts)."""
         if self.weight_bits == 1:
-            return binary_linear(levels, self.weight, self.bias, scale, integer_input=True)
+            return binary_linear(levels, self.weight, self.bias, scale, integer_input=exact)
         xq = levels if scale is None else levels * scale
         return F.linear(xq, quantize_weight(self.weight, self.weight_bits), self.bias)
 
@@ -231,7 +251,8 @@ class SelfAttention(nn.Module):
         a = self.quant.activation_bits
         if self.input_quantizer is not None:
             levels, scale = self.input_quantizer(x), self.input_quantizer.output_scale(x)
-            q, k, v = (lin.forward_levels(levels, scale) for lin in (self.query, self.key, self.value))  # (B, T, h)
+            exact = self.input_quantizer.binary
+            q, k, v = (lin.forward_levels(levels, scale, exact) for lin in (self.query, self.key, self.value))  # (B, T, h)
             qb, kb, vb = (self._heads(quantizer(t)) for quantizer, t in zip(self.qkv_quantizers, (q, k, v)))
             q, k, v = self._heads(q), self._heads(k), self._heads(v)  # real-valued, for DMD
         else:
@@ -484,6 +505,17 @@ def binarize(model_or_path, config: QuantConfig | None = None, num_labels: int |
         raise BibertError(f"the model lacks BERT weights {missing[:5]}; is it a BERT classifier?")
     student.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return student
+
+
+def set_activation_hardness(model: nn.Module, hardness: float) -> None:
+    """Progressive binarization: every elastic activation quantizer that feeds a Linear or
+    Bi-Attention's Q/K/V gives hardness * levels + (1 - hardness) * surrogate (ActQuantizer);
+    1 = binary. Bi-Attention's own {0, 1} weights stay binary."""
+    if not 0.0 <= hardness <= 1.0:
+        raise ValueError(f"hardness must lie in [0, 1], got {hardness}")
+    for m in model.modules():
+        if isinstance(m, ActQuantizer) and not isinstance(m, ScoreBinarizer):
+            m.hardness = float(hardness)
 
 
 def _is_quantizer_key(name: str) -> bool:

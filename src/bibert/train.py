@@ -29,6 +29,7 @@ multi-node launch beyond torchrun's own.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -54,7 +55,7 @@ from .evaluate import predict
 from .losses import DistillObjective, FinetuneObjective, LayerMap
 from .modeling import (BiBertForSequenceClassification, _is_quantizer_key, binarize, binarized_signs,
                        calibrate_quantizers, flip_ratio, load_hf_classifier, load_student_init, load_teacher,
-                       shrink_student)
+                       set_activation_hardness, shrink_student)
 from .tasks import Task, compute_metrics
 
 __all__ = ["finetune", "distill", "finetune_and_distill", "run", "Trainer", "TrainConfig", "resolve_config",
@@ -65,6 +66,22 @@ VIA_SHARE = 0.5  # multi-step distillation: the --via stage's share of the epoch
 
 
 # ----------------------------------------------------------------------------- trainer
+
+@contextlib.contextmanager
+def _binary_activations(model: nn.Module):
+    """Evaluation sees binary activations whatever the phase-in has reached; restored after."""
+    from .modeling import ActQuantizer
+
+    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    saved = [m.hardness for m in quantizers]
+    for m in quantizers:
+        m.hardness = 1.0
+    try:
+        yield
+    finally:
+        for m, h in zip(quantizers, saved):
+            m.hardness = h
+
 
 def _adamw(groups: list[dict], **options) -> torch.optim.AdamW:
     """AdamW with the fused kernel where torch has it for these parameters (one pass over
@@ -253,7 +270,7 @@ class Trainer:
                 loader = DataLoader(Subset(ds, idx), batch_size=max(64, self.config.batch_size),
                                     collate_fn=partial(collate_batch, pad_token_id=ds.pad_token_id),
                                     generator=torch.Generator())  # leaves the global RNG (dropout) alone
-                with self._autocast():
+                with self._autocast(), _binary_activations(model):  # the model as exported, also in a phase-in
                     preds, labels = predict(model, loader, self.task)
             gathered = distributed.all_gather_objects((idx, preds, labels), self.ctx)
             order = np.concatenate([np.asarray(g[0], dtype=np.int64) for g in gathered])
@@ -331,6 +348,8 @@ class Trainer:
 
     def _train_step(self, batch: dict) -> dict[str, float]:
         cfg = self.config
+        if cfg.phase_in:  # progressive binarization: hardness 1 / n ... 1 over the first phase_in of the steps
+            set_activation_hardness(self.unwrapped, min(1.0, (self.step + 1) / (cfg.phase_in * self.total_steps)))
         with self._autocast():
             parts = self.objective(self.model, batch)
         parts["loss"].backward()
