@@ -23,7 +23,7 @@ def register(sub) -> None:
                    help="how much training: quick = small slices, about 5 minutes; default = about 20 minutes "
                         "(rotten_tomatoes: 664 student steps; snli: 20,000 pairs, 625 steps); full = the whole train "
                         "split for the teacher and `bibert distill`'s default budget for the student (2,500 steps, "
-                        "up to about 45 minutes of student training on 2 cores), as in docs/budget.md")
+                        "up to about 45 minutes of student training on 2 cores), as in docs/results.md, accuracy against training time")
     p.add_argument("--quick", action="store_true", help="the same as --budget quick")
     p.add_argument("--seed", type=int, default=42, help="seed of every stage (42)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and the engine (default: all)")
