@@ -368,3 +368,23 @@ def test_phase_in_hardens_the_activations_and_evaluates_the_binary_model(tiny_te
         distill(tiny_teacher, "rotten_tomatoes", tmp_path / "q", paper=True, phase_in=0.5, max_steps=1, **SLICE)
     with pytest.raises(BibertError, match=r"--phase-in is a share of the steps in \[0, 1\)"):
         distill(tiny_teacher, "rotten_tomatoes", tmp_path / "r", phase_in=1.0, max_steps=1, **SLICE)
+
+
+def test_fused_adamw_makes_the_per_tensor_update():
+    from bibert.train import _adamw
+
+    torch.manual_seed(0)
+    params = [torch.randn(8, 5), torch.randn(5)]
+    grads = [torch.randn(8, 5), torch.randn(5)]
+    results = []
+    for make in (lambda g: _adamw(g, lr=1e-2, eps=1e-6), lambda g: torch.optim.AdamW(g, lr=1e-2, eps=1e-6)):
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        opt = make([{"params": ps[:1], "weight_decay": 0.01}, {"params": ps[1:], "weight_decay": 0.0}])
+        for _ in range(3):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+        results.append([p.detach() for p in ps])
+    for fused, loop in zip(*results):
+        assert torch.allclose(fused, loop, rtol=0, atol=1e-6)
+    assert _adamw([{"params": [torch.nn.Parameter(torch.ones(2))]}], lr=1e-3).defaults.get("fused") is True
