@@ -294,9 +294,14 @@ def test_workers_share_the_socket_restart_and_stop(model_file, engine):
         s.stop()
 
 
-def test_cli_errors():
+def test_cli_errors(capsys):
     assert cli_main(["serve", "--model", "/nonexistent/model.bibert", "--port", "0"]) == 2
     assert cli_main(["serve", "--model", "x.bibert", "--workers", "0"]) == 2
+    capsys.readouterr()
+    assert cli_main(["serve", "--model", "x.bibert", "--graceful-timeout", "-1"]) == 2
+    assert capsys.readouterr().err == "bibert serve: error: graceful timeout -1.0: give 0 or more seconds\n"
+    assert cli_main(["serve", "--model", "x.bibert", "--header-timeout", "0"]) == 2
+    assert "header_timeout is 0.0: give a positive number of seconds" in capsys.readouterr().err
 
 
 def test_sigterm_finishes_requests_in_flight(server, engine):
@@ -313,6 +318,261 @@ def test_sigterm_finishes_requests_in_flight(server, engine):
     assert server.proc.wait(30) == 0
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+
+
+def raw_exchange(port: int, data: bytes, wait: float = 10.0, keep_sending: bool = False):
+    """Send raw bytes (a request however broken) and read until the server closes or answers
+    a whole response. Returns (status or None, headers, JSON body or raw bytes, seconds)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=wait)
+    t = time.monotonic()
+    raw = b""
+    try:
+        if data:
+            sock.sendall(data)
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except (ConnectionResetError, socket.timeout):
+                break
+            if not chunk:
+                break
+            raw += chunk
+            head, _, rest = raw.partition(b"\r\n\r\n")
+            m = re.search(rb"content-length: (\d+)", head, re.I)
+            if m and len(rest) >= int(m.group(1)):
+                break
+    finally:
+        sock.close()
+    elapsed = time.monotonic() - t
+    if not raw:
+        return None, {}, b"", elapsed
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    body = json.loads(rest) if headers.get("content-type") == "application/json" else rest
+    return int(lines[0].split()[1]), headers, body, elapsed
+
+
+@pytest.fixture(scope="module")
+def strict_server(model_file):
+    """A server with small limits, logging at INFO."""
+    s = Server(model_file, "--max-text-chars", "1000", "--header-timeout", "1", "--body-timeout", "1",
+               "--max-header-kb", "4", "--max-connections", "12", "--log-level", "info")
+    yield s
+    s.stop()
+
+
+def test_too_long_a_text_is_refused_before_tokenizing(strict_server):
+    status, answer = strict_server.predict({"texts": ["ok", "a" * 1001]})
+    assert status == 413 and answer["error"] == ('"texts"[1] has 1001 characters; at most 1000 per text (the '
+                                                 "server's --max-text-chars): send shorter texts")
+    status, answer = strict_server.predict({"texts": ["ok"], "pairs": ["b" * 1001]})
+    assert status == 413 and answer["error"].startswith('"pairs"[0] has 1001 characters')
+    assert strict_server.predict({"texts": ["a" * 1000]})[0] == 200
+    assert strict_server.get("/health")[1]["limits"]["max_text_chars"] == 1000
+
+
+def test_slow_heads_and_bodies_are_cut_at_their_timeouts(strict_server):
+    status, _, _, elapsed = raw_exchange(strict_server.port, b"")  # a connection that sends nothing: closed
+    assert status is None and 0.9 < elapsed < 3
+    status, headers, answer, elapsed = raw_exchange(strict_server.port, b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+    assert status == 408 and headers["connection"] == "close" and 0.9 < elapsed < 3
+    assert answer == {"error": "the request head did not arrive within 1 s"}
+    status, headers, answer, elapsed = raw_exchange(
+        strict_server.port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b'{"texts": [')
+    assert status == 408 and headers["connection"] == "close" and 0.9 < elapsed < 3
+    assert answer == {"error": "the body did not arrive within 1 s (the server's --body-timeout); 11 bytes came"}
+    assert strict_server.get("/health")[0] == 200
+
+
+def test_a_huge_head_is_refused_431_at_once(strict_server):
+    sock = socket.create_connection(("127.0.0.1", strict_server.port), timeout=10)
+    t = time.monotonic()
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 6000)
+    status, headers, answer, _ = _read_response(sock)
+    assert time.monotonic() - t < 1
+    assert status == 431 and headers["connection"] == "close"
+    assert answer == {"error": "the request head (request line and headers) is larger than 4096 bytes; send fewer "
+                               "or shorter headers"}
+    sock.close()
+    many = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 100) for i in range(60))  # in one piece, headers complete
+    status, _, answer, _ = raw_exchange(strict_server.port, b"GET /health HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
+    assert status == 431
+    assert raw_exchange(strict_server.port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Ok: 1\r\n\r\n")[0] == 200
+
+
+def _read_response(sock):
+    raw = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        raw += chunk
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        m = re.search(rb"content-length: (\d+)", head, re.I)
+        if m and len(rest) >= int(m.group(1)):
+            break
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, json.loads(rest), raw
+
+
+def test_framing_errors_and_a_trailing_slash_get_json(strict_server):
+    status, headers, answer, _ = raw_exchange(
+        strict_server.port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1x\r\n\r\n{}")
+    assert status == 400 and headers["content-type"] == "application/json"
+    assert answer == {"error": "malformed HTTP request (Invalid character in Content-Length); send a valid "
+                               "HTTP/1.1 request"}
+    status, _, answer, _ = raw_exchange(strict_server.port, b"BREW /pot HTCPCP/1.0\r\n\r\n")
+    assert status == 400 and answer["error"].startswith("malformed HTTP request")
+    status, headers, answer, _ = raw_exchange(
+        strict_server.port, b'POST /predict/ HTTP/1.1\r\nHost: evil.example\r\nContent-Length: 16\r\n\r\n{"texts": ["a"]}')
+    assert status == 404 and "location" not in headers
+    assert answer == {"error": "no route /predict/: use GET /health or POST /predict"}
+
+
+def test_connections_beyond_the_limit_get_503(strict_server):
+    held = [socket.create_connection(("127.0.0.1", strict_server.port), timeout=10) for _ in range(12)]
+    try:
+        time.sleep(0.2)  # all accepted
+        status, headers, answer, _ = raw_exchange(strict_server.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 503 and answer["error"] == "too many connections (at most 12); retry shortly"
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.2)
+    assert strict_server.get("/health")[0] == 200
+
+
+def test_a_client_gone_mid_body_is_one_info_line(strict_server):
+    before = len(strict_server.lines)
+    for _ in range(3):
+        sock = socket.create_connection(("127.0.0.1", strict_server.port), timeout=10)
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b'{"texts": ["')
+        time.sleep(0.1)
+        sock.close()
+    time.sleep(0.5)
+    assert strict_server.get("/health")[0] == 200
+    new = strict_server.lines[before:]
+    gone = [line for line in new if "went away before sending the whole body" in line]
+    assert len(gone) == 3 and all(line.startswith("INFO:") for line in gone), new
+    assert not any("Traceback" in line or line.startswith("ERROR") for line in new), new
+
+
+class KeepAliveLoad:
+    """`clients` keep-alive clients sending /predict back to back until the server goes away,
+    and a probe that connects every few milliseconds to find when the listener closed. Each
+    request is recorded with the moment its sending ended and its outcome: 200 or 503 with a
+    JSON body, else what went wrong."""
+
+    def __init__(self, port: int, clients: int, body: dict):
+        self.port, self.data = port, json.dumps(body).encode()
+        self.records: list[tuple[float, object]] = []
+        self.listener_open_at = None  # the last moment a connection was accepted
+        self.threads = [threading.Thread(target=self.client) for _ in range(clients)]
+        self.threads.append(threading.Thread(target=self.probe))
+        for t in self.threads:
+            t.start()
+
+    def client(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        while True:
+            try:
+                conn.request("POST", "/predict", body=self.data, headers={"Content-Type": "application/json"})
+            except OSError:  # refused: the listener is gone
+                return
+            sent = time.monotonic()
+            try:
+                resp = conn.getresponse()
+                answer = json.loads(resp.read())
+                ok = (resp.status == 200 and "labels" in answer) or (resp.status == 503 and "error" in answer)
+                outcome = resp.status if ok else f"{resp.status} {answer}"
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                outcome = repr(exc)
+            self.records.append((sent, outcome))
+            if not isinstance(outcome, int):
+                return
+
+    def probe(self) -> None:
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=5).close()
+            except OSError:
+                return
+            self.listener_open_at = time.monotonic()
+            time.sleep(0.005)
+
+    def join(self, timeout: float = 60) -> None:
+        for t in self.threads:
+            t.join(timeout)
+            assert not t.is_alive(), "a client still waits for an answer"
+
+    def lost(self) -> list:
+        """Requests sent while the listener was still open that got no complete answer."""
+        return [(t, o) for t, o in self.records if t < self.listener_open_at and not isinstance(o, int)]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_under_keep_alive_load_answers_every_request_sent(model_file, workers):
+    """Issue 28: SIGTERM under keep-alive clients dropped requests that were sent; shutdown
+    must answer each one (200, or JSON 503) and end promptly."""
+    s = Server(model_file, "--workers", workers, "--threads", "1")
+    try:
+        load = KeepAliveLoad(s.port, 16, {"texts": TEXTS})
+        time.sleep(1.0)
+        before = len(load.records)
+        t = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(30) == 0
+        exited = time.monotonic() - t
+        load.join()
+    finally:
+        s.stop()
+    assert before > 20 and load.listener_open_at is not None
+    assert load.lost() == []
+    assert any(t > load.listener_open_at - 0.2 for t, _ in load.records)  # requests ran up to the close
+    assert exited < 5.0  # not held by keep-alive connections or the interpreter's teardown
+
+
+def test_graceful_timeout_answers_what_is_left_503_and_exits(model_file):
+    """--graceful-timeout 0 under heavy requests: those still waiting for the engine are
+    answered JSON 503 at once (their work dropped), none is left without an answer."""
+    s = Server(model_file, "--graceful-timeout", "0", "--threads", "1", "--max-texts", "256")
+    try:
+        load = KeepAliveLoad(s.port, 32, {"texts": (TEXTS * 32)[:256]})
+        time.sleep(1.5)
+        t = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(30) == 0
+        exited = time.monotonic() - t
+        load.join()
+    finally:
+        s.stop()
+    outcomes = [o for _, o in load.records]
+    assert load.lost() == []
+    assert outcomes.count(503) >= 1 and outcomes.count(200) >= 1
+    assert exited < 3.0  # the bound: graceful timeout + about a second (on a busy 2-core machine)
+    assert "answered 503, their work dropped" in "".join(s.lines)
+
+
+def test_cut_drops_queued_work_and_answers_503():
+    import asyncio
+
+    from bibert.serving.server import EngineWorker, RequestError, ServeSettings
+
+    worker = EngineWorker(None, ServeSettings(max_batch=4, batch_window_ms=0))
+    worker._threads = [threading.current_thread()]  # "alive", without starting its threads
+
+    async def scenario():
+        futures = [worker.submit(["x"] * 2, None) for _ in range(3)]
+        assert worker.cut() == 3
+        return futures, worker._take() if worker._queue else [], worker._queued
+
+    futures, batch, queued = asyncio.run(scenario())
+    assert batch == [] and queued == 0
+    for f in futures:
+        assert isinstance(f.exception(), RequestError) and f.exception().status == 503
 
 
 def test_batches_wait_out_the_window_unless_full():

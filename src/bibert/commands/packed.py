@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import sys
 
 PREVIEW = 60  # characters of each text shown beside its prediction
 
@@ -85,10 +88,23 @@ def register(subparsers) -> None:
                    "when the engine is idle (default: %(default)s)")
     p.add_argument("--max-texts", type=int, default=256, help="most texts in one request; more: 413 "
                    "(default: %(default)s)")
+    p.add_argument("--max-text-chars", type=int, default=100_000, help="most characters per text, checked before "
+                   "tokenizing; more: 413 (default: %(default)s)")
     p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body in KiB; larger: 413 "
                    "(default: %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=30.0, help="seconds to receive a request body; slower: "
+                   "408 (default: %(default)s)")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds to receive a request's line and "
+                   "headers, from the connection's start or the previous response; slower: 408, or closed if "
+                   "nothing came (default: %(default)s)")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0, help="seconds an idle connection stays open "
+                   "after a response (default: %(default)s)")
+    p.add_argument("--max-header-kb", type=int, default=64, help="largest request line and headers in KiB; "
+                   "larger: 431 (default: %(default)s)")
+    p.add_argument("--max-connections", type=int, default=1000, help="open connections per worker; more: 503 "
+                   "(default: %(default)s)")
     p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests in "
-                   "flight (default: %(default)s)")
+                   "flight; those left are answered 503 (default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(func=run_serve)
@@ -144,13 +160,22 @@ def run_serve(args: argparse.Namespace) -> int:
     from ..errors import BibertError
 
     try:
-        from ..serving.server import ServeSettings, serve
+        from ..serving.server import ConnectionLimits, ServeSettings, serve
     except ImportError as exc:
         raise BibertError(f"bibert serve needs the serve extra ({exc.name} is missing): "
                           "pip install 'bibert[serve]'") from None
     settings = ServeSettings(max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
-                             max_texts=args.max_texts, max_body_bytes=args.max_body_kb * 1024,
+                             max_texts=args.max_texts, max_text_chars=args.max_text_chars,
+                             max_body_bytes=args.max_body_kb * 1024, body_timeout_s=args.body_timeout,
                              max_length=args.max_length)
-    return serve(args.model, host=args.host, port=args.port, workers=args.workers, threads=args.threads,
+    limits = ConnectionLimits(header_timeout=args.header_timeout, keep_alive_timeout=args.keep_alive_timeout,
+                              max_head_bytes=args.max_header_kb * 1024, max_connections=args.max_connections)
+    code = serve(args.model, host=args.host, port=args.port, workers=args.workers, threads=args.threads,
                  kernel=args.kernel, settings=settings, graceful_timeout=args.graceful_timeout,
-                 log_level=args.log_level, access_log=args.access_log)
+                 log_level=args.log_level, access_log=args.access_log, limits=limits)
+    # every request is answered: end now, without the interpreter's teardown of torch and
+    # transformers, which takes seconds on a busy machine (shutdown stays within --graceful-timeout)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -14,9 +14,15 @@ Requests with and without pairs run in separate forwards. A batch that cannot be
 one bad request fails alone.
 
 Errors are JSON {"error": message}: 400 for a body that is not JSON or not of the expected
-shape, 404/405 for other routes, 413 for too many texts or too large a body, 503 when the
-queue is full or the server is stopping. SIGTERM stops accepting connections, finishes the
-requests in flight, then exits. With several workers the model is loaded (and checked by
+shape, 404/405 for other routes (no redirects: /predict/ is a 404), 408 for a body that
+takes longer than `body_timeout_s`, 413 for too many texts, too long a text or too large a
+body, 503 when the queue is full or the server is stopping; the connection's own answers
+(bad framing, a slow or large head, too many connections) come from bibert.serving.http.
+
+SIGTERM (or SIGINT) stops accepting connections, answers every request it has read (each
+with `Connection: close`), then exits. Requests still unanswered `graceful_timeout` seconds
+after the signal are answered 503 and their queued work is dropped, so that the process
+exits within about a second more. With several workers the model is loaded (and checked by
 one warm-up prediction) in the parent, which then forks the workers: they share its memory
 and each starts its own kernel threads (the engine's thread pool is rebuilt after a fork).
 """
@@ -42,15 +48,19 @@ from pathlib import Path
 import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ..errors import BibertError
 from .batching import prepare, run
+from .http import ConnectionLimits
 
 log = logging.getLogger("bibert.serve")
 DRAIN_LIMIT = 64 << 20  # an oversized body up to this size is read (and dropped) before the 413, so the client sees it
+SHUTTING_DOWN = "the server is shutting down; retry on another instance or shortly"
+CUT_MARGIN_S = 0.5  # after graceful_timeout + this, uvicorn cancels the requests left (still reading a body)
+JOIN_TIMEOUT_S = 0.5  # how long shutdown waits for the engine to finish a forward it has begun
 
 
 @dataclass
@@ -58,25 +68,30 @@ class ServeSettings:
     """max_batch: most texts in one batch of the engine thread (1: no batching across
     requests). batch_window_ms: how long a batch below max_batch waits for more requests.
     engine_batch: most texts per forward inside a batch. max_texts: texts per request.
-    max_body_bytes: request body. max_queue: texts waiting for the engine before requests are
-    turned away with 503. max_length: tokens per input after truncation (default: the model's
-    positions)."""
+    max_text_chars: characters per text (or pair), checked before tokenizing. max_body_bytes:
+    request body. body_timeout_s: seconds to receive a body. max_queue: texts waiting for the
+    engine before requests are turned away with 503. max_length: tokens per input after
+    truncation (default: the model's positions)."""
 
     max_batch: int = 64
     batch_window_ms: float = 1.0
     engine_batch: int = 32
     max_texts: int = 256
+    max_text_chars: int = 100_000
     max_body_bytes: int = 1 << 20
+    body_timeout_s: float = 30.0
     max_queue: int = 4096
     max_length: int | None = None
 
     def check(self) -> None:
-        for name in ("max_batch", "engine_batch", "max_texts", "max_body_bytes", "max_queue"):
+        for name in ("max_batch", "engine_batch", "max_texts", "max_text_chars", "max_body_bytes", "max_queue"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BibertError(f"{name} is {value!r}: give a positive integer")
         if not (isinstance(self.batch_window_ms, (int, float)) and 0 <= self.batch_window_ms <= 1000):
             raise BibertError(f"batch_window_ms is {self.batch_window_ms!r}: give 0 to 1000 milliseconds")
+        if not (isinstance(self.body_timeout_s, (int, float)) and 0 < self.body_timeout_s < math.inf):
+            raise BibertError(f"body_timeout_s is {self.body_timeout_s!r}: give a positive number of seconds")
         if self.max_length is not None and (isinstance(self.max_length, bool) or not isinstance(self.max_length, int)
                                             or self.max_length < 1):
             raise BibertError(f"max_length is {self.max_length!r}: give a positive number of tokens")
@@ -115,6 +130,7 @@ class EngineWorker:
         self._closing = False
         self._ready: queue.Queue = queue.Queue(maxsize=1)  # prepared batches, for the engine thread
         self._threads: list[threading.Thread] = []
+        self._pending: set[asyncio.Future] = set()  # unsettled futures (touched on the event loop only)
         self.stats = {"requests": 0, "texts": 0, "batches": 0, "forwards": 0}
 
     def start(self) -> None:
@@ -148,15 +164,36 @@ class EngineWorker:
             # (see _take); in between, the window ends its wait
             if was_empty or self._queued >= self.settings.max_batch:
                 self._cond.notify()
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
         return future
 
-    def close(self, timeout: float | None = 30.0) -> None:
-        """Finish what is queued, then stop the threads."""
+    def cut(self, message: str = SHUTTING_DOWN) -> int:
+        """Answer every unsettled request 503 now (on the event loop) and drop its work: its
+        queued texts are not prepared, and a prepared batch none of whose requests waits is
+        not run. Returns the number of requests cut."""
+        cut = [f for f in self._pending if not f.done()]
+        for future in cut:
+            future.set_exception(RequestError(503, message, {"Retry-After": "1", "Connection": "close"}))
+        with self._cond:
+            self._drop_settled()
+        return len(cut)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish what is queued, then stop the threads, waiting at most `timeout` seconds in
+        all (they are daemon threads: a forward still running does not hold the process)."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _drop_settled(self) -> None:
+        """Remove queued jobs whose request is already answered (cut, or cancelled); with _cond held."""
+        if any(j.future.done() for j in self._queue):
+            self._queue = deque(j for j in self._queue if not j.future.done())
+            self._queued = sum(len(j.texts) for j in self._queue)
 
     def _take(self) -> list[_Job] | None:
         """The next batch: once a request is queued, wait up to the window while fewer than
@@ -165,16 +202,21 @@ class EngineWorker:
         this thread only for a first request or a full batch, not for each one."""
         s = self.settings
         with self._cond:
+            self._drop_settled()
             while not self._queue:
                 if self._closing:
                     return None
                 self._cond.wait()
+                self._drop_settled()
             deadline = time.monotonic() + s.batch_window_ms / 1000
             while self._queued < s.max_batch and not self._closing:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
+            self._drop_settled()
+            if not self._queue:  # every request that waited was cut
+                return []
             batch = [self._queue.popleft()]
             n = len(batch[0].texts)
             while self._queue and n + len(self._queue[0].texts) <= s.max_batch:
@@ -190,6 +232,8 @@ class EngineWorker:
                 batch = self._take()
                 if batch is None:
                     return
+                if not batch:
+                    continue
                 self.stats["batches"] += 1
                 self.stats["requests"] += len(batch)
                 self.stats["texts"] += sum(len(j.texts) for j in batch)
@@ -228,6 +272,8 @@ class EngineWorker:
             if item is None:
                 return
             jobs, prepared = item
+            if all(j.future.done() for j in jobs):  # cut while it was prepared: nobody waits for it
+                continue
             try:
                 if isinstance(prepared, BaseException):
                     raise prepared
@@ -291,7 +337,7 @@ def _json_type(value) -> str:
     return type(value).__name__
 
 
-def _strings(payload: dict, key: str, max_texts: int) -> list[str]:
+def _strings(payload: dict, key: str, max_texts: int, max_chars: int) -> list[str]:
     values = payload[key]
     if isinstance(values, str):
         raise RequestError(400, f'"{key}" must be an array of strings; for one text send ["..."]')
@@ -302,6 +348,9 @@ def _strings(payload: dict, key: str, max_texts: int) -> list[str]:
     for i, value in enumerate(values):
         if not isinstance(value, str):
             raise RequestError(400, f'"{key}"[{i}] is a {_json_type(value)}, not a string')
+        if len(value) > max_chars:
+            raise RequestError(413, f'"{key}"[{i}] has {len(value)} characters; at most {max_chars} per text '
+                               "(the server's --max-text-chars): send shorter texts")
     try:
         "".join(values).encode("utf-8")
     except UnicodeEncodeError:
@@ -314,7 +363,8 @@ def _strings(payload: dict, key: str, max_texts: int) -> list[str]:
     return values
 
 
-def parse_predict_body(body: bytes, max_texts: int) -> tuple[list[str], list[str] | None]:
+def parse_predict_body(body: bytes, max_texts: int, max_chars: int = ServeSettings.max_text_chars
+                       ) -> tuple[list[str], list[str] | None]:
     """The texts and pairs of a /predict body, or RequestError (400 / 413)."""
     try:
         payload = json.loads(body)
@@ -332,18 +382,19 @@ def parse_predict_body(body: bytes, max_texts: int) -> tuple[list[str], list[str
                            '"texts" and, optionally, "pairs"')
     if "texts" not in payload:
         raise RequestError(400, 'missing "texts": send {"texts": ["..."]}')
-    texts = _strings(payload, "texts", max_texts)
+    texts = _strings(payload, "texts", max_texts, max_chars)
     pairs = None
     if payload.get("pairs") is not None:
-        pairs = _strings(payload, "pairs", max_texts)
+        pairs = _strings(payload, "pairs", max_texts, max_chars)
         if len(pairs) != len(texts):
             raise RequestError(400, f'{len(texts)} texts but {len(pairs)} pairs: give one pair per text')
     return texts, pairs
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
     """The body, at most `limit` bytes, else RequestError 413 (after reading and dropping up
-    to DRAIN_LIMIT bytes of it, so that the client, still sending, gets the answer)."""
+    to DRAIN_LIMIT bytes of it, so that the client, still sending, gets the answer); all of
+    it within `timeout` seconds, else RequestError 408."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.strip().isdigit():
@@ -352,12 +403,17 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise RequestError(413, f"the body is {int(declared)} bytes; at most {limit}",
                                {"Connection": "close"})
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= limit:
-            chunks.append(chunk)
-        elif size > DRAIN_LIMIT:
-            raise RequestError(413, f"the body is larger than {limit} bytes", {"Connection": "close"})
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size <= limit:
+                    chunks.append(chunk)
+                elif size > DRAIN_LIMIT:
+                    raise RequestError(413, f"the body is larger than {limit} bytes", {"Connection": "close"})
+    except TimeoutError:
+        raise RequestError(408, f"the body did not arrive within {timeout:g} s (the server's --body-timeout); "
+                           f"{size} bytes came", {"Connection": "close"}) from None
     if size > limit:
         raise RequestError(413, f"the body is {size} bytes; at most {limit}: send fewer or shorter texts")
     return b"".join(chunks)
@@ -381,7 +437,8 @@ def create_app(model, settings: ServeSettings | None = None, name: str | None = 
         body = {"status": "ok" if worker.alive else "engine stopped", "model": name, "labels": list(model.labels),
                 "num_labels": model.num_labels, "kernel": kernels.get_kernel(), "threads": kernels.get_threads(),
                 "pid": os.getpid(), "max_length": settings.max_length or model.max_positions,
-                "limits": {"max_texts": settings.max_texts, "max_body_bytes": settings.max_body_bytes},
+                "limits": {"max_texts": settings.max_texts, "max_text_chars": settings.max_text_chars,
+                           "max_body_bytes": settings.max_body_bytes},
                 "batching": {"max_batch": settings.max_batch, "window_ms": settings.batch_window_ms},
                 "served": dict(worker.stats),
                 # Linux thread ids, for per-thread CPU accounting from /proc (benchmarks/serve_load.py)
@@ -390,8 +447,8 @@ def create_app(model, settings: ServeSettings | None = None, name: str | None = 
 
     async def predict(request: Request) -> JSONResponse:
         try:
-            body = await _read_body(request, settings.max_body_bytes)
-            texts, pairs = parse_predict_body(body, settings.max_texts)
+            body = await _read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+            texts, pairs = parse_predict_body(body, settings.max_texts, settings.max_text_chars)
             if not texts:
                 return JSONResponse({"labels": [], "scores": []})
             labels, scores = await worker.submit(texts, pairs)
@@ -399,6 +456,14 @@ def create_app(model, settings: ServeSettings | None = None, name: str | None = 
             return _error(exc.status, exc.message, exc.headers)
         except BibertError as exc:  # the engine refused these inputs
             return _error(400, str(exc))
+        except ClientDisconnect:
+            client = request.client
+            log.info("%s went away before sending the whole body", f"{client.host}:{client.port}" if client else
+                     "a client")
+            return _error(400, "the client went away")  # written nowhere
+        except asyncio.CancelledError:  # shutdown's last resort (graceful_timeout passed): answer, then end
+            asyncio.current_task().uncancel()
+            return _error(503, SHUTTING_DOWN, {"Retry-After": "1", "Connection": "close"})
         except Exception:
             log.error("prediction failed:\n%s", traceback.format_exc())
             return _error(500, "internal error: the prediction failed; see the server's log")
@@ -415,10 +480,11 @@ def create_app(model, settings: ServeSettings | None = None, name: str | None = 
         try:
             yield
         finally:
-            worker.close()
+            worker.close(JOIN_TIMEOUT_S)
 
     app = Starlette(routes=[Route("/health", health, methods=["GET"]), Route("/predict", predict, methods=["POST"])],
                     exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+    app.router.redirect_slashes = False  # /predict/ is a 404, not a redirect built from the Host header
     app.state.worker = worker
     return app
 
@@ -447,15 +513,71 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _run_server(model, sock: socket.socket, settings: ServeSettings, name: str, graceful_timeout: float,
-                log_level: str, access_log: bool) -> int:
-    """Serve on `sock` in this process until SIGTERM / SIGINT."""
+def _graceful_server(config, worker: EngineWorker, limits, graceful_timeout: float):
+    """A uvicorn.Server whose shutdown (1) accepts the connections waiting in the listening
+    socket's backlog, whose clients may have sent a request already, (2) lets every
+    connection answer what it has read (bibert.serving.http), and (3) answers 503 to every
+    request still waiting for the engine `graceful_timeout` seconds after it began."""
     import uvicorn
 
+    class GracefulServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            limits.stopping = True
+            loop = asyncio.get_running_loop()
+            accepted = []
+            for sock in sockets or ():  # take the backlog and close the listener, with no await between
+                while True:
+                    try:
+                        conn, _ = sock.accept()
+                    except OSError:  # none waiting (BlockingIOError), or the socket is gone
+                        break
+                    conn.setblocking(False)
+                    accepted.append(conn)
+            for server in self.servers:
+                server.close()
+            for sock in sockets or ():
+                sock.close()
+            cut = loop.call_later(graceful_timeout, self._cut)
+            await asyncio.gather(*(loop.connect_accepted_socket(self._protocol, conn) for conn in accepted),
+                                 return_exceptions=True)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                cut.cancel()
+
+        def _protocol(self):
+            return self.config.http_protocol_class(config=self.config, server_state=self.server_state,
+                                                   app_state=self.lifespan.state)
+
+        def _cut(self) -> None:
+            n = worker.cut()
+            if n:
+                log.warning("graceful timeout (%g s): %d request(s) answered 503, their work dropped",
+                            graceful_timeout, n)
+
+    return GracefulServer(config)
+
+
+def _run_server(model, sock: socket.socket, settings: ServeSettings, name: str, graceful_timeout: float,
+                log_level: str, access_log: bool, limits) -> int:
+    """Serve on `sock` in this process until SIGTERM / SIGINT."""
+    import copy
+    import dataclasses
+    import functools
+
+    import uvicorn
+
+    from .http import LimitedHttpProtocol
+
+    limits = dataclasses.replace(limits)  # this server's: shutdown sets its `stopping`
     app = create_app(model, settings, name)
-    config = uvicorn.Config(app, lifespan="on", log_level=log_level, access_log=access_log,
-                            timeout_graceful_shutdown=graceful_timeout, server_header=False)
-    server = uvicorn.Server(config)
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)  # bibert.serve's lines beside uvicorn's
+    log_config["loggers"][log.name] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
+    config = uvicorn.Config(app, lifespan="on", log_level=log_level, log_config=log_config, access_log=access_log,
+                            ws="none", http=functools.partial(LimitedHttpProtocol, limits=limits),
+                            timeout_keep_alive=limits.keep_alive_timeout,
+                            timeout_graceful_shutdown=graceful_timeout + CUT_MARGIN_S, server_header=False)
+    server = _graceful_server(config, app.state.worker, limits, graceful_timeout)
     # uvicorn raises the signal it stopped for again once it has shut down gracefully: a
     # handler here makes that a clean exit rather than death by SIGTERM
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
@@ -468,15 +590,22 @@ def _run_server(model, sock: socket.socket, settings: ServeSettings, name: str, 
 
 def serve(model_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
           threads: int | None = None, kernel: str | None = None, settings: ServeSettings | None = None,
-          graceful_timeout: float = 30.0, log_level: str = "info", access_log: bool = False) -> int:
+          graceful_timeout: float = 30.0, log_level: str = "info", access_log: bool = False,
+          limits: ConnectionLimits | None = None) -> int:
     """Load the model, check it with one prediction, listen on host:port and serve until
     SIGTERM or SIGINT. workers > 1: that many forked processes share the socket and the
     loaded model. threads: kernel threads per process (default: BIBERT_THREADS, else the
-    cores divided among the workers). Prints one line with the address once listening."""
+    cores divided among the workers). limits: the connections' (bibert.serving.http).
+    Prints one line with the address once listening."""
     from ..packed import kernels, load_packed
 
     settings = settings or ServeSettings()
     settings.check()
+    limits = limits or ConnectionLimits()
+    limits.check()
+    if isinstance(graceful_timeout, bool) or not isinstance(graceful_timeout, (int, float)) \
+            or not 0 <= graceful_timeout < math.inf:
+        raise BibertError(f"graceful timeout {graceful_timeout!r}: give 0 or more seconds")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise BibertError(f"workers is {workers!r}: give a positive number of processes")
     if workers > 1 and not hasattr(os, "fork"):
@@ -496,7 +625,7 @@ def serve(model_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 80
     print(f"bibert serve: {name} ({', '.join(map(str, model.labels))}) on http://{shown}:{bound[1]} with "
           f"{workers} worker(s) x {kernels.get_threads()} thread(s), kernel {kernels.get_kernel()}",
           file=sys.stderr, flush=True)
-    args = (settings, name, graceful_timeout, log_level, access_log)
+    args = (settings, name, graceful_timeout, log_level, access_log, limits)
     try:
         if workers == 1:
             return _run_server(model, sock, *args)
@@ -538,6 +667,7 @@ def _supervise(model, sock: socket.socket, workers: int, args: tuple) -> int:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+        sock.close()  # the listener closes once the workers have closed their copies too
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     code = 0
