@@ -1,8 +1,9 @@
 # Native kernels: memory-checked tests and the latency benchmark.
 PYTHON ?= python
 ASAN_LIB := build/asan/_bitkernels_asan.so
-CSRC := src/bibert/csrc/bitkernels.c
-CHDR := src/bibert/csrc/bitkernels.h
+# every C file of the library, as setup.py builds it (the runtime, the drivers, one file per ISA)
+CSRC := $(sort $(wildcard src/bibert/csrc/*.c src/bibert/csrc/isa/*.c))
+CHDR := $(sort $(wildcard src/bibert/csrc/*.h src/bibert/csrc/isa/*.h))
 
 .PHONY: asan tsan bench bench-quick
 

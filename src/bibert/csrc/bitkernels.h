@@ -1,12 +1,12 @@
-/* The C interface of the packed BiBERT engine's bitwise kernels (bitkernels.c), loaded with
+/* The C interface of the packed BiBERT engine's bitwise kernels (src/bibert/csrc), loaded with
  * ctypes by bibert/packed/kernels.py, whose table of argument and result types must match
  * these declarations (tests/test_kernels.py parses this file and checks it).
  *
  * Bits: bit 1 <=> -1, bit 0 <=> +1; element j of a row in uint64 word j / 64, bit j % 64;
  * padding bits 0. Every entry point that takes sizes checks them (and its pointers) before it
  * touches memory and returns BB_OK, BB_ENOMEM or BB_EINVAL; zero rows is a no-op. That each
- * buffer is as long as its sizes say is the caller's part. bitkernels.c has the details of each
- * contract beside its definition.
+ * buffer is as long as its sizes say is the caller's part. The driver of each op family (pack.c,
+ * linear.c, ...; runtime.c for the settings) has the details of each contract beside its definition.
  */
 #ifndef BIBERT_BITKERNELS_H
 #define BIBERT_BITKERNELS_H
@@ -52,7 +52,7 @@ typedef struct {
 int bb_abi_version(void);
 /* 1 if this CPU runs the AVX-512 (F, BW, DQ, VL, VPOPCNTDQ) kernels, else 0. */
 int bb_cpu_has_avx512(void);
-/* 1 if this CPU runs the AVX2 (with POPCNT) kernels, else 0. */
+/* 1 if this CPU runs the AVX2 (with FMA and POPCNT) kernels, else 0. */
 int bb_cpu_has_avx2(void);
 /* Selects a kernel family (BB_KERNEL_*; AUTO: the fastest here); returns the active one, or -1 if this CPU lacks it. */
 int bb_set_kernel(int kernel);

@@ -1,11 +1,12 @@
-"""ctypes bindings of the native bitwise kernels (src/bibert/csrc/bitkernels.c; its C interface,
+"""ctypes bindings of the native bitwise kernels (src/bibert/csrc; their C interface,
 bitkernels.h, is what `SIGNATURES` declares to ctypes).
 
 Bit convention, everywhere: bit 1 <=> -1, bit 0 <=> +1; element j of a row in uint64
 word j // 64, bit j % 64; padding bits 0. sign(x) = +1 iff x >= 0, so a bit is x < 0.
 
 The kernel family is chosen at run time: AVX-512 VPOPCNTDQ where the CPU has it, a
-portable C path elsewhere (with an AVX2 binary Linear where the CPU has AVX2).
+portable C path elsewhere (with AVX2 kernels where the CPU has AVX2). A family is one table
+of kernels in the library, so forcing one runs every op on it.
 `set_kernel("portable" | "avx2" | "avx512" | "auto")` or the
 environment variable BIBERT_KERNEL forces one; `set_threads(n)` (or BIBERT_THREADS)
 sets the thread count of the engine's own pool, `set_spin_us(us)` (or BIBERT_SPIN_US) how
@@ -37,7 +38,7 @@ MAX_THREADS = 1024  # bb_set_threads' cap
 MAX_SPIN_US = 1_000_000  # bb_set_spin_us' cap
 OK, ENOMEM, EINVAL = 0, -1, -2  # the C entry points' return codes
 KERNEL_NAMES = {1: "portable", 2: "avx512", 3: "avx2"}
-REQUIRES = {"avx512": "AVX-512 F/BW/DQ/VL + VPOPCNTDQ", "avx2": "AVX2 + POPCNT"}
+REQUIRES = {"avx512": "AVX-512 F/BW/DQ/VL + VPOPCNTDQ", "avx2": "AVX2 + FMA + POPCNT"}
 
 _P, _I, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 # Every entry point of bitkernels.h: name -> (result type, argument types); pointers are c_void_p.
@@ -371,7 +372,7 @@ def binary_linear(a_bits: np.ndarray, K: int, panels: np.ndarray, N: int, alpha:
 
 
 class LayerParams(ctypes.Structure):
-    """Pointers to one encoder layer's parameters (bb_layer in bitkernels.c)."""
+    """Pointers to one encoder layer's parameters (bb_layer in bitkernels.h)."""
 
     _fields_ = [(name, ctypes.c_void_p) for name in (
         "qkv_w", "qkv_thr", "qkv_flip",

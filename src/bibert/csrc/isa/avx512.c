@@ -1,0 +1,560 @@
+/* The AVX-512 kernel family (F, BW, DQ, VL and VPOPCNTDQ): a kernel of its own for every op;
+ * this file has the dense ones and the table, isa/avx512_attention.c the attention kernels.
+ * Per-function target attributes: the file compiles with the library's plain flags, runtime.c
+ * checks the CPU.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#include "avx512.h"
+
+#if BB_X86
+
+/* ------------------------------------------------------------------------------------ */
+/* sign packing: bits[m, j] = x[m, j] < 0                                                */
+
+#define BB_AVX512_PACK __attribute__((target("avx512f,avx512bw,avx512dq")))
+
+BB_INLINE BB_AVX512_PACK void sign_pack_row_plain_avx512(const float *x, int64_t K, uint64_t *out) {
+    int64_t kw = words_of(K);
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t w = 0; w < kw; w++) {
+        uint64_t v = 0;
+        for (int q = 0; q < 4; q++) {
+            int64_t j = 64 * w + 16 * q;
+            int64_t n = K - j;
+            if (n <= 0) break;
+            __mmask16 lm = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+            __m512 xv = _mm512_maskz_loadu_ps(lm, x + j);
+            __mmask16 neg = _mm512_mask_cmp_ps_mask(lm, xv, zero, _CMP_LT_OQ);
+            v |= (uint64_t)neg << (16 * q);
+        }
+        out[w] = v;
+    }
+}
+
+/* with thresholds t: !(x - t >= 0) */
+BB_INLINE BB_AVX512_PACK void sign_pack_row_thr_avx512(const float *x, const float *t, int64_t K, uint64_t *out) {
+    int64_t kw = words_of(K);
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t w = 0; w < kw; w++) {
+        uint64_t v = 0;
+        for (int q = 0; q < 4; q++) {
+            int64_t j = 64 * w + 16 * q;
+            int64_t n = K - j;
+            if (n <= 0) break;
+            __mmask16 lm = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+            __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(lm, x + j), _mm512_maskz_loadu_ps(lm, t + j));
+            __mmask16 neg = _mm512_mask_cmp_ps_mask(lm, d, zero, _CMP_NGE_UQ); /* !(d >= 0) */
+            v |= (uint64_t)neg << (16 * q);
+        }
+        out[w] = v;
+    }
+}
+
+BB_AVX512_PACK static void sign_pack_row_avx512(const float *x, const float *t, int64_t K, uint64_t *out) {
+    if (t)
+        sign_pack_row_thr_avx512(x, t, K, out);
+    else
+        sign_pack_row_plain_avx512(x, K, out);
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* binary Linear                                                                         */
+
+/* float epilogue on 16 channels from two vectors of 64-bit counts: c0 + c1 * p [+ residual].
+ * Counts are below 2^24, so narrowing them to int32 and converting is exact; the float
+ * operations (a multiply, then adds, no contraction) are the portable path's, in its order.
+ * c0 / c1 arrive in registers, loaded once per panel (stores to `out` could alias them, so
+ * the compiler would otherwise reload them for every row). */
+/* the low 32 bits of the 8 lanes of lo, then of hi: 16 int32 in one instruction */
+BB_INLINE BB_AVX512 __m512i low_dwords(__m512i lo, __m512i hi) {
+    return _mm512_permutex2var_epi32(lo, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
+                                     hi);
+}
+
+BB_INLINE BB_AVX512 void epilogue16(__m512i lo, __m512i hi, __m512 c0, __m512 c1,
+                                                                       const float *res, float *out, __mmask16 lm) {
+    __m512i p32 = low_dwords(lo, hi);
+    __m512 y = _mm512_add_ps(c0, _mm512_mul_ps(c1, _mm512_cvtepi32_ps(p32)));
+    if (res) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(lm, res));
+    _mm512_mask_storeu_ps(out, lm, y);
+}
+
+/* kbit_epilogue on the counts of one tile, 8 channels at a time: the same integer and float
+ * operations */
+static BB_AVX512 void kbit_epilogue_avx512(const linear_args *lin, int64_t r0, int mr, int64_t p, int nc,
+                                           const int64_t (*pc)[BB_PANEL]) {
+    int k = lin->kbits;
+    int64_t n0 = p * BB_PANEL;
+    const __m512 stv = _mm512_set1_ps(lin->kstep);
+    for (int r = 0; r + k <= mr; r += k) {
+        int64_t m = (r0 + r) / k;
+        for (int c = 0; c < 4; c++) {
+            int n = nc - 8 * c;
+            if (n <= 0) break;
+            __mmask8 lm = n >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << n) - 1);
+            __m512i weighted = _mm512_load_si512((const __m512i *)(pc[r] + 8 * c));
+            for (int b = 1; b < k; b++) {
+                __m512i plane = _mm512_load_si512((const __m512i *)(pc[r + b] + 8 * c));
+                weighted = _mm512_add_epi64(weighted, _mm512_slli_epi64(plane, (unsigned)b));
+            }
+            weighted = _mm512_sub_epi64(weighted, _mm512_maskz_loadu_epi64(lm, lin->count_offset + n0 + 8 * c));
+            __m256 y = _mm256_mul_ps(_mm512_cvtepi64_ps(weighted), _mm512_castps512_ps256(stv));
+            y = _mm256_add_ps(_mm256_mul_ps(y, _mm256_maskz_loadu_ps(lm, lin->c0 + n0 + 8 * c)),
+                              _mm256_maskz_loadu_ps(lm, lin->c1 + n0 + 8 * c));
+            if (lin->residual)
+                y = _mm256_add_ps(y, _mm256_maskz_loadu_ps(lm, lin->residual + m * lin->N + n0 + 8 * c));
+            _mm256_mask_storeu_ps(lin->out + m * lin->N + n0 + 8 * c, lm, y);
+        }
+    }
+}
+
+/* the bit epilogue of one row: 32 compares with the thresholds, flipped, masked to the panel.
+ * Counts and thresholds (in [-1, K]) narrowed to int32 (K below 2^31 - 1, see linear_block_avx512),
+ * 16 channels per compare; the compares' masks joined in a mask register. */
+BB_INLINE BB_AVX512 void bits_row32(const linear_args *lin, int64_t m, int64_t p,
+                                                                     __m512i s0, __m512i s1, __m512i s2, __m512i s3,
+                                                                     const __m512i t[2], uint32_t fl, uint32_t valid) {
+    __mmask16 lo = _mm512_cmpgt_epi32_mask(low_dwords(s0, s1), t[0]), hi = _mm512_cmpgt_epi32_mask(low_dwords(s2, s3), t[1]);
+    uint32_t bits = _cvtmask32_u32(_mm512_kunpackw(hi, lo));
+    ((uint32_t *)(lin->out_bits + m * lin->ldo))[p] = (bits ^ fl) & valid;
+}
+
+/* bits_row32 on 64-bit counts and thresholds, for K of 2^31 - 1 or more */
+BB_INLINE BB_AVX512 void bits_row32_wide(const linear_args *lin, int64_t m, int64_t p,
+                                                                          __m512i s0, __m512i s1, __m512i s2,
+                                                                          __m512i s3, const __m512i t[4], uint32_t fl,
+                                                                          uint32_t valid) {
+    uint32_t bits = (uint32_t)_mm512_cmpgt_epi64_mask(s0, t[0]) | (uint32_t)_mm512_cmpgt_epi64_mask(s1, t[1]) << 8 |
+                    (uint32_t)_mm512_cmpgt_epi64_mask(s2, t[2]) << 16 | (uint32_t)_mm512_cmpgt_epi64_mask(s3, t[3]) << 24;
+    ((uint32_t *)(lin->out_bits + m * lin->ldo))[p] = (bits ^ fl) & valid;
+}
+
+/* the float epilogue of one row's 32 channels */
+BB_INLINE BB_AVX512 void float_row32(const linear_args *lin, int64_t m, int64_t n0,
+                                                                      __m512i s0, __m512i s1, __m512i s2, __m512i s3,
+                                                                      const __m512 c[4], __mmask16 lm0, __mmask16 lm1) {
+    float *o = lin->out + m * lin->N + n0;
+    const float *res = lin->residual ? lin->residual + m * lin->N + n0 : NULL;
+    epilogue16(s0, s1, c[0], c[2], res, o, lm0);
+    if (lm1) epilogue16(s2, s3, c[1], c[3], res ? res + 16 : NULL, o + 16, lm1);
+}
+
+/* the counts of one row into a tile row (k-bit epilogue) */
+BB_INLINE BB_AVX512 void store_row32(int64_t *t, __m512i s0, __m512i s1,
+                                                                      __m512i s2, __m512i s3) {
+    _mm512_store_si512((__m512i *)t, s0);
+    _mm512_store_si512((__m512i *)(t + 8), s1);
+    _mm512_store_si512((__m512i *)(t + 16), s2);
+    _mm512_store_si512((__m512i *)(t + 24), s3);
+}
+
+#define BB_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+/* prefetch into L1 the 4 cache lines of one K-word of a panel (32 channels) at address q */
+#define BB_PREFETCH_WORD(q)                                                                                   \
+    do {                                                                                                      \
+        const char *q_ = (const char *)(q);                                                                   \
+        _mm_prefetch(q_, _MM_HINT_T0); _mm_prefetch(q_ + 64, _MM_HINT_T0);                                    \
+        _mm_prefetch(q_ + 128, _MM_HINT_T0); _mm_prefetch(q_ + 192, _MM_HINT_T0);                             \
+    } while (0)
+#define BB_POP(av, w) _mm512_popcnt_epi64(_mm512_xor_si512(av, w))
+#define BB_ROW_FIRST(r)                                                                                       \
+    if (MR > r) {                                                                                             \
+        __m512i av = _mm512_set1_epi64((long long)a[r * lda]);                                                \
+        s##r##0 = BB_POP(av, w0), s##r##1 = BB_POP(av, w1), s##r##2 = BB_POP(av, w2), s##r##3 = BB_POP(av, w3); \
+    }
+#define BB_ROW_NEXT(r)                                                                                        \
+    if (MR > r) {                                                                                             \
+        __m512i av = _mm512_set1_epi64((long long)a[r * lda + k]);                                            \
+        s##r##0 = _mm512_add_epi64(s##r##0, BB_POP(av, w0));                                                  \
+        s##r##1 = _mm512_add_epi64(s##r##1, BB_POP(av, w1));                                                  \
+        s##r##2 = _mm512_add_epi64(s##r##2, BB_POP(av, w2));                                                  \
+        s##r##3 = _mm512_add_epi64(s##r##3, BB_POP(av, w3));                                                  \
+    }
+#define BB_ROW_BITS(r)                                                                                        \
+    if (MR > r) bits_row32(lin, r0 + r, p, s##r##0, s##r##1, s##r##2, s##r##3, t32, fl, valid);
+#define BB_ROW_BITS_WIDE(r)                                                                                   \
+    if (MR > r) bits_row32_wide(lin, r0 + r, p, s##r##0, s##r##1, s##r##2, s##r##3, t, fl, valid);
+#define BB_ROW_FLOAT(r)                                                                                       \
+    if (MR > r) float_row32(lin, r0 + r, n0, s##r##0, s##r##1, s##r##2, s##r##3, c, lm0, lm1);
+#define BB_ROW_STORE(r)                                                                                       \
+    if (MR > r) store_row32(tile[r], s##r##0, s##r##1, s##r##2, s##r##3);
+#define BB_ROW_DECL(r) __m512i s##r##0, s##r##1, s##r##2, s##r##3;
+
+/* One row block (MR rows) x one panel; OUT (a constant) selects the epilogue; prefetch (may be NULL):
+ * the panel to prefetch while this one runs, K-word by K-word (prefetch_panel). The 4 * MR
+ * accumulators are separate variables (not an array, which the compiler would keep in memory
+ * and copy to registers around the K loop of every block); the first K-word initialises them
+ * (K >= 1, so there always is one). */
+BB_INLINE BB_AVX512 void linear_block_avx512(const linear_args *lin,
+                                                                               int64_t r0, const int MR,
+                                                                               int64_t p, const uint64_t *prefetch,
+                                                                               const int OUT) {
+    int64_t kw = words_of(lin->K);
+    const uint64_t *wp = lin->w + p * kw * BB_PANEL;
+    int64_t n0 = p * BB_PANEL;
+    int nc = lin->N - n0 < BB_PANEL ? (int)(lin->N - n0) : BB_PANEL;
+    const uint64_t *a = lin->a + r0 * lin->lda;
+    int64_t lda = lin->lda;
+    BB_ROWS(BB_ROW_DECL)
+    {
+        __m512i w0 = _mm512_loadu_si512(wp), w1 = _mm512_loadu_si512(wp + 8);
+        __m512i w2 = _mm512_loadu_si512(wp + 16), w3 = _mm512_loadu_si512(wp + 24);
+        if (prefetch) BB_PREFETCH_WORD(prefetch);
+        BB_ROWS(BB_ROW_FIRST)
+    }
+    for (int64_t k = 1; k < kw; k++) {
+        const uint64_t *wk = wp + k * BB_PANEL;
+        if (prefetch) BB_PREFETCH_WORD((uintptr_t)prefetch + (uintptr_t)(k * BB_PANEL * 8));
+        __m512i w0 = _mm512_loadu_si512(wk), w1 = _mm512_loadu_si512(wk + 8);
+        __m512i w2 = _mm512_loadu_si512(wk + 16), w3 = _mm512_loadu_si512(wk + 24);
+        BB_ROWS(BB_ROW_NEXT)
+    }
+    uint32_t valid = nc >= 32 ? 0xFFFFFFFFu : (1u << nc) - 1;
+    if (OUT == BB_OUT_KBIT) { /* through memory: the k-bit epilogue combines the counts of several rows */
+        int64_t tile[BB_MR][BB_PANEL] __attribute__((aligned(64)));
+        BB_ROWS(BB_ROW_STORE)
+        kbit_epilogue_avx512(lin, r0, MR, p, nc, (const int64_t (*)[BB_PANEL])tile);
+    } else if (OUT == BB_OUT_BITS) {
+        const int64_t *tp = lin->thr + n0;
+        const __m512i t[4] = {_mm512_loadu_si512(tp), _mm512_loadu_si512(tp + 8), _mm512_loadu_si512(tp + 16),
+                              _mm512_loadu_si512(tp + 24)};
+        uint32_t fl = lin->flip[p];
+        if (lin->K < INT32_MAX) { /* counts and thresholds fit int32 */
+            const __m512i t32[2] = {low_dwords(t[0], t[1]), low_dwords(t[2], t[3])};
+            BB_ROWS(BB_ROW_BITS)
+        } else {
+            BB_ROWS(BB_ROW_BITS_WIDE)
+        }
+    } else {
+        /* c0 / c1 in registers, loaded once per panel (stores to `out` could alias them, so the
+         * compiler would otherwise reload them for every row) */
+        __mmask16 lm0 = (__mmask16)valid, lm1 = (__mmask16)(valid >> 16);
+        const __m512 c[4] = {_mm512_maskz_loadu_ps(lm0, lin->c0 + n0), _mm512_maskz_loadu_ps(lm1, lin->c0 + n0 + 16),
+                             _mm512_maskz_loadu_ps(lm0, lin->c1 + n0), _mm512_maskz_loadu_ps(lm1, lin->c1 + n0 + 16)};
+        BB_ROWS(BB_ROW_FLOAT)
+    }
+}
+
+#define BB_LINEAR_AVX512(OUT)                                                                                 \
+    switch (mr) {                                                                                             \
+    case 6: linear_block_avx512(lin, r0, 6, p, prefetch, OUT); break;                                         \
+    case 5: linear_block_avx512(lin, r0, 5, p, prefetch, OUT); break;                                         \
+    case 4: linear_block_avx512(lin, r0, 4, p, prefetch, OUT); break;                                         \
+    case 3: linear_block_avx512(lin, r0, 3, p, prefetch, OUT); break;                                         \
+    case 2: linear_block_avx512(lin, r0, 2, p, prefetch, OUT); break;                                         \
+    default: linear_block_avx512(lin, r0, 1, p, prefetch, OUT); break;                                        \
+    }
+
+BB_AVX512 static void linear_bits_avx512(const linear_args *lin, int64_t r0, int mr, int64_t p,
+                                         const uint64_t *prefetch) {
+    BB_LINEAR_AVX512(BB_OUT_BITS)
+}
+BB_AVX512 static void linear_float_avx512(const linear_args *lin, int64_t r0, int mr, int64_t p,
+                                          const uint64_t *prefetch) {
+    BB_LINEAR_AVX512(BB_OUT_FLOAT)
+}
+BB_AVX512 static void linear_kbit_avx512(const linear_args *lin, int64_t r0, int mr, int64_t p,
+                                         const uint64_t *prefetch) {
+    BB_LINEAR_AVX512(BB_OUT_KBIT)
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* LayerNorm (the portable kernel's operations, isa/portable.c)                          */
+
+/* 16 floats at p: a plain load when lm is full (the common case), else a masked one */
+BB_INLINE BB_AVX512 __m512 load16(__mmask16 lm, const float *p) {
+    return lm == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(lm, p);
+}
+
+/* R rows; each row's bits (if bits) packed from its output values as they are stored */
+/* One full vector of a LayerNorm's output: y = (x - mean) * rstd * gamma + beta over the 16 elements at
+ * x, gamma, beta, stored at out; returns the mask of its sign bits (y < 0, or with thresholds t: y - t
+ * not >= 0, the compare of sign_pack_row_*_avx512). */
+BB_INLINE BB_AVX512 __mmask16 layernorm_out16_avx512(
+    const float *x, __m512 mv, __m512 rv, const float *gamma, const float *beta, const float *t, float *out) {
+    const __m512 zero = _mm512_setzero_ps();
+    __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x), mv);
+    __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(d, rv), _mm512_loadu_ps(gamma)), _mm512_loadu_ps(beta));
+    _mm512_storeu_ps(out, y);
+    return t ? _mm512_cmp_ps_mask(_mm512_sub_ps(y, _mm512_loadu_ps(t)), zero, _CMP_NGE_UQ)
+             : _mm512_cmp_ps_mask(y, zero, _CMP_LT_OQ);
+}
+
+BB_INLINE BB_AVX512 void layernorm_block_avx512(
+    const float *x, int64_t H, const float *gamma, const float *beta, float eps, float *out, const float *t,
+    uint64_t *bits,
+    int64_t ldb, const int R) {
+    float lanes[16];
+    __m512 acc[4], mv[4], rv[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < H; i += 16) {
+        __mmask16 lm = H - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (H - i)) - 1);
+        for (int r = 0; r < R; r++) acc[r] = _mm512_add_ps(acc[r], load16(lm, x + r * H + i));
+    }
+    for (int r = 0; r < R; r++) {
+        _mm512_storeu_ps(lanes, acc[r]);
+        float s = 0.0f;
+        for (int l = 0; l < 16; l++) s += lanes[l];
+        mv[r] = _mm512_set1_ps(s / (float)H);
+        acc[r] = _mm512_setzero_ps();
+    }
+    for (int64_t i = 0; i < H; i += 16) {
+        __mmask16 lm = H - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (H - i)) - 1);
+        for (int r = 0; r < R; r++) {
+            __m512 d = _mm512_maskz_sub_ps(lm, load16(lm, x + r * H + i), mv[r]);
+            acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(d, d));
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        _mm512_storeu_ps(lanes, acc[r]);
+        float v = 0.0f;
+        for (int l = 0; l < 16; l++) v += lanes[l];
+        rv[r] = _mm512_set1_ps(1.0f / sqrtf(v / (float)H + eps));
+    }
+    const __m512 zero = _mm512_setzero_ps();
+    if (bits && H % 64 == 0) { /* whole words: four vectors of 16 per word, no masks */
+        for (int r = 0; r < R; r++)
+            for (int64_t i = 0; i < H; i += 64) {
+                uint64_t word = 0;
+                for (int v = 0; v < 4; v++) {
+                    int64_t e = i + 16 * v;
+                    __mmask16 neg = layernorm_out16_avx512(x + r * H + e, mv[r], rv[r], gamma + e, beta + e,
+                                                           t ? t + e : NULL, out + r * H + e);
+                    word |= (uint64_t)neg << (16 * v);
+                }
+                bits[r * ldb + (i >> 6)] = word;
+            }
+        return;
+    }
+    for (int r = 0; r < R; r++) {
+        uint64_t word = 0;
+        for (int64_t i = 0; i < H; i += 16) {
+            __mmask16 lm = H - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (H - i)) - 1);
+            __m512 d = _mm512_sub_ps(load16(lm, x + r * H + i), mv[r]);
+            __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(d, rv[r]), load16(lm, gamma + i)),
+                                     load16(lm, beta + i));
+            if (lm == 0xFFFF)
+                _mm512_storeu_ps(out + r * H + i, y);
+            else
+                _mm512_mask_storeu_ps(out + r * H + i, lm, y);
+            if (bits) { /* the compare of sign_pack_row_*_avx512 on the stored value */
+                __mmask16 neg = t ? _mm512_mask_cmp_ps_mask(lm, _mm512_sub_ps(y, load16(lm, t + i)),
+                                                            zero, _CMP_NGE_UQ)
+                                  : _mm512_mask_cmp_ps_mask(lm, y, zero, _CMP_LT_OQ);
+                word |= (uint64_t)neg << (i & 63);
+                if ((i & 63) == 48 || i + 16 >= H) {
+                    bits[r * ldb + (i >> 6)] = word;
+                    word = 0;
+                }
+            }
+        }
+    }
+}
+
+/* layernorm_block_avx512 on 8 rows of H, a multiple of 16: each row's 16 partial sums in its
+ * own register (an array of vectors would live in memory), the 8 rows' sums of lanes added
+ * together, lane l of every row in one vector (transposed), so the rows' in-order chains of 16
+ * adds run side by side; the bits of a row joined in mask registers. Each row's operations are
+ * layernorm_block_avx512's, in its order (the IEEE division and square root are the same in a
+ * vector). */
+#define BB_LN8(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+
+/* 8 x 8 floats transposed: lane r of c_l = lane l of r_r */
+#define BB_T8X8(r0, r1, r2, r3, r4, r5, r6, r7, c)                                                            \
+    do {                                                                                                      \
+        __m256 t0_ = _mm256_unpacklo_ps(r0, r1), t1_ = _mm256_unpackhi_ps(r0, r1);                            \
+        __m256 t2_ = _mm256_unpacklo_ps(r2, r3), t3_ = _mm256_unpackhi_ps(r2, r3);                            \
+        __m256 t4_ = _mm256_unpacklo_ps(r4, r5), t5_ = _mm256_unpackhi_ps(r4, r5);                            \
+        __m256 t6_ = _mm256_unpacklo_ps(r6, r7), t7_ = _mm256_unpackhi_ps(r6, r7);                            \
+        __m256 u0_ = _mm256_shuffle_ps(t0_, t2_, 0x44), u1_ = _mm256_shuffle_ps(t0_, t2_, 0xEE);              \
+        __m256 u2_ = _mm256_shuffle_ps(t1_, t3_, 0x44), u3_ = _mm256_shuffle_ps(t1_, t3_, 0xEE);              \
+        __m256 u4_ = _mm256_shuffle_ps(t4_, t6_, 0x44), u5_ = _mm256_shuffle_ps(t4_, t6_, 0xEE);              \
+        __m256 u6_ = _mm256_shuffle_ps(t5_, t7_, 0x44), u7_ = _mm256_shuffle_ps(t5_, t7_, 0xEE);              \
+        c[0] = _mm256_permute2f128_ps(u0_, u4_, 0x20); c[1] = _mm256_permute2f128_ps(u1_, u5_, 0x20);         \
+        c[2] = _mm256_permute2f128_ps(u2_, u6_, 0x20); c[3] = _mm256_permute2f128_ps(u3_, u7_, 0x20);         \
+        c[4] = _mm256_permute2f128_ps(u0_, u4_, 0x31); c[5] = _mm256_permute2f128_ps(u1_, u5_, 0x31);         \
+        c[6] = _mm256_permute2f128_ps(u2_, u6_, 0x31); c[7] = _mm256_permute2f128_ps(u3_, u7_, 0x31);         \
+    } while (0)
+
+/* (((0 + l0) + l1) + ...) + l15 over the 16 lanes of each of 8 rows: row r's sum in lane r */
+BB_INLINE BB_AVX512 __m256 lanes_sum8(__m512 a0, __m512 a1, __m512 a2, __m512 a3,
+                                                                        __m512 a4, __m512 a5, __m512 a6, __m512 a7) {
+    __m256 c[16];
+#define BB_LO(a) _mm512_castps512_ps256(a)
+#define BB_HI(a) _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1))
+    BB_T8X8(BB_LO(a0), BB_LO(a1), BB_LO(a2), BB_LO(a3), BB_LO(a4), BB_LO(a5), BB_LO(a6), BB_LO(a7), c);
+    BB_T8X8(BB_HI(a0), BB_HI(a1), BB_HI(a2), BB_HI(a3), BB_HI(a4), BB_HI(a5), BB_HI(a6), BB_HI(a7), (c + 8));
+#undef BB_LO
+#undef BB_HI
+    __m256 s = _mm256_setzero_ps();
+    for (int l = 0; l < 16; l++) s = _mm256_add_ps(s, c[l]);
+    return s;
+}
+
+/* lane r of v in every lane */
+#define BB_LANE(v, r) _mm512_permutexvar_ps(_mm512_set1_epi32(r), _mm512_castps256_ps512(v))
+
+BB_AVX512 static void layernorm_rows8_avx512(const float *x, int64_t H, const float *gamma, const float *beta,
+                                             float eps, float *out, const float *t, uint64_t *bits, int64_t ldb) {
+#define BB_LN_ZERO(r) __m512 s##r = _mm512_setzero_ps();
+#define BB_LN_SUM(r) s##r = _mm512_add_ps(s##r, _mm512_loadu_ps(x + r * H + i));
+#define BB_LN_MEAN(r) const __m512 m##r = BB_LANE(mean, r); s##r = _mm512_setzero_ps();
+#define BB_LN_VAR(r)                                                                                          \
+    {                                                                                                         \
+        __m512 d_ = _mm512_sub_ps(_mm512_loadu_ps(x + r * H + i), m##r);                                      \
+        s##r = _mm512_add_ps(s##r, _mm512_mul_ps(d_, d_));                                                    \
+    }
+    BB_LN8(BB_LN_ZERO)
+    for (int64_t i = 0; i < H; i += 16) { BB_LN8(BB_LN_SUM) }
+    const __m256 mean = _mm256_div_ps(lanes_sum8(s0, s1, s2, s3, s4, s5, s6, s7), _mm256_set1_ps((float)H));
+    BB_LN8(BB_LN_MEAN)
+    for (int64_t i = 0; i < H; i += 16) { BB_LN8(BB_LN_VAR) }
+    const __m256 var = lanes_sum8(s0, s1, s2, s3, s4, s5, s6, s7);
+    const __m256 rstd = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_sqrt_ps(_mm256_add_ps(
+                                          _mm256_div_ps(var, _mm256_set1_ps((float)H)), _mm256_set1_ps(eps))));
+    for (int r = 0; r < 8; r++) {
+        const __m512 mv = BB_LANE(mean, r), rv = BB_LANE(rstd, r);
+        const float *xr = x + r * H;
+        float *o = out + r * H;
+        for (int64_t i = 0; i < H; i += 64) {
+            __mmask16 neg[4] = {0, 0, 0, 0};
+            for (int v = 0; v < 4 && i + 16 * v < H; v++) {
+                int64_t e = i + 16 * v;
+                __mmask16 m = layernorm_out16_avx512(xr + e, mv, rv, gamma + e, beta + e, t ? t + e : NULL, o + e);
+                if (bits) neg[v] = m;
+            }
+            if (bits)
+                bits[r * ldb + (i >> 6)] = _cvtmask64_u64(_mm512_kunpackd(_mm512_kunpackw(neg[3], neg[2]),
+                                                                          _mm512_kunpackw(neg[1], neg[0])));
+        }
+    }
+#undef BB_LN_ZERO
+#undef BB_LN_SUM
+#undef BB_LN_MEAN
+#undef BB_LN_VAR
+}
+#undef BB_LANE
+
+/* 8 rows where H is a multiple of 16 and 8 are left, else 4 or 1 */
+BB_AVX512 static int layernorm_rows_avx512(const float *x, int64_t rows, int64_t H, const float *gamma,
+                                           const float *beta, float eps, float *out, const float *t, uint64_t *bits,
+                                           int64_t ldb) {
+    if (H % 16 == 0 && rows >= 8) {
+        layernorm_rows8_avx512(x, H, gamma, beta, eps, out, t, bits, ldb);
+        return 8;
+    }
+    if (rows >= 4) {
+        layernorm_block_avx512(x, H, gamma, beta, eps, out, t, bits, ldb, 4);
+        return 4;
+    }
+    layernorm_block_avx512(x, H, gamma, beta, eps, out, t, bits, ldb, 1);
+    return 1;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* embeddings                                                                            */
+
+BB_AVX512 static void embed_row_avx512(const uint64_t *word_bits, float alpha, const float *type, const float *pos,
+                                       int64_t H, float *out) {
+    __m512 plus = _mm512_set1_ps(alpha), minus = _mm512_set1_ps(-alpha);
+    for (int64_t i = 0; i < H; i += 16) {
+        __mmask16 lm = H - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (H - i)) - 1);
+        __mmask16 bits = (__mmask16)(word_bits[i >> 6] >> (i & 63));
+        __m512 wv = _mm512_mask_blend_ps(bits, plus, minus);
+        __m512 y = _mm512_add_ps(_mm512_add_ps(wv, _mm512_maskz_loadu_ps(lm, type + i)),
+                                 _mm512_maskz_loadu_ps(lm, pos + i));
+        _mm512_mask_storeu_ps(out + i, lm, y);
+    }
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* k-bit activations (kbit.c has the quantizer's formulas)                               */
+
+/* the two passes of kbit_clip_portable, 8 doubles at a time: lane l holds the columns c = l mod 8, as
+ * in the portable loops (a masked tail adds +0.0) */
+BB_AVX512 static float kbit_clip_avx512(const float *x, int64_t M, int64_t C, int64_t ldx, float clip_std) {
+    __m512d s = _mm512_setzero_pd();
+    __m256 amax = _mm256_setzero_ps();
+    __mmask8 nan = 0;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t c = 0; c < C; c += 8) {
+            __mmask8 lm = C - c >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << (C - c)) - 1);
+            __m256 v = _mm256_maskz_loadu_ps(lm, x + m * ldx + c);
+            s = _mm512_add_pd(s, _mm512_cvtps_pd(v));
+            amax = _mm256_max_ps(amax, _mm256_and_ps(v, absmask));
+            nan |= _mm256_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        }
+    double lanes[8];
+    _mm512_storeu_pd(lanes, s);
+    double sum = 0;
+    for (int l = 0; l < 8; l++) sum += lanes[l];
+    float am[8];
+    _mm256_storeu_ps(am, amax);
+    float a = 0.0f;
+    for (int l = 0; l < 8; l++)
+        if (am[l] > a) a = am[l];
+    double n = (double)M * (double)C;
+    __m512d mean = _mm512_set1_pd((double)(float)(sum / n));
+    s = _mm512_setzero_pd();
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t c = 0; c < C; c += 8) {
+            __mmask8 lm = C - c >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << (C - c)) - 1);
+            __m512d d = _mm512_maskz_sub_pd(lm, _mm512_cvtps_pd(_mm256_maskz_loadu_ps(lm, x + m * ldx + c)), mean);
+            s = _mm512_add_pd(s, _mm512_mul_pd(d, d));
+        }
+    _mm512_storeu_pd(lanes, s);
+    double ss = 0;
+    for (int l = 0; l < 8; l++) ss += lanes[l];
+    return clip_of(a, nan != 0, n, clip_std, ss);
+}
+
+/* 16 values at a time: the portable loop's clamp, division and rint (half to even), NaN and
+ * a non-finite step giving level 0 */
+BB_AVX512 static void kbit_pack_row_avx512(const quantize_args *q, int64_t m) {
+    int Q = (1 << (q->bits - 1)) - 1, k = q->bits;
+    const float *xr = q->x + m * q->ldx;
+    int finite = q->step > 0.0f && q->step <= 3.0e38f;
+    const __m512 lo = _mm512_set1_ps(-q->clip), hi = _mm512_set1_ps(q->clip), st = _mm512_set1_ps(q->step);
+    const __m512i qv = _mm512_set1_epi32(Q), nq = _mm512_set1_epi32(-Q);
+    for (int b = 0; b < k; b++)
+        for (int64_t w = 0; w < q->ldo; w++) q->out[(m * k + b) * q->ldo + w] = 0;
+    for (int64_t c = 0; c < q->C; c += 16) {
+        __mmask16 lm = q->C - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (q->C - c)) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(lm, xr + c);
+        __mmask16 ok = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q) & lm;
+        if (!finite) ok = 0;
+        v = _mm512_min_ps(_mm512_max_ps(v, lo), hi); /* clamp: v < -c -> -c, v > c -> c */
+        __m512 rounded = _mm512_roundscale_ps(_mm512_div_ps(v, st), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512i n = _mm512_maskz_cvtps_epi32(ok, rounded);
+        n = _mm512_min_epi32(_mm512_max_epi32(n, nq), qv);
+        __m512i u = _mm512_add_epi32(n, qv);
+        for (int b = 0; b < k; b++) {
+            __mmask16 bitm = _mm512_mask_test_epi32_mask(lm, u, _mm512_set1_epi32(1 << b));
+            q->out[(m * k + b) * q->ldo + (c >> 6)] |= (uint64_t)bitm << (c & 63);
+        }
+        if (q->levels) _mm_mask_storeu_epi8(q->levels + m * q->C + c, lm, _mm512_cvtepi32_epi8(n));
+    }
+}
+
+__attribute__((target("avx512f,avx512dq,avx512vl,fma"))) static void gelu_avx512(const float *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = gelu_one(x[i]);
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* the table                                                                             */
+
+const bb_ops bb_ops_avx512 = {
+    .family = BB_KERNEL_AVX512,
+    .name = "avx512",
+    .pack = {sign_pack_row_avx512},
+    .linear = {{linear_bits_avx512, linear_float_avx512, linear_kbit_avx512}},
+    .layernorm = {layernorm_rows_avx512},
+    .embed = {embed_row_avx512},
+    .attention = {transpose64_avx512, attn_scores_avx512, attn_context_avx512, attn_row_d64_avx512},
+    .kbit = {kbit_clip_avx512, kbit_pack_row_avx512, gelu_avx512, kattn_head_avx512},
+};
+
+#endif

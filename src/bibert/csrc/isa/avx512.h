@@ -1,0 +1,27 @@
+/* What the two AVX-512 files share: the target attribute of the family and the attention
+ * kernels (isa/avx512_attention.c) that the table in isa/avx512.c lists.
+ */
+#ifndef BIBERT_ISA_AVX512_H
+#define BIBERT_ISA_AVX512_H
+
+#include "portable.h"
+
+#if BB_X86
+#include <immintrin.h>
+
+#define BB_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq")))
+
+#pragma GCC visibility push(hidden)
+
+void transpose64_avx512(uint64_t a[64]);
+void attn_scores_avx512(const attn_args *attn, int64_t bh, int64_t i, uint64_t *ba, int64_t *popcounts);
+void attn_context_avx512(const attn_args *attn, int64_t bh, const uint64_t *ba, uint64_t *ctx_bits, int32_t *counts,
+                         const float *t);
+void attn_row_d64_avx512(const attn_args *attn, int64_t r, uint64_t *ba);
+void kattn_head_avx512(const kattn_args *attn, int64_t h, int32_t *scratch);
+
+#pragma GCC visibility pop
+
+#endif
+
+#endif

@@ -1,0 +1,346 @@
+/* The AVX-512 family's attention kernels (its table is in isa/avx512.c): the 64 x 64 bit
+ * transpose of the values, Bi-Attention on bits, and Bi-Attention on k-bit levels.
+ */
+#include <stdint.h>
+
+#include "avx512.h"
+
+#if BB_X86
+
+/* ------------------------------------------------------------------------------------ */
+/* Bi-Attention entirely in bits (the portable kernels' operations, isa/portable.c)      */
+
+/* transpose64 in eight 512-bit registers (row 8R + i in lane i of register R): the same six
+ * butterfly stages, each a bit-select between a row and its partner shifted. Partners 32, 16
+ * and 8 rows apart lie in other registers, those 4, 2 and 1 apart in other lanes of the same
+ * register (a lane permutation brings them). In place. */
+#define BB_SEL(m, x, y) _mm512_ternarylogic_epi64(m, x, y, 0xCA) /* m ? x : y, bit by bit */
+#define BB_XSTAGE(lo, hi, j, m)                                                                               \
+    do {                                                                                                      \
+        __m512i l_ = lo;                                                                                      \
+        lo = BB_SEL(_mm512_set1_epi64((long long)((m) << (j))), _mm512_slli_epi64(hi, j), lo);                \
+        hi = BB_SEL(_mm512_set1_epi64((long long)(m)), _mm512_srli_epi64(l_, j), hi);                         \
+    } while (0)
+/* lanes i and i + j of z (upper: the lanes with bit j of i set), p: z with those lanes swapped */
+#define BB_LSTAGE(z, p, j, m, upper)                                                                          \
+    do {                                                                                                      \
+        __m512i sh_ = _mm512_mask_mov_epi64(_mm512_slli_epi64(p, j), upper, _mm512_srli_epi64(p, j));         \
+        __m512i mk_ = _mm512_mask_mov_epi64(_mm512_set1_epi64((long long)((m) << (j))), upper,                \
+                                            _mm512_set1_epi64((long long)(m)));                               \
+        z = BB_SEL(mk_, sh_, z);                                                                              \
+    } while (0)
+BB_AVX512 void transpose64_avx512(uint64_t a[64]) {
+    __m512i z[8];
+    for (int r = 0; r < 8; r++) z[r] = _mm512_loadu_si512(a + 8 * r);
+    for (int r = 0; r < 4; r++) BB_XSTAGE(z[r], z[r + 4], 32, 0x00000000FFFFFFFFULL);
+    for (int r = 0; r < 8; r += 4)
+        for (int q = 0; q < 2; q++) BB_XSTAGE(z[r + q], z[r + q + 2], 16, 0x0000FFFF0000FFFFULL);
+    for (int r = 0; r < 8; r += 2) BB_XSTAGE(z[r], z[r + 1], 8, 0x00FF00FF00FF00FFULL);
+    for (int r = 0; r < 8; r++) {
+        BB_LSTAGE(z[r], _mm512_shuffle_i64x2(z[r], z[r], 0x4E), 4, 0x0F0F0F0F0F0F0F0FULL, 0xF0);
+        BB_LSTAGE(z[r], _mm512_shuffle_i64x2(z[r], z[r], 0xB1), 2, 0x3333333333333333ULL, 0xCC);
+        BB_LSTAGE(z[r], _mm512_permutex_epi64(z[r], 0xB1), 1, 0x5555555555555555ULL, 0xAA);
+        _mm512_storeu_si512(a + 8 * r, z[r]);
+    }
+}
+#undef BB_XSTAGE
+#undef BB_LSTAGE
+
+/* popcount(q XOR k_j) of the 64 keys of word w of a row, in 8 vectors of 8 keys */
+BB_INLINE BB_AVX512 void attn_popcounts_avx512(const attn_args *attn, const uint64_t *q,
+                                                                                  const uint64_t *kt, int64_t w,
+                                                                                  __m512i acc[8]) {
+    for (int v = 0; v < 8; v++) acc[v] = _mm512_setzero_si512();
+    for (int64_t x = 0; x < attn->dw; x++) {
+        __m512i qv = _mm512_set1_epi64((long long)q[x]);
+        const uint64_t *kx = kt + x * attn->lp + 64 * w;
+        for (int v = 0; v < 8; v++)
+            acc[v] = _mm512_add_epi64(acc[v], _mm512_popcnt_epi64(_mm512_xor_si512(qv, _mm512_loadu_si512(kx + 8 * v))));
+    }
+}
+
+/* the smallest of 8 vectors */
+BB_INLINE BB_AVX512 __m512i attn_min8_avx512(const __m512i m[8]) {
+    __m512i m01 = _mm512_min_epi64(m[0], m[1]), m23 = _mm512_min_epi64(m[2], m[3]);
+    __m512i m45 = _mm512_min_epi64(m[4], m[5]), m67 = _mm512_min_epi64(m[6], m[7]);
+    return _mm512_min_epi64(_mm512_min_epi64(m01, m23), _mm512_min_epi64(m45, m67));
+}
+
+/* the smallest lane of 8 popcounts, each at most d + 1 (in 16 bits below 2^16, one instruction) */
+BB_INLINE BB_AVX512 int64_t attn_lane_min_avx512(const attn_args *attn, __m512i m) {
+    if (attn->d < 0xffff) return _mm_cvtsi128_si32(_mm_minpos_epu16(_mm512_cvtepi64_epi16(m))) & 0xffff;
+    return _mm512_reduce_min_epi64(m);
+}
+
+/* eight 8-bit masks joined into 64 bits (k0 the lowest byte), in mask registers */
+BB_INLINE BB_AVX512 uint64_t join8_avx512(__mmask8 k0, __mmask8 k1, __mmask8 k2,
+                                                                             __mmask8 k3, __mmask8 k4, __mmask8 k5,
+                                                                             __mmask8 k6, __mmask8 k7) {
+    __mmask32 lo = _mm512_kunpackw(_mm512_kunpackb(k3, k2), _mm512_kunpackb(k1, k0));
+    __mmask32 hi = _mm512_kunpackw(_mm512_kunpackb(k7, k6), _mm512_kunpackb(k5, k4));
+    return _cvtmask64_u64(_mm512_kunpackd(hi, lo));
+}
+/* the BA bits of 64 keys: popcount < lim */
+BB_INLINE BB_AVX512 uint64_t attn_below_avx512(const __m512i acc[8], __m512i limv) {
+#define BB_LT(v) _mm512_cmp_epi64_mask(acc[v], limv, _MM_CMPINT_LT)
+    return join8_avx512(BB_LT(0), BB_LT(1), BB_LT(2), BB_LT(3), BB_LT(4), BB_LT(5), BB_LT(6), BB_LT(7));
+#undef BB_LT
+}
+
+/* 64 keys' popcounts in 8 named vectors (a0 .. a7), which the compiler keeps in registers */
+#define BB_LOAD8(a, p)                                                                                        \
+    __m512i a##0 = _mm512_loadu_si512((p)), a##1 = _mm512_loadu_si512((p) + 8),                               \
+            a##2 = _mm512_loadu_si512((p) + 16), a##3 = _mm512_loadu_si512((p) + 24),                         \
+            a##4 = _mm512_loadu_si512((p) + 32), a##5 = _mm512_loadu_si512((p) + 40),                         \
+            a##6 = _mm512_loadu_si512((p) + 48), a##7 = _mm512_loadu_si512((p) + 56)
+/* a_v += popcount(op(x, the 8 words at p + 8v)) for v = 0 .. 7; op is _mm512_xor_si512 (query
+ * against keys) or _mm512_and_si512 (BA against value bits) */
+#define BB_ACC1(a, v, op, x, p)                                                                               \
+    a##v = _mm512_add_epi64(a##v, _mm512_popcnt_epi64(op(x, _mm512_loadu_si512((p) + 8 * v))))
+#define BB_ACC8(a, op, x, p)                                                                                  \
+    do {                                                                                                      \
+        BB_ACC1(a, 0, op, x, p); BB_ACC1(a, 1, op, x, p); BB_ACC1(a, 2, op, x, p); BB_ACC1(a, 3, op, x, p);   \
+        BB_ACC1(a, 4, op, x, p); BB_ACC1(a, 5, op, x, p); BB_ACC1(a, 6, op, x, p); BB_ACC1(a, 7, op, x, p);   \
+    } while (0)
+#define BB_POP8(a, qv, kx) BB_ACC8(a, _mm512_xor_si512, qv, kx)
+#define BB_MIN8(a)                                                                                            \
+    _mm512_min_epi64(_mm512_min_epi64(_mm512_min_epi64(a##0, a##1), _mm512_min_epi64(a##2, a##3)),            \
+                     _mm512_min_epi64(_mm512_min_epi64(a##4, a##5), _mm512_min_epi64(a##6, a##7)))
+/* the 64 bits of cmp(a_v, x) for v = 0 .. 7 (cmp: an _MM_CMPINT_ predicate) */
+#define BB_CMP1(a, v, x, cmp) _mm512_cmp_epi64_mask(a##v, x, cmp)
+#define BB_CMP8(a, x, cmp)                                                                                    \
+    join8_avx512(BB_CMP1(a, 0, x, cmp), BB_CMP1(a, 1, x, cmp), BB_CMP1(a, 2, x, cmp), BB_CMP1(a, 3, x, cmp),  \
+                 BB_CMP1(a, 4, x, cmp), BB_CMP1(a, 5, x, cmp), BB_CMP1(a, 6, x, cmp), BB_CMP1(a, 7, x, cmp))
+#define BB_BELOW8(a, limv) BB_CMP8(a, limv, _MM_CMPINT_LT)
+
+BB_AVX512 void attn_scores_avx512(const attn_args *attn, int64_t bh, int64_t i, uint64_t *ba, int64_t *popcounts) {
+    int64_t b = bh / attn->H;
+    const uint64_t *q = attn->q + (bh * attn->L + i) * attn->dw;
+    const uint64_t *kt = attn->kt + bh * attn->dw * attn->lp;
+    const uint64_t *valid = attn->valid + b * attn->lw;
+    if (!attn->rel) {
+        const __m512i limv = _mm512_set1_epi64(attn->lim ? attn->lim[bh % attn->H] : (attn->d + 1) / 2);
+        for (int64_t w = 0; w < attn->lw; w++) {
+            const __m512i zero = _mm512_setzero_si512();
+            __m512i a0 = zero, a1 = zero, a2 = zero, a3 = zero, a4 = zero, a5 = zero, a6 = zero, a7 = zero;
+            for (int64_t x = 0; x < attn->dw; x++) {
+                const __m512i qv = _mm512_set1_epi64((long long)q[x]);
+                const uint64_t *kx = kt + x * attn->lp + 64 * w;
+                BB_POP8(a, qv, kx);
+            }
+            ba[w] = BB_BELOW8(a, limv) & valid[w];
+        }
+    } else if (attn->lw <= 2) { /* relative, up to 128 keys: as below, the popcounts kept in registers */
+        const int64_t *pad = attn->pad + b * attn->lp;
+        const int two = attn->lw == 2;
+        BB_LOAD8(a, pad);
+        BB_LOAD8(c, pad + (two ? 64 : 0));
+        for (int64_t x = 0; x < attn->dw; x++) {
+            const __m512i qv = _mm512_set1_epi64((long long)q[x]);
+            const uint64_t *kx = kt + x * attn->lp;
+            BB_POP8(a, qv, kx);
+            if (two) BB_POP8(c, qv, kx + 64);
+        }
+        __m512i m = BB_MIN8(a);
+        if (two) m = _mm512_min_epi64(m, BB_MIN8(c));
+        const __m512i limv = _mm512_set1_epi64(relative_limit(attn, bh % attn->H, attn_lane_min_avx512(attn, m)));
+        ba[0] = BB_BELOW8(a, limv);
+        if (two) ba[1] = BB_BELOW8(c, limv);
+    } else { /* relative: the popcounts (d + 1 more for a key that is not real) wait in popcounts for the limit */
+        const int64_t *pad = attn->pad + b * attn->lp;
+        __m512i minv = _mm512_set1_epi64(attn->d + 1);
+        for (int64_t w = 0; w < attn->lw; w++) {
+            __m512i acc[8];
+            attn_popcounts_avx512(attn, q, kt, w, acc);
+            for (int v = 0; v < 8; v++) {
+                acc[v] = _mm512_add_epi64(acc[v], _mm512_loadu_si512(pad + 64 * w + 8 * v));
+                _mm512_storeu_si512(popcounts + 64 * w + 8 * v, acc[v]);
+            }
+            minv = _mm512_min_epi64(minv, attn_min8_avx512(acc));
+        }
+        /* a key that is not real has at least d + 1 >= every limit: never attended */
+        const __m512i limv = _mm512_set1_epi64(relative_limit(attn, bh % attn->H, attn_lane_min_avx512(attn, minv)));
+        for (int64_t w = 0; w < attn->lw; w++) {
+            __m512i acc[8];
+            for (int v = 0; v < 8; v++) acc[v] = _mm512_loadu_si512(popcounts + 64 * w + 8 * v);
+            ba[w] = attn_below_avx512(acc, limv);
+        }
+    }
+}
+
+/* the context counts of 64 columns in 8 named vectors: a_v += popcount(BA AND v-bits) */
+#define BB_AND8(a, bv, vw) BB_ACC8(a, _mm512_and_si512, bv, vw)
+/* columns 8v .. 8v+7 of a one-word context (attn_context_avx512, dp = 64): their count
+ * npos - 2 * popcount, its sign bits (or, with thresholds, !(count - t >= 0) in float32) into
+ * neg, the counts into counts when asked; the general path's operations */
+#define BB_CTX1(a, v, d)                                                                                      \
+    do {                                                                                                      \
+        int n_ = (int)(d) - 8 * v >= 8 ? 8 : (int)(d) - 8 * v;                                                \
+        if (n_ <= 0) break;                                                                                   \
+        __mmask8 m_ = (__mmask8)((1u << n_) - 1);                                                             \
+        __m512i count_ = _mm512_sub_epi64(nv, _mm512_slli_epi64(a##v, 1));                                    \
+        uint64_t neg_;                                                                                        \
+        if (t) {                                                                                              \
+            __m256 dv8_ = _mm256_sub_ps(_mm512_cvtepi64_ps(count_), _mm256_maskz_loadu_ps(m_, t + 8 * v));    \
+            neg_ = _mm256_cmp_ps_mask(dv8_, _mm256_setzero_ps(), _CMP_NGE_UQ);                                \
+        } else {                                                                                              \
+            neg_ = _mm512_cmp_epi64_mask(count_, _mm512_setzero_si512(), _MM_CMPINT_LT);                      \
+        }                                                                                                     \
+        neg |= (neg_ & m_) << (8 * v);                                                                        \
+        if (counts) _mm256_mask_storeu_epi32(counts + 8 * v, m_, _mm512_cvtepi64_epi32(count_));              \
+    } while (0)
+
+BB_AVX512 void attn_context_avx512(const attn_args *attn, int64_t bh, const uint64_t *ba, uint64_t *ctx_bits,
+                                   int32_t *counts, const float *t) {
+    const uint64_t *vt = attn->vt + bh * attn->lw * attn->dp;
+    int64_t npos = 0;
+    for (int64_t w = 0; w < attn->lw; w++) npos += __builtin_popcountll(ba[w]);
+    const __m512i nv = _mm512_set1_epi64(npos);
+    if (attn->dp == 64) { /* one word of context bits (57 to 64 columns): 8 vectors of counts in registers */
+        const __m512i zero = _mm512_setzero_si512();
+        __m512i a0 = zero, a1 = zero, a2 = zero, a3 = zero, a4 = zero, a5 = zero, a6 = zero, a7 = zero;
+        for (int64_t w = 0; w < attn->lw; w++) {
+            const __m512i bv = _mm512_set1_epi64((long long)ba[w]);
+            const uint64_t *vw = vt + w * 64;
+            BB_AND8(a, bv, vw);
+        }
+        uint64_t neg = 0;
+        BB_CTX1(a, 0, attn->d); BB_CTX1(a, 1, attn->d); BB_CTX1(a, 2, attn->d); BB_CTX1(a, 3, attn->d);
+        BB_CTX1(a, 4, attn->d); BB_CTX1(a, 5, attn->d); BB_CTX1(a, 6, attn->d); BB_CTX1(a, 7, attn->d);
+        ctx_bits[0] = neg;
+        return;
+    }
+    for (int64_t x = 0; x < attn->dw; x++) ctx_bits[x] = 0;
+    for (int64_t c0 = 0; c0 < attn->dp; c0 += 32) {
+        int nblk = attn->dp - c0 >= 32 ? 4 : (int)((attn->dp - c0) / 8);
+        __m512i acc[4];
+        for (int v = 0; v < 4; v++) acc[v] = _mm512_setzero_si512();
+        for (int64_t w = 0; w < attn->lw; w++) {
+            __m512i bv = _mm512_set1_epi64((long long)ba[w]);
+            const uint64_t *vw = vt + w * attn->dp + c0;
+            for (int v = 0; v < nblk; v++)
+                acc[v] = _mm512_add_epi64(acc[v], _mm512_popcnt_epi64(_mm512_and_si512(bv, _mm512_loadu_si512(vw + 8 * v))));
+        }
+        for (int v = 0; v < nblk; v++) {
+            int64_t c = c0 + 8 * v;
+            __m512i count = _mm512_sub_epi64(nv, _mm512_slli_epi64(acc[v], 1));
+            int nc = attn->d - c >= 8 ? 8 : (int)(attn->d - c);
+            if (nc <= 0) break;
+            uint64_t neg;
+            if (t) { /* counts are below 2^24 in size: exact in float32 */
+                __m256 dv8 = _mm256_sub_ps(_mm512_cvtepi64_ps(count),
+                                           _mm256_maskz_loadu_ps((__mmask8)((1u << nc) - 1), t + c));
+                neg = _mm256_cmp_ps_mask(dv8, _mm256_setzero_ps(), _CMP_NGE_UQ);
+            } else {
+                neg = _mm512_cmp_epi64_mask(count, _mm512_setzero_si512(), _MM_CMPINT_LT);
+            }
+            neg &= (1u << nc) - 1;
+            ctx_bits[c >> 6] |= neg << (c & 63);
+            if (counts) _mm256_mask_storeu_epi32(counts + c, (__mmask8)((1u << nc) - 1), _mm512_cvtepi64_epi32(count));
+        }
+    }
+}
+/* Query row r of every head for d = 64 with fixed limits (not relative): one word of query,
+ * key and context bits per head, each head's context one word of the output row. The BA bits
+ * of all heads, then their contexts: attn_scores_avx512 and attn_context_avx512's operations, inline.
+ * ba: scratch [H, lw]. */
+BB_AVX512 void attn_row_d64_avx512(const attn_args *attn, int64_t r, uint64_t *ba) {
+    int64_t H = attn->H, L = attn->L, lw = attn->lw, b = r / L, i = r % L;
+    const uint64_t *valid = attn->valid + b * lw;
+    uint64_t *orow = attn->out + r * attn->ldo;
+    const __m512i zero = _mm512_setzero_si512();
+    for (int64_t h = 0; h < H; h++) {
+        int64_t bh = b * H + h;
+        const __m512i qv = _mm512_set1_epi64((long long)attn->q[bh * L + i]);
+        const __m512i limv = _mm512_set1_epi64(attn->lim ? attn->lim[h] : (attn->d + 1) / 2);
+        const uint64_t *kt = attn->kt + bh * attn->lp;
+        for (int64_t w = 0; w < lw; w++) {
+            __m512i a0 = zero, a1 = zero, a2 = zero, a3 = zero, a4 = zero, a5 = zero, a6 = zero, a7 = zero;
+            BB_POP8(a, qv, kt + 64 * w);
+            ba[h * lw + w] = BB_BELOW8(a, limv) & valid[w];
+        }
+    }
+    for (int64_t h = 0; h < H; h++) {
+        const uint64_t *vt = attn->vt + (b * H + h) * lw * 64, *bah = ba + h * lw;
+        const float *t = attn->thr ? attn->thr + h * 64 : NULL;
+        int32_t *counts = attn->counts ? attn->counts + (r * H + h) * 64 : NULL;
+        int64_t npos = 0;
+        for (int64_t w = 0; w < lw; w++) npos += __builtin_popcountll(bah[w]);
+        const __m512i nv = _mm512_set1_epi64(npos);
+        __m512i a0 = zero, a1 = zero, a2 = zero, a3 = zero, a4 = zero, a5 = zero, a6 = zero, a7 = zero;
+        for (int64_t w = 0; w < lw; w++) {
+            const __m512i bv = _mm512_set1_epi64((long long)bah[w]);
+            BB_AND8(a, bv, vt + w * 64);
+        }
+        uint64_t neg = 0;
+        if (!t && !counts) { /* count = npos - 2 a < 0  <=>  a > floor(npos / 2) */
+            neg = BB_CMP8(a, _mm512_set1_epi64(npos >> 1), _MM_CMPINT_NLE);
+        } else {
+            BB_CTX1(a, 0, 64); BB_CTX1(a, 1, 64); BB_CTX1(a, 2, 64); BB_CTX1(a, 3, 64);
+            BB_CTX1(a, 4, 64); BB_CTX1(a, 5, 64); BB_CTX1(a, 6, 64); BB_CTX1(a, 7, 64);
+        }
+        orow[h] = neg;
+    }
+    for (int64_t x = H; x < attn->ldo; x++) orow[x] = 0;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Bi-Attention on k-bit levels                                                          */
+
+/* kattn_head_body with the scores of 128 keys in eight registers of 16-bit lanes (|S| <= d Q^2
+ * fits 16 bits for d <= 668) and the counts of 64 channels in four registers over the
+ * attended keys: the same integers. */
+BB_AVX512 void kattn_head_avx512(const kattn_args *attn, int64_t h, int32_t *scratch) {
+    int64_t L = attn->L, d = attn->d, hd = attn->H * attn->d, lp = (L + 127) / 128 * 128;
+    if (d > 600) {
+        kattn_head_body(attn, h, scratch);
+        return;
+    }
+    int16_t *kt = (int16_t *)scratch;             /* [d][lp] the head's key levels, transposed */
+    uint64_t *ba = (uint64_t *)(kt + d * lp); /* [lp / 64] the attended keys of one query */
+    for (int64_t c = 0; c < d; c++)
+        for (int64_t j = 0; j < lp; j++) kt[c * lp + j] = j < L ? attn->k[j * hd + h * d + c] : 0;
+    const __m512 sv = _mm512_set1_ps(attn->step_v);
+    for (int64_t i = 0; i < L; i++) {
+        const int8_t *qi = attn->q + i * hd + h * d;
+        for (int64_t j0 = 0; j0 < lp; j0 += 128) {
+            __m512i acc[4];
+            for (int v = 0; v < 4; v++) acc[v] = _mm512_setzero_si512();
+            for (int64_t c = 0; c < d; c++) {
+                if (!qi[c]) continue;
+                __m512i qv = _mm512_set1_epi16(qi[c]);
+                const int16_t *kc = kt + c * lp + j0;
+                for (int v = 0; v < 4; v++)
+                    acc[v] = _mm512_add_epi16(acc[v], _mm512_mullo_epi16(qv, _mm512_loadu_si512(kc + 32 * v)));
+            }
+            for (int w = 0; w < 2; w++) { /* S > 0 and key valid, as bits (keys past L: no valid bit) */
+                uint64_t pos = (uint64_t)_mm512_cmpgt_epi16_mask(acc[2 * w], _mm512_setzero_si512()) |
+                               (uint64_t)_mm512_cmpgt_epi16_mask(acc[2 * w + 1], _mm512_setzero_si512()) << 32;
+                int64_t word = (j0 >> 6) + w;
+                ba[word] = word < (L + 63) / 64 ? pos & attn->valid[word] : 0;
+            }
+        }
+        for (int64_t c0 = 0; c0 < d; c0 += 64) {
+            __m512i cn[4];
+            for (int v = 0; v < 4; v++) cn[v] = _mm512_setzero_si512();
+            int64_t n = d - c0 < 64 ? d - c0 : 64;
+            for (int64_t w = 0; w < lp / 64; w++)
+                for (uint64_t bits = ba[w]; bits; bits &= bits - 1) {
+                    int64_t j = 64 * w + __builtin_ctzll(bits);
+                    const int8_t *nv = attn->v + j * hd + h * d + c0;
+                    for (int v = 0; v < 4 && 16 * v < n; v++) {
+                        __mmask16 lm = n - 16 * v >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - 16 * v)) - 1);
+                        cn[v] = _mm512_add_epi32(cn[v], _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(lm, nv + 16 * v)));
+                    }
+                }
+            for (int v = 0; v < 4 && 16 * v < n; v++) {
+                __mmask16 lm = n - 16 * v >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - 16 * v)) - 1);
+                _mm512_mask_storeu_ps(attn->out + i * attn->ldo + h * d + c0 + 16 * v, lm,
+                                      _mm512_mul_ps(_mm512_cvtepi32_ps(cn[v]), sv));
+                if (attn->counts) _mm512_mask_storeu_epi32(attn->counts + i * hd + h * d + c0 + 16 * v, lm, cn[v]);
+            }
+        }
+    }
+}
+
+#endif

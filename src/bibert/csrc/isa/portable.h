@@ -1,0 +1,166 @@
+/* The plain C bodies that more than one ISA file compiles: always inlined, so each file
+ * compiles them for its own target (the results do not change: the same operations in the
+ * same order, FMA contraction off, fmaf where the formula fuses). And the portable kernels
+ * that the other families' tables reuse as they are (isa/portable.c defines them).
+ */
+#ifndef BIBERT_ISA_PORTABLE_H
+#define BIBERT_ISA_PORTABLE_H
+
+#include <math.h>
+
+#include "../bb_internal.h"
+
+#pragma GCC visibility push(hidden)
+
+/* ------------------------------------------------------------------------------------ */
+/* binary Linear: the epilogues of a tile of counts                                      */
+
+/* channels of panel p that exist (32, fewer in the last panel) */
+BB_INLINE int panel_channels(const linear_args *lin, int64_t p) {
+    return lin->N - p * BB_PANEL < BB_PANEL ? (int)(lin->N - p * BB_PANEL) : BB_PANEL;
+}
+
+/* The epilogue of row m: counts pc[0..nc) of panel p into bits (OUT == BB_OUT_BITS: p > thr,
+ * flipped) or floats (c0 + c1 * p [+ residual]). */
+BB_INLINE void linear_row_epilogue(const linear_args *lin, int64_t m, int64_t p, int nc, const int64_t *pc,
+                                   const int OUT) {
+    int64_t n0 = p * BB_PANEL;
+    if (OUT == BB_OUT_BITS) {
+        uint32_t bits = 0;
+        for (int c = 0; c < nc; c++) bits |= (uint32_t)(pc[c] > lin->thr[n0 + c]) << c;
+        bits ^= lin->flip[p];
+        if (nc < 32) bits &= (1u << nc) - 1;
+        ((uint32_t *)(lin->out_bits + m * lin->ldo))[n0 / 32] = bits;
+    } else {
+        float *o = lin->out + m * lin->N + n0;
+        for (int c = 0; c < nc; c++) {
+            float y = lin->c0[n0 + c] + lin->c1[n0 + c] * (float)pc[c];
+            if (lin->residual) y = y + lin->residual[m * lin->N + n0 + c];
+            o[c] = y;
+        }
+    }
+}
+
+/* k-bit input (docs/packed_format.md, "Multi-bit activations"): rows r0 .. r0+mr-1 of a tile
+ * are bit-planes 0 .. k-1 of consecutive input rows (u = level + Q, plane b = bit b of u),
+ * pc their popcounts against the panel's channels. Each input row's integer count is
+ * C = sum_b 2^b pc_b - count_offset_n (= sum_j level_j w_j, exactly) and its output
+ * y = ((C * step) * alpha_n + bias_n) [+ residual], the student's rounding order. */
+BB_INLINE void kbit_epilogue(const linear_args *lin, int64_t r0, int mr, int64_t p, int nc,
+                             const int64_t (*pc)[BB_PANEL]) {
+    int k = lin->kbits;
+    int64_t n0 = p * BB_PANEL;
+    for (int r = 0; r + k <= mr; r += k) {
+        int64_t m = (r0 + r) / k;
+        float *o = lin->out + m * lin->N + n0;
+        const float *res = lin->residual ? lin->residual + m * lin->N + n0 : NULL;
+        for (int c = 0; c < nc; c++) {
+            int64_t weighted = 0; /* sum_b 2^b pc_b */
+            for (int b = 0; b < k; b++) weighted += pc[r + b][c] << b;
+            float y = (float)(weighted - lin->count_offset[n0 + c]) * lin->kstep * lin->c0[n0 + c] + lin->c1[n0 + c];
+            o[c] = res ? y + res[c] : y;
+        }
+    }
+}
+
+/* The epilogue of a whole tile of counts (rows r0 .. r0+mr-1 x panel p) as OUT says: each row's
+ * bits or floats, or the outputs of the tile's k-bit input rows (all planes of each). */
+BB_INLINE void linear_tile_epilogue(const linear_args *lin, int64_t r0, int mr, int64_t p,
+                                    const int64_t (*tile)[BB_PANEL], const int OUT) {
+    int nc = panel_channels(lin, p);
+    if (OUT == BB_OUT_KBIT) {
+        kbit_epilogue(lin, r0, mr, p, nc, tile);
+        return;
+    }
+    for (int r = 0; r < mr; r++) linear_row_epilogue(lin, r0 + r, p, nc, tile[r], OUT);
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* k-bit activations                                                                     */
+
+/* the clip of the student's k-bit quantizer (kbit.c) from the absolute maximum, whether a value
+ * is NaN, the count n and the sum of squared deviations ss */
+BB_INLINE float clip_of(float amax, int nan, double n, float clip_std, double ss) {
+    float sd = (float)sqrt(ss / (n - 1.0));
+    float scaled = clip_std * sd;
+    float clip = nan || scaled != scaled ? NAN : amax < scaled ? amax : scaled;
+    if (clip < 1e-8f) clip = 1e-8f;
+    return clip;
+}
+
+/* GELU of the FFN-in output for the k-bit FFN-out input: x * 0.5 * (1 + erf(x / sqrt 2)) with
+ * erf from the Abramowitz-Stegun 7.1.26 form (error below 1.5e-7) and a polynomial exp, in
+ * float32 with fused multiply-adds (fmaf: the same result on every kernel family). It is
+ * close to torch's float32 GELU but not bit-identical to it. */
+BB_INLINE float gelu_one(float x) {
+    float d = -((x * (float)M_SQRT1_2) * (x * (float)M_SQRT1_2));
+    float qf = rintf(d * 1.44269504088896341f);
+    float s = fmaf(qf, -0.693145751953125f, d);
+    s = fmaf(qf, -1.428606765330187045e-06f, s);
+    float u = 0.000198527617612853646278381f;
+    u = fmaf(u, s, 0.00139304355252534151077271f);
+    u = fmaf(u, s, 0.00833336077630519866943359f);
+    u = fmaf(u, s, 0.0416664853692054748535156f);
+    u = fmaf(u, s, 0.166666671633720397949219f);
+    u = fmaf(u, s, 0.5f);
+    u = 1.0f + fmaf(s * s, u, s);
+    int q = d < -104.0f ? 0 : (int)qf;
+    int q1 = q >> 1, q2 = q - q1;
+    union { uint32_t i; float f; } p1 = {(uint32_t)(q1 + 127) << 23}, p2 = {(uint32_t)(q2 + 127) << 23};
+    float e = d < -104.0f ? 0.0f : u * p1.f * p2.f; /* exp(-(x/sqrt 2)^2) */
+    float z = fabsf(x * (float)M_SQRT1_2);
+    float t = 1.0f / fmaf(0.3275911f, z, 1.0f);
+    float r = fmaf(fmaf(fmaf(fmaf(1.061405429f, t, -1.453152027f), t, 1.421413741f), t, -0.284496736f), t,
+                   0.254829592f);
+    float erf_abs = fmaf(-e * t, r, 1.0f);
+    float erf = x < 0.0f ? -erf_abs : erf_abs;
+    return x != x ? x : x * 0.5f * (1.0f + erf);
+}
+
+/* Bi-Attention on k-bit levels, head h (kbit.c has the formulas), in int32 */
+BB_INLINE void kattn_head_body(const kattn_args *attn, int64_t h, int32_t *scratch) {
+    int64_t L = attn->L, d = attn->d, hd = attn->H * attn->d, lp = (L + 15) / 16 * 16;
+    int32_t *cnt = scratch;                /* [d] */
+    int32_t *S = cnt + (d + 15) / 16 * 16; /* [lp] the scores of one query */
+    int32_t *kt = S + lp;                  /* [d][lp] the head's key levels, transposed */
+    for (int64_t c = 0; c < d; c++)
+        for (int64_t j = 0; j < lp; j++) kt[c * lp + j] = j < L ? attn->k[j * hd + h * d + c] : 0;
+    for (int64_t i = 0; i < L; i++) {
+        const int8_t *qi = attn->q + i * hd + h * d;
+        for (int64_t j = 0; j < lp; j++) S[j] = 0;
+        for (int64_t c = 0; c < d; c++) {
+            int32_t qc = qi[c];
+            if (!qc) continue;
+            const int32_t *kc = kt + c * lp;
+            for (int64_t j = 0; j < lp; j++) S[j] += qc * kc[j];
+        }
+        for (int64_t c = 0; c < d; c++) cnt[c] = 0;
+        for (int64_t j = 0; j < L; j++) {
+            if (S[j] <= 0 || !((attn->valid[j >> 6] >> (j & 63)) & 1)) continue;
+            const int8_t *nv = attn->v + j * hd + h * d;
+            for (int64_t c = 0; c < d; c++) cnt[c] += nv[c];
+        }
+        for (int64_t c = 0; c < d; c++) attn->out[i * attn->ldo + h * d + c] = (float)cnt[c] * attn->step_v;
+        if (attn->counts)
+            for (int64_t c = 0; c < d; c++) attn->counts[i * hd + h * d + c] = cnt[c];
+    }
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* portable kernels that other families' tables list (isa/portable.c)                    */
+
+void sign_pack_row_portable(const float *x, const float *t, int64_t K, uint64_t *out);
+void embed_row_portable(const uint64_t *word_bits, float alpha, const float *type, const float *pos, int64_t H,
+                        float *out);
+void transpose64_portable(uint64_t a[64]);
+float kbit_clip_portable(const float *x, int64_t M, int64_t C, int64_t ldx, float clip_std);
+void kbit_pack_row_portable(const quantize_args *q, int64_t m);
+#if BB_X86
+void attn_scores_popcnt(const attn_args *attn, int64_t bh, int64_t i, uint64_t *ba, int64_t *popcounts);
+void attn_context_popcnt(const attn_args *attn, int64_t bh, const uint64_t *ba, uint64_t *ctx_bits, int32_t *counts,
+                         const float *t);
+#endif
+
+#pragma GCC visibility pop
+
+#endif
