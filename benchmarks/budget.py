@@ -69,10 +69,24 @@ def _elastic(key, steps, seeds=(1,), **kw) -> Run:
 RUNS = {
     "snli": [
         _elastic("elastic_s2500", 2500, seeds=(1, 2, 3)),
+        # progressive binarization (docs/method.md §7): activations harden over the first quarter of the steps
+        Run("elastic_phasein25_s2500", "Elastic BiBERT + phase-in 0.25, 2500 steps", "1-1-1", "bi-max", "dmd", 2500,
+            activations="elastic", pred_weight=5.0, extra={"phase_in": 0.25}),
     ],
     "rotten_tomatoes": [
         _elastic("elastic_s2500", 2500, seeds=(1, 2, 3)),
     ],
+}
+
+
+# Earlier runs of benchmarks/study.py at its short budget, shown beside these (wall-clock only; their snli
+# teacher saw 20,000 pairs and scores 77.5, the rotten_tomatoes one has this script's recipe in fp32, 79.9)
+STUDY = ROOT / "benchmarks" / "results" / "study"
+STUDY_ROWS = {  # family label: (study row key, seeds)
+    "Elastic BiBERT 1-1-1": ("elastic_bimax_bf16_pred5", (1, 2, 3)),
+    "1-1-2 (softmax, standard KD)": ("w1a2", (1,)),
+    "1-1-2 (softmax, standard KD), 3x the study's epochs": ("w1a2_x3", (1,)),
+    "1-1-4 (softmax, standard KD)": ("w1a4", (1,)),
 }
 
 
@@ -203,6 +217,13 @@ def collect() -> dict:
                                   "packed": [r.get("packed") for r in done.values()],
                                   "cpus": sorted({r.get("cpu", "?") for r in done.values()}),
                                   "load": [r.get("load_average", [None])[0] for r in done.values()]}
+        study = {}
+        for family, (key, seeds) in STUDY_ROWS.items():
+            done = [r for r in (_results(STUDY / task / f"{key}_seed{s}") for s in seeds) if r]
+            if done:
+                study[family] = {"steps": done[0]["steps"], "scores": [test_score(r) for r in done],
+                                 "minutes": [r.get("wall_seconds", r["train_seconds"]) / 60 for r in done]}
+        entry["study"] = study
         table[task] = entry
     return table
 
@@ -232,7 +253,7 @@ def write_report() -> Path:
                   "| CPU minutes per run | load average at the end | CPU |", "|---|---|---|---|---|---|---|---|---|---|"]
         steps = {r.key: r.steps for r in RUNS[task]}
         for key, e in entry.items():
-            if key == "teacher" or not e:
+            if key in ("teacher", "study") or not e:
                 continue
             load = ", ".join("-" if x is None else f"{x:.1f}" for x in e["load"])
             packed = [p for p in e["packed"] if p]
@@ -242,6 +263,13 @@ def write_report() -> Path:
                          f"{packed_acc} | {agree} | "
                          f"{', '.join(f'{m:.1f}' for m in e['minutes'])} | "
                          f"{', '.join(f'{m:.1f}' for m in e['cpu_minutes'])} | {load} | {', '.join(e['cpus'])} |")
+        if entry.get("study"):
+            teacher = "a teacher fine-tuned on 20,000 pairs, 77.5" if task == "snli" else "the same teacher recipe in fp32, 79.9"
+            lines += ["", f"The study's runs at its short budget (benchmarks/study.py; {teacher}; two runs sharing the "
+                          "cores, wall-clock only):", "", "| run | steps | test acc | wall-clock minutes |", "|---|---|---|---|"]
+            for family, e in entry["study"].items():
+                lines.append(f"| {family} | {e['steps']} | {_fmt(e['scores'])} | "
+                             f"{', '.join(f'{m:.1f}' for m in e['minutes'])} |")
         lines.append("")
     chart = plot(table)
     if chart:
@@ -265,24 +293,31 @@ def plot(table: dict) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, len(table), figsize=(5.5 * len(table), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(table), figsize=(5.5 * len(table), 5.5), squeeze=False)
     for ax, (task, entry) in zip(axes[0], table.items()):
         groups: dict[str, list] = {}
+        def color(family: str) -> str:  # one colour per recipe, whichever script ran it
+            return next((c for prefix, c in (("Elastic", "C0"), ("1-1-2", "C1"), ("1-1-4", "C3")) if
+                         family.startswith(prefix)), "C4")
+
+        for family, e in entry.get("study", {}).items():
+            pts = [(statistics.mean(e["minutes"]), statistics.mean(e["scores"]))]
+            ax.plot(*zip(*pts), "s", mfc="none", color=color(family), label=f"{family}, study (n={len(e['scores'])})")
         for key, e in entry.items():
-            if key == "teacher" or not e:
+            if key in ("teacher", "study") or not e:
                 continue
             family = e["label"].rsplit(",", 1)[0]
             for m, s in zip(e["minutes"], e["scores"]):
                 groups.setdefault(family, []).append((m, s))
         for family, pts in groups.items():
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=family)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color(family), label=family)
         if entry.get("teacher"):
             ax.axhline(entry["teacher"]["score"], color="grey", ls="--", label="teacher")
         ax.set_title(task)
         ax.set_xlabel("student training, wall-clock minutes")
         ax.set_ylabel("test accuracy (%)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=1)
     fig.tight_layout()
     path = DOCS / "budget.png"
     fig.savefig(path, dpi=110)
