@@ -200,11 +200,39 @@ def test_old_run_configs_still_load():
         assert config.task.registered
 
 
-def test_model_names_resolve():
+def test_model_names_resolve(tmp_path, monkeypatch, capsys):
+    import socket
+    import time
+
+    from bibert import fetch
+
     assert resolve_model("teacher") == str(teacher_path())
-    assert resolve_model("bert-base-uncased") == "bert-base-uncased"
     with pytest.raises(BibertError, match="'snli' is not a model but a data set: pass it as --task snli"):
         resolve_model("snli")
+    # a folder that does not exist is named as such, not taken for a hub name (issue 28)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for missing in ("runs/teacher", "./teacher", "out/sst2/best", str(tmp_path / "gone")):
+        with pytest.raises(BibertError, match=rf"^no such folder: {missing}; give a model folder"):
+            resolve_model(missing)
+    assert cli_main(["distill", "--teacher", "runs/teacher", "--task", "sst2", "--out", "o"]) == 2
+    assert "error: no such folder: runs/teacher;" in capsys.readouterr().err
+
+    # a hub name: taken as it is when the hub answers; refused at once when it cannot be reached
+    def unreachable(address, timeout=None):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    assert resolve_model("bert-base-uncased") == "bert-base-uncased"
+    monkeypatch.setattr(fetch.socket, "create_connection", lambda address, timeout=None: socket.socket())
+    fetch.check_hub("bert-base-uncased")
+    monkeypatch.setattr(fetch.socket, "create_connection", unreachable)
+    t = time.monotonic()
+    assert cli_main(["finetune", "--model", "org/some-bert", "--task", "rotten_tomatoes", "--out", "o"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "bibert finetune: error: cannot download 'org/some-bert': the Hugging Face hub (huggingface.co) cannot be "
+        "reached (Name or service not known) and the model is not in its local cache; offline, give 'teacher' (the "
+        "offline all-MiniLM-L6-v2) or a model folder (if org/some-bert is meant as a folder: it does not exist)")
+    assert time.monotonic() - t < 30  # the data are read first; no minute of retries
 
 
 def test_a_folder_without_a_model_says_so(tmp_path, capsys):

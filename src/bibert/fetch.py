@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -31,6 +33,7 @@ from .checkpoint import write_folder_atomically
 from .errors import BibertError
 
 MARKER = ".complete"
+HUB_TIMEOUT_S = 5.0  # to connect to the Hugging Face hub before a model is downloaded
 
 
 @dataclass(frozen=True)
@@ -195,10 +198,51 @@ def teacher_path() -> Path:
 def resolve_model(name: str) -> str:
     """A --model value as a path or hub name: a path that exists as it is; "teacher" -> the
     offline teacher's folder (`teacher_path`); the name of another offline resource -> an
-    error (it holds data, not a model); anything else as it is (a Hugging Face hub name)."""
-    if name not in RESOURCES or os.path.exists(name):
+    error (it holds data, not a model); a path that does not exist -> "no such folder";
+    anything else as it is (a Hugging Face hub name: see `check_hub`)."""
+    if os.path.exists(name):
         return name
     if name == "teacher":
         return str(teacher_path())
-    kind = "word vectors (for bibert augment)" if name == "glove" else f"a data set: pass it as --task {name}"
-    raise BibertError(f"{name!r} is not a model but {kind}; give a model folder, a hub name or 'teacher'")
+    if name in RESOURCES:
+        kind = "word vectors (for bibert augment)" if name == "glove" else f"a data set: pass it as --task {name}"
+        raise BibertError(f"{name!r} is not a model but {kind}; give a model folder, a hub name or 'teacher'")
+    if _is_path(name):
+        raise BibertError(f"no such folder: {name}; give a model folder (e.g. a run's best/), a Hugging Face hub "
+                          "name, or 'teacher' (the offline all-MiniLM-L6-v2)")
+    return name
+
+
+def _is_path(name: str) -> bool:
+    """Whether a --model value that does not exist means a folder rather than a hub name
+    ("name" or "org/name" of word characters, '-' and '.'): it cannot be a hub name, starts
+    like a path, or lies in a folder that exists here."""
+    parent = Path(name).parent
+    return (not re.fullmatch(r"[\w][\w.-]*(/[\w.-]+)?", name) or name.startswith(".")
+            or (str(parent) != "." and parent.is_dir()))
+
+
+def check_hub(name: str) -> None:
+    """Before hub model `name` is loaded: raise at once if the Hugging Face hub cannot be
+    reached and the model is not in its local cache (the hub client would retry for a minute)."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+    except ValueError:  # not a valid repo id: the hub would refuse it too
+        pass
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
+    if reason is None:
+        try:
+            socket.create_connection((host, port), timeout=HUB_TIMEOUT_S).close()
+            return
+        except OSError as exc:
+            reason = exc.strerror or str(exc) or type(exc).__name__
+    raise BibertError(f"cannot download {name!r}: the Hugging Face hub ({host}) cannot be reached ({reason}) and "
+                      "the model is not in its local cache; offline, give 'teacher' (the offline all-MiniLM-L6-v2) "
+                      f"or a model folder (if {name} is meant as a folder: it does not exist)")

@@ -633,6 +633,10 @@ def load_hf_classifier(name_or_path: str, num_labels: int | None = None, **kwarg
     if os.path.isdir(name_or_path):
         read_config(name_or_path)  # a folder without config.json holds no model: say so
         verify_folder(name_or_path, model_folder_advice(name_or_path))
+    else:
+        from .fetch import check_hub
+
+        check_hub(name_or_path)  # offline: fail at once, naming the offline teacher
     try:
         hf_config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as exc:
