@@ -78,7 +78,7 @@ def test_evaluate_command_writes_json(tokenizer, tmp_path, capsys):
                  "--data-dir", str(GLUE / "MNLI"), "--device", "cpu"]) == 2
     assert "no labels" in capsys.readouterr().err
     assert main(["evaluate", "--model", str(tmp_path / "nowhere"), "--task", "mnli"]) == 2
-    assert "model folder not found" in capsys.readouterr().err
+    assert f"no such folder: {tmp_path / 'nowhere'}; give a model folder" in capsys.readouterr().err
 
 
 def test_evaluate_results_are_named_after_their_data(tokenizer, tmp_path, capsys):
