@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import tracemalloc
 
 import numpy as np
@@ -225,6 +226,59 @@ def test_bad_paths(model_file, tmp_path):
         bad = tmp_path / "labelled.csv"
         write_csv(bad, [{"text": "x", "pred_label": "y"}])
         predict_file(model_file, bad, tmp_path / "o.csv", "text")
+
+
+def test_output_folder_and_special_files_are_one_line_errors(model_file, tmp_path, capsys):
+    src = tmp_path / "in.csv"
+    write_csv(src, rows(3))
+    folder = tmp_path / "out.csv"
+    folder.mkdir()
+    assert cli_main(["predict", "--model", str(model_file), "--file", str(src), "--text-column", "text",
+                     "--out", str(folder), "--overwrite", "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"bibert predict: error: the output {folder} is a folder; give a file name in "
+                                       f"it, e.g. {folder / 'predictions.csv'}\n")
+    fifo = tmp_path / "in.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(BibertError, match=rf"^input file {fifo} is a named pipe \(FIFO\), not a file; give the path "
+                       "of a file on disk$"):
+        predict_file(model_file, fifo, tmp_path / "o.csv", "text")
+    (tmp_path / "null.csv").symlink_to("/dev/null")
+    with pytest.raises(BibertError, match=r"^input file .*null.csv is a character device, not a file"):
+        predict_file(model_file, tmp_path / "null.csv", tmp_path / "o.csv", "text")
+    with pytest.raises(BibertError, match=r"^input file .* is a folder, not a file$"):
+        predict_file(model_file, folder, tmp_path / "o.csv", "text")
+
+
+def test_a_full_disk_is_one_line_and_resume_continues(model_file, tmp_path, monkeypatch, capsys):
+    """Issue 28: OSError 28 while writing the output was a traceback; the rows already
+    committed stay, and --resume then gives the same file as a run that never failed."""
+    import errno
+
+    import bibert.serving.batch_predict as bp
+
+    src = tmp_path / "in.csv"
+    write_csv(src, rows(40))
+    args = ["predict", "--model", str(model_file), "--file", str(src), "--text-column", "text", "--window", "8",
+            "--no-progress", "--out"]
+    assert cli_main([*args, str(tmp_path / "whole.csv")]) == 0
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 7:  # header, then the record and the output of two windows: the third window's write
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(bp.os, "fsync", fsync)
+    capsys.readouterr()
+    out = tmp_path / "out.csv"
+    assert cli_main([*args, str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"bibert predict: error: cannot write {out}: No space left on device (ENOSPC); 16 rows are "
+                   "complete in it: free some space, then run the same command with --resume to continue\n")
+    monkeypatch.setattr(bp.os, "fsync", real_fsync)
+    assert cli_main([*args, str(out), "--resume"]) == 0
+    assert out.read_bytes() == (tmp_path / "whole.csv").read_bytes()
 
 
 def test_reader_streams_in_constant_memory(tmp_path):

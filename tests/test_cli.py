@@ -79,3 +79,65 @@ def test_student_flags_fill_in_from_the_recipe():
     assert student_quant(None, None, "sign") == QuantConfig()  # sign activations: Bi-Attention, not bi-max
     assert student_quant("1-1-4", None, None) == QuantConfig(activation_bits=4)
     assert student_quant(None, "softmax", None, paper=True) == QuantConfig(attention="softmax")
+
+
+def test_a_misspelt_flag_gets_its_commands_usage_and_a_suggestion(capsys):
+    from bibert.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["predict", "--model", "m.bibert", "--flie", "in.csv"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: bibert predict [-h] --model PATH")
+    assert err.endswith("bibert predict: error: unrecognized arguments: --flie (did you mean --file?)\n")
+    with pytest.raises(SystemExit):
+        main(["distill", "--teacher", "t", "--out", "o", "--max-step", "3", "--quantiser-lr", "1"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: bibert distill") and "(did you mean --quantizer-lr?)" in err
+
+
+def test_help_says_what_each_command_takes(capsys):
+    with pytest.raises(SystemExit):
+        parse("evaluate", "--help")
+    text = capsys.readouterr().out
+    for training_only in ("--train-file", "--dev-file", "--test-file", "--lr", "--epochs", "--resume"):
+        assert training_only not in text
+    assert "column of --file holding the label" in text
+    with pytest.raises(SystemExit):
+        parse("export", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "bits 1-1-1, or 1-1-2 / 1-1-4 with k-bit activations; attention bi, or bi-max" in text
+
+
+def test_summary_takes_every_attention(tmp_path, capsys):
+    import json
+
+    from bibert.cli import main
+
+    config = {"model_type": "bert", "vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tables = {}
+    for attention in ("bi", "bi-max", "softmax"):
+        assert main(["summary", str(tmp_path / "config.json"), "--bits", "1-1-1", "--attention", attention,
+                     "--json"]) == 0
+        tables[attention] = json.loads(capsys.readouterr().out)
+    assert tables["bi-max"]["attention"] == "bi-max"
+    assert tables["bi-max"]["totals"] == tables["bi"]["totals"]  # the same operations, margins learned
+
+
+def test_ctrl_c_says_how_to_continue(monkeypatch, capsys):
+    import bibert.commands.packed
+    import bibert.commands.train
+    from bibert.cli import main
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bibert.commands.train, "run_distill", interrupted)
+    assert main(["distill", "--teacher", "t", "--out", "runs/x"]) == 130
+    assert capsys.readouterr().err == ("interrupted: runs/x keeps its last checkpoint; run the same command with "
+                                       "--resume to continue from it\n")
+    monkeypatch.setattr(bibert.commands.packed, "run_predict", interrupted)
+    assert main(["predict", "--model", "m.bibert", "a text"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"

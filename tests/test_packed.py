@@ -3,6 +3,7 @@ student, end-to-end agreement, both dispatch paths, bad files and bad inputs, th
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 
@@ -298,8 +299,13 @@ def test_bad_files(exported, tmp_path):
     newer.write_bytes(raw[:8] + struct.pack("<I", PACKED_FORMAT_VERSION + 1) + raw[12:])
     garbage = tmp_path / "garbage.bibert"
     garbage.write_bytes(b"not a model")
+    os.mkfifo(tmp_path / "fifo.bibert")
     for bad, message in ((truncated, "checksum"), (corrupted, "checksum"), (newer, "version"), (garbage, "magic"),
-                         (tmp_path / "missing.bibert", "does not exist")):
+                         (tmp_path / "missing.bibert", "does not exist$"),
+                         (folder, "is a folder, not a file; a packed model is one file: write it from a student "
+                                  "folder with `bibert export --model DIR --out model.bibert`$"),
+                         (tmp_path / "fifo.bibert", r"is a named pipe \(FIFO\), not a file"),
+                         ("/dev/zero", "is a character device, not a file")):
         with pytest.raises(BibertError, match=message):
             load_packed(bad)
 

@@ -7,6 +7,7 @@ Each area of the package contributes its subcommands from a module in
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 
@@ -33,9 +34,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RESUMABLE = ("finetune", "distill")  # commands whose --out keeps a checkpoint that --resume continues
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, except that an unknown option is reported by its subcommand's parser (its
+    usage line, not the top level's) with the closest option it has."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        sub = _subparser(parser, getattr(args, "command", None)) or parser
+        message = f"unrecognized arguments: {' '.join(extras)}"
+        options = [o for action in sub._actions for o in action.option_strings]
+        for extra in extras:
+            close = difflib.get_close_matches(extra.split("=", 1)[0], options, n=1, cutoff=0.6)
+            if extra.startswith("-") and close:
+                message += f" (did you mean {close[0]}?)"
+                break
+        sub.error(message)
+    return args
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(command)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
@@ -45,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bibert {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if args.command in RESUMABLE:
+            print(f"interrupted: {args.out} keeps its last checkpoint; run the same command with --resume to "
+                  "continue from it", file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
         return 130
 
 

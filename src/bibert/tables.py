@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import BibertError
+from .errors import BibertError, not_a_file
 
 INPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -58,10 +58,8 @@ class TableReader:
     def __init__(self, path: Path):
         self.path = path
         self.format = input_format(path)
-        if not path.exists():
-            raise BibertError(f"input file {path} does not exist")
         if not path.is_file():
-            raise BibertError(f"input {path} is not a file")
+            raise not_a_file(path, "input file")
         try:
             self.size = path.stat().st_size
             with open(path, "rb"):

@@ -7,14 +7,18 @@ RESOURCE_NAMES = ["rotten_tomatoes", "snli", "glove", "teacher"]
 
 
 def add_source_arguments(p) -> None:
-    """--data-dir / --file and the column options shared by commands that read a task."""
-    from .train import add_config_options
-
+    """--data-dir / --file and the column options shared by commands that read a task (the
+    columns' flags and destinations are the training commands', their help is about --file)."""
     p.add_argument("--data-dir", help="GLUE folder in the original layout, e.g. glue_data/SST-2 "
                    "(or the glue_data root)")
     p.add_argument("--file", help="your own .csv, .tsv, .jsonl or .parquet file instead of the task's data; "
                    "without --task, a task of your own data")
-    add_config_options(p, "finetune", names=("text_column", "text_pair_column", "label_column"))
+    p.add_argument("--text-column", help="column of --file holding the first text (default: the task's field, e.g. "
+                   "sentence; text for your own data)")
+    p.add_argument("--text-pair-column", "--pair-column", dest="text_pair_column",
+                   help="column of --file holding the second text, for sentence pairs (default: the task's field; "
+                   "none for your own data)")
+    p.add_argument("--label-column", help="column of --file holding the label (default: label)")
 
 
 def source_kwargs(args) -> dict:

@@ -14,11 +14,13 @@ PREVIEW = 60  # characters of each text shown beside its prediction
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "export",
-        help="write the packed 1-bit model of a BiBERT student",
-        description="Pack a fully binarized (1-1-1, Bi-Attention) student folder into one file: sign bits "
-        "for every binarized weight and the word embedding, per-row scales, full-precision side parameters, "
-        "config, tokenizer, format version and SHA-256 checksum (docs/packed_format.md). Prints the size "
-        "against the student's fp32 safetensors.",
+        help="write the packed model of a BiBERT student (1-bit weights)",
+        description="Pack a student folder with 1-bit weights and embeddings (bits 1-1-1, or 1-1-2 / 1-1-4 with "
+        "k-bit activations; attention bi, or bi-max of Elastic BiBERT) into one file: sign bits for every "
+        "binarized weight and the word embedding, per-row scales, full-precision side parameters, config, "
+        "tokenizer, format version and SHA-256 checksum (docs/packed_format.md). Refuses a student whose folder "
+        "differs from its manifest or whose weights hold NaN or Inf. Prints the size against the student's "
+        "fp32 safetensors.",
     )
     p.add_argument("--model", required=True, metavar="STUDENT_DIR", help="folder written by save_pretrained")
     p.add_argument("--out", required=True, metavar="PATH", help="packed file to write (e.g. model.bibert)")

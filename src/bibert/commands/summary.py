@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from ..config import ATTENTIONS
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -16,7 +18,9 @@ def register(sub) -> None:
     p.add_argument("model", metavar="MODEL_DIR_OR_CONFIG_JSON")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--bits", help="override W-E-A bits, e.g. 1-1-1, 1-1-4, 32-32-32")
-    p.add_argument("--attention", choices=["bi", "softmax"], default=None, help="with --bits: attention kind (default bi)")
+    p.add_argument("--attention", choices=list(ATTENTIONS), default=None,
+                   help="with --bits: attention kind: bi = Bi-Attention, bi-max = Elastic BiBERT's (with its elastic "
+                   "activations), softmax = the baseline's (default bi)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -28,7 +32,9 @@ def run(args) -> int:
 
     if args.seq_len < 1:
         raise BibertError("--seq-len must be a positive number of tokens")
-    quant = QuantConfig.from_bits(args.bits, args.attention or "bi") if args.bits else None
+    attention = args.attention or "bi"
+    activations = "elastic" if attention == "bi-max" else "sign"  # bi-max exists only with elastic activations
+    quant = QuantConfig.from_bits(args.bits, attention, activations) if args.bits else None
     if args.attention and not args.bits:
         raise BibertError("--attention needs --bits")
     s = model_cost(args.model, seq_len=args.seq_len, quant=quant)

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..bert_names import (ATTENTION_OUTPUT, BINARY_LINEARS, BODY, CLASSIFIER, FFN_IN, FFN_OUT, LAYER_NORMS,
                           LAYER_PREFIX, POOLER, SELF_ATTENTION, WORD_EMBEDDINGS)
-from ..errors import BibertError
+from ..errors import BibertError, not_a_file
 
 MAGIC = b"BIBERTPK"
 PACKED_FORMAT_VERSION = 4  # the newest packed format version this bibert reads and writes
@@ -636,7 +636,8 @@ def read_packed(path: str | os.PathLike) -> PackedFile:
     files"). Any problem is a BibertError saying the file is not valid and why."""
     path = Path(path)
     if not path.is_file():
-        raise BibertError(f"packed model {path} does not exist")
+        raise not_a_file(path, "packed model", "a packed model is one file: write it from a student folder with "
+                         "`bibert export --model DIR --out model.bibert`")
     try:
         raw = path.read_bytes()
     except OSError as exc:

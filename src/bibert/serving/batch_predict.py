@@ -17,6 +17,8 @@ OUT back to the recorded end and continues after the rows already written.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -24,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -80,6 +82,8 @@ def predict_file(model, input_path: str | os.PathLike, out: str | os.PathLike, t
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise BibertError(f"{name} is {value!r}: give a positive integer")
     input_path, out = Path(input_path), Path(out)
+    if out.is_dir():
+        raise BibertError(f"the output {out} is a folder; give a file name in it, e.g. {out / 'predictions.csv'}")
     fmt = output_format(out)
     reader = TableReader(input_path)
     if out.exists() and input_path.exists() and os.path.samefile(out, input_path):
@@ -126,14 +130,17 @@ def predict_file(model, input_path: str | os.PathLike, out: str | os.PathLike, t
     committed_rows, new_rows = skip, 0
     bar = _progress_bar(progress, reader, skip)
     try:
-        with open(out, "r+b" if committed_bytes else "wb") as f:
-            if committed_bytes:
-                f.truncate(committed_bytes)  # anything after the record is a partial window
-                f.seek(committed_bytes)
-            else:
-                header = writer.header()
-                f.write(header)
-                committed_bytes = _commit(f, out, record, 0, len(header), complete=False)
+        with _writing(out, lambda: committed_rows):
+            f = open(out, "r+b" if committed_bytes else "wb")
+        with f:
+            with _writing(out, lambda: committed_rows):
+                if committed_bytes:
+                    f.truncate(committed_bytes)  # anything after the record is a partial window
+                    f.seek(committed_bytes)
+                else:
+                    header = writer.header()
+                    f.write(header)
+                    committed_bytes = _commit(f, out, record, 0, len(header), complete=False)
             for chunk in _windows(reader.rows(skip, needed), window):
                 texts, pairs = _texts(chunk, text_column, reader), None
                 if pair_column:
@@ -142,14 +149,16 @@ def predict_file(model, input_path: str | os.PathLike, out: str | os.PathLike, t
                 out_rows = [_out_row(row, id_column, fmt, columns, predictions, label, score, reader)
                             for row, label, score in zip(chunk, labels, scores)]
                 data = writer.encode(out_rows)
-                f.write(data)
+                with _writing(out, lambda: committed_rows):
+                    f.write(data)
+                    committed_bytes = _commit(f, out, record, committed_rows + len(chunk),
+                                              committed_bytes + len(data), complete=False)
                 committed_rows += len(chunk)
                 new_rows += len(chunk)
-                committed_bytes = _commit(f, out, record, committed_rows, committed_bytes + len(data),
-                                          complete=False)
                 if reader.total is None and reader.position():
                     bar.total = max(committed_rows, int(committed_rows * reader.size / reader.position()))
-            _commit(f, out, record, committed_rows, committed_bytes, complete=True)
+            with _writing(out, lambda: committed_rows):
+                _commit(f, out, record, committed_rows, committed_bytes, complete=True)
         bar.total = committed_rows
         bar.refresh()
     except KeyboardInterrupt:
@@ -163,6 +172,22 @@ def predict_file(model, input_path: str | os.PathLike, out: str | os.PathLike, t
 
 
 # ---- pieces ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _writing(out: Path, complete_rows: Callable[[], int]):
+    """Turns an OSError while writing OUT or its record (a full disk, a lost mount) into a
+    BibertError that says how many rows are safe in OUT and how to continue."""
+    try:
+        yield
+    except OSError as exc:
+        name = errno.errorcode.get(exc.errno)
+        fix = "free some space, then " if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        rows = complete_rows()
+        then = (f"{rows} rows are complete in it: {fix}run the same command with --resume to continue" if rows
+                else f"{fix or 'check the folder and its permissions, then '}run the command again")
+        raise BibertError(f"cannot write {out}: {exc.strerror or exc}" + (f" ({name})" if name else "") +
+                          f"; {then}") from None
 
 
 def _check_columns(reader: TableReader, text_column: str, pair_column: str | None, id_column: str | None) -> None:
