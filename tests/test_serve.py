@@ -374,13 +374,13 @@ def test_too_long_a_text_is_refused_before_tokenizing(strict_server):
 
 def test_slow_heads_and_bodies_are_cut_at_their_timeouts(strict_server):
     status, _, _, elapsed = raw_exchange(strict_server.port, b"")  # a connection that sends nothing: closed
-    assert status is None and 0.9 < elapsed < 3
+    assert status is None and 0.9 < elapsed < 5
     status, headers, answer, elapsed = raw_exchange(strict_server.port, b"POST /predict HTTP/1.1\r\nHost: x\r\n")
-    assert status == 408 and headers["connection"] == "close" and 0.9 < elapsed < 3
+    assert status == 408 and headers["connection"] == "close" and 0.9 < elapsed < 5
     assert answer == {"error": "the request head did not arrive within 1 s"}
     status, headers, answer, elapsed = raw_exchange(
         strict_server.port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b'{"texts": [')
-    assert status == 408 and headers["connection"] == "close" and 0.9 < elapsed < 3
+    assert status == 408 and headers["connection"] == "close" and 0.9 < elapsed < 5
     assert answer == {"error": "the body did not arrive within 1 s (the server's --body-timeout); 11 bytes came"}
     assert strict_server.get("/health")[0] == 200
 
@@ -390,7 +390,7 @@ def test_a_huge_head_is_refused_431_at_once(strict_server):
     t = time.monotonic()
     sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 6000)
     status, headers, answer, _ = _read_response(sock)
-    assert time.monotonic() - t < 1
+    assert time.monotonic() - t < 3  # at once: well under a second on an idle machine
     assert status == 431 and headers["connection"] == "close"
     assert answer == {"error": "the request head (request line and headers) is larger than 4096 bytes; send fewer "
                                "or shorter headers"}
@@ -434,8 +434,7 @@ def test_framing_errors_and_a_trailing_slash_get_json(strict_server):
 
 def test_connections_beyond_the_limit_get_503(strict_server):
     held = [socket.create_connection(("127.0.0.1", strict_server.port), timeout=10) for _ in range(12)]
-    try:
-        time.sleep(0.2)  # all accepted
+    try:  # accepted in order: the 12 are open when the 13th comes (and idle for less than the 1 s timeout)
         status, headers, answer, _ = raw_exchange(strict_server.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status == 503 and answer["error"] == "too many connections (at most 12); retry shortly"
     finally:
@@ -452,7 +451,9 @@ def test_a_client_gone_mid_body_is_one_info_line(strict_server):
         sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b'{"texts": ["')
         time.sleep(0.1)
         sock.close()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and sum("went away" in line for line in strict_server.lines[before:]) < 3:
+        time.sleep(0.1)
     assert strict_server.get("/health")[0] == 200
     new = strict_server.lines[before:]
     gone = [line for line in new if "went away before sending the whole body" in line]
