@@ -3,10 +3,10 @@
 Each scenario starts its own server on 127.0.0.1 (a packed model of --shape, random
 weights) and prints one verdict line with its numbers:
 
-- slow: --slow half-open connections that send a request head one byte a second, beside
-  --clients normal keep-alive clients (GET /health and POST /predict alternately) for
-  --seconds: the normal clients' p50 / p99, their failures, and when the server closed the
-  slow connections (the --header-timeout, 10 s by default);
+- slow: --clients normal keep-alive clients (GET /health and POST /predict alternately) for
+  --seconds alone, then beside --slow half-open connections that send a request head one
+  byte a second: the normal clients' p50 / p99 and failures both ways, and when the server
+  closed the slow connections (the --header-timeout, 10 s by default);
 - huge: --clients clients sending 1 MB texts, then texts at the --max-text-chars cap, beside
   one normal client: its p99 and what the big ones were answered;
 - disconnects: --disconnects clients that send half a body and hang up, with a /health
@@ -102,6 +102,9 @@ class NormalClients:
 def scenario_slow(model: Path, args) -> str:
     proc, port, _ = start_server(model, args.threads, [])
     try:
+        alone = NormalClients(port, args.clients, args.texts)  # the same clients without the slow ones, first
+        time.sleep(args.seconds)
+        alone = alone.finish()
         socks, opened, closed_after = [], {}, []
         for _ in range(args.slow):
             s = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -136,10 +139,13 @@ def scenario_slow(model: Path, args) -> str:
         proc.wait(60)
     closed = f"{len(closed_after)}/{args.slow} closed by the server" + (
         f" after {min(closed_after):.1f}-{max(closed_after):.1f} s" if closed_after else "")
-    return (f"slow: {args.slow} slow connections + {args.clients} clients for {args.seconds:g} s: health p50/p99 "
-            f"{stats['health']['p50_ms']:.1f}/{stats['health']['p99_ms']:.1f} ms, predict p50/p99 "
-            f"{stats['predict']['p50_ms']:.1f}/{stats['predict']['p99_ms']:.1f} ms "
-            f"({stats['health']['n'] + stats['predict']['n']} requests, {stats['failures']} failed); {closed}")
+    def shown(st):
+        return (f"health p50/p99 {st['health']['p50_ms']:.1f}/{st['health']['p99_ms']:.1f} ms, predict p50/p99 "
+                f"{st['predict']['p50_ms']:.1f}/{st['predict']['p99_ms']:.1f} ms "
+                f"({st['health']['n'] + st['predict']['n']} requests, {st['failures']} failed)")
+
+    return (f"slow: {args.clients} clients for {args.seconds:g} s alone: {shown(alone)}; beside {args.slow} slow "
+            f"connections: {shown(stats)}; {closed}")
 
 
 def scenario_huge(model: Path, args) -> str:
