@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bibert.checkpoint import (CONFIG_NAME, MANIFEST_NAME, MODEL_FORMAT_KEY, MODEL_FORMAT_VERSION, STATE_FILE,
-                               WEIGHTS_NAME, atomic_write, check_finite, model_labels, read_config, split_student_config,
-                               student_config, verify_folder, write_folder_atomically, write_json, write_jsonl,
-                               write_manifest)
+                               WEIGHTS_NAME, atomic_write, check_finite, model_labels, read_config,
+                               split_student_config, student_config, verify_folder, write_folder_atomically,
+                               write_json, write_jsonl, write_manifest)
 from bibert.cli import main as cli_main
 from bibert.errors import BibertError
 from bibert.packed import export_packed

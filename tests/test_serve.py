@@ -426,8 +426,8 @@ def test_framing_errors_and_a_trailing_slash_get_json(strict_server):
                                "HTTP/1.1 request"}
     status, _, answer, _ = raw_exchange(strict_server.port, b"BREW /pot HTCPCP/1.0\r\n\r\n")
     assert status == 400 and answer["error"].startswith("malformed HTTP request")
-    status, headers, answer, _ = raw_exchange(
-        strict_server.port, b'POST /predict/ HTTP/1.1\r\nHost: evil.example\r\nContent-Length: 16\r\n\r\n{"texts": ["a"]}')
+    status, headers, answer, _ = raw_exchange(strict_server.port, b"POST /predict/ HTTP/1.1\r\nHost: evil.example\r\n"
+                                              b'Content-Length: 16\r\n\r\n{"texts": ["a"]}')
     assert status == 404 and "location" not in headers
     assert answer == {"error": "no route /predict/: use GET /health or POST /predict"}
 
