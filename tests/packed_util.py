@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bibert.packed.reader import PREAMBLE
+from bibert.packed.format import PREAMBLE
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 VOCAB = SPECIAL_TOKENS + [f"w{i}" for i in range(40)]  # word-level vocabulary of the random students

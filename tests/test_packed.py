@@ -16,8 +16,8 @@ from bibert import BibertError
 from bibert.cli import main as cli_main
 from bibert.modeling import BiBertForSequenceClassification
 from bibert.packed import export_packed, kernels, load_packed, read_packed, reference
-from bibert.packed.exporter import write_packed
-from bibert.packed.reader import PACKED_FORMAT_VERSION, PackedFile, pack_bool
+from bibert.packed.format import PACKED_FORMAT_VERSION, PackedFile, pack_bool
+from bibert.packed.writer import write_packed
 from packed_util import SPECIAL_TOKENS, assert_same_outputs, randomize, save_with_tokenizer
 from bibert.quantizers import weight_scale_and_signs
 
@@ -385,7 +385,7 @@ np.save({str(tmp_path / "logits.npy")!r}, model.forward(np.load({str(tmp_path / 
 def test_reader_knows_the_students_gelus():
     """The reader's list of activations that keep their input's sign is the student's."""
     from bibert.modeling import GELU_FAMILY
-    from bibert.packed.reader import GELU_ACTIVATIONS
+    from bibert.packed.format import GELU_ACTIVATIONS
 
     assert GELU_ACTIVATIONS == GELU_FAMILY
 

@@ -16,8 +16,9 @@ import torch
 from bibert import BibertError
 from bibert.modeling import ScoreBinarizer
 from bibert.packed import PackedModel, export_packed, load_packed, read_packed
-from bibert.packed.exporter import score_count_minima, write_packed
-from bibert.packed.reader import PREAMBLE, SCORE_COUNT_MIN, SCORE_THRESHOLD, expected_tensors
+from bibert.packed.exporter import score_count_minima
+from bibert.packed.format import PREAMBLE, SCORE_COUNT_MIN, SCORE_THRESHOLD, PackedQuant, expected_tensors
+from bibert.packed.writer import write_packed
 from packed_util import assert_same_outputs, outputs_everywhere, with_header_version
 from test_packed_elastic import batch, check_end_to_end, check_layer_by_layer, make_elastic_student
 
@@ -150,7 +151,7 @@ def test_export_round_trip(exported):
     assert PREAMBLE.unpack_from(out.read_bytes())[1] == 4  # bi-max needs format version 4
     packed = read_packed(out)
     assert packed.format_version == 4 and packed.quantization["attention"] == "bi-max"
-    assert set(packed.tensors) == set(expected_tensors(packed.config, "float32", "elastic-bi-max"))
+    assert set(packed.tensors) == set(expected_tensors(packed.config, "float32", PackedQuant(1, "elastic", "bi-max")))
     assert not any(name.endswith(SCORE_THRESHOLD) for name in packed.tensors)  # the table replaces the margins
     d = student.config.hidden_size // student.config.num_attention_heads
     for n, layer in enumerate(student.bert.encoder.layer):

@@ -15,7 +15,7 @@ from bibert import BibertError, QuantConfig
 from bibert.modeling import ActQuantizer, BiBertForSequenceClassification
 from bibert.packed import PackedModel, export_packed, kernels, load_packed, read_packed
 from bibert.packed.engine import BinaryLinear
-from bibert.packed.reader import PREAMBLE, expected_tensors, pack_bool
+from bibert.packed.format import PREAMBLE, PackedQuant, expected_tensors, pack_bool
 from bibert.quantizers import weight_scale_and_signs
 from packed_util import (VOCAB, assert_same_outputs, outputs_everywhere, randomize, save_with_tokenizer,
                          with_header_version)
@@ -114,7 +114,7 @@ def test_export_round_trip(exported):
     assert PREAMBLE.unpack_from(raw)[1] == 2  # elastic needs format version 2
     packed = read_packed(out)
     assert packed.format_version == 2 and packed.quantization["activations"] == "elastic"
-    assert set(packed.tensors) == set(expected_tensors(packed.config, "float32", "elastic"))
+    assert set(packed.tensors) == set(expected_tensors(packed.config, "float32", PackedQuant(1, "elastic")))
     state = student.state_dict()
     for name in ("bert.encoder.layer.1.output.dense.input_quantizer", "bert.pooler.dense.input_quantizer",
                  "bert.encoder.layer.0.attention.self.input_quantizer"):

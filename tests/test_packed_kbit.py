@@ -15,7 +15,7 @@ from transformers import BertConfig
 from bibert import BibertError, QuantConfig
 from bibert.modeling import BiBertForSequenceClassification
 from bibert.packed import export_packed, kernels, load_packed, read_packed, reference
-from bibert.packed.reader import PREAMBLE, expected_tensors
+from bibert.packed.format import PREAMBLE, PackedQuant, expected_tensors
 from bibert.quantizers import ACTIVATION_CLIP_STD, quantize_activation
 from packed_util import VOCAB, assert_same_outputs, outputs_everywhere, randomize, save_with_tokenizer
 
@@ -127,7 +127,7 @@ def test_export_round_trip(exported):
     assert PREAMBLE.unpack_from(out.read_bytes())[1] == 3  # multi-bit activations need format version 3
     packed = read_packed(out)
     assert packed.quantization["activation_bits"] == bits
-    assert set(packed.tensors) == set(expected_tensors(packed.config, "float32", f"{bits}-bit"))
+    assert set(packed.tensors) == set(expected_tensors(packed.config, "float32", PackedQuant(bits)))
     np.testing.assert_array_equal(packed.tensors["activation_clip_std"], np.float32([ACTIVATION_CLIP_STD[bits]]))
 
 

@@ -29,7 +29,7 @@ from transformers import BertConfig
 from bibert import BibertError, QuantConfig
 from bibert.modeling import BiBertForSequenceClassification
 from bibert.packed import PackedModel, export_packed, kernels, load_packed, read_packed
-from bibert.packed.reader import ALIGN, MAGIC, MAX_FILE_BYTES, PACKED_FORMAT_VERSION, PREAMBLE, PackedFile
+from bibert.packed.format import ALIGN, MAGIC, MAX_FILE_BYTES, PACKED_FORMAT_VERSION, PREAMBLE, PackedFile
 
 INVALID = "is not a valid bibert file"
 WORDS = ["the", "movie", "was", "good", "bad", "fun", "dull", "plot", "evil"]
@@ -1066,7 +1066,7 @@ def test_hand_built_packed_file_is_checked_before_the_engine(packed_path):
 
 
 def test_writer_refuses_what_the_reader_refuses(packed_path, tmp_path):
-    from bibert.packed.exporter import write_packed
+    from bibert.packed.writer import write_packed
 
     packed = read_packed(packed_path)
     packed.files["../evil.txt"] = b"x"

@@ -37,9 +37,9 @@ from ..errors import BibertError
 from . import kernels, tuning
 from ..bert_names import (ATTENTION_OUTPUT, BODY, CLASSIFIER, FFN_IN, FFN_OUT, LAYER_NORMS, LAYER_PREFIX, QKV,
                           SELF_ATTENTION, WORD_EMBEDDINGS)
-from .reader import (ACTIVATION_CLIP_STD, EMBEDDINGS, POOLER_DENSE, QUANTIZER_SCALE, QUANTIZER_THRESHOLD,
-                     SCORE_COUNT_MIN, SCORE_THRESHOLD, TOKENIZER_FILES, PackedFile, _Invalid, check_packed,
-                     check_quantization, read_packed)
+from .format import (ACTIVATION_CLIP_STD, EMBEDDINGS, POOLER_DENSE, QUANTIZER_SCALE, QUANTIZER_THRESHOLD,
+                     SCORE_COUNT_MIN, SCORE_THRESHOLD, TOKENIZER_FILES, PackedFile, check_packed)
+from .reader import read_packed
 
 
 @dataclass
@@ -113,11 +113,7 @@ class PackedModel:
     def __init__(self, packed: PackedFile, source: str = "the packed model"):
         """Checks `packed` (config, every tensor's dtype and shape, the files) before any of
         it reaches the kernels; `source` names it in the error."""
-        shape = check_packed(packed, source)
-        self.mode = _mode(packed.quantization)  # "sign", "elastic", "elastic-bi-max", "2-bit" or "4-bit"
-        self.activations = "elastic" if self.mode in ("elastic", "elastic-bi-max") else "sign"
-        self.relative_attention = self.mode == "elastic-bi-max"
-        self.kbits = int(self.mode[0]) if self.mode.endswith("-bit") else 0
+        shape, self.quant = check_packed(packed, source)  # its sizes, and its quantization (`format.PackedQuant`)
         self.config = packed.config
         self.source = source
         self.hidden, self.heads, self.head_size = shape.hidden, shape.heads, shape.head_size
@@ -133,7 +129,7 @@ class PackedModel:
         def f32(name):
             return np.ascontiguousarray(t[name], dtype=np.float32)
 
-        elastic = self.activations == "elastic"
+        elastic, kbits = self.quant.elastic, self.quant.kbits
 
         def quantizer(module):
             """(threshold float32 [C], scale float32) of a module's input quantizer, or Nones."""
@@ -148,9 +144,9 @@ class PackedModel:
         def linear(name, K, compare=None, zero_one=False):
             _, scale = quantizer(name)
             return BinaryLinear.from_rows(t[name + ".bits"], K, scaled(f32(name + ".alpha"), scale),
-                                          f32(name + ".bias"), compare, zero_one, self.kbits)
+                                          f32(name + ".bias"), compare, zero_one, kbits)
 
-        self.clip_std = float(t[ACTIVATION_CLIP_STD][0]) if self.kbits else None
+        self.clip_std = float(t[ACTIVATION_CLIP_STD][0]) if kbits else None
 
         e, word = EMBEDDINGS, f"{BODY}.{WORD_EMBEDDINGS}"
         self.word_bits = np.ascontiguousarray(t[word + ".bits"])
@@ -166,7 +162,7 @@ class PackedModel:
             qkv = BinaryLinear.from_rows(
                 np.concatenate([t[q + ".bits"], t[k + ".bits"], t[v + ".bits"]]), H,
                 scaled(np.concatenate([f32(q + ".alpha"), f32(k + ".alpha"), f32(v + ".alpha")]), qkv_s),
-                np.concatenate([f32(q + ".bias"), f32(k + ".bias"), f32(v + ".bias")]), kbits=self.kbits)
+                np.concatenate([f32(q + ".bias"), f32(k + ".bias"), f32(v + ".bias")]), kbits=kbits)
             out_t, _ = quantizer(p + FFN_OUT)  # FFN-out's {0, 1} levels: a compare of FFN-in's output
             ln1, ln2 = (p + name for name in LAYER_NORMS)
             self.layers.append(Layer(
@@ -180,9 +176,9 @@ class PackedModel:
                 ctx_t=quantizer(p + ATTENTION_OUTPUT)[0],
                 ln1_t=quantizer(p + FFN_IN)[0],
                 score_lim=kernels.score_limits(f32(p + SCORE_THRESHOLD), self.head_size)
-                if elastic and not self.relative_attention else None,
+                if elastic and not self.quant.relative_attention else None,
                 score_rel=kernels.relative_limits(t[p + SCORE_COUNT_MIN], self.head_size)
-                if self.relative_attention else None,
+                if self.quant.relative_attention else None,
             ))
         for layer, following in zip(self.layers, self.layers[1:]):
             layer.ln2_t = following.qkv_t  # the last layer's bits are not read: the head packs [CLS] again
@@ -307,7 +303,7 @@ class PackedModel:
         depends on it; its hidden states are returned as zeros."""
         # the ids' and types' ranges are checked natively (each one, before any layer runs), and
         # here only when that check refuses them, for its message
-        ids, valid, tt = self._check(input_ids, attention_mask, token_type_ids, ranges=bool(self.kbits))
+        ids, valid, tt = self._check(input_ids, attention_mask, token_type_ids, ranges=self.quant.is_kbit)
         B, L = ids.shape
         if B and not L:
             raise BibertError("the input sequences are empty (length 0): each needs at least its [CLS] token")
@@ -316,7 +312,7 @@ class PackedModel:
             if output_hidden_states:
                 return logits, [np.zeros((0, L, self.hidden), np.float32) for _ in range(self.num_layers + 1)]
             return logits
-        if self.kbits:
+        if self.quant.is_kbit:
             return self._forward_kbit(ids, valid, tt, output_hidden_states)
         if valid.all():  # no padding: rows in place, each at its index in its sequence
             rows, positions, start = None, None, np.arange(0, (B + 1) * L, L, dtype=np.int64)
@@ -357,7 +353,7 @@ class PackedModel:
         tensor's max and standard deviation, docs/packed_format.md, "Multi-bit activations"),
         as bit-planes; every Linear and the attention count in integers. With `trace`, stores
         the intermediates."""
-        layer, H, k, c = self.layers[n], self.hidden, self.kbits, self.clip_std
+        layer, H, k, c = self.layers[n], self.hidden, self.quant.kbits, self.clip_std
         L = x.shape[0]
         xp, xs = kernels.quantize_planes(x, k, c)
         qkv = layer.qkv.kbit(xp, L, xs)
@@ -380,7 +376,7 @@ class PackedModel:
         sequence's own (the student quantizes the pooler input of a batch of one)."""
         rows = []
         for h in np.ascontiguousarray(cls_hidden, np.float32):
-            planes, step = kernels.quantize_planes(h[None], self.kbits, self.clip_std)
+            planes, step = kernels.quantize_planes(h[None], self.quant.kbits, self.clip_std)
             rows.append(np.tanh(self.pooler.kbit(planes, 1, step))[0])
         pooled = np.stack(rows) if rows else np.zeros((0, self.hidden), np.float32)
         return pooled @ self.classifier_weight.T + self.classifier_bias
@@ -484,14 +480,6 @@ def _arena(linears: list[BinaryLinear]) -> np.ndarray:
         lin.panels = view
         start += size
     return arena
-
-
-def _mode(quantization: dict) -> str:
-    """The checked quantization's mode (`format.check_quantization`)."""
-    try:
-        return check_quantization(quantization)
-    except _Invalid as exc:  # check_packed has refused it already
-        raise BibertError(str(exc)) from None
 
 
 def _positive_int(value) -> bool:

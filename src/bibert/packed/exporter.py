@@ -1,12 +1,9 @@
-"""Exporting a BiBERT student folder to a packed file (docs/packed_format.md), and writing a
-packed model. Needs PyTorch (imported when a student is exported); the file's layout and its
-checks are `bibert.packed.reader`'s, which refuses on reading what this module refuses to write.
+"""Exporting a BiBERT student folder to a packed file (docs/packed_format.md). Needs PyTorch
+(imported when a student is exported); the tensors a file holds are `bibert.packed.format`'s
+(`expected_tensors`), and `bibert.packed.writer` writes them, refusing what the reader refuses.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import lzma
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from ..bert_names import BODY, CLASSIFIER
-from ..checkpoint import (CONFIG_NAME, QUANTIZATION_KEY, WEIGHTS_NAME, atomic_write, check_finite, is_student_config,
+from ..checkpoint import (CONFIG_NAME, QUANTIZATION_KEY, WEIGHTS_NAME, check_finite, is_student_config,
                           model_folder_advice, read_config, split_student_config, verify_folder)
 from ..errors import BibertError
-from .reader import (ACTIVATION_CLIP_STD, BIT_ORDER, MAGIC, PREAMBLE, QUANTIZER_SCALE, SCORE_COUNT_MIN,
-                     SCORE_THRESHOLD, SIDE_DTYPES, TOKENIZER_FILES, TRAINING_ONLY, PackedFile, _check_packed,
-                     _Invalid, aligned, check_quantization, expected_tensors, pack_bool, required_version)
+from .format import (ACTIVATION_CLIP_STD, QUANTIZER_SCALE, SCORE_COUNT_MIN, SCORE_THRESHOLD, SIDE_DTYPES,
+                     TOKENIZER_FILES, TRAINING_ONLY, PackedFile, PackedFormatError, PackedQuant, expected_tensors,
+                     pack_bool)
+from .writer import write_packed
 
 
 @dataclass
@@ -83,9 +81,9 @@ def export_packed(student_dir: str | os.PathLike, out: str | os.PathLike, side_d
 
     hf_config, quantization = split_student_config(config, student_dir)
     try:
-        mode = check_quantization(quantization)
-        table = expected_tensors(hf_config, np.dtype(side).name, mode)
-    except _Invalid as exc:
+        quant = PackedQuant.from_dict(quantization)
+        table = expected_tensors(hf_config, np.dtype(side).name, quant)
+    except PackedFormatError as exc:
         raise BibertError(f"cannot pack {student_dir}: {exc}") from None
 
     taken: set[str] = set()
@@ -111,7 +109,7 @@ def export_packed(student_dir: str | os.PathLike, out: str | os.PathLike, side_d
         elif name == ACTIVATION_CLIP_STD:  # a constant of the student's k-bit quantizer
             from ..quantizers import ACTIVATION_CLIP_STD as clip_std
 
-            tensors[name] = np.array([clip_std[int(mode[0])]], "<f4")
+            tensors[name] = np.array([clip_std[quant.activation_bits]], "<f4")
         elif name.endswith(SCORE_COUNT_MIN):  # "bi-max": the margins as a table of counts
             margin_name = name[: -len(SCORE_COUNT_MIN)] + SCORE_THRESHOLD
             try:
@@ -141,7 +139,7 @@ def export_packed(student_dir: str | os.PathLike, out: str | os.PathLike, side_d
     if "tokenizer.json" in files:  # it holds the vocabulary too
         files.pop("vocab.txt", None)
 
-    packed = PackedFile(hf_config, quantization, np.dtype(side).name, tensors, files, required_version(mode))
+    packed = PackedFile(hf_config, quantization, np.dtype(side).name, tensors, files, quant.format_version)
     out = Path(out)
     write_packed(packed, out)
     return ExportReport(out, out.stat().st_size, weights_path.stat().st_size)
@@ -188,40 +186,3 @@ def score_count_minima(margins, head_size: int) -> np.ndarray:
                 raise BibertError("the student's choice of keys is not a threshold on the count")
             table[:, r0:r0 + len(rows)] = np.where(some, counts.numpy()[lowest], d + 2)
     return table
-
-
-def write_packed(packed: PackedFile, path: str | os.PathLike) -> None:
-    """Serialise `packed` with the lowest format version that holds it, atomically (a temporary
-    file renamed into place) and with the usual permissions (0666 less the umask). A model
-    that `read_packed` would refuse is not written."""
-    path = Path(path)
-    try:
-        _check_packed(packed)
-        version = required_version(check_quantization(packed.quantization))
-    except _Invalid as exc:
-        raise BibertError(f"refusing to write {path}: {exc}") from None
-    entries, blobs, offset = [], [], 0
-    items = [("tensor", k, np.ascontiguousarray(v)) for k, v in packed.tensors.items()]
-    items += [("file", k, np.frombuffer(lzma.compress(v, preset=9 | lzma.PRESET_EXTREME), dtype=np.uint8)) for k, v in packed.files.items()]
-    for kind, name, arr in items:
-        entries.append({"kind": kind, "name": name, "dtype": arr.dtype.str, "shape": list(arr.shape),
-                        "offset": offset, "nbytes": arr.nbytes, **({"compression": "xz"} if kind == "file" else {})})
-        blobs.append((offset, arr.tobytes()))
-        offset = aligned(offset + arr.nbytes)
-    header = {"format_version": version, "config": packed.config, "quantization": packed.quantization,
-              "side_dtype": packed.side_dtype, "bit_order": BIT_ORDER,
-              "entries": entries}
-    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    head += b" " * (aligned(PREAMBLE.size + len(head)) - PREAMBLE.size - len(head))
-    data = bytearray(offset)
-    for off, raw in blobs:
-        data[off:off + len(raw)] = raw
-    body = PREAMBLE.pack(MAGIC, version, 0, len(head)) + head + bytes(data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(body)
-            f.write(hashlib.sha256(body).digest())
-
-    atomic_write(path, write)
