@@ -25,10 +25,7 @@ with a lock):
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -36,8 +33,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bibert.packed.tuning import cpu_model
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import claim  # noqa: E402  (the same run lock as the study's)
+from study import _fmt, _results, claim, test_score  # noqa: E402  (the study's run lock, files and formats)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "budget"
@@ -90,21 +89,6 @@ STUDY_ROWS = {  # family label: (study row key, seeds)
 }
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _results(folder: Path) -> dict | None:
-    path = folder / "results.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def teacher(task: str) -> Path:
     """The task's teacher, fine-tuned on the whole train split (trained here if missing)."""
     from bibert.data import teacher_path
@@ -132,7 +116,7 @@ def _stamp(out: Path, res: dict, t0: float, cpu0: float = 0.0) -> None:
     other jobs on the machine do not inflate), on which CPU, beside what load."""
     from bibert.checkpoint import write_json
 
-    res.update(wall_seconds=round(time.perf_counter() - t0, 1), cpu=cpu_name(), cores=os.cpu_count(),
+    res.update(wall_seconds=round(time.perf_counter() - t0, 1), cpu=cpu_model(), cores=os.cpu_count(),
                process_cpu_seconds=round(_cpu_seconds() - cpu0, 1),
                threads=__import__("torch").get_num_threads(), load_average=list(os.getloadavg()))
     write_json(out / "results.json", res)
@@ -157,7 +141,7 @@ def run_one(task: str, run: Run, seed: int, teacher_dir: Path) -> dict | None:
         print(f"== {task}: {run.label}, seed {seed}", flush=True)
         t0, cpu0 = time.perf_counter(), _cpu_seconds()
         res = distill(str(teacher_dir), task, out, quant=QuantConfig.from_bits(run.bits, run.attention, run.activations),
-                      distill=run.distill, resume=True, max_steps=run.steps, epochs=1000.0, lr=LR,
+                      distill=run.distill, resume=True, max_steps=run.steps, lr=LR,
                       max_length=MAX_LENGTH, batch_size=BATCH, max_eval_examples=EVAL_EXAMPLES, eval_test=True,
                       seed=seed, group_by_length=True, precision="auto", pred_weight=run.pred_weight,
                       eval_every=max(1, run.steps // 8), init_from=str(init) if init else None, **run.extra)
@@ -196,10 +180,6 @@ def packed_check(task: str, out: Path) -> dict:
     return res
 
 
-def test_score(res: dict) -> float:
-    return 100 * res["test"]["test"][res["metric"]]
-
-
 # ------------------------------------------------------------------------------ report
 
 def collect() -> dict:
@@ -226,12 +206,6 @@ def collect() -> dict:
         entry["study"] = study
         table[task] = entry
     return table
-
-
-def _fmt(scores: list[float]) -> str:
-    if len(scores) == 1:
-        return f"{scores[0]:.1f}"
-    return f"{statistics.mean(scores):.1f} ± {statistics.stdev(scores):.1f} (n={len(scores)})"
 
 
 def write_report() -> Path:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -105,8 +104,9 @@ def main() -> int:
                      load_average=os.getloadavg()[0])
             rows.append(r)
             print(r, file=sys.stderr)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.machine())
+    from bibert.packed.tuning import cpu_model
+
+    cpu = cpu_model()
     lines = ["python benchmarks/shared_step.py", f"CPU: {cpu}, {os.cpu_count()} cores; other jobs were running (load "
              "average in the table)", "",
              "| recipe | torch threads | OMP_WAIT_POLICY | wall s/step | CPU s/step | CPU s per wall s | load average |",

@@ -403,8 +403,5 @@ def resolve_config(mode: str, model: str, task: str | Task | None, out: str | os
     task = resolve_task(task, labels=labels, regression=regression, **{
         k: resolved.get(k) for k in ("train_file", "text_column", "text_pair_column", "label_column")})
     for key, value in recipe_defaults(mode, task, bool(resolved.get("paper"))).items():
-        if key not in resolved and value is not None:
-            resolved[key] = value
-    if mode == "distill" and "epochs" not in resolved and not resolved.get("paper"):
-        resolved["epochs"] = None  # Elastic BiBERT's budget: chosen from the train split's size
+        resolved.setdefault(key, value)  # epochs None: Elastic BiBERT's budget, from the train split's size
     return TrainConfig(mode=mode, task=task, model=model, out=str(out), **resolved)
