@@ -65,15 +65,25 @@ def _elastic(key, steps, seeds=(1,), **kw) -> Run:
                pred_weight=5.0, seeds=seeds, **kw)
 
 
+def _kbit(bits, steps, seeds=(1,)) -> Run:
+    """The study's 1-1-k row (softmax attention, uniform k-bit activations, standard KD) at this budget."""
+    return Run(f"w1a{bits[-1]}_s{steps}", f"{bits} (softmax, standard KD), {steps} steps", bits, "softmax", "standard",
+               steps, seeds=seeds)
+
+
 RUNS = {
     "snli": [
         _elastic("elastic_s2500", 2500, seeds=(1, 2, 3)),
         # progressive binarization (docs/method.md §7): activations harden over the first quarter of the steps
         Run("elastic_phasein25_s2500", "Elastic BiBERT + phase-in 0.25, 2500 steps", "1-1-1", "bi-max", "dmd", 2500,
             activations="elastic", pred_weight=5.0, extra={"phase_in": 0.25}),
+        _kbit("1-1-2", 2500),
+        _kbit("1-1-4", 2500),
     ],
     "rotten_tomatoes": [
         _elastic("elastic_s2500", 2500, seeds=(1, 2, 3)),
+        _kbit("1-1-2", 2500),
+        _kbit("1-1-4", 2500),
     ],
 }
 
