@@ -602,3 +602,31 @@ def test_batches_wait_out_the_window_unless_full():
     waited, fast, first, second = asyncio.run(scenario())
     assert waited >= 0.19 and fast < 0.1
     assert first == [2, 2] and second == [2, 1] and worker._queued == 0
+
+
+def test_a_small_request_waits_for_at_most_one_large_one():
+    """Batches pass over requests past BATCH_CHARS characters so that small ones go first,
+    but the oldest request, once passed over, opens the next batch: large ones keep their
+    order, and each small one waits for at most one of them."""
+    import asyncio
+
+    from bibert.serving.server import BATCH_CHARS, EngineWorker, ServeSettings
+
+    worker = EngineWorker(None, ServeSettings(max_batch=64, batch_window_ms=0))
+    worker._threads = [threading.current_thread()]  # "alive", without starting its threads
+    big = "a " * BATCH_CHARS
+
+    async def scenario():
+        for i in range(3):
+            worker.submit([big + str(i)], None)
+        worker.submit(["small 1"], None)
+        worker.submit(["small 2"], ["its pair"])
+        batches = [worker._take()]
+        worker.submit(["small 3"], None)
+        while worker._queue:
+            batches.append(worker._take())
+        return [[j.texts[0][-7:] for j in b] for b in batches]
+
+    batches = asyncio.run(scenario())
+    assert batches == [["small 1", "small 2"], ["a a a 0"], ["small 3"], ["a a a 1"], ["a a a 2"]]
+    assert worker._queued == 0

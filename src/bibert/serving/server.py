@@ -61,6 +61,7 @@ DRAIN_LIMIT = 64 << 20  # an oversized body up to this size is read (and dropped
 SHUTTING_DOWN = "the server is shutting down; retry on another instance or shortly"
 CUT_MARGIN_S = 0.5  # after graceful_timeout + this, uvicorn cancels the requests left (still reading a body)
 JOIN_TIMEOUT_S = 0.5  # how long shutdown waits for the engine to finish a forward it has begun
+BATCH_CHARS = 32 * 1024  # characters a batch takes beside a larger request (see EngineWorker._take)
 
 
 @dataclass
@@ -109,10 +110,11 @@ class RequestError(Exception):
 
 
 class _Job:
-    __slots__ = ("texts", "pairs", "future", "loop")
+    __slots__ = ("texts", "pairs", "future", "loop", "chars")
 
     def __init__(self, texts, pairs, future, loop):
         self.texts, self.pairs, self.future, self.loop = texts, pairs, future, loop
+        self.chars = sum(map(len, texts)) + (sum(map(len, pairs)) if pairs else 0)  # what tokenizing it costs
 
 
 class EngineWorker:
@@ -120,13 +122,19 @@ class EngineWorker:
     takes a batch of queued requests and tokenizes it while "bibert-engine", the only thread
     that calls the model's forward, runs the batch before it; so tokenizing overlaps the
     forwards, and the prep thread takes the next batch only once the engine has picked up
-    the last one (batches stay as large as the queue allows)."""
+    the last one (batches stay as large as the queue allows).
+
+    Large requests cannot hold up small ones: a batch takes queued requests in order but
+    passes over one that would bring it past BATCH_CHARS characters, and the oldest request,
+    once passed over, opens the next batch alone. So a small request waits for at most one
+    large one however many are queued, and large ones keep their order among themselves."""
 
     def __init__(self, model, settings: ServeSettings):
         self.model, self.settings = model, settings
         self._cond = threading.Condition()
         self._queue: deque[_Job] = deque()
         self._queued = 0  # texts in the queue
+        self._head_passed = False  # the oldest queued request was passed over by the last batch
         self._closing = False
         self._ready: queue.Queue = queue.Queue(maxsize=1)  # prepared batches, for the engine thread
         self._threads: list[threading.Thread] = []
@@ -217,14 +225,28 @@ class EngineWorker:
             self._drop_settled()
             if not self._queue:  # every request that waited was cut
                 return []
-            batch = [self._queue.popleft()]
-            n = len(batch[0].texts)
-            while self._queue and n + len(self._queue[0].texts) <= s.max_batch:
-                job = self._queue.popleft()
-                batch.append(job)
-                n += len(job.texts)
-            self._queued -= n
-            return batch
+            return self._fill(s.max_batch)
+
+    def _fill(self, max_texts: int) -> list[_Job]:
+        """Takes the batch out of the queue (see the class's doc); with _cond held."""
+        head = self._queue[0]
+        batch, n, chars = [], 0, 0
+        if self._head_passed or head.chars > BATCH_CHARS and all(j.chars > BATCH_CHARS for j in self._queue):
+            batch, n, chars = [head], len(head.texts), head.chars  # its turn, or nothing small waits
+        for job in self._queue:
+            if job is head and batch:
+                continue
+            if batch and n + len(job.texts) > max_texts:
+                break
+            if chars + job.chars > BATCH_CHARS:  # passed over: the head's turn comes in the next batch
+                continue
+            batch.append(job)
+            n, chars = n + len(job.texts), chars + job.chars
+        taken = set(map(id, batch))
+        self._head_passed = id(head) not in taken
+        self._queue = deque(j for j in self._queue if id(j) not in taken)
+        self._queued -= n
+        return batch
 
     def _prep_loop(self) -> None:
         try:
