@@ -94,6 +94,15 @@ def test_a_misspelt_flag_gets_its_commands_usage_and_a_suggestion(capsys):
         main(["distill", "--teacher", "t", "--out", "o", "--max-step", "3", "--quantiser-lr", "1"])
     err = capsys.readouterr().err
     assert err.startswith("usage: bibert distill") and "(did you mean --quantizer-lr?)" in err
+    # a misspelt required flag: the suggestion, not "the following arguments are required"
+    with pytest.raises(SystemExit):
+        main(["distill", "--teacher", "t", "--otu", "o"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: bibert distill") and err.endswith(
+        "bibert distill: error: unrecognized arguments: --otu o (did you mean --out?)\n")
+    with pytest.raises(SystemExit):  # and a required flag that is simply missing is still named
+        main(["distill", "--teacher", "t"])
+    assert capsys.readouterr().err.endswith("error: the following arguments are required: --out\n")
 
 
 def test_help_says_what_each_command_takes(capsys):

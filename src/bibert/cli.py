@@ -39,19 +39,33 @@ RESUMABLE = ("finetune", "distill")  # commands whose --out keeps a checkpoint t
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """parse_args, except that an unknown option is reported by its subcommand's parser (its
-    usage line, not the top level's) with the closest option it has."""
-    args, extras = parser.parse_known_args(argv)
-    if extras:
-        sub = _subparser(parser, getattr(args, "command", None)) or parser
-        message = f"unrecognized arguments: {' '.join(extras)}"
-        options = [o for action in sub._actions for o in action.option_strings]
-        for extra in extras:
-            close = difflib.get_close_matches(extra.split("=", 1)[0], options, n=1, cutoff=0.6)
-            if extra.startswith("-") and close:
-                message += f" (did you mean {close[0]}?)"
-                break
-        sub.error(message)
-    return args
+    usage line, not the top level's) with the closest option it has, before any missing
+    required option (a misspelt required flag is both)."""
+    required = [action for sub in _subparsers(parser) for action in sub._actions
+                if action.required and action.option_strings]
+    for action in required:
+        action.required = False
+    try:
+        args, extras = parser.parse_known_args(argv)
+    finally:
+        for action in required:
+            action.required = True
+    if not extras:
+        return parser.parse_args(argv)  # now with the required options checked
+    sub = _subparser(parser, getattr(args, "command", None)) or parser
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    options = [o for action in sub._actions for o in action.option_strings]
+    for extra in extras:
+        close = difflib.get_close_matches(extra.split("=", 1)[0], options, n=1, cutoff=0.6)
+        if extra.startswith("-") and close:
+            message += f" (did you mean {close[0]}?)"
+            break
+    sub.error(message)
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    return [sub for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+            for sub in action.choices.values()]
 
 
 def _subparser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser | None:
