@@ -177,6 +177,36 @@ def test_end_to_end_agrees_with_the_integer_student(tmp_path):
         assert agree / n >= 0.995, (bits, agree / n)
 
 
+def test_native_forward_is_the_step_by_step_one(exported):
+    """The one-call forward (bb_forward_kbit) gives, bit for bit, what `kbit_layer` and
+    `kbit_head` give step by step, kernel call by kernel call, for each sequence of a padded
+    batch, on every kernel family and with 1 to 3 threads (sequences in parallel, or each step
+    split across the threads)."""
+    bits, student, _, out = exported
+    lengths = (23, 5, 17, 1)
+    ids = np.zeros((len(lengths), 23), np.int64)
+    mask = np.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        ids[b, :n] = sequence(n, seed=40 + b).numpy()[0]
+        mask[b, :n] = 1
+    try:
+        for name in kernels.available_kernels():
+            for threads in (1, 2, 3):
+                engine = load_packed(out, kernel=name, threads=threads)
+                logits, hidden = engine.forward(ids, mask, output_hidden_states=True)
+                for b, n in enumerate(lengths):
+                    x, _ = engine.embeddings(ids[b, :n][None], np.zeros((1, n), np.int64))
+                    np.testing.assert_array_equal(hidden[0][b, :n], x)
+                    for layer in range(engine.num_layers):
+                        x = engine.kbit_layer(layer, x, np.ones(n, bool))
+                        np.testing.assert_array_equal(hidden[layer + 1][b, :n], x, err_msg=f"{name} {threads}")
+                    np.testing.assert_allclose(logits[b], engine.kbit_head(x[:1])[0], rtol=1e-5,
+                                               atol=1e-6)  # the classifier's matrix product, on one row or all
+    finally:
+        kernels.set_kernel("auto")
+        kernels.set_threads(kernels.default_threads())
+
+
 def test_a_batch_computes_each_sequence_alone(exported):
     """forward on a padded batch = each sequence alone (its tokens only): the student's k-bit
     clip is a statistic of its whole input tensor, so the engine defines it per sequence."""

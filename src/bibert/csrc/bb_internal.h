@@ -131,6 +131,7 @@ typedef struct {
     int kbits;                 /* k-bit input (bb_linear_kbit): k bit-planes per row, else 0 */
     const int64_t *count_offset; /* k-bit: [N] popcount(w_n) + Q K: the count is sum_b 2^b pc_b - this */
     float kstep;               /* k-bit: the input's step; c0 = alpha, c1 = bias */
+    int gelu;                  /* k-bit: GELU on each output (isa/portable.h, gelu_one), no residual */
 } linear_args;
 
 /* What a binary Linear's tile writes: bits (y < 0), floats, or the floats of k-bit input rows.
@@ -231,9 +232,12 @@ typedef struct {
         void (*row_d64)(const attn_args *attn, int64_t r, uint64_t *ba);
     } attention;
     struct {
-        /* the clip of the student's k-bit quantizer over x [M, C] (kbit.c has the formula) */
-        float (*clip)(const float *x, int64_t M, int64_t C, int64_t ldx, float clip_std);
-        /* row m of the quantizer's input into its levels and bit-planes */
+        /* the k-bit quantizer's sum of one row of C floats in double (kbit.c has the order),
+         * and its largest |x| into *amax (NaN if the row holds a NaN) */
+        double (*row_sum)(const float *x, int64_t C, float *amax);
+        /* the sum of (x - mean)^2 over one row, in double, in row_sum's order */
+        double (*row_deviation)(const float *x, int64_t C, double mean);
+        /* row m of the quantizer's input into its levels and bit-planes (either may be NULL) */
         void (*pack_row)(const quantize_args *q, int64_t m);
         /* y = GELU(x) for n floats (y may alias x) */
         void (*gelu)(const float *x, float *y, int64_t n);
@@ -262,6 +266,11 @@ extern const bb_ops bb_ops_portable_popcnt, bb_ops_avx2, bb_ops_avx512;
 int biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_off, int64_t v_off, int64_t B, int64_t L,
                 int64_t H, int64_t d, const uint64_t *valid, uint64_t *out, int64_t ldo, int32_t *counts,
                 const float *t, const int64_t *lim, const int64_t *rel, int check_limits);
+
+/* bb_linear_kbit after its checks; gelu: GELU on every output (then residual must be NULL) */
+void linear_kbit_run(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint64_t *w_panels, int64_t N,
+                     int bits, float step, const float *alpha, const float *bias, const int64_t *count_offset,
+                     const float *residual, float *out, int gelu);
 
 /* the score limits of Bi-Attention (H, d >= 1, H * d in range): each of lim [H] and rel [H, d + 1]
  * in [0, d + 1], not both given */

@@ -13,7 +13,7 @@
 
 #include <stdint.h>
 
-#define BB_ABI_VERSION 17 /* changes with any declaration below */
+#define BB_ABI_VERSION 18 /* changes with any declaration below */
 
 enum { BB_OK = 0, BB_ENOMEM = -1, BB_EINVAL = -2 }; /* the entry points' return codes */
 enum { BB_KERNEL_AUTO = 0, BB_KERNEL_PORTABLE = 1, BB_KERNEL_AVX512 = 2, BB_KERNEL_AVX2 = 3 };
@@ -47,6 +47,19 @@ typedef struct {
     const float *ln_g, *ln_b, *ln_t;
     const uint64_t *pool_w; const float *pool_c0, *pool_c1, *pool_t;
 } bb_model;
+
+/* One binary Linear of a 2- or 4-bit model for bb_forward_kbit: weight panels, alpha [N], bias
+ * [N] and the count offsets [N] (popcount(w_n) + Q K) of bb_linear_kbit. */
+typedef struct {
+    const uint64_t *w; const float *alpha, *bias; const int64_t *count_offset;
+} bb_kbit_linear;
+
+/* One encoder layer of a 2- or 4-bit model for bb_forward_kbit: its Linears (Q/K/V fused into
+ * 3H outputs, attention output, FFN in, FFN out) and its two LayerNorms. */
+typedef struct {
+    bb_kbit_linear qkv, ao, fi, fo;
+    const float *ln1_g, *ln1_b, *ln2_g, *ln2_b;
+} bb_kbit_layer;
 
 /* BB_ABI_VERSION of the library. */
 int bb_abi_version(void);
@@ -119,5 +132,10 @@ int bb_forward(const bb_model *m, const bb_layer *layers, int64_t n_layers, int6
                int64_t H, int64_t heads, int64_t I, float eps, const int64_t *ids, const int64_t *type_ids,
                const int64_t *positions, const uint8_t *row_valid, float *x, uint64_t *xb, float *hidden,
                float *pooled);
+/* The forward of a 2- or 4-bit model (bits): embeddings (m's), their LayerNorm, n_layers k-bit layers and the pooler, each sequence on its own: x [rows, H], hidden (may be NULL) [n_layers + 1, rows, H], pooled [n_seq, H] before the tanh. */
+int bb_forward_kbit(const bb_model *m, const bb_kbit_linear *pooler, const bb_kbit_layer *layers, int64_t n_layers,
+                    int64_t n_seq, const int64_t *start, int64_t H, int64_t heads, int64_t I, float eps, int bits,
+                    float clip_std, const int64_t *ids, const int64_t *type_ids, const int64_t *positions,
+                    const uint8_t *row_valid, float *x, float *hidden, float *pooled);
 
 #endif

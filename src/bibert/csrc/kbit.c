@@ -1,11 +1,16 @@
 /* k-bit activations, bit-serially (docs/packed_format.md, "Multi-bit activations"): the
  * student's quantizer into bit-planes (the Linear on them is linear.c's, with the k-bit
- * epilogue), the GELU before the FFN-out input, and Bi-Attention on k-bit levels.
+ * epilogue), the GELU before the FFN-out input, Bi-Attention on k-bit levels, and the whole
+ * forward of a 2- or 4-bit model in one call.
  */
+#include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "bb_internal.h"
+
 
 /* ------------------------------------------------------------------------------------ */
 /* the quantizer                                                                         */
@@ -16,9 +21,50 @@
  *   step  = fl(c / Q),  Q = 2^(bits-1) - 1
  *   level = rint(clamp(x, -c, c) / step)   (half to even) in [-Q, Q]
  * std is the unbiased standard deviation: the mean of the double sum rounded to float32, the
- * squared deviations summed in double (8 partial sums by column % 8, rows in order), the
- * square root rounded to float32, which is what torch computes for a float32 tensor. A NaN
- * value, or a non-finite step, gives level 0. */
+ * squared deviations summed in double, the square root rounded to float32, as torch computes it
+ * for a float32 tensor. The sums run row by row (each row's in 32 partial sums, column c in sum
+ * c % 32, added as a tree: isa/portable.h, row_sum_tree), then the rows' sums in row order: the
+ * same order on every kernel family and thread count (a sum in double of float32 values differs
+ * from any other order's by far less than a float32 rounding, so the float32 std is torch's). A
+ * NaN value, or a non-finite step, gives level 0. */
+
+/* the clip from the absolute maximum, whether a value is NaN, the count n and the sum of squared
+ * deviations ss */
+static float clip_of(float amax, int nan, double n, float clip_std, double ss) {
+    float sd = (float)sqrt(ss / (n - 1.0));
+    float scaled = clip_std * sd;
+    float clip = nan || scaled != scaled ? NAN : amax < scaled ? amax : scaled;
+    if (clip < 1e-8f) clip = 1e-8f;
+    return clip;
+}
+
+/* The quantizer's scratch: a double and a float per row. */
+typedef struct {
+    double *sums;
+    float *amax;
+} quantize_scratch;
+
+typedef struct {
+    const bb_ops *ops;
+    const float *x;
+    int64_t C, ldx;
+    double mean;
+    quantize_scratch scratch;
+} stats_job;
+
+static void row_sums(void *ctx, int64_t lo, int64_t hi, int tid) {
+    const stats_job *job = (const stats_job *)ctx;
+    for (int64_t m = lo; m < hi; m++)
+        job->scratch.sums[m] = job->ops->kbit.row_sum(job->x + m * job->ldx, job->C, job->scratch.amax + m);
+    (void)tid;
+}
+
+static void row_deviations(void *ctx, int64_t lo, int64_t hi, int tid) {
+    const stats_job *job = (const stats_job *)ctx;
+    for (int64_t m = lo; m < hi; m++)
+        job->scratch.sums[m] = job->ops->kbit.row_deviation(job->x + m * job->ldx, job->C, job->mean);
+    (void)tid;
+}
 
 typedef struct {
     const bb_ops *ops;
@@ -29,6 +75,33 @@ static void quantize_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
     const quantize_job *job = (const quantize_job *)ctx;
     for (int64_t m = lo; m < hi; m++) job->ops->kbit.pack_row(&job->q, m);
     (void)tid;
+}
+
+/* bb_quantize_planes after its checks (M >= 1): planes (may be NULL) and levels (may be NULL);
+ * returns the step */
+static float quantize(const bb_ops *ops, const float *x, int64_t M, int64_t C, int64_t ldx, int bits, float clip_std,
+                      uint64_t *planes, int64_t ldo, int8_t *levels, quantize_scratch scratch) {
+    int64_t grain = rows_grain(M, C, 16384);
+    stats_job stats = {ops, x, C, ldx, 0.0, scratch};
+    bb_parallel_for(M, grain, row_sums, &stats);
+    double sum = 0.0;
+    float amax = 0.0f;
+    int nan = 0;
+    for (int64_t m = 0; m < M; m++) {
+        sum += scratch.sums[m];
+        if (scratch.amax[m] != scratch.amax[m]) nan = 1;
+        else if (scratch.amax[m] > amax) amax = scratch.amax[m];
+    }
+    double n = (double)M * (double)C;
+    stats.mean = (double)(float)(sum / n);
+    bb_parallel_for(M, grain, row_deviations, &stats);
+    double ss = 0.0;
+    for (int64_t m = 0; m < M; m++) ss += scratch.sums[m];
+    float clip = clip_of(amax, nan, n, clip_std, ss);
+    float step = clip / (float)((1 << (bits - 1)) - 1);
+    quantize_job job = {ops, {x, C, ldx, ldo, bits, clip, step, planes, levels}};
+    bb_parallel_for(M, grain, quantize_rows, &job);
+    return step;
 }
 
 /* Quantizes the M x C floats at x (row stride ldx) to bits-bit levels as the student does
@@ -43,12 +116,16 @@ int bb_quantize_planes(const float *x, int64_t M, int64_t C, int64_t ldx, int bi
     if (!dim_ok(C) || !dim_ok(ldx) || ldx < C || !dim_ok(ldo) || ldo < words_of(C) || !elems_ok(M, ldx, 1) ||
         !elems_ok(M * bits, ldo, 1) || !x || !out || !step_out)
         return BB_EINVAL;
-    const bb_ops *ops = bb_ops_active();
-    float clip = ops->kbit.clip(x, M, C, ldx, clip_std);
-    float step = clip / (float)((1 << (bits - 1)) - 1);
-    quantize_job job = {ops, {x, C, ldx, ldo, bits, clip, step, out, levels}};
-    bb_parallel_for(M, rows_grain(M, C, 16384), quantize_rows, &job);
-    *step_out = step;
+    quantize_scratch scratch = {(double *)malloc((size_t)M * sizeof(double)),
+                                (float *)malloc((size_t)M * sizeof(float))};
+    if (!scratch.sums || !scratch.amax) {
+        free(scratch.sums);
+        free(scratch.amax);
+        return BB_ENOMEM;
+    }
+    *step_out = quantize(bb_ops_active(), x, M, C, ldx, bits, clip_std, out, ldo, levels, scratch);
+    free(scratch.sums);
+    free(scratch.amax);
     return BB_OK;
 }
 
@@ -93,6 +170,22 @@ static void kattn_heads(void *ctx, int64_t lo, int64_t hi, int tid) {
     for (int64_t h = lo; h < hi; h++) job->ops->kbit.attention_head(&job->attn, h, scratch);
 }
 
+/* int32 scratch of one thread of the k-bit attention on L keys of H heads of d (room for both
+ * layouts: int32 [d + 16 + d*lp], or int16 and the list) */
+static int64_t kattn_scratch_ints(int64_t L, int64_t d) {
+    int64_t lp = (L + 127) / 128 * 128;
+    return ((d + 15) / 16 * 16 + lp + d * lp + L + 15) / 16 * 16;
+}
+
+/* bb_biattention_kbit after its checks, on the caller's scratch (bb_team() threads of
+ * kattn_scratch_ints) */
+static void kattention(const bb_ops *ops, const int8_t *q, const int8_t *k, const int8_t *v, int64_t L, int64_t H,
+                       int64_t d, float step_v, const uint64_t *valid, float *out, int64_t ldo, int32_t *counts,
+                       int32_t *scratch) {
+    kattn_job job = {ops, {q, k, v, valid, L, H, d, ldo, step_v, out, counts, kattn_scratch_ints(L, d), scratch}};
+    bb_parallel_for(H, 1, kattn_heads, &job);
+}
+
 /* Bi-Attention on k-bit Q, K and V of one sequence (L rows; H heads of d), from their levels
  * (int8 [L, H*d] each, as bb_quantize_planes gives them); valid [words(L)] key bits:
  *   S_ij      = sum_c nq_ic nk_jc                  (the score's sign: its scale is positive)
@@ -107,14 +200,190 @@ int bb_biattention_kbit(const int8_t *q, const int8_t *k, const int8_t *v, int64
     if (hd > BB_MAX_DIM || ldo < hd || !elems_ok(L, ldo, 1) || !elems_ok(L, hd, 1) || !q || !k || !v || !valid ||
         !out)
         return BB_EINVAL;
-    int64_t lp = (L + 127) / 128 * 128; /* room for both layouts (int32 [d + 16 + d*lp], or int16 and the list) */
-    if (!elems_ok(d + 16, lp, 1)) return BB_EINVAL;
-    int64_t scratch_ints = ((d + 15) / 16 * 16 + lp + d * lp + L + 15) / 16 * 16;
-    int nthreads = bb_team();
-    kattn_job job = {bb_ops_active(), {q, k, v, valid, L, H, d, ldo, step_v, out, counts, scratch_ints, NULL}};
-    job.attn.scratch = (int32_t *)aligned_alloc(64, (size_t)(nthreads * scratch_ints) * 4);
-    if (!job.attn.scratch) return BB_ENOMEM;
-    bb_parallel_for(H, 1, kattn_heads, &job);
-    free(job.attn.scratch);
+    if (!elems_ok(d + 16, (L + 127) / 128 * 128, 1)) return BB_EINVAL;
+    int32_t *scratch = (int32_t *)aligned_alloc(64, (size_t)(bb_team() * kattn_scratch_ints(L, d)) * 4);
+    if (!scratch) return BB_ENOMEM;
+    kattention(bb_ops_active(), q, k, v, L, H, d, step_v, valid, out, ldo, counts, scratch);
+    free(scratch);
     return BB_OK;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* the forward of a 2- or 4-bit model                                                    */
+
+typedef struct {
+    const bb_ops *ops;
+    const bb_kbit_linear *pooler;
+    const bb_kbit_layer *layers;
+    int64_t n_layers, H, heads, I, rows;
+    float eps;
+    int bits;
+    float clip_std;
+    const int64_t *start;
+    const uint8_t *row_valid;
+    float *x, *hidden, *pooled;
+    _Atomic int rc;
+} kforward_job;
+
+/* one k-bit Linear of the forward: M rows of planes (their step) into out [M, N] */
+static void klinear(const kforward_job *j, const bb_kbit_linear *lin, const uint64_t *planes, int64_t M, int64_t K,
+                    int64_t N, float step, const float *residual, float *out, int gelu) {
+    linear_kbit_run(planes, M, words_of(K), K, lin->w, N, j->bits, step, lin->alpha, lin->bias, lin->count_offset,
+                    residual, out, gelu);
+}
+
+/* The buffers of one sequence of L rows. */
+typedef struct {
+    uint64_t *planes;     /* [L * bits, words(max(H, I))] the next Linear's input */
+    int32_t *kattn;       /* the attention's scratch */
+    float *qkv, *ctx, *y, *a, *g; /* [L, 3H], [L, H] x 3, [L, I] */
+    int8_t *levels;       /* [3, L, H] the levels of Q, K and V */
+    uint64_t *valid;      /* [words(L)] key bits */
+    quantize_scratch scratch;
+} kbit_workspace;
+
+/* the next `count` items of `size` bytes at offset *used of base (64-byte aligned); NULL while
+ * base is (the sizes are being added up) */
+static void *carve(char *base, size_t *used, int64_t count, size_t size) {
+    size_t at = *used;
+    *used += ((size_t)count * size + 63) / 64 * 64;
+    return base ? base + at : NULL;
+}
+
+/* lays the workspace out at base (NULL: only its size); returns its size in bytes */
+static size_t kbit_workspace_at(kbit_workspace *w, char *base, int64_t L, int64_t H, int64_t I, int64_t bits,
+                                int64_t kattn_ints) {
+    size_t used = 0;
+    int64_t pw = words_of(H) > words_of(I) ? words_of(H) : words_of(I);
+    w->planes = (uint64_t *)carve(base, &used, L * bits * pw, 8);
+    w->kattn = (int32_t *)carve(base, &used, kattn_ints, 4);
+    w->qkv = (float *)carve(base, &used, L * 3 * H, 4);
+    w->ctx = (float *)carve(base, &used, L * H, 4);
+    w->y = (float *)carve(base, &used, L * H, 4);
+    w->a = (float *)carve(base, &used, L * H, 4);
+    w->g = (float *)carve(base, &used, L * I, 4);
+    w->levels = (int8_t *)carve(base, &used, 3 * L * H, 1);
+    w->valid = (uint64_t *)carve(base, &used, words_of(L), 8);
+    w->scratch.sums = (double *)carve(base, &used, L, 8);
+    w->scratch.amax = (float *)carve(base, &used, L, 4);
+    return used;
+}
+
+/* Sequence s through every layer and the pooler: each quantizer's clip is over the sequence's
+ * own rows (what the student computes for a batch of one). */
+static int kbit_sequence(const kforward_job *j, int64_t s) {
+    const bb_ops *ops = j->ops;
+    int64_t H = j->H, I = j->I, r0 = j->start[s], L = j->start[s + 1] - r0, d = H / j->heads;
+    int64_t hw = words_of(H), iw = words_of(I);
+    int64_t kattn_ints = (int64_t)bb_team() * kattn_scratch_ints(L, d);
+    kbit_workspace w;
+    char *buf = (char *)aligned_alloc(64, kbit_workspace_at(&w, NULL, L, H, I, j->bits, kattn_ints));
+    if (!buf) return BB_ENOMEM;
+    kbit_workspace_at(&w, buf, L, H, I, j->bits, kattn_ints);
+    uint64_t *planes = w.planes, *valid = w.valid;
+    float *qkv = w.qkv, *ctx = w.ctx, *y = w.y, *a = w.a, *g = w.g;
+    int8_t *levels = w.levels;
+    quantize_scratch scratch = w.scratch;
+    float *x = j->x + r0 * H;
+    memset(valid, 0, (size_t)words_of(L) * 8);
+    for (int64_t i = 0; i < L; i++) valid[i >> 6] |= (uint64_t)(j->row_valid[r0 + i] != 0) << (i & 63);
+    float step = quantize(ops, x, L, H, H, j->bits, j->clip_std, planes, hw, NULL, scratch);
+    int rc = BB_OK;
+    for (int64_t l = 0; l < j->n_layers && !rc; l++) {
+        const bb_kbit_layer *p = j->layers + l;
+        klinear(j, &p->qkv, planes, L, H, 3 * H, step, NULL, qkv, 0);
+        float step_v = 0.0f;
+        for (int64_t t = 0; t < 3; t++) /* Q, K and V, each its own tensor */
+            step_v = quantize(ops, qkv + t * H, L, H, 3 * H, j->bits, j->clip_std, NULL, hw, levels + t * L * H,
+                              scratch);
+        kattention(ops, levels, levels + L * H, levels + 2 * L * H, L, j->heads, d, step_v, valid, ctx, H, NULL,
+                   w.kattn);
+        step = quantize(ops, ctx, L, H, H, j->bits, j->clip_std, planes, hw, NULL, scratch);
+        klinear(j, &p->ao, planes, L, H, H, step, x, y, 0);
+        rc = bb_layernorm(y, L, H, p->ln1_g, p->ln1_b, j->eps, a, NULL, 0, NULL);
+        if (rc) break;
+        step = quantize(ops, a, L, H, H, j->bits, j->clip_std, planes, hw, NULL, scratch);
+        klinear(j, &p->fi, planes, L, H, I, step, NULL, g, 1); /* GELU(FFN in) */
+        step = quantize(ops, g, L, I, I, j->bits, j->clip_std, planes, iw, NULL, scratch);
+        klinear(j, &p->fo, planes, L, I, H, step, a, y, 0);
+        rc = bb_layernorm(y, L, H, p->ln2_g, p->ln2_b, j->eps, x, NULL, 0, NULL);
+        if (j->hidden) memcpy(j->hidden + (l + 1) * j->rows * H + r0 * H, x, (size_t)(L * H) * sizeof(float));
+        if (l + 1 < j->n_layers) step = quantize(ops, x, L, H, H, j->bits, j->clip_std, planes, hw, NULL, scratch);
+    }
+    if (!rc) { /* the pooler on the first row, quantized alone */
+        step = quantize(ops, x, 1, H, H, j->bits, j->clip_std, planes, hw, NULL, scratch);
+        klinear(j, j->pooler, planes, 1, H, H, step, NULL, j->pooled + s * H, 0);
+    }
+    free(buf);
+    return rc;
+}
+
+static void kbit_sequences(void *ctx, int64_t lo, int64_t hi, int tid) {
+    kforward_job *j = (kforward_job *)ctx;
+    for (int64_t s = lo; s < hi; s++) {
+        int rc = kbit_sequence(j, s);
+        if (rc) atomic_store(&j->rc, rc);
+    }
+    (void)tid;
+}
+
+/* The forward of a 2- or 4-bit model (bits) short of the classifier: the embeddings of each row
+ * and their LayerNorm into x [rows, H] (as bb_forward: row m of sequence s at position
+ * positions[m], or m - start[s] when positions is NULL; m's pooler and thresholds are not read),
+ * then each sequence alone (what the student computes for a batch of one) through the n_layers
+ * layers: every Linear's input quantized (one clip per tensor: the sequence's rows), Q, K and V
+ * quantized each on its own for the k-bit Bi-Attention, GELU on FFN-in's output; then the
+ * pooler on its first row, quantized alone, into pooled [n_seq, H] before the tanh. row_valid
+ * [rows] marks the rows that are keys. hidden (optional): [n_layers + 1, rows, H], the
+ * embeddings' output, then each layer's. Each step computes what the entry point of that step
+ * (bb_quantize_planes, bb_linear_kbit, bb_biattention_kbit, bb_gelu, bb_layernorm) computes on
+ * its own. With at least as many sequences as threads, each thread runs whole sequences;
+ * otherwise each step splits across the threads. Checks: bb_forward's (but the pooler's and
+ * the layers' pointers are those of the k-bit structs), bits 2 or 4. */
+int bb_forward_kbit(const bb_model *m, const bb_kbit_linear *pooler, const bb_kbit_layer *layers, int64_t n_layers,
+                    int64_t n_seq, const int64_t *start, int64_t H, int64_t heads, int64_t I, float eps, int bits,
+                    float clip_std, const int64_t *ids, const int64_t *type_ids, const int64_t *positions,
+                    const uint8_t *row_valid, float *x, float *hidden, float *pooled) {
+    if (!count_ok(n_layers) || !count_ok(n_seq) || (bits != 2 && bits != 4)) return BB_EINVAL;
+    if (n_seq == 0) return BB_OK;
+    if (!m || !pooler || !ids || !type_ids || !pooled || !row_valid || !x || !start || start[0] != 0 ||
+        (!layers && n_layers) || !m->word_bits || !m->word_alpha || !m->pos || !m->type || !m->ln_g || !m->ln_b ||
+        !pooler->w || !pooler->alpha || !pooler->bias || !pooler->count_offset || !dim_ok(H) || !dim_ok(heads) ||
+        !dim_ok(I) || H % heads)
+        return BB_EINVAL;
+    for (int64_t s = 0; s < n_seq; s++)
+        if (start[s + 1] <= start[s] || start[s + 1] - start[s] > BB_MAX_DIM) return BB_EINVAL;
+    int64_t rows = start[n_seq];
+    if (!elems_ok(rows, 3 * H, 1) || !elems_ok(rows, I, 1) || !elems_ok(n_seq, H, 1) ||
+        (hidden && !elems_ok(n_layers + 1, rows, H)) || !elems_ok(H / heads + 16, (rows + 127) / 128 * 128, 1))
+        return BB_EINVAL;
+    for (int64_t l = 0; l < n_layers; l++) {
+        const bb_kbit_layer *p = layers + l;
+        const bb_kbit_linear *lins[] = {&p->qkv, &p->ao, &p->fi, &p->fo};
+        for (int i = 0; i < 4; i++)
+            if (!lins[i]->w || !lins[i]->alpha || !lins[i]->bias || !lins[i]->count_offset) return BB_EINVAL;
+        if (!p->ln1_g || !p->ln1_b || !p->ln2_g || !p->ln2_b) return BB_EINVAL;
+    }
+    int64_t *at = NULL;
+    if (!positions) { /* each row's position in its sequence */
+        at = (int64_t *)malloc((size_t)rows * sizeof(int64_t));
+        if (!at) return BB_ENOMEM;
+        for (int64_t s = 0; s < n_seq; s++)
+            for (int64_t r = start[s]; r < start[s + 1]; r++) at[r] = r - start[s];
+        positions = at;
+    }
+    int rc = bb_embed(ids, type_ids, rows, 1, m->word_bits, m->word_alpha, m->vocab, m->pos, m->positions, m->type,
+                      m->types, H, x, positions);
+    free(at);
+    if (!rc) rc = bb_layernorm(x, rows, H, m->ln_g, m->ln_b, eps, x, NULL, 0, NULL);
+    if (rc) return rc;
+    if (hidden) memcpy(hidden, x, (size_t)(rows * H) * sizeof(float));
+    kforward_job job = {bb_ops_active(), pooler, layers, n_layers, H, heads, I, rows, eps, bits, clip_std, start,
+                        row_valid, x, hidden, pooled, BB_OK};
+    int threads = bb_get_threads();
+    if (threads > 1 && n_seq >= threads)
+        bb_parallel_for(n_seq, 1, kbit_sequences, &job);
+    else
+        kbit_sequences(&job, 0, n_seq, 0);
+    return atomic_load(&job.rc);
 }

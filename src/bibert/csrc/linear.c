@@ -140,7 +140,7 @@ int bb_linear(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint64
     if (out_bits ? !thr || !flip || !dim_ok(ldo) || ldo < words_of(N) || !elems_ok(M, ldo, 1)
                  : !c0 || !c1 || !elems_ok(M, N, 1))
         return BB_EINVAL;
-    linear_args lin = {a, M, lda, K, w_panels, N, c0, c1, residual, out, out_bits, ldo, thr, flip, 0, NULL, 0.0f};
+    linear_args lin = {a, M, lda, K, w_panels, N, c0, c1, residual, out, out_bits, ldo, thr, flip, 0, NULL, 0.0f, 0};
     if (out_bits) /* words past the written half-words stay padding zeros */
         for (int64_t m = 0; m < M; m++)
             for (int64_t w = words_of(N) - 1; w < ldo; w++)
@@ -194,10 +194,16 @@ int bb_linear_kbit(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const u
         !elems_ok((N + BB_PANEL - 1) / BB_PANEL * BB_PANEL, words_of(K), 1) || !elems_ok(M, N, 1) || !a ||
         !w_panels || !alpha || !bias || !koff || !out)
         return BB_EINVAL;
-    linear_args lin = {a, M * bits, lda, K, w_panels, N, alpha, bias, residual, out, NULL, 0, NULL, NULL, bits, koff,
-                       step};
-    linear_run(&lin);
+    linear_kbit_run(a, M, lda, K, w_panels, N, bits, step, alpha, bias, koff, residual, out, 0);
     return BB_OK;
+}
+
+void linear_kbit_run(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint64_t *w_panels, int64_t N,
+                     int bits, float step, const float *alpha, const float *bias, const int64_t *count_offset,
+                     const float *residual, float *out, int gelu) {
+    linear_args lin = {a, M * bits, lda, K, w_panels, N, alpha, bias, residual, out, NULL, 0, NULL, NULL, bits,
+                       count_offset, step, gelu};
+    linear_run(&lin);
 }
 
 /* ------------------------------------------------------------------------------------ */

@@ -187,6 +187,10 @@ class PackedModel:
         self.pooler = linear(POOLER_DENSE, H)
         self.pooler_t = quantizer(POOLER_DENSE)[0]
         self._native_model = self._model_params()  # check_packed: the pooler is H x H
+        if kbits:  # the k-bit forward's Linears and LayerNorms (`forward`, bb_forward_kbit)
+            self._native_kbit_layers = (kernels.KbitLayerParams * self.num_layers)(
+                *(self._kbit_layer_params(l) for l in self.layers))
+            self._native_kbit_pooler = self._kbit_linear_params(self.pooler)
         self.classifier_weight, self.classifier_bias = f32(f"{CLASSIFIER}.weight"), f32(f"{CLASSIFIER}.bias")
         self.num_labels = shape.num_labels
         self.labels = list(shape.labels)
@@ -218,6 +222,18 @@ class PackedModel:
                                    layer.ln2[0].ctypes.data, layer.ln2[1].ctypes.data,
                                    opt(layer.ctx_t), opt(layer.ln1_t), opt(layer.ln2_t), opt(layer.score_lim),
                                    opt(layer.score_rel))
+
+    @staticmethod
+    def _kbit_linear_params(lin: BinaryLinear) -> kernels.KbitLinearParams:
+        return kernels.KbitLinearParams(lin.panels.ctypes.data, lin.alpha.ctypes.data, lin.bias.ctypes.data,
+                                        lin.koff.ctypes.data)
+
+    @classmethod
+    def _kbit_layer_params(cls, layer: Layer) -> kernels.KbitLayerParams:
+        return kernels.KbitLayerParams(*(cls._kbit_linear_params(lin) for lin in
+                                         (layer.qkv, layer.attn_out, layer.ffn_in, layer.ffn_out)),
+                                       layer.ln1[0].ctypes.data, layer.ln1[1].ctypes.data,
+                                       layer.ln2[0].ctypes.data, layer.ln2[1].ctypes.data)
 
     # ---- the forward, piece by piece -------------------------------------------------
 
@@ -382,26 +398,27 @@ class PackedModel:
         return pooled @ self.classifier_weight.T + self.classifier_bias
 
     def _forward_kbit(self, ids, valid, tt, output_hidden_states):
-        """forward of a 2- or 4-bit model: each sequence on its own (its tokens and [CLS]), as
-        the student computes a batch of one; padded positions are not computed (zeros)."""
+        """forward of a 2- or 4-bit model in one native call (bb_forward_kbit): each sequence on
+        its own (its tokens and [CLS]), as the student computes a batch of one, with the steps of
+        `kbit_layer` and `kbit_head`; padded positions are not computed (zeros)."""
         B, L = ids.shape
         keep = valid.copy()
-        keep[:, 0] = True
-        hidden = [np.zeros((B, L, self.hidden), np.float32) for _ in range(self.num_layers + 1)] \
-            if output_hidden_states else None
-        cls = np.empty((B, self.hidden), np.float32)
-        for b in range(B):
-            pos = np.flatnonzero(keep[b])
-            x, _ = self.embeddings(ids[b, pos][None], tt[b, pos][None], pos[None])
-            if hidden is not None:
-                hidden[0][b, pos] = x
-            for n in range(self.num_layers):
-                x = self.kbit_layer(n, x, valid[b, pos])
-                if hidden is not None:
-                    hidden[n + 1][b, pos] = x
-            cls[b] = x[0]
-        logits = self.kbit_head(cls)
-        return (logits, hidden) if output_hidden_states else logits
+        keep[:, 0] = True  # the head reads [CLS]
+        start = np.zeros(B + 1, np.int64)
+        np.cumsum(keep.sum(axis=1), out=start[1:])
+        rows = np.flatnonzero(keep)
+        M = int(start[-1])
+        hidden = np.empty((self.num_layers + 1, M, self.hidden), np.float32) if output_hidden_states else None
+        _, pooled = kernels.forward_kbit(self._native_model, self._native_kbit_pooler, self._native_kbit_layers,
+                                         self.num_layers, start, self.hidden, self.heads, self.intermediate, self.eps,
+                                         self.quant.kbits, self.clip_std, ids.reshape(-1)[rows], tt.reshape(-1)[rows],
+                                         rows % L, valid.reshape(-1)[rows], hidden)
+        logits = self.classify(pooled)
+        if not output_hidden_states:
+            return logits
+        full = np.zeros((self.num_layers + 1, B * L, self.hidden), np.float32)
+        full[:, rows] = hidden
+        return logits, list(full.reshape(self.num_layers + 1, B, L, self.hidden))
 
     # ---- text in, labels out ---------------------------------------------------------
 

@@ -31,7 +31,7 @@ import numpy as np
 from ..errors import BibertError
 from .reader import pack_bool, unpack_bool, words  # the format's bits, as the kernels take them
 
-ABI_VERSION = 17
+ABI_VERSION = 18
 PANEL = 32
 KERNELS = {"auto": 0, "portable": 1, "avx512": 2, "avx2": 3}
 MAX_THREADS = 1024  # bb_set_threads' cap
@@ -70,6 +70,7 @@ SIGNATURES = {
     "bb_get_encoder_tuning": (_INT, [_P]),
     "bb_encoder": (_INT, [_P, _I, _I, _P, _I, _I, _I, _F, _P, _P, _P, _P]),
     "bb_forward": (_INT, [_P, _P, _I, _I, _P, _I, _I, _I, _F, _P, _P, _P, _P, _P, _P, _P, _P]),
+    "bb_forward_kbit": (_INT, [_P, _P, _P, _I, _I, _P, _I, _I, _I, _F, _INT, _F, _P, _P, _P, _P, _P, _P, _P]),
 }
 
 _lib = None
@@ -394,6 +395,74 @@ class ModelParams(ctypes.Structure):
                 ("pool_t", ctypes.c_void_p)]
 
 
+class KbitLinearParams(ctypes.Structure):
+    """Pointers to one binary Linear of a 2- or 4-bit model (bb_kbit_linear in bitkernels.h)."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("w", "alpha", "bias", "count_offset")]
+
+
+class KbitLayerParams(ctypes.Structure):
+    """One encoder layer of a 2- or 4-bit model (bb_kbit_layer in bitkernels.h)."""
+
+    _fields_ = [(name, KbitLinearParams) for name in ("qkv", "ao", "fi", "fo")] + \
+        [(name, ctypes.c_void_p) for name in ("ln1_g", "ln1_b", "ln2_g", "ln2_b")]
+
+
+def _forward_inputs(start: np.ndarray, n_layers: int, n_available: int, hidden_size: int, heads: int, ids: np.ndarray,
+                    type_ids: np.ndarray, positions: np.ndarray | None, row_valid: np.ndarray,
+                    hidden: np.ndarray | None, what: str) -> tuple:
+    """The checked, contiguous inputs of `forward` and `forward_kbit`: start, ids, type_ids, positions,
+    row_valid (uint8), the row count M and the sequence count."""
+    start = np.ascontiguousarray(start, dtype=np.int64)
+    if start.ndim != 1 or len(start) < 1 or start[0] != 0:
+        raise BibertError(f"{what}: start must rise from 0 by at least one row per sequence")
+    M, n_seq = int(start[-1]), len(start) - 1
+    if n_available < n_layers or hidden_size < 1 or heads < 1 or hidden_size % heads:
+        raise BibertError(f"{what}: sizes do not fit (layers {n_layers} of {n_available}, hidden {hidden_size}, "
+                          f"heads {heads})")
+    ids, type_ids = np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(type_ids, dtype=np.int64)
+    valid = np.ascontiguousarray(row_valid)
+    valid = valid.view(np.uint8) if valid.dtype == bool else valid.astype(np.uint8)
+    if positions is not None:
+        positions = np.ascontiguousarray(positions, dtype=np.int64)
+    for a, name in ((ids, "ids"), (type_ids, "type_ids"), (valid, "row_valid"), (positions, "positions")):
+        if a is not None and a.shape != (M,):
+            raise BibertError(f"{what}: {name} has shape {a.shape}; expected {(M,)}")
+    if hidden is not None and (not isinstance(hidden, np.ndarray) or hidden.dtype != np.float32
+                               or hidden.shape != (n_layers + 1, M, hidden_size) or not hidden.flags.c_contiguous
+                               or not hidden.flags.writeable):
+        raise BibertError(f"{what}: hidden must be a writable C-contiguous float32 array of shape "
+                          f"{(n_layers + 1, M, hidden_size)}")
+    return start, ids, type_ids, positions, valid, M, n_seq
+
+
+def forward_kbit(model: ModelParams, pooler: KbitLinearParams, layers: ctypes.Array, n_layers: int, start: np.ndarray,
+                 hidden_size: int, heads: int, intermediate: int, eps: float, bits: int, clip_std: float,
+                 ids: np.ndarray, type_ids: np.ndarray, positions: np.ndarray | None, row_valid: np.ndarray,
+                 hidden: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The whole forward of a 2- or 4-bit model but the classifier in one native call (bb_forward_kbit):
+    the rows and sequences as `forward` takes them, each sequence computed on its own (every
+    quantizer's clip over its own rows), the pooler's input its first row alone. `model` gives the
+    embeddings and their LayerNorm (its pooler is not read: `pooler` is the k-bit one). Returns
+    the last hidden state [rows, H] and the pooler's output [sequences, H] before the tanh; hidden
+    as `forward`'s. The parameter arrays behind the structs must stay alive while it runs."""
+    start, ids, type_ids, positions, valid, M, n_seq = _forward_inputs(
+        start, n_layers, len(layers), hidden_size, heads, ids, type_ids, positions, row_valid, hidden, "forward_kbit")
+    bits = _kbits(bits, "forward_kbit")
+    x = np.empty((M, hidden_size), np.float32)
+    pooled = np.empty((n_seq, hidden_size), np.float32)
+    if n_seq == 0:
+        return x, pooled
+    rc = lib().bb_forward_kbit(ctypes.byref(model), ctypes.byref(pooler), ctypes.byref(layers), n_layers, n_seq,
+                               _ptr(start), hidden_size, heads, intermediate, eps, bits, float(clip_std), _ptr(ids),
+                               _ptr(type_ids), _ptr(positions), _ptr(valid), _ptr(x), _ptr(hidden), _ptr(pooled))
+    if rc == EINVAL:
+        raise BibertError("forward_kbit: invalid arguments (start not rising by at least one row per sequence, or "
+                          "token ids, types or positions outside the model's tables)")
+    _check_rc(rc, "forward_kbit")
+    return x, pooled
+
+
 def forward(model: ModelParams, layers: ctypes.Array, n_layers: int, start: np.ndarray, hidden_size: int, heads: int,
             intermediate: int, eps: float, ids: np.ndarray, type_ids: np.ndarray, positions: np.ndarray | None,
             row_valid: np.ndarray, hidden: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -411,26 +480,8 @@ def forward(model: ModelParams, layers: ctypes.Array, n_layers: int, start: np.n
     it runs.
     Called once per forward, after the caches have been filled with weights: it keeps to few
     NumPy calls."""
-    start = np.ascontiguousarray(start, dtype=np.int64)
-    if start.ndim != 1 or len(start) < 1 or start[0] != 0:
-        raise BibertError("forward: start must rise from 0 by at least one row per sequence")
-    M, n_seq = int(start[-1]), len(start) - 1
-    if len(layers) < n_layers or hidden_size < 1 or heads < 1 or hidden_size % heads:
-        raise BibertError(f"forward: sizes do not fit (layers {n_layers} of {len(layers)}, hidden {hidden_size}, "
-                          f"heads {heads})")
-    ids, type_ids = np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(type_ids, dtype=np.int64)
-    valid = np.ascontiguousarray(row_valid)
-    valid = valid.view(np.uint8) if valid.dtype == bool else valid.astype(np.uint8)
-    if positions is not None:
-        positions = np.ascontiguousarray(positions, dtype=np.int64)
-    for a, what in ((ids, "ids"), (type_ids, "type_ids"), (valid, "row_valid"), (positions, "positions")):
-        if a is not None and a.shape != (M,):
-            raise BibertError(f"forward: {what} has shape {a.shape}; expected {(M,)}")
-    if hidden is not None and (not isinstance(hidden, np.ndarray) or hidden.dtype != np.float32
-                               or hidden.shape != (n_layers + 1, M, hidden_size) or not hidden.flags.c_contiguous
-                               or not hidden.flags.writeable):
-        raise BibertError(f"forward: hidden must be a writable C-contiguous float32 array of shape "
-                          f"{(n_layers + 1, M, hidden_size)}")
+    start, ids, type_ids, positions, valid, M, n_seq = _forward_inputs(
+        start, n_layers, len(layers), hidden_size, heads, ids, type_ids, positions, row_valid, hidden, "forward")
     x = np.empty((M, hidden_size), np.float32)
     pooled = np.empty((n_seq, hidden_size), np.float32)
     if n_seq == 0:

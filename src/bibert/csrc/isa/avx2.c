@@ -199,7 +199,7 @@ const bb_ops bb_ops_avx2 = {
     .layernorm = {layernorm_rows_avx2},
     .embed = {embed_row_portable},
     .attention = {transpose64_portable, attn_scores_popcnt, attn_context_popcnt, NULL},
-    .kbit = {kbit_clip_portable, kbit_pack_row_portable, gelu_avx2, kattn_head_avx2},
+    .kbit = {kbit_row_sum_portable, kbit_row_deviation_portable, kbit_pack_row_portable, gelu_avx2, kattn_head_avx2},
 };
 
 #endif

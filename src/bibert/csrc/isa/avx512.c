@@ -81,6 +81,44 @@ BB_INLINE BB_AVX512 void epilogue16(__m512i lo, __m512i hi, __m512 c0, __m512 c1
     _mm512_mask_storeu_ps(out, lm, y);
 }
 
+/* gelu_one on 16 lanes: the same float operations in the same order (fused multiply-adds where
+ * it calls fmaf, the exponent's power of two from the same integers) */
+BB_INLINE BB_AVX512 __m512 gelu16_avx512(__m512 x) {
+#define BB_C(v) _mm512_set1_ps(v)
+    const __m512 sign = BB_C(-0.0f);
+    __m512 xs = _mm512_mul_ps(x, BB_C((float)M_SQRT1_2));
+    __m512 d = _mm512_xor_ps(_mm512_mul_ps(xs, xs), sign);
+    __m512 qf = _mm512_roundscale_ps(_mm512_mul_ps(d, BB_C(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 s = _mm512_fmadd_ps(qf, BB_C(-0.693145751953125f), d);
+    s = _mm512_fmadd_ps(qf, BB_C(-1.428606765330187045e-06f), s);
+    __m512 u = BB_C(0.000198527617612853646278381f);
+    u = _mm512_fmadd_ps(u, s, BB_C(0.00139304355252534151077271f));
+    u = _mm512_fmadd_ps(u, s, BB_C(0.00833336077630519866943359f));
+    u = _mm512_fmadd_ps(u, s, BB_C(0.0416664853692054748535156f));
+    u = _mm512_fmadd_ps(u, s, BB_C(0.166666671633720397949219f));
+    u = _mm512_fmadd_ps(u, s, BB_C(0.5f));
+    u = _mm512_add_ps(BB_C(1.0f), _mm512_fmadd_ps(_mm512_mul_ps(s, s), u, s));
+    __mmask16 kept = _mm512_cmp_ps_mask(d, BB_C(-104.0f), _CMP_NLT_UQ); /* !(d < -104): exp not flushed */
+    __m512i q = _mm512_maskz_cvttps_epi32(kept, qf);
+    __m512i q1 = _mm512_srai_epi32(q, 1), q2 = _mm512_sub_epi32(q, q1);
+    const __m512i bias = _mm512_set1_epi32(127);
+    __m512 p1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(q1, bias), 23));
+    __m512 p2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(q2, bias), 23));
+    __m512 e = _mm512_maskz_mul_ps(kept, _mm512_mul_ps(u, p1), p2);
+    __m512 z = _mm512_abs_ps(xs);
+    __m512 t = _mm512_div_ps(BB_C(1.0f), _mm512_fmadd_ps(BB_C(0.3275911f), z, BB_C(1.0f)));
+    __m512 r = _mm512_fmadd_ps(BB_C(1.061405429f), t, BB_C(-1.453152027f));
+    r = _mm512_fmadd_ps(r, t, BB_C(1.421413741f));
+    r = _mm512_fmadd_ps(r, t, BB_C(-0.284496736f));
+    r = _mm512_fmadd_ps(r, t, BB_C(0.254829592f));
+    __m512 erf_abs = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_xor_ps(e, sign), t), r, BB_C(1.0f));
+    __m512 erf = _mm512_mask_xor_ps(erf_abs, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), erf_abs, sign);
+    __m512 y = _mm512_mul_ps(_mm512_mul_ps(x, BB_C(0.5f)), _mm512_add_ps(BB_C(1.0f), erf));
+    return _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
+#undef BB_C
+}
+
 /* kbit_epilogue on the counts of one tile, 8 channels at a time: the same integer and float
  * operations */
 static BB_AVX512 void kbit_epilogue_avx512(const linear_args *lin, int64_t r0, int mr, int64_t p, int nc,
@@ -103,6 +141,7 @@ static BB_AVX512 void kbit_epilogue_avx512(const linear_args *lin, int64_t r0, i
             __m256 y = _mm256_mul_ps(_mm512_cvtepi64_ps(weighted), _mm512_castps512_ps256(stv));
             y = _mm256_add_ps(_mm256_mul_ps(y, _mm256_maskz_loadu_ps(lm, lin->c0 + n0 + 8 * c)),
                               _mm256_maskz_loadu_ps(lm, lin->c1 + n0 + 8 * c));
+            if (lin->gelu) y = _mm512_castps512_ps256(gelu16_avx512(_mm512_zextps256_ps512(y)));
             if (lin->residual)
                 y = _mm256_add_ps(y, _mm256_maskz_loadu_ps(lm, lin->residual + m * lin->N + n0 + 8 * c));
             _mm256_mask_storeu_ps(lin->out + m * lin->N + n0 + 8 * c, lm, y);
@@ -472,44 +511,60 @@ BB_AVX512 static void embed_row_avx512(const uint64_t *word_bits, float alpha, c
 /* ------------------------------------------------------------------------------------ */
 /* k-bit activations (kbit.c has the quantizer's formulas)                               */
 
-/* the two passes of kbit_clip_portable, 8 doubles at a time: lane l holds the columns c = l mod 8, as
- * in the portable loops (a masked tail adds +0.0) */
-BB_AVX512 static float kbit_clip_avx512(const float *x, int64_t M, int64_t C, int64_t ldx, float clip_std) {
-    __m512d s = _mm512_setzero_pd();
-    __m256 amax = _mm256_setzero_ps();
-    __mmask8 nan = 0;
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t c = 0; c < C; c += 8) {
-            __mmask8 lm = C - c >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << (C - c)) - 1);
-            __m256 v = _mm256_maskz_loadu_ps(lm, x + m * ldx + c);
-            s = _mm512_add_pd(s, _mm512_cvtps_pd(v));
-            amax = _mm256_max_ps(amax, _mm256_and_ps(v, absmask));
-            nan |= _mm256_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        }
-    double lanes[8];
-    _mm512_storeu_pd(lanes, s);
-    double sum = 0;
-    for (int l = 0; l < 8; l++) sum += lanes[l];
-    float am[8];
-    _mm256_storeu_ps(am, amax);
-    float a = 0.0f;
-    for (int l = 0; l < 8; l++)
-        if (am[l] > a) a = am[l];
-    double n = (double)M * (double)C;
-    __m512d mean = _mm512_set1_pd((double)(float)(sum / n));
-    s = _mm512_setzero_pd();
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t c = 0; c < C; c += 8) {
-            __mmask8 lm = C - c >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << (C - c)) - 1);
-            __m512d d = _mm512_maskz_sub_pd(lm, _mm512_cvtps_pd(_mm256_maskz_loadu_ps(lm, x + m * ldx + c)), mean);
-            s = _mm512_add_pd(s, _mm512_mul_pd(d, d));
-        }
-    _mm512_storeu_pd(lanes, s);
-    double ss = 0;
-    for (int l = 0; l < 8; l++) ss += lanes[l];
-    return clip_of(a, nan != 0, n, clip_std, ss);
+/* The quantizer's row sums (kbit_row_sum_portable): 32 columns per step, partial sums 0-7, 8-15,
+ * 16-23 and 24-31 in four vectors of doubles (a masked tail adds +0.0), added as row_sum_tree
+ * does: the vectors' sums, then halves. */
+BB_INLINE BB_AVX512 double sum_tree_avx512(__m512d s0, __m512d s1, __m512d s2, __m512d s3) {
+    __m512d t = _mm512_add_pd(_mm512_add_pd(s0, s1), _mm512_add_pd(s2, s3));
+    __m256d u = _mm256_add_pd(_mm512_castpd512_pd256(t), _mm512_extractf64x4_pd(t, 1));
+    __m128d w = _mm_add_pd(_mm256_castpd256_pd128(u), _mm256_extractf128_pd(u, 1));
+    return _mm_cvtsd_f64(w) + _mm_cvtsd_f64(_mm_unpackhi_pd(w, w));
 }
+
+/* the low and the high 8 floats of v, in doubles */
+#define BB_LO_PD(v) _mm512_cvtps_pd(_mm512_castps512_ps256(v))
+#define BB_HI_PD(v) _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))
+
+BB_AVX512 static double kbit_row_sum_avx512(const float *x, int64_t C, float *amax) {
+    __m512d s0 = _mm512_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
+    __m512 largest = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    for (int64_t c = 0; c < C; c += 32) {
+        __mmask32 lm = C - c >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (C - c)) - 1);
+        __m512 v0 = _mm512_maskz_loadu_ps((__mmask16)lm, x + c);
+        __m512 v1 = _mm512_maskz_loadu_ps((__mmask16)(lm >> 16), x + c + 16);
+        s0 = _mm512_add_pd(s0, BB_LO_PD(v0));
+        s1 = _mm512_add_pd(s1, BB_HI_PD(v0));
+        s2 = _mm512_add_pd(s2, BB_LO_PD(v1));
+        s3 = _mm512_add_pd(s3, BB_HI_PD(v1));
+        largest = _mm512_max_ps(largest, _mm512_max_ps(_mm512_and_ps(v0, absmask), _mm512_and_ps(v1, absmask)));
+        nan |= _mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q);
+    }
+    *amax = nan ? NAN : _mm512_reduce_max_ps(largest);
+    return sum_tree_avx512(s0, s1, s2, s3);
+}
+
+BB_AVX512 static double kbit_row_deviation_avx512(const float *x, int64_t C, double mean) {
+    __m512d s0 = _mm512_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
+    const __m512d mv = _mm512_set1_pd(mean);
+    for (int64_t c = 0; c < C; c += 32) {
+        __mmask32 lm = C - c >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (C - c)) - 1);
+        __m512 v0 = _mm512_maskz_loadu_ps((__mmask16)lm, x + c);
+        __m512 v1 = _mm512_maskz_loadu_ps((__mmask16)(lm >> 16), x + c + 16);
+        __m512d d0 = _mm512_maskz_sub_pd((__mmask8)lm, BB_LO_PD(v0), mv);
+        __m512d d1 = _mm512_maskz_sub_pd((__mmask8)(lm >> 8), BB_HI_PD(v0), mv);
+        __m512d d2 = _mm512_maskz_sub_pd((__mmask8)(lm >> 16), BB_LO_PD(v1), mv);
+        __m512d d3 = _mm512_maskz_sub_pd((__mmask8)(lm >> 24), BB_HI_PD(v1), mv);
+        s0 = _mm512_add_pd(s0, _mm512_mul_pd(d0, d0));
+        s1 = _mm512_add_pd(s1, _mm512_mul_pd(d1, d1));
+        s2 = _mm512_add_pd(s2, _mm512_mul_pd(d2, d2));
+        s3 = _mm512_add_pd(s3, _mm512_mul_pd(d3, d3));
+    }
+    return sum_tree_avx512(s0, s1, s2, s3);
+}
+#undef BB_LO_PD
+#undef BB_HI_PD
 
 /* 16 values at a time: the portable loop's clamp, division and rint (half to even), NaN and
  * a non-finite step giving level 0 */
@@ -519,7 +574,7 @@ BB_AVX512 static void kbit_pack_row_avx512(const quantize_args *q, int64_t m) {
     int finite = q->step > 0.0f && q->step <= 3.0e38f;
     const __m512 lo = _mm512_set1_ps(-q->clip), hi = _mm512_set1_ps(q->clip), st = _mm512_set1_ps(q->step);
     const __m512i qv = _mm512_set1_epi32(Q), nq = _mm512_set1_epi32(-Q);
-    for (int b = 0; b < k; b++)
+    for (int b = 0; q->out && b < k; b++)
         for (int64_t w = 0; w < q->ldo; w++) q->out[(m * k + b) * q->ldo + w] = 0;
     for (int64_t c = 0; c < q->C; c += 16) {
         __mmask16 lm = q->C - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (q->C - c)) - 1);
@@ -531,7 +586,7 @@ BB_AVX512 static void kbit_pack_row_avx512(const quantize_args *q, int64_t m) {
         __m512i n = _mm512_maskz_cvtps_epi32(ok, rounded);
         n = _mm512_min_epi32(_mm512_max_epi32(n, nq), qv);
         __m512i u = _mm512_add_epi32(n, qv);
-        for (int b = 0; b < k; b++) {
+        for (int b = 0; q->out && b < k; b++) {
             __mmask16 bitm = _mm512_mask_test_epi32_mask(lm, u, _mm512_set1_epi32(1 << b));
             q->out[(m * k + b) * q->ldo + (c >> 6)] |= (uint64_t)bitm << (c & 63);
         }
@@ -539,8 +594,11 @@ BB_AVX512 static void kbit_pack_row_avx512(const quantize_args *q, int64_t m) {
     }
 }
 
-__attribute__((target("avx512f,avx512dq,avx512vl,fma"))) static void gelu_avx512(const float *x, float *y, int64_t n) {
-    for (int64_t i = 0; i < n; i++) y[i] = gelu_one(x[i]);
+BB_AVX512 static void gelu_avx512(const float *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 lm = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(y + i, lm, gelu16_avx512(_mm512_maskz_loadu_ps(lm, x + i)));
+    }
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -554,7 +612,8 @@ const bb_ops bb_ops_avx512 = {
     .layernorm = {layernorm_rows_avx512},
     .embed = {embed_row_avx512},
     .attention = {transpose64_avx512, attn_scores_avx512, attn_context_avx512, attn_row_d64_avx512},
-    .kbit = {kbit_clip_avx512, kbit_pack_row_avx512, gelu_avx512, kattn_head_avx512},
+    .kbit = {kbit_row_sum_avx512, kbit_row_deviation_avx512, kbit_pack_row_avx512, gelu_avx512,
+             kattn_head_avx512},
 };
 
 #endif

@@ -265,32 +265,29 @@ BB_POPCNT void attn_context_popcnt(const attn_args *attn, int64_t bh, const uint
 /* ------------------------------------------------------------------------------------ */
 /* k-bit activations (kbit.c has the quantizer's formulas)                               */
 
-/* the two passes of the clip: the sums in double, 8 partial sums by column % 8, rows in order */
-float kbit_clip_portable(const float *x, int64_t M, int64_t C, int64_t ldx, float clip_std) {
-    double s8[8] = {0};
-    float amax = 0.0f;
+/* the quantizer's row sums, in row_sum_tree's order */
+double kbit_row_sum_portable(const float *x, int64_t C, float *amax) {
+    double partial[32] = {0};
+    float largest = 0.0f;
     int nan = 0;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t c = 0; c < C; c++) {
-            float v = x[m * ldx + c];
-            s8[c & 7] += v;
-            float a = fabsf(v);
-            if (a > amax) amax = a;
-            if (v != v) nan = 1;
-        }
-    double sum = 0;
-    for (int l = 0; l < 8; l++) sum += s8[l];
-    double n = (double)M * (double)C;
-    double mean = (double)(float)(sum / n);
-    for (int l = 0; l < 8; l++) s8[l] = 0;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t c = 0; c < C; c++) {
-            double d = (double)x[m * ldx + c] - mean;
-            s8[c & 7] += d * d;
-        }
-    double ss = 0;
-    for (int l = 0; l < 8; l++) ss += s8[l];
-    return clip_of(amax, nan, n, clip_std, ss);
+    for (int64_t c = 0; c < C; c++) {
+        float v = x[c];
+        partial[c & 31] += v;
+        float a = fabsf(v);
+        if (a > largest) largest = a;
+        if (v != v) nan = 1;
+    }
+    *amax = nan ? NAN : largest;
+    return row_sum_tree(partial);
+}
+
+double kbit_row_deviation_portable(const float *x, int64_t C, double mean) {
+    double partial[32] = {0};
+    for (int64_t c = 0; c < C; c++) {
+        double d = (double)x[c] - mean;
+        partial[c & 31] += d * d;
+    }
+    return row_sum_tree(partial);
 }
 
 void kbit_pack_row_portable(const quantize_args *q, int64_t m) {
@@ -298,7 +295,7 @@ void kbit_pack_row_portable(const quantize_args *q, int64_t m) {
     float step = q->step, clip = q->clip;
     int finite = step > 0.0f && step <= 3.0e38f; /* a NaN clip (std of a single value) gives level 0 */
     const float *xr = q->x + m * q->ldx;
-    for (int b = 0; b < k; b++)
+    for (int b = 0; q->out && b < k; b++)
         for (int64_t w = 0; w < q->ldo; w++) q->out[(m * k + b) * q->ldo + w] = 0;
     for (int64_t c = 0; c < q->C; c++) {
         float v = xr[c];
@@ -310,7 +307,8 @@ void kbit_pack_row_portable(const quantize_args *q, int64_t m) {
             level = r < (float)-Q ? -Q : r > (float)Q ? Q : (int)r;
         }
         unsigned u = (unsigned)(level + Q);
-        for (int b = 0; b < k; b++) q->out[(m * k + b) * q->ldo + (c >> 6)] |= (uint64_t)((u >> b) & 1) << (c & 63);
+        for (int b = 0; q->out && b < k; b++)
+            q->out[(m * k + b) * q->ldo + (c >> 6)] |= (uint64_t)((u >> b) & 1) << (c & 63);
         if (q->levels) q->levels[m * q->C + c] = (int8_t)level;
     }
 }
@@ -334,7 +332,8 @@ const bb_ops bb_ops_portable = {
     .layernorm = {layernorm_rows_portable},
     .embed = {embed_row_portable},
     .attention = {transpose64_portable, attn_scores_portable, attn_context_portable, NULL},
-    .kbit = {kbit_clip_portable, kbit_pack_row_portable, gelu_portable, kattn_head_portable},
+    .kbit = {kbit_row_sum_portable, kbit_row_deviation_portable, kbit_pack_row_portable, gelu_portable,
+             kattn_head_portable},
 };
 
 #if BB_X86
@@ -346,6 +345,7 @@ const bb_ops bb_ops_portable_popcnt = {
     .layernorm = {layernorm_rows_portable},
     .embed = {embed_row_portable},
     .attention = {transpose64_portable, attn_scores_popcnt, attn_context_popcnt, NULL},
-    .kbit = {kbit_clip_portable, kbit_pack_row_portable, gelu_portable, kattn_head_portable},
+    .kbit = {kbit_row_sum_portable, kbit_row_deviation_portable, kbit_pack_row_portable, gelu_portable,
+             kattn_head_portable},
 };
 #endif

@@ -13,6 +13,38 @@
 #pragma GCC visibility push(hidden)
 
 /* ------------------------------------------------------------------------------------ */
+/* GELU                                                                                  */
+
+/* GELU of the FFN-in output for the k-bit FFN-out input: x * 0.5 * (1 + erf(x / sqrt 2)) with
+ * erf from the Abramowitz-Stegun 7.1.26 form (error below 1.5e-7) and a polynomial exp, in
+ * float32 with fused multiply-adds (fmaf: the same result on every kernel family). It is
+ * close to torch's float32 GELU but not bit-identical to it. */
+BB_INLINE float gelu_one(float x) {
+    float d = -((x * (float)M_SQRT1_2) * (x * (float)M_SQRT1_2));
+    float qf = rintf(d * 1.44269504088896341f);
+    float s = fmaf(qf, -0.693145751953125f, d);
+    s = fmaf(qf, -1.428606765330187045e-06f, s);
+    float u = 0.000198527617612853646278381f;
+    u = fmaf(u, s, 0.00139304355252534151077271f);
+    u = fmaf(u, s, 0.00833336077630519866943359f);
+    u = fmaf(u, s, 0.0416664853692054748535156f);
+    u = fmaf(u, s, 0.166666671633720397949219f);
+    u = fmaf(u, s, 0.5f);
+    u = 1.0f + fmaf(s * s, u, s);
+    int q = d < -104.0f ? 0 : (int)qf;
+    int q1 = q >> 1, q2 = q - q1;
+    union { uint32_t i; float f; } p1 = {(uint32_t)(q1 + 127) << 23}, p2 = {(uint32_t)(q2 + 127) << 23};
+    float e = d < -104.0f ? 0.0f : u * p1.f * p2.f; /* exp(-(x/sqrt 2)^2) */
+    float z = fabsf(x * (float)M_SQRT1_2);
+    float t = 1.0f / fmaf(0.3275911f, z, 1.0f);
+    float r = fmaf(fmaf(fmaf(fmaf(1.061405429f, t, -1.453152027f), t, 1.421413741f), t, -0.284496736f), t,
+                   0.254829592f);
+    float erf_abs = fmaf(-e * t, r, 1.0f);
+    float erf = x < 0.0f ? -erf_abs : erf_abs;
+    return x != x ? x : x * 0.5f * (1.0f + erf);
+}
+
+/* ------------------------------------------------------------------------------------ */
 /* binary Linear: the epilogues of a tile of counts                                      */
 
 /* channels of panel p that exist (32, fewer in the last panel) */
@@ -45,7 +77,8 @@ BB_INLINE void linear_row_epilogue(const linear_args *lin, int64_t m, int64_t p,
  * are bit-planes 0 .. k-1 of consecutive input rows (u = level + Q, plane b = bit b of u),
  * pc their popcounts against the panel's channels. Each input row's integer count is
  * C = sum_b 2^b pc_b - count_offset_n (= sum_j level_j w_j, exactly) and its output
- * y = ((C * step) * alpha_n + bias_n) [+ residual], the student's rounding order. */
+ * y = ((C * step) * alpha_n + bias_n) [+ residual], the student's rounding order; with lin->gelu,
+ * GELU(y) (the FFN-in output, which the FFN-out input quantizes). */
 BB_INLINE void kbit_epilogue(const linear_args *lin, int64_t r0, int mr, int64_t p, int nc,
                              const int64_t (*pc)[BB_PANEL]) {
     int k = lin->kbits;
@@ -58,6 +91,7 @@ BB_INLINE void kbit_epilogue(const linear_args *lin, int64_t r0, int mr, int64_t
             int64_t weighted = 0; /* sum_b 2^b pc_b */
             for (int b = 0; b < k; b++) weighted += pc[r + b][c] << b;
             float y = (float)(weighted - lin->count_offset[n0 + c]) * lin->kstep * lin->c0[n0 + c] + lin->c1[n0 + c];
+            if (lin->gelu) y = gelu_one(y);
             o[c] = res ? y + res[c] : y;
         }
     }
@@ -78,43 +112,15 @@ BB_INLINE void linear_tile_epilogue(const linear_args *lin, int64_t r0, int mr, 
 /* ------------------------------------------------------------------------------------ */
 /* k-bit activations                                                                     */
 
-/* the clip of the student's k-bit quantizer (kbit.c) from the absolute maximum, whether a value
- * is NaN, the count n and the sum of squared deviations ss */
-BB_INLINE float clip_of(float amax, int nan, double n, float clip_std, double ss) {
-    float sd = (float)sqrt(ss / (n - 1.0));
-    float scaled = clip_std * sd;
-    float clip = nan || scaled != scaled ? NAN : amax < scaled ? amax : scaled;
-    if (clip < 1e-8f) clip = 1e-8f;
-    return clip;
-}
-
-/* GELU of the FFN-in output for the k-bit FFN-out input: x * 0.5 * (1 + erf(x / sqrt 2)) with
- * erf from the Abramowitz-Stegun 7.1.26 form (error below 1.5e-7) and a polynomial exp, in
- * float32 with fused multiply-adds (fmaf: the same result on every kernel family). It is
- * close to torch's float32 GELU but not bit-identical to it. */
-BB_INLINE float gelu_one(float x) {
-    float d = -((x * (float)M_SQRT1_2) * (x * (float)M_SQRT1_2));
-    float qf = rintf(d * 1.44269504088896341f);
-    float s = fmaf(qf, -0.693145751953125f, d);
-    s = fmaf(qf, -1.428606765330187045e-06f, s);
-    float u = 0.000198527617612853646278381f;
-    u = fmaf(u, s, 0.00139304355252534151077271f);
-    u = fmaf(u, s, 0.00833336077630519866943359f);
-    u = fmaf(u, s, 0.0416664853692054748535156f);
-    u = fmaf(u, s, 0.166666671633720397949219f);
-    u = fmaf(u, s, 0.5f);
-    u = 1.0f + fmaf(s * s, u, s);
-    int q = d < -104.0f ? 0 : (int)qf;
-    int q1 = q >> 1, q2 = q - q1;
-    union { uint32_t i; float f; } p1 = {(uint32_t)(q1 + 127) << 23}, p2 = {(uint32_t)(q2 + 127) << 23};
-    float e = d < -104.0f ? 0.0f : u * p1.f * p2.f; /* exp(-(x/sqrt 2)^2) */
-    float z = fabsf(x * (float)M_SQRT1_2);
-    float t = 1.0f / fmaf(0.3275911f, z, 1.0f);
-    float r = fmaf(fmaf(fmaf(fmaf(1.061405429f, t, -1.453152027f), t, 1.421413741f), t, -0.284496736f), t,
-                   0.254829592f);
-    float erf_abs = fmaf(-e * t, r, 1.0f);
-    float erf = x < 0.0f ? -erf_abs : erf_abs;
-    return x != x ? x : x * 0.5f * (1.0f + erf);
+/* The k-bit quantizer's sums over one row (kbit.c): 32 partial sums in double, column c in sum
+ * c % 32 in column order, then added as a tree: t_l = (s_l + s_l+8) + (s_l+16 + s_l+24) for
+ * l < 8, u_l = t_l + t_l+4, w_l = u_l + u_l+2, sum = w_0 + w_1. */
+BB_INLINE double row_sum_tree(const double s[32]) {
+    double t[8], u[4], w[2];
+    for (int l = 0; l < 8; l++) t[l] = (s[l] + s[l + 8]) + (s[l + 16] + s[l + 24]);
+    for (int l = 0; l < 4; l++) u[l] = t[l] + t[l + 4];
+    for (int l = 0; l < 2; l++) w[l] = u[l] + u[l + 2];
+    return w[0] + w[1];
 }
 
 /* Bi-Attention on k-bit levels, head h (kbit.c has the formulas), in int32 */
@@ -153,7 +159,8 @@ void sign_pack_row_portable(const float *x, const float *t, int64_t K, uint64_t 
 void embed_row_portable(const uint64_t *word_bits, float alpha, const float *type, const float *pos, int64_t H,
                         float *out);
 void transpose64_portable(uint64_t a[64]);
-float kbit_clip_portable(const float *x, int64_t M, int64_t C, int64_t ldx, float clip_std);
+double kbit_row_sum_portable(const float *x, int64_t C, float *amax);
+double kbit_row_deviation_portable(const float *x, int64_t C, double mean);
 void kbit_pack_row_portable(const quantize_args *q, int64_t m);
 #if BB_X86
 void attn_scores_popcnt(const attn_args *attn, int64_t bh, int64_t i, uint64_t *ba, int64_t *popcounts);
