@@ -119,7 +119,20 @@ BB_INLINE BB_AVX512 __m512 gelu16_avx512(__m512 x) {
 #undef BB_C
 }
 
-/* kbit_epilogue on the counts of one tile, 8 channels at a time: the same integer and float
+/* the integer counts of 8 channels (c8: which 8 of the panel) of the input row whose planes are
+ * tile rows r .. r + k - 1, as floats: sum_b 2^b pc_b - count_offset (below 2^24: exact) */
+BB_INLINE BB_AVX512 __m256 kbit_counts8(const linear_args *lin, const int64_t (*pc)[BB_PANEL], int r, int64_t n0,
+                                        int c8, __mmask8 lm) {
+    __m512i weighted = _mm512_load_si512((const __m512i *)(pc[r] + 8 * c8));
+    for (int b = 1; b < lin->kbits; b++) {
+        __m512i plane = _mm512_load_si512((const __m512i *)(pc[r + b] + 8 * c8));
+        weighted = _mm512_add_epi64(weighted, _mm512_slli_epi64(plane, (unsigned)b));
+    }
+    weighted = _mm512_sub_epi64(weighted, _mm512_maskz_loadu_epi64(lm, lin->count_offset + n0 + 8 * c8));
+    return _mm512_cvtepi64_ps(weighted);
+}
+
+/* kbit_epilogue on the counts of one tile, 16 channels at a time: the same integer and float
  * operations */
 static BB_AVX512 void kbit_epilogue_avx512(const linear_args *lin, int64_t r0, int mr, int64_t p, int nc,
                                            const int64_t (*pc)[BB_PANEL]) {
@@ -128,23 +141,19 @@ static BB_AVX512 void kbit_epilogue_avx512(const linear_args *lin, int64_t r0, i
     const __m512 stv = _mm512_set1_ps(lin->kstep);
     for (int r = 0; r + k <= mr; r += k) {
         int64_t m = (r0 + r) / k;
-        for (int c = 0; c < 4; c++) {
-            int n = nc - 8 * c;
+        for (int c = 0; c < 2; c++) {
+            int n = nc - 16 * c;
             if (n <= 0) break;
-            __mmask8 lm = n >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << n) - 1);
-            __m512i weighted = _mm512_load_si512((const __m512i *)(pc[r] + 8 * c));
-            for (int b = 1; b < k; b++) {
-                __m512i plane = _mm512_load_si512((const __m512i *)(pc[r + b] + 8 * c));
-                weighted = _mm512_add_epi64(weighted, _mm512_slli_epi64(plane, (unsigned)b));
-            }
-            weighted = _mm512_sub_epi64(weighted, _mm512_maskz_loadu_epi64(lm, lin->count_offset + n0 + 8 * c));
-            __m256 y = _mm256_mul_ps(_mm512_cvtepi64_ps(weighted), _mm512_castps512_ps256(stv));
-            y = _mm256_add_ps(_mm256_mul_ps(y, _mm256_maskz_loadu_ps(lm, lin->c0 + n0 + 8 * c)),
-                              _mm256_maskz_loadu_ps(lm, lin->c1 + n0 + 8 * c));
-            if (lin->gelu) y = _mm512_castps512_ps256(gelu16_avx512(_mm512_zextps256_ps512(y)));
+            __mmask16 lm = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+            __m256 lo = kbit_counts8(lin, pc, r, n0, 2 * c, (__mmask8)lm);
+            __m256 hi = n > 8 ? kbit_counts8(lin, pc, r, n0, 2 * c + 1, (__mmask8)(lm >> 8)) : _mm256_setzero_ps();
+            __m512 y = _mm512_mul_ps(_mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1), stv);
+            y = _mm512_add_ps(_mm512_mul_ps(y, _mm512_maskz_loadu_ps(lm, lin->c0 + n0 + 16 * c)),
+                              _mm512_maskz_loadu_ps(lm, lin->c1 + n0 + 16 * c));
+            if (lin->gelu) y = gelu16_avx512(y);
             if (lin->residual)
-                y = _mm256_add_ps(y, _mm256_maskz_loadu_ps(lm, lin->residual + m * lin->N + n0 + 8 * c));
-            _mm256_mask_storeu_ps(lin->out + m * lin->N + n0 + 8 * c, lm, y);
+                y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(lm, lin->residual + m * lin->N + n0 + 16 * c));
+            _mm512_mask_storeu_ps(lin->out + m * lin->N + n0 + 16 * c, lm, y);
         }
     }
 }

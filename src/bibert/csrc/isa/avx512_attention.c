@@ -288,8 +288,8 @@ BB_AVX512 void attn_row_d64_avx512(const attn_args *attn, int64_t r, uint64_t *b
 /* Bi-Attention on k-bit levels                                                          */
 
 /* kattn_head_body with the scores of 128 keys in eight registers of 16-bit lanes (|S| <= d Q^2
- * fits 16 bits for d <= 668) and the counts of 64 channels in four registers over the
- * attended keys: the same integers. */
+ * fits 16 bits for d <= 668) and the counts of 64 channels summed in 16-bit lanes over up to 256
+ * attended keys at a time, then in 32-bit ones: the same integers. */
 BB_AVX512 void kattn_head_avx512(const kattn_args *attn, int64_t h, int32_t *scratch) {
     int64_t L = attn->L, d = attn->d, hd = attn->H * attn->d, lp = (L + 127) / 128 * 128;
     if (d > 600) {
@@ -320,19 +320,25 @@ BB_AVX512 void kattn_head_avx512(const kattn_args *attn, int64_t h, int32_t *scr
                 ba[word] = word < (L + 63) / 64 ? pos & attn->valid[word] : 0;
             }
         }
-        for (int64_t c0 = 0; c0 < d; c0 += 64) {
+        for (int64_t c0 = 0; c0 < d; c0 += 64) { /* the counts of 64 channels over the attended keys */
+            int64_t n = d - c0 < 64 ? d - c0 : 64;
+            __mmask32 lm0 = n >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << n) - 1);
+            __mmask32 lm1 = n >= 64 ? (__mmask32)0xFFFFFFFFu : n > 32 ? (__mmask32)((1u << (n - 32)) - 1) : 0;
             __m512i cn[4];
             for (int v = 0; v < 4; v++) cn[v] = _mm512_setzero_si512();
-            int64_t n = d - c0 < 64 ? d - c0 : 64;
-            for (int64_t w = 0; w < lp / 64; w++)
-                for (uint64_t bits = ba[w]; bits; bits &= bits - 1) {
-                    int64_t j = 64 * w + __builtin_ctzll(bits);
-                    const int8_t *nv = attn->v + j * hd + h * d + c0;
-                    for (int v = 0; v < 4 && 16 * v < n; v++) {
-                        __mmask16 lm = n - 16 * v >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - 16 * v)) - 1);
-                        cn[v] = _mm512_add_epi32(cn[v], _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(lm, nv + 16 * v)));
+            for (int64_t w0 = 0; w0 < lp / 64; w0 += 4) { /* 256 keys in 16 bits (|sum| <= 256 * 128), then 32 */
+                __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+                for (int64_t w = w0; w < w0 + 4 && w < lp / 64; w++)
+                    for (uint64_t bits = ba[w]; bits; bits &= bits - 1) {
+                        const int8_t *nv = attn->v + (64 * w + __builtin_ctzll(bits)) * hd + h * d + c0;
+                        lo = _mm512_add_epi16(lo, _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(lm0, nv)));
+                        if (lm1) hi = _mm512_add_epi16(hi, _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(lm1, nv + 32)));
                     }
-                }
+                cn[0] = _mm512_add_epi32(cn[0], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(lo)));
+                cn[1] = _mm512_add_epi32(cn[1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(lo, 1)));
+                cn[2] = _mm512_add_epi32(cn[2], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(hi)));
+                cn[3] = _mm512_add_epi32(cn[3], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(hi, 1)));
+            }
             for (int v = 0; v < 4 && 16 * v < n; v++) {
                 __mmask16 lm = n - 16 * v >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - 16 * v)) - 1);
                 _mm512_mask_storeu_ps(attn->out + i * attn->ldo + h * d + c0 + 16 * v, lm,
