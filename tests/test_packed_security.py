@@ -1075,10 +1075,11 @@ def test_writer_refuses_what_the_reader_refuses(packed_path, tmp_path):
     assert not (tmp_path / "x.bibert").exists()
 
 
-def test_tokenizer_is_built_in_a_private_folder_from_fixed_names(packed_path, tmp_path, monkeypatch):
-    """The stored files are written under their fixed names only, into a fresh folder that
-    only this user can enter, removed afterwards; settings naming files or remote code are
-    dropped."""
+def test_tokenizer_is_built_in_memory_or_in_a_private_folder_from_fixed_names(packed_path, tmp_path, monkeypatch):
+    """A BERT tokenizer is built in memory (`bibert.packed.tokenizer`): nothing is written and
+    settings naming files or remote code are ignored. Through transformers (another class),
+    the stored files are written under their fixed names only, into a fresh folder that only
+    this user can enter, removed afterwards, with those settings dropped."""
     import tempfile
 
     from bibert.packed import engine
@@ -1097,6 +1098,9 @@ def test_tokenizer_is_built_in_a_private_folder_from_fixed_names(packed_path, tm
         {"tokenizer_class": "BertTokenizer", "vocab_file": "/dev/zero", "auto_map": {"AutoTokenizer": ["x.Y", None]},
          "do_lower_case": True}).encode()
     assert model.predict(TEXTS).scores.shape == (2, 3)
+    assert not seen  # no folder, no file
+    hf = engine._load_hf_tokenizer(model.files, model.config, str(packed_path))
+    assert hf(TEXTS)["input_ids"] == model.tokenizer(TEXTS)["input_ids"]
     assert seen["mode"] == 0o700 and not seen["path"].exists()
 
 

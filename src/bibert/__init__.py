@@ -16,6 +16,7 @@ from .config import QuantConfig  # noqa: E402
 from .errors import BibertError  # noqa: E402
 
 _MODELING = ("BiBertForSequenceClassification", "BiBertOutput", "binarize", "load_any_model")
+_PACKED = ("PackedModel", "load_packed")  # NumPy, tokenizers and the native engine only
 
 __version__ = "0.1.0"
 
@@ -23,9 +24,11 @@ __all__ = [
     "BiBertForSequenceClassification",
     "BiBertOutput",
     "BibertError",
+    "PackedModel",
     "QuantConfig",
     "binarize",
     "load_any_model",
+    "load_packed",
     "summary",
 ]
 
@@ -39,10 +42,15 @@ def summary(model_or_config, seq_len: int = 128, quant: QuantConfig | None = Non
 
 
 def __getattr__(name: str):
-    """The model's names, imported from bibert.modeling (PyTorch) when first used: reading and
-    running a packed model (bibert.packed) needs NumPy only."""
+    """The model's names, imported from bibert.modeling (PyTorch) when first used; the packed
+    model's from bibert.packed.engine, which needs NumPy, tokenizers and the native engine
+    only (no torch or transformers)."""
     if name in _MODELING:
         from . import modeling
 
         return getattr(modeling, name)
+    if name in _PACKED:
+        from .packed import engine
+
+        return getattr(engine, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what `bibert[train]` adds to the runtime (NumPy, tokenizers, the native engine)
+TRAIN_MODULES = {"torch", "transformers", "safetensors", "sklearn", "scipy", "matplotlib", "huggingface_hub"}
 RESUMABLE = ("finetune", "distill")  # commands whose --out keeps a checkpoint that --resume continues
 
 
@@ -85,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except BibertError as exc:
         print(f"bibert {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # a runtime-only install (pip install bibert) has no training stack
+        if (exc.name or "").split(".")[0] not in TRAIN_MODULES:
+            raise
+        print(f"bibert {args.command}: error: {args.command} needs torch and transformers ({exc.name} is not "
+              "installed): pip install 'bibert[train]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if args.command in RESUMABLE:

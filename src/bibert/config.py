@@ -140,6 +140,7 @@ ELASTIC_BIBERT = {"activations": "elastic", "attention": "bi-max", "pred_weight"
 ELASTIC_SCHEDULE = {"lr": 5e-4, "batch_size": 32, "group_by_length": True}
 BUDGET_EXAMPLES = 80_000
 BUDGET_MAX_EPOCHS = 10.0
+VIA_SHARE = 0.5  # multi-step distillation: the --via stage's share of the epochs (docs/method.md §8)
 
 
 def budget_epochs(train_examples: int) -> float:

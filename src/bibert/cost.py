@@ -23,6 +23,7 @@ The older names `summarize`, `model_summary`, `Summary` and `Row` stay as aliase
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -179,10 +180,14 @@ def config_cost(config, quant: QuantConfig | None = None, seq_len: int = 128) ->
 
 
 def model_cost(model_or_config, seq_len: int = 128, quant: QuantConfig | None = None) -> CostTable:
-    """`config_cost` for a model, a BertConfig, a model folder or a config.json path.
+    """`config_cost` for a model, a BertConfig, a model folder, a config.json path or a
+    packed model file (read with NumPy only: no torch or transformers).
 
-    The quantization comes from `quant`, else from the model / checkpoint, else 1-1-1 "bi".
+    The quantization comes from `quant`, else from the model / checkpoint / packed file, else
+    1-1-1 "bi".
     """
+    if isinstance(model_or_config, (str, os.PathLike)) and _is_packed_file(Path(model_or_config)):
+        return _packed_cost(Path(model_or_config), seq_len, quant)
     from transformers import BertConfig
 
     from .modeling import BiBertForSequenceClassification
@@ -208,6 +213,32 @@ def model_cost(model_or_config, seq_len: int = 128, quant: QuantConfig | None = 
     if quant is None:
         quant = QuantConfig.from_dict(stored) if stored else QuantConfig.full_precision()
     return config_cost(BertConfig.from_dict(d), quant, seq_len)
+
+
+def _is_packed_file(path: Path) -> bool:
+    """A file named *.bibert, or one that starts with the packed format's magic."""
+    if not path.is_file():
+        return False
+    if path.suffix == ".bibert":
+        return True
+    with open(path, "rb") as f:
+        return f.read(8) == b"BIBERTPK"
+
+
+def _packed_cost(path: Path, seq_len: int, quant: QuantConfig | None) -> CostTable:
+    """`config_cost` of a packed model file: its config and quantization, read and checked
+    by the packed reader (a bad file is refused with the reader's message)."""
+    from types import SimpleNamespace
+
+    from .packed.reader import read_packed
+
+    packed = read_packed(path)
+    c = packed.config
+    sizes = {k: c[k] for k in ("hidden_size", "intermediate_size", "max_position_embeddings", "num_attention_heads",
+                               "num_hidden_layers", "type_vocab_size", "vocab_size")}
+    labels = len(c.get("id2label") or {}) or int(c.get("num_labels", 2))
+    return config_cost(SimpleNamespace(**sizes, num_labels=labels),
+                       quant or QuantConfig.from_dict(packed.quantization), seq_len)
 
 
 # the older names

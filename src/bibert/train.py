@@ -47,7 +47,8 @@ from .checkpoint import (BEST_DIR, CALIBRATION_NAME, CURVES_NAME, LAST_DIR, METR
                          RUN_CONFIG_NAME, STATE_DIR, WEIGHTS_NAME, append_jsonl, load_training_state,
                          read_json_if_exists, recover_folder, save_training_state, write_folder_atomically, write_json,
                          write_jsonl)
-from .config import QuantConfig, TrainConfig, budget_epochs, default_student, option_fields, resolve_config
+from .config import (VIA_SHARE, QuantConfig, TrainConfig, budget_epochs, default_student, option_fields,
+                     resolve_config)
 from .data import (build_dataset, collate_batch, describe_task, group_by_length, is_task_name, load_split,
                    take_slice)
 from .errors import BibertError
@@ -62,7 +63,6 @@ __all__ = ["finetune", "distill", "finetune_and_distill", "run", "Trainer", "Tra
            "VIA_SHARE"]
 
 ESTIMATE_AFTER = (3, 13)  # the time estimate printed at the start: the steps it times (after a warm-up)
-VIA_SHARE = 0.5  # multi-step distillation: the --via stage's share of the epochs (docs/method.md §8)
 
 
 # ----------------------------------------------------------------------------- trainer

@@ -12,10 +12,10 @@ def register(sub) -> None:
         help="per-layer cost table: bits, 1-bit/32-bit parameters, memory, binary and float MACs",
         description="Print the cost of a BERT classifier, full precision or quantized, in the paper's "
         "accounting (a binary op = 1/64 FLOP; 1 bit per binarized entry, 32 per other parameter). "
-        "MODEL is a model folder or a config.json; a Hugging Face model is counted as full precision "
-        "unless --bits is given.",
+        "MODEL is a model folder, a config.json or a packed model file (.bibert); a Hugging Face model is "
+        "counted as full precision unless --bits is given.",
     )
-    p.add_argument("model", metavar="MODEL_DIR_OR_CONFIG_JSON")
+    p.add_argument("model", metavar="MODEL")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--bits", help="override W-E-A bits, e.g. 1-1-1, 1-1-4, 32-32-32")
     p.add_argument("--attention", choices=list(ATTENTIONS), default=None,

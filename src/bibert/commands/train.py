@@ -13,8 +13,8 @@ import os
 import typing
 
 from ..config import (ACTIVATIONS, ATTENTIONS, BUDGET_EXAMPLES, BUDGET_MAX_EPOCHS, DATA_GROUP, ELASTIC_SCHEDULE,
-                      FINETUNE_RECIPE, RECIPE, RECIPE_GROUP, RUN_GROUP, STUDENT_GROUP, QuantConfig, TrainConfig,
-                      default_student, elastic_bibert_flags, option_fields)
+                      FINETUNE_RECIPE, RECIPE, RECIPE_GROUP, RUN_GROUP, STUDENT_GROUP, VIA_SHARE, QuantConfig,
+                      TrainConfig, default_student, elastic_bibert_flags, option_fields)
 from ..tasks import TASKS, Task
 
 TASK_HELP = ("a GLUE task (sst2, mnli, ...), rotten_tomatoes or snli; or, with --train-file, a name for a task of "
@@ -84,8 +84,6 @@ def add_config_options(parser, mode: str, names: typing.Iterable[str] | None = N
 
 
 def _quant_options(group) -> None:
-    from ..train import VIA_SHARE
-
     elastic, paper = default_student(), default_student(paper=True)
     group.add_argument("--bits", help=f"student bits W-E-A, e.g. 1-1-1 or 1-1-4 (default: {elastic.bits})")
     group.add_argument("--attention", choices=list(ATTENTIONS),

@@ -424,8 +424,8 @@ class PackedModel:
 
     @property
     def tokenizer(self):
-        """The tokenizer stored in the packed file (a Hugging Face tokenizer; see
-        `_load_tokenizer`)."""
+        """The tokenizer stored in the packed file (`bibert.packed.tokenizer.PackedTokenizer`,
+        built with the `tokenizers` library; see `_load_tokenizer`)."""
         if self._tokenizer is None:
             self._tokenizer = _load_tokenizer(self.files, self.config, self.source)
         return self._tokenizer
@@ -552,6 +552,30 @@ def _without_paths(name: str, raw: bytes) -> bytes:
 
 
 def _load_tokenizer(files: dict[str, bytes], config: dict, source: str):
+    """The tokenizer of a packed model, from its stored files: a BERT tokenizer is built in
+    memory with the `tokenizers` library alone (`bibert.packed.tokenizer`; the ids, masks
+    and truncation of transformers' own), another class through transformers where it is
+    installed (`_load_hf_tokenizer`). Any failure makes the file invalid."""
+    from .tokenizer import UnsupportedTokenizer, build_tokenizer, tokenizer_class
+
+    try:
+        return build_tokenizer(files, config)
+    except UnsupportedTokenizer:
+        pass
+    except BaseException as exc:
+        if not _is_failure(exc):
+            raise
+        raise BibertError(f"{source} is not a valid bibert file: its tokenizer cannot be loaded "
+                          f"({type(exc).__name__}: {_first_line(exc)})") from None
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise BibertError(f"{source}: its tokenizer class {tokenizer_class(files, config)} is not a BERT tokenizer, "
+                          "which only transformers loads: pip install 'bibert[train]'") from None
+    return _load_hf_tokenizer(files, config, source)
+
+
+def _load_hf_tokenizer(files: dict[str, bytes], config: dict, source: str):
     """The Hugging Face tokenizer of a packed model, from its stored files. They are written
     under their fixed names only (TOKENIZER_FILES, never a name taken from the file) into a
     fresh private temporary folder, removed afterwards; remote code is refused and nothing
