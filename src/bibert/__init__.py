@@ -21,6 +21,7 @@ _PACKED = ("PackedModel", "load_packed")  # NumPy, tokenizers and the native eng
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchPredictor",
     "BiBertForSequenceClassification",
     "BiBertOutput",
     "BibertError",
@@ -53,4 +54,8 @@ def __getattr__(name: str):
         from .packed import engine
 
         return getattr(engine, name)
+    if name == "BatchPredictor":  # scores pandas DataFrames (pandas is optional)
+        from .serving.predictor import BatchPredictor
+
+        return BatchPredictor
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
