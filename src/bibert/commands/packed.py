@@ -28,6 +28,13 @@ def register(subparsers) -> None:
                    help="dtype of the full-precision parts and scales: float32 computes exactly what the "
                    "student computes; float16 is smaller (default: %(default)s)")
     p.add_argument("--tokenizer", metavar="DIR", help="take the tokenizer files from DIR instead of STUDENT_DIR")
+    hub = p.add_argument_group("sharing (docs/serving.md, \"The Hugging Face Hub\")")
+    hub.add_argument("--save-pretrained", metavar="DIR", help="also write DIR as a Hub repository folder: the "
+                     "packed file, config.json and a model card with the run's task, teacher, scores and the "
+                     "speed measured here; `bibert predict --model DIR` reads it")
+    hub.add_argument("--push-to-hub", metavar="REPO", help="also upload that folder to the Hugging Face Hub repo "
+                     "REPO (user/name, created if missing; needs `hf auth login` or HF_TOKEN, and huggingface_hub)")
+    hub.add_argument("--private", action="store_true", help="create the Hub repo private")
     p.set_defaults(func=run_export)
 
     p = subparsers.add_parser(
@@ -113,10 +120,23 @@ def register(subparsers) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from ..errors import BibertError
     from ..packed import export_packed
 
+    if args.private and not args.push_to_hub:
+        raise BibertError("--private applies to --push-to-hub only: add --push-to-hub REPO, or leave --private out")
     report = export_packed(args.model, args.out, side_dtype=args.side_dtype, tokenizer_dir=args.tokenizer)
     print(report)
+    if args.save_pretrained or args.push_to_hub:
+        from .. import hub
+        from ..packed import load_packed
+
+        model, info = load_packed(args.out), hub.provenance(args.model)
+        if args.save_pretrained:
+            print(f"wrote {hub.save_pretrained(model, args.save_pretrained, info=info, repo_id=args.push_to_hub)}: "
+                  f"{hub.MODEL_FILE}, {hub.CONFIG_FILE}, {hub.CARD_FILE}")
+        if args.push_to_hub:
+            print(f"uploaded to {hub.push_to_hub(model, args.push_to_hub, info=info, private=args.private or None)}")
     return 0
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BibertError
+from .. import hub
 from . import kernels, tuning
 from ..bert_names import (ATTENTION_OUTPUT, BODY, CLASSIFIER, FFN_IN, FFN_OUT, LAYER_NORMS, LAYER_PREFIX, QKV,
                           SELF_ATTENTION, WORD_EMBEDDINGS)
@@ -420,6 +421,18 @@ class PackedModel:
         full[:, rows] = hidden
         return logits, list(full.reshape(self.num_layers + 1, B, L, self.hidden))
 
+    # ---- sharing ---------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike, info: dict | None = None, speed: bool = True) -> Path:
+        """Write this model as a Hub repository folder (model.bibert, config.json, model card;
+        `bibert.hub.save_pretrained`); `load_packed(directory)` reads it back."""
+        return hub.save_pretrained(self, directory, info=info, speed=speed)
+
+    def push_to_hub(self, repo_id: str, info: dict | None = None, private: bool | None = None,
+                    token: str | None = None, speed: bool = True) -> str:
+        """Upload this model to the Hugging Face Hub (`bibert.hub.push_to_hub`); returns the commit URL."""
+        return hub.push_to_hub(self, repo_id, info=info, private=private, token=token, speed=speed)
+
     # ---- text in, labels out ---------------------------------------------------------
 
     @property
@@ -600,8 +613,10 @@ def _load_hf_tokenizer(files: dict[str, bytes], config: dict, source: str):
                               f"({type(exc).__name__}: {_first_line(exc)})") from None
 
 
-def load_packed(path: str | os.PathLike, threads: int | None = None, kernel: str | None = None) -> PackedModel:
-    """Load a packed model file. threads: threads of the kernels' pool (default: the
+def load_packed(path: str | os.PathLike, threads: int | None = None, kernel: str | None = None,
+                revision: str | None = None) -> PackedModel:
+    """Load a packed model: a file, a folder written by `save_pretrained`, or a Hugging Face
+    Hub repo id ("user/name", at `revision`; `bibert.hub`). threads: threads of the kernels' pool (default: the
     environment's BIBERT_THREADS or every core); kernel: "auto", "avx512", "avx2" or
     "portable" (default: BIBERT_KERNEL or auto). Both settings are process-wide, and so is
     the kernel family's per-host tuning (`bibert.packed.tuning`: measured at the first load of
@@ -611,6 +626,7 @@ def load_packed(path: str | os.PathLike, threads: int | None = None, kernel: str
         kernels.set_kernel(kernel)
     if threads is not None:
         kernels.set_threads(threads)
+    path = hub.resolve(path, revision)
     model = PackedModel(read_packed(path), source=str(path))
     tuning.tune_host(model.hidden, model.intermediate)  # cached per CPU after the first time
     return model
