@@ -87,7 +87,11 @@ def test_a_local_teacher_path_is_not_base_model(packed, tmp_path):
 
 def test_folders_that_are_not_models_are_one_line_errors(packed, tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(BibertError, match="is a folder without model.bibert: give a packed file"):
+    with pytest.raises(BibertError, match="is a folder, not a file"):
+        load_packed(tmp_path / "empty")
+    for name in ("a.bibert", "b.bibert"):
+        (tmp_path / "empty" / name).write_bytes(b"")
+    with pytest.raises(BibertError, match="without model.bibert but with 2 packed files: name one"):
         load_packed(tmp_path / "empty")
     (tmp_path / "file").write_text("x")
     with pytest.raises(BibertError, match="exists and is not a folder"):

@@ -23,6 +23,8 @@ ACCEPTED = [
     (QuantConfig(1, 1, 2), PackedQuant(2, "sign", "bi"), "2-bit", 3),
     (QuantConfig(1, 1, 4), PackedQuant(4, "sign", "bi"), "4-bit", 3),
     (QuantConfig(activations="elastic", attention="bi-max"), PackedQuant(1, "elastic", "bi-max"), "elastic-bi-max", 4),
+    (QuantConfig(1, 1, 2, "softmax"), PackedQuant(2, "sign", "softmax"), "2-bit-softmax", 5),
+    (QuantConfig(1, 1, 4, "softmax"), PackedQuant(4, "sign", "softmax"), "4-bit-softmax", 5),
 ]
 IDS = [name for _, _, name, _ in ACCEPTED]
 
@@ -62,7 +64,7 @@ def test_flags_the_engine_reads(config, quant, name, version):
 
 def test_every_description_that_can_be_made_has_a_format_version():
     made = set()
-    for bits, activations, attention in itertools.product((1, 2, 4), ("sign", "elastic"), ("bi", "bi-max")):
+    for bits, activations, attention in itertools.product((1, 2, 4), ("sign", "elastic"), ("bi", "bi-max", "softmax")):
         try:
             made.add(PackedQuant(bits, activations, attention))
         except PackedFormatError:
@@ -85,13 +87,16 @@ REFUSED = [
     ({**GOOD, "activation_bits": 8}, "quantization.activation_bits is 8; it must be 1, 2 or 4"),
     ({**GOOD, "activation_bits": True}, "quantization.activation_bits is True; it must be 1, 2 or 4"),
     ({**GOOD, "activation_bits": 1.0}, "quantization.activation_bits is 1.0; it must be 1, 2 or 4"),
-    ({**GOOD, "attention": "softmax"}, "quantization.attention is 'softmax'; it must be one of 'bi', 'bi-max'"),
+    ({**GOOD, "attention": "softmax"},
+     "quantization.attention is 'softmax' with 1-bit activations; softmax attention is packed with 2- or 4-bit"),
+    ({**GOOD, "attention": "bi-softmax"},
+     "quantization.attention is 'bi-softmax'; it must be one of 'bi', 'bi-max', 'softmax'"),
     ({**GOOD, "version": QuantConfig.VERSION + 1}, f"quantization.version is {QuantConfig.VERSION + 1}"),
     ({**GOOD, "activations": "x"}, "quantization.activations is 'x'; it must be one of 'sign', 'elastic'"),
     ({**GOOD, "activation_bits": 2, "activations": "elastic"},
      "quantization.activations is 'elastic' with 2-bit activations; it must be 'sign'"),
     ({**GOOD, "activation_bits": 4, "attention": "bi-max"},
-     "quantization.attention is 'bi-max' with 4-bit activations; it must be 'bi'"),
+     "quantization.attention is 'bi-max' with 4-bit activations; it must be 'bi' or 'softmax'"),
     ({**GOOD, "attention": "bi-max"}, "quantization.attention is 'bi-max' with activations 'sign'; it needs 'elastic'"),
     ({**v1(1), "attention": "bi-max"},
      "quantization.attention is 'bi-max' with activations 'sign'; it needs 'elastic'"),

@@ -55,9 +55,9 @@ def is_repo_id(name: str) -> bool:
 
 
 def resolve(path: str | os.PathLike, revision: str | None = None) -> Path:
-    """The packed file behind `path`: the file itself, a folder's model.bibert, or a Hub repo's
-    (downloaded into the Hugging Face cache, or taken from it). Anything else is returned
-    unchanged, for the reader to refuse with its own message."""
+    """The packed file behind `path`: the file itself, a folder's model.bibert (or its one
+    .bibert file), or a Hub repo's (downloaded into the Hugging Face cache, or taken from it).
+    Anything else is returned unchanged, for the reader to refuse with its own message."""
     p = Path(path)
     if p.is_dir():
         if (p / MODEL_FILE).is_file():
@@ -65,9 +65,9 @@ def resolve(path: str | os.PathLike, revision: str | None = None) -> Path:
         found = sorted(p.glob("*.bibert"))
         if len(found) == 1:
             return found[0]
-        raise BibertError(f"{p} is a folder without {MODEL_FILE}" + (
-            f" but with {len(found)} packed files: name one of them" if found else
-            ": give a packed file (bibert export --out), a folder written by save_pretrained, or a Hub repo id"))
+        if found:
+            raise BibertError(f"{p} is a folder without {MODEL_FILE} but with {len(found)} packed files: name one")
+        return p  # the reader's message: a folder, not a packed file
     if p.exists() or not is_repo_id(str(path)):
         return p
     return Path(download(str(path), revision))

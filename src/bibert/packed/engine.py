@@ -26,6 +26,7 @@ and row: a limit looked up from the row's smallest popcount over its real keys (
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -329,6 +330,8 @@ class PackedModel:
             if output_hidden_states:
                 return logits, [np.zeros((0, L, self.hidden), np.float32) for _ in range(self.num_layers + 1)]
             return logits
+        if self.quant.softmax:
+            return self._forward_kbit_steps(ids, valid, tt, output_hidden_states)
         if self.quant.is_kbit:
             return self._forward_kbit(ids, valid, tt, output_hidden_states)
         if valid.all():  # no padding: rows in place, each at its index in its sequence
@@ -374,9 +377,12 @@ class PackedModel:
         L = x.shape[0]
         xp, xs = kernels.quantize_planes(x, k, c)
         qkv = layer.qkv.kbit(xp, L, xs)
-        (_, _, ql), (_, _, kl), (_, vs, vl) = (kernels.quantize_planes(qkv[:, i * H:(i + 1) * H], k, c, levels=True)
-                                               for i in range(3))
-        ctx = kernels.biattention_kbit(ql, kl, vl, vs, self.heads, self.head_size, key_valid)
+        (_, qs, ql), (_, ks, kl), (_, vs, vl) = (kernels.quantize_planes(qkv[:, i * H:(i + 1) * H], k, c, levels=True)
+                                                 for i in range(3))
+        if self.quant.softmax:
+            ctx = softmax_attention_kbit(ql, kl, vl, (qs, ks, vs), self.heads, self.head_size, key_valid, k)
+        else:
+            ctx = kernels.biattention_kbit(ql, kl, vl, vs, self.heads, self.head_size, key_valid)
         cp, cs = kernels.quantize_planes(ctx, k, c)
         a = kernels.layernorm(layer.attn_out.kbit(cp, L, cs, residual=x), *layer.ln1, self.eps)
         ap, a_s = kernels.quantize_planes(a, k, c)
@@ -397,6 +403,27 @@ class PackedModel:
             rows.append(np.tanh(self.pooler.kbit(planes, 1, step))[0])
         pooled = np.stack(rows) if rows else np.zeros((0, self.hidden), np.float32)
         return pooled @ self.classifier_weight.T + self.classifier_bias
+
+    def _forward_kbit_steps(self, ids, valid, tt, output_hidden_states):
+        """forward of a k-bit model step by step (`kbit_layer`, `kbit_head`), each sequence on its
+        own (its tokens and [CLS]): the path of softmax attention, which the one-call native
+        forward does not compute yet; padded positions are not computed (zeros)."""
+        B, L = ids.shape
+        full = np.zeros((self.num_layers + 1, B, L, self.hidden), np.float32) if output_hidden_states else None
+        cls = np.empty((B, self.hidden), np.float32)
+        for b in range(B):
+            keep = valid[b].copy()
+            keep[0] = True  # the head reads [CLS]
+            rows = np.flatnonzero(keep)
+            x, _ = self.embeddings(ids[b, rows][None], tt[b, rows][None], rows[None])
+            for n in range(self.num_layers + 1):
+                if n:
+                    x = self.kbit_layer(n - 1, x, valid[b, rows])
+                if full is not None:
+                    full[n, b, rows] = x
+            cls[b] = x[0]
+        logits = self.kbit_head(cls)
+        return (logits, list(full)) if output_hidden_states else logits
 
     def _forward_kbit(self, ids, valid, tt, output_hidden_states):
         """forward of a 2- or 4-bit model in one native call (bb_forward_kbit): each sequence on
@@ -495,6 +522,24 @@ class PackedModel:
         if problems:
             raise BibertError(f"{self.source} is not a valid bibert file: its tokenizer gives {' and '.join(problems)}")
         return ids, enc["attention_mask"], types
+
+
+def softmax_attention_kbit(q: np.ndarray, k: np.ndarray, v: np.ndarray, steps: tuple[float, float, float], heads: int,
+                           head_size: int, key_valid: np.ndarray, bits: int) -> np.ndarray:
+    """Softmax attention of one sequence on k-bit Q, K, V given as levels (int8 [L, heads *
+    head_size]) and steps, as the student computes it (docs/method.md §3): scores = (integer
+    q . k) * step_q * step_k / sqrt(d) over the valid keys, P = softmax(scores) on the grid of
+    2^bits - 1 steps, context = (integer round(P * S) . level_v) * step_v / S: float [L, H]."""
+    L, levels = q.shape[0], 2**bits - 1
+    qh, kh, vh = (np.ascontiguousarray(a, np.int32).reshape(L, heads, head_size).transpose(1, 0, 2) for a in (q, k, v))
+    keys = np.flatnonzero(np.asarray(key_valid, bool))
+    counts = qh @ kh[:, keys].transpose(0, 2, 1)  # (heads, L, keys), exact
+    scores = counts.astype(np.float32) * (np.float32(steps[0]) * np.float32(steps[1])) / np.float32(math.sqrt(head_size))
+    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    p = e / e.sum(axis=-1, keepdims=True)
+    grid = np.round(p * np.float32(levels)).astype(np.int32)  # half to even, as torch.round
+    context = (grid @ vh[:, keys]).astype(np.float32) * np.float32(steps[2] / levels)
+    return np.ascontiguousarray(context.transpose(1, 0, 2).reshape(L, heads * head_size))
 
 
 def _arena(linears: list[BinaryLinear]) -> np.ndarray:

@@ -42,10 +42,12 @@ def _check_exportable(config: dict, directory) -> None:
         raise BibertError(f"{directory} is not a BiBERT student folder (no quantization in {CONFIG_NAME})")
     q = config[QUANTIZATION_KEY]
     bits = (q.get("weight_bits"), q.get("embedding_bits"), q.get("activation_bits"))
-    if bits not in ((1, 1, 1), (1, 1, 2), (1, 1, 4)) or q.get("attention") not in ("bi", "bi-max"):
+    kbit_softmax = bits in ((1, 1, 2), (1, 1, 4)) and q.get("attention") == "softmax"
+    if bits not in ((1, 1, 1), (1, 1, 2), (1, 1, 4)) or q.get("attention") not in ("bi", "bi-max") and not kbit_softmax:
         raise BibertError(
             f"only students with binary weights and word embedding, 1-, 2- or 4-bit activations and "
-            f"Bi-Attention (bits 1-1-1, 1-1-2, 1-1-4, attention 'bi' or, elastic, 'bi-max') can be packed; "
+            f"Bi-Attention (bits 1-1-1, 1-1-2, 1-1-4, attention 'bi' or, elastic, 'bi-max'), or softmax attention "
+            f"with 2- or 4-bit activations, can be packed; "
             f"{directory} is {'-'.join(map(str, bits))} with attention {q.get('attention')!r}"
         )
     if config.get("hidden_act") not in GELU_FAMILY:

@@ -44,7 +44,7 @@ from ..bert_names import (ATTENTION_OUTPUT, BINARY_LINEARS, BODY, CLASSIFIER, FF
 from ..errors import BibertError
 
 MAGIC = b"BIBERTPK"
-PACKED_FORMAT_VERSION = 4  # the newest packed format version this bibert reads and writes
+PACKED_FORMAT_VERSION = 5  # the newest packed format version this bibert reads and writes
 ACTIVATION_CLIP_STD = "activation_clip_std"  # k-bit activations: the clip's multiple of the std (float32 [1])
 ALIGN = 64
 PREAMBLE = struct.Struct("<8sIIQ")  # magic, version, reserved, header length
@@ -266,7 +266,7 @@ def model_shape(config) -> ModelShape:
 
 ACTIVATION_BITS = (1, 2, 4)  # 1: one bit-plane; 2, 4: k-bit activations, run bit-serially
 ACTIVATION_KINDS = ("sign", "elastic")  # how 1-bit activations are binarized
-ATTENTION_KINDS = ("bi", "bi-max")  # Bi-Attention, or Bi-Attention relative to a query's best key
+ATTENTION_KINDS = ("bi", "bi-max", "softmax")  # Bi-Attention, relative to a query's best key, or softmax (k-bit)
 
 
 def _activation_bits(value) -> int:
@@ -293,7 +293,7 @@ class PackedQuant:
 
     activation_bits: int = 1
     activations: Literal["sign", "elastic"] = "sign"
-    attention: Literal["bi", "bi-max"] = "bi"
+    attention: Literal["bi", "bi-max", "softmax"] = "bi"
 
     def __post_init__(self) -> None:
         bits = _activation_bits(self.activation_bits)
@@ -303,9 +303,12 @@ class PackedQuant:
             if activations != "sign":
                 raise PackedFormatError(f"quantization.activations is {activations!r} with {bits}-bit activations; "
                                         "it must be 'sign'")
-            if attention != "bi":
+            if attention not in ("bi", "softmax"):
                 raise PackedFormatError(f"quantization.attention is {attention!r} with {bits}-bit activations; it "
-                                        "must be 'bi'")
+                                        "must be 'bi' or 'softmax'")
+        elif attention == "softmax":
+            raise PackedFormatError("quantization.attention is 'softmax' with 1-bit activations; softmax attention "
+                                    "is packed with 2- or 4-bit activations only")
         elif attention == "bi-max" and activations != "elastic":
             raise PackedFormatError(f"quantization.attention is 'bi-max' with activations {activations!r}; it needs "
                                     "'elastic'")
@@ -353,6 +356,12 @@ class PackedQuant:
         return self.activations == "elastic"
 
     @property
+    def softmax(self) -> bool:
+        """Softmax attention on k-bit Q, K, V, its probabilities on a k-bit grid (the student's
+        straightforward k-bit attention, docs/method.md §3)."""
+        return self.attention == "softmax"
+
+    @property
     def relative_attention(self) -> bool:
         """Attention "bi-max": each row's limits depend on its best real key."""
         return self.attention == "bi-max"
@@ -367,7 +376,7 @@ class PackedQuant:
     def name(self) -> str:
         """A short name for messages: "sign", "elastic", "elastic-bi-max", "2-bit" or "4-bit"."""
         if self.is_kbit:
-            return f"{self.activation_bits}-bit"
+            return f"{self.activation_bits}-bit" + ("-softmax" if self.softmax else "")
         return f"{self.activations}-{self.attention}" if self.relative_attention else self.activations
 
     def __str__(self) -> str:
@@ -383,6 +392,8 @@ QUANT_VERSIONS: dict[PackedQuant, int] = {
     PackedQuant(2, "sign", "bi"): 3,
     PackedQuant(4, "sign", "bi"): 3,
     PackedQuant(1, "elastic", "bi-max"): 4,
+    PackedQuant(2, "sign", "softmax"): 5,
+    PackedQuant(4, "sign", "softmax"): 5,
 }
 
 
