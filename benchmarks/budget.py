@@ -79,6 +79,9 @@ RUNS = {
             activations="elastic", pred_weight=5.0, extra={"phase_in": 0.25}),
         _kbit("1-1-2", 2500),
         _kbit("1-1-4", 2500),
+        # multi-step with a fair budget: the 1-1-1 student starts from the trained 1-1-4 one, a full schedule each
+        Run("elastic_from4_s2500", "Elastic BiBERT 1-1-1 from the trained 1-1-4 student, 2500 + 2500 steps", "1-1-1",
+            "bi-max", "dmd", 2500, activations="elastic", pred_weight=5.0, init_from="w1a4_s2500"),
     ],
     "rotten_tomatoes": [
         _elastic("elastic_s2500", 2500, seeds=(1, 2, 3)),
