@@ -213,3 +213,32 @@ def test_export_writes_the_folder_with_the_runs_provenance(packed, tmp_path, cap
     assert main(["export", "--model", str(best), "--out", str(tmp_path / "n.bibert"), "--private"]) == 2
     assert "--private applies to --push-to-hub only" in capsys.readouterr().err
     assert not (tmp_path / "n.bibert").exists()
+
+
+def test_evaluate_scores_a_packed_file_as_its_student_folder(packed, tmp_path, capsys):
+    """`bibert evaluate` on a packed file (and on a save_pretrained folder) gives the metrics
+    of the student folder it was exported from, on a labelled file of one's own."""
+    from bibert.cli import main
+
+    path, best = packed
+    model = load_packed(path)
+    rng = np.random.default_rng(0)
+    rows = ["text,label"] + [" ".join(f"w{i}" for i in rng.integers(0, 40, size=rng.integers(1, 12))) + "," +
+                             str(model.labels[int(rng.integers(0, 3))]) for _ in range(60)]
+    data = tmp_path / "mine.csv"
+    data.write_text("\n".join(rows) + "\n")
+    assert main(["evaluate", "--model", str(best), "--file", str(data), "--device", "cpu"]) == 0
+    simulated = json.loads(next(best.glob("eval_mine-*.json")).read_text())
+    assert main(["evaluate", "--model", str(path), "--file", str(data), "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    (result,) = path.parent.glob("tiny.eval_mine-*.json")
+    engine = json.loads(result.read_text())
+    assert engine["metrics"] == simulated["metrics"] and engine["source"] == simulated["source"]
+    assert engine["model"] == str(path) and engine["engine"]["threads"] == 1 and engine["engine"]["cpu"]
+    ((_, metrics),) = engine["metrics"].items()
+    assert f"mine.csv: accuracy {100 * metrics['accuracy']:.2f}" in printed
+    folder = save_pretrained(model, tmp_path / "shared", speed=False)
+    assert main(["evaluate", "--model", str(folder), "--file", str(data), "--out", str(tmp_path / "f.json")]) == 0
+    assert json.loads((tmp_path / "f.json").read_text())["metrics"] == simulated["metrics"]
+    assert main(["evaluate", "--model", str(path), "--file", str(data), "--tokenizer", str(best)]) == 2
+    assert "--tokenizer does not apply to a packed model" in capsys.readouterr().err
