@@ -242,3 +242,24 @@ def test_evaluate_scores_a_packed_file_as_its_student_folder(packed, tmp_path, c
     assert json.loads((tmp_path / "f.json").read_text())["metrics"] == simulated["metrics"]
     assert main(["evaluate", "--model", str(path), "--file", str(data), "--tokenizer", str(best)]) == 2
     assert "--tokenizer does not apply to a packed model" in capsys.readouterr().err
+
+
+def test_the_packed_model_reads_as_a_pipeline(packed):
+    model = load_packed(packed[0], threads=1)
+    text = repr(model)
+    assert text.startswith(f"PackedModel({str(packed[0])!r}, bits 1-1-1, activations sign, attention bi, 2 layers x 24")
+    assert str(model.labels) in text and "1 threads" in text and "kernel " in text
+    pred = model.predict(TEXTS)
+    one = model(TEXTS[0])
+    assert one == [{"label": pred.labels[0], "score": float(pred.scores[0].max())}]
+    ranked = model(TEXTS, top_k=None)
+    for row, scores in zip(ranked, pred.scores):
+        assert [r["score"] for r in row] == sorted(map(float, scores), reverse=True)
+        assert {r["label"] for r in row} == set(model.labels)
+    assert model(TEXTS[:2], ["w1", "w2"], top_k=2)[1] == [
+        {"label": model.labels[i], "score": float(s)} for i, s in
+        sorted(enumerate(model.predict(TEXTS[:2], ["w1", "w2"]).scores[1]), key=lambda t: -t[1])[:2]]
+    with pytest.raises(BibertError, match="give texts and pairs alike"):
+        model(TEXTS, "w1")
+    with pytest.raises(BibertError, match="top_k is 0"):
+        model(TEXTS, top_k=0)

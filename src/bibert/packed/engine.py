@@ -470,6 +470,34 @@ class PackedModel:
             self._tokenizer = _load_tokenizer(self.files, self.config, self.source)
         return self._tokenizer
 
+    def __repr__(self) -> str:
+        q = self.quant
+        return (f"PackedModel({self.source!r}, bits 1-1-{q.activation_bits}, activations {q.activations}, "
+                f"attention {q.attention}, {self.num_layers} layers x {self.hidden} ({self.heads} heads), "
+                f"labels {self.labels}, kernel {kernels.get_kernel()}, {kernels.get_threads()} threads)")
+
+    def __call__(self, texts: str | list[str], pairs: str | list[str] | None = None, top_k: int | None = 1,
+                 **options) -> list[dict] | list[list[dict]]:
+        """In the style of a transformers text-classification pipeline: a text or a list of them
+        (with `pairs`, their second segments) -> one {"label", "score"} per text, the score
+        the probability of that label (a regression model: its value); top_k=None or k gives
+        each text the list of its k (None: all) labels, most probable first. options go to
+        `predict` (batch_size, max_length)."""
+        one = isinstance(texts, str)
+        if one != (pairs is None or isinstance(pairs, str)) and pairs is not None:
+            raise BibertError("give texts and pairs alike: one string each, or one list each")
+        pred = self.predict([texts] if one else texts, None if pairs is None else [pairs] if one else pairs, **options)
+        if self.num_labels == 1:
+            return [{"label": self.labels[0], "score": float(v)} for v in pred.scores]
+        if top_k is not None and (not _positive_int(top_k)):
+            raise BibertError(f"top_k is {top_k!r}: give a positive number of labels, or None for all")
+        out = []
+        for row in pred.scores:
+            order = np.argsort(-row, kind="stable")[:top_k]
+            ranked = [{"label": self.labels[i], "score": float(row[i])} for i in order]
+            out.append(ranked[0] if top_k == 1 else ranked)
+        return out
+
     def predict(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 32,
                 max_length: int | None = None) -> Predictions:
         """Labels and scores for `texts` (with `pairs` as second segments, if given).
