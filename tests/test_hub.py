@@ -263,3 +263,43 @@ def test_the_packed_model_reads_as_a_pipeline(packed):
         model(TEXTS, "w1")
     with pytest.raises(BibertError, match="top_k is 0"):
         model(TEXTS, top_k=0)
+
+
+def test_bench_times_the_packed_model_against_a_teacher(packed, tmp_path, capsys):
+    """`bibert bench`: batch-1 latency and size of the packed model and of a full-precision
+    teacher on one's own texts (a file with pairs here), and how often their labels agree."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from bibert.cli import main
+    from test_packed import SPECIAL_TOKENS, WORDS
+
+    path, best = packed
+    model = load_packed(path)
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(BertConfig(
+        vocab_size=len(SPECIAL_TOKENS + WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=32, num_labels=3,
+        id2label=dict(enumerate(model.labels)), label2id={v: i for i, v in enumerate(model.labels)})).eval()
+    teacher.save_pretrained(tmp_path / "teacher")
+    for f in ("vocab.txt", "tokenizer_config.json"):
+        (tmp_path / "teacher" / f).write_bytes((best / f).read_bytes())
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"a": t, "b": "w3 w4"}) + "\n" for t in TEXTS * 3))
+    assert main(["bench", "--model", str(path), "--teacher", str(tmp_path / "teacher"), "--file", str(data),
+                 "--text-column", "a", "--text-pair-column", "b", "--rounds", "2", "--json",
+                 "--out", str(tmp_path / "bench.json")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result == json.loads((tmp_path / "bench.json").read_text())
+    assert result["texts"] == 9 and result["source"] == "pairs.jsonl (9 rows)" and result["cpu"]
+    assert result["packed"]["bytes"] == path.stat().st_size and result["packed"]["median_ms"] > 0
+    assert result["teacher"]["bytes"] == (tmp_path / "teacher" / "model.safetensors").stat().st_size
+    assert result["speedup"] == round(result["teacher"]["median_ms"] / result["packed"]["median_ms"], 2)
+    assert 0 <= result["same_label"] <= 1
+    assert main(["bench", "--model", str(path), "w1 w2", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("1 texts from the command line, batch 1, 1 rounds") and "packed" in out
+    assert main(["bench", "--model", str(path), "--file", str(data), "--text-column", "nope"]) == 2
+    assert "no text column 'nope'" in capsys.readouterr().err
+    assert main(["bench", "--model", str(path), "--teacher", str(tmp_path / "missing")]) == 2
+    assert "no such folder" in capsys.readouterr().err

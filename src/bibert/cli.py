@@ -13,7 +13,7 @@ import sys
 
 from .errors import BibertError
 
-COMMAND_MODULES = ["summary", "data", "evaluate", "train", "packed", "demo"]
+COMMAND_MODULES = ["summary", "data", "evaluate", "train", "packed", "bench", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,8 +31,8 @@ class ExportReport:
         return self.fp32_bytes / self.packed_bytes
 
     def __str__(self) -> str:
-        return (f"wrote {self.path}: {self.packed_bytes / 1e6:.2f} MB packed vs "
-                f"{self.fp32_bytes / 1e6:.2f} MB fp32 safetensors ({self.ratio:.1f}x smaller)")
+        return (f"wrote {self.path}: {self.packed_bytes / 2**20:.2f} MiB packed vs "
+                f"{self.fp32_bytes / 2**20:.2f} MiB fp32 safetensors ({self.ratio:.1f}x smaller)")
 
 
 def _check_exportable(config: dict, directory) -> None:
