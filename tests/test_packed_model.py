@@ -1,7 +1,8 @@
-"""Packed models as Hub repositories: save_pretrained writes a folder that load_packed reads
-back, its model card's YAML header carries the Hub metadata, push_to_hub uploads that folder,
-and a repo id is downloaded through the Hub's resolve layout, served here by a stand-in on
-127.0.0.1 (HF_ENDPOINT), from the CLI as a user would."""
+"""The packed model as a first-class model: shared as a Hub repository (save_pretrained writes
+a folder that load_packed reads back, its model card's YAML header carries the Hub metadata,
+push_to_hub uploads that folder, a repo id downloads through the Hub's resolve layout served
+by a stand-in on 127.0.0.1 via HF_ENDPOINT, from the CLI as a user would), evaluated like its
+student folder, timed against a teacher (`bibert bench`), and called like a pipeline."""
 from __future__ import annotations
 
 import hashlib
