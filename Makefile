@@ -15,7 +15,7 @@ asan: $(ASAN_LIB)
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" \
 	BIBERT_NATIVE_LIB=$(abspath $(ASAN_LIB)) BIBERT_KERNEL=portable \
-	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_packed.py tests/test_packed_elastic.py tests/test_packed_bimax.py tests/test_packed_kbit.py tests/test_packed_security.py
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_packed.py tests/test_packed_elastic.py tests/test_packed_bimax.py tests/test_packed_kbit.py tests/test_packed_softmax.py tests/test_packed_security.py
 
 $(ASAN_LIB): $(CSRC) $(CHDR)
 	mkdir -p $(dir $@)
@@ -26,7 +26,7 @@ $(ASAN_LIB): $(CSRC) $(CHDR)
 # 1 to 7 threads, each kernel family) and the engine's multithreaded forward (the encoder's
 # sequence groups run in parallel, or one group's kernels split across the threads; sign,
 # elastic, "bi-max" and k-bit models, every encoder blocking; the k-bit forward's sequences in
-# parallel, or each of its steps across the threads). A data race in the pool, in a
+# parallel, or each of its steps across the threads, with Bi-Attention and softmax attention). A data race in the pool, in a
 # kernel's per-thread scratch or between groups stops the run with a report. The fork test is
 # left out: ThreadSanitizer cannot start threads after a multi-threaded fork. PyTorch, which
 # builds the tests' students, runs on one thread: its OpenMP pool synchronises in ways that
@@ -37,7 +37,7 @@ tsan: $(TSAN_LIB)
 	LD_PRELOAD="$$(gcc -print-file-name=libtsan.so)" \
 	BIBERT_NATIVE_LIB=$(abspath $(TSAN_LIB)) \
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_packed.py tests/test_packed_elastic.py \
-	    tests/test_packed_bimax.py tests/test_packed_kbit.py \
+	    tests/test_packed_bimax.py tests/test_packed_kbit.py tests/test_packed_softmax.py \
 	    -k "pool_gives or spin_budget_changes or paths_agree or threads_do_not or threads_identical or tuning_does_not or native_forward"
 
 $(TSAN_LIB): $(CSRC) $(CHDR)

@@ -79,7 +79,8 @@ def test_library_exports_exactly_the_header():
 
 OPS = ["pack.row", "linear.block[BB_OUT_BITS]", "linear.block[BB_OUT_FLOAT]", "linear.block[BB_OUT_KBIT]",
        "layernorm.rows", "embed.row", "attention.transpose64", "attention.scores", "attention.context",
-       "attention.row_d64", "kbit.row_sum", "kbit.row_deviation", "kbit.pack_row", "kbit.gelu", "kbit.attention_head"]
+       "attention.row_d64", "kbit.row_sum", "kbit.row_deviation", "kbit.pack_row", "kbit.gelu", "kbit.attention_head",
+       "kbit.softmax_head"]
 
 # For each family selected with bb_set_kernel: the table that is active, and for each op the first
 # table (portable first) that holds the same kernel, i.e. which family's code runs it.

@@ -11,9 +11,9 @@ from transformers import BertConfig
 
 from bibert import BibertError, QuantConfig
 from bibert.modeling import BiBertForSequenceClassification
-from bibert.packed import PackedFormatError, PackedQuant, export_packed, load_packed, read_packed
+from bibert.packed import PackedFormatError, PackedQuant, export_packed, kernels, load_packed, read_packed
 from bibert.packed.engine import softmax_attention_kbit
-from packed_util import VOCAB, randomize, save_with_tokenizer
+from packed_util import VOCAB, assert_same_outputs, outputs_everywhere, randomize, save_with_tokenizer
 
 
 def make_student(tmp_path, bits, attention="softmax", layers=2, seed=0):
@@ -117,6 +117,84 @@ def test_attention_is_the_grid_formula_in_float64():
         assert np.abs(p * S - np.floor(p * S) - 0.5).min() > 1e-4  # no grid midpoint within rounding
         want[:, cols] = np.round(p * S) @ v[valid, cols].astype(np.float64) * steps[2] / S
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_native_attention_is_the_numpy_reference(bits):
+    """The engine's softmax attention (bb_softmax_attention_kbit) on random levels, lengths 1 to
+    300 (past a 128-key block), head sizes with a tail of 64 channels, invalid keys: bit-identical
+    on every kernel family and thread count, and equal to the NumPy reference (whose float32 exp
+    and sum order differ in the last bits) to float32 rounding on at least 99% of the rows, the
+    rest within two grid steps of one value level."""
+    rng = np.random.default_rng(bits)
+    Q = 2 ** (bits - 1) - 1
+    rows = same = 0
+    try:
+        for trial in range(12):
+            L, heads, d = int(rng.integers(1, 300)), int(rng.integers(1, 4)), int(rng.choice([8, 64, 70]))
+            q, k, v = (rng.integers(-Q, Q + 1, size=(L, heads * d)).astype(np.int8) for _ in range(3))
+            valid = rng.random(L) < 0.8
+            valid[0] = True
+            steps = tuple(float(np.float32(s)) for s in rng.uniform(0.05, 0.8, 3))
+            results = []
+            for name in kernels.available_kernels():
+                for threads in (1, 3):
+                    kernels.set_kernel(name)
+                    kernels.set_threads(threads)
+                    results.append(kernels.softmax_attention_kbit(q, k, v, steps, heads, d, valid, bits, counts=True))
+            for out, counts in results[1:]:
+                np.testing.assert_array_equal(out, results[0][0])
+                np.testing.assert_array_equal(counts, results[0][1])
+            out, counts = results[0]
+            np.testing.assert_array_equal(out, counts.astype(np.float32) * np.float32(steps[2] / (2**bits - 1)))
+            want = softmax_attention_kbit(q, k, v, steps, heads, d, valid, bits)
+            diff = np.abs(out - want).max(axis=1)
+            rows += L
+            same += int((diff <= 1e-6).sum())
+            assert diff.max() <= 2 * Q * steps[2] / (2**bits - 1) + 1e-6
+    finally:
+        kernels.set_kernel("auto")
+        kernels.set_threads(kernels.default_threads())
+    assert same >= 0.99 * rows, same / rows
+
+
+def test_no_valid_key_gives_a_zero_context():
+    q = np.ones((3, 8), np.int8)
+    out = kernels.softmax_attention_kbit(q, q, q, (0.5, 0.5, 0.5), 1, 8, np.zeros(3, bool), 4)
+    assert not out.any()
+
+
+def test_native_forward_is_the_step_by_step_one(exported):
+    """The one-call forward (bb_forward_kbit with softmax attention) gives, bit for bit, what
+    `kbit_layer` and `kbit_head` give step by step, kernel call by kernel call, for each sequence
+    of a padded batch, on every kernel family and with 1 to 3 threads."""
+    _, _, out = exported
+    lengths = (23, 5, 17, 1)
+    ids = np.zeros((len(lengths), 23), np.int64)
+    mask = np.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        ids[b, :n] = ids_of(n, seed=40 + b)[0]
+        mask[b, :n] = 1
+    try:
+        for name in kernels.available_kernels():
+            for threads in (1, 2, 3):
+                engine = load_packed(out, kernel=name, threads=threads)
+                logits, hidden = engine.forward(ids, mask, output_hidden_states=True)
+                for b, n in enumerate(lengths):
+                    x, _ = engine.embeddings(ids[b, :n][None], np.zeros((1, n), np.int64))
+                    np.testing.assert_array_equal(hidden[0][b, :n], x)
+                    for layer in range(engine.num_layers):
+                        x = engine.kbit_layer(layer, x, np.ones(n, bool))
+                        np.testing.assert_array_equal(hidden[layer + 1][b, :n], x, err_msg=f"{name} {threads}")
+                    np.testing.assert_allclose(logits[b], engine.kbit_head(x[:1])[0], rtol=1e-5, atol=1e-6)
+    finally:
+        kernels.set_kernel("auto")
+        kernels.set_threads(kernels.default_threads())
+
+
+def test_kernel_families_and_threads_identical(exported):
+    _, _, out = exported
+    assert_same_outputs(outputs_everywhere(out, ids_of(60, seed=7)))
 
 
 def test_softmax_needs_k_bit_activations(tmp_path):

@@ -175,12 +175,15 @@ typedef struct {
     int8_t *levels;
 } quantize_args;
 
-/* Bi-Attention on k-bit levels of one sequence (bb_biattention_kbit). */
+/* Attention on k-bit levels of one sequence: Bi-Attention (bb_biattention_kbit, grid 0) or
+ * softmax attention (bb_softmax_attention_kbit, grid 2^k - 1). */
 typedef struct {
     const int8_t *q, *k, *v;
     const uint64_t *valid;
     int64_t L, H, d, ldo;
-    float step_v;
+    float step_v;              /* the context's step: out = fl(count * step_v) */
+    int grid;                  /* softmax: the probabilities' grid 2^k - 1; 0: Bi-Attention */
+    float score_scale, score_div; /* softmax: score = fl(fl(S * score_scale) / score_div) */
     float *out;
     int32_t *counts;
     int64_t scratch_ints;
@@ -243,6 +246,8 @@ typedef struct {
         void (*gelu)(const float *x, float *y, int64_t n);
         /* Bi-Attention on k-bit levels, head h; scratch: kattn_args.scratch_ints int32 */
         void (*attention_head)(const kattn_args *attn, int64_t h, int32_t *scratch);
+        /* softmax attention on k-bit levels, head h; scratch as attention_head's */
+        void (*softmax_head)(const kattn_args *attn, int64_t h, int32_t *scratch);
     } kbit;
 } bb_ops;
 

@@ -13,10 +13,11 @@
 
 #include <stdint.h>
 
-#define BB_ABI_VERSION 18 /* changes with any declaration below */
+#define BB_ABI_VERSION 19 /* changes with any declaration below */
 
 enum { BB_OK = 0, BB_ENOMEM = -1, BB_EINVAL = -2 }; /* the entry points' return codes */
 enum { BB_KERNEL_AUTO = 0, BB_KERNEL_PORTABLE = 1, BB_KERNEL_AVX512 = 2, BB_KERNEL_AVX2 = 3 };
+enum { BB_ATTENTION_BI = 0, BB_ATTENTION_SOFTMAX = 1 }; /* the attention of bb_forward_kbit */
 
 /* One encoder layer's parameters for bb_encoder. Linears: weight panels (bit rows re-laid in
  * panels of 32 output channels); a bit-output Linear's integer thresholds and flips
@@ -120,6 +121,10 @@ int bb_gelu(const float *x, int64_t M, int64_t C, float *y);
 /* Bi-Attention of one sequence on k-bit levels q, k, v [L, H*d]: context out [L, ldo] = fl(step_v * integer sums), counts (may be NULL). */
 int bb_biattention_kbit(const int8_t *q, const int8_t *k, const int8_t *v, int64_t L, int64_t H, int64_t d,
                         float step_v, const uint64_t *valid, float *out, int64_t ldo, int32_t *counts);
+/* Softmax attention of one sequence on k-bit levels q, k, v [L, H*d] (steps of each): probabilities on the grid of 2^bits - 1, context out [L, ldo] = fl(integer sums * fl(step_v / (2^bits - 1))), counts (may be NULL). */
+int bb_softmax_attention_kbit(const int8_t *q, const int8_t *k, const int8_t *v, int64_t L, int64_t H, int64_t d,
+                              int bits, float step_q, float step_k, float step_v, const uint64_t *valid, float *out,
+                              int64_t ldo, int32_t *counts);
 /* Sets the encoder's row blocking: tail_rows 1 to 4096, group_rows 1 to 2^20. */
 int bb_set_encoder_tuning(int64_t tail_rows, int64_t group_rows);
 /* The encoder's row blocking into out[2]: tail_rows, group_rows. */
@@ -132,10 +137,10 @@ int bb_forward(const bb_model *m, const bb_layer *layers, int64_t n_layers, int6
                int64_t H, int64_t heads, int64_t I, float eps, const int64_t *ids, const int64_t *type_ids,
                const int64_t *positions, const uint8_t *row_valid, float *x, uint64_t *xb, float *hidden,
                float *pooled);
-/* The forward of a 2- or 4-bit model (bits): embeddings (m's), their LayerNorm, n_layers k-bit layers and the pooler, each sequence on its own: x [rows, H], hidden (may be NULL) [n_layers + 1, rows, H], pooled [n_seq, H] before the tanh. */
+/* The forward of a 2- or 4-bit model (bits; attention BB_ATTENTION_*): embeddings (m's), their LayerNorm, n_layers k-bit layers and the pooler, each sequence on its own: x [rows, H], hidden (may be NULL) [n_layers + 1, rows, H], pooled [n_seq, H] before the tanh. */
 int bb_forward_kbit(const bb_model *m, const bb_kbit_linear *pooler, const bb_kbit_layer *layers, int64_t n_layers,
                     int64_t n_seq, const int64_t *start, int64_t H, int64_t heads, int64_t I, float eps, int bits,
-                    float clip_std, const int64_t *ids, const int64_t *type_ids, const int64_t *positions,
+                    int attention, float clip_std, const int64_t *ids, const int64_t *type_ids, const int64_t *positions,
                     const uint8_t *row_valid, float *x, float *hidden, float *pooled);
 
 #endif

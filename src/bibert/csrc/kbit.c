@@ -1,7 +1,7 @@
 /* k-bit activations, bit-serially (docs/packed_format.md, "Multi-bit activations"): the
  * student's quantizer into bit-planes (the Linear on them is linear.c's, with the k-bit
- * epilogue), the GELU before the FFN-out input, Bi-Attention on k-bit levels, and the whole
- * forward of a 2- or 4-bit model in one call.
+ * epilogue), the GELU before the FFN-out input, Bi-Attention and softmax attention on k-bit
+ * levels, and the whole forward of a 2- or 4-bit model in one call.
  */
 #include <math.h>
 #include <stdatomic.h>
@@ -167,23 +167,52 @@ typedef struct {
 static void kattn_heads(void *ctx, int64_t lo, int64_t hi, int tid) {
     const kattn_job *job = (const kattn_job *)ctx;
     int32_t *scratch = job->attn.scratch + tid * job->attn.scratch_ints;
-    for (int64_t h = lo; h < hi; h++) job->ops->kbit.attention_head(&job->attn, h, scratch);
+    void (*head)(const kattn_args *, int64_t, int32_t *) =
+        job->attn.grid ? job->ops->kbit.softmax_head : job->ops->kbit.attention_head;
+    for (int64_t h = lo; h < hi; h++) head(&job->attn, h, scratch);
 }
 
-/* int32 scratch of one thread of the k-bit attention on L keys of H heads of d (room for both
- * layouts: int32 [d + 16 + d*lp], or int16 and the list) */
+/* int32 scratch of one thread of the k-bit attention on L keys of H heads of d (room for every
+ * layout: int32 [d + 16 + 2 lp + 2 L + d*lp], or int16 keys, the scores and the lists) */
 static int64_t kattn_scratch_ints(int64_t L, int64_t d) {
     int64_t lp = (L + 127) / 128 * 128;
-    return ((d + 15) / 16 * 16 + lp + d * lp + L + 15) / 16 * 16;
+    return ((d + 15) / 16 * 16 + 2 * lp + d * lp + 2 * L + 15) / 16 * 16;
 }
 
-/* bb_biattention_kbit after its checks, on the caller's scratch (bb_team() threads of
- * kattn_scratch_ints) */
+/* The attention of a k-bit model (bits): Bi-Attention, or softmax attention with the steps of Q,
+ * K and V (steps[3]). */
+typedef struct {
+    int softmax, bits;
+    float steps[3];
+} kattn_kind;
+
+/* bb_biattention_kbit or bb_softmax_attention_kbit after its checks, on the caller's scratch
+ * (bb_team() threads of kattn_scratch_ints): the softmax's score scale fl(s_q s_k), its divisor
+ * fl(sqrt d) and the context's step fl(s_v / (2^k - 1)) */
 static void kattention(const bb_ops *ops, const int8_t *q, const int8_t *k, const int8_t *v, int64_t L, int64_t H,
-                       int64_t d, float step_v, const uint64_t *valid, float *out, int64_t ldo, int32_t *counts,
+                       int64_t d, kattn_kind kind, const uint64_t *valid, float *out, int64_t ldo, int32_t *counts,
                        int32_t *scratch) {
-    kattn_job job = {ops, {q, k, v, valid, L, H, d, ldo, step_v, out, counts, kattn_scratch_ints(L, d), scratch}};
+    int grid = kind.softmax ? (1 << kind.bits) - 1 : 0;
+    float step = kind.softmax ? kind.steps[2] / (float)grid : kind.steps[2];
+    kattn_job job = {ops, {q, k, v, valid, L, H, d, ldo, step, grid, kind.steps[0] * kind.steps[1],
+                           (float)sqrt((double)d), out, counts, kattn_scratch_ints(L, d), scratch}};
     bb_parallel_for(H, 1, kattn_heads, &job);
+}
+
+/* the checks and scratch of both k-bit attentions' entry points */
+static int kattention_checked(const int8_t *q, const int8_t *k, const int8_t *v, int64_t L, int64_t H, int64_t d,
+                              kattn_kind kind, const uint64_t *valid, float *out, int64_t ldo, int32_t *counts) {
+    if (!dim_ok(L) || !dim_ok(H) || !dim_ok(d) || !dim_ok(ldo)) return BB_EINVAL;
+    int64_t hd = H * d;
+    if (hd > BB_MAX_DIM || ldo < hd || !elems_ok(L, ldo, 1) || !elems_ok(L, hd, 1) || !q || !k || !v || !valid ||
+        !out)
+        return BB_EINVAL;
+    if (!elems_ok(d + 16, (L + 127) / 128 * 128, 1)) return BB_EINVAL;
+    int32_t *scratch = (int32_t *)aligned_alloc(64, (size_t)(bb_team() * kattn_scratch_ints(L, d)) * 4);
+    if (!scratch) return BB_ENOMEM;
+    kattention(bb_ops_active(), q, k, v, L, H, d, kind, valid, out, ldo, counts, scratch);
+    free(scratch);
+    return BB_OK;
 }
 
 /* Bi-Attention on k-bit Q, K and V of one sequence (L rows; H heads of d), from their levels
@@ -195,17 +224,27 @@ static void kattention(const bb_ops *ops, const int8_t *q, const int8_t *k, cons
  * counts. Checks: L, H, d >= 1, ldo >= H*d, every buffer but counts given. */
 int bb_biattention_kbit(const int8_t *q, const int8_t *k, const int8_t *v, int64_t L, int64_t H, int64_t d,
                         float step_v, const uint64_t *valid, float *out, int64_t ldo, int32_t *counts) {
-    if (!dim_ok(L) || !dim_ok(H) || !dim_ok(d) || !dim_ok(ldo)) return BB_EINVAL;
-    int64_t hd = H * d;
-    if (hd > BB_MAX_DIM || ldo < hd || !elems_ok(L, ldo, 1) || !elems_ok(L, hd, 1) || !q || !k || !v || !valid ||
-        !out)
-        return BB_EINVAL;
-    if (!elems_ok(d + 16, (L + 127) / 128 * 128, 1)) return BB_EINVAL;
-    int32_t *scratch = (int32_t *)aligned_alloc(64, (size_t)(bb_team() * kattn_scratch_ints(L, d)) * 4);
-    if (!scratch) return BB_ENOMEM;
-    kattention(bb_ops_active(), q, k, v, L, H, d, step_v, valid, out, ldo, counts, scratch);
-    free(scratch);
-    return BB_OK;
+    kattn_kind kind = {0, 0, {0.0f, 0.0f, step_v}};
+    return kattention_checked(q, k, v, L, H, d, kind, valid, out, ldo, counts);
+}
+
+/* Softmax attention on k-bit Q, K and V of one sequence (docs/packed_format.md, "Softmax
+ * attention"; levels and valid as bb_biattention_kbit's, steps of Q, K and V, bits 2 or 4), per
+ * head over the valid keys:
+ *   S_ij      = sum_c nq_ic nk_jc                               exact
+ *   score_ij  = fl(fl(S_ij * fl(step_q * step_k)) / fl(sqrt d))
+ *   e_ij      = exp(score_ij - max_j score_ij)                  float32 (isa/portable.h, softmax_exp)
+ *   r_ij      = rint(fl(e_ij / sum_j e_ij) * (2^bits - 1))       the sum in a fixed order (softmax_sum_tree)
+ *   count_ic  = sum_j r_ij nv_jc,   out_ic = fl(count_ic * fl(step_v / (2^bits - 1)))
+ * A query row with no valid key gets 0. Every kernel family computes the same floats in the same
+ * order (bit-identical results). counts (optional, int32 [L, H*d]) receives the counts. Checks:
+ * bb_biattention_kbit's, bits 2 or 4. */
+int bb_softmax_attention_kbit(const int8_t *q, const int8_t *k, const int8_t *v, int64_t L, int64_t H, int64_t d,
+                              int bits, float step_q, float step_k, float step_v, const uint64_t *valid, float *out,
+                              int64_t ldo, int32_t *counts) {
+    if (bits != 2 && bits != 4) return BB_EINVAL;
+    kattn_kind kind = {1, bits, {step_q, step_k, step_v}};
+    return kattention_checked(q, k, v, L, H, d, kind, valid, out, ldo, counts);
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -217,7 +256,7 @@ typedef struct {
     const bb_kbit_layer *layers;
     int64_t n_layers, H, heads, I, rows;
     float eps;
-    int bits;
+    int bits, softmax;
     float clip_std;
     const int64_t *start;
     const uint8_t *row_valid;
@@ -292,11 +331,11 @@ static int kbit_sequence(const kforward_job *j, int64_t s) {
     for (int64_t l = 0; l < j->n_layers && !rc; l++) {
         const bb_kbit_layer *p = j->layers + l;
         klinear(j, &p->qkv, planes, L, H, 3 * H, step, NULL, qkv, 0);
-        float step_v = 0.0f;
+        kattn_kind kind = {j->softmax, j->bits, {0.0f, 0.0f, 0.0f}};
         for (int64_t t = 0; t < 3; t++) /* Q, K and V, each its own tensor */
-            step_v = quantize(ops, qkv + t * H, L, H, 3 * H, j->bits, j->clip_std, NULL, hw, levels + t * L * H,
-                              scratch);
-        kattention(ops, levels, levels + L * H, levels + 2 * L * H, L, j->heads, d, step_v, valid, ctx, H, NULL,
+            kind.steps[t] = quantize(ops, qkv + t * H, L, H, 3 * H, j->bits, j->clip_std, NULL, hw,
+                                     levels + t * L * H, scratch);
+        kattention(ops, levels, levels + L * H, levels + 2 * L * H, L, j->heads, d, kind, valid, ctx, H, NULL,
                    w.kattn);
         step = quantize(ops, ctx, L, H, H, j->bits, j->clip_std, planes, hw, NULL, scratch);
         klinear(j, &p->ao, planes, L, H, H, step, x, y, 0);
@@ -332,19 +371,23 @@ static void kbit_sequences(void *ctx, int64_t lo, int64_t hi, int tid) {
  * positions[m], or m - start[s] when positions is NULL; m's pooler and thresholds are not read),
  * then each sequence alone (what the student computes for a batch of one) through the n_layers
  * layers: every Linear's input quantized (one clip per tensor: the sequence's rows), Q, K and V
- * quantized each on its own for the k-bit Bi-Attention, GELU on FFN-in's output; then the
+ * quantized each on its own for the k-bit attention (attention: BB_ATTENTION_BI, Bi-Attention,
+ * or BB_ATTENTION_SOFTMAX, softmax attention), GELU on FFN-in's output; then the
  * pooler on its first row, quantized alone, into pooled [n_seq, H] before the tanh. row_valid
  * [rows] marks the rows that are keys. hidden (optional): [n_layers + 1, rows, H], the
  * embeddings' output, then each layer's. Each step computes what the entry point of that step
- * (bb_quantize_planes, bb_linear_kbit, bb_biattention_kbit, bb_gelu, bb_layernorm) computes on
- * its own. With at least as many sequences as threads, each thread runs whole sequences;
- * otherwise each step splits across the threads. Checks: bb_forward's (but the pooler's and
- * the layers' pointers are those of the k-bit structs), bits 2 or 4. */
+ * (bb_quantize_planes, bb_linear_kbit, bb_biattention_kbit or bb_softmax_attention_kbit, bb_gelu,
+ * bb_layernorm) computes on its own. With at least as many sequences as threads, each thread runs
+ * whole sequences; otherwise each step splits across the threads. Checks: bb_forward's (but the
+ * pooler's and the layers' pointers are those of the k-bit structs), bits 2 or 4, attention one
+ * of the two. */
 int bb_forward_kbit(const bb_model *m, const bb_kbit_linear *pooler, const bb_kbit_layer *layers, int64_t n_layers,
                     int64_t n_seq, const int64_t *start, int64_t H, int64_t heads, int64_t I, float eps, int bits,
-                    float clip_std, const int64_t *ids, const int64_t *type_ids, const int64_t *positions,
+                    int attention, float clip_std, const int64_t *ids, const int64_t *type_ids, const int64_t *positions,
                     const uint8_t *row_valid, float *x, float *hidden, float *pooled) {
-    if (!count_ok(n_layers) || !count_ok(n_seq) || (bits != 2 && bits != 4)) return BB_EINVAL;
+    if (!count_ok(n_layers) || !count_ok(n_seq) || (bits != 2 && bits != 4) ||
+        (attention != BB_ATTENTION_BI && attention != BB_ATTENTION_SOFTMAX))
+        return BB_EINVAL;
     if (n_seq == 0) return BB_OK;
     if (!m || !pooler || !ids || !type_ids || !pooled || !row_valid || !x || !start || start[0] != 0 ||
         (!layers && n_layers) || !m->word_bits || !m->word_alpha || !m->pos || !m->type || !m->ln_g || !m->ln_b ||
@@ -378,7 +421,8 @@ int bb_forward_kbit(const bb_model *m, const bb_kbit_linear *pooler, const bb_kb
     if (!rc) rc = bb_layernorm(x, rows, H, m->ln_g, m->ln_b, eps, x, NULL, 0, NULL);
     if (rc) return rc;
     if (hidden) memcpy(hidden, x, (size_t)(rows * H) * sizeof(float));
-    kforward_job job = {bb_ops_active(), pooler, layers, n_layers, H, heads, I, rows, eps, bits, clip_std, start,
+    kforward_job job = {bb_ops_active(), pooler, layers, n_layers, H, heads, I, rows, eps, bits,
+                        attention == BB_ATTENTION_SOFTMAX, clip_std, start,
                         row_valid, x, hidden, pooled, BB_OK};
     int threads = bb_get_threads();
     if (threads > 1 && n_seq >= threads)

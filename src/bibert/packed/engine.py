@@ -330,8 +330,6 @@ class PackedModel:
             if output_hidden_states:
                 return logits, [np.zeros((0, L, self.hidden), np.float32) for _ in range(self.num_layers + 1)]
             return logits
-        if self.quant.softmax:
-            return self._forward_kbit_steps(ids, valid, tt, output_hidden_states)
         if self.quant.is_kbit:
             return self._forward_kbit(ids, valid, tt, output_hidden_states)
         if valid.all():  # no padding: rows in place, each at its index in its sequence
@@ -380,7 +378,7 @@ class PackedModel:
         (_, qs, ql), (_, ks, kl), (_, vs, vl) = (kernels.quantize_planes(qkv[:, i * H:(i + 1) * H], k, c, levels=True)
                                                  for i in range(3))
         if self.quant.softmax:
-            ctx = softmax_attention_kbit(ql, kl, vl, (qs, ks, vs), self.heads, self.head_size, key_valid, k)
+            ctx = kernels.softmax_attention_kbit(ql, kl, vl, (qs, ks, vs), self.heads, self.head_size, key_valid, k)
         else:
             ctx = kernels.biattention_kbit(ql, kl, vl, vs, self.heads, self.head_size, key_valid)
         cp, cs = kernels.quantize_planes(ctx, k, c)
@@ -404,31 +402,11 @@ class PackedModel:
         pooled = np.stack(rows) if rows else np.zeros((0, self.hidden), np.float32)
         return pooled @ self.classifier_weight.T + self.classifier_bias
 
-    def _forward_kbit_steps(self, ids, valid, tt, output_hidden_states):
-        """forward of a k-bit model step by step (`kbit_layer`, `kbit_head`), each sequence on its
-        own (its tokens and [CLS]): the path of softmax attention, which the one-call native
-        forward does not compute yet; padded positions are not computed (zeros)."""
-        B, L = ids.shape
-        full = np.zeros((self.num_layers + 1, B, L, self.hidden), np.float32) if output_hidden_states else None
-        cls = np.empty((B, self.hidden), np.float32)
-        for b in range(B):
-            keep = valid[b].copy()
-            keep[0] = True  # the head reads [CLS]
-            rows = np.flatnonzero(keep)
-            x, _ = self.embeddings(ids[b, rows][None], tt[b, rows][None], rows[None])
-            for n in range(self.num_layers + 1):
-                if n:
-                    x = self.kbit_layer(n - 1, x, valid[b, rows])
-                if full is not None:
-                    full[n, b, rows] = x
-            cls[b] = x[0]
-        logits = self.kbit_head(cls)
-        return (logits, list(full)) if output_hidden_states else logits
-
     def _forward_kbit(self, ids, valid, tt, output_hidden_states):
-        """forward of a 2- or 4-bit model in one native call (bb_forward_kbit): each sequence on
-        its own (its tokens and [CLS]), as the student computes a batch of one, with the steps of
-        `kbit_layer` and `kbit_head`; padded positions are not computed (zeros)."""
+        """forward of a 2- or 4-bit model in one native call (bb_forward_kbit), with Bi-Attention or
+        softmax attention: each sequence on its own (its tokens and [CLS]), as the student computes
+        a batch of one, with the steps of `kbit_layer` and `kbit_head`; padded positions are not
+        computed (zeros)."""
         B, L = ids.shape
         keep = valid.copy()
         keep[:, 0] = True  # the head reads [CLS]
@@ -440,7 +418,7 @@ class PackedModel:
         _, pooled = kernels.forward_kbit(self._native_model, self._native_kbit_pooler, self._native_kbit_layers,
                                          self.num_layers, start, self.hidden, self.heads, self.intermediate, self.eps,
                                          self.quant.kbits, self.clip_std, ids.reshape(-1)[rows], tt.reshape(-1)[rows],
-                                         rows % L, valid.reshape(-1)[rows], hidden)
+                                         rows % L, valid.reshape(-1)[rows], hidden, softmax=self.quant.softmax)
         logits = self.classify(pooled)
         if not output_hidden_states:
             return logits
@@ -557,7 +535,11 @@ def softmax_attention_kbit(q: np.ndarray, k: np.ndarray, v: np.ndarray, steps: t
     """Softmax attention of one sequence on k-bit Q, K, V given as levels (int8 [L, heads *
     head_size]) and steps, as the student computes it (docs/method.md §3): scores = (integer
     q . k) * step_q * step_k / sqrt(d) over the valid keys, P = softmax(scores) on the grid of
-    2^bits - 1 steps, context = (integer round(P * S) . level_v) * step_v / S: float [L, H]."""
+    2^bits - 1 steps, context = (integer round(P * S) . level_v) * step_v / S: float [L, H].
+    The readable reference in NumPy of the engine's `kernels.softmax_attention_kbit` (which
+    `kbit_layer` and the one-call forward run): NumPy's float32 exp and sum order differ from the
+    engine's in the last bits, so a probability within rounding of a grid midpoint may round
+    apart."""
     L, levels = q.shape[0], 2**bits - 1
     qh, kh, vh = (np.ascontiguousarray(a, np.int32).reshape(L, heads, head_size).transpose(1, 0, 2) for a in (q, k, v))
     keys = np.flatnonzero(np.asarray(key_valid, bool))

@@ -31,12 +31,13 @@ import numpy as np
 from ..errors import BibertError
 from .reader import pack_bool, unpack_bool, words  # the format's bits, as the kernels take them
 
-ABI_VERSION = 18
+ABI_VERSION = 19
 PANEL = 32
 KERNELS = {"auto": 0, "portable": 1, "avx512": 2, "avx2": 3}
 MAX_THREADS = 1024  # bb_set_threads' cap
 MAX_SPIN_US = 1_000_000  # bb_set_spin_us' cap
 OK, ENOMEM, EINVAL = 0, -1, -2  # the C entry points' return codes
+ATTENTION_BI, ATTENTION_SOFTMAX = 0, 1  # bb_forward_kbit's attention
 KERNEL_NAMES = {1: "portable", 2: "avx512", 3: "avx2"}
 REQUIRES = {"avx512": "AVX-512 F/BW/DQ/VL + VPOPCNTDQ", "avx2": "AVX2 + FMA + POPCNT"}
 
@@ -66,11 +67,12 @@ SIGNATURES = {
     "bb_quantize_planes": (_INT, [_P, _I, _I, _I, _INT, _F, _P, _I, _P, _P]),
     "bb_gelu": (_INT, [_P, _I, _I, _P]),
     "bb_biattention_kbit": (_INT, [_P, _P, _P, _I, _I, _I, _F, _P, _P, _I, _P]),
+    "bb_softmax_attention_kbit": (_INT, [_P, _P, _P, _I, _I, _I, _INT, _F, _F, _F, _P, _P, _I, _P]),
     "bb_set_encoder_tuning": (_INT, [_I, _I]),
     "bb_get_encoder_tuning": (_INT, [_P]),
     "bb_encoder": (_INT, [_P, _I, _I, _P, _I, _I, _I, _F, _P, _P, _P, _P]),
     "bb_forward": (_INT, [_P, _P, _I, _I, _P, _I, _I, _I, _F, _P, _P, _P, _P, _P, _P, _P, _P]),
-    "bb_forward_kbit": (_INT, [_P, _P, _P, _I, _I, _P, _I, _I, _I, _F, _INT, _F, _P, _P, _P, _P, _P, _P, _P]),
+    "bb_forward_kbit": (_INT, [_P, _P, _P, _I, _I, _P, _I, _I, _I, _F, _INT, _INT, _F, _P, _P, _P, _P, _P, _P, _P]),
 }
 
 _lib = None
@@ -439,10 +441,11 @@ def _forward_inputs(start: np.ndarray, n_layers: int, n_available: int, hidden_s
 def forward_kbit(model: ModelParams, pooler: KbitLinearParams, layers: ctypes.Array, n_layers: int, start: np.ndarray,
                  hidden_size: int, heads: int, intermediate: int, eps: float, bits: int, clip_std: float,
                  ids: np.ndarray, type_ids: np.ndarray, positions: np.ndarray | None, row_valid: np.ndarray,
-                 hidden: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 hidden: np.ndarray | None = None, softmax: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The whole forward of a 2- or 4-bit model but the classifier in one native call (bb_forward_kbit):
     the rows and sequences as `forward` takes them, each sequence computed on its own (every
-    quantizer's clip over its own rows), the pooler's input its first row alone. `model` gives the
+    quantizer's clip over its own rows), the pooler's input its first row alone; the attention
+    Bi-Attention, or with `softmax` softmax attention (`softmax_attention_kbit`). `model` gives the
     embeddings and their LayerNorm (its pooler is not read: `pooler` is the k-bit one). Returns
     the last hidden state [rows, H] and the pooler's output [sequences, H] before the tanh; hidden
     as `forward`'s. The parameter arrays behind the structs must stay alive while it runs."""
@@ -454,7 +457,8 @@ def forward_kbit(model: ModelParams, pooler: KbitLinearParams, layers: ctypes.Ar
     if n_seq == 0:
         return x, pooled
     rc = lib().bb_forward_kbit(ctypes.byref(model), ctypes.byref(pooler), ctypes.byref(layers), n_layers, n_seq,
-                               _ptr(start), hidden_size, heads, intermediate, eps, bits, float(clip_std), _ptr(ids),
+                               _ptr(start), hidden_size, heads, intermediate, eps, bits,
+                               ATTENTION_SOFTMAX if softmax else ATTENTION_BI, float(clip_std), _ptr(ids),
                                _ptr(type_ids), _ptr(positions), _ptr(valid), _ptr(x), _ptr(hidden), _ptr(pooled))
     if rc == EINVAL:
         raise BibertError("forward_kbit: invalid arguments (start not rising by at least one row per sequence, or "
@@ -686,6 +690,33 @@ def biattention_kbit(q: np.ndarray, k: np.ndarray, v: np.ndarray, step_v: float,
     cnt = np.empty((L, hd), dtype=np.int32) if counts else None
     _check_rc(lib().bb_biattention_kbit(_ptr(q), _ptr(k), _ptr(v), L, heads, head_size, float(step_v), _ptr(valid),
                                         _ptr(out), hd, _ptr(cnt)), "biattention_kbit")
+    return (out, cnt) if counts else out
+
+
+def softmax_attention_kbit(q: np.ndarray, k: np.ndarray, v: np.ndarray, steps: tuple[float, float, float], heads: int,
+                           head_size: int, key_valid: np.ndarray, bits: int,
+                           counts: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Softmax attention of one sequence on k-bit Q, K, V given as levels (int8 [L, heads *
+    head_size]) and their steps (bb_softmax_attention_kbit): per head, the exact integer scores
+    q . k scaled, a float32 softmax over the valid keys (a fixed order, every kernel family
+    alike), its probabilities rounded to the grid of 2^bits - 1 steps, and context =
+    fl(integer sum_j grid_ij level_v * fl(step_v / (2^bits - 1))): float [L, heads * head_size];
+    with counts also the integer sums, int32. `bibert.packed.engine.softmax_attention_kbit` is
+    the same formula in NumPy (its exp and sum order differ in the last bits)."""
+    q, k, v = (np.ascontiguousarray(a, dtype=np.int8) for a in (q, k, v))
+    hd = heads * head_size
+    L = q.shape[0] if q.ndim == 2 else 0
+    if L < 1 or heads < 1 or head_size < 1 or any(a.shape != (L, hd) for a in (q, k, v)):
+        raise BibertError(f"softmax_attention_kbit: levels must be [L, {hd}] int8, one shape for Q, K and V")
+    _shape(np.asarray(key_valid), (L,), "softmax_attention_kbit: key_valid")
+    bits = _kbits(bits, "softmax_attention_kbit")
+    valid = pack_bool(np.asarray(key_valid)[None])
+    out = np.empty((L, hd), dtype=np.float32)
+    cnt = np.empty((L, hd), dtype=np.int32) if counts else None
+    step_q, step_k, step_v = (float(s) for s in steps)
+    _check_rc(lib().bb_softmax_attention_kbit(_ptr(q), _ptr(k), _ptr(v), L, heads, head_size, bits, step_q, step_k,
+                                              step_v, _ptr(valid), _ptr(out), hd, _ptr(cnt)),
+              "softmax_attention_kbit")
     return (out, cnt) if counts else out
 
 

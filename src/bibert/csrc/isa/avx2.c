@@ -188,6 +188,11 @@ __attribute__((target("avx2"))) static void kattn_head_avx2(const kattn_args *at
     kattn_head_body(attn, h, scratch);
 }
 
+__attribute__((target("avx2,fma"))) static void ksoftmax_head_avx2(const kattn_args *attn, int64_t h,
+                                                                   int32_t *scratch) {
+    ksoftmax_head_body(attn, h, scratch);
+}
+
 /* ------------------------------------------------------------------------------------ */
 /* the table                                                                             */
 
@@ -199,7 +204,8 @@ const bb_ops bb_ops_avx2 = {
     .layernorm = {layernorm_rows_avx2},
     .embed = {embed_row_portable},
     .attention = {transpose64_portable, attn_scores_popcnt, attn_context_popcnt, NULL},
-    .kbit = {kbit_row_sum_portable, kbit_row_deviation_portable, kbit_pack_row_portable, gelu_avx2, kattn_head_avx2},
+    .kbit = {kbit_row_sum_portable, kbit_row_deviation_portable, kbit_pack_row_portable, gelu_avx2, kattn_head_avx2,
+             ksoftmax_head_avx2},
 };
 
 #endif

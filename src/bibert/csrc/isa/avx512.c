@@ -622,7 +622,7 @@ const bb_ops bb_ops_avx512 = {
     .embed = {embed_row_avx512},
     .attention = {transpose64_avx512, attn_scores_avx512, attn_context_avx512, attn_row_d64_avx512},
     .kbit = {kbit_row_sum_avx512, kbit_row_deviation_avx512, kbit_pack_row_avx512, gelu_avx512,
-             kattn_head_avx512},
+             kattn_head_avx512, ksoftmax_head_avx512},
 };
 
 #endif

@@ -349,4 +349,133 @@ BB_AVX512 void kattn_head_avx512(const kattn_args *attn, int64_t h, int32_t *scr
     }
 }
 
+/* ------------------------------------------------------------------------------------ */
+/* softmax attention on k-bit levels                                                     */
+
+/* softmax_exp on 16 lanes (the same float operations in the same order) */
+BB_INLINE BB_AVX512 __m512 softmax_exp16_avx512(__m512 t) {
+#define BB_C(v) _mm512_set1_ps(v)
+    __m512 qf = _mm512_roundscale_ps(_mm512_mul_ps(t, BB_C(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 s = _mm512_fmadd_ps(qf, BB_C(-0.693145751953125f), t);
+    s = _mm512_fmadd_ps(qf, BB_C(-1.428606765330187045e-06f), s);
+    __m512 u = BB_C(0.000198527617612853646278381f);
+    u = _mm512_fmadd_ps(u, s, BB_C(0.00139304355252534151077271f));
+    u = _mm512_fmadd_ps(u, s, BB_C(0.00833336077630519866943359f));
+    u = _mm512_fmadd_ps(u, s, BB_C(0.0416664853692054748535156f));
+    u = _mm512_fmadd_ps(u, s, BB_C(0.166666671633720397949219f));
+    u = _mm512_fmadd_ps(u, s, BB_C(0.5f));
+    u = _mm512_add_ps(BB_C(1.0f), _mm512_fmadd_ps(_mm512_mul_ps(s, s), u, s));
+    __m512i q = _mm512_cvttps_epi32(qf);
+    __m512i q1 = _mm512_srai_epi32(q, 1), q2 = _mm512_sub_epi32(q, q1);
+    const __m512i bias = _mm512_set1_epi32(127);
+    __m512 p1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(q1, bias), 23));
+    __m512 p2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(q2, bias), 23));
+    return _mm512_mul_ps(_mm512_mul_ps(u, p1), p2);
+#undef BB_C
+}
+
+/* softmax_sum_tree of 16 lanes */
+BB_INLINE BB_AVX512 float softmax_sum16_avx512(__m512 s) {
+    __m256 a = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+    __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
+}
+
+/* the valid-key bits of keys j .. j + 15 (j a multiple of 16; none from L on) */
+BB_INLINE uint16_t valid16(const kattn_args *attn, int64_t j) {
+    if (j >= attn->L) return 0;
+    uint16_t bits = (uint16_t)(attn->valid[j >> 6] >> (j & 63));
+    return attn->L - j < 16 ? bits & (uint16_t)((1u << (attn->L - j)) - 1) : bits;
+}
+
+/* ksoftmax_head_body with kattn_head_avx512's integer scores (128 keys in 16-bit lanes), the
+ * float steps 16 keys at a time, the keys with a grid level >= 1 compressed into a list, and
+ * the counts of 64 channels in 16-bit lanes (|count| < 2 grid Q, far inside 16 bits): the same
+ * integers and float operations, in the same order. */
+BB_AVX512 void ksoftmax_head_avx512(const kattn_args *attn, int64_t h, int32_t *scratch) {
+    int64_t L = attn->L, d = attn->d, hd = attn->H * attn->d, lp = (L + 127) / 128 * 128;
+    if (d > 600) {
+        ksoftmax_head_body(attn, h, scratch);
+        return;
+    }
+    int16_t *kt = (int16_t *)scratch;       /* [d][lp] the head's key levels, transposed */
+    float *e = (float *)(kt + d * lp);      /* [lp] one query's scores, then exponentials */
+    int32_t *keys = (int32_t *)(e + lp);    /* [L] the keys with a grid level >= 1 */
+    int32_t *grid = keys + L;               /* [L] their levels */
+    for (int64_t c = 0; c < d; c++)
+        for (int64_t j = 0; j < lp; j++) kt[c * lp + j] = j < L ? attn->k[j * hd + h * d + c] : 0;
+    const __m512 scale = _mm512_set1_ps(attn->score_scale), div = _mm512_set1_ps(attn->score_div);
+    const __m512 levels = _mm512_set1_ps((float)attn->grid), sv = _mm512_set1_ps(attn->step_v);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t i = 0; i < L; i++) {
+        const int8_t *qi = attn->q + i * hd + h * d;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int64_t j0 = 0; j0 < lp; j0 += 128) {
+            __m512i acc[4];
+            for (int v = 0; v < 4; v++) acc[v] = _mm512_setzero_si512();
+            for (int64_t c = 0; c < d; c++) {
+                if (!qi[c]) continue;
+                __m512i qv = _mm512_set1_epi16(qi[c]);
+                const int16_t *kc = kt + c * lp + j0;
+                for (int v = 0; v < 4; v++)
+                    acc[v] = _mm512_add_epi16(acc[v], _mm512_mullo_epi16(qv, _mm512_loadu_si512(kc + 32 * v)));
+            }
+            for (int v = 0; v < 8; v++) { /* 16 keys: the float score, the running largest of the valid ones */
+                __m256i half = v & 1 ? _mm512_extracti64x4_epi64(acc[v >> 1], 1) : _mm512_castsi512_si256(acc[v >> 1]);
+                __m512 score = _mm512_div_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(half)), scale), div);
+                _mm512_storeu_ps(e + j0 + 16 * v, score);
+                mx = _mm512_mask_max_ps(mx, valid16(attn, j0 + 16 * v), score, mx);
+            }
+        }
+        float m = _mm512_reduce_max_ps(mx);
+        int64_t n = 0;
+        if (m != -INFINITY) {
+            const __m512 mv = _mm512_set1_ps(m), floor = _mm512_set1_ps(-104.0f);
+            __m512 partial = _mm512_setzero_ps();
+            for (int64_t j = 0; j < lp; j += 16) {
+                __m512 t = _mm512_sub_ps(_mm512_loadu_ps(e + j), mv);
+                __mmask16 kept = valid16(attn, j) & _mm512_cmp_ps_mask(t, floor, _CMP_GE_OQ);
+                __m512 x = _mm512_maskz_mov_ps(kept, softmax_exp16_avx512(_mm512_maskz_mov_ps(kept, t)));
+                _mm512_storeu_ps(e + j, x);
+                partial = _mm512_add_ps(partial, x);
+            }
+            const __m512 sum = _mm512_set1_ps(softmax_sum16_avx512(partial)), one = _mm512_set1_ps(1.0f);
+            for (int64_t j = 0; j < L; j += 16) {
+                __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_div_ps(_mm512_loadu_ps(e + j), sum), levels),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                __mmask16 some = _mm512_cmp_ps_mask(r, one, _CMP_GE_OQ) & valid16(attn, j);
+                if (!some) continue;
+                _mm512_mask_compressstoreu_epi32(keys + n, some, _mm512_add_epi32(lane, _mm512_set1_epi32((int)j)));
+                _mm512_mask_compressstoreu_epi32(grid + n, some, _mm512_cvttps_epi32(r));
+                n += __builtin_popcount(some);
+            }
+        }
+        for (int64_t c0 = 0; c0 < d; c0 += 64) { /* the counts of 64 channels over the listed keys */
+            int64_t nc = d - c0 < 64 ? d - c0 : 64;
+            __mmask32 lm0 = nc >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << nc) - 1);
+            __mmask32 lm1 = nc >= 64 ? (__mmask32)0xFFFFFFFFu : nc > 32 ? (__mmask32)((1u << (nc - 32)) - 1) : 0;
+            __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+            for (int64_t x = 0; x < n; x++) {
+                const int8_t *nv = attn->v + (int64_t)keys[x] * hd + h * d + c0;
+                __m512i r = _mm512_set1_epi16((short)grid[x]);
+                lo = _mm512_add_epi16(lo, _mm512_mullo_epi16(r, _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(lm0, nv))));
+                if (lm1)
+                    hi = _mm512_add_epi16(hi, _mm512_mullo_epi16(r, _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(lm1, nv + 32))));
+            }
+            __m512i cn[4] = {_mm512_cvtepi16_epi32(_mm512_castsi512_si256(lo)),
+                             _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(lo, 1)),
+                             _mm512_cvtepi16_epi32(_mm512_castsi512_si256(hi)),
+                             _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(hi, 1))};
+            for (int v = 0; v < 4 && 16 * v < nc; v++) {
+                __mmask16 lm = nc - 16 * v >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nc - 16 * v)) - 1);
+                _mm512_mask_storeu_ps(attn->out + i * attn->ldo + h * d + c0 + 16 * v, lm,
+                                      _mm512_mul_ps(_mm512_cvtepi32_ps(cn[v]), sv));
+                if (attn->counts) _mm512_mask_storeu_epi32(attn->counts + i * hd + h * d + c0 + 16 * v, lm, cn[v]);
+            }
+        }
+    }
+}
+
 #endif

@@ -321,6 +321,10 @@ static void kattn_head_portable(const kattn_args *attn, int64_t h, int32_t *scra
     kattn_head_body(attn, h, scratch);
 }
 
+static void ksoftmax_head_portable(const kattn_args *attn, int64_t h, int32_t *scratch) {
+    ksoftmax_head_body(attn, h, scratch);
+}
+
 /* ------------------------------------------------------------------------------------ */
 /* the tables                                                                            */
 
@@ -333,7 +337,7 @@ const bb_ops bb_ops_portable = {
     .embed = {embed_row_portable},
     .attention = {transpose64_portable, attn_scores_portable, attn_context_portable, NULL},
     .kbit = {kbit_row_sum_portable, kbit_row_deviation_portable, kbit_pack_row_portable, gelu_portable,
-             kattn_head_portable},
+             kattn_head_portable, ksoftmax_head_portable},
 };
 
 #if BB_X86
@@ -346,6 +350,6 @@ const bb_ops bb_ops_portable_popcnt = {
     .embed = {embed_row_portable},
     .attention = {transpose64_portable, attn_scores_popcnt, attn_context_popcnt, NULL},
     .kbit = {kbit_row_sum_portable, kbit_row_deviation_portable, kbit_pack_row_portable, gelu_portable,
-             kattn_head_portable},
+             kattn_head_portable, ksoftmax_head_portable},
 };
 #endif

@@ -152,6 +152,96 @@ BB_INLINE void kattn_head_body(const kattn_args *attn, int64_t h, int32_t *scrat
     }
 }
 
+/* Softmax attention on k-bit levels (kbit.c has the formulas). exp(t) for t in [-104, 0]: gelu_one's
+ * exp (the same operations); the softmax's sum over a query's keys in 16 partial sums (key j in
+ * sum j % 16, in key order, an absent key adding 0) added as a tree: a_l = s_l + s_l+8 (l < 8),
+ * b_l = a_l + a_l+4, c_l = b_l + b_l+2, sum = c_0 + c_1 (one AVX-512 register's halves). */
+BB_INLINE float softmax_exp(float t) {
+    float qf = rintf(t * 1.44269504088896341f);
+    float s = fmaf(qf, -0.693145751953125f, t);
+    s = fmaf(qf, -1.428606765330187045e-06f, s);
+    float u = 0.000198527617612853646278381f;
+    u = fmaf(u, s, 0.00139304355252534151077271f);
+    u = fmaf(u, s, 0.00833336077630519866943359f);
+    u = fmaf(u, s, 0.0416664853692054748535156f);
+    u = fmaf(u, s, 0.166666671633720397949219f);
+    u = fmaf(u, s, 0.5f);
+    u = 1.0f + fmaf(s * s, u, s);
+    int q = (int)qf, q1 = q >> 1, q2 = q - q1;
+    union { uint32_t i; float f; } p1 = {(uint32_t)(q1 + 127) << 23}, p2 = {(uint32_t)(q2 + 127) << 23};
+    return u * p1.f * p2.f;
+}
+
+BB_INLINE float softmax_sum_tree(const float s[16]) {
+    float a[8], b[4], c[2];
+    for (int l = 0; l < 8; l++) a[l] = s[l] + s[l + 8];
+    for (int l = 0; l < 4; l++) b[l] = a[l] + a[l + 4];
+    for (int l = 0; l < 2; l++) c[l] = b[l] + b[l + 2];
+    return c[0] + c[1];
+}
+
+/* Softmax attention on k-bit levels, head h, with the scores in int32. Per query: the scores of
+ * the valid keys, their largest m (no valid key, or m = -inf: the context is 0), e_j =
+ * exp(score_j - m) (0 for an invalid key, or where score_j - m is not >= -104), their sum in
+ * softmax_sum_tree's order, r_j = rint(fl(e_j / sum) * grid), and the context's integer counts
+ * sum_j r_j v_jc over the keys with r_j >= 1. */
+BB_INLINE void ksoftmax_head_body(const kattn_args *attn, int64_t h, int32_t *scratch) {
+    int64_t L = attn->L, d = attn->d, hd = attn->H * attn->d, lp = (L + 15) / 16 * 16;
+    int32_t *cnt = scratch;                 /* [d] */
+    int32_t *S = cnt + (d + 15) / 16 * 16;  /* [lp] the integer scores of one query */
+    float *e = (float *)(S + lp);           /* [lp] its scores, then their exponentials */
+    int32_t *keys = (int32_t *)(e + lp);    /* [L] the keys with a grid level >= 1 */
+    int32_t *grid = keys + L;               /* [L] their levels */
+    int32_t *kt = grid + L;                 /* [d][lp] the head's key levels, transposed */
+    const float scale = attn->score_scale, div = attn->score_div, levels = (float)attn->grid;
+    for (int64_t c = 0; c < d; c++)
+        for (int64_t j = 0; j < lp; j++) kt[c * lp + j] = j < L ? attn->k[j * hd + h * d + c] : 0;
+    for (int64_t i = 0; i < L; i++) {
+        const int8_t *qi = attn->q + i * hd + h * d;
+        for (int64_t j = 0; j < lp; j++) S[j] = 0;
+        for (int64_t c = 0; c < d; c++) {
+            int32_t qc = qi[c];
+            if (!qc) continue;
+            const int32_t *kc = kt + c * lp;
+            for (int64_t j = 0; j < lp; j++) S[j] += qc * kc[j];
+        }
+        float m = -INFINITY;
+        for (int64_t j = 0; j < lp; j++) {
+            int valid = j < L && ((attn->valid[j >> 6] >> (j & 63)) & 1);
+            float score = (float)S[j] * scale / div;
+            e[j] = score;
+            if (valid && score > m) m = score;
+        }
+        int64_t n = 0;
+        if (m != -INFINITY) {
+            float partial[16] = {0};
+            for (int64_t j = 0; j < lp; j++) {
+                int valid = j < L && ((attn->valid[j >> 6] >> (j & 63)) & 1);
+                float t = e[j] - m;
+                e[j] = valid && t >= -104.0f ? softmax_exp(t) : 0.0f;
+                partial[j & 15] += e[j];
+            }
+            float sum = softmax_sum_tree(partial);
+            for (int64_t j = 0; j < L; j++) {
+                float r = rintf(e[j] / sum * levels);
+                if (r >= 1.0f) {
+                    keys[n] = (int32_t)j;
+                    grid[n++] = (int32_t)r;
+                }
+            }
+        }
+        for (int64_t c = 0; c < d; c++) cnt[c] = 0;
+        for (int64_t x = 0; x < n; x++) {
+            const int8_t *nv = attn->v + (int64_t)keys[x] * hd + h * d;
+            int32_t r = grid[x];
+            for (int64_t c = 0; c < d; c++) cnt[c] += r * nv[c];
+        }
+        for (int64_t c = 0; c < d; c++) attn->out[i * attn->ldo + h * d + c] = (float)cnt[c] * attn->step_v;
+        if (attn->counts)
+            for (int64_t c = 0; c < d; c++) attn->counts[i * hd + h * d + c] = cnt[c];
+    }
+}
+
 /* ------------------------------------------------------------------------------------ */
 /* portable kernels that other families' tables list (isa/portable.c)                    */
 
