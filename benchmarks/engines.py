@@ -4,7 +4,8 @@ Variants (BERT-base shape, random weights: latency does not depend on their valu
 
     packed 1-1-1         this engine, sign activations (bibert.packed)
     packed elastic       this engine, elastic binarization (thresholds and scales)
-    packed 1-1-2/1-1-4   this engine, 2- and 4-bit activations, bit-serially
+    packed 1-1-2/1-1-4   this engine, 2- and 4-bit activations, bit-serially, Bi-Attention
+    packed 1-1-k softmax the same with softmax attention (the accurate students on sentence pairs)
     ort fp32             ONNX Runtime, all graph optimizations
     ort int8 dynamic     ONNX Runtime, dynamic int8 quantization of the MatMuls
     openvino fp32        OpenVINO, f32 inference precision
@@ -19,6 +20,7 @@ the 1-1-1 rows say which share of it the engine reaches end to end.
 
     python benchmarks/engines.py                  # writes benchmarks/results/engines.json and .md
     python benchmarks/engines.py --quick          # fewer rounds, batch 1 only
+    python benchmarks/engines.py --threads 1 --variants "packed" "openvino int8"   # only those rows
 """
 from __future__ import annotations
 
@@ -64,12 +66,25 @@ def words(n: int) -> list[str]:
     return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(n - 5)]
 
 
-def build_packed(workdir: Path, hf) -> dict[str, Path]:
-    """The packed files of the four students of one teacher."""
+PACKED = (("packed 1-1-1", QuantConfig()), ("packed elastic", QuantConfig(activations="elastic")),
+          ("packed 1-1-2", QuantConfig(1, 1, 2)), ("packed 1-1-2 softmax", QuantConfig(1, 1, 2, "softmax")),
+          ("packed 1-1-4", QuantConfig(1, 1, 4)), ("packed 1-1-4 softmax", QuantConfig(1, 1, 4, "softmax")))
+PEERS = ("ort fp32", "ort int8 dynamic", "openvino fp32", "openvino int8")
+
+
+def selector(prefixes: list[str] | None):
+    """Whether a variant is asked for: every one without --variants, else those whose name
+    starts with one of the prefixes."""
+    return lambda name: not prefixes or any(name.startswith(p) for p in prefixes)
+
+
+def build_packed(workdir: Path, hf, wanted=selector(None)) -> dict[str, Path]:
+    """The packed files of the students of one teacher that are asked for."""
     out = {}
     vocab = "\n".join(words(hf.config.vocab_size)) + "\n"
-    for name, quant in (("packed 1-1-1", QuantConfig()), ("packed elastic", QuantConfig(activations="elastic")),
-                        ("packed 1-1-2", QuantConfig(1, 1, 2)), ("packed 1-1-4", QuantConfig(1, 1, 4))):
+    for name, quant in PACKED:
+        if not wanted(name):
+            continue
         student = binarize(hf, quant)
         if quant.elastic:
             with torch.no_grad():
@@ -94,9 +109,12 @@ def onnx_file(hf, workdir: Path) -> Path:
     return path
 
 
-def peers(hf, workdir: Path, threads: int) -> tuple[dict, dict, dict]:
-    """The peer engines' callables for this thread count, their file sizes, and why any is missing."""
+def peers(hf, workdir: Path, threads: int, wanted=selector(None)) -> tuple[dict, dict, dict]:
+    """The peer engines' callables for this thread count (those asked for), their file sizes, and
+    why any is missing."""
     fns, sizes, missing = {}, {}, {}
+    if not any(wanted(name) for name in PEERS):
+        return fns, sizes, missing
     try:
         import onnxruntime as ort
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -124,22 +142,30 @@ def peers(hf, workdir: Path, threads: int) -> tuple[dict, dict, dict]:
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        fp32 = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
-        fns["ort fp32"] = lambda ids, mask, s=fp32: s.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        if wanted("ort fp32"):
+            fp32 = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+            fns["ort fp32"] = lambda ids, mask, s=fp32: s.run(None, {"input_ids": ids, "attention_mask": mask})[0]
         q = workdir / "bert.int8.onnx"
-        if not q.exists():
+        if not wanted("ort int8 dynamic"):
+            pass
+        elif not q.exists():
             quantize_dynamic(str(model), str(q), weight_type=QuantType.QInt8,
                              extra_options={"DefaultTensorType": 1})  # FLOAT
-        sizes["ort int8 dynamic"] = q.stat().st_size
-        int8 = ort.InferenceSession(str(q), opts, providers=["CPUExecutionProvider"])
-        fns["ort int8 dynamic"] = lambda ids, mask, s=int8: s.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        if wanted("ort int8 dynamic"):
+            sizes["ort int8 dynamic"] = q.stat().st_size
+            int8 = ort.InferenceSession(str(q), opts, providers=["CPUExecutionProvider"])
+            fns["ort int8 dynamic"] = lambda ids, mask, s=int8: s.run(None, {"input_ids": ids,
+                                                                             "attention_mask": mask})[0]
     if ov is not None:
         core = ov.Core()
         config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
-        f32 = core.compile_model(str(model), "CPU", config)
-        fns["openvino fp32"] = lambda ids, mask, m=f32: m({"input_ids": ids, "attention_mask": mask})[0]
+        if wanted("openvino fp32"):
+            f32 = core.compile_model(str(model), "CPU", config)
+            fns["openvino fp32"] = lambda ids, mask, m=f32: m({"input_ids": ids, "attention_mask": mask})[0]
         qpath = workdir / "bert.ov-int8.xml"
         try:
+            if not wanted("openvino int8"):
+                raise LookupError
             if not qpath.exists():
                 import nncf
 
@@ -152,6 +178,8 @@ def peers(hf, workdir: Path, threads: int) -> tuple[dict, dict, dict]:
             sizes["openvino int8"] = qpath.stat().st_size + qpath.with_suffix(".bin").stat().st_size
             i8 = core.compile_model(str(qpath), "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
             fns["openvino int8"] = lambda ids, mask, m=i8: m({"input_ids": ids, "attention_mask": mask})[0]
+        except LookupError:  # not asked for
+            pass
         except ImportError as exc:
             missing["openvino int8"] = f"not installed ({exc.name}); pip install -e .[bench]"
         except Exception as exc:
@@ -189,7 +217,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--pause", type=float, default=0.02, help="idle seconds before each timed call")
     ap.add_argument("--out", type=Path, default=RESULTS / "engines.json")
+    ap.add_argument("--variants", nargs="+", metavar="PREFIX",
+                    help="only the variants whose name starts with one of these (e.g. 'packed 1-1' 'openvino int8'); "
+                         "the ratios need 'packed 1-1-1'")
     args = ap.parse_args(argv)
+    wanted = selector(args.variants)
     rounds = args.rounds or (5 if args.quick else 11)
     batches = [1] if args.quick else args.batches
     torch.set_num_threads(1)
@@ -205,12 +237,12 @@ def main(argv=None) -> int:
         workdir = Path(tmp)
         torch.manual_seed(0)
         hf = BertForSequenceClassification(BertConfig(**SHAPE, num_labels=2, attn_implementation="eager")).eval()
-        packed_files = build_packed(workdir, hf)
+        packed_files = build_packed(workdir, hf, wanted)
         result["sizes"] = {name: path.stat().st_size for name, path in packed_files.items()}
         engines = {name: load_packed(path) for name, path in packed_files.items()}
         rng = np.random.default_rng(0)
         for threads in args.threads:
-            peer_fns, peer_sizes, missing = peers(hf, workdir, threads)
+            peer_fns, peer_sizes, missing = peers(hf, workdir, threads, wanted)
             result["sizes"].update(peer_sizes)
             result["missing"].update(missing)
 
@@ -235,16 +267,17 @@ def main(argv=None) -> int:
             del peer_fns, fns
         # a batch of mixed lengths costs what its tokens cost (padded positions are not computed)
         kernels.set_threads(1)
-        lengths = [128, 96, 64, 32, 128, 16, 80, 48]
-        ids = rng.integers(5, hf.config.vocab_size, (8, 128)).astype(np.int64)
-        mask = (np.arange(128)[None] < np.array(lengths)[:, None]).astype(np.int64)
-        full = np.ones_like(mask)
-        e = engines["packed 1-1-1"]
-        mixed = time_round_robin({"mixed": lambda i, m: e.forward(i, m), "full": lambda i, m: e.forward(i, full)},
-                                 ids, mask, rounds, args.pause)
-        result["mixed_batch"] = {"lengths": lengths, "tokens_share": round(sum(lengths) / (8 * 128), 3),
-                                 "ms_mixed": mixed["mixed"]["ms"], "ms_full": mixed["full"]["ms"],
-                                 "time_share": round(mixed["mixed"]["ms"] / mixed["full"]["ms"], 3)}
+        e = engines.get("packed 1-1-1")
+        if e is not None:
+            lengths = [128, 96, 64, 32, 128, 16, 80, 48]
+            ids = rng.integers(5, hf.config.vocab_size, (8, 128)).astype(np.int64)
+            mask = (np.arange(128)[None] < np.array(lengths)[:, None]).astype(np.int64)
+            full = np.ones_like(mask)
+            mixed = time_round_robin({"mixed": lambda i, m: e.forward(i, m), "full": lambda i, m: e.forward(i, full)},
+                                     ids, mask, rounds, args.pause)
+            result["mixed_batch"] = {"lengths": lengths, "tokens_share": round(sum(lengths) / (8 * 128), 3),
+                                     "ms_mixed": mixed["mixed"]["ms"], "ms_full": mixed["full"]["ms"],
+                                     "time_share": round(mixed["mixed"]["ms"] / mixed["full"]["ms"], 3)}
     roof_after = popcount_roofline(1.0)
     roof = max(roof_before, roof_after)
     result["roofline_tmacs_1thread"] = round(roof / 1e12, 3)
@@ -314,6 +347,19 @@ def markdown(r: dict) -> str:
                   + ", ".join(f"batch {row['batch']}: {100 * row['roofline_share']:.0f}% / "
                               f"{100 * row['roofline_share_cpu']:.0f}% ({row['cpu_ms'] / row['batch']:.2f} CPU ms a "
                               "sequence)" for row in shares) + "."]
+    goals = []
+    for b, t in settings:
+        ov, base_cpu = table.get(("openvino int8", b, t)), table.get(("packed 1-1-1", b, t))
+        for v in variants:
+            row = table.get((v, b, t))
+            if t != 1 or row is None or not v.startswith("packed 1-1-4"):
+                continue
+            goals.append(f"batch {b}: {v} {row['cpu_ms'] / base_cpu['cpu_ms']:.2f}x the 1-1-1 time" if base_cpu
+                         else f"batch {b}: {v}")
+            if ov:
+                goals[-1] += f", openvino int8 {ov['cpu_ms'] / row['cpu_ms']:.2f}x its time"
+    if goals:
+        lines += ["", "One thread, CPU time: " + "; ".join(goals) + "."]
     mb = r.get("mixed_batch")
     if mb:
         lines += ["", f"A batch of 8 of mixed lengths {mb['lengths']} ({100 * mb['tokens_share']:.0f}% of the "
