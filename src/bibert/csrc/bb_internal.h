@@ -260,7 +260,7 @@ const bb_ops *bb_ops_active(void);
 
 extern const bb_ops bb_ops_portable;
 #if BB_X86
-extern const bb_ops bb_ops_portable_popcnt, bb_ops_avx2, bb_ops_avx512;
+extern const bb_ops bb_ops_portable_popcnt, bb_ops_avx2, bb_ops_avx512, bb_ops_avx512_vnni;
 #endif
 
 /* ------------------------------------------------------------------------------------ */

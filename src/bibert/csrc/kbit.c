@@ -173,10 +173,10 @@ static void kattn_heads(void *ctx, int64_t lo, int64_t hi, int tid) {
 }
 
 /* int32 scratch of one thread of the k-bit attention on L keys of H heads of d (room for every
- * layout: int32 [d + 16 + 2 lp + 2 L + d*lp], or int16 keys, the scores and the lists) */
+ * layout: int32 [d + 16 + 2 lp + 2 L + d*lp], or int16 or byte keys, the scores and the lists) */
 static int64_t kattn_scratch_ints(int64_t L, int64_t d) {
     int64_t lp = (L + 127) / 128 * 128;
-    return ((d + 15) / 16 * 16 + 2 * lp + d * lp + 2 * L + 15) / 16 * 16;
+    return ((d + 15) / 16 * 16 + 3 * lp + d * lp + 2 * L + 15) / 16 * 16;
 }
 
 /* The attention of a k-bit model (bits): Bi-Attention, or softmax attention with the steps of Q,

@@ -83,7 +83,9 @@ static const bb_ops *family_ops(int kernel) {
         return &bb_ops_portable;
 #if BB_X86
     case BB_KERNEL_AVX2: return bb_cpu_has_avx2() ? &bb_ops_avx2 : NULL;
-    case BB_KERNEL_AVX512: return bb_cpu_has_avx512() ? &bb_ops_avx512 : NULL;
+    case BB_KERNEL_AVX512: /* with VNNI: the table whose softmax attention uses vpdpbusd */
+        if (!bb_cpu_has_avx512()) return NULL;
+        return __builtin_cpu_supports("avx512vnni") ? &bb_ops_avx512_vnni : &bb_ops_avx512;
 #endif
     default: return NULL;
     }

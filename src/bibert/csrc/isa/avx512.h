@@ -10,6 +10,8 @@
 #include <immintrin.h>
 
 #define BB_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq")))
+/* the AVX-512 family on a CPU with VNNI (its table bb_ops_avx512_vnni) */
+#define BB_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq,avx512vnni")))
 
 #pragma GCC visibility push(hidden)
 
@@ -20,6 +22,7 @@ void attn_context_avx512(const attn_args *attn, int64_t bh, const uint64_t *ba, 
 void attn_row_d64_avx512(const attn_args *attn, int64_t r, uint64_t *ba);
 void kattn_head_avx512(const kattn_args *attn, int64_t h, int32_t *scratch);
 void ksoftmax_head_avx512(const kattn_args *attn, int64_t h, int32_t *scratch);
+void ksoftmax_head_vnni(const kattn_args *attn, int64_t h, int32_t *scratch);
 
 #pragma GCC visibility pop
 

@@ -390,10 +390,72 @@ BB_INLINE uint16_t valid16(const kattn_args *attn, int64_t j) {
     return attn->L - j < 16 ? bits & (uint16_t)((1u << (attn->L - j)) - 1) : bits;
 }
 
-/* ksoftmax_head_body with kattn_head_avx512's integer scores (128 keys in 16-bit lanes), the
- * float steps 16 keys at a time, the keys with a grid level >= 1 compressed into a list, and
- * the counts of 64 channels in 16-bit lanes (|count| < 2 grid Q, far inside 16 bits): the same
- * integers and float operations, in the same order. */
+/* The softmax steps of query row i of head h from its integer scores S [lp] (ksoftmax_head_body's
+ * float operations in its order, 16 keys at a time; the keys with a grid level >= 1 compressed
+ * into a list) and the counts of 64 channels in 16-bit lanes (|count| < 2 grid Q, far inside 16
+ * bits). e: [lp] floats, keys and grid: [L] ints. */
+BB_INLINE BB_AVX512 void ksoftmax_row_avx512(const kattn_args *attn, int64_t h, int64_t i, const int32_t *S,
+                                             int64_t lp, float *e, int32_t *keys, int32_t *grid) {
+    int64_t L = attn->L, d = attn->d, hd = attn->H * attn->d;
+    const __m512 scale = _mm512_set1_ps(attn->score_scale), div = _mm512_set1_ps(attn->score_div);
+    const __m512 levels = _mm512_set1_ps((float)attn->grid), sv = _mm512_set1_ps(attn->step_v);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < lp; j += 16) { /* the float scores, the largest of the valid ones */
+        __m512 score = _mm512_div_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(S + j)), scale), div);
+        _mm512_storeu_ps(e + j, score);
+        mx = _mm512_mask_max_ps(mx, valid16(attn, j), score, mx);
+    }
+    float m = _mm512_reduce_max_ps(mx);
+    int64_t n = 0;
+    if (m != -INFINITY) {
+        const __m512 mv = _mm512_set1_ps(m), floor = _mm512_set1_ps(-104.0f);
+        __m512 partial = _mm512_setzero_ps();
+        for (int64_t j = 0; j < lp; j += 16) {
+            __m512 t = _mm512_sub_ps(_mm512_loadu_ps(e + j), mv);
+            __mmask16 kept = valid16(attn, j) & _mm512_cmp_ps_mask(t, floor, _CMP_GE_OQ);
+            __m512 x = _mm512_maskz_mov_ps(kept, softmax_exp16_avx512(_mm512_maskz_mov_ps(kept, t)));
+            _mm512_storeu_ps(e + j, x);
+            partial = _mm512_add_ps(partial, x);
+        }
+        const __m512 sum = _mm512_set1_ps(softmax_sum16_avx512(partial)), one = _mm512_set1_ps(1.0f);
+        for (int64_t j = 0; j < L; j += 16) {
+            __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_div_ps(_mm512_loadu_ps(e + j), sum), levels),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __mmask16 some = _mm512_cmp_ps_mask(r, one, _CMP_GE_OQ) & valid16(attn, j);
+            if (!some) continue;
+            _mm512_mask_compressstoreu_epi32(keys + n, some, _mm512_add_epi32(lane, _mm512_set1_epi32((int)j)));
+            _mm512_mask_compressstoreu_epi32(grid + n, some, _mm512_cvttps_epi32(r));
+            n += __builtin_popcount(some);
+        }
+    }
+    for (int64_t c0 = 0; c0 < d; c0 += 64) { /* the counts of 64 channels over the listed keys */
+        int64_t nc = d - c0 < 64 ? d - c0 : 64;
+        __mmask32 lm0 = nc >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << nc) - 1);
+        __mmask32 lm1 = nc >= 64 ? (__mmask32)0xFFFFFFFFu : nc > 32 ? (__mmask32)((1u << (nc - 32)) - 1) : 0;
+        __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+        for (int64_t x = 0; x < n; x++) {
+            const int8_t *nv = attn->v + (int64_t)keys[x] * hd + h * d + c0;
+            __m512i r = _mm512_set1_epi16((short)grid[x]);
+            lo = _mm512_add_epi16(lo, _mm512_mullo_epi16(r, _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(lm0, nv))));
+            if (lm1)
+                hi = _mm512_add_epi16(hi, _mm512_mullo_epi16(r, _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(lm1, nv + 32))));
+        }
+        __m512i cn[4] = {_mm512_cvtepi16_epi32(_mm512_castsi512_si256(lo)),
+                         _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(lo, 1)),
+                         _mm512_cvtepi16_epi32(_mm512_castsi512_si256(hi)),
+                         _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(hi, 1))};
+        for (int v = 0; v < 4 && 16 * v < nc; v++) {
+            __mmask16 lm = nc - 16 * v >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nc - 16 * v)) - 1);
+            _mm512_mask_storeu_ps(attn->out + i * attn->ldo + h * d + c0 + 16 * v, lm,
+                                  _mm512_mul_ps(_mm512_cvtepi32_ps(cn[v]), sv));
+            if (attn->counts) _mm512_mask_storeu_epi32(attn->counts + i * hd + h * d + c0 + 16 * v, lm, cn[v]);
+        }
+    }
+}
+
+/* ksoftmax_head_body with kattn_head_avx512's integer scores (128 keys in 16-bit lanes) and
+ * ksoftmax_row_avx512: the same integers and float operations, in the same order. */
 BB_AVX512 void ksoftmax_head_avx512(const kattn_args *attn, int64_t h, int32_t *scratch) {
     int64_t L = attn->L, d = attn->d, hd = attn->H * attn->d, lp = (L + 127) / 128 * 128;
     if (d > 600) {
@@ -401,17 +463,14 @@ BB_AVX512 void ksoftmax_head_avx512(const kattn_args *attn, int64_t h, int32_t *
         return;
     }
     int16_t *kt = (int16_t *)scratch;       /* [d][lp] the head's key levels, transposed */
-    float *e = (float *)(kt + d * lp);      /* [lp] one query's scores, then exponentials */
+    int32_t *S = (int32_t *)(kt + d * lp);  /* [lp] one query's integer scores */
+    float *e = (float *)(S + lp);           /* [lp] its float scores, then exponentials */
     int32_t *keys = (int32_t *)(e + lp);    /* [L] the keys with a grid level >= 1 */
     int32_t *grid = keys + L;               /* [L] their levels */
     for (int64_t c = 0; c < d; c++)
         for (int64_t j = 0; j < lp; j++) kt[c * lp + j] = j < L ? attn->k[j * hd + h * d + c] : 0;
-    const __m512 scale = _mm512_set1_ps(attn->score_scale), div = _mm512_set1_ps(attn->score_div);
-    const __m512 levels = _mm512_set1_ps((float)attn->grid), sv = _mm512_set1_ps(attn->step_v);
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int64_t i = 0; i < L; i++) {
         const int8_t *qi = attn->q + i * hd + h * d;
-        __m512 mx = _mm512_set1_ps(-INFINITY);
         for (int64_t j0 = 0; j0 < lp; j0 += 128) {
             __m512i acc[4];
             for (int v = 0; v < 4; v++) acc[v] = _mm512_setzero_si512();
@@ -422,59 +481,75 @@ BB_AVX512 void ksoftmax_head_avx512(const kattn_args *attn, int64_t h, int32_t *
                 for (int v = 0; v < 4; v++)
                     acc[v] = _mm512_add_epi16(acc[v], _mm512_mullo_epi16(qv, _mm512_loadu_si512(kc + 32 * v)));
             }
-            for (int v = 0; v < 8; v++) { /* 16 keys: the float score, the running largest of the valid ones */
+            for (int v = 0; v < 8; v++) {
                 __m256i half = v & 1 ? _mm512_extracti64x4_epi64(acc[v >> 1], 1) : _mm512_castsi512_si256(acc[v >> 1]);
-                __m512 score = _mm512_div_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(half)), scale), div);
-                _mm512_storeu_ps(e + j0 + 16 * v, score);
-                mx = _mm512_mask_max_ps(mx, valid16(attn, j0 + 16 * v), score, mx);
+                _mm512_storeu_si512(S + j0 + 16 * v, _mm512_cvtepi16_epi32(half));
             }
         }
-        float m = _mm512_reduce_max_ps(mx);
-        int64_t n = 0;
-        if (m != -INFINITY) {
-            const __m512 mv = _mm512_set1_ps(m), floor = _mm512_set1_ps(-104.0f);
-            __m512 partial = _mm512_setzero_ps();
-            for (int64_t j = 0; j < lp; j += 16) {
-                __m512 t = _mm512_sub_ps(_mm512_loadu_ps(e + j), mv);
-                __mmask16 kept = valid16(attn, j) & _mm512_cmp_ps_mask(t, floor, _CMP_GE_OQ);
-                __m512 x = _mm512_maskz_mov_ps(kept, softmax_exp16_avx512(_mm512_maskz_mov_ps(kept, t)));
-                _mm512_storeu_ps(e + j, x);
-                partial = _mm512_add_ps(partial, x);
-            }
-            const __m512 sum = _mm512_set1_ps(softmax_sum16_avx512(partial)), one = _mm512_set1_ps(1.0f);
-            for (int64_t j = 0; j < L; j += 16) {
-                __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_div_ps(_mm512_loadu_ps(e + j), sum), levels),
-                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                __mmask16 some = _mm512_cmp_ps_mask(r, one, _CMP_GE_OQ) & valid16(attn, j);
-                if (!some) continue;
-                _mm512_mask_compressstoreu_epi32(keys + n, some, _mm512_add_epi32(lane, _mm512_set1_epi32((int)j)));
-                _mm512_mask_compressstoreu_epi32(grid + n, some, _mm512_cvttps_epi32(r));
-                n += __builtin_popcount(some);
-            }
+        ksoftmax_row_avx512(attn, h, i, S, lp, e, keys, grid);
+    }
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* with VNNI (vpdpbusd): the integer scores 64 products per instruction                   */
+
+/* The scores S_ij = sum_c q_ic k_jc of head h as vpdpbusd computes them: the query's levels
+ * offset to unsigned bytes u = q + 128, four channels per 32-bit lane, against the keys' levels
+ * (signed bytes, 4 channels of one key per lane, 16 keys per vector), then S = acc - 128 sum_c
+ * k_jc. Exact integers (no saturation: vpdpbusd adds into int32). kq: [d4][lp][4] the head's key
+ * levels (0 past d and L), koff [lp]: 128 sum_c k_jc; qu: [d4] the query's four bytes per int. */
+static BB_AVX512_VNNI void vnni_keys(const kattn_args *attn, int64_t h, int64_t lp, int8_t *kq, int32_t *koff) {
+    int64_t L = attn->L, d = attn->d, hd = attn->H * attn->d, d4 = (d + 3) / 4;
+    for (int64_t j = 0; j < lp; j++) {
+        int32_t sum = 0;
+        for (int64_t c = 0; c < d4 * 4; c++) {
+            int8_t level = j < L && c < d ? attn->k[j * hd + h * d + c] : 0;
+            kq[((c >> 2) * lp + j) * 4 + (c & 3)] = level;
+            sum += level;
         }
-        for (int64_t c0 = 0; c0 < d; c0 += 64) { /* the counts of 64 channels over the listed keys */
-            int64_t nc = d - c0 < 64 ? d - c0 : 64;
-            __mmask32 lm0 = nc >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << nc) - 1);
-            __mmask32 lm1 = nc >= 64 ? (__mmask32)0xFFFFFFFFu : nc > 32 ? (__mmask32)((1u << (nc - 32)) - 1) : 0;
-            __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
-            for (int64_t x = 0; x < n; x++) {
-                const int8_t *nv = attn->v + (int64_t)keys[x] * hd + h * d + c0;
-                __m512i r = _mm512_set1_epi16((short)grid[x]);
-                lo = _mm512_add_epi16(lo, _mm512_mullo_epi16(r, _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(lm0, nv))));
-                if (lm1)
-                    hi = _mm512_add_epi16(hi, _mm512_mullo_epi16(r, _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(lm1, nv + 32))));
-            }
-            __m512i cn[4] = {_mm512_cvtepi16_epi32(_mm512_castsi512_si256(lo)),
-                             _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(lo, 1)),
-                             _mm512_cvtepi16_epi32(_mm512_castsi512_si256(hi)),
-                             _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(hi, 1))};
-            for (int v = 0; v < 4 && 16 * v < nc; v++) {
-                __mmask16 lm = nc - 16 * v >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nc - 16 * v)) - 1);
-                _mm512_mask_storeu_ps(attn->out + i * attn->ldo + h * d + c0 + 16 * v, lm,
-                                      _mm512_mul_ps(_mm512_cvtepi32_ps(cn[v]), sv));
-                if (attn->counts) _mm512_mask_storeu_epi32(attn->counts + i * hd + h * d + c0 + 16 * v, lm, cn[v]);
-            }
+        koff[j] = 128 * sum;
+    }
+}
+
+BB_INLINE BB_AVX512_VNNI void vnni_scores(const kattn_args *attn, int64_t h, int64_t i, int64_t lp, const int8_t *kq,
+                                          const int32_t *koff, int32_t *S) {
+    int64_t d = attn->d, hd = attn->H * attn->d, d4 = (d + 3) / 4;
+    const int8_t *qi = attn->q + i * hd + h * d;
+    uint32_t qu[160];
+    for (int64_t g = 0; g < d4; g++) {
+        uint32_t word = 0;
+        for (int t = 0; t < 4; t++)
+            word |= (uint32_t)(4 * g + t < d ? (uint8_t)(qi[4 * g + t] + 128) : 0) << (8 * t);
+        qu[g] = word;
+    }
+    for (int64_t j0 = 0; j0 < lp; j0 += 128) {
+        __m512i acc[8];
+        for (int v = 0; v < 8; v++) acc[v] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(koff + j0 + 16 * v));
+        for (int64_t g = 0; g < d4; g++) {
+            __m512i qv = _mm512_set1_epi32((int)qu[g]);
+            const int8_t *kg = kq + (g * lp + j0) * 4;
+            for (int v = 0; v < 8; v++) acc[v] = _mm512_dpbusd_epi32(acc[v], qv, _mm512_loadu_si512(kg + 64 * v));
         }
+        for (int v = 0; v < 8; v++) _mm512_storeu_si512(S + j0 + 16 * v, acc[v]);
+    }
+}
+
+/* ksoftmax_head_avx512 with vnni_scores: the same integers, the same float operations */
+BB_AVX512_VNNI void ksoftmax_head_vnni(const kattn_args *attn, int64_t h, int32_t *scratch) {
+    int64_t L = attn->L, d = attn->d, lp = (L + 127) / 128 * 128;
+    if (d > 600) {
+        ksoftmax_head_body(attn, h, scratch);
+        return;
+    }
+    int8_t *kq = (int8_t *)scratch;                   /* [d4][lp][4] */
+    int32_t *koff = (int32_t *)(kq + (d + 3) / 4 * 4 * lp); /* [lp] */
+    int32_t *S = koff + lp;                           /* [lp] */
+    float *e = (float *)(S + lp);                     /* [lp] */
+    int32_t *keys = (int32_t *)(e + lp), *grid = keys + L; /* [L] each */
+    vnni_keys(attn, h, lp, kq, koff);
+    for (int64_t i = 0; i < L; i++) {
+        vnni_scores(attn, h, i, lp, kq, koff, S);
+        ksoftmax_row_avx512(attn, h, i, S, lp, e, keys, grid);
     }
 }
 
