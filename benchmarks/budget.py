@@ -204,9 +204,14 @@ def collect() -> dict:
             done = {s: _results(RESULTS / task / f"{run.key}_seed{s}") for s in run.seeds}
             done = {s: r for s, r in done.items() if r}
             if done:
+                # a run started from another one's student costs both: its minutes include that run's
+                before = {s: _results(RESULTS / task / f"{run.init_from}_seed{s}") or {} for s in done} \
+                    if run.init_from else {s: {} for s in done}
                 entry[run.key] = {"label": run.label, "seeds": list(done), "scores": [test_score(r) for r in done.values()],
-                                  "minutes": [r["wall_seconds"] / 60 for r in done.values()],
-                                  "cpu_minutes": [r.get("process_cpu_seconds", float("nan")) / 60 for r in done.values()],
+                                  "minutes": [(r["wall_seconds"] + before[s].get("wall_seconds", 0)) / 60
+                                              for s, r in done.items()],
+                                  "cpu_minutes": [(r.get("process_cpu_seconds", float("nan")) +
+                                                   before[s].get("process_cpu_seconds", 0)) / 60 for s, r in done.items()],
                                   "packed": [r.get("packed") for r in done.values()],
                                   "cpus": sorted({r.get("cpu", "?") for r in done.values()}),
                                   "load": [r.get("load_average", [None])[0] for r in done.values()]}
@@ -229,7 +234,8 @@ def write_report() -> Path:
              "Test accuracy (%) of each finished run; minutes are those of the whole `bibert distill` call "
              "(training, dev evaluations, the test score) on the CPU named, one torch thread per run: wall-clock "
              "(which other jobs on the machine inflate: the load average says how busy it was) and the run's own "
-             "CPU time (which they do not).", ""]
+             "CPU time (which they do not). A run started from another run's student counts both runs' steps "
+             "and minutes.", ""]
     for task, entry in table.items():
         t = entry.get("teacher")
         lines += [f"### {task}", ""]
@@ -238,7 +244,8 @@ def write_report() -> Path:
                       f"**{t['score']:.1f}** test, {t['minutes']:.1f} min ({t['cpu']}).", ""]
         lines += ["| run | steps | seeds | test acc | packed test acc | packed = simulated | wall-clock minutes per run "
                   "| CPU minutes per run | load average at the end | CPU |", "|---|---|---|---|---|---|---|---|---|---|"]
-        steps = {r.key: r.steps for r in RUNS[task]}
+        runs = {r.key: r for r in RUNS[task]}
+        steps = {k: f"{runs[r.init_from].steps} + {r.steps}" if r.init_from else str(r.steps) for k, r in runs.items()}
         for key, e in entry.items():
             if key in ("teacher", "study") or not e:
                 continue
