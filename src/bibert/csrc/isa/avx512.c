@@ -158,6 +158,39 @@ static BB_AVX512 void kbit_epilogue_avx512(const linear_args *lin, int64_t r0, i
     }
 }
 
+/* The k-bit epilogue of one input row from its weighted counts in registers (w0 .. w3: sum_b 2^b pc_b
+ * of the panel's 32 channels, 8 per vector), with the panel's count offsets, alpha and bias loaded
+ * once: the same integer and float operations as kbit_epilogue (counts below 2^31: narrowed to
+ * int32, then converted, which is exact below 2^24 and rounds as the int64 conversion does above). */
+typedef struct {
+    __m512i off[4];  /* count_offset, 8 channels a vector */
+    __m512 c[4];     /* alpha (c0) lo, hi, bias (c1) lo, hi */
+    __m512 step;
+    __mmask16 lm0, lm1;
+} kbit_panel_consts;
+
+BB_INLINE BB_AVX512 __m512 kbit_out16(const linear_args *lin, __m512i lo, __m512i hi, __m512i off_lo, __m512i off_hi,
+                                      __m512 step, __m512 alpha, __m512 bias) {
+    __m512i c32 = low_dwords(_mm512_sub_epi64(lo, off_lo), _mm512_sub_epi64(hi, off_hi));
+    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(c32), step);
+    y = _mm512_add_ps(_mm512_mul_ps(y, alpha), bias);
+    return lin->gelu ? gelu16_avx512(y) : y;
+}
+
+BB_INLINE BB_AVX512 void kbit_row32(const linear_args *lin, int64_t m, int64_t n0, __m512i w0, __m512i w1,
+                                    __m512i w2, __m512i w3, const kbit_panel_consts *kc) {
+    float *o = lin->out + m * lin->N + n0;
+    const float *res = lin->residual ? lin->residual + m * lin->N + n0 : NULL;
+    __m512 y = kbit_out16(lin, w0, w1, kc->off[0], kc->off[1], kc->step, kc->c[0], kc->c[2]);
+    if (res) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(kc->lm0, res));
+    _mm512_mask_storeu_ps(o, kc->lm0, y);
+    if (kc->lm1) {
+        y = kbit_out16(lin, w2, w3, kc->off[2], kc->off[3], kc->step, kc->c[1], kc->c[3]);
+        if (res) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(kc->lm1, res + 16));
+        _mm512_mask_storeu_ps(o + 16, kc->lm1, y);
+    }
+}
+
 /* the bit epilogue of one row: 32 compares with the thresholds, flipped, masked to the panel.
  * Counts and thresholds (in [-1, K]) narrowed to int32 (K below 2^31 - 1, see linear_block_avx512),
  * 16 channels per compare; the compares' masks joined in a mask register. */
@@ -229,6 +262,16 @@ BB_INLINE BB_AVX512 void store_row32(int64_t *t, __m512i s0, __m512i s1,
 #define BB_ROW_STORE(r)                                                                                       \
     if (MR > r) store_row32(tile[r], s##r##0, s##r##1, s##r##2, s##r##3);
 #define BB_ROW_DECL(r) __m512i s##r##0, s##r##1, s##r##2, s##r##3;
+/* k = 2: input row i from tile rows 2i and 2i + 1 */
+#define BB_KBIT2_ROW(i)                                                                                       \
+    if (MR > 2 * i + 1)                                                                                       \
+        kbit_row32(lin, (r0 + 2 * i) / 2, n0, BB_W2(i, 0), BB_W2(i, 1), BB_W2(i, 2), BB_W2(i, 3), &kc);
+#define BB_W2_(a, b, j) _mm512_add_epi64(s##a##j, _mm512_slli_epi64(s##b##j, 1))
+#define BB_W2(i, j) (i == 0 ? BB_W2_(0, 1, j) : i == 1 ? BB_W2_(2, 3, j) : BB_W2_(4, 5, j))
+/* k = 4: the input row of tile rows 0 .. 3 */
+#define BB_W4(j)                                                                                              \
+    _mm512_add_epi64(_mm512_add_epi64(s0##j, _mm512_slli_epi64(s1##j, 1)),                                    \
+                     _mm512_add_epi64(_mm512_slli_epi64(s2##j, 2), _mm512_slli_epi64(s3##j, 3)))
 
 /* One row block (MR rows) x one panel; OUT (a constant) selects the epilogue; prefetch (may be NULL):
  * the panel to prefetch while this one runs, K-word by K-word (prefetch_panel). The 4 * MR
@@ -260,7 +303,24 @@ BB_INLINE BB_AVX512 void linear_block_avx512(const linear_args *lin,
         BB_ROWS(BB_ROW_NEXT)
     }
     uint32_t valid = nc >= 32 ? 0xFFFFFFFFu : (1u << nc) - 1;
-    if (OUT == BB_OUT_KBIT) { /* through memory: the k-bit epilogue combines the counts of several rows */
+    if (OUT == BB_OUT_KBIT && lin->K < ((int64_t)1 << 26) && (lin->kbits == 2 ? MR % 2 == 0 : MR == 4)) {
+        /* the planes' counts combined in registers (weighted counts below 15 K < 2^31) */
+        kbit_panel_consts kc;
+        kc.lm0 = (__mmask16)valid, kc.lm1 = (__mmask16)(valid >> 16);
+        const int64_t *off = lin->count_offset + n0;
+        kc.off[0] = _mm512_maskz_loadu_epi64((__mmask8)kc.lm0, off);
+        kc.off[1] = _mm512_maskz_loadu_epi64((__mmask8)(kc.lm0 >> 8), off + 8);
+        kc.off[2] = _mm512_maskz_loadu_epi64((__mmask8)kc.lm1, off + 16);
+        kc.off[3] = _mm512_maskz_loadu_epi64((__mmask8)(kc.lm1 >> 8), off + 24);
+        kc.c[0] = _mm512_maskz_loadu_ps(kc.lm0, lin->c0 + n0), kc.c[1] = _mm512_maskz_loadu_ps(kc.lm1, lin->c0 + n0 + 16);
+        kc.c[2] = _mm512_maskz_loadu_ps(kc.lm0, lin->c1 + n0), kc.c[3] = _mm512_maskz_loadu_ps(kc.lm1, lin->c1 + n0 + 16);
+        kc.step = _mm512_set1_ps(lin->kstep);
+        if (lin->kbits == 2) {
+            BB_KBIT2_ROW(0) BB_KBIT2_ROW(1) BB_KBIT2_ROW(2)
+        } else if (MR == 4) {
+            kbit_row32(lin, r0 / 4, n0, BB_W4(0), BB_W4(1), BB_W4(2), BB_W4(3), &kc);
+        }
+    } else if (OUT == BB_OUT_KBIT) { /* through memory: the k-bit epilogue combines the counts of several rows */
         int64_t tile[BB_MR][BB_PANEL] __attribute__((aligned(64)));
         BB_ROWS(BB_ROW_STORE)
         kbit_epilogue_avx512(lin, r0, MR, p, nc, (const int64_t (*)[BB_PANEL])tile);
