@@ -685,7 +685,7 @@ const bb_ops bb_ops_avx512 = {
              kattn_head_avx512, ksoftmax_head_avx512},
 };
 
-/* the same on a CPU with VNNI: the softmax attention's integer scores with vpdpbusd */
+/* the same on a CPU with VNNI: the k-bit attentions' integer products with vpdpbusd */
 const bb_ops bb_ops_avx512_vnni = {
     .family = BB_KERNEL_AVX512,
     .name = "avx512-vnni",
@@ -695,7 +695,7 @@ const bb_ops bb_ops_avx512_vnni = {
     .embed = {embed_row_avx512},
     .attention = {transpose64_avx512, attn_scores_avx512, attn_context_avx512, attn_row_d64_avx512},
     .kbit = {kbit_row_sum_avx512, kbit_row_deviation_avx512, kbit_pack_row_avx512, gelu_avx512,
-             kattn_head_avx512, ksoftmax_head_vnni},
+             kattn_head_vnni, ksoftmax_head_vnni},
 };
 
 #endif

@@ -22,6 +22,7 @@ void attn_context_avx512(const attn_args *attn, int64_t bh, const uint64_t *ba, 
 void attn_row_d64_avx512(const attn_args *attn, int64_t r, uint64_t *ba);
 void kattn_head_avx512(const kattn_args *attn, int64_t h, int32_t *scratch);
 void ksoftmax_head_avx512(const kattn_args *attn, int64_t h, int32_t *scratch);
+void kattn_head_vnni(const kattn_args *attn, int64_t h, int32_t *scratch);
 void ksoftmax_head_vnni(const kattn_args *attn, int64_t h, int32_t *scratch);
 
 #pragma GCC visibility pop

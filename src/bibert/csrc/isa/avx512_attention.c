@@ -3,6 +3,8 @@
  */
 #include <stdint.h>
 
+#include <string.h>
+
 #include "avx512.h"
 
 #if BB_X86
@@ -500,12 +502,25 @@ BB_AVX512 void ksoftmax_head_avx512(const kattn_args *attn, int64_t h, int32_t *
  * levels (0 past d and L), koff [lp]: 128 sum_c k_jc; qu: [d4] the query's four bytes per int. */
 static BB_AVX512_VNNI void vnni_keys(const kattn_args *attn, int64_t h, int64_t lp, int8_t *kq, int32_t *koff) {
     int64_t L = attn->L, d = attn->d, hd = attn->H * attn->d, d4 = (d + 3) / 4;
+    int32_t *kq32 = (int32_t *)kq; /* [d4][lp]: four channels of one key per int */
     for (int64_t j = 0; j < lp; j++) {
+        if (j >= L) {
+            for (int64_t g = 0; g < d4; g++) kq32[g * lp + j] = 0;
+            koff[j] = 0;
+            continue;
+        }
+        const int8_t *row = attn->k + j * hd + h * d;
         int32_t sum = 0;
-        for (int64_t c = 0; c < d4 * 4; c++) {
-            int8_t level = j < L && c < d ? attn->k[j * hd + h * d + c] : 0;
-            kq[((c >> 2) * lp + j) * 4 + (c & 3)] = level;
-            sum += level;
+        for (int64_t c = 0; c < d; c++) sum += row[c];
+        for (int64_t g = 0; g < d / 4; g++) {
+            int32_t word;
+            memcpy(&word, row + 4 * g, 4);
+            kq32[g * lp + j] = word;
+        }
+        if (d % 4) { /* the last group, padded with 0 */
+            uint32_t word = 0;
+            for (int64_t c = d / 4 * 4; c < d; c++) word |= (uint32_t)(uint8_t)row[c] << (8 * (c & 3));
+            kq32[(d4 - 1) * lp + j] = (int32_t)word;
         }
         koff[j] = 128 * sum;
     }
@@ -531,6 +546,64 @@ BB_INLINE BB_AVX512_VNNI void vnni_scores(const kattn_args *attn, int64_t h, int
             for (int v = 0; v < 8; v++) acc[v] = _mm512_dpbusd_epi32(acc[v], qv, _mm512_loadu_si512(kg + 64 * v));
         }
         for (int v = 0; v < 8; v++) _mm512_storeu_si512(S + j0 + 16 * v, acc[v]);
+    }
+}
+
+/* kattn_head_avx512 with vpdpbusd for both products (d a multiple of 16, else kattn_head_avx512):
+ * the scores as vnni_scores computes them, then the counts of 16 channels per vector over 4 keys
+ * per 32-bit lane, the attended keys as unsigned bytes 0 / 1 against the values' levels (signed
+ * bytes; a group of 4 keys none of which is attended is skipped). The same integers. */
+BB_AVX512_VNNI void kattn_head_vnni(const kattn_args *attn, int64_t h, int32_t *scratch) {
+    int64_t L = attn->L, d = attn->d, hd = attn->H * attn->d, lp = (L + 127) / 128 * 128;
+    if (d > 600 || d % 16) {
+        kattn_head_avx512(attn, h, scratch);
+        return;
+    }
+    int8_t *kq = (int8_t *)scratch;    /* [d / 4][lp][4] */
+    int32_t *koff = (int32_t *)(kq + d * lp); /* [lp] */
+    int32_t *S = koff + lp;            /* [lp] */
+    int8_t *vq = (int8_t *)(S + lp);   /* [lp / 4][d][4] the head's value levels, 4 keys per 32-bit lane */
+    uint8_t *ba = (uint8_t *)(vq + lp * d); /* [lp] the attended keys of one query, 0 or 1 */
+    vnni_keys(attn, h, lp, kq, koff);
+    for (int64_t g = 0; g < lp / 4; g++) /* keys 4g .. 4g + 3 interleaved byte by byte, 16 channels at a time */
+        for (int64_t c = 0; c < d; c += 16) {
+            __m128i r[4];
+            for (int t = 0; t < 4; t++)
+                r[t] = 4 * g + t < L ? _mm_loadu_si128((const __m128i *)(attn->v + (4 * g + t) * hd + h * d + c))
+                                     : _mm_setzero_si128();
+            __m128i lo01 = _mm_unpacklo_epi8(r[0], r[1]), hi01 = _mm_unpackhi_epi8(r[0], r[1]);
+            __m128i lo23 = _mm_unpacklo_epi8(r[2], r[3]), hi23 = _mm_unpackhi_epi8(r[2], r[3]);
+            __m128i *o = (__m128i *)(vq + (g * d + c) * 4);
+            _mm_storeu_si128(o, _mm_unpacklo_epi16(lo01, lo23));
+            _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(lo01, lo23));
+            _mm_storeu_si128(o + 2, _mm_unpacklo_epi16(hi01, hi23));
+            _mm_storeu_si128(o + 3, _mm_unpackhi_epi16(hi01, hi23));
+        }
+    const __m512 sv = _mm512_set1_ps(attn->step_v);
+    const __m128i one = _mm_set1_epi8(1);
+    for (int64_t i = 0; i < L; i++) {
+        vnni_scores(attn, h, i, lp, kq, koff, S);
+        for (int64_t j = 0; j < lp; j += 16) { /* S > 0 and key valid (keys past L: no valid bit) */
+            __mmask16 pos = _mm512_mask_cmpgt_epi32_mask((__mmask16)valid16(attn, j), _mm512_loadu_si512(S + j),
+                                                         _mm512_setzero_si512());
+            _mm_storeu_si128((__m128i *)(ba + j), _mm_maskz_mov_epi8(pos, one));
+        }
+        const int32_t *groups = (const int32_t *)ba;
+        for (int64_t c0 = 0; c0 < d; c0 += 64) { /* the counts of 64 channels over the attended keys */
+            int64_t n = d - c0 < 64 ? d - c0 : 64, nv = n / 16;
+            __m512i cn[4];
+            for (int v = 0; v < 4; v++) cn[v] = _mm512_setzero_si512();
+            for (int64_t g = 0; g < lp / 4; g++) {
+                if (!groups[g]) continue;
+                __m512i bv = _mm512_set1_epi32(groups[g]);
+                const int8_t *vg = vq + (g * d + c0) * 4;
+                for (int v = 0; v < nv; v++) cn[v] = _mm512_dpbusd_epi32(cn[v], bv, _mm512_loadu_si512(vg + 64 * v));
+            }
+            for (int v = 0; v < nv; v++) {
+                _mm512_storeu_ps(attn->out + i * attn->ldo + h * d + c0 + 16 * v, _mm512_mul_ps(_mm512_cvtepi32_ps(cn[v]), sv));
+                if (attn->counts) _mm512_storeu_si512(attn->counts + i * hd + h * d + c0 + 16 * v, cn[v]);
+            }
+        }
     }
 }
 
