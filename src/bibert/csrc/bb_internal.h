@@ -132,11 +132,16 @@ typedef struct {
     const int64_t *count_offset; /* k-bit: [N] popcount(w_n) + Q K: the count is sum_b 2^b pc_b - this */
     float kstep;               /* k-bit: the input's step; c0 = alpha, c1 = bias */
     int gelu;                  /* k-bit: GELU on each output (isa/portable.h, gelu_one), no residual */
+    const int64_t *row_mag;    /* k-bit, sign-magnitude planes (kbit.c): [M / k] sum_j |level_j| of each input
+                                * row (the count is row_mag - 2 sum_b 2^b popcount(m_b AND (s XOR w))), or
+                                * NULL: planes of level + Q */
 } linear_args;
 
-/* What a binary Linear's tile writes: bits (y < 0), floats, or the floats of k-bit input rows.
+/* What a binary Linear's tile writes: bits (y < 0), floats, or the floats of k-bit input rows
+ * (BB_OUT_KBIT: planes of level + Q; BB_OUT_KBIT_SM: sign-magnitude planes, NULL in a family
+ * without that kernel).
  * Each ISA compiles its one tile body once per kind (the kind a constant inside). */
-enum { BB_OUT_BITS, BB_OUT_FLOAT, BB_OUT_KBIT, BB_OUT_KINDS };
+enum { BB_OUT_BITS, BB_OUT_FLOAT, BB_OUT_KBIT, BB_OUT_KBIT_SM, BB_OUT_KINDS };
 
 /* One row block (rows r0 .. r0 + mr - 1, mr <= BB_MR) x panel p of a binary Linear, with its
  * epilogue; prefetch: a panel to prefetch while this one runs, or NULL. */
@@ -173,6 +178,8 @@ typedef struct {
     float clip, step;
     uint64_t *out;
     int8_t *levels;
+    int64_t *row_mag; /* NULL: planes of u = level + Q; else sign-magnitude planes (kbit.c) and
+                       * each row's sum_j |level_j| here */
 } quantize_args;
 
 /* Attention on k-bit levels of one sequence: Bi-Attention (bb_biattention_kbit, grid 0) or
@@ -272,10 +279,12 @@ int biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_off, 
                 int64_t H, int64_t d, const uint64_t *valid, uint64_t *out, int64_t ldo, int32_t *counts,
                 const float *t, const int64_t *lim, const int64_t *rel, int check_limits);
 
-/* bb_linear_kbit after its checks; gelu: GELU on every output (then residual must be NULL) */
+/* bb_linear_kbit after its checks; gelu: GELU on every output (then residual must be NULL); row_mag:
+ * NULL, or a holds sign-magnitude planes (kbit.c) with these row sums (the active family has a
+ * BB_OUT_KBIT_SM kernel) */
 void linear_kbit_run(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint64_t *w_panels, int64_t N,
                      int bits, float step, const float *alpha, const float *bias, const int64_t *count_offset,
-                     const float *residual, float *out, int gelu);
+                     const float *residual, float *out, int gelu, const int64_t *row_mag);
 
 /* the score limits of Bi-Attention (H, d >= 1, H * d in range): each of lim [H] and rel [H, d + 1]
  * in [0, d + 1], not both given */

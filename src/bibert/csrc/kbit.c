@@ -78,9 +78,11 @@ static void quantize_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
 }
 
 /* bb_quantize_planes after its checks (M >= 1): planes (may be NULL) and levels (may be NULL);
- * returns the step */
+ * returns the step. row_mag (may be NULL): the planes in sign-magnitude (bits 0 .. k-2 of |level|,
+ * then the sign: the forward's own layout, for the family's BB_OUT_KBIT_SM Linear), and each
+ * row's sum_j |level_j| there. */
 static float quantize(const bb_ops *ops, const float *x, int64_t M, int64_t C, int64_t ldx, int bits, float clip_std,
-                      uint64_t *planes, int64_t ldo, int8_t *levels, quantize_scratch scratch) {
+                      uint64_t *planes, int64_t ldo, int8_t *levels, quantize_scratch scratch, int64_t *row_mag) {
     int64_t grain = rows_grain(M, C, 16384);
     stats_job stats = {ops, x, C, ldx, 0.0, scratch};
     bb_parallel_for(M, grain, row_sums, &stats);
@@ -99,7 +101,7 @@ static float quantize(const bb_ops *ops, const float *x, int64_t M, int64_t C, i
     for (int64_t m = 0; m < M; m++) ss += scratch.sums[m];
     float clip = clip_of(amax, nan, n, clip_std, ss);
     float step = clip / (float)((1 << (bits - 1)) - 1);
-    quantize_job job = {ops, {x, C, ldx, ldo, bits, clip, step, planes, levels}};
+    quantize_job job = {ops, {x, C, ldx, ldo, bits, clip, step, planes, levels, row_mag}};
     bb_parallel_for(M, grain, quantize_rows, &job);
     return step;
 }
@@ -123,7 +125,7 @@ int bb_quantize_planes(const float *x, int64_t M, int64_t C, int64_t ldx, int bi
         free(scratch.amax);
         return BB_ENOMEM;
     }
-    *step_out = quantize(bb_ops_active(), x, M, C, ldx, bits, clip_std, out, ldo, levels, scratch);
+    *step_out = quantize(bb_ops_active(), x, M, C, ldx, bits, clip_std, out, ldo, levels, scratch, NULL);
     free(scratch.sums);
     free(scratch.amax);
     return BB_OK;
@@ -264,11 +266,12 @@ typedef struct {
     _Atomic int rc;
 } kforward_job;
 
-/* one k-bit Linear of the forward: M rows of planes (their step) into out [M, N] */
-static void klinear(const kforward_job *j, const bb_kbit_linear *lin, const uint64_t *planes, int64_t M, int64_t K,
-                    int64_t N, float step, const float *residual, float *out, int gelu) {
+/* one k-bit Linear of the forward: M rows of planes (their step; row_mag: sign-magnitude planes'
+ * row sums, or NULL) into out [M, N] */
+static void klinear(const kforward_job *j, const bb_kbit_linear *lin, const uint64_t *planes, const int64_t *row_mag,
+                    int64_t M, int64_t K, int64_t N, float step, const float *residual, float *out, int gelu) {
     linear_kbit_run(planes, M, words_of(K), K, lin->w, N, j->bits, step, lin->alpha, lin->bias, lin->count_offset,
-                    residual, out, gelu);
+                    residual, out, gelu, row_mag);
 }
 
 /* The buffers of one sequence of L rows. */
@@ -277,6 +280,7 @@ typedef struct {
     int32_t *kattn;       /* the attention's scratch */
     float *qkv, *ctx, *y, *a, *g; /* [L, 3H], [L, H] x 3, [L, I] */
     int8_t *levels;       /* [3, L, H] the levels of Q, K and V */
+    int64_t *row_mag;     /* [L] sign-magnitude planes: each row's sum_j |level_j| */
     uint64_t *valid;      /* [words(L)] key bits */
     quantize_scratch scratch;
 } kbit_workspace;
@@ -302,6 +306,7 @@ static size_t kbit_workspace_at(kbit_workspace *w, char *base, int64_t L, int64_
     w->a = (float *)carve(base, &used, L * H, 4);
     w->g = (float *)carve(base, &used, L * I, 4);
     w->levels = (int8_t *)carve(base, &used, 3 * L * H, 1);
+    w->row_mag = (int64_t *)carve(base, &used, L, 8);
     w->valid = (uint64_t *)carve(base, &used, words_of(L), 8);
     w->scratch.sums = (double *)carve(base, &used, L, 8);
     w->scratch.amax = (float *)carve(base, &used, L, 4);
@@ -323,35 +328,37 @@ static int kbit_sequence(const kforward_job *j, int64_t s) {
     float *qkv = w.qkv, *ctx = w.ctx, *y = w.y, *a = w.a, *g = w.g;
     int8_t *levels = w.levels;
     quantize_scratch scratch = w.scratch;
+    /* the planes in sign-magnitude where the family has that Linear: k - 1 popcounts a word, not k */
+    int64_t *mag = ops->linear.block[BB_OUT_KBIT_SM] ? w.row_mag : NULL;
     float *x = j->x + r0 * H;
     memset(valid, 0, (size_t)words_of(L) * 8);
     for (int64_t i = 0; i < L; i++) valid[i >> 6] |= (uint64_t)(j->row_valid[r0 + i] != 0) << (i & 63);
-    float step = quantize(ops, x, L, H, H, j->bits, j->clip_std, planes, hw, NULL, scratch);
+    float step = quantize(ops, x, L, H, H, j->bits, j->clip_std, planes, hw, NULL, scratch, mag);
     int rc = BB_OK;
     for (int64_t l = 0; l < j->n_layers && !rc; l++) {
         const bb_kbit_layer *p = j->layers + l;
-        klinear(j, &p->qkv, planes, L, H, 3 * H, step, NULL, qkv, 0);
+        klinear(j, &p->qkv, planes, mag, L, H, 3 * H, step, NULL, qkv, 0);
         kattn_kind kind = {j->softmax, j->bits, {0.0f, 0.0f, 0.0f}};
         for (int64_t t = 0; t < 3; t++) /* Q, K and V, each its own tensor */
             kind.steps[t] = quantize(ops, qkv + t * H, L, H, 3 * H, j->bits, j->clip_std, NULL, hw,
-                                     levels + t * L * H, scratch);
+                                     levels + t * L * H, scratch, NULL);
         kattention(ops, levels, levels + L * H, levels + 2 * L * H, L, j->heads, d, kind, valid, ctx, H, NULL,
                    w.kattn);
-        step = quantize(ops, ctx, L, H, H, j->bits, j->clip_std, planes, hw, NULL, scratch);
-        klinear(j, &p->ao, planes, L, H, H, step, x, y, 0);
+        step = quantize(ops, ctx, L, H, H, j->bits, j->clip_std, planes, hw, NULL, scratch, mag);
+        klinear(j, &p->ao, planes, mag, L, H, H, step, x, y, 0);
         rc = bb_layernorm(y, L, H, p->ln1_g, p->ln1_b, j->eps, a, NULL, 0, NULL);
         if (rc) break;
-        step = quantize(ops, a, L, H, H, j->bits, j->clip_std, planes, hw, NULL, scratch);
-        klinear(j, &p->fi, planes, L, H, I, step, NULL, g, 1); /* GELU(FFN in) */
-        step = quantize(ops, g, L, I, I, j->bits, j->clip_std, planes, iw, NULL, scratch);
-        klinear(j, &p->fo, planes, L, I, H, step, a, y, 0);
+        step = quantize(ops, a, L, H, H, j->bits, j->clip_std, planes, hw, NULL, scratch, mag);
+        klinear(j, &p->fi, planes, mag, L, H, I, step, NULL, g, 1); /* GELU(FFN in) */
+        step = quantize(ops, g, L, I, I, j->bits, j->clip_std, planes, iw, NULL, scratch, mag);
+        klinear(j, &p->fo, planes, mag, L, I, H, step, a, y, 0);
         rc = bb_layernorm(y, L, H, p->ln2_g, p->ln2_b, j->eps, x, NULL, 0, NULL);
         if (j->hidden) memcpy(j->hidden + (l + 1) * j->rows * H + r0 * H, x, (size_t)(L * H) * sizeof(float));
-        if (l + 1 < j->n_layers) step = quantize(ops, x, L, H, H, j->bits, j->clip_std, planes, hw, NULL, scratch);
+        if (l + 1 < j->n_layers) step = quantize(ops, x, L, H, H, j->bits, j->clip_std, planes, hw, NULL, scratch, mag);
     }
     if (!rc) { /* the pooler on the first row, quantized alone */
-        step = quantize(ops, x, 1, H, H, j->bits, j->clip_std, planes, hw, NULL, scratch);
-        klinear(j, j->pooler, planes, 1, H, H, step, NULL, j->pooled + s * H, 0);
+        step = quantize(ops, x, 1, H, H, j->bits, j->clip_std, planes, hw, NULL, scratch, mag);
+        klinear(j, j->pooler, planes, mag, 1, H, H, step, NULL, j->pooled + s * H, 0);
     }
     free(buf);
     return rc;

@@ -140,7 +140,8 @@ int bb_linear(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint64
     if (out_bits ? !thr || !flip || !dim_ok(ldo) || ldo < words_of(N) || !elems_ok(M, ldo, 1)
                  : !c0 || !c1 || !elems_ok(M, N, 1))
         return BB_EINVAL;
-    linear_args lin = {a, M, lda, K, w_panels, N, c0, c1, residual, out, out_bits, ldo, thr, flip, 0, NULL, 0.0f, 0};
+    linear_args lin = {a, M, lda, K, w_panels, N, c0, c1, residual, out, out_bits, ldo, thr, flip, 0, NULL, 0.0f, 0,
+                       NULL};
     if (out_bits) /* words past the written half-words stay padding zeros */
         for (int64_t m = 0; m < M; m++)
             for (int64_t w = words_of(N) - 1; w < ldo; w++)
@@ -154,10 +155,13 @@ static void linear_run(const linear_args *args) {
     const linear_args lin = *args;
     int64_t M = lin.M, K = lin.K, N = lin.N;
     const bb_ops *ops = bb_ops_active();
-    linear_block_fn block = ops->linear.block[lin.kbits ? BB_OUT_KBIT : lin.out_bits ? BB_OUT_BITS : BB_OUT_FLOAT];
+    linear_block_fn block = ops->linear.block[lin.row_mag ? BB_OUT_KBIT_SM : lin.kbits ? BB_OUT_KBIT
+                                              : lin.out_bits ? BB_OUT_BITS : BB_OUT_FLOAT];
     const bb_tuning *tu = &g_tuning[ops->family];
     int64_t mr = tu->mr;
-    if (lin.kbits) /* a tile holds whole input rows: all k planes of each */
+    if (lin.row_mag) /* sign-magnitude planes: 6 input rows of 2 planes, or 2 of 4, a tile (24 accumulators) */
+        mr = lin.kbits == 2 ? 12 : 8;
+    else if (lin.kbits) /* a tile holds whole input rows: all k planes of each */
         mr = mr / lin.kbits * lin.kbits > 0 ? mr / lin.kbits * lin.kbits : lin.kbits;
     int64_t np = (N + BB_PANEL - 1) / BB_PANEL;
     int64_t nb = (M + mr - 1) / mr;
@@ -194,15 +198,15 @@ int bb_linear_kbit(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const u
         !elems_ok((N + BB_PANEL - 1) / BB_PANEL * BB_PANEL, words_of(K), 1) || !elems_ok(M, N, 1) || !a ||
         !w_panels || !alpha || !bias || !koff || !out)
         return BB_EINVAL;
-    linear_kbit_run(a, M, lda, K, w_panels, N, bits, step, alpha, bias, koff, residual, out, 0);
+    linear_kbit_run(a, M, lda, K, w_panels, N, bits, step, alpha, bias, koff, residual, out, 0, NULL);
     return BB_OK;
 }
 
 void linear_kbit_run(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const uint64_t *w_panels, int64_t N,
                      int bits, float step, const float *alpha, const float *bias, const int64_t *count_offset,
-                     const float *residual, float *out, int gelu) {
+                     const float *residual, float *out, int gelu, const int64_t *row_mag) {
     linear_args lin = {a, M * bits, lda, K, w_panels, N, alpha, bias, residual, out, NULL, 0, NULL, NULL, bits,
-                       count_offset, step, gelu};
+                       count_offset, step, gelu, row_mag};
     linear_run(&lin);
 }
 

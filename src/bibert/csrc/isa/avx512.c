@@ -119,49 +119,10 @@ BB_INLINE BB_AVX512 __m512 gelu16_avx512(__m512 x) {
 #undef BB_C
 }
 
-/* the integer counts of 8 channels (c8: which 8 of the panel) of the input row whose planes are
- * tile rows r .. r + k - 1, as floats: sum_b 2^b pc_b - count_offset (below 2^24: exact) */
-BB_INLINE BB_AVX512 __m256 kbit_counts8(const linear_args *lin, const int64_t (*pc)[BB_PANEL], int r, int64_t n0,
-                                        int c8, __mmask8 lm) {
-    __m512i weighted = _mm512_load_si512((const __m512i *)(pc[r] + 8 * c8));
-    for (int b = 1; b < lin->kbits; b++) {
-        __m512i plane = _mm512_load_si512((const __m512i *)(pc[r + b] + 8 * c8));
-        weighted = _mm512_add_epi64(weighted, _mm512_slli_epi64(plane, (unsigned)b));
-    }
-    weighted = _mm512_sub_epi64(weighted, _mm512_maskz_loadu_epi64(lm, lin->count_offset + n0 + 8 * c8));
-    return _mm512_cvtepi64_ps(weighted);
-}
-
-/* kbit_epilogue on the counts of one tile, 16 channels at a time: the same integer and float
- * operations */
-static BB_AVX512 void kbit_epilogue_avx512(const linear_args *lin, int64_t r0, int mr, int64_t p, int nc,
-                                           const int64_t (*pc)[BB_PANEL]) {
-    int k = lin->kbits;
-    int64_t n0 = p * BB_PANEL;
-    const __m512 stv = _mm512_set1_ps(lin->kstep);
-    for (int r = 0; r + k <= mr; r += k) {
-        int64_t m = (r0 + r) / k;
-        for (int c = 0; c < 2; c++) {
-            int n = nc - 16 * c;
-            if (n <= 0) break;
-            __mmask16 lm = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
-            __m256 lo = kbit_counts8(lin, pc, r, n0, 2 * c, (__mmask8)lm);
-            __m256 hi = n > 8 ? kbit_counts8(lin, pc, r, n0, 2 * c + 1, (__mmask8)(lm >> 8)) : _mm256_setzero_ps();
-            __m512 y = _mm512_mul_ps(_mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1), stv);
-            y = _mm512_add_ps(_mm512_mul_ps(y, _mm512_maskz_loadu_ps(lm, lin->c0 + n0 + 16 * c)),
-                              _mm512_maskz_loadu_ps(lm, lin->c1 + n0 + 16 * c));
-            if (lin->gelu) y = gelu16_avx512(y);
-            if (lin->residual)
-                y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(lm, lin->residual + m * lin->N + n0 + 16 * c));
-            _mm512_mask_storeu_ps(lin->out + m * lin->N + n0 + 16 * c, lm, y);
-        }
-    }
-}
-
 /* The k-bit epilogue of one input row from its weighted counts in registers (w0 .. w3: sum_b 2^b pc_b
  * of the panel's 32 channels, 8 per vector), with the panel's count offsets, alpha and bias loaded
- * once: the same integer and float operations as kbit_epilogue (counts below 2^31: narrowed to
- * int32, then converted, which is exact below 2^24 and rounds as the int64 conversion does above). */
+ * once: the same integer and float operations as kbit_epilogue (for K below 2^26 the counts, below
+ * 2^31, narrowed to int32 and converted: the int64 conversion's result, in fewer instructions). */
 typedef struct {
     __m512i off[4];  /* count_offset, 8 channels a vector */
     __m512 c[4];     /* alpha (c0) lo, hi, bias (c1) lo, hi */
@@ -171,8 +132,11 @@ typedef struct {
 
 BB_INLINE BB_AVX512 __m512 kbit_out16(const linear_args *lin, __m512i lo, __m512i hi, __m512i off_lo, __m512i off_hi,
                                       __m512 step, __m512 alpha, __m512 bias) {
-    __m512i c32 = low_dwords(_mm512_sub_epi64(lo, off_lo), _mm512_sub_epi64(hi, off_hi));
-    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(c32), step);
+    lo = _mm512_sub_epi64(lo, off_lo), hi = _mm512_sub_epi64(hi, off_hi);
+    __m512 c = lin->K < ((int64_t)1 << 26) ? _mm512_cvtepi32_ps(low_dwords(lo, hi))
+                                           : _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtepi64_ps(lo)),
+                                                                _mm512_cvtepi64_ps(hi), 1);
+    __m512 y = _mm512_mul_ps(c, step);
     y = _mm512_add_ps(_mm512_mul_ps(y, alpha), bias);
     return lin->gelu ? gelu16_avx512(y) : y;
 }
@@ -222,15 +186,6 @@ BB_INLINE BB_AVX512 void float_row32(const linear_args *lin, int64_t m, int64_t 
     if (lm1) epilogue16(s2, s3, c[1], c[3], res ? res + 16 : NULL, o + 16, lm1);
 }
 
-/* the counts of one row into a tile row (k-bit epilogue) */
-BB_INLINE BB_AVX512 void store_row32(int64_t *t, __m512i s0, __m512i s1,
-                                                                      __m512i s2, __m512i s3) {
-    _mm512_store_si512((__m512i *)t, s0);
-    _mm512_store_si512((__m512i *)(t + 8), s1);
-    _mm512_store_si512((__m512i *)(t + 16), s2);
-    _mm512_store_si512((__m512i *)(t + 24), s3);
-}
-
 #define BB_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
 /* prefetch into L1 the 4 cache lines of one K-word of a panel (32 channels) at address q */
 #define BB_PREFETCH_WORD(q)                                                                                   \
@@ -259,8 +214,6 @@ BB_INLINE BB_AVX512 void store_row32(int64_t *t, __m512i s0, __m512i s1,
     if (MR > r) bits_row32_wide(lin, r0 + r, p, s##r##0, s##r##1, s##r##2, s##r##3, t, fl, valid);
 #define BB_ROW_FLOAT(r)                                                                                       \
     if (MR > r) float_row32(lin, r0 + r, n0, s##r##0, s##r##1, s##r##2, s##r##3, c, lm0, lm1);
-#define BB_ROW_STORE(r)                                                                                       \
-    if (MR > r) store_row32(tile[r], s##r##0, s##r##1, s##r##2, s##r##3);
 #define BB_ROW_DECL(r) __m512i s##r##0, s##r##1, s##r##2, s##r##3;
 /* k = 2: input row i from tile rows 2i and 2i + 1 */
 #define BB_KBIT2_ROW(i)                                                                                       \
@@ -303,8 +256,7 @@ BB_INLINE BB_AVX512 void linear_block_avx512(const linear_args *lin,
         BB_ROWS(BB_ROW_NEXT)
     }
     uint32_t valid = nc >= 32 ? 0xFFFFFFFFu : (1u << nc) - 1;
-    if (OUT == BB_OUT_KBIT && lin->K < ((int64_t)1 << 26) && (lin->kbits == 2 ? MR % 2 == 0 : MR == 4)) {
-        /* the planes' counts combined in registers (weighted counts below 15 K < 2^31) */
+    if (OUT == BB_OUT_KBIT) { /* the planes' counts combined in registers (linear.c: MR a multiple of k, 4 for k = 4) */
         kbit_panel_consts kc;
         kc.lm0 = (__mmask16)valid, kc.lm1 = (__mmask16)(valid >> 16);
         const int64_t *off = lin->count_offset + n0;
@@ -320,10 +272,6 @@ BB_INLINE BB_AVX512 void linear_block_avx512(const linear_args *lin,
         } else if (MR == 4) {
             kbit_row32(lin, r0 / 4, n0, BB_W4(0), BB_W4(1), BB_W4(2), BB_W4(3), &kc);
         }
-    } else if (OUT == BB_OUT_KBIT) { /* through memory: the k-bit epilogue combines the counts of several rows */
-        int64_t tile[BB_MR][BB_PANEL] __attribute__((aligned(64)));
-        BB_ROWS(BB_ROW_STORE)
-        kbit_epilogue_avx512(lin, r0, MR, p, nc, (const int64_t (*)[BB_PANEL])tile);
     } else if (OUT == BB_OUT_BITS) {
         const int64_t *tp = lin->thr + n0;
         const __m512i t[4] = {_mm512_loadu_si512(tp), _mm512_loadu_si512(tp + 8), _mm512_loadu_si512(tp + 16),
@@ -354,6 +302,103 @@ BB_INLINE BB_AVX512 void linear_block_avx512(const linear_args *lin,
     case 2: linear_block_avx512(lin, r0, 2, p, prefetch, OUT); break;                                         \
     default: linear_block_avx512(lin, r0, 1, p, prefetch, OUT); break;                                        \
     }
+
+/* k-bit input in sign-magnitude planes (kbit.c, the forward's own layout; KB = k): input row i's
+ * planes at rows k i .. k i + k - 1 of the block, bits 0 .. k-2 of |level| (m_b), then the sign
+ * (s: level < 0). With w the weight bits (of -1), level_j w_j = |level_j| (-1)^(s_j XOR w_j), so
+ *   C = sum_j |level_j| - 2 sum_b 2^b popcount(m_b AND (s XOR w))
+ * one vpternlogq and one popcount per magnitude plane: k - 1 popcounts a word, not k, and for
+ * k = 2 the 1-bit kernel's work. Accumulator rows t = (k - 1) i + b (T = R (k - 1) <= 6 of them,
+ * R input rows); then the same epilogue as kbit_row32 on the exact C. */
+#define BB_SMPOP(m, s, w) _mm512_popcnt_epi64(_mm512_ternarylogic_epi64(m, s, w, 0x60)) /* m AND (s XOR w) */
+#define BB_SM_MAG(t) ((int64_t)((t) / (KB - 1)) * KB + (t) % (KB - 1))
+#define BB_SM_SIGN(t) ((int64_t)((t) / (KB - 1)) * KB + KB - 1)
+#define BB_SM_FIRST(t)                                                                                        \
+    if (T > t) {                                                                                              \
+        __m512i m_ = _mm512_set1_epi64((long long)a[BB_SM_MAG(t) * lda]);                                     \
+        __m512i g_ = _mm512_set1_epi64((long long)a[BB_SM_SIGN(t) * lda]);                                    \
+        s##t##0 = BB_SMPOP(m_, g_, w0), s##t##1 = BB_SMPOP(m_, g_, w1);                                       \
+        s##t##2 = BB_SMPOP(m_, g_, w2), s##t##3 = BB_SMPOP(m_, g_, w3);                                       \
+    }
+#define BB_SM_NEXT(t)                                                                                         \
+    if (T > t) {                                                                                              \
+        __m512i m_ = _mm512_set1_epi64((long long)a[BB_SM_MAG(t) * lda + k]);                                 \
+        __m512i g_ = _mm512_set1_epi64((long long)a[BB_SM_SIGN(t) * lda + k]);                                \
+        s##t##0 = _mm512_add_epi64(s##t##0, BB_SMPOP(m_, g_, w0));                                            \
+        s##t##1 = _mm512_add_epi64(s##t##1, BB_SMPOP(m_, g_, w1));                                            \
+        s##t##2 = _mm512_add_epi64(s##t##2, BB_SMPOP(m_, g_, w2));                                            \
+        s##t##3 = _mm512_add_epi64(s##t##3, BB_SMPOP(m_, g_, w3));                                            \
+    }
+/* C = row_mag - 2 acc of input row i from the accumulator vectors x0 .. x3 */
+#define BB_SM_C(x) _mm512_sub_epi64(mag_, _mm512_slli_epi64(x, 1))
+#define BB_SM_OUT(i, x0, x1, x2, x3)                                                                          \
+    do {                                                                                                      \
+        __m512i mag_ = _mm512_set1_epi64((long long)lin->row_mag[r0 / KB + i]);                               \
+        kbit_row32(lin, r0 / KB + i, n0, BB_SM_C(x0), BB_SM_C(x1), BB_SM_C(x2), BB_SM_C(x3), &kc);           \
+    } while (0)
+#define BB_SM2_OUT(i) if (R > i) BB_SM_OUT(i, s##i##0, s##i##1, s##i##2, s##i##3);
+/* k = 4: 2^b-weighted sum of tile rows a, b, c (planes 0, 1, 2), column j */
+#define BB_SM4_SUM(a, b, c, j)                                                                                \
+    _mm512_add_epi64(s##a##j, _mm512_add_epi64(_mm512_slli_epi64(s##b##j, 1), _mm512_slli_epi64(s##c##j, 2)))
+#define BB_SM4_OUT(i, a, b, c)                                                                                \
+    if (R > i) BB_SM_OUT(i, BB_SM4_SUM(a, b, c, 0), BB_SM4_SUM(a, b, c, 1), BB_SM4_SUM(a, b, c, 2),          \
+                         BB_SM4_SUM(a, b, c, 3));
+
+BB_INLINE BB_AVX512 void linear_sm_block_avx512(const linear_args *lin, int64_t r0, const int R, int64_t p,
+                                                const uint64_t *prefetch, const int KB) {
+    const int T = R * (KB - 1);
+    int64_t kw = words_of(lin->K);
+    const uint64_t *wp = lin->w + p * kw * BB_PANEL;
+    int64_t n0 = p * BB_PANEL;
+    int nc = lin->N - n0 < BB_PANEL ? (int)(lin->N - n0) : BB_PANEL;
+    const uint64_t *a = lin->a + r0 * lin->lda;
+    int64_t lda = lin->lda;
+    BB_ROWS(BB_ROW_DECL)
+    {
+        __m512i w0 = _mm512_loadu_si512(wp), w1 = _mm512_loadu_si512(wp + 8);
+        __m512i w2 = _mm512_loadu_si512(wp + 16), w3 = _mm512_loadu_si512(wp + 24);
+        if (prefetch) BB_PREFETCH_WORD(prefetch);
+        BB_ROWS(BB_SM_FIRST)
+    }
+    for (int64_t k = 1; k < kw; k++) {
+        const uint64_t *wk = wp + k * BB_PANEL;
+        if (prefetch) BB_PREFETCH_WORD((uintptr_t)prefetch + (uintptr_t)(k * BB_PANEL * 8));
+        __m512i w0 = _mm512_loadu_si512(wk), w1 = _mm512_loadu_si512(wk + 8);
+        __m512i w2 = _mm512_loadu_si512(wk + 16), w3 = _mm512_loadu_si512(wk + 24);
+        BB_ROWS(BB_SM_NEXT)
+    }
+    uint32_t valid = nc >= 32 ? 0xFFFFFFFFu : (1u << nc) - 1;
+    kbit_panel_consts kc;
+    kc.lm0 = (__mmask16)valid, kc.lm1 = (__mmask16)(valid >> 16);
+    for (int j = 0; j < 4; j++) kc.off[j] = _mm512_setzero_si512();
+    kc.c[0] = _mm512_maskz_loadu_ps(kc.lm0, lin->c0 + n0), kc.c[1] = _mm512_maskz_loadu_ps(kc.lm1, lin->c0 + n0 + 16);
+    kc.c[2] = _mm512_maskz_loadu_ps(kc.lm0, lin->c1 + n0), kc.c[3] = _mm512_maskz_loadu_ps(kc.lm1, lin->c1 + n0 + 16);
+    kc.step = _mm512_set1_ps(lin->kstep);
+    if (KB == 2) {
+        BB_ROWS(BB_SM2_OUT)
+    } else {
+        BB_SM4_OUT(0, 0, 1, 2) BB_SM4_OUT(1, 3, 4, 5)
+    }
+}
+
+/* mr: the block's planes (k per input row) */
+BB_AVX512 static void linear_kbit_sm_avx512(const linear_args *lin, int64_t r0, int mr, int64_t p,
+                                            const uint64_t *prefetch) {
+    if (lin->kbits == 2) {
+        switch (mr / 2) {
+        case 6: linear_sm_block_avx512(lin, r0, 6, p, prefetch, 2); break;
+        case 5: linear_sm_block_avx512(lin, r0, 5, p, prefetch, 2); break;
+        case 4: linear_sm_block_avx512(lin, r0, 4, p, prefetch, 2); break;
+        case 3: linear_sm_block_avx512(lin, r0, 3, p, prefetch, 2); break;
+        case 2: linear_sm_block_avx512(lin, r0, 2, p, prefetch, 2); break;
+        default: linear_sm_block_avx512(lin, r0, 1, p, prefetch, 2); break;
+        }
+    } else if (mr / 4 >= 2) {
+        linear_sm_block_avx512(lin, r0, 2, p, prefetch, 4);
+    } else {
+        linear_sm_block_avx512(lin, r0, 1, p, prefetch, 4);
+    }
+}
 
 BB_AVX512 static void linear_bits_avx512(const linear_args *lin, int64_t r0, int mr, int64_t p,
                                          const uint64_t *prefetch) {
@@ -643,6 +688,7 @@ BB_AVX512 static void kbit_pack_row_avx512(const quantize_args *q, int64_t m) {
     int finite = q->step > 0.0f && q->step <= 3.0e38f;
     const __m512 lo = _mm512_set1_ps(-q->clip), hi = _mm512_set1_ps(q->clip), st = _mm512_set1_ps(q->step);
     const __m512i qv = _mm512_set1_epi32(Q), nq = _mm512_set1_epi32(-Q);
+    __m512i mag_sum = _mm512_setzero_si512();
     for (int b = 0; q->out && b < k; b++)
         for (int64_t w = 0; w < q->ldo; w++) q->out[(m * k + b) * q->ldo + w] = 0;
     for (int64_t c = 0; c < q->C; c += 16) {
@@ -655,12 +701,20 @@ BB_AVX512 static void kbit_pack_row_avx512(const quantize_args *q, int64_t m) {
         __m512i n = _mm512_maskz_cvtps_epi32(ok, rounded);
         n = _mm512_min_epi32(_mm512_max_epi32(n, nq), qv);
         __m512i u = _mm512_add_epi32(n, qv);
+        if (q->row_mag) { /* sign-magnitude: bits 0 .. k-2 of |level|, then the sign */
+            __m512i mag = _mm512_abs_epi32(n);
+            mag_sum = _mm512_add_epi64(mag_sum, _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(mag)),
+                                                                 _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(mag, 1))));
+            u = _mm512_or_si512(mag, _mm512_maskz_set1_epi32(_mm512_cmplt_epi32_mask(n, _mm512_setzero_si512()),
+                                                             1 << (k - 1)));
+        }
         for (int b = 0; q->out && b < k; b++) {
             __mmask16 bitm = _mm512_mask_test_epi32_mask(lm, u, _mm512_set1_epi32(1 << b));
             q->out[(m * k + b) * q->ldo + (c >> 6)] |= (uint64_t)bitm << (c & 63);
         }
         if (q->levels) _mm_mask_storeu_epi8(q->levels + m * q->C + c, lm, _mm512_cvtepi32_epi8(n));
     }
+    if (q->row_mag) q->row_mag[m] = _mm512_reduce_add_epi64(mag_sum);
 }
 
 BB_AVX512 static void gelu_avx512(const float *x, float *y, int64_t n) {
@@ -677,7 +731,7 @@ const bb_ops bb_ops_avx512 = {
     .family = BB_KERNEL_AVX512,
     .name = "avx512",
     .pack = {sign_pack_row_avx512},
-    .linear = {{linear_bits_avx512, linear_float_avx512, linear_kbit_avx512}},
+    .linear = {{linear_bits_avx512, linear_float_avx512, linear_kbit_avx512, linear_kbit_sm_avx512}},
     .layernorm = {layernorm_rows_avx512},
     .embed = {embed_row_avx512},
     .attention = {transpose64_avx512, attn_scores_avx512, attn_context_avx512, attn_row_d64_avx512},
@@ -690,7 +744,7 @@ const bb_ops bb_ops_avx512_vnni = {
     .family = BB_KERNEL_AVX512,
     .name = "avx512-vnni",
     .pack = {sign_pack_row_avx512},
-    .linear = {{linear_bits_avx512, linear_float_avx512, linear_kbit_avx512}},
+    .linear = {{linear_bits_avx512, linear_float_avx512, linear_kbit_avx512, linear_kbit_sm_avx512}},
     .layernorm = {layernorm_rows_avx512},
     .embed = {embed_row_avx512},
     .attention = {transpose64_avx512, attn_scores_avx512, attn_context_avx512, attn_row_d64_avx512},

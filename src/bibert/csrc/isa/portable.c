@@ -295,6 +295,7 @@ void kbit_pack_row_portable(const quantize_args *q, int64_t m) {
     float step = q->step, clip = q->clip;
     int finite = step > 0.0f && step <= 3.0e38f; /* a NaN clip (std of a single value) gives level 0 */
     const float *xr = q->x + m * q->ldx;
+    int64_t mag_sum = 0;
     for (int b = 0; q->out && b < k; b++)
         for (int64_t w = 0; w < q->ldo; w++) q->out[(m * k + b) * q->ldo + w] = 0;
     for (int64_t c = 0; c < q->C; c++) {
@@ -306,11 +307,15 @@ void kbit_pack_row_portable(const quantize_args *q, int64_t m) {
             float r = rintf(v / step);
             level = r < (float)-Q ? -Q : r > (float)Q ? Q : (int)r;
         }
-        unsigned u = (unsigned)(level + Q);
+        /* planes of u = level + Q, or sign-magnitude: bits 0 .. k-2 of |level|, then the sign */
+        unsigned mag = (unsigned)(level < 0 ? -level : level);
+        unsigned u = q->row_mag ? mag | (unsigned)(level < 0) << (k - 1) : (unsigned)(level + Q);
+        mag_sum += mag;
         for (int b = 0; q->out && b < k; b++)
             q->out[(m * k + b) * q->ldo + (c >> 6)] |= (uint64_t)((u >> b) & 1) << (c & 63);
         if (q->levels) q->levels[m * q->C + c] = (int8_t)level;
     }
+    if (q->row_mag) q->row_mag[m] = mag_sum;
 }
 
 static void gelu_portable(const float *x, float *y, int64_t n) {
