@@ -685,36 +685,44 @@ BB_AVX512 static double kbit_row_deviation_avx512(const float *x, int64_t C, dou
 BB_AVX512 static void kbit_pack_row_avx512(const quantize_args *q, int64_t m) {
     int Q = (1 << (q->bits - 1)) - 1, k = q->bits;
     const float *xr = q->x + m * q->ldx;
+    int64_t C = q->C, ldo = q->ldo;
+    uint64_t *out = q->out;
+    int8_t *levels = q->levels ? q->levels + m * C : NULL;
+    int64_t *row_mag = q->row_mag;
     int finite = q->step > 0.0f && q->step <= 3.0e38f;
     const __m512 lo = _mm512_set1_ps(-q->clip), hi = _mm512_set1_ps(q->clip), st = _mm512_set1_ps(q->step);
-    const __m512i qv = _mm512_set1_epi32(Q), nq = _mm512_set1_epi32(-Q);
-    __m512i mag_sum = _mm512_setzero_si512();
-    for (int b = 0; q->out && b < k; b++)
-        for (int64_t w = 0; w < q->ldo; w++) q->out[(m * k + b) * q->ldo + w] = 0;
-    for (int64_t c = 0; c < q->C; c += 16) {
-        __mmask16 lm = q->C - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (q->C - c)) - 1);
-        __m512 v = _mm512_maskz_loadu_ps(lm, xr + c);
-        __mmask16 ok = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q) & lm;
-        if (!finite) ok = 0;
-        v = _mm512_min_ps(_mm512_max_ps(v, lo), hi); /* clamp: v < -c -> -c, v > c -> c */
-        __m512 rounded = _mm512_roundscale_ps(_mm512_div_ps(v, st), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m512i n = _mm512_maskz_cvtps_epi32(ok, rounded);
-        n = _mm512_min_epi32(_mm512_max_epi32(n, nq), qv);
-        __m512i u = _mm512_add_epi32(n, qv);
-        if (q->row_mag) { /* sign-magnitude: bits 0 .. k-2 of |level|, then the sign */
-            __m512i mag = _mm512_abs_epi32(n);
-            mag_sum = _mm512_add_epi64(mag_sum, _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(mag)),
-                                                                 _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(mag, 1))));
-            u = _mm512_or_si512(mag, _mm512_maskz_set1_epi32(_mm512_cmplt_epi32_mask(n, _mm512_setzero_si512()),
-                                                             1 << (k - 1)));
+    const __m512i qv = _mm512_set1_epi32(Q), nq = _mm512_set1_epi32(-Q), top = _mm512_set1_epi32(1 << (k - 1));
+    __m512i mag_sum = _mm512_setzero_si512(); /* |level| summed per lane (below 2^31: C <= 2^31, |level| <= 7) */
+    for (int64_t w = 0; w < ldo; w++) { /* one word of each plane at a time, kept in registers */
+        uint64_t word[4] = {0, 0, 0, 0};
+        for (int s = 0; s < 4; s++) {
+            int64_t c = 64 * w + 16 * s;
+            if (c >= C) break;
+            __mmask16 lm = C - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (C - c)) - 1);
+            __m512 v = _mm512_maskz_loadu_ps(lm, xr + c);
+            __mmask16 ok = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q) & lm;
+            if (!finite) ok = 0;
+            v = _mm512_min_ps(_mm512_max_ps(v, lo), hi); /* clamp: v < -c -> -c, v > c -> c */
+            __m512 rounded = _mm512_roundscale_ps(_mm512_div_ps(v, st), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m512i n = _mm512_maskz_cvtps_epi32(ok, rounded);
+            n = _mm512_min_epi32(_mm512_max_epi32(n, nq), qv);
+            __m512i u;
+            if (row_mag) { /* sign-magnitude: bits 0 .. k-2 of |level|, then the sign */
+                __m512i mag = _mm512_abs_epi32(n);
+                mag_sum = _mm512_add_epi32(mag_sum, mag);
+                u = _mm512_mask_or_epi32(mag, _mm512_cmplt_epi32_mask(n, _mm512_setzero_si512()), mag, top);
+            } else {
+                u = _mm512_add_epi32(n, qv);
+            }
+            for (int b = 0; b < 4; b++)
+                if (b < k) word[b] |= (uint64_t)_mm512_mask_test_epi32_mask(lm, u, _mm512_set1_epi32(1 << b)) << (16 * s);
+            if (levels) _mm_mask_storeu_epi8(levels + c, lm, _mm512_cvtepi32_epi8(n));
         }
-        for (int b = 0; q->out && b < k; b++) {
-            __mmask16 bitm = _mm512_mask_test_epi32_mask(lm, u, _mm512_set1_epi32(1 << b));
-            q->out[(m * k + b) * q->ldo + (c >> 6)] |= (uint64_t)bitm << (c & 63);
-        }
-        if (q->levels) _mm_mask_storeu_epi8(q->levels + m * q->C + c, lm, _mm512_cvtepi32_epi8(n));
+        for (int b = 0; out && b < k; b++) out[(m * k + b) * ldo + w] = word[b];
     }
-    if (q->row_mag) q->row_mag[m] = _mm512_reduce_add_epi64(mag_sum);
+    if (row_mag)
+        row_mag[m] = _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(mag_sum)),
+                                                              _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(mag_sum, 1))));
 }
 
 BB_AVX512 static void gelu_avx512(const float *x, float *y, int64_t n) {
