@@ -235,7 +235,11 @@ def write_report() -> Path:
              "(training, dev evaluations, the test score) on the CPU named, one torch thread per run: wall-clock "
              "(which other jobs on the machine inflate: the load average says how busy it was) and the run's own "
              "CPU time (which they do not). A run started from another run's student counts both runs' steps "
-             "and minutes.", ""]
+             "and minutes. Packed: the best student exported and run on the bitwise engine over the same test "
+             "split. A 1-1-k student's simulated score comes from padded batches of 64, in which each k-bit "
+             "quantizer's clip is taken over the whole batch, while the engine quantizes each sequence alone "
+             "(docs/packed_format.md, \"Multi-bit activations\"); so the k-bit rows agree less often than the "
+             "1-bit ones, and their packed score is the one a deployment gets.", ""]
     for task, entry in table.items():
         t = entry.get("teacher")
         lines += [f"### {task}", ""]
