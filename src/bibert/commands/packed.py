@@ -70,6 +70,13 @@ def register(subparsers) -> None:
     f.add_argument("--window", type=int, default=2048, help="rows sorted by length together, then written in "
                    "input order; memory grows with it (default: %(default)s)")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r = p.add_argument_group("past one process (docs/serving.md, \"Ray Data\")")
+    r.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help="score on Ray Data (pip install "
+                   "'bibert[ray]'): IN may then be a file, a folder or a glob of .csv/.tsv/.jsonl/.parquet files, "
+                   "and OUT is one .parquet file in input order; ADDRESS is a running cluster's (e.g. auto, "
+                   "ray://head:10001), without it a local Ray starts on this machine's CPUs")
+    r.add_argument("--workers", type=int, help="with --ray: actors, each holding one model (default: the "
+                   "cluster's CPUs / --threads)")
     p.set_defaults(func=run_predict)
 
     p = subparsers.add_parser(
@@ -152,6 +159,10 @@ def run_predict(args: argparse.Namespace) -> int:
                                         ("--text-column", args.text_column)) if not v]
         if missing:
             raise BibertError(f"a file prediction needs {' and '.join(missing)}")
+        if args.ray is not None:
+            return _predict_on_ray(args)
+        if args.workers is not None:
+            raise BibertError("--workers applies to --ray only: add --ray, or set --threads")
         from ..serving import predict_file
 
         summary = predict_file(args.model, args.file, args.out, args.text_column, args.text_pair_column,
@@ -175,6 +186,20 @@ def run_predict(args: argparse.Namespace) -> int:
             line = f"{r['label']}\t" + " ".join(f"{k}={v:.4f}" for k, v in r["scores"].items())
             text = r["text"] if len(r["text"]) <= PREVIEW else r["text"][:PREVIEW - 3] + "..."
             print(line + (f"\t{text}" if len(rows) > 1 else ""))
+    return 0
+
+
+def _predict_on_ray(args: argparse.Namespace) -> int:
+    from ..errors import BibertError
+
+    if args.resume:
+        raise BibertError("--resume is not available with --ray: score into a new OUT.parquet (or --overwrite)")
+    from ..integrations.ray import predict_files
+
+    print(predict_files(args.model, args.file, args.out, args.text_column, args.text_pair_column, args.id_column,
+                        address=args.ray or None, workers=args.workers, threads=args.threads,
+                        batch_size=args.batch_size, max_length=args.max_length, overwrite=args.overwrite,
+                        progress=not args.no_progress, kernel=args.kernel))
     return 0
 
 

@@ -1,0 +1,181 @@
+"""Rows/s of one packed model on one file, on each engine: `bibert predict --file` (1 and 2
+kernel threads), Ray Data with 1 and 2 actors (1 thread each) and Spark local[2]; start-up
+stated apart from the steady rate.
+
+    python benchmarks/scale_out.py                  # minilm shape, 20000 rows
+    python benchmarks/scale_out.py --rows 5000 --engines file,ray
+
+Model: a MiniLM-shaped packed 1-1-1 model with random weights (benchmarks/
+batch_predict_throughput.py's build_model; throughput does not depend on the weights), 2
+labels, the offline teacher's WordPiece tokenizer. Rows: Rotten Tomatoes snippets, one to
+four per row (mixed lengths), written once to a CSV that every engine reads.
+
+What each number is:
+  predict --file   start-up: loading the packed model; steady: rows / the rest (read,
+                   tokenize, run, write the CSV), FileSummary.seconds.
+  Ray              start-up: ray.init (local, 2 CPUs) plus the time to the first scored batch
+                   (actors start, load the model, read); steady: the rows after the first
+                   batch / the time from the first to the last batch, the driver consuming
+                   the batches (no writing).
+  Spark            start-up: the session (JVM) plus the first job's extra time over the second
+                   (Python workers start and load the model); steady: rows / the second job's
+                   time, into Spark's noop sink (the DataFrame cached beforehand).
+Writes benchmarks/results/scale_out.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from batch_predict_throughput import build_model, mixed_texts  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def run_file(model: Path, src: Path, threads: int) -> dict:
+    from bibert.packed import load_packed
+    from bibert.serving import predict_file
+
+    t = time.perf_counter()
+    engine = load_packed(model, threads=threads)
+    load = time.perf_counter() - t
+    out = src.with_name(f"out_t{threads}.csv")
+    summary = predict_file(engine, src, out, "text", progress=False, threads=threads, overwrite=True)
+    return {"engine": f"predict --file, {threads} thread{'s' if threads > 1 else ''}", "startup_s": load,
+            "steady_rows_per_s": summary.new_rows / summary.seconds, "rows": summary.new_rows,
+            "total_s": load + summary.seconds}
+
+
+def run_ray(model: Path, src: Path, actors: int, init_s: float) -> dict:
+    import ray
+
+    from bibert.integrations import check_model
+    from bibert.integrations.ray import _map, read_dataset
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.target_max_block_size = 1 << 20
+    info = check_model(model)
+    ds = read_dataset([str(src)], "csv", 512)
+    scored = _map(ds, info, workers=actors, batch_size=512, threads_per_worker=1, text_columns="text",
+                  max_length=None, forward_batch=32, kernel=None, cpus=2)
+    t0 = time.perf_counter()
+    first = first_rows = None
+    rows = 0
+    for batch in scored.iter_batches(batch_format="pyarrow", batch_size=None):
+        rows += batch.num_rows
+        if first is None:
+            first, first_rows = time.perf_counter(), batch.num_rows
+    end = time.perf_counter()
+    return {"engine": f"Ray Data, {actors} actor{'s' if actors > 1 else ''} x 1 thread", "startup_s": init_s + first - t0,
+            "steady_rows_per_s": (rows - first_rows) / (end - first), "rows": rows, "total_s": end - t0,
+            "first_batch_s": first - t0, "ray_init_s": init_s}
+
+
+def run_spark(model: Path, src: Path) -> list[dict]:
+    import pandas as pd
+
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from pyspark.sql import SparkSession
+
+    from bibert.integrations.spark import predict_udf
+
+    t = time.perf_counter()
+    spark = (SparkSession.builder.master("local[2]").config("spark.ui.enabled", "false")
+             .config("spark.driver.memory", "2g").getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
+    session_s = time.perf_counter() - t
+    frame = pd.read_csv(src, dtype=str, keep_default_na=False)
+    df = spark.createDataFrame(frame).repartition(2).cache()
+    n = df.count()
+    times = []
+    for _ in range(2):
+        udf = predict_udf(model, batch_size=512)
+        t = time.perf_counter()
+        df.withColumn("pred", udf("text")).select("id", "pred.*").write.mode("overwrite").format("noop").save()
+        times.append(time.perf_counter() - t)
+    spark.stop()
+    return [{"engine": "Spark local[2], predict_batch_udf", "startup_s": session_s + times[0] - times[1],
+             "steady_rows_per_s": n / times[1], "rows": n, "total_s": times[0], "session_s": session_s,
+             "first_job_s": times[0], "second_job_s": times[1]}]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=20000)
+    ap.add_argument("--engines", default="file,ray,spark")
+    args = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from bibert.packed.tuning import cpu_model
+
+    engines = args.engines.split(",")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = build_model("minilm", tmp)
+        texts, source = mixed_texts(args.rows)
+        src = tmp / "rows.csv"
+        with open(src, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "text"])
+            w.writerows((f"r{i}", t) for i, t in enumerate(texts))
+        load_before = os.getloadavg()
+        if "file" in engines:
+            for threads in (1, 2):
+                results.append(run_file(model, src, threads))
+                print(results[-1], flush=True)
+        if "ray" in engines:
+            import ray
+
+            t = time.perf_counter()
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            init_s = time.perf_counter() - t
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = False
+            for actors in (1, 2):
+                results.append(run_ray(model, src, actors, init_s))
+                print(results[-1], flush=True)
+            ray.shutdown()
+        if "spark" in engines:
+            results += run_spark(model, src)
+            print(results[-1], flush=True)
+        load_after = os.getloadavg()
+    by = {r["engine"]: r for r in results}
+    file2 = by.get("predict --file, 2 threads", {}).get("steady_rows_per_s")
+    for r in results:
+        r["vs_file_2_threads"] = r["steady_rows_per_s"] / file2 if file2 else None
+    ray1 = by.get("Ray Data, 1 actor x 1 thread", {}).get("steady_rows_per_s")
+    ray2 = by.get("Ray Data, 2 actors x 1 thread", {}).get("steady_rows_per_s")
+    report = {"cpu": cpu_model(), "cpus": os.cpu_count(), "rows": args.rows, "texts": source, "model": "minilm 1-1-1",
+              "load_average_before": load_before, "load_average_after": load_after, "results": results,
+              "ray_2_over_1_actor": ray2 / ray1 if ray1 and ray2 else None}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "scale_out.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"# Scale-out: one packed model, one file, each engine\n",
+             f"CPU: {report['cpu']} ({report['cpus']} cores, shared: load average {load_before[0]:.1f} before, "
+             f"{load_after[0]:.1f} after). Model: MiniLM shape (6 x 384), 1-1-1, random weights. Rows: {args.rows} "
+             f"({source}, one to four per row). `python benchmarks/scale_out.py`.\n",
+             "| engine | start-up (s) | steady rows/s | vs predict --file, 2 threads | total (s) |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        vs = f"{r['vs_file_2_threads']:.2f}x" if r["vs_file_2_threads"] else "-"
+        lines.append(f"| {r['engine']} | {r['startup_s']:.1f} | {r['steady_rows_per_s']:.0f} | {vs} | "
+                     f"{r['total_s']:.1f} |")
+    if report["ray_2_over_1_actor"]:
+        lines.append(f"\nRay, 2 actors over 1 actor (steady): {report['ray_2_over_1_actor']:.2f}x.")
+    (RESULTS / "scale_out.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
