@@ -440,3 +440,19 @@ def test_real_teacher_binarized_layer_by_layer_and_end_to_end(teacher_dir, tmp_p
         expected = student(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]).logits.numpy()
     # chained end to end, a float tie flipping one sign can spread through later layers (rare)
     assert np.median(np.abs(pred.logits - expected)) < 1e-4
+
+
+def test_a_texts_logits_do_not_depend_on_its_batch(exported):
+    """Each sequence is computed alone and the classifier sums each row on its own, so a
+    sequence's logits are bit for bit the same alone, in a batch of 2 or of 9."""
+    _, _, path, _ = exported
+    engine = load_packed(path)
+    rng = np.random.default_rng(5)
+    ids = rng.integers(5, engine.vocab_size, size=(9, 12))
+    ids[:, 0] = 2
+    mask = np.ones_like(ids)
+    mask[3, 7:] = 0
+    together = engine.forward(ids, mask)
+    for b in range(9):
+        np.testing.assert_array_equal(engine.forward(ids[b:b + 1], mask[b:b + 1])[0], together[b])
+        np.testing.assert_array_equal(engine.forward(ids[[b, (b + 1) % 9]], mask[[b, (b + 1) % 9]])[0], together[b])

@@ -309,8 +309,12 @@ class PackedModel:
         return self.classify(self.pooler(kernels.sign_pack(cls_hidden, self.pooler_t)))
 
     def classify(self, pooled: np.ndarray) -> np.ndarray:
-        """The classifier on the pooler's output before its tanh [B, H]: logits [B, num_labels]."""
-        return np.tanh(pooled) @ self.classifier_weight.T + self.classifier_bias
+        """The classifier on the pooler's output before its tanh [B, H]: logits [B, num_labels].
+        Each row's dot products are summed on their own (NumPy's pairwise sum along H), not by
+        a matrix product, whose summation order changes with the number of rows: so a text's
+        logits do not depend on the batch it runs in."""
+        products = np.tanh(pooled)[:, None, :] * self.classifier_weight[None, :, :]  # (B, num_labels, H)
+        return products.sum(axis=-1, dtype=np.float32) + self.classifier_bias
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None,
                 output_hidden_states: bool = False):
@@ -398,9 +402,8 @@ class PackedModel:
         rows = []
         for h in np.ascontiguousarray(cls_hidden, np.float32):
             planes, step = kernels.quantize_planes(h[None], self.quant.kbits, self.clip_std)
-            rows.append(np.tanh(self.pooler.kbit(planes, 1, step))[0])
-        pooled = np.stack(rows) if rows else np.zeros((0, self.hidden), np.float32)
-        return pooled @ self.classifier_weight.T + self.classifier_bias
+            rows.append(self.pooler.kbit(planes, 1, step)[0])
+        return self.classify(np.stack(rows) if rows else np.zeros((0, self.hidden), np.float32))
 
     def _forward_kbit(self, ids, valid, tt, output_hidden_states):
         """forward of a 2- or 4-bit model in one native call (bb_forward_kbit), with Bi-Attention or

@@ -308,8 +308,7 @@ def _texts(rows: list[Row], column: str, reader: TableReader) -> list[str]:
 def _predict_window(engine, texts: list[str], pairs: list[str] | None, batch_size: int,
                     max_length: int | None, bar) -> tuple[list, np.ndarray]:
     """Labels and scores in input order; texts sorted by token count run in forwards of batch_size."""
-    labels, scores, _ = predict_texts(engine, texts, pairs, max_length, max_rows=batch_size, on_forward=bar.update,
-                                  invariant=True)
+    labels, scores, _ = predict_texts(engine, texts, pairs, max_length, max_rows=batch_size, on_forward=bar.update)
     return labels, scores
 
 

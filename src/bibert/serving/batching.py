@@ -103,20 +103,16 @@ def prepare(model, texts: list[str], pairs: list[str] | None = None, max_length:
     return prepared
 
 
-def run(model, prepared: Prepared, on_forward: Callable[[int], None] | None = None,
-        invariant: bool = False) -> tuple[list, np.ndarray, int]:
+def run(model, prepared: Prepared, on_forward: Callable[[int], None] | None = None) -> tuple[list, np.ndarray, int]:
     """(labels, scores, forwards) of prepared texts, in input order: scores are class
     probabilities [n, num_labels] (the predicted values [n] for regression). on_forward(k)
-    is called after each forward of k texts. invariant: a text's scores do not depend on
-    the texts it shares forwards with (see `_with_companion`), so that a file scored in
-    windows and a table scored in an engine's batches (Ray, Spark) agree to the last bit."""
+    is called after each forward of k texts. A text's scores do not depend on the texts it
+    shares forwards with (the engine computes each sequence alone, its classifier row by
+    row), so a file scored in windows and a table scored in an engine's batches (Ray,
+    Spark) agree to the last bit."""
     logits = np.empty((prepared.n, model.num_labels), np.float32)
     for group, a_ids, a_mask, a_types in prepared.forwards:
-        if invariant and len(group) == 1:
-            a_ids, a_mask, a_types = _with_companion(a_ids, a_mask, a_types)
-            logits[group] = model.forward(a_ids, a_mask, a_types)[:1]
-        else:
-            logits[group] = model.forward(a_ids, a_mask, a_types)
+        logits[group] = model.forward(a_ids, a_mask, a_types)
         if on_forward is not None:
             on_forward(len(group))
     count = len(prepared.forwards)
@@ -131,27 +127,8 @@ def run(model, prepared: Prepared, on_forward: Callable[[int], None] | None = No
 
 
 def predict_texts(model, texts: list[str], pairs: list[str] | None = None, max_length: int | None = None,
-                  max_rows: int = MAX_ROWS, on_forward: Callable[[int], None] | None = None,
-                  invariant: bool = False) -> tuple[list, np.ndarray, int]:
+                  max_rows: int = MAX_ROWS,
+                  on_forward: Callable[[int], None] | None = None) -> tuple[list, np.ndarray, int]:
     """(labels, scores, forwards) for `texts` (and `pairs`), in input order: `prepare`, then
     `run`. The texts must be valid Unicode strings (checked by the caller)."""
-    return run(model, prepare(model, texts, pairs, max_length, max_rows), on_forward, invariant)
-
-
-def _with_companion(ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None):
-    """A one-sequence forward made two: the sequence and a companion of its first token only.
-    The engine's float32 classifier is a matrix product whose sums take another order for one
-    row than for several (BLAS's vector path), so a text alone in its forward could score one
-    float32 step apart from the same text batched with others; with the companion every
-    forward has at least two rows. The companion's one token costs next to nothing (padded
-    positions are never computed)."""
-    width = ids.shape[1]
-    ids2 = np.zeros((2, width), ids.dtype)
-    mask2 = np.zeros((2, width), mask.dtype)
-    ids2[0], mask2[0] = ids[0], mask[0]
-    ids2[1, 0], mask2[1, 0] = ids[0, 0], 1
-    types2 = None
-    if types is not None:
-        types2 = np.zeros((2, width), types.dtype)
-        types2[0] = types[0]
-    return ids2, mask2, types2
+    return run(model, prepare(model, texts, pairs, max_length, max_rows), on_forward)

@@ -83,8 +83,7 @@ class BatchPredictor:
             for name in names:
                 out[name] = np.array([], dtype=object if name == "pred_label" else np.float64)
             return out
-        labels, scores, _ = predict_texts(engine, texts, pairs, self.max_length, max_rows=self.batch_size,
-                                         invariant=True)
+        labels, scores, _ = predict_texts(engine, texts, pairs, self.max_length, max_rows=self.batch_size)
         if names == ["pred_value"]:
             out["pred_value"] = [_round(float(s)) for s in np.asarray(scores).reshape(-1)]
             return out
