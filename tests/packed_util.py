@@ -69,3 +69,35 @@ def outputs_everywhere(path: Path, *inputs) -> list:
         kernels.set_kernel("auto")
         kernels.set_threads(kernels.default_threads())
     return results
+
+
+def assert_one_call_is_step_by_step(path: Path, sequences: list[np.ndarray]) -> None:
+    """A k-bit model's one-call forward (bb_forward_kbit) on a padded batch of `sequences`
+    (token ids, each starting with [CLS]) gives, bit for bit, what `kbit_layer` and
+    `kbit_head` give step by step for each sequence alone, on every kernel family and with 1
+    to 3 threads (sequences in parallel, or each step split across the threads); the
+    process-wide kernel and thread settings are restored."""
+    from bibert.packed import kernels, load_packed
+
+    longest = max(len(s) for s in sequences)
+    ids = np.zeros((len(sequences), longest), np.int64)
+    mask = np.zeros_like(ids)
+    for b, seq in enumerate(sequences):
+        ids[b, :len(seq)] = seq
+        mask[b, :len(seq)] = 1
+    try:
+        for name in kernels.available_kernels():
+            for threads in (1, 2, 3):
+                engine = load_packed(path, kernel=name, threads=threads)
+                logits, hidden = engine.forward(ids, mask, output_hidden_states=True)
+                for b, seq in enumerate(sequences):
+                    n = len(seq)
+                    x, _ = engine.embeddings(ids[b, :n][None], np.zeros((1, n), np.int64))
+                    np.testing.assert_array_equal(hidden[0][b, :n], x)
+                    for layer in range(engine.num_layers):
+                        x = engine.kbit_layer(layer, x, np.ones(n, bool))
+                        np.testing.assert_array_equal(hidden[layer + 1][b, :n], x, err_msg=f"{name} {threads}")
+                    np.testing.assert_array_equal(logits[b], engine.kbit_head(x[:1])[0])
+    finally:
+        kernels.set_kernel("auto")
+        kernels.set_threads(kernels.default_threads())

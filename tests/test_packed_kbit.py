@@ -17,7 +17,8 @@ from bibert.modeling import BiBertForSequenceClassification
 from bibert.packed import export_packed, kernels, load_packed, read_packed, reference
 from bibert.packed.format import PREAMBLE, PackedQuant, expected_tensors
 from bibert.quantizers import ACTIVATION_CLIP_STD, quantize_activation
-from packed_util import VOCAB, assert_same_outputs, outputs_everywhere, randomize, save_with_tokenizer
+from packed_util import (VOCAB, assert_one_call_is_step_by_step, assert_same_outputs, outputs_everywhere, randomize,
+                         save_with_tokenizer)
 
 
 
@@ -182,28 +183,8 @@ def test_native_forward_is_the_step_by_step_one(exported):
     `kbit_head` give step by step, kernel call by kernel call, for each sequence of a padded
     batch, on every kernel family and with 1 to 3 threads (sequences in parallel, or each step
     split across the threads)."""
-    bits, student, _, out = exported
-    lengths = (23, 5, 17, 1)
-    ids = np.zeros((len(lengths), 23), np.int64)
-    mask = np.zeros_like(ids)
-    for b, n in enumerate(lengths):
-        ids[b, :n] = sequence(n, seed=40 + b).numpy()[0]
-        mask[b, :n] = 1
-    try:
-        for name in kernels.available_kernels():
-            for threads in (1, 2, 3):
-                engine = load_packed(out, kernel=name, threads=threads)
-                logits, hidden = engine.forward(ids, mask, output_hidden_states=True)
-                for b, n in enumerate(lengths):
-                    x, _ = engine.embeddings(ids[b, :n][None], np.zeros((1, n), np.int64))
-                    np.testing.assert_array_equal(hidden[0][b, :n], x)
-                    for layer in range(engine.num_layers):
-                        x = engine.kbit_layer(layer, x, np.ones(n, bool))
-                        np.testing.assert_array_equal(hidden[layer + 1][b, :n], x, err_msg=f"{name} {threads}")
-                    np.testing.assert_array_equal(logits[b], engine.kbit_head(x[:1])[0])
-    finally:
-        kernels.set_kernel("auto")
-        kernels.set_threads(kernels.default_threads())
+    _, _, _, out = exported
+    assert_one_call_is_step_by_step(out, [sequence(n, seed=40 + b).numpy()[0] for b, n in enumerate((23, 5, 17, 1))])
 
 
 def test_a_batch_computes_each_sequence_alone(exported):
