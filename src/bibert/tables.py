@@ -32,6 +32,20 @@ class Row:
     values: dict[str, Any]
 
 
+def text_cell(value: Any, where: str, column: str, advice: str) -> str:
+    """`value` as a text to classify: a valid Unicode string, else one error naming `where`
+    (a file's line, a batch's row), the column and the fix."""
+    if not isinstance(value, str):
+        problem = "has no value" if value is None or value != value else f"holds a {type(value).__name__}"
+        raise BibertError(f"{where}: column {column!r} {problem}, not text; {advice}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BibertError(f"{where}: column {column!r} holds a lone surrogate at character {exc.start} (a broken "
+                          "\\u escape); clean the text") from None
+    return value
+
+
 def input_format(path: Path) -> str:
     fmt = INPUT_FORMATS.get(path.suffix.lower())
     if fmt is None:

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import BibertError
 from .batching import effective_max_length, predict_texts
-from ..tables import Row, TableReader, TableWriter, output_format
+from ..tables import Row, TableReader, TableWriter, output_format, text_cell
 
 PROGRESS_SUFFIX = ".progress.json"
 PROGRESS_VERSION = 1
@@ -289,20 +289,8 @@ def _windows(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
 
 
 def _texts(rows: list[Row], column: str, reader: TableReader) -> list[str]:
-    texts = []
-    for row in rows:
-        value = row.values.get(column)
-        if not isinstance(value, str):
-            problem = "has no value" if value is None else f"holds a {type(value).__name__}, not text"
-            raise BibertError(f"{reader.path} {row.where}: column {column!r} {problem}; fill or drop such rows "
-                              "(every row needs a text)")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise BibertError(f"{reader.path} {row.where}: column {column!r} holds a lone surrogate at character "
-                              f"{exc.start} (a broken \\u escape); clean the text") from None
-        texts.append(value)
-    return texts
+    return [text_cell(row.values.get(column), f"{reader.path} {row.where}", column,
+                      "fill or drop such rows (every row needs a text)") for row in rows]
 
 
 def _predict_window(engine, texts: list[str], pairs: list[str] | None, batch_size: int,

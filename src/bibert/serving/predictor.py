@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import BibertError
+from ..tables import text_cell
 from .batching import predict_texts
 
 
@@ -95,15 +96,5 @@ class BatchPredictor:
 
 def _column_texts(batch, column: str) -> list[str]:
     """The column's values, each a valid Unicode string (as predict --file requires)."""
-    texts = []
-    for i, value in enumerate(batch[column].tolist()):
-        if not isinstance(value, str):
-            problem = "has no value" if value is None or value != value else f"holds a {type(value).__name__}"
-            raise BibertError(f"row {i} of the batch: column {column!r} {problem}, not text; fill or drop such rows")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise BibertError(f"row {i} of the batch: column {column!r} holds a lone surrogate at character "
-                              f"{exc.start}; clean the text") from None
-        texts.append(value)
-    return texts
+    return [text_cell(value, f"row {i} of the batch", column, "fill or drop such rows")
+            for i, value in enumerate(batch[column].tolist())]
