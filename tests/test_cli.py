@@ -52,7 +52,8 @@ def test_help_states_the_real_defaults(capsys):
             assert f"(default: {FINETUNE_RECIPE['lr']:g}, the usual BERT fine-tuning recipe)" in text
         else:
             assert f"sst2 {TASKS['sst2'].lr:g}, mnli {TASKS['mnli'].lr:g}" in text
-            assert "(default: dmd)" in text and "(default: 1-1-1)" in text and "(default: 0.5)" in text
+            assert "(default: dmd; standard for a 1-1-2 / 1-1-4 student without --paper)" in text
+            assert "(default: 1-1-1)" in text and "(default: 0.5)" in text
         assert "(default: 42)" in text and "(default: off)" in text
     paper = resolve_config("distill", "m", "mnli", "o", paper=True)
     assert (paper.lr, paper.epochs, paper.max_length, paper.batch_size, paper.seed) == (5e-5, 5.0, 128, 16, 42)
@@ -63,6 +64,13 @@ def test_help_states_the_real_defaults(capsys):
     assert elastic.quant == QuantConfig(activations="elastic", attention="bi-max")
     assert (elastic.pred_weight, elastic.precision, elastic.group_by_length) == (5.0, "auto", True)
     assert resolve_config("distill", "m", "mnli", "o", epochs=2.0, group_by_length=False).group_by_length is False
+    # a 1-1-2 / 1-1-4 student: the k-bit recipe (softmax attention, standard objective, prediction weight 1)
+    kbit = resolve_config("distill", "m", "mnli", "o", quant=QuantConfig(activation_bits=2, attention="softmax"))
+    assert (kbit.distill, kbit.pred_weight, kbit.precision, kbit.lr) == ("standard", 1.0, "auto", 5e-4)
+    paper_kbit = resolve_config("distill", "m", "mnli", "o", quant=QuantConfig(activation_bits=4), paper=True)
+    assert (paper_kbit.distill, paper_kbit.pred_weight) == ("dmd", 1.0)
+    mine = resolve_config("distill", "m", "mnli", "o", quant=QuantConfig(activation_bits=4), distill="dmd", pred_weight=3.0)
+    assert (mine.distill, mine.pred_weight) == ("dmd", 3.0)
 
 
 def test_default_budget_follows_the_data_size():
@@ -77,7 +85,9 @@ def test_student_flags_fill_in_from_the_recipe():
     assert student_quant(None, None, None, paper=True) is None
     assert student_quant("1-1-1", None, None, paper=True) == QuantConfig()
     assert student_quant(None, None, "sign") == QuantConfig()  # sign activations: Bi-Attention, not bi-max
-    assert student_quant("1-1-4", None, None) == QuantConfig(activation_bits=4)
+    assert student_quant("1-1-4", None, None) == QuantConfig(activation_bits=4, attention="softmax")  # the k-bit recipe
+    assert student_quant("1-1-2", None, None, paper=True) == QuantConfig(activation_bits=2)  # the paper's: Bi-Attention
+    assert student_quant("1-1-4", "bi", None) == QuantConfig(activation_bits=4)
     assert student_quant(None, "softmax", None, paper=True) == QuantConfig(attention="softmax")
 
 

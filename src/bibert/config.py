@@ -134,6 +134,10 @@ RECIPE = ("lr", "epochs", "max_length", "batch_size")  # options whose default i
 # default of `bibert distill` and `bibert demo`: QuantConfig(activations, attention) and the
 # distill options. `--paper` distils the paper's BiBERT with the task's recipe instead.
 ELASTIC_BIBERT = {"activations": "elastic", "attention": "bi-max", "pred_weight": 5.0, "precision": "auto"}
+# A 1-1-2 / 1-1-4 student without --paper: softmax attention on its k-bit Q, K, V and the standard
+# objective with prediction weight 1, the recipe of the measured k-bit rows (snli at 2,500 steps:
+# 72.1 / 80.3; with Bi-Attention a 1-1-4 student scored 48.0; docs/results.md, docs/method.md §9).
+KBIT_RECIPE = {"attention": "softmax", "distill": "standard", "pred_weight": 1.0}
 # Elastic BiBERT's schedule (docs/method.md §7, docs/results.md): peak lr, batch, length-grouped
 # batches, and a budget of BUDGET_EXAMPLES training examples (at most BUDGET_MAX_EPOCHS epochs)
 # when --epochs and --max-steps are left out: 2,500 steps of 32 on a large train split.
@@ -152,9 +156,12 @@ def budget_epochs(train_examples: int) -> float:
 def default_student(paper: bool = False, activation_bits: int = 1) -> QuantConfig:
     """The student `bibert distill` builds when no --bits/--attention/--activations is given:
     Elastic BiBERT (1-1-1, elastic, bi-max); with `paper` the paper's BiBERT (sign, bi).
-    A k-bit student (activation_bits > 1) has sign activations and Bi-Attention either way."""
-    if paper or activation_bits != 1:
+    A k-bit student (activation_bits > 1) has sign activations, and softmax attention
+    (KBIT_RECIPE), or Bi-Attention with `paper`."""
+    if paper:
         return QuantConfig(activation_bits=activation_bits)
+    if activation_bits != 1:
+        return QuantConfig(activation_bits=activation_bits, attention=KBIT_RECIPE["attention"])
     return QuantConfig(activations=ELASTIC_BIBERT["activations"], attention=ELASTIC_BIBERT["attention"])
 
 
@@ -204,7 +211,8 @@ class TrainConfig:
     quant: QuantConfig | None = None
     distill: str | None = option(
         None, "objective: dmd = Direction-Matching Distillation (docs/method.md §4); standard = TinyBERT/BinaryBERT's",
-        STUDENT_GROUP, ("distill",), default_text=DISTILL_KINDS[0], choices=DISTILL_KINDS)
+        STUDENT_GROUP, ("distill",), default_text=f"{DISTILL_KINDS[0]}; {KBIT_RECIPE['distill']} for a 1-1-2 / 1-1-4 "
+        "student without --paper", choices=DISTILL_KINDS)
     student_layers: int | None = option(
         None, "a shallower student (the teacher's depth must be a multiple of it)", STUDENT_GROUP, ("distill",),
         default_text="the teacher's depth")
@@ -254,7 +262,8 @@ class TrainConfig:
     pred_weight: float | None = option(
         None, "weight of the prediction loss (soft cross-entropy against the teacher, plus half the label "
         "cross-entropy under dmd) beside the attention/DMD and hidden-state terms, each of weight 1",
-        STUDENT_GROUP, ("distill",), default_text=f"{ELASTIC_BIBERT['pred_weight']:g} for Elastic BiBERT; 1 with --paper")
+        STUDENT_GROUP, ("distill",), default_text=f"{ELASTIC_BIBERT['pred_weight']:g} for Elastic BiBERT; "
+        f"{KBIT_RECIPE['pred_weight']:g} with --paper or for a 1-1-2 / 1-1-4 student")
     phase_in: float = option(
         0.0, "progressive binarization (elastic activations): the share of the steps over which every activation "
         "hardens from its STE's clipped-linear surrogate to binary levels, linearly (docs/method.md §7); 0 = binary "
@@ -302,12 +311,15 @@ class TrainConfig:
             self.group_by_length = elastic_recipe and ELASTIC_SCHEDULE["group_by_length"]
         if self.precision is None:
             self.precision = ELASTIC_BIBERT["precision"] if elastic_recipe else "fp32"
+        kbit_recipe = elastic_recipe and self.quant is not None and self.quant.activation_bits > 1
         if self.pred_weight is None:
-            self.pred_weight = ELASTIC_BIBERT["pred_weight"] if elastic_recipe else 1.0
+            self.pred_weight = KBIT_RECIPE["pred_weight"] if kbit_recipe else \
+                ELASTIC_BIBERT["pred_weight"] if elastic_recipe else 1.0
         if self.paper and self.mode != "distill":
             raise BibertError("--paper applies to distillation only")
         if self.mode == "distill":
-            self.distill = DISTILL_KINDS[0] if self.distill is None else self.distill
+            if self.distill is None:
+                self.distill = KBIT_RECIPE["distill"] if kbit_recipe else DISTILL_KINDS[0]
             if self.distill not in DISTILL_KINDS:
                 raise BibertError(f"unknown distillation {self.distill!r}: choose dmd or standard")
             self.quant = self.quant or default_student(self.paper)

@@ -551,9 +551,10 @@ def distill(teacher: str, task: str | Task | None, out: str | os.PathLike, *, qu
     final = resolve_config("distill", teacher, task, out, quant=quant, distill=distill, student_layers=student_layers,
                            **options)
 
-    def stage(stage_out, stage_quant: QuantConfig, **stage_options) -> dict:
-        config = resolve_config("distill", final.model, final.task, stage_out, quant=stage_quant, distill=distill,
-                                student_layers=student_layers, **stage_options)
+    def stage(stage_out, stage_quant: QuantConfig, **stage_options) -> dict:  # the final stage's objective
+        stage_options.setdefault("pred_weight", final.pred_weight)
+        config = resolve_config("distill", final.model, final.task, stage_out, quant=stage_quant,
+                                distill=final.distill, student_layers=student_layers, **stage_options)
         return Trainer(config, hooks).run(resume)
 
     if via is None:

@@ -89,7 +89,8 @@ def _quant_options(group) -> None:
     group.add_argument("--attention", choices=list(ATTENTIONS),
                        help="bi = Bi-Attention; bi-max = Bi-Attention relative to each query's best key (elastic "
                             "activations only); softmax = the baseline's (default: "
-                            f"{elastic.attention}; {paper.attention} with --paper or sign activations)")
+                            f"{elastic.attention}; {paper.attention} with --paper or sign activations; "
+                            f"{default_student(activation_bits=2).attention} for 1-1-2 / 1-1-4 without --paper)")
     group.add_argument("--activations", choices=list(ACTIVATIONS),
                        help="1-bit activations: sign = the paper's; elastic = learned thresholds and scales, {0,1} "
                             "FFN-out input (beyond the paper, after BiT; docs/method.md §7) "
