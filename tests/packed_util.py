@@ -92,12 +92,12 @@ def assert_one_call_is_step_by_step(path: Path, sequences: list[np.ndarray]) -> 
                 logits, hidden = engine.forward(ids, mask, output_hidden_states=True)
                 for b, seq in enumerate(sequences):
                     n = len(seq)
-                    x, _ = engine.embeddings(ids[b, :n][None], np.zeros((1, n), np.int64))
+                    x, _ = engine._embeddings(ids[b, :n][None], np.zeros((1, n), np.int64))
                     np.testing.assert_array_equal(hidden[0][b, :n], x)
                     for layer in range(engine.num_layers):
-                        x = engine.kbit_layer(layer, x, np.ones(n, bool))
+                        x = engine._kbit_layer(layer, x, np.ones(n, bool))
                         np.testing.assert_array_equal(hidden[layer + 1][b, :n], x, err_msg=f"{name} {threads}")
-                    np.testing.assert_array_equal(logits[b], engine.kbit_head(x[:1])[0])
+                    np.testing.assert_array_equal(logits[b], engine._kbit_head(x[:1])[0])
     finally:
         kernels.set_kernel("auto")
         kernels.set_threads(kernels.default_threads())

@@ -136,9 +136,9 @@ def check_layer_by_layer(student, engine, ids, mask, types):
     B, L = ids.shape
     valid = mask.numpy().astype(bool)
     # embeddings
-    x0, _ = engine.embeddings(ids.numpy(), types.numpy())
+    x0, _ = engine._embeddings(ids.numpy(), types.numpy())
     np.testing.assert_allclose(x0, res.hidden_states[0].reshape(B * L, H).numpy(), rtol=1e-4, atol=1e-4)
-    for n, layer in enumerate(engine.layers):
+    for n, layer in enumerate(engine._layers):
         x = res.hidden_states[n].reshape(B * L, H).numpy()
         q, k, v = (t.transpose(1, 2).reshape(B, L, H) for t in res.qkv[n])
         # Q, K, V bits from the student's input
@@ -154,7 +154,7 @@ def check_layer_by_layer(student, engine, ids, mask, types):
         np.testing.assert_array_equal(counts, ctx_student.astype(np.int32))
         np.testing.assert_array_equal(ctx_bits, pack_bool(ctx_student < 0))
         # attention output: Linear on the context bits, + residual, LayerNorm
-        a, _ = kernels.layernorm(layer.attn_out(ctx_bits, residual=x), *layer.ln1, engine.eps, with_bits=True)
+        a, _ = kernels.layernorm(layer.attn_out(ctx_bits, residual=x), *layer.ln1, engine._eps, with_bits=True)
         a_student = seen[f"attn{n}"][1].reshape(B * L, H)
         np.testing.assert_allclose(a, a_student.numpy(), rtol=1e-4, atol=1e-4)
         # FFN in -> bits of the pre-GELU value
@@ -162,9 +162,9 @@ def check_layer_by_layer(student, engine, ids, mask, types):
         assert_bits_equal(f, seen[f"pre{n}"][1])
         # FFN out on the student's pre-GELU signs, + residual, LayerNorm
         out_n = kernels.layernorm(layer.ffn_out(sign_bits(seen[f"pre{n}"][1]), residual=a_student.numpy()),
-                                  *layer.ln2, engine.eps)
+                                  *layer.ln2, engine._eps)
         np.testing.assert_allclose(out_n, res.hidden_states[n + 1].reshape(B * L, H).numpy(), rtol=1e-4, atol=1e-4)
-    logits = engine.head(res.hidden_states[-1][:, 0].numpy())
+    logits = engine._head(res.hidden_states[-1][:, 0].numpy())
     np.testing.assert_allclose(logits, res.logits.numpy(), rtol=1e-4, atol=1e-4)
 
 
@@ -218,10 +218,10 @@ def test_padded_rows_are_skipped_and_change_nothing(exported):
     mask[4, 0] = 0           # the first position not a token: computed, but never a key
     mask[5, :] = 0           # no token at all
     logits, hidden = engine.forward(ids.numpy(), mask, types.numpy(), output_hidden_states=True)
-    x, xb = engine.embeddings(ids.numpy(), types.numpy())
+    x, xb = engine._embeddings(ids.numpy(), types.numpy())
     for n in range(engine.num_layers):
-        x, xb = engine.encoder_layer(n, x, xb, mask.astype(bool))
-    np.testing.assert_array_equal(logits, engine.head(x.reshape(6, 14, -1)[:, 0]))
+        x, xb = engine._encoder_layer(n, x, xb, mask.astype(bool))
+    np.testing.assert_array_equal(logits, engine._head(x.reshape(6, 14, -1)[:, 0]))
     computed = mask.astype(bool)
     computed[:, 0] = True
     np.testing.assert_array_equal(hidden[-1][computed], x.reshape(6, 14, -1)[computed])
@@ -407,12 +407,12 @@ def test_native_encoder_matches_layer_by_layer_calls(exported):
     engine = load_packed(out)
     ids, mask, types = batch(student.config.vocab_size)
     _, hidden = engine.forward(ids.numpy(), mask.numpy(), types.numpy(), output_hidden_states=True)
-    x, xb = engine.embeddings(ids.numpy(), types.numpy())
+    x, xb = engine._embeddings(ids.numpy(), types.numpy())
     valid = mask.numpy().astype(bool)
     computed = valid.copy()
     computed[:, 0] = True  # forward computes the tokens and each [CLS]; padded rows are zeros
     for n in range(engine.num_layers):
-        x, xb = engine.encoder_layer(n, x, xb, valid)
+        x, xb = engine._encoder_layer(n, x, xb, valid)
         got = hidden[n + 1].reshape(x.shape)
         np.testing.assert_array_equal(x[computed.reshape(-1)], got[computed.reshape(-1)])
         assert not got[~computed.reshape(-1)].any()

@@ -187,7 +187,7 @@ def test_relative_limits_from_the_file(exported):
     student, _, out = exported
     engine, packed = load_packed(out), read_packed(out)
     d = engine.head_size
-    for n, layer in enumerate(engine.layers):
+    for n, layer in enumerate(engine._layers):
         assert layer.score_lim is None
         table = packed.tensors[f"bert.encoder.layer.{n}.{SCORE_COUNT_MIN}"]
         for p_min in range(d + 1):
@@ -221,10 +221,10 @@ def test_predictions_identical_with_padding(tmp_path):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
     # the native encoder and the step-by-step path agree
-    x, xb = engine.embeddings(ids.numpy(), types.numpy())
+    x, xb = engine._embeddings(ids.numpy(), types.numpy())
     for n in range(engine.num_layers):
-        x, xb = engine.encoder_layer(n, x, xb, mask.astype(bool))
-    np.testing.assert_array_equal(got, engine.head(x.reshape(6, 14, -1)[:, 0]))
+        x, xb = engine._encoder_layer(n, x, xb, mask.astype(bool))
+    np.testing.assert_array_equal(got, engine._head(x.reshape(6, 14, -1)[:, 0]))
 
 
 def test_sequence_without_tokens_attends_to_nothing(exported):
@@ -236,8 +236,8 @@ def test_sequence_without_tokens_attends_to_nothing(exported):
     ids, _, types = batch(student.config.vocab_size, B=2, T=6)
     mask = np.array([[1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]])
     trace = {}
-    x, xb = engine.embeddings(ids.numpy(), types.numpy())
-    engine.encoder_layer(0, x, xb, mask.astype(bool), trace)
+    x, xb = engine._embeddings(ids.numpy(), types.numpy())
+    engine._encoder_layer(0, x, xb, mask.astype(bool), trace)
     counts = trace["context_counts"].reshape(2, 6, -1)
     assert not counts[1].any()
     logits = engine.forward(ids.numpy(), mask, types.numpy())

@@ -134,11 +134,11 @@ def test_scales_fold_into_alpha_as_the_student_rounds_them(exported):
     d = student.bert.encoder.layer[0].intermediate.dense
     with torch.no_grad():
         want = d.weight.abs().mean(-1) * d.input_quantizer.scale
-    np.testing.assert_array_equal(engine.layers[0].ffn_in.alpha, want.numpy())
+    np.testing.assert_array_equal(engine._layers[0].ffn_in.alpha, want.numpy())
     q = student.bert.encoder.layer[1].attention.self
     with torch.no_grad():
         want = torch.cat([lin.weight.abs().mean(-1) for lin in (q.query, q.key, q.value)]) * q.input_quantizer.scale
-    np.testing.assert_array_equal(engine.layers[1].qkv.alpha, want.numpy())
+    np.testing.assert_array_equal(engine._layers[1].qkv.alpha, want.numpy())
 
 
 def levels_bits(levels: torch.Tensor) -> np.ndarray:
@@ -156,7 +156,7 @@ def check_layer_by_layer(student, engine, ids, mask, types):
     seen = quantizer_inputs(student, ids, mask, types)
     with torch.no_grad():
         res = student(ids, mask, types, output_hidden_states=True, output_qkv=True)
-    for n, (layer, mod) in enumerate(zip(engine.layers, student.bert.encoder.layer)):
+    for n, (layer, mod) in enumerate(zip(engine._layers, student.bert.encoder.layer)):
         p = f"bert.encoder.layer.{n}."
         x = res.hidden_states[n].reshape(B * L, H).numpy()
         # Q/K/V input bits: a per-channel compare with the shared quantizer's thresholds
@@ -177,7 +177,7 @@ def check_layer_by_layer(student, engine, ids, mask, types):
         np.testing.assert_array_equal(ctx_bits, levels_bits(ctx_levels))
         # attention output: float, to rounding
         a_student = seen[p + "intermediate.dense.input_quantizer"][0].reshape(B * L, H)
-        a = kernels.layernorm(layer.attn_out(ctx_bits, residual=x), *layer.ln1, engine.eps)
+        a = kernels.layernorm(layer.attn_out(ctx_bits, residual=x), *layer.ln1, engine._eps)
         np.testing.assert_allclose(a, a_student.numpy(), rtol=1e-4, atol=1e-4)
         # FFN-in input bits from the student's LayerNorm output (the first LayerNorm packs them)
         a_levels = seen[p + "intermediate.dense.input_quantizer"][1]
@@ -200,7 +200,7 @@ def check_layer_by_layer(student, engine, ids, mask, types):
         unit = BinaryLinear.from_rows(kernels.pack_bool(signs_out.numpy() < 0), I, np.ones(H, np.float32),
                                       np.zeros(H, np.float32), zero_one=True)
         np.testing.assert_array_equal(unit(levels_bits(z)), (z.reshape(B * L, I) @ signs_out.T).numpy())
-        out_n = kernels.layernorm(layer.ffn_out(levels_bits(z), residual=a_student.numpy()), *layer.ln2, engine.eps)
+        out_n = kernels.layernorm(layer.ffn_out(levels_bits(z), residual=a_student.numpy()), *layer.ln2, engine._eps)
         np.testing.assert_allclose(out_n, res.hidden_states[n + 1].reshape(B * L, H).numpy(), rtol=1e-4, atol=1e-4)
         # the second LayerNorm packs the next layer's Q/K/V bits with its thresholds
         if n + 1 < engine.num_layers:
@@ -209,8 +209,8 @@ def check_layer_by_layer(student, engine, ids, mask, types):
                                           levels_bits(nxt_levels))
     # pooler: [CLS] bits against its thresholds, then the head
     cls_in, cls_levels = seen["bert.pooler.dense.input_quantizer"]
-    np.testing.assert_array_equal(kernels.sign_pack(cls_in.numpy(), engine.pooler_t), levels_bits(cls_levels))
-    logits = engine.head(res.hidden_states[-1][:, 0].numpy())
+    np.testing.assert_array_equal(kernels.sign_pack(cls_in.numpy(), engine._pooler_t), levels_bits(cls_levels))
+    logits = engine._head(res.hidden_states[-1][:, 0].numpy())
     np.testing.assert_allclose(logits, res.logits.numpy(), rtol=1e-4, atol=1e-4)
 
 
@@ -261,12 +261,12 @@ def test_native_encoder_matches_layer_by_layer_calls(exported):
     engine = load_packed(out)
     ids, mask, types = batch(student.config.vocab_size)
     _, hidden = engine.forward(ids.numpy(), mask.numpy(), types.numpy(), output_hidden_states=True)
-    x, xb = engine.embeddings(ids.numpy(), types.numpy())
+    x, xb = engine._embeddings(ids.numpy(), types.numpy())
     valid = mask.numpy().astype(bool)
     computed = valid.copy()
     computed[:, 0] = True  # forward computes the tokens and each [CLS]; padded rows are zeros
     for n in range(engine.num_layers):
-        x, xb = engine.encoder_layer(n, x, xb, valid)
+        x, xb = engine._encoder_layer(n, x, xb, valid)
         got = hidden[n + 1].reshape(x.shape)
         np.testing.assert_array_equal(x[computed.reshape(-1)], got[computed.reshape(-1)])
         assert not got[~computed.reshape(-1)].any()
@@ -292,7 +292,7 @@ def test_score_thresholds_are_stored_and_run(exported):
         # the integer limits decide what the student's float compare decides, for every score
         dots = torch.arange(d, -d - 1, -2, dtype=torch.float32)  # q . k for popcount 0..d
         scores = (dots / math.sqrt(d))[None, :] - torch.from_numpy(stored.copy())[:, None]
-        np.testing.assert_array_equal(np.arange(d + 1)[None, :] < engine.layers[n].score_lim[:, None],
+        np.testing.assert_array_equal(np.arange(d + 1)[None, :] < engine._layers[n].score_lim[:, None],
                                       (scores > 0).numpy())
 
 
@@ -342,11 +342,11 @@ def test_zero_thresholds_unit_scales_match_sign_student_except_ffn_out(tmp_path)
     e, s = load_packed(tmp_path / "e.bibert"), load_packed(tmp_path / "s.bibert")
     ids, mask, types = batch(student.config.vocab_size)
     te, ts = {}, {}
-    xe, xbe = e.embeddings(ids.numpy(), types.numpy())
-    xs, xbs = s.embeddings(ids.numpy(), types.numpy())
+    xe, xbe = e._embeddings(ids.numpy(), types.numpy())
+    xs, xbs = s._embeddings(ids.numpy(), types.numpy())
     np.testing.assert_array_equal(xbe, xbs)
-    e.encoder_layer(0, xe, xbe, mask.numpy().astype(bool), te)
-    s.encoder_layer(0, xs, xbs, mask.numpy().astype(bool), ts)
+    e._encoder_layer(0, xe, xbe, mask.numpy().astype(bool), te)
+    s._encoder_layer(0, xs, xbs, mask.numpy().astype(bool), ts)
     for key in ("qkv_bits", "context_bits", "context_counts", "attn_out"):
         np.testing.assert_array_equal(te[key], ts[key])
     assert not np.array_equal(te["output"], ts["output"])  # {0, 1} vs +-1 into FFN-out

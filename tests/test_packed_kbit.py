@@ -139,16 +139,16 @@ def test_layer_by_layer_exact_against_the_integer_student(exported, path):
     engine = load_packed(out)
     ids = sequence(30, seed=1)
     ref = reference.kbit_student_forward(student, ids)
-    c = engine.clip_std
+    c = engine._clip_std
     H = engine.hidden
     for n in range(engine.num_layers):
         x = ref["hidden"][n].numpy()
         lv, ct = ref["levels"][n], ref["counts"][n]
         trace = {}
-        got = engine.kbit_layer(n, x, np.ones(30, bool), trace)
+        got = engine._kbit_layer(n, x, np.ones(30, bool), trace)
         xp, _, xl = kernels.quantize_planes(x, bits, c, levels=True)
         np.testing.assert_array_equal(xl, lv["x"].numpy().astype(np.int8))
-        layer = engine.layers[n]
+        layer = engine._layers[n]
         unit = np.ones(3 * H, np.float32), np.zeros(3 * H, np.float32)
         counts = kernels.linear_kbit(xp, 30, H, layer.qkv.panels, 3 * H, bits, 1.0, *unit, layer.qkv.koff)
         np.testing.assert_array_equal(counts, torch.cat([ct["q"], ct["k"], ct["v"]], 1).numpy())
@@ -159,7 +159,7 @@ def test_layer_by_layer_exact_against_the_integer_student(exported, path):
                                                     1.0, engine.heads, engine.head_size, np.ones(30, bool), counts=True)
         np.testing.assert_array_equal(ctx_counts, ct["context"].numpy())
         np.testing.assert_allclose(got, ref["hidden"][n + 1].numpy(), rtol=1e-4, atol=1e-4)
-    logits = engine.kbit_head(ref["hidden"][-1][:1].numpy())
+    logits = engine._kbit_head(ref["hidden"][-1][:1].numpy())
     np.testing.assert_allclose(logits, ref["logits"].numpy(), rtol=1e-4, atol=1e-4)
 
 

@@ -979,11 +979,11 @@ def native_worker(packed: str) -> None:
               "threads=10**9": lambda: kernels.set_threads(10**9),
               "kernels.forward id past vocabulary": lambda: kernels.forward(
                   model._native_model, model._native_layers, model.num_layers, np.array([0, 2]), model.hidden,
-                  model.heads, model.intermediate, model.eps, np.array([2, 99]), np.zeros(2, np.int64), None,
+                  model.heads, model.intermediate, model._eps, np.array([2, 99]), np.zeros(2, np.int64), None,
                   np.ones(2, bool)),
               "embed id past vocabulary": lambda: kernels.embed(np.array([[2, 99]]), np.zeros((1, 2), np.int64),
-                                                                model.word_bits, model.word_alpha, model.position,
-                                                                model.token_type),
+                                                                model._word_bits, model._word_alpha, model._position,
+                                                                model._token_type),
               "layernorm wrong gamma": lambda: kernels.layernorm(np.ones((2, 8), np.float32), np.ones(7), np.ones(8),
                                                                  1e-12),
               "biattention offsets past row": lambda: kernels.biattention(np.zeros((4, 1), np.uint64), (0, 8, 60), 1,
@@ -1094,12 +1094,12 @@ def test_tokenizer_is_built_in_memory_or_in_a_private_folder_from_fixed_names(pa
 
     monkeypatch.setattr(engine.tempfile, "TemporaryDirectory", spy)
     model = load_packed(packed_path)
-    model.files["tokenizer_config.json"] = json.dumps(
+    model._files["tokenizer_config.json"] = json.dumps(
         {"tokenizer_class": "BertTokenizer", "vocab_file": "/dev/zero", "auto_map": {"AutoTokenizer": ["x.Y", None]},
          "do_lower_case": True}).encode()
     assert model.predict(TEXTS).scores.shape == (2, 3)
     assert not seen  # no folder, no file
-    hf = engine._load_hf_tokenizer(model.files, model.config, str(packed_path))
+    hf = engine._load_hf_tokenizer(model._files, model._config, str(packed_path))
     assert hf(TEXTS)["input_ids"] == model.tokenizer(TEXTS)["input_ids"]
     assert seen["mode"] == 0o700 and not seen["path"].exists()
 

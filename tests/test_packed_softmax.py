@@ -71,7 +71,7 @@ def test_layers_and_predictions_are_the_students(exported):
                           output_hidden_states=True)
         hidden = [h[0].numpy() for h in ref.hidden_states]
         for n in range(engine.num_layers):
-            got = engine.kbit_layer(n, hidden[n], np.ones(length, bool))
+            got = engine._kbit_layer(n, hidden[n], np.ones(length, bool))
             layers += 1
             same_layers += bool(np.abs(got - hidden[n + 1]).max() <= 1e-5)
         logits = engine.forward(ids, np.ones_like(ids))

@@ -116,7 +116,7 @@ def test_packed_model_tokenizer_needs_no_transformers(tmp_path):
     export_packed(folder, out)
     model = load_packed(out)
     assert isinstance(model.tokenizer, PackedTokenizer)
-    assert_same_encodings(model.files, ["w1 w2 W3 w4", "w5", "", "zz w1"], ["w2", "w3 w4 w5 w6 w7 w8 w9", "w0", ""],
+    assert_same_encodings(model._files, ["w1 w2 W3 w4", "w5", "", "zz w1"], ["w2", "w3 w4 w5 w6 w7 w8 w9", "w0", ""],
                           lengths=(4, 8, 32))
 
 

@@ -110,21 +110,31 @@ class Predictions:
 
 
 class PackedModel:
-    """A packed BiBERT classifier. Build with `load_packed(path)`."""
+    """A packed BiBERT classifier. Build with `load_packed(path)`.
+
+    Public: `predict` and calling the model (texts in, labels and scores out), `forward`
+    (token ids in, logits out), `tokenizer`, `save_pretrained` / `push_to_hub`; `source`
+    (where it was read from), `labels` and `num_labels`, `quant` (its bits, activations and
+    attention, a `format.PackedQuant`) and its sizes: `num_layers`, `hidden`, `heads`,
+    `head_size`, `intermediate`, `vocab_size`, `max_positions`, `type_vocab_size`. The
+    weights, the kernels' handles, the stored files and the step-by-step forward
+    (`_embeddings`, `_encoder_layer`, `_head`, `_kbit_layer`, `_kbit_head`, which the tests
+    compare with the student) are internal.
+    """
 
     def __init__(self, packed: PackedFile, source: str = "the packed model"):
         """Checks `packed` (config, every tensor's dtype and shape, the files) before any of
         it reaches the kernels; `source` names it in the error."""
         shape, self.quant = check_packed(packed, source)  # its sizes, and its quantization (`format.PackedQuant`)
-        self.config = packed.config
+        self._config = packed.config
         self.source = source
         self.hidden, self.heads, self.head_size = shape.hidden, shape.heads, shape.head_size
         self.intermediate, self.num_layers = shape.intermediate, shape.layers
-        self.eps = shape.layer_norm_eps
+        self._eps = shape.layer_norm_eps
         self.vocab_size, self.max_positions = shape.vocab, shape.positions
         self.type_vocab_size = shape.token_types
-        self.files = packed.files
-        self.side_dtype = packed.side_dtype
+        self._files = packed.files
+        self._side_dtype = packed.side_dtype
         self._tokenizer = None
         t = packed.tensors
 
@@ -148,15 +158,16 @@ class PackedModel:
             return BinaryLinear.from_rows(t[name + ".bits"], K, scaled(f32(name + ".alpha"), scale),
                                           f32(name + ".bias"), compare, zero_one, kbits)
 
-        self.clip_std = float(t[ACTIVATION_CLIP_STD][0]) if kbits else None
+        self._clip_std = float(t[ACTIVATION_CLIP_STD][0]) if kbits else None
 
         e, word = EMBEDDINGS, f"{BODY}.{WORD_EMBEDDINGS}"
-        self.word_bits = np.ascontiguousarray(t[word + ".bits"])
-        self.word_alpha = f32(word + ".alpha")
-        self.position, self.token_type = f32(e + "position_embeddings.weight"), f32(e + "token_type_embeddings.weight")
-        self.emb_ln = (f32(e + "LayerNorm.weight"), f32(e + "LayerNorm.bias"))
+        self._word_bits = np.ascontiguousarray(t[word + ".bits"])
+        self._word_alpha = f32(word + ".alpha")
+        self._position = f32(e + "position_embeddings.weight")
+        self._token_type = f32(e + "token_type_embeddings.weight")
+        self._emb_ln = (f32(e + "LayerNorm.weight"), f32(e + "LayerNorm.bias"))
         H = self.hidden
-        self.layers = []
+        self._layers = []
         for n in range(self.num_layers):
             p = LAYER_PREFIX.format(n)
             q, k, v = (p + name for name in QKV)
@@ -167,7 +178,7 @@ class PackedModel:
                 np.concatenate([f32(q + ".bias"), f32(k + ".bias"), f32(v + ".bias")]), kbits=kbits)
             out_t, _ = quantizer(p + FFN_OUT)  # FFN-out's {0, 1} levels: a compare of FFN-in's output
             ln1, ln2 = (p + name for name in LAYER_NORMS)
-            self.layers.append(Layer(
+            self._layers.append(Layer(
                 qkv=qkv,
                 attn_out=linear(p + ATTENTION_OUTPUT, H),
                 ln1=(f32(ln1 + ".weight"), f32(ln1 + ".bias")),
@@ -182,18 +193,18 @@ class PackedModel:
                 score_rel=kernels.relative_limits(t[p + SCORE_COUNT_MIN], self.head_size)
                 if self.quant.relative_attention else None,
             ))
-        for layer, following in zip(self.layers, self.layers[1:]):
+        for layer, following in zip(self._layers, self._layers[1:]):
             layer.ln2_t = following.qkv_t  # the last layer's bits are not read: the head packs [CLS] again
-        self._weights = _arena([lin for l in self.layers for lin in (l.qkv, l.attn_out, l.ffn_in, l.ffn_out)])
-        self._native_layers = (kernels.LayerParams * self.num_layers)(*(self._layer_params(l) for l in self.layers))
-        self.pooler = linear(POOLER_DENSE, H)
-        self.pooler_t = quantizer(POOLER_DENSE)[0]
+        self._weights = _arena([lin for l in self._layers for lin in (l.qkv, l.attn_out, l.ffn_in, l.ffn_out)])
+        self._native_layers = (kernels.LayerParams * self.num_layers)(*(self._layer_params(l) for l in self._layers))
+        self._pooler = linear(POOLER_DENSE, H)
+        self._pooler_t = quantizer(POOLER_DENSE)[0]
         self._native_model = self._model_params()  # check_packed: the pooler is H x H
         if kbits:  # the k-bit forward's Linears and LayerNorms (`forward`, bb_forward_kbit)
             self._native_kbit_layers = (kernels.KbitLayerParams * self.num_layers)(
-                *(self._kbit_layer_params(l) for l in self.layers))
-            self._native_kbit_pooler = self._kbit_linear_params(self.pooler)
-        self.classifier_weight, self.classifier_bias = f32(f"{CLASSIFIER}.weight"), f32(f"{CLASSIFIER}.bias")
+                *(self._kbit_layer_params(l) for l in self._layers))
+            self._native_kbit_pooler = self._kbit_linear_params(self._pooler)
+        self._classifier_weight, self._classifier_bias = f32(f"{CLASSIFIER}.weight"), f32(f"{CLASSIFIER}.bias")
         self.num_labels = shape.num_labels
         self.labels = list(shape.labels)
 
@@ -202,12 +213,12 @@ class PackedModel:
         def opt(a: np.ndarray | None):
             return None if a is None else a.ctypes.data
 
-        return kernels.ModelParams(self.word_bits.ctypes.data, self.word_alpha.ctypes.data, self.word_bits.shape[0],
-                                   self.position.ctypes.data, self.position.shape[0],
-                                   self.token_type.ctypes.data, self.token_type.shape[0],
-                                   self.emb_ln[0].ctypes.data, self.emb_ln[1].ctypes.data, opt(self.layers[0].qkv_t),
-                                   self.pooler.panels.ctypes.data, self.pooler.epilogue[0].ctypes.data,
-                                   self.pooler.epilogue[1].ctypes.data, opt(self.pooler_t))
+        return kernels.ModelParams(self._word_bits.ctypes.data, self._word_alpha.ctypes.data, self._word_bits.shape[0],
+                                   self._position.ctypes.data, self._position.shape[0],
+                                   self._token_type.ctypes.data, self._token_type.shape[0],
+                                   self._emb_ln[0].ctypes.data, self._emb_ln[1].ctypes.data, opt(self._layers[0].qkv_t),
+                                   self._pooler.panels.ctypes.data, self._pooler.epilogue[0].ctypes.data,
+                                   self._pooler.epilogue[1].ctypes.data, opt(self._pooler_t))
 
     @staticmethod
     def _layer_params(layer: Layer) -> kernels.LayerParams:
@@ -271,21 +282,21 @@ class PackedModel:
         return ids.astype(np.int64, copy=False), valid, np.zeros((B, L), np.int64) if tt is None else \
             tt.astype(np.int64, copy=False)
 
-    def embeddings(self, ids: np.ndarray, token_type_ids: np.ndarray,
-                   positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _embeddings(self, ids: np.ndarray, token_type_ids: np.ndarray,
+                    positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """LayerNorm(word + token type + position): float [B*L, H] and its bits (the first
         layer's Q/K/V input). Token j of a row is at position j, or at positions[b, j]."""
-        x = kernels.embed(ids, token_type_ids, self.word_bits, self.word_alpha, self.position, self.token_type,
+        x = kernels.embed(ids, token_type_ids, self._word_bits, self._word_alpha, self._position, self._token_type,
                           positions)
-        return kernels.layernorm(x, *self.emb_ln, self.eps, with_bits=True, thresholds=self.layers[0].qkv_t)
+        return kernels.layernorm(x, *self._emb_ln, self._eps, with_bits=True, thresholds=self._layers[0].qkv_t)
 
-    def encoder_layer(self, n: int, x: np.ndarray, xb: np.ndarray, key_valid: np.ndarray,
-                      trace: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _encoder_layer(self, n: int, x: np.ndarray, xb: np.ndarray, key_valid: np.ndarray,
+                       trace: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Layer n on hidden state x [B*L, H] (bits xb, packed for this layer's Q/K/V input);
         key_valid bool [B, L], one kernel call per step (`forward` runs the same steps natively:
         the embeddings, all layers and the pooler in one call). With `trace`, stores the intermediates: qkv bits, context bits
         and counts, attention output, FFN bits."""
-        layer, H = self.layers[n], self.hidden
+        layer, H = self._layers[n], self.hidden
         B, L = key_valid.shape
         qkv = layer.qkv(xb, out_bits=True)  # [B*L, words(3H)]
         if trace is not None:
@@ -295,26 +306,26 @@ class PackedModel:
         else:
             ctx = kernels.biattention(qkv, (0, H, 2 * H), B, L, self.heads, self.head_size, key_valid,
                                       thresholds=layer.ctx_t, score_limits=layer.score_lim, relative=layer.score_rel)
-        a, ab = kernels.layernorm(layer.attn_out(ctx, residual=x), *layer.ln1, self.eps, with_bits=True,
+        a, ab = kernels.layernorm(layer.attn_out(ctx, residual=x), *layer.ln1, self._eps, with_bits=True,
                                   thresholds=layer.ln1_t)
         f = layer.ffn_in(ab, out_bits=True)  # [B*L, words(intermediate)]
-        out, outb = kernels.layernorm(layer.ffn_out(f, residual=a), *layer.ln2, self.eps, with_bits=True,
+        out, outb = kernels.layernorm(layer.ffn_out(f, residual=a), *layer.ln2, self._eps, with_bits=True,
                                       thresholds=layer.ln2_t)
         if trace is not None:
             trace.update(qkv_bits=qkv, context_bits=ctx, attn_out=a, ffn_bits=f, output=out)
         return out, outb
 
-    def head(self, cls_hidden: np.ndarray) -> np.ndarray:
+    def _head(self, cls_hidden: np.ndarray) -> np.ndarray:
         """Pooler + classifier on the [CLS] hidden states [B, H]: logits [B, num_labels]."""
-        return self.classify(self.pooler(kernels.sign_pack(cls_hidden, self.pooler_t)))
+        return self._classify(self._pooler(kernels.sign_pack(cls_hidden, self._pooler_t)))
 
-    def classify(self, pooled: np.ndarray) -> np.ndarray:
+    def _classify(self, pooled: np.ndarray) -> np.ndarray:
         """The classifier on the pooler's output before its tanh [B, H]: logits [B, num_labels].
         Each row's dot products are summed on their own (NumPy's pairwise sum along H), not by
         a matrix product, whose summation order changes with the number of rows: so a text's
         logits do not depend on the batch it runs in."""
-        products = np.tanh(pooled)[:, None, :] * self.classifier_weight[None, :, :]  # (B, num_labels, H)
-        return products.sum(axis=-1, dtype=np.float32) + self.classifier_bias
+        products = np.tanh(pooled)[:, None, :] * self._classifier_weight[None, :, :]  # (B, num_labels, H)
+        return products.sum(axis=-1, dtype=np.float32) + self._classifier_bias
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None,
                 output_hidden_states: bool = False):
@@ -351,12 +362,12 @@ class PackedModel:
         hidden = np.empty((self.num_layers + 1, M, self.hidden), np.float32) if output_hidden_states else None
         try:  # embeddings, every layer and the pooler in one native call
             _, pooled = kernels.forward(self._native_model, self._native_layers, self.num_layers, start, self.hidden,
-                                        self.heads, self.intermediate, self.eps, row_ids, row_types, positions,
+                                        self.heads, self.intermediate, self._eps, row_ids, row_types, positions,
                                         row_valid, hidden)
         except BibertError:
             self._check(input_ids, attention_mask, token_type_ids)  # an id or a type out of range: its message
             raise
-        logits = self.classify(pooled)
+        logits = self._classify(pooled)
         if output_hidden_states:
             def unpack(h):
                 if rows is None:
@@ -369,13 +380,13 @@ class PackedModel:
 
     # ---- k-bit activations, bit-serially ------------------------------------------------
 
-    def kbit_layer(self, n: int, x: np.ndarray, key_valid: np.ndarray, trace: dict | None = None) -> np.ndarray:
+    def _kbit_layer(self, n: int, x: np.ndarray, key_valid: np.ndarray, trace: dict | None = None) -> np.ndarray:
         """Layer n of a 2- or 4-bit model on one sequence x [L, H] (key_valid bool [L]). Each
         quantized input is the student's k-bit quantizer of that whole tensor (its clip from the
         tensor's max and standard deviation, docs/packed_format.md, "Multi-bit activations"),
         as bit-planes; every Linear and the attention count in integers. With `trace`, stores
         the intermediates."""
-        layer, H, k, c = self.layers[n], self.hidden, self.quant.kbits, self.clip_std
+        layer, H, k, c = self._layers[n], self.hidden, self.quant.kbits, self._clip_std
         L = x.shape[0]
         xp, xs = kernels.quantize_planes(x, k, c)
         qkv = layer.qkv.kbit(xp, L, xs)
@@ -386,29 +397,29 @@ class PackedModel:
         else:
             ctx = kernels.biattention_kbit(ql, kl, vl, vs, self.heads, self.head_size, key_valid)
         cp, cs = kernels.quantize_planes(ctx, k, c)
-        a = kernels.layernorm(layer.attn_out.kbit(cp, L, cs, residual=x), *layer.ln1, self.eps)
+        a = kernels.layernorm(layer.attn_out.kbit(cp, L, cs, residual=x), *layer.ln1, self._eps)
         ap, a_s = kernels.quantize_planes(a, k, c)
         pre = layer.ffn_in.kbit(ap, L, a_s)
         g = kernels.gelu(pre)
         gp, gs = kernels.quantize_planes(g, k, c)
-        out = kernels.layernorm(layer.ffn_out.kbit(gp, L, gs, residual=a), *layer.ln2, self.eps)
+        out = kernels.layernorm(layer.ffn_out.kbit(gp, L, gs, residual=a), *layer.ln2, self._eps)
         if trace is not None:
             trace.update(qkv=qkv, context=ctx, attn_out=a, ffn_pre=pre, gelu=g, output=out)
         return out
 
-    def kbit_head(self, cls_hidden: np.ndarray) -> np.ndarray:
+    def _kbit_head(self, cls_hidden: np.ndarray) -> np.ndarray:
         """Pooler + classifier of a 2- or 4-bit model on the [CLS] hidden states [B, H], each
         sequence's own (the student quantizes the pooler input of a batch of one)."""
         rows = []
         for h in np.ascontiguousarray(cls_hidden, np.float32):
-            planes, step = kernels.quantize_planes(h[None], self.quant.kbits, self.clip_std)
-            rows.append(self.pooler.kbit(planes, 1, step)[0])
-        return self.classify(np.stack(rows) if rows else np.zeros((0, self.hidden), np.float32))
+            planes, step = kernels.quantize_planes(h[None], self.quant.kbits, self._clip_std)
+            rows.append(self._pooler.kbit(planes, 1, step)[0])
+        return self._classify(np.stack(rows) if rows else np.zeros((0, self.hidden), np.float32))
 
     def _forward_kbit(self, ids, valid, tt, output_hidden_states):
         """forward of a 2- or 4-bit model in one native call (bb_forward_kbit), with Bi-Attention or
         softmax attention: each sequence on its own (its tokens and [CLS]), as the student computes
-        a batch of one, with the steps of `kbit_layer` and `kbit_head`; padded positions are not
+        a batch of one, with the steps of `_kbit_layer` and `_kbit_head`; padded positions are not
         computed (zeros)."""
         B, L = ids.shape
         keep = valid.copy()
@@ -419,10 +430,10 @@ class PackedModel:
         M = int(start[-1])
         hidden = np.empty((self.num_layers + 1, M, self.hidden), np.float32) if output_hidden_states else None
         _, pooled = kernels.forward_kbit(self._native_model, self._native_kbit_pooler, self._native_kbit_layers,
-                                         self.num_layers, start, self.hidden, self.heads, self.intermediate, self.eps,
-                                         self.quant.kbits, self.clip_std, ids.reshape(-1)[rows], tt.reshape(-1)[rows],
+                                         self.num_layers, start, self.hidden, self.heads, self.intermediate, self._eps,
+                                         self.quant.kbits, self._clip_std, ids.reshape(-1)[rows], tt.reshape(-1)[rows],
                                          rows % L, valid.reshape(-1)[rows], hidden, softmax=self.quant.softmax)
-        logits = self.classify(pooled)
+        logits = self._classify(pooled)
         if not output_hidden_states:
             return logits
         full = np.zeros((self.num_layers + 1, B * L, self.hidden), np.float32)
@@ -448,7 +459,7 @@ class PackedModel:
         """The tokenizer stored in the packed file (`bibert.packed.tokenizer.PackedTokenizer`,
         built with the `tokenizers` library; see `_load_tokenizer`)."""
         if self._tokenizer is None:
-            self._tokenizer = _load_tokenizer(self.files, self.config, self.source)
+            self._tokenizer = _load_tokenizer(self._files, self._config, self.source)
         return self._tokenizer
 
     def __repr__(self) -> str:
@@ -540,7 +551,7 @@ def softmax_attention_kbit(q: np.ndarray, k: np.ndarray, v: np.ndarray, steps: t
     q . k) * step_q * step_k / sqrt(d) over the valid keys, P = softmax(scores) on the grid of
     2^bits - 1 steps, context = (integer round(P * S) . level_v) * step_v / S: float [L, H].
     The readable reference in NumPy of the engine's `kernels.softmax_attention_kbit` (which
-    `kbit_layer` and the one-call forward run): NumPy's float32 exp and sum order differ from the
+    `_kbit_layer` and the one-call forward run): NumPy's float32 exp and sum order differ from the
     engine's in the last bits, so a probability within rounding of a grid midpoint may round
     apart."""
     L, levels = q.shape[0], 2**bits - 1
