@@ -193,7 +193,8 @@ def recipe_steps(teacher_dir: str, steps: int, rounds: int) -> dict:
 
     from transformers import AutoTokenizer
 
-    from bibert.data import build_dataset, collate_batch, group_by_length, load_examples
+    from bibert.batches import build_dataset, collate_batch
+    from bibert.data import group_by_length, load_examples
     from bibert.losses import DistillObjective, LayerMap
     from bibert.modeling import binarize, calibrate_quantizers, load_teacher
     from bibert.tasks import get_task

@@ -10,8 +10,8 @@ import torch
 from transformers import BertTokenizer
 
 from bibert.cli import main
-from bibert.data import (Example, build_dataset, collate_batch, infer_custom_task, label_counts,
-                         load_examples, make_dataloader)
+from bibert.batches import build_dataset, collate_batch, make_dataloader
+from bibert.data import Example, infer_custom_task, label_counts, load_examples
 from bibert.errors import BibertError
 from bibert.fetch import cache_dir
 from bibert.tasks import get_task

@@ -9,7 +9,8 @@ import sys
 from transformers import AutoTokenizer
 
 from bibert import BiBertForSequenceClassification
-from bibert.data import build_dataset, load_examples
+from bibert.batches import build_dataset
+from bibert.data import load_examples
 from bibert.evaluate import evaluate_model
 from bibert.config import TrainConfig
 from bibert.data import take_slice

@@ -6,7 +6,8 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
 from bibert.cli import main
-from bibert.data import build_dataset, load_examples, make_dataloader
+from bibert.batches import build_dataset, make_dataloader
+from bibert.data import load_examples
 from bibert.errors import BibertError
 from bibert.evaluate import evaluate_model, predict
 from bibert.tasks import compute_metrics, get_task

@@ -1,8 +1,9 @@
 """The runtime without torch: a packed model's tokenizer built with `tokenizers` alone gives
 exactly transformers' ids, masks, token types and truncation (on the offline teacher's
 tokenizer over real corpus rows, pairs included, and on hand-made tokenizer files), and the
-packed commands run where torch and transformers cannot be imported (a blocker on
-PYTHONPATH, and a venv that holds only the runtime's packages)."""
+packed commands, scoring a labelled file with a packed model included, run where torch and
+transformers cannot be imported (a blocker on PYTHONPATH, and a venv that holds only the
+runtime's packages)."""
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ from bibert import BibertError
 from bibert.packed import export_packed, load_packed
 from bibert.packed.format import TOKENIZER_FILES
 from bibert.packed.tokenizer import PackedTokenizer, build_tokenizer
-from test_packed import make_student
+from test_packed import WORDS, make_student
 
 BLOCKED = ("torch", "transformers")
 REPO = Path(__file__).resolve().parents[1]
@@ -146,8 +147,9 @@ def run_cli(python: str, *args: str, env: dict | None = None, cwd=None) -> subpr
 
 
 def check_runtime(python: str, env: dict, model: Path, tmp: Path) -> None:
-    """predict (texts, pairs, --file), summary, a refused bad file and a training command,
-    in the interpreter `python` with environment `env`."""
+    """predict (texts, pairs, --file), summary, data info and evaluate of a labelled file, a
+    refused bad file and a training command, in the interpreter `python` with environment
+    `env`."""
     probe = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True, env=env)
     assert probe.returncode != 0, "torch is importable: the check would prove nothing"
     r = run_cli(python, "predict", "--model", str(model), "w1 w2 w3", env=env, cwd=tmp)
@@ -164,6 +166,13 @@ def check_runtime(python: str, env: dict, model: Path, tmp: Path) -> None:
     assert (tmp / "out.csv").read_text().count("\n") == 3
     r = run_cli(python, "summary", str(model), env=env, cwd=tmp)
     assert r.returncode == 0 and "quantized parameters" in r.stdout, r.stderr
+    (tmp / "labelled.csv").write_text("text,label\nw1 w2,LABEL_0\nw3,LABEL_1\nw4 w5,LABEL_2\nw6,LABEL_0\n")
+    r = run_cli(python, "data", "info", "--file", str(tmp / "labelled.csv"), env=env, cwd=tmp)
+    assert r.returncode == 0 and "LABEL_0 2 (50.0%)" in r.stdout, r.stderr
+    r = run_cli(python, "evaluate", "--model", str(model), "--file", str(tmp / "labelled.csv"),
+                "--out", str(tmp / "eval.json"), env=env, cwd=tmp)
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads((tmp / "eval.json").read_text())["metrics"]["dev"]) == {"accuracy", "f1"}
     bad = tmp / "bad.bibert"
     bad.write_bytes(b"not a model at all")
     start = time.perf_counter()
@@ -184,6 +193,68 @@ def test_packed_commands_run_with_torch_and_transformers_blocked(packed_file, tm
             "'scipy', 'safetensors', 'matplotlib')))")
     r = subprocess.run([sys.executable, "-c", code, str(packed_file)], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
+
+
+WATCHED = BLOCKED + ("sklearn", "scipy")  # the training stack the runtime install does not have
+
+# runs `bibert ...` in this process, recording every attempt to import a WATCHED module (a failed
+# attempt too: the blocker makes `import torch` fail, and a caught ImportError would go unseen)
+WATCH_CODE = """import sys
+attempts = []
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in %r:
+            attempts.append(name)
+        return None
+sys.meta_path.insert(0, Watch())
+from bibert.cli import main
+code = main(sys.argv[1:])
+print("IMPORT ATTEMPTS", sorted(set(attempts)))
+sys.exit(code)
+""" % (WATCHED,)
+
+
+def labelled_rows(model, n: int = 60, seed: int = 0) -> tuple[list[str], list[str]]:
+    """n texts of the students' vocabulary and gold labels that agree with the model on about
+    two thirds of them (every label occurs)."""
+    rng = np.random.default_rng(seed)
+    texts = [" ".join(rng.choice(WORDS, int(rng.integers(1, 9)))) for _ in range(n)]
+    predicted = model.predict(texts).labels
+    gold = [label if rng.random() < 0.65 else str(rng.choice(model.labels)) for label in predicted]
+    gold[:len(model.labels)] = model.labels
+    return texts, gold
+
+
+def test_evaluate_packed_model_with_torch_and_transformers_blocked(packed_file, tmp_path):
+    """`bibert evaluate --model M.bibert --file data.csv` where torch and transformers cannot be
+    imported: the metrics it writes are those of the model's own predictions on the file's
+    rows (accuracy and macro F1 counted here from the labels), and it never tried to import
+    torch, transformers, scikit-learn or scipy."""
+    model = load_packed(packed_file)
+    texts, gold = labelled_rows(model)
+    data = tmp_path / "labelled.csv"
+    data.write_text("text,label\n" + "".join(f"{t},{g}\n" for t, g in zip(texts, gold)))
+    out = tmp_path / "metrics.json"
+    env = {**os.environ, "PYTHONPATH": str(blocker(tmp_path / "block")), "BIBERT_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", WATCH_CODE, "evaluate", "--model", str(packed_file), "--file", str(data),
+                        "--out", str(out), "--batch-size", "7"], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "IMPORT ATTEMPTS []" in r.stdout, r.stdout
+    written = json.loads(out.read_text())
+    assert written["model"] == str(packed_file) and written["source"]["file"] == str(data)
+    (metrics,) = written["metrics"].values()
+
+    predicted = model.predict(texts).labels
+    accuracy = sum(p == g for p, g in zip(predicted, gold)) / len(gold)
+    f1 = []
+    for label in model.labels:
+        tp = sum(p == g == label for p, g in zip(predicted, gold))
+        wrong = sum((p == label) != (g == label) for p, g in zip(predicted, gold))
+        f1.append(2 * tp / (2 * tp + wrong) if tp + wrong else 0.0)
+    assert 0 < accuracy < 1
+    assert metrics == pytest.approx({"accuracy": accuracy, "f1": sum(f1) / len(f1)}, rel=1e-12)
+    assert f"accuracy {100 * accuracy:.2f}" in r.stdout
 
 
 RUNTIME_PACKAGES = ("numpy", "numpy.libs", "tokenizers", "tqdm", "pyarrow", "pyarrow.libs")

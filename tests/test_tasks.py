@@ -1,5 +1,7 @@
+import dataclasses
 import math
 
+import numpy as np
 import pytest
 
 from bibert.errors import BibertError
@@ -101,6 +103,53 @@ def test_metrics_always_contain_the_selection_metric(name):
     preds = [0.1, 0.7, 0.3] if task.is_regression else [0, 1, 1]
     labels = [0.0, 1.0, 0.5] if task.is_regression else [0, 1, 0]
     assert task.best_metric in compute_metrics(task, preds, labels)
+
+
+def _reference_metrics(task, preds, labels) -> dict[str, float]:
+    """The metrics as scikit-learn and scipy compute them (what compute_metrics computed
+    before it needed NumPy alone)."""
+    stats = pytest.importorskip("scipy.stats")
+    skm = pytest.importorskip("sklearn.metrics")
+
+    def corr(fn):
+        p, g = np.asarray(preds, float), np.asarray(labels, float)
+        return 0.0 if np.ptp(p) == 0 or np.ptp(g) == 0 else float(fn(p, g)[0])
+
+    binary = task.num_labels == 2
+    every = {"accuracy": lambda: float(skm.accuracy_score(labels, preds)),
+             "f1": lambda: float(skm.f1_score(labels, preds, average="binary" if binary else "macro",
+                                              labels=None if binary else list(range(task.num_labels)),
+                                              zero_division=0)),
+             "mcc": lambda: float(skm.matthews_corrcoef(labels, preds)),
+             "pearson": lambda: corr(stats.pearsonr), "spearman": lambda: corr(stats.spearmanr),
+             "pearson_spearman_mean": lambda: (corr(stats.pearsonr) + corr(stats.spearmanr)) / 2}
+    return {metric: every[metric]() for metric in task.metrics}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("seed", range(40))
+def test_metrics_equal_scikit_learn_and_scipy(seed):
+    """NumPy's metrics (the runtime has no scikit-learn or scipy) against the libraries', on
+    random predictions: small and large sets, skewed and absent classes, ties in the scores."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.choice([2, 3, 5, 17, 200, 3000]))
+    for task in (get_task("mrpc"), Task.custom("three", ["a", "b", "c"], pair=True),
+                 Task.custom("five", list("vwxyz"), pair=False)):
+        task = dataclasses.replace(task, metrics=("accuracy", "f1", "mcc"))
+        k = task.num_labels
+        labels = rng.choice(k, n, p=rng.dirichlet(np.ones(k) * 0.5))
+        preds = np.where(rng.random(n) < rng.random(), labels, rng.integers(0, k, n))
+        if seed % 5 == 0:
+            preds[:] = preds[0]  # one class predicted only
+        got, want = compute_metrics(task, preds, labels), _reference_metrics(task, preds, labels)
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-15), task.name
+    stsb = get_task("stsb")
+    labels = rng.normal(size=n) * 10.0 ** rng.integers(-3, 4)
+    preds = labels + rng.normal(size=n) * rng.random() * 3
+    if seed % 3 == 0:
+        preds, labels = np.round(preds), np.round(labels * 2) / 2  # ties
+    got, want = compute_metrics(stsb, preds, labels), _reference_metrics(stsb, preds, labels)
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-15)
 
 
 def test_mismatched_lengths_are_an_error():

@@ -260,7 +260,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, seed: in
 def packed_vs_student(packed, student, tokenizer, task, examples: list, max_length: int | None = None) -> dict:
     """Accuracy of the packed engine and of the simulated student on labeled `examples`, and
     how often their predictions agree (the engine is meant to compute the student's function)."""
-    from .data import build_dataset, make_dataloader
+    from .batches import build_dataset, make_dataloader
     from .evaluate import predict
     from .tasks import compute_metrics
 

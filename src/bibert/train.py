@@ -43,14 +43,14 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from . import distributed
+from .batches import build_dataset, collate_batch
 from .checkpoint import (BEST_DIR, CALIBRATION_NAME, CURVES_NAME, LAST_DIR, METRICS_NAME, RESULTS_NAME,
                          RUN_CONFIG_NAME, STATE_DIR, WEIGHTS_NAME, append_jsonl, load_training_state,
                          read_json_if_exists, recover_folder, save_training_state, write_folder_atomically, write_json,
                          write_jsonl)
 from .config import (VIA_SHARE, QuantConfig, TrainConfig, budget_epochs, default_student, option_fields,
                      resolve_config)
-from .data import (build_dataset, collate_batch, describe_task, group_by_length, is_task_name, load_split,
-                   take_slice)
+from .data import describe_task, group_by_length, is_task_name, load_split, take_slice
 from .errors import BibertError
 from .evaluate import predict
 from .losses import DistillObjective, FinetuneObjective, LayerMap

@@ -118,18 +118,19 @@ def run_packed(args, path: Path) -> int:
 
 
 def run(args) -> int:
+    packed = packed_path(args.model)
+    if packed is not None:  # the runtime's path: no torch, no transformers
+        return run_packed(args, packed)
     import torch
     from transformers import AutoTokenizer
 
+    from ..batches import build_dataset
     from ..checkpoint import model_labels, write_json
-    from ..data import build_dataset, load_examples, resolve_model, source_record
+    from ..data import load_examples, resolve_model, source_record
     from ..errors import BibertError
     from ..evaluate import evaluate_model
     from ..modeling import load_any_model
 
-    packed = packed_path(args.model)
-    if packed is not None:
-        return run_packed(args, packed)
     model_dir = Path(resolve_model(args.model))
     if not model_dir.is_dir():
         raise BibertError(f"model folder not found: {model_dir}")
