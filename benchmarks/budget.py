@@ -82,6 +82,11 @@ RUNS = {
         # multi-step with a fair budget: the 1-1-1 student starts from the trained 1-1-4 one, a full schedule each
         Run("elastic_from4_s2500", "Elastic BiBERT 1-1-1 from the trained 1-1-4 student, 2500 + 2500 steps", "1-1-1",
             "bi-max", "dmd", 2500, activations="elastic", pred_weight=5.0, init_from="w1a4_s2500"),
+        # the same two stages within one run's budget: 1,000 steps of 1-1-4, then 1,500 of 1-1-1
+        _kbit("1-1-4", 1000, seeds=(1, 2, 3)),
+        Run("elastic_from4s1000_s1500", "Elastic BiBERT 1-1-1 from a 1000-step 1-1-4 student, 1000 + 1500 steps",
+            "1-1-1", "bi-max", "dmd", 1500, activations="elastic", pred_weight=5.0, init_from="w1a4_s1000",
+            seeds=(1, 2, 3)),
     ],
     "rotten_tomatoes": [
         _elastic("elastic_s2500", 2500, seeds=(1, 2, 3)),

@@ -20,7 +20,8 @@ def test_every_option_field_is_a_flag_of_its_commands():
         assert {f.name for f in option_fields(mode)} <= set(vars(args))
         assert _options(args, mode) == {}  # nothing given: every default comes from resolve_config
     names = {f.name for f in fields(TrainConfig)} - {f.name for f in option_fields()}
-    assert names == {"mode", "task", "model", "out", "quant"}  # given by --model/--teacher, --task, --out, --bits...
+    # given by --model/--teacher, --task, --out, --bits...; budget_share by --via (each stage's share)
+    assert names == {"mode", "task", "model", "out", "quant", "budget_share"}
 
 
 def test_existing_flag_names_keep_working():

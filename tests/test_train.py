@@ -341,11 +341,36 @@ def test_via_runs_two_stages_with_the_budget_split(tiny_teacher, tmp_path):
     config = json.loads((tmp_path / "v" / "config.json").read_text())
     assert config["init_from"] == str(tmp_path / "v" / "via-1-1-4" / "best")
     middle = BiBertForSequenceClassification.from_pretrained(tmp_path / "v" / "via-1-1-4" / "best")
-    assert middle.quant.bits == "1-1-4"
+    assert (middle.quant.bits, middle.quant.attention) == ("1-1-4", "softmax")  # the k-bit recipe
     assert (tmp_path / "v" / "calibration.json").is_file()  # the final student's quantizers start from data
     again = distill(tiny_teacher, "rotten_tomatoes", tmp_path / "v", quant=QuantConfig(activations="elastic"),
                     via="1-1-4", epochs=2, resume=True, **SLICE)  # both stages finished: nothing retrained
     assert again["best"] == res["best"]
+
+
+def test_via_splits_the_default_budget_and_trains_the_kbit_recipe_first(tiny_teacher, tmp_path):
+    """Without --epochs each stage takes its share of the default budget (48 examples: 10
+    epochs of 6 steps, config.budget_epochs); the 1-1-4 stage trains the k-bit recipe, the
+    final one Elastic BiBERT; with --paper both keep the paper's objective."""
+    res = distill(tiny_teacher, "rotten_tomatoes", tmp_path / "b", via="1-1-4", via_share=0.25, **SLICE)
+    first = json.loads((tmp_path / "b" / "via-1-1-4" / "config.json").read_text())
+    final = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert (res["via"]["steps"], res["steps"]) == (15, 45)
+    assert (first["epochs"], final["epochs"]) == (2.5, 7.5)
+    assert (first["quant"]["activation_bits"], first["quant"]["attention"], first["distill"], first["pred_weight"]) \
+        == (4, "softmax", "standard", 1.0)
+    assert (final["quant"]["activations"], final["quant"]["attention"], final["distill"], final["pred_weight"]) \
+        == ("elastic", "bi-max", "dmd", 5.0)
+    paper = distill(tiny_teacher, "rotten_tomatoes", tmp_path / "p", via="1-1-4", paper=True, epochs=1, **SLICE)
+    first = json.loads((tmp_path / "p" / "via-1-1-4" / "config.json").read_text())
+    assert (first["quant"]["attention"], first["distill"], paper["via"]["steps"], paper["steps"]) == ("bi", "dmd", 3, 3)
+    steps = distill(tiny_teacher, "rotten_tomatoes", tmp_path / "s", via="1-1-2", via_share=0.4, max_steps=10,
+                    **SLICE)
+    assert (steps["via"]["steps"], steps["steps"]) == (4, 6)
+    with pytest.raises(BibertError, match="wider activations"):
+        distill(tiny_teacher, "rotten_tomatoes", tmp_path / "w", via="1-1-1", epochs=1, **SLICE)
+    with pytest.raises(BibertError, match="leave out --init-from"):
+        distill(tiny_teacher, "rotten_tomatoes", tmp_path / "i", via="1-1-4", init_from=str(tmp_path), **SLICE)
 
 
 def test_phase_in_hardens_the_activations_and_evaluates_the_binary_model(tiny_teacher, tmp_path):

@@ -292,6 +292,9 @@ class TrainConfig:
                                           flags=("--text-pair-column", "--pair-column"),
                                           default_text="the task's field; none for your own data", shared=True)
     label_column: str | None = option(None, "column of the label", DATA_GROUP, default_text="label", shared=True)
+    # the share of the default budget (`budget_epochs`) this run trains when epochs is None: a --via
+    # stage and the final stage after it each take their share (docs/method.md §8); not a flag
+    budget_share: float = 1.0
 
     VERSION: ClassVar[int] = 2  # 2: task of your own data (a dict), dev/test files and columns
     # options that may change between a run and its resumption
@@ -338,6 +341,8 @@ class TrainConfig:
             raise BibertError(f"--pred-weight must be a finite number >= 0, got {self.pred_weight}")
         if self.mode != "distill" and self.pred_weight != 1.0:
             raise BibertError("--pred-weight applies to distillation only")
+        if not 0.0 < self.budget_share <= 1.0:
+            raise BibertError(f"budget_share is a share of the default budget in (0, 1], got {self.budget_share}")
         if not 0.0 <= self.phase_in < 1.0:
             raise BibertError(f"--phase-in is a share of the steps in [0, 1), got {self.phase_in}")
         if self.phase_in and not (self.mode == "distill" and self.quant.elastic):

@@ -48,8 +48,8 @@ from .checkpoint import (BEST_DIR, CALIBRATION_NAME, CURVES_NAME, LAST_DIR, METR
                          RUN_CONFIG_NAME, STATE_DIR, WEIGHTS_NAME, append_jsonl, load_training_state,
                          read_json_if_exists, recover_folder, save_training_state, write_folder_atomically, write_json,
                          write_jsonl)
-from .config import (VIA_SHARE, QuantConfig, TrainConfig, budget_epochs, default_student, option_fields,
-                     resolve_config)
+from .config import (KBIT_RECIPE, VIA_SHARE, QuantConfig, TrainConfig, budget_epochs, default_student,
+                     option_fields, resolve_config)
 from .data import describe_task, group_by_length, is_task_name, load_split, take_slice
 from .errors import BibertError
 from .evaluate import predict
@@ -163,7 +163,7 @@ class Trainer:
                                           shuffle=True, seed=cfg.seed, drop_last=False)
         self.steps_per_epoch = math.ceil(len(self.sampler) / cfg.batch_size)
         if cfg.epochs is None:  # Elastic BiBERT's budget, from the train split's size (saved in config.json)
-            cfg.epochs = round(budget_epochs(len(self.train_set)), 4)
+            cfg.epochs = round(budget_epochs(len(self.train_set)) * cfg.budget_share, 4)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         self.eval_every = cfg.eval_every or max(1, math.ceil(self.steps_per_epoch / cfg.evals_per_epoch))
 
@@ -541,41 +541,59 @@ def distill(teacher: str, task: str | Task | None, out: str | os.PathLike, *, qu
     teacher's labels.
 
     via (multi-step distillation, after BiT; docs/method.md §8): first distil an
-    intermediate student with these bits (e.g. "1-1-4": same attention and objective,
-    wider activations) into OUT/via-<bits>/, for `via_share` of the epochs; then the final
-    student starts from its best checkpoint and trains for the rest, against the same
-    teacher. The total number of steps is the single-stage run's. Each stage resumes on its
-    own; a finished stage is kept. Returns the results dict of the final stage (also
-    written to out/results.json), with the intermediate stage's under "via".
+    intermediate student with these bits (e.g. "1-1-4") into OUT/via-<bits>/, for `via_share`
+    of the training; then the final student starts from its best checkpoint and trains for
+    the rest, against the same teacher, each stage with its own schedule. The total is the
+    single-stage run's (the default budget, epochs or max_steps), split. Without `paper` the
+    intermediate student trains the k-bit recipe (KBIT_RECIPE: softmax attention, the
+    standard objective, prediction weight 1), as a 1-1-k student on its own would; with
+    `paper` it keeps the final stage's attention (Bi-Attention) and objective. Each stage
+    resumes on its own; a finished stage is kept. Returns the results dict of the final stage
+    (also written to out/results.json), with the intermediate stage's under "via".
     """
     final = resolve_config("distill", teacher, task, out, quant=quant, distill=distill, student_layers=student_layers,
                            **options)
-
-    def stage(stage_out, stage_quant: QuantConfig, **stage_options) -> dict:  # the final stage's objective
-        stage_options.setdefault("pred_weight", final.pred_weight)
-        config = resolve_config("distill", final.model, final.task, stage_out, quant=stage_quant,
-                                distill=final.distill, student_layers=student_layers, **stage_options)
-        return Trainer(config, hooks).run(resume)
-
     if via is None:
         return Trainer(final, hooks).run(resume)
     if not 0 < via_share < 1:
         raise BibertError(f"--via-share must lie strictly between 0 and 1, got {via_share}")
-    if options.get("max_steps") is not None or options.get("init_from") is not None:
-        raise BibertError("--via splits the epochs between the stages: leave out --max-steps and --init-from")
-    if final.epochs is None:
-        raise BibertError("--via splits the epochs between the stages: give --epochs (the default budget is for one "
-                          "stage)")
+    if options.get("init_from") is not None:
+        raise BibertError("--via starts the final student from the intermediate one: leave out --init-from (or "
+                          "--via)")
+    max_steps = options.get("max_steps")
+    if max_steps is not None and max_steps < 2:
+        raise BibertError(f"--via splits --max-steps between two stages: give at least 2, got {max_steps}")
     if isinstance(via, QuantConfig):
         middle = via
-    else:  # the intermediate student: k-bit activations, Bi-Attention (bi-max needs 1-bit elastic ones)
-        attention = "bi" if final.quant.attention == "bi-max" else final.quant.attention
-        middle = QuantConfig.from_bits(via, attention)
+    elif final.paper:  # the paper's objective throughout: k-bit activations, Bi-Attention
+        middle = QuantConfig.from_bits(via, "bi" if final.quant.attention == "bi-max" else final.quant.attention)
+    else:
+        middle = QuantConfig.from_bits(via, KBIT_RECIPE["attention"])
+    if middle.activation_bits <= final.quant.activation_bits:
+        raise BibertError(f"--via {middle.bits} must have wider activations than the student ({final.quant.bits})")
+    if final.paper:
+        own = {"distill": final.distill, "pred_weight": final.pred_weight}
+    else:  # the k-bit recipe; options of the elastic student alone (phase-in, DMD's padding mask) stay with it
+        own = {"distill": KBIT_RECIPE["distill"], "pred_weight": KBIT_RECIPE["pred_weight"], "phase_in": 0.0,
+               "dmd_mask_padding": False}
+
+    def share(first: bool) -> dict:  # a stage's part of --max-steps, of --epochs, or of the default budget
+        if max_steps is not None:
+            steps = min(max_steps - 1, max(1, round(max_steps * via_share)))
+            return {"max_steps": steps if first else max_steps - steps}
+        part = via_share if first else 1 - via_share
+        return {"epochs": final.epochs * part} if final.epochs is not None else {"budget_share": part}
+
+    def stage(stage_out, stage_quant: QuantConfig, **stage_options) -> dict:
+        config = resolve_config("distill", final.model, final.task, stage_out, quant=stage_quant,
+                                student_layers=student_layers, **stage_options)
+        return Trainer(config, hooks).run(resume)
+
     stage_out = Path(out) / f"via-{middle.bits}"
     first = read_json_if_exists(stage_out / RESULTS_NAME) or stage(stage_out, middle,
-                                                                  **{**options, "epochs": final.epochs * via_share})
-    second = stage(out, final.quant, **{**options, "epochs": final.epochs * (1 - via_share),
-                                  "init_from": str(stage_out / BEST_DIR)})
+                                                                  **{**options, **own, **share(True)})
+    second = stage(out, final.quant, **{**options, "distill": final.distill, "pred_weight": final.pred_weight,
+                                        **share(False), "init_from": str(stage_out / BEST_DIR)})
     second["via"] = first
     if int(os.environ.get("RANK", "0")) == 0:
         write_json(Path(out) / RESULTS_NAME, second)

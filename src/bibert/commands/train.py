@@ -97,10 +97,11 @@ def _quant_options(group) -> None:
                             f"(default: {elastic.activations}; {paper.activations} with --paper or k-bit activations)")
     group.add_argument("--via", metavar="W-E-A",
                        help="multi-step distillation (docs/method.md §8): first distil a student with these bits (e.g. "
-                            "1-1-4) into OUT/via-W-E-A, then start the final student from it; the epochs are split "
-                            "between the two stages (default: one stage)")
+                            "1-1-4; without --paper it trains the 1-1-k recipe: softmax attention, standard KD) into "
+                            "OUT/via-W-E-A, then start the final student from it; the training (the default budget, "
+                            "--epochs or --max-steps) is split between the two stages (default: one stage)")
     group.add_argument("--via-share", type=float, default=VIA_SHARE,
-                       help=f"share of the epochs given to the --via stage (default: {VIA_SHARE})")
+                       help=f"share of the training given to the --via stage (default: {VIA_SHARE})")
 
 
 def _common(p, mode: str) -> None:
