@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # what `bibert[train]` adds to the runtime (NumPy, tokenizers, the native engine)
-TRAIN_MODULES = {"torch", "transformers", "safetensors", "sklearn", "scipy", "matplotlib", "huggingface_hub"}
+TRAIN_MODULES = {"torch", "transformers", "safetensors", "matplotlib", "huggingface_hub"}
 RESUMABLE = ("finetune", "distill")  # commands whose --out keeps a checkpoint that --resume continues
 
 
