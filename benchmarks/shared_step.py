@@ -5,7 +5,8 @@ A user's first own-data run (README: 400-row CSV, elastic bi-max, the recipe def
 that version: fp32, batch 16, max length 128, plain shuffled order) took about 16 CPU
 seconds a step on a shared 2-core host: PyTorch's OpenMP threads spin while they wait, and
 on a busy machine the spinning is most of the CPU time (bibert now makes an unset
-OMP_WAIT_POLICY passive when it is imported before torch). This script runs a few real steps of that recipe
+OMP_WAIT_POLICY passive, where other tasks are running, when it is imported before torch; bibert._omp). This script
+runs a few real steps of that recipe
 and of today's default recipe in child processes (OpenMP settings must be in place before
 torch loads), each with the machine as it is (run it beside training jobs to see the
 shared case), and reports per step: wall seconds, the process's CPU seconds (user +
@@ -77,6 +78,7 @@ def child(recipe: str, steps: int, threads: int) -> None:
 def measure(recipe: str, steps: int, threads: int, policy: str | None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     env.pop("OMP_WAIT_POLICY", None)
+    env.pop("GOMP_SPINCOUNT", None)  # what bibert set in this process, were it imported
     if policy:
         env["OMP_WAIT_POLICY"] = policy
     out = subprocess.run([sys.executable, __file__, "--child", recipe, "--steps", str(steps), "--threads", str(threads)],

@@ -4,13 +4,11 @@
     student = bibert.binarize("path/to/bert-classifier", bibert.QuantConfig())  # 1-1-1, Bi-Attention
     print(bibert.summary(student, seq_len=128))
 """
-import os as _os
+from . import _omp
 
-# PyTorch's OpenMP threads spin between parallel regions by default; on a machine that other
-# jobs share, a 2-thread training step then burnt 21 CPU seconds instead of 1.2 (17x, wall
-# clock 14x; benchmarks/shared_step.py). Passive waiting (threads sleep at once) is the default
-# here unless the user set a policy; it only takes effect when bibert is imported before torch.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# How PyTorch's OpenMP threads wait: a short spin on an idle machine, passive waiting on a busy
+# one, unless the user chose (bibert._omp); it only takes effect when bibert is imported before torch.
+_omp.apply()
 
 from .config import QuantConfig  # noqa: E402
 from .errors import BibertError  # noqa: E402
