@@ -2,7 +2,9 @@
 of the popcount ceiling end to end, per kernel family and batch size.
 
 The model is a BERT-base shape packed 1-1-1 student with random weights (latency does not
-depend on their values), sequences of 128 tokens, one thread. Each library runs in its own
+depend on their values), or with --models any of 1-1-1, 1-1-2, 1-1-4, 1-1-2-softmax and
+1-1-4-softmax (2- and 4-bit activations, Bi-Attention or softmax attention), sequences of 128
+tokens, one thread. Each library runs in its own
 worker process (BIBERT_NATIVE_LIB); the workers take turns call by call, so that noise from a
 shared machine hits both alike, and each call's CPU time is the worker thread's, which other
 processes on the core do not inflate. The popcount ceiling (the register-only XOR + popcount
@@ -11,6 +13,7 @@ The workers also compare their outputs: logits and every hidden state must be bi
 
     python benchmarks/native_ab.py --baseline old/_bitkernels.so            # against the installed build
     python benchmarks/native_ab.py --baseline old.so --candidate new.so --families avx512 avx2 portable
+    python benchmarks/native_ab.py --baseline old.so --models 1-1-1 1-1-2 1-1-4-softmax --cache /tmp/ab-models
 
 A baseline of another ABI runs with the bibert package it was built with (its ctypes bindings and
 engine), given as a source folder: --baseline-src old-checkout/src. The comparison is then of the
@@ -34,7 +37,14 @@ SHAPE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, inte
 BINARY_MACS = 11.17e9  # binary MACs of one BERT-base forward at 128 tokens (Linears and attention)
 
 
-def build_model(workdir: Path) -> Path:
+MODELS = ("1-1-1", "1-1-2", "1-1-4", "1-1-2-softmax", "1-1-4-softmax")
+
+
+def build_model(workdir: Path, name: str = "1-1-1") -> Path:
+    """The packed file of the model `name` (MODELS) in workdir (kept there: built once)."""
+    path = workdir / f"student-{name}.bibert"
+    if path.exists():
+        return path
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -42,14 +52,16 @@ def build_model(workdir: Path) -> Path:
     from bibert.modeling import binarize
     from bibert.packed import export_packed
 
+    bits = int(name.split("-")[2])
+    quant = QuantConfig(1, 1, bits, "softmax") if name.endswith("softmax") else QuantConfig(1, 1, bits)
     torch.manual_seed(0)
     hf = BertForSequenceClassification(BertConfig(**SHAPE, num_labels=2, attn_implementation="eager")).eval()
-    folder = workdir / "student"
-    binarize(hf, QuantConfig()).save_pretrained(folder)
+    folder = workdir / f"student-{name}"
+    binarize(hf, quant).save_pretrained(folder)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(hf.config.vocab_size - 5)]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    export_packed(folder, workdir / "student.bibert")
-    return workdir / "student.bibert"
+    export_packed(folder, path)
+    return path
 
 
 def worker(model: str) -> None:
@@ -126,15 +138,18 @@ class Worker:
 def markdown(r: dict) -> str:
     lines = [f"# Native library A/B ({r['baseline']} -> {r['candidate']})", "",
              f"`{r['command']}`, {r['date']}. Host: {r['cpu']}, {r['cores']} cores; load average "
-             f"{r['load_average'][0]} at the start, {r['load_average'][1]} at the end. BERT-base shape packed 1-1-1, "
-             f"sequences of {r['seq']} tokens, one thread; medians of {r['rounds']} interleaved rounds of CPU time "
-             f"per forward. Ceiling: the family's popcount loop on one core, CPU time, median of the rounds.", "",
-             "| family | batch | ceiling T MAC/s | baseline CPU ms | candidate CPU ms | ratio | baseline % of ceiling "
-             "| candidate % of ceiling | outputs |", "|---|---|---|---|---|---|---|---|---|"]
+             f"{r['load_average'][0]} at the start, {r['load_average'][1]} at the end. BERT-base shape packed "
+             f"{', '.join(r.get('models', ['1-1-1']))}, sequences of {r['seq']} tokens, one thread; medians of "
+             f"{r['rounds']} interleaved rounds of CPU time per forward. Ceiling: the family's popcount loop on one "
+             f"core, CPU time, median of the rounds (the share of it: 1-1-1 only, whose binary MACs it counts). "
+             f"Outputs: the logits and every hidden state of the two builds.", "",
+             "| model | family | batch | ceiling T MAC/s | baseline CPU ms | candidate CPU ms | ratio | baseline % of "
+             "ceiling | candidate % of ceiling | outputs |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
-        lines.append(f"| {row['family']} | {row['batch']} | {row['ceiling_tmacs']} | {row['baseline_ms']} | "
-                     f"{row['candidate_ms']} | {row['ratio']} | {row['baseline_pct']}% | {row['candidate_pct']}% | "
-                     f"{'bit-identical' if row['identical'] else 'DIFFER'} |")
+        pct = (lambda k: f"{row[k]}%" if row.get(k) is not None else "-")
+        lines.append(f"| {row.get('model', '1-1-1')} | {row['family']} | {row['batch']} | {row['ceiling_tmacs']} | "
+                     f"{row['baseline_ms']} | {row['candidate_ms']} | {row['ratio']} | {pct('baseline_pct')} | "
+                     f"{pct('candidate_pct')} | {'bit-identical' if row['identical'] else 'DIFFER'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -150,6 +165,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--models", nargs="+", default=["1-1-1"], choices=MODELS,
+                    help="packed models to run (bits; -softmax: softmax attention)")
+    ap.add_argument("--cache", type=Path, help="a folder that keeps the built models between runs")
     ap.add_argument("--out", type=Path, default=RESULTS / "native_ab.json")
     args = ap.parse_args(argv)
     from bibert.packed import tuning
@@ -159,46 +177,53 @@ def main(argv=None) -> int:
               "date": time.strftime("%Y-%m-%d"), "cpu": tuning.cpu_model(), "cores": os.cpu_count(),
               "baseline": args.labels[0] if args.labels else Path(args.baseline).name,
               "candidate": args.labels[1] if args.labels else Path(args.candidate).name if args.candidate else
-              "installed build", "seq": args.seq, "rounds": args.rounds, "rows": []}
+              "installed build", "seq": args.seq, "rounds": args.rounds, "models": args.models, "rows": []}
     with tempfile.TemporaryDirectory(prefix="bibert-native-ab-") as tmp:
-        model = build_model(Path(tmp))
-        base, cand = Worker(args.baseline, model, args.baseline_src), Worker(args.candidate, model)
-        try:
-            for family in args.families:
-                kernel = base.ask(op="family", family=family)["kernel"]
-                cand.ask(op="family", family=family)
-                for batch in args.batches:
-                    same = (base.ask(op="inputs", batch=batch, seq=args.seq, seed=batch)["digest"]
-                            == cand.ask(op="inputs", batch=batch, seq=args.seq, seed=batch)["digest"])
-                    times = {"baseline": [], "candidate": []}
-                    ceilings = []
-                    for w in (base, cand):  # warm-up
-                        w.ask(op="forward")
-                    for i in range(args.rounds):
-                        order = ((base, "baseline"), (cand, "candidate"))
-                        for w, name in (order if i % 2 == 0 else order[::-1]):
-                            times[name].append(w.ask(op="forward")["cpu_ms"])
-                        ceilings.append(cand.ask(op="ceiling", seconds=0.02)["macs_per_s"])
-                    roof = statistics.median(ceilings)
-                    macs = BINARY_MACS * batch * args.seq / 128
-                    med = {k: statistics.median(v) for k, v in times.items()}
-                    row = {"family": kernel, "batch": batch, "ceiling_tmacs": round(roof / 1e12, 3),
-                           "baseline_ms": round(med["baseline"], 2), "candidate_ms": round(med["candidate"], 2),
-                           "ratio": round(med["candidate"] / med["baseline"], 3),
-                           "baseline_pct": round(100 * macs / (med["baseline"] / 1e3) / roof, 1),
-                           "candidate_pct": round(100 * macs / (med["candidate"] / 1e3) / roof, 1),
-                           "identical": same}
-                    result["rows"].append(row)
-                    print(row, flush=True)
-        finally:
-            base.close()
-            cand.close()
+        folder = args.cache or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in args.models:
+            run_model(args, result, name, build_model(folder, name))
     result["load_average"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     args.out.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
     return 0 if all(row["identical"] for row in result["rows"]) else 1
+
+
+def run_model(args, result: dict, name: str, model: Path) -> None:
+    """The rows of one model: each family and batch, the two builds interleaved."""
+    base, cand = Worker(args.baseline, model, args.baseline_src), Worker(args.candidate, model)
+    try:
+        for family in args.families:
+            kernel = base.ask(op="family", family=family)["kernel"]
+            cand.ask(op="family", family=family)
+            for batch in args.batches:
+                same = (base.ask(op="inputs", batch=batch, seq=args.seq, seed=batch)["digest"]
+                        == cand.ask(op="inputs", batch=batch, seq=args.seq, seed=batch)["digest"])
+                times = {"baseline": [], "candidate": []}
+                ceilings = []
+                for w in (base, cand):  # warm-up
+                    w.ask(op="forward")
+                for i in range(args.rounds):
+                    order = ((base, "baseline"), (cand, "candidate"))
+                    for w, build in (order if i % 2 == 0 else order[::-1]):
+                        times[build].append(w.ask(op="forward")["cpu_ms"])
+                    ceilings.append(cand.ask(op="ceiling", seconds=0.02)["macs_per_s"])
+                roof = statistics.median(ceilings)
+                macs = BINARY_MACS * batch * args.seq / 128
+                med = {k: statistics.median(v) for k, v in times.items()}
+                share = (lambda ms: round(100 * macs / (ms / 1e3) / roof, 1) if name == "1-1-1" else None)
+                row = {"model": name, "family": kernel, "batch": batch, "ceiling_tmacs": round(roof / 1e12, 3),
+                       "baseline_ms": round(med["baseline"], 2), "candidate_ms": round(med["candidate"], 2),
+                       "ratio": round(med["candidate"] / med["baseline"], 3),
+                       "baseline_pct": share(med["baseline"]), "candidate_pct": share(med["candidate"]),
+                       "identical": same}
+                result["rows"].append(row)
+                print(row, flush=True)
+    finally:
+        base.close()
+        cand.close()
 
 
 if __name__ == "__main__":
