@@ -72,6 +72,86 @@ def test_quantize_planes_gives_the_students_levels(path, bits, M, C, scale):
         np.testing.assert_array_equal(planes[b::bits], kernels.pack_bool((u >> b) & 1 == 1))
 
 
+def engine_clip(x: np.ndarray, clip_std: float) -> np.float32:
+    """The quantizer's clip as kbit.c defines it, in plain Python: the sums of x and of the squared
+    deviations from the float32 mean in double, each row's in 32 partial sums (column c in sum c % 32)
+    added as a fixed tree, the rows' sums in row order; the std rounded to float32."""
+    M, C = x.shape
+
+    def total(f):
+        out = 0.0
+        for row in x.astype(np.float64).tolist():
+            s = [0.0] * 32
+            for c, v in enumerate(row):
+                s[c % 32] += f(v)
+            t = [(s[i] + s[i + 8]) + (s[i + 16] + s[i + 24]) for i in range(8)]
+            u = [t[i] + t[i + 4] for i in range(4)]
+            out += (u[0] + u[2]) + (u[1] + u[3])
+        return out
+
+    n = float(M * C)
+    mean = float(np.float32(total(lambda v: v) / n))
+    ss = total(lambda v: (v - mean) * (v - mean))
+    with np.errstate(divide="ignore", invalid="ignore"):  # one value: 0 / 0
+        sd = np.float32(np.sqrt(np.float64(ss) / np.float64(n - 1.0)))
+    scaled = np.float32(clip_std) * sd
+    clip = np.float32(np.nan) if np.isnan(scaled) else min(np.float32(np.abs(x).max()), scaled)
+    return np.float32(clip if np.isnan(clip) else max(clip, np.float32(1e-8)))
+
+
+def edge_cases(bits: int, rng) -> list[np.ndarray]:
+    """Tensors where the quantizer's shortcuts could go wrong: values a few ulps around every
+    rounding edge (j - 1/2) step of the levels (a clip of max |x|, the bulk of the values at
+    +-max), a mean far from 0 against the std (the std from the sum of squares cannot be certified:
+    the deviations are summed), a constant, zeros, a NaN and an infinity, plain random ones."""
+    Q = (1 << (bits - 1)) - 1
+    out = []
+    for t in range(24):
+        M, C = int(rng.integers(1, 5)), int(rng.choice([1, 5, 33, 64, 70, 130]))
+        A = np.float32(10.0 ** rng.uniform(-4, 4))
+        x = (np.where(rng.random((M, C)) < 0.5, -1, 1) * A).astype(np.float32)
+        step = np.float32(A / np.float32(Q))
+        edges = [np.float32((j - 0.5) * step) for j in range(1, Q + 1)] + [np.float32(0.0)]
+        near = [np.nextafter(e, np.float32(np.inf if k > 0 else -np.inf), dtype=np.float32) if k else e
+                for e in edges for k in (-1, 0, 1)]
+        near += [np.float32(np.nextafter(np.nextafter(e, np.float32(np.inf)), np.float32(np.inf))) for e in edges]
+        idx = rng.choice(x.size, size=min(len(near), x.size // 3), replace=False)
+        x.flat[idx] = np.array(near[:len(idx)], np.float32) * np.where(rng.random(len(idx)) < 0.5, -1, 1)
+        out.append(x)
+        if t % 4 == 0:
+            out.append((rng.standard_normal((M, C)) * 0.01 + np.float32(rng.choice([1e3, -5e4]))).astype(np.float32))
+            out.append((rng.standard_normal((M, C)) * A).astype(np.float32))
+    out += [np.full((2, 9), 1.5, np.float32), np.zeros((3, 4), np.float32)]
+    for special in (np.nan, np.inf):
+        x = rng.standard_normal((2, 33)).astype(np.float32)
+        x[1, 5] = special
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_quantizer_exact_at_its_rounding_edges(path, bits):
+    """The engine's step is the two-pass std's (the first pass's sum of squares stands in for the
+    deviations only where that gives the same float) and its levels the float32 formula's, at the
+    edges between levels too (the AVX-512 kernel compares with precomputed thresholds instead of
+    dividing), in every kernel family."""
+    rng = np.random.default_rng(bits)
+    Q = (1 << (bits - 1)) - 1
+    for x in edge_cases(bits, rng):
+        planes, step, levels = kernels.quantize_planes(x, bits, ACTIVATION_CLIP_STD[bits], levels=True)
+        clip = engine_clip(x, ACTIVATION_CLIP_STD[bits])
+        if np.isnan(clip):
+            assert np.isnan(step) and (levels == 0).all()
+            continue
+        want = clip / np.float32(Q)
+        assert np.float32(step) == want, (x.shape, float(step), float(want))
+        levels_want = np.clip(np.rint(np.clip(x, -clip, clip) / want), -Q, Q).astype(np.int8)
+        np.testing.assert_array_equal(levels, levels_want)
+        u = levels.astype(np.int64) + Q
+        for b in range(bits):
+            np.testing.assert_array_equal(planes[b::bits], kernels.pack_bool((u >> b) & 1 == 1))
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (5, 63, 31), (7, 65, 33), (12, 768, 96), (3, 200, 64), (9, 130, 70)])
 def test_linear_kbit_counts_exactly(path, bits, M, K, N):

@@ -170,7 +170,18 @@ static inline int64_t relative_limit(const attn_args *attn, int64_t h, int64_t p
     return pmin <= attn->d ? attn->rel[h * (attn->d + 1) + pmin] : 0;
 }
 
-/* The k-bit quantizer's second pass (bb_quantize_planes): rows of x into bit-planes. */
+/* The k-bit quantizer's level of one value (kbit.c has the formula): clamp to [-clip, clip],
+ * divide by the step, round half to even, clamp to [-Q, Q]; 0 for NaN or a step that is not
+ * a positive finite float. Odd (level(-x) = -level(x)) and monotone in x. */
+static inline int kbit_level(float v, float clip, float step, int Q) {
+    if (!(step > 0.0f && step <= 3.0e38f) || v != v) return 0;
+    if (v < -clip) v = -clip;
+    if (v > clip) v = clip;
+    float r = __builtin_rintf(v / step);
+    return r < (float)-Q ? -Q : r > (float)Q ? Q : (int)r;
+}
+
+/* The k-bit quantizer's last pass (bb_quantize_planes): rows of x into bit-planes. */
 typedef struct {
     const float *x;
     int64_t C, ldx, ldo;
@@ -180,6 +191,9 @@ typedef struct {
     int8_t *levels;
     int64_t *row_mag; /* NULL: planes of u = level + Q; else sign-magnitude planes (kbit.c) and
                        * each row's sum_j |level_j| here */
+    float thr[8];     /* |level(x)| >= j exactly when |x| >= thr[j - 1] (j = 1 .. Q; NaN: never), so
+                       * a kernel may compare instead of dividing (kbit.c, level_thresholds) */
+    float inv;        /* fl(1 / step): fl(|x| * inv) rounds to |level(x)| or a neighbour of it */
 } quantize_args;
 
 /* Attention on k-bit levels of one sequence: Bi-Attention (bb_biattention_kbit, grid 0) or
@@ -243,8 +257,9 @@ typedef struct {
     } attention;
     struct {
         /* the k-bit quantizer's sum of one row of C floats in double (kbit.c has the order),
-         * and its largest |x| into *amax (NaN if the row holds a NaN) */
-        double (*row_sum)(const float *x, int64_t C, float *amax);
+         * its sum of squares into *sumsq (in double, the same order) and its largest |x| into
+         * *amax (any value if the row holds a NaN: the sum is NaN then) */
+        double (*row_sum)(const float *x, int64_t C, float *amax, double *sumsq);
         /* the sum of (x - mean)^2 over one row, in double, in row_sum's order */
         double (*row_deviation)(const float *x, int64_t C, double mean);
         /* row m of the quantizer's input into its levels and bit-planes (either may be NULL) */

@@ -19,28 +19,94 @@
  * bibert/quantizers.py), on the M x C values at x (row stride ldx):
  *   clip  c = max(min(max |x|, fl(clip_std * std(x))), 1e-8)   (NaN if std is)
  *   step  = fl(c / Q),  Q = 2^(bits-1) - 1
- *   level = rint(clamp(x, -c, c) / step)   (half to even) in [-Q, Q]
+ *   level = rint(clamp(x, -c, c) / step)   (half to even) in [-Q, Q]   (kbit_level)
  * std is the unbiased standard deviation: the mean of the double sum rounded to float32, the
  * squared deviations summed in double, the square root rounded to float32, as torch computes it
  * for a float32 tensor. The sums run row by row (each row's in 32 partial sums, column c in sum
  * c % 32, added as a tree: isa/portable.h, row_sum_tree), then the rows' sums in row order: the
  * same order on every kernel family and thread count (a sum in double of float32 values differs
  * from any other order's by far less than a float32 rounding, so the float32 std is torch's). A
- * NaN value, or a non-finite step, gives level 0. */
+ * NaN value (the sum is NaN, so is the clip), or a non-finite step, gives level 0.
+ *
+ * The squared deviations' sum needs the mean, so a second pass over x; the first pass also sums
+ * x^2, from which std_from_squares gets the same float32 std without it nearly always (below). */
 
-/* the clip from the absolute maximum, whether a value is NaN, the count n and the sum of squared
- * deviations ss */
-static float clip_of(float amax, int nan, double n, float clip_std, double ss) {
-    float sd = (float)sqrt(ss / (n - 1.0));
+/* the float32 std from the sum of squared deviations ss of n values, as torch rounds it: monotone in ss */
+static float std_of(double ss, double n) { return (float)sqrt(ss / (n - 1.0)); }
+
+/* The clip from the absolute maximum and the std (a NaN std, as from a NaN or infinite value, gives NaN). */
+static float clip_of(float amax, float sd, float clip_std) {
     float scaled = clip_std * sd;
-    float clip = nan || scaled != scaled ? NAN : amax < scaled ? amax : scaled;
+    float clip = scaled != scaled ? NAN : amax < scaled ? amax : scaled;
     if (clip < 1e-8f) clip = 1e-8f;
     return clip;
 }
 
-/* The quantizer's scratch: a double and a float per row. */
+/* The std from the first pass's sums alone, where it is certainly the two-pass value. With S1 and
+ * S2 the sums of x and of x^2 (in double; each x^2 is exact) and m the float32 mean, the squared
+ * deviations sum to ss = S2 - 2 m S1 + n m^2 exactly; evaluated in double that differs from the
+ * two-pass sum by at most e: the two sums' rounding errors, each below gamma = 1.01 (n + 16) u
+ * (u = 2^-53) times the magnitudes summed (S2, |m| sum |x| <= |m| sqrt(n S2), ss), and the
+ * formula's own roundings, with half again as margin. std_of is monotone, so where it gives one
+ * float at ss - e and at ss + e, the two-pass sum gives that float too (*sd, returns 1);
+ * otherwise (a sum within e, about 1e-10 of it, of a float32 rounding boundary; a mean large
+ * against the std; a NaN or infinite sum) returns 0 and the caller sums the deviations. */
+static int std_from_squares(double s1, double s2, double n, double m, float *sd) {
+    const double u = 0x1p-53;
+    if (!(n >= 2.0 && n <= 0x1p40)) return 0;
+    double t2 = 2.0 * m * s1, t3 = n * m * m, ss = (s2 - t2) + t3;
+    double gamma = 1.01 * (n + 16.0) * u;
+    double e1 = gamma * (s2 + 2.0 * fabs(m) * sqrt(n * s2)) + 4.0 * u * (s2 + fabs(t2) + t3 + fabs(ss));
+    double e = 1.5 * (e1 + gamma * (fabs(ss) + e1)) + 4.0 * u * fabs(ss);
+    if (!(ss - e >= 0.0 && ss + e < INFINITY)) return 0;
+    float lo = std_of(ss - e, n), hi = std_of(ss + e, n);
+    if (lo != hi) return 0;
+    *sd = lo;
+    return 1;
+}
+
+/* a float and its bit pattern (ordered as unsigned integers for floats >= 0) */
+static float float_of(uint32_t b) {
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+static uint32_t bits_of(float f) {
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    return b;
+}
+
+/* q->thr[j - 1] = the least a >= 0 with kbit_level(a) >= j (j = 1 .. Q; NaN where no float reaches
+ * j), so that |level(x)| >= j exactly when |x| >= thr[j - 1] (the level is odd and monotone in x).
+ * Bisection over the bit patterns, from a bracket of 32 floats around fl((j - 1/2) step) where that
+ * holds the threshold (always, for a finite step). And q->inv = fl(fl(1 / step) (1 - 2^-20)): for
+ * |x| <= clip, fl(|x| inv) lies below |x| / step by a relative 2^-21 to 2^-19, so below fl(|x| / step)
+ * and within (Q + 1) 2^-19 < 1/2 of it; its rounding is |level| or one less (beyond the clip, Q or
+ * more). */
+static void level_thresholds(quantize_args *q) {
+    int Q = (1 << (q->bits - 1)) - 1;
+    for (int j = 0; j < 8; j++) q->thr[j] = NAN;
+    q->inv = (1.0f / q->step) * (1.0f - 0x1p-20f);
+    for (int j = 1; j <= Q && kbit_level(INFINITY, q->clip, q->step, Q) >= j; j++) {
+        uint32_t lo = 0, hi = 0x7f800000u; /* kbit_level(lo) < j <= kbit_level(hi) */
+        float guess = ((float)j - 0.5f) * q->step;
+        if (guess > 0.0f && guess < 1e38f) {
+            uint32_t a = bits_of(guess) - 16, b = bits_of(guess) + 16;
+            if (kbit_level(float_of(a), q->clip, q->step, Q) < j && kbit_level(float_of(b), q->clip, q->step, Q) >= j)
+                lo = a, hi = b;
+        }
+        while (hi - lo > 1) {
+            uint32_t mid = lo + (hi - lo) / 2;
+            if (kbit_level(float_of(mid), q->clip, q->step, Q) >= j) hi = mid; else lo = mid;
+        }
+        q->thr[j - 1] = float_of(hi);
+    }
+}
+
+/* The quantizer's scratch: two doubles and a float per row. */
 typedef struct {
-    double *sums;
+    double *sums; /* [2 M]: row m's sum at 2m, its sum of squares (or of squared deviations) at 2m + 1 */
     float *amax;
 } quantize_scratch;
 
@@ -54,15 +120,16 @@ typedef struct {
 
 static void row_sums(void *ctx, int64_t lo, int64_t hi, int tid) {
     const stats_job *job = (const stats_job *)ctx;
+    double *s = job->scratch.sums;
     for (int64_t m = lo; m < hi; m++)
-        job->scratch.sums[m] = job->ops->kbit.row_sum(job->x + m * job->ldx, job->C, job->scratch.amax + m);
+        s[2 * m] = job->ops->kbit.row_sum(job->x + m * job->ldx, job->C, job->scratch.amax + m, s + 2 * m + 1);
     (void)tid;
 }
 
 static void row_deviations(void *ctx, int64_t lo, int64_t hi, int tid) {
     const stats_job *job = (const stats_job *)ctx;
     for (int64_t m = lo; m < hi; m++)
-        job->scratch.sums[m] = job->ops->kbit.row_deviation(job->x + m * job->ldx, job->C, job->mean);
+        job->scratch.sums[2 * m + 1] = job->ops->kbit.row_deviation(job->x + m * job->ldx, job->C, job->mean);
     (void)tid;
 }
 
@@ -79,31 +146,35 @@ static void quantize_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
 
 /* bb_quantize_planes after its checks (M >= 1): planes (may be NULL) and levels (may be NULL);
  * returns the step. row_mag (may be NULL): the planes in sign-magnitude (bits 0 .. k-2 of |level|,
- * then the sign: the forward's own layout, for the family's BB_OUT_KBIT_SM Linear), and each
- * row's sum_j |level_j| there. */
+ * then the sign: the forward's own layout, for the family's BB_OUT_KBIT_SM Linear; the sign bit of
+ * a level 0 is x's and counts for nothing), and each row's sum_j |level_j| there. */
 static float quantize(const bb_ops *ops, const float *x, int64_t M, int64_t C, int64_t ldx, int bits, float clip_std,
                       uint64_t *planes, int64_t ldo, int8_t *levels, quantize_scratch scratch, int64_t *row_mag) {
     int64_t grain = rows_grain(M, C, 16384);
     stats_job stats = {ops, x, C, ldx, 0.0, scratch};
     bb_parallel_for(M, grain, row_sums, &stats);
-    double sum = 0.0;
+    double sum = 0.0, squares = 0.0;
     float amax = 0.0f;
-    int nan = 0;
     for (int64_t m = 0; m < M; m++) {
-        sum += scratch.sums[m];
-        if (scratch.amax[m] != scratch.amax[m]) nan = 1;
-        else if (scratch.amax[m] > amax) amax = scratch.amax[m];
+        sum += scratch.sums[2 * m];
+        squares += scratch.sums[2 * m + 1];
+        if (scratch.amax[m] > amax) amax = scratch.amax[m];
     }
     double n = (double)M * (double)C;
     stats.mean = (double)(float)(sum / n);
-    bb_parallel_for(M, grain, row_deviations, &stats);
-    double ss = 0.0;
-    for (int64_t m = 0; m < M; m++) ss += scratch.sums[m];
-    float clip = clip_of(amax, nan, n, clip_std, ss);
-    float step = clip / (float)((1 << (bits - 1)) - 1);
-    quantize_job job = {ops, {x, C, ldx, ldo, bits, clip, step, planes, levels, row_mag}};
+    float sd;
+    if (!std_from_squares(sum, squares, n, stats.mean, &sd)) {
+        bb_parallel_for(M, grain, row_deviations, &stats);
+        double ss = 0.0;
+        for (int64_t m = 0; m < M; m++) ss += scratch.sums[2 * m + 1];
+        sd = std_of(ss, n);
+    }
+    float clip = clip_of(amax, sd, clip_std);
+    quantize_job job = {ops, {x, C, ldx, ldo, bits, clip, clip / (float)((1 << (bits - 1)) - 1), planes, levels,
+                              row_mag, {0}, 0.0f}};
+    level_thresholds(&job.q);
     bb_parallel_for(M, grain, quantize_rows, &job);
-    return step;
+    return job.q.step;
 }
 
 /* Quantizes the M x C floats at x (row stride ldx) to bits-bit levels as the student does
@@ -118,7 +189,7 @@ int bb_quantize_planes(const float *x, int64_t M, int64_t C, int64_t ldx, int bi
     if (!dim_ok(C) || !dim_ok(ldx) || ldx < C || !dim_ok(ldo) || ldo < words_of(C) || !elems_ok(M, ldx, 1) ||
         !elems_ok(M * bits, ldo, 1) || !x || !out || !step_out)
         return BB_EINVAL;
-    quantize_scratch scratch = {(double *)malloc((size_t)M * sizeof(double)),
+    quantize_scratch scratch = {(double *)malloc((size_t)M * 2 * sizeof(double)),
                                 (float *)malloc((size_t)M * sizeof(float))};
     if (!scratch.sums || !scratch.amax) {
         free(scratch.sums);
@@ -263,6 +334,9 @@ typedef struct {
     const int64_t *start;
     const uint8_t *row_valid;
     float *x, *hidden, *pooled;
+    int64_t max_len;  /* the longest sequence: the workspaces are laid out for it */
+    char *ws;         /* a workspace (kbit_workspace_at) per thread tid at ws + tid * ws_bytes */
+    size_t ws_bytes;
     _Atomic int rc;
 } kforward_job;
 
@@ -308,22 +382,20 @@ static size_t kbit_workspace_at(kbit_workspace *w, char *base, int64_t L, int64_
     w->levels = (int8_t *)carve(base, &used, 3 * L * H, 1);
     w->row_mag = (int64_t *)carve(base, &used, L, 8);
     w->valid = (uint64_t *)carve(base, &used, words_of(L), 8);
-    w->scratch.sums = (double *)carve(base, &used, L, 8);
+    w->scratch.sums = (double *)carve(base, &used, 2 * L, 8);
     w->scratch.amax = (float *)carve(base, &used, L, 4);
     return used;
 }
 
 /* Sequence s through every layer and the pooler: each quantizer's clip is over the sequence's
  * own rows (what the student computes for a batch of one). */
-static int kbit_sequence(const kforward_job *j, int64_t s) {
+static void kbit_sequence(const kforward_job *j, int64_t s, int tid) {
     const bb_ops *ops = j->ops;
     int64_t H = j->H, I = j->I, r0 = j->start[s], L = j->start[s + 1] - r0, d = H / j->heads;
     int64_t hw = words_of(H), iw = words_of(I);
-    int64_t kattn_ints = (int64_t)bb_team() * kattn_scratch_ints(L, d);
     kbit_workspace w;
-    char *buf = (char *)aligned_alloc(64, kbit_workspace_at(&w, NULL, L, H, I, j->bits, kattn_ints));
-    if (!buf) return BB_ENOMEM;
-    kbit_workspace_at(&w, buf, L, H, I, j->bits, kattn_ints);
+    kbit_workspace_at(&w, j->ws + (size_t)tid * j->ws_bytes, j->max_len, H, I, j->bits,
+                      (int64_t)bb_team() * kattn_scratch_ints(j->max_len, d));
     uint64_t *planes = w.planes, *valid = w.valid;
     float *qkv = w.qkv, *ctx = w.ctx, *y = w.y, *a = w.a, *g = w.g;
     int8_t *levels = w.levels;
@@ -360,17 +432,11 @@ static int kbit_sequence(const kforward_job *j, int64_t s) {
         step = quantize(ops, x, 1, H, H, j->bits, j->clip_std, planes, hw, NULL, scratch, mag);
         klinear(j, j->pooler, planes, mag, 1, H, H, step, NULL, j->pooled + s * H, 0);
     }
-    free(buf);
-    return rc;
+    if (rc) atomic_store((_Atomic int *)&j->rc, rc);
 }
 
 static void kbit_sequences(void *ctx, int64_t lo, int64_t hi, int tid) {
-    kforward_job *j = (kforward_job *)ctx;
-    for (int64_t s = lo; s < hi; s++) {
-        int rc = kbit_sequence(j, s);
-        if (rc) atomic_store(&j->rc, rc);
-    }
-    (void)tid;
+    for (int64_t s = lo; s < hi; s++) kbit_sequence((const kforward_job *)ctx, s, tid);
 }
 
 /* The forward of a 2- or 4-bit model (bits) short of the classifier: the embeddings of each row
@@ -428,13 +494,24 @@ int bb_forward_kbit(const bb_model *m, const bb_kbit_linear *pooler, const bb_kb
     if (!rc) rc = bb_layernorm(x, rows, H, m->ln_g, m->ln_b, eps, x, NULL, 0, NULL);
     if (rc) return rc;
     if (hidden) memcpy(hidden, x, (size_t)(rows * H) * sizeof(float));
+    /* whole sequences per thread, or one at a time with each step split across the threads (their
+     * attention scratch in the one workspace); the workspaces allocated once per call */
+    int threads = bb_get_threads(), whole = threads > 1 && n_seq >= threads;
+    int64_t max_len = 0;
+    for (int64_t s = 0; s < n_seq; s++)
+        if (start[s + 1] - start[s] > max_len) max_len = start[s + 1] - start[s];
+    kbit_workspace w;
+    size_t ws_bytes = kbit_workspace_at(&w, NULL, max_len, H, I, bits,
+                                        (whole ? 1 : bb_team()) * kattn_scratch_ints(max_len, H / heads));
+    char *ws = (char *)aligned_alloc(64, ws_bytes * (size_t)(whole ? threads : 1));
+    if (!ws) return BB_ENOMEM;
     kforward_job job = {bb_ops_active(), pooler, layers, n_layers, H, heads, I, rows, eps, bits,
                         attention == BB_ATTENTION_SOFTMAX, clip_std, start,
-                        row_valid, x, hidden, pooled, BB_OK};
-    int threads = bb_get_threads();
-    if (threads > 1 && n_seq >= threads)
+                        row_valid, x, hidden, pooled, max_len, ws, ws_bytes, BB_OK};
+    if (whole)
         bb_parallel_for(n_seq, 1, kbit_sequences, &job);
     else
         kbit_sequences(&job, 0, n_seq, 0);
+    free(ws);
     return atomic_load(&job.rc);
 }

@@ -1,5 +1,6 @@
 /* The AVX-512 kernel family (F, BW, DQ, VL and VPOPCNTDQ): a kernel of its own for every op;
- * this file has the dense ones and the table, isa/avx512_attention.c the attention kernels.
+ * this file has the dense ones, GELU and the table, isa/avx512_attention.c the attention kernels
+ * and the k-bit quantizer's.
  * Per-function target attributes: the file compiles with the library's plain flags, runtime.c
  * checks the CPU.
  */
@@ -81,13 +82,16 @@ BB_INLINE BB_AVX512 void epilogue16(__m512i lo, __m512i hi, __m512 c0, __m512 c1
     _mm512_mask_storeu_ps(out, lm, y);
 }
 
-/* gelu_one on 16 lanes: the same float operations in the same order (fused multiply-adds where
- * it calls fmaf, the exponent's power of two from the same integers) */
+/* gelu_one on 16 lanes: the same float operations in the same order, in fewer instructions where
+ * the result is the same: fused multiply-adds where it calls fmaf; -(a b) as one fnmadd (a rounding
+ * is symmetric; d = +0 or -0 gives e = 1 alike); u 2^q (q = rint(d log2 e) in [-150, 0] for d >= -104)
+ * as one vscalefps, a single rounding of u 2^q like gelu_one's two products (the first, by
+ * 2^(q >> 1), is exact); fma(-(e t), r, 1) as fnmadd(e t, r, 1); the sign of erf from x's sign bit
+ * (x = -0 gives -0 alike); NaN lanes keep x. */
 BB_INLINE BB_AVX512 __m512 gelu16_avx512(__m512 x) {
 #define BB_C(v) _mm512_set1_ps(v)
-    const __m512 sign = BB_C(-0.0f);
     __m512 xs = _mm512_mul_ps(x, BB_C((float)M_SQRT1_2));
-    __m512 d = _mm512_xor_ps(_mm512_mul_ps(xs, xs), sign);
+    __m512 d = _mm512_fnmadd_ps(xs, xs, _mm512_setzero_ps());
     __m512 qf = _mm512_roundscale_ps(_mm512_mul_ps(d, BB_C(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 s = _mm512_fmadd_ps(qf, BB_C(-0.693145751953125f), d);
@@ -100,22 +104,17 @@ BB_INLINE BB_AVX512 __m512 gelu16_avx512(__m512 x) {
     u = _mm512_fmadd_ps(u, s, BB_C(0.5f));
     u = _mm512_add_ps(BB_C(1.0f), _mm512_fmadd_ps(_mm512_mul_ps(s, s), u, s));
     __mmask16 kept = _mm512_cmp_ps_mask(d, BB_C(-104.0f), _CMP_NLT_UQ); /* !(d < -104): exp not flushed */
-    __m512i q = _mm512_maskz_cvttps_epi32(kept, qf);
-    __m512i q1 = _mm512_srai_epi32(q, 1), q2 = _mm512_sub_epi32(q, q1);
-    const __m512i bias = _mm512_set1_epi32(127);
-    __m512 p1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(q1, bias), 23));
-    __m512 p2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(q2, bias), 23));
-    __m512 e = _mm512_maskz_mul_ps(kept, _mm512_mul_ps(u, p1), p2);
-    __m512 z = _mm512_abs_ps(xs);
-    __m512 t = _mm512_div_ps(BB_C(1.0f), _mm512_fmadd_ps(BB_C(0.3275911f), z, BB_C(1.0f)));
+    __m512 e = _mm512_maskz_scalef_ps(kept, u, qf);
+    __m512 t = _mm512_div_ps(BB_C(1.0f), _mm512_fmadd_ps(BB_C(0.3275911f), _mm512_abs_ps(xs), BB_C(1.0f)));
     __m512 r = _mm512_fmadd_ps(BB_C(1.061405429f), t, BB_C(-1.453152027f));
     r = _mm512_fmadd_ps(r, t, BB_C(1.421413741f));
     r = _mm512_fmadd_ps(r, t, BB_C(-0.284496736f));
     r = _mm512_fmadd_ps(r, t, BB_C(0.254829592f));
-    __m512 erf_abs = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_xor_ps(e, sign), t), r, BB_C(1.0f));
-    __m512 erf = _mm512_mask_xor_ps(erf_abs, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), erf_abs, sign);
-    __m512 y = _mm512_mul_ps(_mm512_mul_ps(x, BB_C(0.5f)), _mm512_add_ps(BB_C(1.0f), erf));
-    return _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
+    __m512 erf_abs = _mm512_fnmadd_ps(_mm512_mul_ps(e, t), r, BB_C(1.0f));
+    __m512i erf = _mm512_ternarylogic_epi32(_mm512_castps_si512(erf_abs), _mm512_castps_si512(x),
+                                            _mm512_set1_epi32((int)0x80000000u), 0x78); /* a ^ (x & sign) */
+    return _mm512_mask_mul_ps(x, _mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), _mm512_mul_ps(x, BB_C(0.5f)),
+                              _mm512_add_ps(BB_C(1.0f), _mm512_castsi512_ps(erf)));
 #undef BB_C
 }
 
@@ -130,29 +129,39 @@ typedef struct {
     __mmask16 lm0, lm1;
 } kbit_panel_consts;
 
-BB_INLINE BB_AVX512 __m512 kbit_out16(const linear_args *lin, __m512i lo, __m512i hi, __m512i off_lo, __m512i off_hi,
-                                      __m512 step, __m512 alpha, __m512 bias) {
-    lo = _mm512_sub_epi64(lo, off_lo), hi = _mm512_sub_epi64(hi, off_hi);
-    __m512 c = lin->K < ((int64_t)1 << 26) ? _mm512_cvtepi32_ps(low_dwords(lo, hi))
-                                           : _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtepi64_ps(lo)),
-                                                                _mm512_cvtepi64_ps(hi), 1);
-    __m512 y = _mm512_mul_ps(c, step);
-    y = _mm512_add_ps(_mm512_mul_ps(y, alpha), bias);
+/* y = (C step) alpha + bias from the float counts c, GELU'd where the Linear says */
+BB_INLINE BB_AVX512 __m512 kbit_y16(const linear_args *lin, __m512 c, __m512 step, __m512 alpha, __m512 bias) {
+    __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(c, step), alpha), bias);
     return lin->gelu ? gelu16_avx512(y) : y;
+}
+
+/* the counts of 16 channels from the weighted popcounts lo, hi (8 channels each): C = lo/hi - off */
+BB_INLINE BB_AVX512 __m512 kbit_c16(const linear_args *lin, __m512i lo, __m512i hi, __m512i off_lo, __m512i off_hi) {
+    lo = _mm512_sub_epi64(lo, off_lo), hi = _mm512_sub_epi64(hi, off_hi);
+    return lin->K < ((int64_t)1 << 26) ? _mm512_cvtepi32_ps(low_dwords(lo, hi))
+                                       : _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtepi64_ps(lo)),
+                                                            _mm512_cvtepi64_ps(hi), 1);
+}
+
+/* the output row m of 32 channels from its float counts c0 (channels 0-15) and c1 (16-31) */
+BB_INLINE BB_AVX512 void kbit_store32(const linear_args *lin, int64_t m, int64_t n0, __m512 c0, __m512 c1,
+                                      const kbit_panel_consts *kc) {
+    float *o = lin->out + m * lin->N + n0;
+    const float *res = lin->residual ? lin->residual + m * lin->N + n0 : NULL;
+    __m512 y = kbit_y16(lin, c0, kc->step, kc->c[0], kc->c[2]);
+    if (res) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(kc->lm0, res));
+    _mm512_mask_storeu_ps(o, kc->lm0, y);
+    if (kc->lm1) {
+        y = kbit_y16(lin, c1, kc->step, kc->c[1], kc->c[3]);
+        if (res) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(kc->lm1, res + 16));
+        _mm512_mask_storeu_ps(o + 16, kc->lm1, y);
+    }
 }
 
 BB_INLINE BB_AVX512 void kbit_row32(const linear_args *lin, int64_t m, int64_t n0, __m512i w0, __m512i w1,
                                     __m512i w2, __m512i w3, const kbit_panel_consts *kc) {
-    float *o = lin->out + m * lin->N + n0;
-    const float *res = lin->residual ? lin->residual + m * lin->N + n0 : NULL;
-    __m512 y = kbit_out16(lin, w0, w1, kc->off[0], kc->off[1], kc->step, kc->c[0], kc->c[2]);
-    if (res) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(kc->lm0, res));
-    _mm512_mask_storeu_ps(o, kc->lm0, y);
-    if (kc->lm1) {
-        y = kbit_out16(lin, w2, w3, kc->off[2], kc->off[3], kc->step, kc->c[1], kc->c[3]);
-        if (res) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(kc->lm1, res + 16));
-        _mm512_mask_storeu_ps(o + 16, kc->lm1, y);
-    }
+    kbit_store32(lin, m, n0, kbit_c16(lin, w0, w1, kc->off[0], kc->off[1]), kbit_c16(lin, w2, w3, kc->off[2], kc->off[3]),
+                 kc);
 }
 
 /* the bit epilogue of one row: 32 compares with the thresholds, flipped, masked to the panel.
@@ -307,10 +316,11 @@ BB_INLINE BB_AVX512 void linear_block_avx512(const linear_args *lin,
  * planes at rows k i .. k i + k - 1 of the block, bits 0 .. k-2 of |level| (m_b), then the sign
  * (s: level < 0). With w the weight bits (of -1), level_j w_j = |level_j| (-1)^(s_j XOR w_j), so
  *   C = sum_j |level_j| - 2 sum_b 2^b popcount(m_b AND (s XOR w))
- * one vpternlogq and one popcount per magnitude plane: k - 1 popcounts a word, not k, and for
- * k = 2 the 1-bit kernel's work. Accumulator rows t = (k - 1) i + b (T = R (k - 1) <= 6 of them,
- * R input rows); then the same epilogue as kbit_row32 on the exact C. */
-#define BB_SMPOP(m, s, w) _mm512_popcnt_epi64(_mm512_ternarylogic_epi64(m, s, w, 0x60)) /* m AND (s XOR w) */
+ * s XOR w once per input row and weight vector, then one AND and one popcount per magnitude plane:
+ * k - 1 popcounts a word, not k. Accumulator rows t = (k - 1) i + b (T = R (k - 1) <= 6 of them, R
+ * input rows); then the epilogue of kbit_row32 on the exact C, computed in int32 for K below 2^26
+ * (|C| and 2 sum_b 2^b popcount below 2^31). */
+#define BB_SMPOP(m, s, w) _mm512_popcnt_epi64(_mm512_and_si512(m, _mm512_xor_si512(s, w))) /* m AND (s XOR w) */
 #define BB_SM_MAG(t) ((int64_t)((t) / (KB - 1)) * KB + (t) % (KB - 1))
 #define BB_SM_SIGN(t) ((int64_t)((t) / (KB - 1)) * KB + KB - 1)
 #define BB_SM_FIRST(t)                                                                                        \
@@ -329,20 +339,28 @@ BB_INLINE BB_AVX512 void linear_block_avx512(const linear_args *lin,
         s##t##2 = _mm512_add_epi64(s##t##2, BB_SMPOP(m_, g_, w2));                                            \
         s##t##3 = _mm512_add_epi64(s##t##3, BB_SMPOP(m_, g_, w3));                                            \
     }
-/* C = row_mag - 2 acc of input row i from the accumulator vectors x0 .. x3 */
-#define BB_SM_C(x) _mm512_sub_epi64(mag_, _mm512_slli_epi64(x, 1))
-#define BB_SM_OUT(i, x0, x1, x2, x3)                                                                          \
-    do {                                                                                                      \
-        __m512i mag_ = _mm512_set1_epi64((long long)lin->row_mag[r0 / KB + i]);                               \
-        kbit_row32(lin, r0 / KB + i, n0, BB_SM_C(x0), BB_SM_C(x1), BB_SM_C(x2), BB_SM_C(x3), &kc);           \
-    } while (0)
-#define BB_SM2_OUT(i) if (R > i) BB_SM_OUT(i, s##i##0, s##i##1, s##i##2, s##i##3);
-/* k = 4: 2^b-weighted sum of tile rows a, b, c (planes 0, 1, 2), column j */
-#define BB_SM4_SUM(a, b, c, j)                                                                                \
-    _mm512_add_epi64(s##a##j, _mm512_add_epi64(_mm512_slli_epi64(s##b##j, 1), _mm512_slli_epi64(s##c##j, 2)))
-#define BB_SM4_OUT(i, a, b, c)                                                                                \
-    if (R > i) BB_SM_OUT(i, BB_SM4_SUM(a, b, c, 0), BB_SM4_SUM(a, b, c, 1), BB_SM4_SUM(a, b, c, 2),          \
-                         BB_SM4_SUM(a, b, c, 3));
+
+/* C of 16 channels of input row m: P - 2 sum_b 2^b acc_b, acc_b in the 64-bit lanes of lo[b], hi[b] */
+BB_INLINE BB_AVX512 __m512 kbit_sm_c16(const linear_args *lin, int64_t m, const __m512i *lo, const __m512i *hi,
+                                       const int KB) {
+    if (lin->K < ((int64_t)1 << 26)) {
+        __m512i c = _mm512_set1_epi32((int)lin->row_mag[m]);
+        for (int b = 0; b < KB - 1; b++) c = _mm512_sub_epi32(c, _mm512_slli_epi32(low_dwords(lo[b], hi[b]), b + 1));
+        return _mm512_cvtepi32_ps(c);
+    }
+    __m512i cl = _mm512_set1_epi64(lin->row_mag[m]), ch = cl;
+    for (int b = 0; b < KB - 1; b++)
+        cl = _mm512_sub_epi64(cl, _mm512_slli_epi64(lo[b], b + 1)), ch = _mm512_sub_epi64(ch, _mm512_slli_epi64(hi[b], b + 1));
+    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtepi64_ps(cl)), _mm512_cvtepi64_ps(ch), 1);
+}
+/* input row i of the block: its accumulator rows (planes) a, b, c (b, c unused for k = 2) */
+#define BB_SM_OUT(i, a, b, c)                                                                                 \
+    if (R > i) {                                                                                              \
+        const __m512i l0_[3] = {s##a##0, s##b##0, s##c##0}, h0_[3] = {s##a##1, s##b##1, s##c##1};             \
+        const __m512i l1_[3] = {s##a##2, s##b##2, s##c##2}, h1_[3] = {s##a##3, s##b##3, s##c##3};             \
+        int64_t m_ = r0 / KB + i;                                                                             \
+        kbit_store32(lin, m_, n0, kbit_sm_c16(lin, m_, l0_, h0_, KB), kbit_sm_c16(lin, m_, l1_, h1_, KB), &kc); \
+    }
 
 BB_INLINE BB_AVX512 void linear_sm_block_avx512(const linear_args *lin, int64_t r0, const int R, int64_t p,
                                                 const uint64_t *prefetch, const int KB) {
@@ -370,14 +388,14 @@ BB_INLINE BB_AVX512 void linear_sm_block_avx512(const linear_args *lin, int64_t 
     uint32_t valid = nc >= 32 ? 0xFFFFFFFFu : (1u << nc) - 1;
     kbit_panel_consts kc;
     kc.lm0 = (__mmask16)valid, kc.lm1 = (__mmask16)(valid >> 16);
-    for (int j = 0; j < 4; j++) kc.off[j] = _mm512_setzero_si512();
     kc.c[0] = _mm512_maskz_loadu_ps(kc.lm0, lin->c0 + n0), kc.c[1] = _mm512_maskz_loadu_ps(kc.lm1, lin->c0 + n0 + 16);
     kc.c[2] = _mm512_maskz_loadu_ps(kc.lm0, lin->c1 + n0), kc.c[3] = _mm512_maskz_loadu_ps(kc.lm1, lin->c1 + n0 + 16);
     kc.step = _mm512_set1_ps(lin->kstep);
     if (KB == 2) {
-        BB_ROWS(BB_SM2_OUT)
+        BB_SM_OUT(0, 0, 0, 0) BB_SM_OUT(1, 1, 1, 1) BB_SM_OUT(2, 2, 2, 2)
+        BB_SM_OUT(3, 3, 3, 3) BB_SM_OUT(4, 4, 4, 4) BB_SM_OUT(5, 5, 5, 5)
     } else {
-        BB_SM4_OUT(0, 0, 1, 2) BB_SM4_OUT(1, 3, 4, 5)
+        BB_SM_OUT(0, 0, 1, 2) BB_SM_OUT(1, 3, 4, 5)
     }
 }
 
@@ -624,106 +642,6 @@ BB_AVX512 static void embed_row_avx512(const uint64_t *word_bits, float alpha, c
 
 /* ------------------------------------------------------------------------------------ */
 /* k-bit activations (kbit.c has the quantizer's formulas)                               */
-
-/* The quantizer's row sums (kbit_row_sum_portable): 32 columns per step, partial sums 0-7, 8-15,
- * 16-23 and 24-31 in four vectors of doubles (a masked tail adds +0.0), added as row_sum_tree
- * does: the vectors' sums, then halves. */
-BB_INLINE BB_AVX512 double sum_tree_avx512(__m512d s0, __m512d s1, __m512d s2, __m512d s3) {
-    __m512d t = _mm512_add_pd(_mm512_add_pd(s0, s1), _mm512_add_pd(s2, s3));
-    __m256d u = _mm256_add_pd(_mm512_castpd512_pd256(t), _mm512_extractf64x4_pd(t, 1));
-    __m128d w = _mm_add_pd(_mm256_castpd256_pd128(u), _mm256_extractf128_pd(u, 1));
-    return _mm_cvtsd_f64(w) + _mm_cvtsd_f64(_mm_unpackhi_pd(w, w));
-}
-
-/* the low and the high 8 floats of v, in doubles */
-#define BB_LO_PD(v) _mm512_cvtps_pd(_mm512_castps512_ps256(v))
-#define BB_HI_PD(v) _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))
-
-BB_AVX512 static double kbit_row_sum_avx512(const float *x, int64_t C, float *amax) {
-    __m512d s0 = _mm512_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
-    __m512 largest = _mm512_setzero_ps();
-    __mmask16 nan = 0;
-    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-    for (int64_t c = 0; c < C; c += 32) {
-        __mmask32 lm = C - c >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (C - c)) - 1);
-        __m512 v0 = _mm512_maskz_loadu_ps((__mmask16)lm, x + c);
-        __m512 v1 = _mm512_maskz_loadu_ps((__mmask16)(lm >> 16), x + c + 16);
-        s0 = _mm512_add_pd(s0, BB_LO_PD(v0));
-        s1 = _mm512_add_pd(s1, BB_HI_PD(v0));
-        s2 = _mm512_add_pd(s2, BB_LO_PD(v1));
-        s3 = _mm512_add_pd(s3, BB_HI_PD(v1));
-        largest = _mm512_max_ps(largest, _mm512_max_ps(_mm512_and_ps(v0, absmask), _mm512_and_ps(v1, absmask)));
-        nan |= _mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q);
-    }
-    *amax = nan ? NAN : _mm512_reduce_max_ps(largest);
-    return sum_tree_avx512(s0, s1, s2, s3);
-}
-
-BB_AVX512 static double kbit_row_deviation_avx512(const float *x, int64_t C, double mean) {
-    __m512d s0 = _mm512_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
-    const __m512d mv = _mm512_set1_pd(mean);
-    for (int64_t c = 0; c < C; c += 32) {
-        __mmask32 lm = C - c >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (C - c)) - 1);
-        __m512 v0 = _mm512_maskz_loadu_ps((__mmask16)lm, x + c);
-        __m512 v1 = _mm512_maskz_loadu_ps((__mmask16)(lm >> 16), x + c + 16);
-        __m512d d0 = _mm512_maskz_sub_pd((__mmask8)lm, BB_LO_PD(v0), mv);
-        __m512d d1 = _mm512_maskz_sub_pd((__mmask8)(lm >> 8), BB_HI_PD(v0), mv);
-        __m512d d2 = _mm512_maskz_sub_pd((__mmask8)(lm >> 16), BB_LO_PD(v1), mv);
-        __m512d d3 = _mm512_maskz_sub_pd((__mmask8)(lm >> 24), BB_HI_PD(v1), mv);
-        s0 = _mm512_add_pd(s0, _mm512_mul_pd(d0, d0));
-        s1 = _mm512_add_pd(s1, _mm512_mul_pd(d1, d1));
-        s2 = _mm512_add_pd(s2, _mm512_mul_pd(d2, d2));
-        s3 = _mm512_add_pd(s3, _mm512_mul_pd(d3, d3));
-    }
-    return sum_tree_avx512(s0, s1, s2, s3);
-}
-#undef BB_LO_PD
-#undef BB_HI_PD
-
-/* 16 values at a time: the portable loop's clamp, division and rint (half to even), NaN and
- * a non-finite step giving level 0 */
-BB_AVX512 static void kbit_pack_row_avx512(const quantize_args *q, int64_t m) {
-    int Q = (1 << (q->bits - 1)) - 1, k = q->bits;
-    const float *xr = q->x + m * q->ldx;
-    int64_t C = q->C, ldo = q->ldo;
-    uint64_t *out = q->out;
-    int8_t *levels = q->levels ? q->levels + m * C : NULL;
-    int64_t *row_mag = q->row_mag;
-    int finite = q->step > 0.0f && q->step <= 3.0e38f;
-    const __m512 lo = _mm512_set1_ps(-q->clip), hi = _mm512_set1_ps(q->clip), st = _mm512_set1_ps(q->step);
-    const __m512i qv = _mm512_set1_epi32(Q), nq = _mm512_set1_epi32(-Q), top = _mm512_set1_epi32(1 << (k - 1));
-    __m512i mag_sum = _mm512_setzero_si512(); /* |level| summed per lane (below 2^31: C <= 2^31, |level| <= 7) */
-    for (int64_t w = 0; w < ldo; w++) { /* one word of each plane at a time, kept in registers */
-        uint64_t word[4] = {0, 0, 0, 0};
-        for (int s = 0; s < 4; s++) {
-            int64_t c = 64 * w + 16 * s;
-            if (c >= C) break;
-            __mmask16 lm = C - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (C - c)) - 1);
-            __m512 v = _mm512_maskz_loadu_ps(lm, xr + c);
-            __mmask16 ok = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q) & lm;
-            if (!finite) ok = 0;
-            v = _mm512_min_ps(_mm512_max_ps(v, lo), hi); /* clamp: v < -c -> -c, v > c -> c */
-            __m512 rounded = _mm512_roundscale_ps(_mm512_div_ps(v, st), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            __m512i n = _mm512_maskz_cvtps_epi32(ok, rounded);
-            n = _mm512_min_epi32(_mm512_max_epi32(n, nq), qv);
-            __m512i u;
-            if (row_mag) { /* sign-magnitude: bits 0 .. k-2 of |level|, then the sign */
-                __m512i mag = _mm512_abs_epi32(n);
-                mag_sum = _mm512_add_epi32(mag_sum, mag);
-                u = _mm512_mask_or_epi32(mag, _mm512_cmplt_epi32_mask(n, _mm512_setzero_si512()), mag, top);
-            } else {
-                u = _mm512_add_epi32(n, qv);
-            }
-            for (int b = 0; b < 4; b++)
-                if (b < k) word[b] |= (uint64_t)_mm512_mask_test_epi32_mask(lm, u, _mm512_set1_epi32(1 << b)) << (16 * s);
-            if (levels) _mm_mask_storeu_epi8(levels + c, lm, _mm512_cvtepi32_epi8(n));
-        }
-        for (int b = 0; out && b < k; b++) out[(m * k + b) * ldo + w] = word[b];
-    }
-    if (row_mag)
-        row_mag[m] = _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(mag_sum)),
-                                                              _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(mag_sum, 1))));
-}
 
 BB_AVX512 static void gelu_avx512(const float *x, float *y, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) {

@@ -1,5 +1,5 @@
-/* What the two AVX-512 files share: the target attribute of the family and the attention
- * kernels (isa/avx512_attention.c) that the table in isa/avx512.c lists.
+/* What the two AVX-512 files share: the target attribute of the family and the attention and
+ * k-bit quantizer kernels (isa/avx512_attention.c) that the table in isa/avx512.c lists.
  */
 #ifndef BIBERT_ISA_AVX512_H
 #define BIBERT_ISA_AVX512_H
@@ -24,6 +24,9 @@ void kattn_head_avx512(const kattn_args *attn, int64_t h, int32_t *scratch);
 void ksoftmax_head_avx512(const kattn_args *attn, int64_t h, int32_t *scratch);
 void kattn_head_vnni(const kattn_args *attn, int64_t h, int32_t *scratch);
 void ksoftmax_head_vnni(const kattn_args *attn, int64_t h, int32_t *scratch);
+double kbit_row_sum_avx512(const float *x, int64_t C, float *amax, double *sumsq);
+double kbit_row_deviation_avx512(const float *x, int64_t C, double mean);
+void kbit_pack_row_avx512(const quantize_args *q, int64_t m);
 
 #pragma GCC visibility pop
 

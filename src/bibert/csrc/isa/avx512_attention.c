@@ -1,5 +1,6 @@
 /* The AVX-512 family's attention kernels (its table is in isa/avx512.c): the 64 x 64 bit
- * transpose of the values, Bi-Attention on bits, and Bi-Attention on k-bit levels.
+ * transpose of the values, Bi-Attention on bits, Bi-Attention and softmax attention on k-bit
+ * levels; and the k-bit quantizer's kernels (its sums, its levels and bit-planes).
  */
 #include <stdint.h>
 
@@ -368,12 +369,7 @@ BB_INLINE BB_AVX512 __m512 softmax_exp16_avx512(__m512 t) {
     u = _mm512_fmadd_ps(u, s, BB_C(0.166666671633720397949219f));
     u = _mm512_fmadd_ps(u, s, BB_C(0.5f));
     u = _mm512_add_ps(BB_C(1.0f), _mm512_fmadd_ps(_mm512_mul_ps(s, s), u, s));
-    __m512i q = _mm512_cvttps_epi32(qf);
-    __m512i q1 = _mm512_srai_epi32(q, 1), q2 = _mm512_sub_epi32(q, q1);
-    const __m512i bias = _mm512_set1_epi32(127);
-    __m512 p1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(q1, bias), 23));
-    __m512 p2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(q2, bias), 23));
-    return _mm512_mul_ps(_mm512_mul_ps(u, p1), p2);
+    return _mm512_scalef_ps(u, qf); /* u 2^q rounded once, as u 2^(q >> 1) 2^(q - (q >> 1)) (gelu16_avx512) */
 #undef BB_C
 }
 
@@ -403,8 +399,12 @@ BB_INLINE BB_AVX512 void ksoftmax_row_avx512(const kattn_args *attn, int64_t h, 
     const __m512 levels = _mm512_set1_ps((float)attn->grid), sv = _mm512_set1_ps(attn->step_v);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     __m512 mx = _mm512_set1_ps(-INFINITY);
+    /* a divisor 2^k (sqrt d for d = 4^k): the product by 2^-k, the same real number rounded once */
+    const int pow2 = attn->score_div == (float)(1 << ilogbf(attn->score_div)) && ilogbf(attn->score_div) < 30;
+    const __m512 inv_div = _mm512_set1_ps(pow2 ? 1.0f / attn->score_div : 0.0f);
     for (int64_t j = 0; j < lp; j += 16) { /* the float scores, the largest of the valid ones */
-        __m512 score = _mm512_div_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(S + j)), scale), div);
+        __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(S + j)), scale);
+        __m512 score = pow2 ? _mm512_mul_ps(y, inv_div) : _mm512_div_ps(y, div);
         _mm512_storeu_ps(e + j, score);
         mx = _mm512_mask_max_ps(mx, valid16(attn, j), score, mx);
     }
@@ -421,7 +421,13 @@ BB_INLINE BB_AVX512 void ksoftmax_row_avx512(const kattn_args *attn, int64_t h, 
             partial = _mm512_add_ps(partial, x);
         }
         const __m512 sum = _mm512_set1_ps(softmax_sum16_avx512(partial)), one = _mm512_set1_ps(1.0f);
+        /* fl(e inv) G within a relative 2^-21 of fl(fl(e / sum) G): below 0.5 (1 - 2^-16), every
+         * level of the 16 keys is 0 (0.5 itself rounds to 0), and the divisions are skipped */
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_cvtss_f32(sum)), cut = _mm512_set1_ps(0.5f * (1.0f - 0x1p-16f));
         for (int64_t j = 0; j < L; j += 16) {
+            if (!(_mm512_cmp_ps_mask(_mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(e + j), inv), levels), cut, _CMP_GE_OQ) &
+                  valid16(attn, j)))
+                continue;
             __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_div_ps(_mm512_loadu_ps(e + j), sum), levels),
                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             __mmask16 some = _mm512_cmp_ps_mask(r, one, _CMP_GE_OQ) & valid16(attn, j);
@@ -530,12 +536,11 @@ BB_INLINE BB_AVX512_VNNI void vnni_scores(const kattn_args *attn, int64_t h, int
                                           const int32_t *koff, int32_t *S) {
     int64_t d = attn->d, hd = attn->H * attn->d, d4 = (d + 3) / 4;
     const int8_t *qi = attn->q + i * hd + h * d;
-    uint32_t qu[160];
-    for (int64_t g = 0; g < d4; g++) {
-        uint32_t word = 0;
-        for (int t = 0; t < 4; t++)
-            word |= (uint32_t)(4 * g + t < d ? (uint8_t)(qi[4 * g + t] + 128) : 0) << (8 * t);
-        qu[g] = word;
+    uint32_t qu[160]; /* 64 bytes at a time: q + 128 (q XOR 0x80), 0 past d */
+    for (int64_t c = 0; c < 4 * d4; c += 64) {
+        __mmask64 lm = d - c >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << (d - c)) - 1;
+        __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(lm, qi + c), _mm512_set1_epi8((char)0x80));
+        _mm512_storeu_si512((char *)qu + c, _mm512_maskz_mov_epi8(lm, u));
     }
     for (int64_t j0 = 0; j0 < lp; j0 += 128) {
         __m512i acc[8];
@@ -552,7 +557,8 @@ BB_INLINE BB_AVX512_VNNI void vnni_scores(const kattn_args *attn, int64_t h, int
 /* kattn_head_avx512 with vpdpbusd for both products (d a multiple of 16, else kattn_head_avx512):
  * the scores as vnni_scores computes them, then the counts of 16 channels per vector over 4 keys
  * per 32-bit lane, the attended keys as unsigned bytes 0 / 1 against the values' levels (signed
- * bytes; a group of 4 keys none of which is attended is skipped). The same integers. */
+ * bytes; 64 channels: every group of 4 keys, even and odd groups in two sets of sums, added at the
+ * end; fewer: a group none of whose keys is attended skipped). The same integers. */
 BB_AVX512_VNNI void kattn_head_vnni(const kattn_args *attn, int64_t h, int32_t *scratch) {
     int64_t L = attn->L, d = attn->d, hd = attn->H * attn->d, lp = (L + 127) / 128 * 128;
     if (d > 600 || d % 16) {
@@ -593,7 +599,19 @@ BB_AVX512_VNNI void kattn_head_vnni(const kattn_args *attn, int64_t h, int32_t *
             int64_t n = d - c0 < 64 ? d - c0 : 64, nv = n / 16;
             __m512i cn[4];
             for (int v = 0; v < 4; v++) cn[v] = _mm512_setzero_si512();
-            for (int64_t g = 0; g < lp / 4; g++) {
+            if (n == 64) { /* lp / 4 is even */
+                __m512i odd[4] = {cn[0], cn[0], cn[0], cn[0]};
+                for (int64_t g = 0; g < lp / 4; g += 2) {
+                    __m512i b0 = _mm512_set1_epi32(groups[g]), b1 = _mm512_set1_epi32(groups[g + 1]);
+                    const int8_t *vg = vq + (g * d + c0) * 4;
+                    for (int v = 0; v < 4; v++) {
+                        cn[v] = _mm512_dpbusd_epi32(cn[v], b0, _mm512_loadu_si512(vg + 64 * v));
+                        odd[v] = _mm512_dpbusd_epi32(odd[v], b1, _mm512_loadu_si512(vg + 4 * d + 64 * v));
+                    }
+                }
+                for (int v = 0; v < 4; v++) cn[v] = _mm512_add_epi32(cn[v], odd[v]);
+            }
+            for (int64_t g = 0; g < lp / 4 && n < 64; g++) {
                 if (!groups[g]) continue;
                 __m512i bv = _mm512_set1_epi32(groups[g]);
                 const int8_t *vg = vq + (g * d + c0) * 4;
@@ -624,6 +642,149 @@ BB_AVX512_VNNI void ksoftmax_head_vnni(const kattn_args *attn, int64_t h, int32_
         vnni_scores(attn, h, i, lp, kq, koff, S);
         ksoftmax_row_avx512(attn, h, i, S, lp, e, keys, grid);
     }
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* the k-bit quantizer (kbit.c has its formulas)                                         */
+
+/* The quantizer's row sums (kbit_row_sum_portable): 32 columns per step, partial sums 0-7, 8-15,
+ * 16-23 and 24-31 in four vectors of doubles (a masked tail adds +0.0), added as row_sum_tree
+ * does: the vectors' sums, then halves. */
+BB_INLINE BB_AVX512 double sum_tree_avx512(__m512d s0, __m512d s1, __m512d s2, __m512d s3) {
+    __m512d t = _mm512_add_pd(_mm512_add_pd(s0, s1), _mm512_add_pd(s2, s3));
+    __m256d u = _mm256_add_pd(_mm512_castpd512_pd256(t), _mm512_extractf64x4_pd(t, 1));
+    __m128d w = _mm_add_pd(_mm256_castpd256_pd128(u), _mm256_extractf128_pd(u, 1));
+    return _mm_cvtsd_f64(w) + _mm_cvtsd_f64(_mm_unpackhi_pd(w, w));
+}
+
+/* 8 floats at p (the first n of them, the rest +0.0) in doubles */
+BB_INLINE BB_AVX512 __m512d load8_pd(const float *p, int64_t n) {
+    return _mm512_cvtps_pd(n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskz_loadu_ps((__mmask8)((1u << (n > 0 ? n : 0)) - 1), p));
+}
+
+/* the squares summed with fused multiply-adds: x^2 is exact in double, so each is x^2 + s rounded once */
+BB_AVX512 double kbit_row_sum_avx512(const float *x, int64_t C, float *amax, double *sumsq) {
+    __m512d s0 = _mm512_setzero_pd(), s1 = s0, s2 = s0, s3 = s0, q0 = s0, q1 = s0, q2 = s0, q3 = s0;
+    __m512 largest = _mm512_setzero_ps();
+    const __m512d one = _mm512_set1_pd(1.0);
+    for (int64_t c = 0; c < C; c += 32) {
+        __mmask32 lm = C - c >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (C - c)) - 1);
+        __m512d d0 = load8_pd(x + c, C - c), d1 = load8_pd(x + c + 8, C - c - 8);
+        __m512d d2 = load8_pd(x + c + 16, C - c - 16), d3 = load8_pd(x + c + 24, C - c - 24);
+        s0 = _mm512_fmadd_pd(d0, one, s0), s1 = _mm512_fmadd_pd(d1, one, s1); /* d * 1 + s: the sum, rounded once */
+        s2 = _mm512_fmadd_pd(d2, one, s2), s3 = _mm512_fmadd_pd(d3, one, s3);
+        q0 = _mm512_fmadd_pd(d0, d0, q0), q1 = _mm512_fmadd_pd(d1, d1, q1);
+        q2 = _mm512_fmadd_pd(d2, d2, q2), q3 = _mm512_fmadd_pd(d3, d3, q3);
+        __m512 v0 = _mm512_maskz_loadu_ps((__mmask16)lm, x + c), v1 = _mm512_maskz_loadu_ps((__mmask16)(lm >> 16), x + c + 16);
+        largest = _mm512_range_ps(largest, _mm512_range_ps(v0, v1, 0x0B), 0x0B); /* max |.|, sign cleared */
+    }
+    *amax = _mm512_reduce_max_ps(largest);
+    *sumsq = sum_tree_avx512(q0, q1, q2, q3);
+    return sum_tree_avx512(s0, s1, s2, s3);
+}
+
+/* the deviations' squares (the fallback of kbit.c's std_from_squares), lanes past C adding +0.0 */
+BB_AVX512 double kbit_row_deviation_avx512(const float *x, int64_t C, double mean) {
+    __m512d s[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
+    const __m512d mv = _mm512_set1_pd(mean);
+    for (int64_t c = 0; c < C; c += 32)
+        for (int v = 0; v < 4; v++) {
+            int64_t n = C - c - 8 * v;
+            __mmask8 lm = n >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << (n > 0 ? n : 0)) - 1);
+            __m512d d = _mm512_maskz_sub_pd(lm, load8_pd(x + c + 8 * v, n), mv);
+            s[v] = _mm512_add_pd(s[v], _mm512_mul_pd(d, d));
+        }
+    return sum_tree_avx512(s[0], s[1], s[2], s[3]);
+}
+
+/* |level| (kbit_level) of 16 values, from the thresholds: the guess n = rint(fl(|x| inv)) (inv a
+ * little below 1 / step, kbit.c: |level| or one below it), at most Q, then one up where
+ * |x| >= thr of n + 1 (above[n]) */
+BB_INLINE BB_AVX512 __m512i kbit_mag16_avx512(__m512 a, __m512 inv, __m512 above, __m512i qv) {
+    __m512i n = _mm512_min_epu32(_mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qv); /* too large: 2^31 */
+    __mmask16 up = _mm512_cmp_ps_mask(a, _mm512_permutexvar_ps(n, above), _CMP_GE_OQ);
+    return _mm512_mask_add_epi32(n, up, n, _mm512_set1_epi32(1));
+}
+
+/* 4 vectors of 16 int32 (-128 .. 127, or saturated to it) as 64 bytes in order (a's first) */
+BB_INLINE BB_AVX512 __m512i bytes64(__m512i a, __m512i b, __m512i c, __m512i d) {
+    __m512i p = _mm512_packs_epi16(_mm512_packs_epi32(a, b), _mm512_packs_epi32(c, d)); /* lane-wise */
+    return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), p);
+}
+
+/* kbit_pack_row_portable's levels without a division: |level| >= j exactly when |x| >= thr[j - 1]
+ * (kbit.c, level_thresholds), so for K = 2 one compare gives the magnitude plane, for K = 4
+ * kbit_mag16_avx512; the sign (of a level != 0) is x's sign bit. 64 columns at a time: K = 2 joins
+ * the masks of its 4 vectors in general registers, K = 4 packs their magnitudes and signs into
+ * bytes and tests those.
+ * Each plane's word is stored once. A step that is not a positive finite float (every level 0)
+ * takes the portable kernel. */
+BB_INLINE BB_AVX512 void kbit_pack_body_avx512(const quantize_args *q, int64_t m, const int K) {
+    const int Q = (1 << (K - 1)) - 1;
+    const float *xr = q->x + m * q->ldx;
+    const int64_t C = q->C, ldo = q->ldo;
+    uint64_t *out = q->out ? q->out + m * K * ldo : NULL;
+    int8_t *levels = q->levels ? q->levels + m * C : NULL;
+    const int sm = q->row_mag != NULL;
+    float above_t[16];
+    for (int j = 0; j < 16; j++) above_t[j] = j < Q ? q->thr[j] : NAN;
+    const __m512 inv = _mm512_set1_ps(q->inv), t1 = _mm512_set1_ps(q->thr[0]), above = _mm512_loadu_ps(above_t);
+    const __m512i qv = _mm512_set1_epi32(Q), zero = _mm512_setzero_si512();
+    __m512i mag_acc = zero; /* K = 4: the magnitudes' byte sums, 8 a lane */
+    int64_t mag_sum = 0;    /* K = 2: popcounts of the magnitude plane */
+    for (int64_t w = 0; w < ldo; w++) {
+        uint64_t vd = 0, sg = 0, mg = 0; /* K = 2: the 16-bit masks assembled in general registers */
+        __m512i v[4], n[4];
+        for (int s = 0; s < 4; s++) {
+            int64_t c = 64 * w + 16 * s;
+            __mmask16 lm = c >= C ? 0 : C - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (C - c)) - 1);
+            v[s] = _mm512_castps_si512(lm == 0xFFFF ? _mm512_loadu_ps(xr + c) : _mm512_maskz_loadu_ps(lm, xr + c));
+            __m512 a = _mm512_abs_ps(_mm512_castsi512_ps(v[s]));
+            vd |= (uint64_t)lm << (16 * s);
+            if (K == 2) {
+                sg |= (uint64_t)_cvtmask16_u32(_mm512_movepi32_mask(v[s])) << (16 * s);
+                mg |= (uint64_t)_cvtmask16_u32(_mm512_cmp_ps_mask(a, t1, _CMP_GE_OQ)) << (16 * s); /* |level| = 1 */
+            } else {
+                n[s] = kbit_mag16_avx512(a, inv, above, qv);
+            }
+        }
+        if (K == 2) {
+            mag_sum += __builtin_popcountll(mg);
+            if (levels) {
+                __m512i pm = _mm512_mask_blend_epi8(sg, _mm512_set1_epi8(1), _mm512_set1_epi8(-1));
+                _mm512_mask_storeu_epi8(levels + 64 * w, vd, _mm512_maskz_mov_epi8(mg, pm));
+            }
+            if (out && sm) { /* |level|, then the sign */
+                out[w] = mg, out[ldo + w] = sg & vd;
+            } else if (out) { /* u = level + 1: bit 0 where level = 0, bit 1 where level = 1 */
+                out[w] = vd & ~mg, out[ldo + w] = mg & ~sg;
+            }
+            continue;
+        }
+        __m512i n8 = bytes64(n[0], n[1], n[2], n[3]); /* |level| */
+        sg = _cvtmask64_u64(_mm512_movepi8_mask(bytes64(v[0], v[1], v[2], v[3]))); /* x < 0 (saturated) */
+        __m512i level8 = _mm512_mask_sub_epi8(n8, sg, zero, n8);
+        if (levels) _mm512_mask_storeu_epi8(levels + 64 * w, vd, level8);
+        if (sm) mag_acc = _mm512_add_epi64(mag_acc, _mm512_sad_epu8(n8, zero));
+        if (out && sm) {
+            for (int b = 0; b < K - 1; b++) out[b * ldo + w] = _cvtmask64_u64(_mm512_test_epi8_mask(n8, _mm512_set1_epi8((char)(1 << b))));
+            out[(K - 1) * ldo + w] = sg & vd;
+        } else if (out) { /* u = level + Q */
+            __m512i u8 = _mm512_add_epi8(level8, _mm512_set1_epi8((char)Q));
+            for (int b = 0; b < K; b++)
+                out[b * ldo + w] = _cvtmask64_u64(_mm512_mask_test_epi8_mask(vd, u8, _mm512_set1_epi8((char)(1 << b))));
+        }
+    }
+    if (sm) q->row_mag[m] = K == 2 ? mag_sum : _mm512_reduce_add_epi64(mag_acc);
+}
+
+BB_AVX512 void kbit_pack_row_avx512(const quantize_args *q, int64_t m) {
+    if (!(q->step > 0.0f && q->step <= 3.0e38f))
+        kbit_pack_row_portable(q, m);
+    else if (q->bits == 2)
+        kbit_pack_body_avx512(q, m, 2);
+    else
+        kbit_pack_body_avx512(q, m, 4);
 }
 
 #endif

@@ -265,19 +265,19 @@ BB_POPCNT void attn_context_popcnt(const attn_args *attn, int64_t bh, const uint
 /* ------------------------------------------------------------------------------------ */
 /* k-bit activations (kbit.c has the quantizer's formulas)                               */
 
-/* the quantizer's row sums, in row_sum_tree's order */
-double kbit_row_sum_portable(const float *x, int64_t C, float *amax) {
-    double partial[32] = {0};
+/* the quantizer's row sums, in row_sum_tree's order (the squares are exact in double) */
+double kbit_row_sum_portable(const float *x, int64_t C, float *amax, double *sumsq) {
+    double partial[32] = {0}, squares[32] = {0};
     float largest = 0.0f;
-    int nan = 0;
     for (int64_t c = 0; c < C; c++) {
         float v = x[c];
         partial[c & 31] += v;
+        squares[c & 31] += (double)v * v;
         float a = fabsf(v);
         if (a > largest) largest = a;
-        if (v != v) nan = 1;
     }
-    *amax = nan ? NAN : largest;
+    *amax = largest;
+    *sumsq = row_sum_tree(squares);
     return row_sum_tree(partial);
 }
 
@@ -292,21 +292,12 @@ double kbit_row_deviation_portable(const float *x, int64_t C, double mean) {
 
 void kbit_pack_row_portable(const quantize_args *q, int64_t m) {
     int Q = (1 << (q->bits - 1)) - 1, k = q->bits;
-    float step = q->step, clip = q->clip;
-    int finite = step > 0.0f && step <= 3.0e38f; /* a NaN clip (std of a single value) gives level 0 */
     const float *xr = q->x + m * q->ldx;
     int64_t mag_sum = 0;
     for (int b = 0; q->out && b < k; b++)
         for (int64_t w = 0; w < q->ldo; w++) q->out[(m * k + b) * q->ldo + w] = 0;
     for (int64_t c = 0; c < q->C; c++) {
-        float v = xr[c];
-        int level = 0;
-        if (finite && v == v) {
-            if (v < -clip) v = -clip;
-            if (v > clip) v = clip;
-            float r = rintf(v / step);
-            level = r < (float)-Q ? -Q : r > (float)Q ? Q : (int)r;
-        }
+        int level = kbit_level(xr[c], q->clip, q->step, Q); /* a NaN clip (std of one value) gives 0 */
         /* planes of u = level + Q, or sign-magnitude: bits 0 .. k-2 of |level|, then the sign */
         unsigned mag = (unsigned)(level < 0 ? -level : level);
         unsigned u = q->row_mag ? mag | (unsigned)(level < 0) << (k - 1) : (unsigned)(level + Q);

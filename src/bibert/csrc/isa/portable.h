@@ -249,7 +249,7 @@ void sign_pack_row_portable(const float *x, const float *t, int64_t K, uint64_t 
 void embed_row_portable(const uint64_t *word_bits, float alpha, const float *type, const float *pos, int64_t H,
                         float *out);
 void transpose64_portable(uint64_t a[64]);
-double kbit_row_sum_portable(const float *x, int64_t C, float *amax);
+double kbit_row_sum_portable(const float *x, int64_t C, float *amax, double *sumsq);
 double kbit_row_deviation_portable(const float *x, int64_t C, double mean);
 void kbit_pack_row_portable(const quantize_args *q, int64_t m);
 #if BB_X86
