@@ -15,11 +15,13 @@ What each number is:
                    tokenize, run, write the CSV), FileSummary.seconds.
   Ray              start-up: ray.init (local, 2 CPUs) plus the time to the first scored batch
                    (actors start, load the model, read); steady: the rows after the first
-                   batch / the time from the first to the last batch, the driver consuming
-                   the batches (no writing).
+                   batch / the time from the first to the last batch, the driver writing the
+                   batches to a parquet file as `bibert predict --ray` does.
   Spark            start-up: the session (JVM) plus the first job's extra time over the second
                    (Python workers start and load the model); steady: rows / the second job's
-                   time, into Spark's noop sink (the DataFrame cached beforehand).
+                   time. Each job reads the CSV (spark.read.csv, every column a string) and
+                   writes the id and predictions as parquet, as a user's job would: nothing
+                   is cached between the jobs.
 Writes benchmarks/results/scale_out.json and .md.
 """
 from __future__ import annotations
@@ -65,22 +67,25 @@ def run_ray(model: Path, src: Path, actors: int, init_s: float) -> dict:
     ds = read_dataset([str(src)], "csv", 512)
     scored = _map(ds, info, workers=actors, batch_size=512, threads_per_worker=1, text_columns="text",
                   max_length=None, forward_batch=32, kernel=None, cpus=2)
+    import pyarrow.parquet as pq
+
     t0 = time.perf_counter()
-    first = first_rows = None
+    first = first_rows = writer = None
     rows = 0
     for batch in scored.iter_batches(batch_format="pyarrow", batch_size=None):
         rows += batch.num_rows
         if first is None:
             first, first_rows = time.perf_counter(), batch.num_rows
+            writer = pq.ParquetWriter(src.with_name(f"ray_{actors}.parquet"), batch.schema)
+        writer.write_table(batch.cast(writer.schema))
+    writer.close()
     end = time.perf_counter()
     return {"engine": f"Ray Data, {actors} actor{'s' if actors > 1 else ''} x 1 thread", "startup_s": init_s + first - t0,
             "steady_rows_per_s": (rows - first_rows) / (end - first), "rows": rows, "total_s": end - t0,
             "first_batch_s": first - t0, "ray_init_s": init_s}
 
 
-def run_spark(model: Path, src: Path) -> list[dict]:
-    import pandas as pd
-
+def run_spark(model: Path, src: Path, rows: int) -> list[dict]:
     os.environ["PYSPARK_PYTHON"] = sys.executable
     os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
     import warnings
@@ -95,16 +100,19 @@ def run_spark(model: Path, src: Path) -> list[dict]:
              .config("spark.driver.memory", "2g").getOrCreate())
     spark.sparkContext.setLogLevel("ERROR")
     session_s = time.perf_counter() - t
-    frame = pd.read_csv(src, dtype=str, keep_default_na=False)
-    df = spark.createDataFrame(frame).repartition(2).cache()
-    n = df.count()
     times = []
+    out = src.with_name("spark_out")
     for _ in range(2):
         udf = predict_udf(model, batch_size=512)
         t = time.perf_counter()
-        df.withColumn("pred", udf("text")).select("id", "pred.*").write.mode("overwrite").format("noop").save()
+        df = (spark.read.option("header", True).option("multiLine", True).option("escape", '"').csv(str(src))
+              .repartition(2))
+        df.withColumn("pred", udf("text")).select("id", "pred.*").write.mode("overwrite").parquet(str(out))
         times.append(time.perf_counter() - t)
+    n = spark.read.parquet(str(out)).count()
     spark.stop()
+    if n != rows:
+        raise SystemExit(f"Spark wrote {n} rows of the file's {rows}: the CSV was read differently")
     return [{"engine": "Spark local[2], predict_batch_udf", "startup_s": session_s + times[0] - times[1],
              "steady_rows_per_s": n / times[1], "rows": n, "total_s": times[0], "session_s": session_s,
              "first_job_s": times[0], "second_job_s": times[1]}]
@@ -147,7 +155,7 @@ def main() -> None:
                 print(results[-1], flush=True)
             ray.shutdown()
         if "spark" in engines:
-            results += run_spark(model, src)
+            results += run_spark(model, src, len(texts))
             print(results[-1], flush=True)
         load_after = os.getloadavg()
     by = {r["engine"]: r for r in results}
