@@ -112,6 +112,29 @@ def test_bad_inputs_give_one_clear_error(local_ray, data, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("raised, expected", [
+    (ConnectionError("Failed to connect to Ray cluster at 10.0.0.9:6390"), "check that the cluster is up"),
+    (RuntimeError("Failed to connect to GCS. ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken"),
+     "RAY_AUTH_MODE=token"),
+])
+def test_an_address_that_cannot_be_joined_is_one_error(data, tmp_path, capsys, monkeypatch, raised, expected):
+    # what ray.init raises (Ray 2.x) for an address where no cluster answers, or one that asks for a token
+    model, src, _ = data
+
+    def init(address=None, **kwargs):
+        assert address == "10.0.0.9:6390"
+        raise raised
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    out = tmp_path / "out.parquet"
+    assert main(["predict", "--model", str(model), "--file", str(src), "--out", str(out), "--text-column", "text",
+                 "--ray", "10.0.0.9:6390", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "could not connect to the Ray cluster at 10.0.0.9:6390" in err and expected in err, err
+    assert "Traceback" not in err and err.count("\n") == 1 and not out.exists()
+
+
 def test_a_worker_that_cannot_load_the_model_is_one_error(local_ray, data, tmp_path, capsys, monkeypatch):
     model, src, _ = data
     gone = ModelInfo(str(tmp_path / "only-on-the-driver.bibert"), ("a", "b", "c"), 3)

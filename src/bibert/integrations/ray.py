@@ -208,8 +208,7 @@ def predict_files(model, spec: str, out: str, text_column: str, pair_column: str
     ray = _ray()
     start = time.perf_counter()
     if not ray.is_initialized():
-        kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        ray.init(address=address or None, **kwargs)
+        connect(ray, address)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # OUT in input order, as predict --file writes it
     ctx.enable_progress_bars = progress
@@ -264,6 +263,23 @@ def predict_files(model, spec: str, out: str, text_column: str, pair_column: str
     return (f"wrote {rows} rows to {out} in {seconds:.1f} s ({rows / seconds if seconds else 0:.1f} rows/s) on Ray: "
             f"{actors} workers x {per_actor} threads of {cpus} CPUs, {len(files)} input file(s); first rows after "
             f"{(first or time.perf_counter()) - start:.1f} s")
+
+
+def connect(ray, address: str | None) -> None:
+    """Start a local Ray (no address) or join the cluster at `address`, with one clear error
+    where it cannot be reached."""
+    kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        ray.init(address=address or None, **kwargs)
+    except (ConnectionError, RuntimeError) as exc:  # ray raises these for an address it cannot reach or join
+        if not address:
+            raise BibertError(f"could not start a local Ray: {str(exc).splitlines()[0]}") from None
+        auth = "authentication" in str(exc).lower() or "auth_token" in str(exc).lower()
+        hint = ("the cluster asks for a token: set RAY_AUTH_MODE=token with the head's token in ~/.ray/auth_token "
+                "or RAY_AUTH_TOKEN" if auth else
+                "give the head's address as `ray start --head` printed it (HOST:PORT, the node's IP rather than "
+                "127.0.0.1) and check that the cluster is up (`ray status` on the head)")
+        raise BibertError(f"could not connect to the Ray cluster at {address}: {hint}") from None
 
 
 def _columns(path: str, fmt: str) -> list[str]:
