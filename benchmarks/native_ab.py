@@ -22,6 +22,7 @@ whole forward, Python included, as the two versions run it.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import os
@@ -73,6 +74,32 @@ def worker(model: str) -> None:
 
     engine = load_packed(model, threads=1)
     inputs = {}
+
+    step_fn = getattr(kernels.lib(), "bb_step_times", None)  # a profiling build (roofline.py --steps)
+    native = {}
+    if step_fn is not None:  # the native call's own CPU and wall time too, around bb_forward
+        class Timed:
+            def __init__(self, lib):
+                self._lib = lib
+
+            def __getattr__(self, name):
+                return getattr(self._lib, name)
+
+            def bb_forward(self, *args):
+                t, wall = time.thread_time(), time.perf_counter()
+                rc = self._lib.bb_forward(*args)
+                native.update(cpu_ms=(time.thread_time() - t) * 1e3, wall_ms=(time.perf_counter() - wall) * 1e3)
+                return rc
+
+        kernels._lib = Timed(kernels.lib())
+
+    def step_times():
+        """The nanoseconds of each forward step since the last call (a profiling build only, else None)."""
+        if step_fn is None:
+            return None
+        out = (ctypes.c_int64 * 32)()
+        n = step_fn(out, 32)
+        return list(out[:n])
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "family":
@@ -91,9 +118,12 @@ def worker(model: str) -> None:
                 digest.update(h.tobytes())
             answer = {"digest": digest.hexdigest()}
         elif cmd["op"] == "forward":
-            t = time.thread_time()
+            steps = step_times()  # a profiling build (roofline.py --steps): its steps start from zero
+            t, wall = time.thread_time(), time.perf_counter()
             engine.forward(inputs["ids"], inputs["mask"])
-            answer = {"cpu_ms": (time.thread_time() - t) * 1e3}
+            answer = {"cpu_ms": (time.thread_time() - t) * 1e3, "wall_ms": (time.perf_counter() - wall) * 1e3}
+            if steps is not None:
+                answer.update(steps_ns=step_times(), native_cpu_ms=native["cpu_ms"], native_wall_ms=native["wall_ms"])
         elif cmd["op"] == "ceiling":  # about cmd["seconds"] of the loop
             ceiling = Ceiling(kernels.get_kernel())
             iters = 1 << 12

@@ -6,6 +6,13 @@ source and compiler; CC picks the compiler) and loaded with ctypes. Not part of 
     from roofline import Ceiling, popcount_roofline
     popcount_roofline(1.0)            # binary MACs per second, the active kernel family, one core
     Ceiling("avx2").run(iters)        # one timed run of the loop: binary MACs done
+
+As a script, where the time of a packed 1-1-1 forward goes, step by step (a profiling build of the
+library, -DBB_STEP_TIMES), against that ceiling; with --against, the sources at another commit
+too, interleaved (writes benchmarks/results/roofline_steps.json and .md):
+
+    python benchmarks/roofline.py --steps
+    python benchmarks/roofline.py --steps --against HEAD~3 --cache /tmp/models
 """
 from __future__ import annotations
 
@@ -84,3 +91,168 @@ def popcount_roofline(seconds: float = 0.2, family: str | None = None) -> float:
             continue
         best = max(best, macs / dt)
     return best
+
+
+# ---------------------------------------------------------------------------------------------
+# where a forward's time goes against the ceiling (python benchmarks/roofline.py --steps)
+
+CSRC = Path(__file__).resolve().parent.parent / "src" / "bibert" / "csrc"
+RESULTS = Path(__file__).resolve().parent / "results"
+# bb_forward's steps, in the order of BB_STEP_* (src/bibert/csrc/bb_internal.h)
+STEPS = ("embeddings", "Q/K/V Linear", "key-valid bits", "attention gather", "attention rows", "attention-output Linear",
+         "LayerNorm 1", "FFN-in Linear", "FFN-out Linear", "LayerNorm 2", "pooler", "rest of the native call")
+
+
+def step_macs(layers: int = 12, rows: int = 128, hidden: int = 768, heads: int = 12, intermediate: int = 3072) -> dict:
+    """Binary MACs of each step of one sequence's forward (BERT-base at 128 tokens: 11.17 G in all)."""
+    per_layer = {"Q/K/V Linear": rows * hidden * 3 * hidden, "attention rows": 2 * rows * rows * hidden,
+                 "attention-output Linear": rows * hidden * hidden, "FFN-in Linear": rows * hidden * intermediate,
+                 "FFN-out Linear": rows * intermediate * hidden}
+    return {k: v * layers for k, v in per_layer.items()}
+
+
+def step_library(csrc: Path) -> Path:
+    """A profiling build of the library from the C sources in csrc (its .c files and isa/*.c, the
+    flags of setup.py) with -DBB_STEP_TIMES: the forward records each step's time (bb_step_times)."""
+    compiler = os.environ.get("CC", "cc")
+    sources = sorted(csrc.glob("*.c")) + sorted(csrc.glob("isa/*.c"))
+    flags = ["-O3", "-std=gnu11", "-pthread", "-fno-strict-aliasing", "-ffp-contract=off", "-fPIC", "-shared",
+             "-DBB_STEP_TIMES"]
+    digest = hashlib.sha256(" ".join([compiler, *flags]).encode())
+    for path in sorted(csrc.glob("*.[ch]")) + sorted(csrc.glob("isa/*.[ch]")):
+        digest.update(path.name.encode() + path.read_bytes())
+    target = BUILD / f"bitkernels-steps-{digest.hexdigest()[:12]}.so"
+    if not target.exists():
+        BUILD.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        subprocess.run([compiler, *flags, "-o", str(tmp), *map(str, sources)], check=True)
+        os.replace(tmp, target)
+    return target
+
+
+def sources_at(ref: str, into: Path) -> Path:
+    """The C sources of the engine at git commit `ref`, extracted into a folder."""
+    repo = CSRC.parent.parent.parent
+    archive = subprocess.run(["git", "-C", str(repo), "archive", ref, "src/bibert/csrc"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into / "src" / "bibert" / "csrc"
+
+
+def steps_main(argv=None) -> int:
+    import argparse
+    import json
+    import statistics
+    import sys
+    import tempfile
+
+    import native_ab
+    from bibert.packed import tuning
+
+    ap = argparse.ArgumentParser(description="Where the time of a packed 1-1-1 BERT-base forward goes (batch 1, "
+                                 "128 tokens, one thread), step by step, against the popcount ceiling; with "
+                                 "--against, the same for the engine's sources at another commit, interleaved.")
+    ap.add_argument("--steps", action="store_true", required=True)
+    ap.add_argument("--against", metavar="REF", help="a git commit whose sources to profile too (the 'before')")
+    ap.add_argument("--rounds", type=int, default=60, help="forwards of each build (interleaved)")
+    ap.add_argument("--cache", type=Path, help="a folder that keeps the built model between runs")
+    ap.add_argument("--out", type=Path, default=RESULTS / "roofline_steps.json")
+    args = ap.parse_args(argv)
+    load_start = os.getloadavg()[0]
+    result = {"command": "python benchmarks/" + Path(__file__).name + " " + " ".join(argv or sys.argv[1:]),
+              "date": time.strftime("%Y-%m-%d"), "cpu": tuning.cpu_model(), "cores": os.cpu_count(),
+              "rounds": args.rounds, "builds": {}}
+    with tempfile.TemporaryDirectory(prefix="bibert-steps-") as tmp:
+        builds = {}
+        if args.against:
+            builds[f"at {args.against}"] = step_library(sources_at(args.against, Path(tmp)))
+        builds["this tree"] = step_library(CSRC)
+        folder = args.cache or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        model = native_ab.build_model(folder, "1-1-1")
+        workers = {name: native_ab.Worker(str(lib), model) for name, lib in builds.items()}
+        try:
+            for w in workers.values():
+                result["kernel"] = w.ask(op="family", family="auto")["kernel"]
+                w.ask(op="inputs", batch=1, seq=128, seed=1)
+                w.ask(op="forward")  # warm-up
+            runs = {name: [] for name in workers}
+            ceilings = []
+            for i in range(args.rounds):
+                order = list(workers.items())
+                for name, w in (order if i % 2 == 0 else order[::-1]):
+                    runs[name].append(w.ask(op="forward"))
+                if i % 4 == 0:
+                    ceilings.append(next(iter(workers.values())).ask(op="ceiling", seconds=0.02)["macs_per_s"])
+        finally:
+            for w in workers.values():
+                w.close()
+    roof = statistics.median(ceilings)
+    result["ceiling_tmacs"] = round(roof / 1e12, 3)
+    macs = step_macs()
+    for name, forwards in runs.items():
+        # the quarter of the forwards least preempted (lowest wall / CPU time of the native call); each
+        # step's wall time scaled by its call's CPU / wall time, then the mean over those forwards
+        clean = sorted(forwards, key=lambda f: f["native_wall_ms"] / f["native_cpu_ms"])[:max(5, len(forwards) // 4)]
+        cpu_ms = statistics.mean(f["cpu_ms"] for f in clean)
+        rows = []
+        for s, step in enumerate(STEPS):
+            ms = statistics.mean(f["steps_ns"][s] / 1e6 * f["native_cpu_ms"] / f["native_wall_ms"] for f in clean)
+            row = {"step": step, "ms": round(ms, 3)}
+            if step in macs:
+                ideal = macs[step] / roof * 1e3
+                row.update(gmacs=round(macs[step] / 1e9, 3), ceiling_pct=round(100 * ideal / ms, 1) if ms else None,
+                           over_ceiling_ms=round(ms - ideal, 3))
+            else:
+                row["over_ceiling_ms"] = round(ms, 3)
+            rows.append(row)
+        python_ms = statistics.mean(f["cpu_ms"] - f["native_cpu_ms"] for f in clean)
+        rows.append({"step": "outside the native call (Python)", "ms": round(python_ms, 3),
+                     "over_ceiling_ms": round(python_ms, 3)})
+        total = sum(r["ms"] for r in rows)
+        for r in rows:
+            r["share_pct"] = round(100 * r["ms"] / total, 1)
+        result["builds"][name] = {"forwards": len(forwards), "clean": len(clean),
+                                  "wall_per_cpu": round(max(f["native_wall_ms"] / f["native_cpu_ms"] for f in clean), 3),
+                                  "cpu_ms": round(cpu_ms, 3), "ceiling_pct": round(100 * sum(macs.values()) / roof
+                                                                                    / (cpu_ms / 1e3), 1),
+                                  "ideal_ms": round(sum(macs.values()) / roof * 1e3, 3), "steps": rows}
+    result["load_average"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    args.out.with_suffix(".md").write_text(steps_markdown(result))
+    print(steps_markdown(result))
+    return 0
+
+
+def steps_markdown(r: dict) -> str:
+    names = list(r["builds"])
+    lines = ["# Where a packed 1-1-1 forward's time goes, against the popcount ceiling", "",
+             f"`{r['command'].strip()}`, {r['date']}. Host: {r['cpu']}, {r['cores']} cores; kernel family "
+             f"{r['kernel']}; load average {r['load_average'][0]} at the start, {r['load_average'][1]} at the end. "
+             "BERT-base shape, batch 1, 128 tokens, one thread, a profiling build of the library (-DBB_STEP_TIMES: "
+             "each step of bb_forward timed with the monotonic clock); "
+             f"{r['rounds']} forwards of each build, builds interleaved; the figures are means over the quarter of "
+             "them least preempted (the lowest wall / CPU time of the native call, at most "
+             + ", ".join(f"{b['wall_per_cpu']} for {n}" for n, b in r["builds"].items()) + "), each step's wall "
+             "time scaled by its call's CPU / wall time; the Python side is the forward's CPU time less the "
+             "native call's. Ceiling: the active family's register-only XOR + popcount + add loop on one core, CPU "
+             f"time: {r['ceiling_tmacs']} T binary MAC/s. 'Over the ceiling': the step's time less the time its "
+             "binary MACs take at the ceiling (all of it for a step without binary MACs).", ""]
+    head = "| step |" + "".join(f" {n} ms | share | % of ceiling | over the ceiling ms |" for n in names)
+    lines += [head, "|---|" + "---|---|---|---|" * len(names)]
+    for i, row in enumerate(r["builds"][names[0]]["steps"]):
+        cells = []
+        for n in names:
+            s = r["builds"][n]["steps"][i]
+            pct = f"{s['ceiling_pct']}%" if s.get("ceiling_pct") is not None else "-"
+            cells.append(f" {s['ms']} | {s['share_pct']}% | {pct} | {s['over_ceiling_ms']} |")
+        lines.append(f"| {row['step']} |" + "".join(cells))
+    lines.append("| whole forward (CPU time) |" + "".join(
+        f" {r['builds'][n]['cpu_ms']} | 100% | {r['builds'][n]['ceiling_pct']}% | "
+        f"{round(r['builds'][n]['cpu_ms'] - r['builds'][n]['ideal_ms'], 3)} |" for n in names))
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(steps_main())

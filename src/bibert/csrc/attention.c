@@ -130,6 +130,7 @@ int bb_biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_of
 int biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_off, int64_t v_off, int64_t B, int64_t L,
                 int64_t H, int64_t d, const uint64_t *valid, uint64_t *out, int64_t ldo, int32_t *counts,
                 const float *t, const int64_t *lim, const int64_t *rel, int check_limits) {
+    BB_STEP_CLOCK(clock);
     if (!count_ok(B)) return BB_EINVAL;
     if (B == 0) return BB_OK;
     if (!dim_ok(L) || !dim_ok(H) || !dim_ok(d) || !dim_ok(ldq) || !dim_ok(ldo) || !qkv || !valid || !out)
@@ -173,6 +174,7 @@ int biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_off, 
                     (H * attn.lw + attn.dw + (rel ? attn.lp : 0) + 7) / 8 * 8};
     /* phase 1: per (b, h), gather the head's bits into the layouts above */
     bb_parallel_for(B * H, 1, attn_gather_heads, &job);
+    BB_STEP_MARK(clock, BB_STEP_GATHER);
     /* phase 2: per query row, every head; each row of `out` is written by one chunk. Scratch
      * per thread, each on its own cache lines. */
     int nthreads = bb_team();
@@ -184,5 +186,6 @@ int biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_off, 
     bb_parallel_for(B * L, 4, attn_query_rows, &job);
     free(job.scratch);
     free(buf);
+    BB_STEP_MARK(clock, BB_STEP_ATTENTION);
     return BB_OK;
 }

@@ -305,6 +305,39 @@ void linear_kbit_run(const uint64_t *a, int64_t M, int64_t lda, int64_t K, const
  * in [0, d + 1], not both given */
 int limits_ok(int64_t H, int64_t d, const int64_t *lim, const int64_t *rel);
 
+/* ------------------------------------------------------------------------------------ */
+/* step times of the forward (a profiling build only)                                    */
+
+/* The steps of bb_forward whose time a profiling build records (benchmarks/roofline.py --steps
+ * compiles the library with -DBB_STEP_TIMES; it exports bb_step_times, runtime.c). In the
+ * library's own build the marks compile to nothing. */
+enum {
+    BB_STEP_EMBED,     /* embeddings and their LayerNorm */
+    BB_STEP_QKV,       /* the Q/K/V Linear (bits out) */
+    BB_STEP_MASK,      /* each sequence's key-valid bits */
+    BB_STEP_GATHER,    /* Bi-Attention: each head's bits into the kernels' layouts */
+    BB_STEP_ATTENTION, /* Bi-Attention: scores and context of every query row */
+    BB_STEP_ATTN_OUT,  /* the attention-output Linear (float out, residual) */
+    BB_STEP_LN1,       /* LayerNorm after attention, with its bits */
+    BB_STEP_FFN_IN,    /* the FFN-in Linear (bits out) */
+    BB_STEP_FFN_OUT,   /* the FFN-out Linear (float out, residual) */
+    BB_STEP_LN2,       /* LayerNorm after the FFN, with its bits */
+    BB_STEP_POOLER,    /* the pooler's sign bits and Linear */
+    BB_STEP_OTHER,     /* the rest of the native call: checks, allocations, the hidden states */
+    BB_STEPS
+};
+#ifdef BB_STEP_TIMES
+int64_t bb_step_clock(void);                   /* nanoseconds, monotonic */
+void bb_step_add(int step, int64_t *since);    /* adds now - *since to the step, *since = now */
+#define BB_STEP_CLOCK(clock) int64_t clock = bb_step_clock()
+#define BB_STEP_MARK(clock, step) bb_step_add(step, &(clock))
+#define BB_STEP_RESTART(clock) ((clock) = bb_step_clock()) /* the time since was counted elsewhere */
+#else
+#define BB_STEP_CLOCK(clock)
+#define BB_STEP_MARK(clock, step) ((void)0)
+#define BB_STEP_RESTART(clock) ((void)0)
+#endif
+
 #pragma GCC visibility pop
 
 #endif

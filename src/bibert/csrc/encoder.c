@@ -75,17 +75,24 @@ static void tail_chunks(void *ctx, int64_t lo, int64_t hi, int tid) {
         int64_t r = j->r0 + c * j->tail_rows;
         int64_t n = j->r0 + j->M - r < j->tail_rows ? j->r0 + j->M - r : j->tail_rows;
         float *x = j->x + r * H;
+        BB_STEP_CLOCK(clock);
         int rc = bb_linear(j->ctx + r * hw, n, hw, H, p->ao_w, H, p->ao_c0, p->ao_c1, x, y, NULL, 0, NULL, NULL);
+        BB_STEP_MARK(clock, BB_STEP_ATTN_OUT);
         if (!rc) rc = bb_layernorm(y, n, H, p->ln1_g, p->ln1_b, j->eps, a, ab, hw, p->ln1_t);
+        BB_STEP_MARK(clock, BB_STEP_LN1);
         if (!rc) rc = bb_linear(ab, n, hw, H, p->fi_w, I, NULL, NULL, NULL, NULL, fb, iw, p->fi_thr, p->fi_flip);
+        BB_STEP_MARK(clock, BB_STEP_FFN_IN);
         if (!rc) rc = bb_linear(fb, n, iw, I, p->fo_w, H, p->fo_c0, p->fo_c1, a, y, NULL, 0, NULL, NULL);
+        BB_STEP_MARK(clock, BB_STEP_FFN_OUT);
         if (!rc) rc = bb_layernorm(y, n, H, p->ln2_g, p->ln2_b, j->eps, x, j->xb + r * hw, hw, p->ln2_t);
+        BB_STEP_MARK(clock, BB_STEP_LN2);
         if (rc) atomic_store(&j->rc, rc);
     }
 }
 
 /* sequences [s0, s1) of the job as one group, through every layer */
 static int encoder_group(encoder_job *j, int64_t s0, int64_t s1) {
+    BB_STEP_CLOCK(clock);
     int64_t H = j->H, I = j->I, hw = words_of(H), qw = words_of(3 * H);
     int64_t r0 = j->start[s0], M = j->start[s1] - r0, maxlen = 0;
     for (int64_t s = s0; s < s1; s++)
@@ -101,23 +108,30 @@ static int encoder_group(encoder_job *j, int64_t s0, int64_t s1) {
     float *x = j->x + r0 * H;
     uint64_t *xb = j->xb + r0 * hw;
     int rc = BB_OK;
+    BB_STEP_MARK(clock, BB_STEP_OTHER);
     for (int64_t l = 0; l < j->n_layers && rc == BB_OK; l++) {
         const bb_layer *p = j->layers + l;
         rc = bb_linear(xb, M, hw, H, p->qkv_w, 3 * H, NULL, NULL, NULL, NULL, qkv, qw, p->qkv_thr, p->qkv_flip);
+        BB_STEP_MARK(clock, BB_STEP_QKV);
         for (int64_t s = s0; s < s1 && !rc; s++) { /* Bi-Attention within each sequence */
             int64_t a0 = j->start[s] - r0, L = j->start[s + 1] - j->start[s];
             for (int64_t w = 0; w < words_of(L); w++) valid[w] = 0;
             for (int64_t i = 0; i < L; i++) valid[i >> 6] |= (uint64_t)(j->row_valid[r0 + a0 + i] != 0) << (i & 63);
+            BB_STEP_MARK(clock, BB_STEP_MASK);
             rc = biattention(qkv + a0 * qw, qw, 0, H, 2 * H, 1, L, j->heads, H / j->heads, valid, ctx + a0 * hw, hw,
                              NULL, p->ctx_t, p->score_lim, p->score_rel, 0);
+            BB_STEP_RESTART(clock); /* biattention marks its own steps */
         }
         if (rc) break;
         tail_job t = {p, 0, M, H, I, tail_rows, j->eps, ctx, x, xb, scratch, scratch_bytes, BB_OK};
         bb_parallel_for((M + tail_rows - 1) / tail_rows, 1, tail_chunks, &t);
         rc = atomic_load(&t.rc);
+        BB_STEP_RESTART(clock); /* tail_chunks marks its steps */
         if (!rc && j->hidden) memcpy(j->hidden + l * j->hidden_stride + r0 * H, x, (size_t)(M * H) * 4);
+        BB_STEP_MARK(clock, BB_STEP_OTHER);
     }
     free(buf);
+    BB_STEP_MARK(clock, BB_STEP_OTHER);
     return rc;
 }
 
@@ -225,6 +239,7 @@ int bb_forward(const bb_model *m, const bb_layer *layers, int64_t n_layers, int6
                int64_t H, int64_t heads, int64_t I, float eps, const int64_t *ids, const int64_t *type_ids,
                const int64_t *positions, const uint8_t *row_valid, float *x, uint64_t *xb, float *hidden,
                float *pooled) {
+    BB_STEP_CLOCK(clock);
     if (!count_ok(n_layers) || !count_ok(n_seq)) return BB_EINVAL;
     if (n_seq == 0) return BB_OK;
     if (!m || !ids || !type_ids || !pooled || !m->word_bits || !m->word_alpha || !m->pos || !m->type || !m->ln_g ||
@@ -245,15 +260,19 @@ int bb_forward(const bb_model *m, const bb_layer *layers, int64_t n_layers, int6
                       m->types, H, x, positions);
     free(at);
     if (!rc) rc = bb_layernorm(x, rows, H, m->ln_g, m->ln_b, eps, x, xb, hw, m->ln_t);
+    BB_STEP_MARK(clock, BB_STEP_EMBED);
     if (rc) return rc;
     if (hidden) memcpy(hidden, x, (size_t)(rows * H) * sizeof(float));
+    BB_STEP_MARK(clock, BB_STEP_OTHER);
     if (n_layers) rc = encoder_run(layers, n_layers, n_seq, start, H, heads, I, eps, row_valid, x, xb,
                                    hidden ? hidden + rows * H : NULL);
+    BB_STEP_RESTART(clock); /* the encoder marks its steps */
     if (rc) return rc;
     uint64_t *cls = (uint64_t *)malloc((size_t)(n_seq * hw) * sizeof(uint64_t));
     if (!cls) return BB_ENOMEM;
     for (int64_t s = 0; s < n_seq && !rc; s++) rc = bb_sign_pack(x + start[s] * H, 1, H, H, cls + s * hw, hw, m->pool_t);
     if (!rc) rc = bb_linear(cls, n_seq, hw, H, m->pool_w, H, m->pool_c0, m->pool_c1, NULL, pooled, NULL, 0, NULL, NULL);
     free(cls);
+    BB_STEP_MARK(clock, BB_STEP_POOLER);
     return rc;
 }

@@ -328,3 +328,28 @@ void bb_parallel_for(int64_t n, int64_t grain, bb_body body, void *ctx) {
             sched_yield();
     }
 }
+
+/* ------------------------------------------------------------------------------------ */
+/* step times (a profiling build only: bb_internal.h, BB_STEP_TIMES)                      */
+
+#ifdef BB_STEP_TIMES
+static _Atomic int64_t g_step_ns[BB_STEPS];
+
+int64_t bb_step_clock(void) { return mono_ns(); }
+
+void bb_step_add(int step, int64_t *since) {
+    int64_t now = mono_ns();
+    atomic_fetch_add_explicit(&g_step_ns[step], now - *since, memory_order_relaxed);
+    *since = now;
+}
+
+/* The nanoseconds spent in each step since the last call (BB_STEP_* order) into out[n] (n up to
+ * BB_STEPS), then zero; returns BB_STEPS. Exported by the profiling build only. */
+__attribute__((visibility("default"))) int bb_step_times(int64_t *out, int n) {
+    for (int s = 0; s < BB_STEPS; s++) {
+        int64_t v = atomic_exchange_explicit(&g_step_ns[s], 0, memory_order_relaxed);
+        if (out && s < n) out[s] = v;
+    }
+    return BB_STEPS;
+}
+#endif
