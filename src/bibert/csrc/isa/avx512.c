@@ -567,6 +567,43 @@ BB_INLINE BB_AVX512 __m256 lanes_sum8(__m512 a0, __m512 a1, __m512 a2, __m512 a3
 /* lane r of v in every lane */
 #define BB_LANE(v, r) _mm512_permutexvar_ps(_mm512_set1_epi32(r), _mm512_castps256_ps512(v))
 
+/* The output pass of layernorm_rows8_avx512 (the operations of layernorm_out16_avx512): 16 columns of
+ * the 8 rows at a time, so that each vector of gamma, beta and the thresholds is loaded once for the 8
+ * rows; each row's sign bits gathered in a 64-bit word. Lane r of mean and rstd: row r's mean and
+ * 1 / std; THR (a constant): compare with the thresholds t. */
+BB_INLINE BB_AVX512 void layernorm_out8_avx512(const float *x, int64_t H, const float *gamma, const float *beta,
+                                               const float *t, const int THR, float *out, uint64_t *bits,
+                                               int64_t ldb, __m256 mean, __m256 rstd) {
+#define BB_LN_ROW(r) const __m512 m##r = BB_LANE(mean, r), v##r = BB_LANE(rstd, r);
+    BB_LN8(BB_LN_ROW)
+#undef BB_LN_ROW
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t i = 0; i < H; i += 64) {
+#define BB_LN_WORD(r) uint64_t w##r = 0;
+#define BB_LN_OUT(r)                                                                                          \
+    {                                                                                                         \
+        __m512 d_ = _mm512_sub_ps(_mm512_loadu_ps(x + r * H + e), m##r);                                      \
+        __m512 y_ = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(d_, v##r), g), b);                              \
+        _mm512_storeu_ps(out + r * H + e, y_);                                                                \
+        __mmask16 n_ = THR ? _mm512_cmp_ps_mask(_mm512_sub_ps(y_, tv), zero, _CMP_NGE_UQ)                      \
+                           : _mm512_cmp_ps_mask(y_, zero, _CMP_LT_OQ);                                        \
+        w##r |= (uint64_t)_cvtmask16_u32(n_) << (16 * v);                                                    \
+    }
+#define BB_LN_STORE(r) bits[r * ldb + (i >> 6)] = w##r;
+        BB_LN8(BB_LN_WORD)
+        for (int v = 0; v < 4 && i + 16 * v < H; v++) {
+            int64_t e = i + 16 * v;
+            const __m512 g = _mm512_loadu_ps(gamma + e), b = _mm512_loadu_ps(beta + e);
+            const __m512 tv = THR ? _mm512_loadu_ps(t + e) : zero;
+            BB_LN8(BB_LN_OUT)
+        }
+        if (bits) { BB_LN8(BB_LN_STORE) }
+#undef BB_LN_WORD
+#undef BB_LN_OUT
+#undef BB_LN_STORE
+    }
+}
+
 BB_AVX512 static void layernorm_rows8_avx512(const float *x, int64_t H, const float *gamma, const float *beta,
                                              float eps, float *out, const float *t, uint64_t *bits, int64_t ldb) {
 #define BB_LN_ZERO(r) __m512 s##r = _mm512_setzero_ps();
@@ -585,22 +622,10 @@ BB_AVX512 static void layernorm_rows8_avx512(const float *x, int64_t H, const fl
     const __m256 var = lanes_sum8(s0, s1, s2, s3, s4, s5, s6, s7);
     const __m256 rstd = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_sqrt_ps(_mm256_add_ps(
                                           _mm256_div_ps(var, _mm256_set1_ps((float)H)), _mm256_set1_ps(eps))));
-    for (int r = 0; r < 8; r++) {
-        const __m512 mv = BB_LANE(mean, r), rv = BB_LANE(rstd, r);
-        const float *xr = x + r * H;
-        float *o = out + r * H;
-        for (int64_t i = 0; i < H; i += 64) {
-            __mmask16 neg[4] = {0, 0, 0, 0};
-            for (int v = 0; v < 4 && i + 16 * v < H; v++) {
-                int64_t e = i + 16 * v;
-                __mmask16 m = layernorm_out16_avx512(xr + e, mv, rv, gamma + e, beta + e, t ? t + e : NULL, o + e);
-                if (bits) neg[v] = m;
-            }
-            if (bits)
-                bits[r * ldb + (i >> 6)] = _cvtmask64_u64(_mm512_kunpackd(_mm512_kunpackw(neg[3], neg[2]),
-                                                                          _mm512_kunpackw(neg[1], neg[0])));
-        }
-    }
+    if (t)
+        layernorm_out8_avx512(x, H, gamma, beta, t, 1, out, bits, ldb, mean, rstd);
+    else
+        layernorm_out8_avx512(x, H, gamma, beta, t, 0, out, bits, ldb, mean, rstd);
 #undef BB_LN_ZERO
 #undef BB_LN_SUM
 #undef BB_LN_MEAN
