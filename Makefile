@@ -24,7 +24,8 @@ $(ASAN_LIB): $(CSRC) $(CHDR)
 
 # Builds the kernels with ThreadSanitizer and runs on it the thread-pool tests (every kernel,
 # 1 to 7 threads, each kernel family) and the engine's multithreaded forward (the encoder's
-# sequence groups run in parallel, or one group's kernels split across the threads; sign,
+# sequence groups run in parallel, or one group's kernels split across the threads, the last layer
+# of a forward without hidden states on the first rows only; sign,
 # elastic, "bi-max" and k-bit models, every encoder blocking; the k-bit forward's sequences in
 # parallel, or each of its steps across the threads, with Bi-Attention and softmax attention). A data race in the pool, in a
 # kernel's per-thread scratch or between groups stops the run with a report. The fork test is
@@ -38,7 +39,7 @@ tsan: $(TSAN_LIB)
 	BIBERT_NATIVE_LIB=$(abspath $(TSAN_LIB)) \
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_packed.py tests/test_packed_elastic.py \
 	    tests/test_packed_bimax.py tests/test_packed_kbit.py tests/test_packed_softmax.py \
-	    -k "pool_gives or spin_budget_changes or paths_agree or threads_do_not or threads_identical or tuning_does_not or native_forward"
+	    -k "pool_gives or spin_budget_changes or paths_agree or threads_do_not or threads_identical or tuning_does_not or native_forward or first_rows"
 
 $(TSAN_LIB): $(CSRC) $(CHDR)
 	mkdir -p $(dir $@)

@@ -103,12 +103,22 @@ STEPS = ("embeddings", "Q/K/V Linear", "key-valid bits", "attention gather", "at
          "LayerNorm 1", "FFN-in Linear", "FFN-out Linear", "LayerNorm 2", "pooler", "rest of the native call")
 
 
-def step_macs(layers: int = 12, rows: int = 128, hidden: int = 768, heads: int = 12, intermediate: int = 3072) -> dict:
-    """Binary MACs of each step of one sequence's forward (BERT-base at 128 tokens: 11.17 G in all)."""
-    per_layer = {"Q/K/V Linear": rows * hidden * 3 * hidden, "attention rows": 2 * rows * rows * hidden,
-                 "attention-output Linear": rows * hidden * hidden, "FFN-in Linear": rows * hidden * intermediate,
-                 "FFN-out Linear": rows * intermediate * hidden}
-    return {k: v * layers for k, v in per_layer.items()}
+def step_macs(layers: int = 12, rows: int = 128, hidden: int = 768, heads: int = 12, intermediate: int = 3072,
+              first_rows_last: bool = True) -> dict:
+    """Binary MACs of each step of one sequence's forward (BERT-base at 128 tokens: 11.17 G in the
+    whole model). first_rows_last: as the engine's forward without hidden states computes it, the
+    last layer past its keys and values on the first row only (10.47 G)."""
+    full, last = (layers - 1, 1) if first_rows_last else (layers, 0)  # layers of every row; the last one's rows
+    rows_past_kv = full * rows + last  # rows through the attention output, LayerNorms and FFN
+    return {"Q/K/V Linear": layers * rows * hidden * 3 * hidden,
+            "attention rows": 2 * rows * hidden * rows_past_kv,
+            "attention-output Linear": rows_past_kv * hidden * hidden,
+            "FFN-in Linear": rows_past_kv * hidden * intermediate, "FFN-out Linear": rows_past_kv * intermediate * hidden}
+
+
+def forward_macs(seq: int = 128, first_rows_last: bool = True) -> int:
+    """Binary MACs of one BERT-base forward of `seq` tokens (step_macs)."""
+    return sum(step_macs(rows=seq, first_rows_last=first_rows_last).values())
 
 
 def step_library(csrc: Path) -> Path:
@@ -163,10 +173,14 @@ def steps_main(argv=None) -> int:
               "date": time.strftime("%Y-%m-%d"), "cpu": tuning.cpu_model(), "cores": os.cpu_count(),
               "rounds": args.rounds, "builds": {}}
     with tempfile.TemporaryDirectory(prefix="bibert-steps-") as tmp:
-        builds = {}
+        builds, first_rows_last = {}, {}
         if args.against:
-            builds[f"at {args.against}"] = step_library(sources_at(args.against, Path(tmp)))
+            csrc = sources_at(args.against, Path(tmp))
+            builds[f"at {args.against}"] = step_library(csrc)
+            # sources from before the last layer computed the first rows only compute every row
+            first_rows_last[f"at {args.against}"] = "first_rows_last" in (csrc / "encoder.c").read_text()
         builds["this tree"] = step_library(CSRC)
+        first_rows_last["this tree"] = True
         folder = args.cache or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         model = native_ab.build_model(folder, "1-1-1")
@@ -189,15 +203,19 @@ def steps_main(argv=None) -> int:
                 w.close()
     roof = statistics.median(ceilings)
     result["ceiling_tmacs"] = round(roof / 1e12, 3)
-    macs = step_macs()
     for name, forwards in runs.items():
-        # the quarter of the forwards least preempted (lowest wall / CPU time of the native call); each
-        # step's wall time scaled by its call's CPU / wall time, then the mean over those forwards
-        clean = sorted(forwards, key=lambda f: f["native_wall_ms"] / f["native_cpu_ms"])[:max(5, len(forwards) // 4)]
-        cpu_ms = statistics.mean(f["cpu_ms"] for f in clean)
+        macs = step_macs(first_rows_last=first_rows_last[name])
+        # Under load the steps' wall times include preemptions, each landing in one step of a forward:
+        # a step's low quantile over the forwards (the 20th percentile) is its time without one. The
+        # native call's median CPU time is shared out in proportion to those; the Python side is the
+        # forward's CPU time less the native call's (median).
+        quantile = [statistics.quantiles([f["steps_ns"][s] for f in forwards], n=5)[0] for s in range(len(STEPS))]
+        native_ms = statistics.median(f["native_cpu_ms"] for f in forwards)
+        python_ms = statistics.median(f["cpu_ms"] - f["native_cpu_ms"] for f in forwards)
+        cpu_ms = native_ms + python_ms
         rows = []
         for s, step in enumerate(STEPS):
-            ms = statistics.mean(f["steps_ns"][s] / 1e6 * f["native_cpu_ms"] / f["native_wall_ms"] for f in clean)
+            ms = native_ms * quantile[s] / sum(quantile)
             row = {"step": step, "ms": round(ms, 3)}
             if step in macs:
                 ideal = macs[step] / roof * 1e3
@@ -206,16 +224,13 @@ def steps_main(argv=None) -> int:
             else:
                 row["over_ceiling_ms"] = round(ms, 3)
             rows.append(row)
-        python_ms = statistics.mean(f["cpu_ms"] - f["native_cpu_ms"] for f in clean)
         rows.append({"step": "outside the native call (Python)", "ms": round(python_ms, 3),
                      "over_ceiling_ms": round(python_ms, 3)})
         total = sum(r["ms"] for r in rows)
         for r in rows:
             r["share_pct"] = round(100 * r["ms"] / total, 1)
-        result["builds"][name] = {"forwards": len(forwards), "clean": len(clean),
-                                  "wall_per_cpu": round(max(f["native_wall_ms"] / f["native_cpu_ms"] for f in clean), 3),
-                                  "cpu_ms": round(cpu_ms, 3), "ceiling_pct": round(100 * sum(macs.values()) / roof
-                                                                                    / (cpu_ms / 1e3), 1),
+        result["builds"][name] = {"gmacs": round(sum(macs.values()) / 1e9, 3), "cpu_ms": round(cpu_ms, 3),
+                                  "ceiling_pct": round(100 * sum(macs.values()) / roof / (cpu_ms / 1e3), 1),
                                   "ideal_ms": round(sum(macs.values()) / roof * 1e3, 3), "steps": rows}
     result["load_average"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -232,13 +247,16 @@ def steps_markdown(r: dict) -> str:
              f"{r['kernel']}; load average {r['load_average'][0]} at the start, {r['load_average'][1]} at the end. "
              "BERT-base shape, batch 1, 128 tokens, one thread, a profiling build of the library (-DBB_STEP_TIMES: "
              "each step of bb_forward timed with the monotonic clock); "
-             f"{r['rounds']} forwards of each build, builds interleaved; the figures are means over the quarter of "
-             "them least preempted (the lowest wall / CPU time of the native call, at most "
-             + ", ".join(f"{b['wall_per_cpu']} for {n}" for n, b in r["builds"].items()) + "), each step's wall "
-             "time scaled by its call's CPU / wall time; the Python side is the forward's CPU time less the "
-             "native call's. Ceiling: the active family's register-only XOR + popcount + add loop on one core, CPU "
-             f"time: {r['ceiling_tmacs']} T binary MAC/s. 'Over the ceiling': the step's time less the time its "
-             "binary MACs take at the ceiling (all of it for a step without binary MACs).", ""]
+             f"{r['rounds']} forwards of each build, builds interleaved. A step's share: its 20th percentile over the "
+             "forwards (under load a preemption lands in one step of a forward and inflates its wall time) against "
+             "the sum of all steps' 20th percentiles; its time: that share of the native call's median CPU time. "
+             "The Python side: the forward's CPU time less the native call's (median). Ceiling: the active family's "
+             "register-only XOR + popcount + add loop on one core, CPU time: "
+             f"{r['ceiling_tmacs']} T binary MAC/s. 'Over the ceiling': the step's time less the time its "
+             "binary MACs take at the ceiling (all of it for a step without binary MACs). Binary MACs a forward "
+             "computes: " + ", ".join(f"{b['gmacs']} G for {n}" for n, b in r["builds"].items())
+             + " (11.17 G in the whole model; a forward without hidden states needs the last layer's first row only "
+             "past its keys and values).", ""]
     head = "| step |" + "".join(f" {n} ms | share | % of ceiling | over the ceiling ms |" for n in names)
     lines += [head, "|---|" + "---|---|---|---|" * len(names)]
     for i, row in enumerate(r["builds"][names[0]]["steps"]):

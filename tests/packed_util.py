@@ -56,7 +56,9 @@ def with_header_version(src: Path, version: int, dest: Path) -> Path:
 
 def outputs_everywhere(path: Path, *inputs) -> list:
     """The engine's (logits, hidden states) for `inputs`, with every kernel family this CPU
-    runs and 1, 2 and 3 threads; the process-wide kernel and thread settings are restored."""
+    runs and 1, 2 and 3 threads (each time the logits without hidden states, whose last layer
+    computes the first rows only, checked equal to them); the process-wide kernel and thread
+    settings are restored."""
     from bibert.packed import kernels, load_packed
 
     results = []
@@ -65,6 +67,7 @@ def outputs_everywhere(path: Path, *inputs) -> list:
             for threads in (1, 2, 3):
                 engine = load_packed(path, kernel=name, threads=threads)
                 results.append(engine.forward(*inputs, output_hidden_states=True))
+                np.testing.assert_array_equal(engine.forward(*inputs), results[-1][0])
     finally:
         kernels.set_kernel("auto")
         kernels.set_threads(kernels.default_threads())

@@ -231,6 +231,34 @@ def test_padded_rows_are_skipped_and_change_nothing(exported):
     assert (logits.argmax(1) == expected.argmax(1))[:5].all()
 
 
+def test_forward_without_hidden_states_computes_the_last_layer_for_the_first_rows(exported):
+    """Without hidden states only the pooler reads the last layer, which then computes each
+    sequence's first row alone past its keys and values: the logits are the full forward's, bit
+    for bit, padded or not, with every kernel family, 1 to 3 threads and any encoder blocking
+    (several groups of sequences, one row a chunk)."""
+    student, _, out, _ = exported
+    ids, _, types = batch(student.config.vocab_size, B=6, T=14, seed=6)
+    mask = np.ones((6, 14), np.int64)
+    mask[1, 9:] = 0
+    mask[3, [2, 5, 6, 11]] = 0
+    mask[4, 0] = 0
+    mask[5, 1:] = 0
+    saved = kernels.get_encoder_tuning()
+    try:
+        for encoder_tuning in ((16, 512), (1, 1), (3, 40)):
+            kernels.set_encoder_tuning(*encoder_tuning)
+            for family in PATHS:
+                for threads in (1, 2, 3):
+                    engine = load_packed(out, kernel=family, threads=threads)
+                    for m in (mask, np.ones_like(mask)):
+                        full, _ = engine.forward(ids.numpy(), m, types.numpy(), output_hidden_states=True)
+                        np.testing.assert_array_equal(engine.forward(ids.numpy(), m, types.numpy()), full)
+    finally:
+        kernels.set_encoder_tuning(*saved)
+        kernels.set_kernel("auto")
+        kernels.set_threads(kernels.default_threads())
+
+
 def test_tuning_does_not_change_results(exported):
     """Every per-host tuning (tile walk, micro-tile rows, row chunks, encoder blocking) of every
     kernel family gives the same bits and floats."""

@@ -16,6 +16,7 @@ typedef struct {
     const uint64_t *qkv;
     int64_t ldq, q_off, k_off, v_off;
     int by_row;             /* every head of a row at once (the family's row_d64 kernel) */
+    int64_t q_rows;         /* query rows of each sequence computed: its first q_rows */
     uint64_t *scratch;      /* [threads, scratch_words]: ba [H, lw], ctx_bits [dw], popcounts [lp] of a relative row */
     int64_t scratch_words;
 } attn_job;
@@ -75,12 +76,12 @@ static void attn_query_rows(void *ctx, int64_t lo, int64_t hi, int tid) {
     int64_t H = attn->H, L = attn->L, d = attn->d, ldo = attn->ldo;
     uint64_t *ba = j->scratch + tid * j->scratch_words, *ctx_bits = ba + H * attn->lw;
     int64_t *popcounts = attn->rel ? (int64_t *)(ctx_bits + attn->dw) : NULL;
-    if (j->by_row) {
-        for (int64_t r = lo; r < hi; r++) j->ops->attention.row_d64(attn, r, ba);
-        return;
-    }
-    for (int64_t r = lo; r < hi; r++) {
-        int64_t b = r / L, i = r % L;
+    for (int64_t k = lo; k < hi; k++) { /* item k: query row i of sequence b, row r of the batch */
+        int64_t b = k / j->q_rows, i = k % j->q_rows, r = b * L + i;
+        if (j->by_row) {
+            j->ops->attention.row_d64(attn, r, ba);
+            continue;
+        }
         uint64_t *orow = attn->out + r * ldo;
         for (int64_t x = 0; x < ldo; x++) orow[x] = 0;
         for (int64_t h = 0; h < H; h++) j->ops->attention.scores(attn, b * H + h, i, ba + h * attn->lw, popcounts);
@@ -123,13 +124,14 @@ int limits_ok(int64_t H, int64_t d, const int64_t *lim, const int64_t *rel) {
 int bb_biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_off, int64_t v_off, int64_t B,
                    int64_t L, int64_t H, int64_t d, const uint64_t *valid, uint64_t *out, int64_t ldo,
                    int32_t *counts, const float *t, const int64_t *lim, const int64_t *rel) {
-    return biattention(qkv, ldq, q_off, k_off, v_off, B, L, H, d, valid, out, ldo, counts, t, lim, rel, 1);
+    return biattention(qkv, ldq, q_off, k_off, v_off, B, L, H, d, valid, out, ldo, counts, t, lim, rel, 1, L);
 }
 
-/* bb_biattention, checking the limits' values only with check_limits (bb_encoder checks them once) */
+/* bb_biattention, checking the limits' values only with check_limits (bb_encoder checks them once),
+ * on the first q_rows query rows of each sequence (1 to L; the other rows of out are not written) */
 int biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_off, int64_t v_off, int64_t B, int64_t L,
                 int64_t H, int64_t d, const uint64_t *valid, uint64_t *out, int64_t ldo, int32_t *counts,
-                const float *t, const int64_t *lim, const int64_t *rel, int check_limits) {
+                const float *t, const int64_t *lim, const int64_t *rel, int check_limits, int64_t q_rows) {
     BB_STEP_CLOCK(clock);
     if (!count_ok(B)) return BB_EINVAL;
     if (B == 0) return BB_OK;
@@ -146,6 +148,7 @@ int biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_off, 
     if (!elems_ok(B * H, L, dw_) || !elems_ok(B * H, dw_, lw_ * 64) || !elems_ok(B * H, lw_, (d + 7) / 8 * 8))
         return BB_EINVAL;
     if (lim && rel) return BB_EINVAL;
+    if (q_rows < 1 || q_rows > L) return BB_EINVAL;
     if (check_limits && !limits_ok(H, d, lim, rel)) return BB_EINVAL;
     attn_args attn;
     attn.B = B; attn.L = L; attn.H = H; attn.d = d;
@@ -170,7 +173,7 @@ int biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_off, 
     attn.rel = rel;
 
     const bb_ops *ops = bb_ops_active();
-    attn_job job = {&attn, ops, qkv, ldq, q_off, k_off, v_off, ops->attention.row_d64 && d == 64 && !rel, NULL,
+    attn_job job = {&attn, ops, qkv, ldq, q_off, k_off, v_off, ops->attention.row_d64 && d == 64 && !rel, q_rows, NULL,
                     (H * attn.lw + attn.dw + (rel ? attn.lp : 0) + 7) / 8 * 8};
     /* phase 1: per (b, h), gather the head's bits into the layouts above */
     bb_parallel_for(B * H, 1, attn_gather_heads, &job);
@@ -183,7 +186,7 @@ int biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_off, 
         free(buf);
         return BB_ENOMEM;
     }
-    bb_parallel_for(B * L, 4, attn_query_rows, &job);
+    bb_parallel_for(B * q_rows, 4, attn_query_rows, &job);
     free(job.scratch);
     free(buf);
     BB_STEP_MARK(clock, BB_STEP_ATTENTION);

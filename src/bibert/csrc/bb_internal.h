@@ -289,10 +289,11 @@ extern const bb_ops bb_ops_portable_popcnt, bb_ops_avx2, bb_ops_avx512, bb_ops_a
 /* shared between drivers                                                                */
 
 /* bb_biattention, checking the limits' values only with check_limits (bb_encoder checks them
- * once per call) */
+ * once per call), on the first q_rows query rows of each sequence (1 to L; the other rows of out
+ * are not written) */
 int biattention(const uint64_t *qkv, int64_t ldq, int64_t q_off, int64_t k_off, int64_t v_off, int64_t B, int64_t L,
                 int64_t H, int64_t d, const uint64_t *valid, uint64_t *out, int64_t ldo, int32_t *counts,
-                const float *t, const int64_t *lim, const int64_t *rel, int check_limits);
+                const float *t, const int64_t *lim, const int64_t *rel, int check_limits, int64_t q_rows);
 
 /* bb_linear_kbit after its checks; gelu: GELU on every output (then residual must be NULL); row_mag:
  * NULL, or a holds sign-magnitude planes (kbit.c) with these row sums (the active family has a

@@ -132,7 +132,7 @@ int bb_get_encoder_tuning(int64_t *out);
 /* n_layers encoder layers on n_seq sequences packed row after row (rows start[s] to start[s+1]): x [rows, H] and its bits xb updated in place, each layer's output into hidden (may be NULL). */
 int bb_encoder(const bb_layer *layers, int64_t n_layers, int64_t n_seq, const int64_t *start, int64_t H,
                int64_t heads, int64_t I, float eps, const uint8_t *row_valid, float *x, uint64_t *xb, float *hidden);
-/* Embeddings, their LayerNorm, n_layers encoder layers (as bb_encoder) and the pooler: x, xb as bb_encoder's, hidden (may be NULL) [n_layers + 1, rows, H], pooled [n_seq, H] before the tanh. */
+/* Embeddings, their LayerNorm, n_layers encoder layers (as bb_encoder) and the pooler: x, xb as bb_encoder's (without hidden, the last layer's output only in each sequence's first row), hidden (may be NULL) [n_layers + 1, rows, H], pooled [n_seq, H] before the tanh. */
 int bb_forward(const bb_model *m, const bb_layer *layers, int64_t n_layers, int64_t n_seq, const int64_t *start,
                int64_t H, int64_t heads, int64_t I, float eps, const int64_t *ids, const int64_t *type_ids,
                const int64_t *positions, const uint8_t *row_valid, float *x, uint64_t *xb, float *hidden,

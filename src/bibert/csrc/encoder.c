@@ -2,7 +2,9 @@
  * sequences of a batch in groups, each layer's Q/K/V Linear on a group's rows at once, its
  * Bi-Attention per sequence, and the rest of the layer (attention output, LayerNorm, FFN,
  * LayerNorm) in blocks of rows whose float intermediates stay in L2. Built from the other
- * drivers' entry points, so each step gives what that entry point gives on its own.
+ * drivers' entry points, so each step gives what that entry point gives on its own. When only
+ * the pooler reads the last layer (a forward without hidden states), that layer computes its
+ * keys and values for every row and the rest for each sequence's first row only.
  */
 #include <stdatomic.h>
 #include <stdint.h>
@@ -49,6 +51,7 @@ typedef struct {
     uint64_t *xb;
     float *hidden;         /* [n_layers, hidden_stride] or NULL */
     int64_t hidden_stride; /* rows x H of the whole batch */
+    int first_rows_last;   /* the last layer past its keys and values: each sequence's first row only */
     _Atomic int rc;
 } encoder_job;
 
@@ -100,17 +103,22 @@ static int encoder_group(encoder_job *j, int64_t s0, int64_t s1) {
     int64_t tail_rows = g_tail_rows < M ? g_tail_rows : M;
     int nthreads = bb_team();
     int64_t scratch_bytes = ((tail_rows * H * 4 * 2 + tail_rows * (hw + words_of(I)) * 8) + 63) / 64 * 64;
-    size_t n = (size_t)M * (qw + hw) * 8 + (size_t)words_of(maxlen) * 8 + (size_t)nthreads * scratch_bytes + 64;
+    int64_t n_seq = s1 - s0; /* the first rows, gathered (first_rows_last): x [n_seq, H], their bits, contexts */
+    size_t n = (size_t)M * (qw + hw) * 8 + (size_t)words_of(maxlen) * 8 + (size_t)nthreads * scratch_bytes +
+               (size_t)n_seq * (H * 4 + 2 * hw * 8) + 64;
     char *buf = (char *)aligned_alloc(64, (n + 63) / 64 * 64);
     if (!buf) return BB_ENOMEM;
     char *scratch = buf;
-    uint64_t *qkv = (uint64_t *)(scratch + nthreads * scratch_bytes), *ctx = qkv + M * qw, *valid = ctx + M * hw;
+    float *first_x = (float *)(scratch + nthreads * scratch_bytes);
+    uint64_t *first_xb = (uint64_t *)(first_x + n_seq * H), *first_ctx = first_xb + n_seq * hw;
+    uint64_t *qkv = first_ctx + n_seq * hw, *ctx = qkv + M * qw, *valid = ctx + M * hw;
     float *x = j->x + r0 * H;
     uint64_t *xb = j->xb + r0 * hw;
     int rc = BB_OK;
     BB_STEP_MARK(clock, BB_STEP_OTHER);
     for (int64_t l = 0; l < j->n_layers && rc == BB_OK; l++) {
         const bb_layer *p = j->layers + l;
+        int first_rows = j->first_rows_last && l == j->n_layers - 1;
         rc = bb_linear(xb, M, hw, H, p->qkv_w, 3 * H, NULL, NULL, NULL, NULL, qkv, qw, p->qkv_thr, p->qkv_flip);
         BB_STEP_MARK(clock, BB_STEP_QKV);
         for (int64_t s = s0; s < s1 && !rc; s++) { /* Bi-Attention within each sequence */
@@ -119,10 +127,29 @@ static int encoder_group(encoder_job *j, int64_t s0, int64_t s1) {
             for (int64_t i = 0; i < L; i++) valid[i >> 6] |= (uint64_t)(j->row_valid[r0 + a0 + i] != 0) << (i & 63);
             BB_STEP_MARK(clock, BB_STEP_MASK);
             rc = biattention(qkv + a0 * qw, qw, 0, H, 2 * H, 1, L, j->heads, H / j->heads, valid, ctx + a0 * hw, hw,
-                             NULL, p->ctx_t, p->score_lim, p->score_rel, 0);
+                             NULL, p->ctx_t, p->score_lim, p->score_rel, 0, first_rows ? 1 : L);
             BB_STEP_RESTART(clock); /* biattention marks its own steps */
         }
         if (rc) break;
+        if (first_rows) { /* the tail of each sequence's first row: gathered, computed, put back */
+            for (int64_t s = s0; s < s1; s++) {
+                int64_t a0 = j->start[s] - r0;
+                memcpy(first_ctx + (s - s0) * hw, ctx + a0 * hw, (size_t)hw * 8);
+                memcpy(first_x + (s - s0) * H, x + a0 * H, (size_t)H * 4);
+            }
+            tail_job t = {p, 0, n_seq, H, I, tail_rows < n_seq ? tail_rows : n_seq, j->eps, first_ctx, first_x,
+                          first_xb, scratch, scratch_bytes, BB_OK};
+            bb_parallel_for((n_seq + t.tail_rows - 1) / t.tail_rows, 1, tail_chunks, &t);
+            rc = atomic_load(&t.rc);
+            BB_STEP_RESTART(clock); /* tail_chunks marks its steps */
+            for (int64_t s = s0; s < s1; s++) {
+                int64_t a0 = j->start[s] - r0;
+                memcpy(x + a0 * H, first_x + (s - s0) * H, (size_t)H * 4);
+                memcpy(xb + a0 * hw, first_xb + (s - s0) * hw, (size_t)hw * 8);
+            }
+            BB_STEP_MARK(clock, BB_STEP_OTHER);
+            continue;
+        }
         tail_job t = {p, 0, M, H, I, tail_rows, j->eps, ctx, x, xb, scratch, scratch_bytes, BB_OK};
         bb_parallel_for((M + tail_rows - 1) / tail_rows, 1, tail_chunks, &t);
         rc = atomic_load(&t.rc);
@@ -176,7 +203,7 @@ static int encoder_ok(const bb_layer *layers, int64_t n_layers, int64_t n_seq, c
 /* bb_encoder after its checks */
 static int encoder_run(const bb_layer *layers, int64_t n_layers, int64_t n_seq, const int64_t *start, int64_t H,
                        int64_t heads, int64_t I, float eps, const uint8_t *row_valid, float *x, uint64_t *xb,
-                       float *hidden) {
+                       float *hidden, int first_rows_last) {
     bb_ops_active(); /* the kernel family is chosen here, before the groups' threads ask for it */
     int64_t rows = start[n_seq];
     /* groups of consecutive sequences of about g_group_rows rows, at least as many as threads
@@ -191,7 +218,8 @@ static int encoder_run(const bb_layer *layers, int64_t n_layers, int64_t n_seq, 
     gs[0] = 0;
     for (int64_t s = 0; s < n_seq; s++)
         if (s + 1 == n_seq || start[s + 1] - start[gs[ng]] + (start[s + 2] - start[s + 1]) > target) gs[++ng] = s + 1;
-    encoder_job job = {layers, n_layers, H, heads, I, eps, start, row_valid, x, xb, hidden, rows * H, BB_OK};
+    encoder_job job = {layers, n_layers, H, heads, I, eps, start, row_valid, x, xb, hidden, rows * H, first_rows_last,
+                       BB_OK};
     groups_job groups = {&job, gs};
     if (threads > 1 && ng >= threads)
         bb_parallel_for(ng, 1, encoder_groups, &groups);
@@ -219,7 +247,7 @@ int bb_encoder(const bb_layer *layers, int64_t n_layers, int64_t n_seq, const in
     if (n_seq == 0 || n_layers == 0) return BB_OK;
     if (!encoder_ok(layers, n_layers, n_seq, start, H, heads, I, row_valid, x, xb, n_layers, hidden))
         return BB_EINVAL;
-    return encoder_run(layers, n_layers, n_seq, start, H, heads, I, eps, row_valid, x, xb, hidden);
+    return encoder_run(layers, n_layers, n_seq, start, H, heads, I, eps, row_valid, x, xb, hidden, 0);
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -231,7 +259,9 @@ int bb_encoder(const bb_layer *layers, int64_t n_layers, int64_t n_seq, const in
  * encoder layers (bb_encoder), then the pooler on each sequence's first row: its sign bits
  * (against m->pool_t when given) through the float Linear m->pool_w, c0, c1 (H outputs) into
  * pooled [n_seq, H], before the tanh. hidden (optional): [n_layers + 1, rows, H], the
- * embeddings' output, then each layer's. Each step the same kernel as bb_embed, bb_layernorm,
+ * embeddings' output, then each layer's. Without hidden only the pooler reads the last layer:
+ * past its keys and values, that layer computes each sequence's first row alone (x and xb hold
+ * its output there, the layer before's in the other rows). Each step the same kernel as bb_embed, bb_layernorm,
  * bb_encoder, bb_sign_pack and bb_linear run on their own (so the same results). Checks:
  * bb_encoder's, bb_embed's (each id, type and position in range, else BB_EINVAL before any layer
  * runs), and every pointer of m given but the thresholds. Returns BB_OK, BB_EINVAL or BB_ENOMEM. */
@@ -265,7 +295,7 @@ int bb_forward(const bb_model *m, const bb_layer *layers, int64_t n_layers, int6
     if (hidden) memcpy(hidden, x, (size_t)(rows * H) * sizeof(float));
     BB_STEP_MARK(clock, BB_STEP_OTHER);
     if (n_layers) rc = encoder_run(layers, n_layers, n_seq, start, H, heads, I, eps, row_valid, x, xb,
-                                   hidden ? hidden + rows * H : NULL);
+                                   hidden ? hidden + rows * H : NULL, !hidden);
     BB_STEP_RESTART(clock); /* the encoder marks its steps */
     if (rc) return rc;
     uint64_t *cls = (uint64_t *)malloc((size_t)(n_seq * hw) * sizeof(uint64_t));

@@ -424,7 +424,7 @@ def _forward_inputs(start: np.ndarray, n_layers: int, n_available: int, hidden_s
                           f"heads {heads})")
     ids, type_ids = np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(type_ids, dtype=np.int64)
     valid = np.ascontiguousarray(row_valid)
-    valid = valid.view(np.uint8) if valid.dtype == bool else valid.astype(np.uint8)
+    valid = valid.view(np.uint8) if valid.dtype == bool else valid.astype(np.uint8, copy=False)
     if positions is not None:
         positions = np.ascontiguousarray(positions, dtype=np.int64)
     for a, name in ((ids, "ids"), (type_ids, "type_ids"), (valid, "row_valid"), (positions, "positions")):
@@ -478,6 +478,9 @@ def forward(model: ModelParams, layers: ctypes.Array, n_layers: int, start: np.n
     LayerNorm, n_layers encoder layers, then the pooler (before its tanh) on each sequence's
     first row. Returns the last hidden state [rows, H] and the pooler's output [sequences, H];
     hidden [n_layers + 1, rows, H] (optional) receives the embeddings' output and each layer's.
+    Without hidden, only the pooler reads the last layer, which then computes each sequence's
+    first row alone past its keys and values: the other rows of the returned state hold the
+    layer before's output.
     Checks the arrays (the C side checks start, each id, type and position: out of range,
     BibertError). The lengths of the parameter arrays behind `model` and `layers` cannot be
     checked here: they must be PackedModel's (checked when it was built) and stay alive while
