@@ -10,7 +10,9 @@ Per encoder layer, with x the float hidden state and xb its sign bits:
 
 then pooler tanh(BinaryLinear(sign(x[CLS]))) and the full-precision classifier. Floats
 appear only where the student keeps full precision: embeddings sum, LayerNorms,
-residuals, the epilogues alpha * (K - 2 popcount) + bias, tanh and the classifier.
+residuals, the epilogues alpha * (K - 2 popcount) + bias, tanh and the classifier. When the
+hidden states are not asked for, the last layer computes its keys and values for every row
+and the rest for the [CLS] rows only (all the pooler reads).
 
 A 2- or 4-bit student (1-1-2, 1-1-4) runs each sequence on its own, bit-serially: every
 quantized input is k bit-planes, each a binary product whose popcounts are summed with their
@@ -197,6 +199,7 @@ class PackedModel:
             layer.ln2_t = following.qkv_t  # the last layer's bits are not read: the head packs [CLS] again
         self._weights = _arena([lin for l in self._layers for lin in (l.qkv, l.attn_out, l.ffn_in, l.ffn_out)])
         self._native_layers = (kernels.LayerParams * self.num_layers)(*(self._layer_params(l) for l in self._layers))
+        self._dense = (None, None)  # (B, L) of the last unpadded batch, and its row arrays (`_dense_rows`)
         self._pooler = linear(POOLER_DENSE, H)
         self._pooler_t = quantizer(POOLER_DENSE)[0]
         self._native_model = self._model_params()  # check_packed: the pooler is H x H
@@ -315,6 +318,16 @@ class PackedModel:
             trace.update(qkv_bits=qkv, context_bits=ctx, attn_out=a, ffn_bits=f, output=out)
         return out, outb
 
+    def _dense_rows(self, B: int, L: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The row arrays of B sequences of L tokens without padding, kept for the last (B, L)
+        (the native forward only reads them): start [B + 1], token types 0 [B*L], row_valid 1 [B*L]."""
+        if self._dense[0] != (B, L):
+            arrays = (np.arange(0, (B + 1) * L, L, dtype=np.int64), np.zeros(B * L, np.int64), np.ones(B * L, np.uint8))
+            for a in arrays:
+                a.flags.writeable = False
+            self._dense = ((B, L), arrays)
+        return self._dense[1]
+
     def _head(self, cls_hidden: np.ndarray) -> np.ndarray:
         """Pooler + classifier on the [CLS] hidden states [B, H]: logits [B, num_labels]."""
         return self._classify(self._pooler(kernels.sign_pack(cls_hidden, self._pooler_t)))
@@ -348,8 +361,9 @@ class PackedModel:
         if self.quant.is_kbit:
             return self._forward_kbit(ids, valid, tt, output_hidden_states)
         if valid.all():  # no padding: rows in place, each at its index in its sequence
-            rows, positions, start = None, None, np.arange(0, (B + 1) * L, L, dtype=np.int64)
-            row_ids, row_types, row_valid = ids.reshape(-1), tt.reshape(-1), valid.reshape(-1)
+            rows, positions = None, None
+            start, no_types, row_valid = self._dense_rows(B, L)
+            row_ids, row_types = ids.reshape(-1), no_types if token_type_ids is None else tt.reshape(-1)
         else:  # the computed rows of every sequence (its tokens and [CLS]), packed one after another
             keep = valid.copy()
             keep[:, 0] = True  # the head reads [CLS]
