@@ -25,6 +25,7 @@ with a lock):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -32,6 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from bibert.packed.tuning import cpu_model
 
@@ -134,13 +136,39 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _stamp(out: Path, res: dict, t0: float, cpu0: float = 0.0) -> None:
-    """results.json plus how long the run took (wall-clock and this process's CPU time, which
-    other jobs on the machine do not inflate), on which CPU, beside what load."""
+CLOCK = "clock.json"  # a run's time up to its last checkpoint, over every process that trained it
+
+
+def _clock(out: Path) -> tuple[dict, Callable]:
+    """The time earlier (interrupted) processes spent on this run up to its last checkpoint,
+    and a training hook that writes the total so far at each checkpoint: a resumed run then
+    counts the minutes of every process that trained it, less the steps redone after a kill."""
     from bibert.checkpoint import write_json
 
-    res.update(wall_seconds=round(time.perf_counter() - t0, 1), cpu=cpu_model(), cores=os.cpu_count(),
-               process_cpu_seconds=round(_cpu_seconds() - cpu0, 1),
+    try:
+        before = json.loads((out / CLOCK).read_text())
+    except (OSError, ValueError):
+        before = {"wall_seconds": 0.0, "process_cpu_seconds": 0.0}
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
+
+    def hook(trainer):
+        if getattr(trainer, "_saved_step", None) == trainer.step:  # just checkpointed
+            write_json(out / CLOCK, {"step": trainer.step,
+                                     "wall_seconds": before["wall_seconds"] + time.perf_counter() - t0,
+                                     "process_cpu_seconds": before["process_cpu_seconds"] + _cpu_seconds() - cpu0})
+    return before, hook
+
+
+def _stamp(out: Path, res: dict, t0: float, cpu0: float = 0.0, before: dict | None = None) -> None:
+    """results.json plus how long the run took (wall-clock and this process's CPU time, which
+    other jobs on the machine do not inflate, with what earlier processes of a resumed run
+    spent), on which CPU, beside what load."""
+    from bibert.checkpoint import write_json
+
+    before = before or {}
+    res.update(wall_seconds=round(time.perf_counter() - t0 + before.get("wall_seconds", 0.0), 1), cpu=cpu_model(),
+               cores=os.cpu_count(),
+               process_cpu_seconds=round(_cpu_seconds() - cpu0 + before.get("process_cpu_seconds", 0.0), 1),
                threads=__import__("torch").get_num_threads(), load_average=list(os.getloadavg()))
     write_json(out / "results.json", res)
 
@@ -162,13 +190,15 @@ def run_one(task: str, run: Run, seed: int, teacher_dir: Path) -> dict | None:
         if not mine or _results(out):
             return _results(out)
         print(f"== {task}: {run.label}, seed {seed}", flush=True)
+        before, clock = _clock(out)
         t0, cpu0 = time.perf_counter(), _cpu_seconds()
         res = distill(str(teacher_dir), task, out, quant=QuantConfig.from_bits(run.bits, run.attention, run.activations),
                       distill=run.distill, resume=True, max_steps=run.steps, lr=LR,
                       max_length=MAX_LENGTH, batch_size=BATCH, max_eval_examples=EVAL_EXAMPLES, eval_test=True,
                       seed=seed, group_by_length=True, precision="auto", pred_weight=run.pred_weight,
-                      eval_every=max(1, run.steps // 8), init_from=str(init) if init else None, **run.extra)
-        _stamp(out, res, t0, cpu0)
+                      eval_every=max(1, run.steps // 8), init_from=str(init) if init else None, hooks=[clock],
+                      **run.extra)
+        _stamp(out, res, t0, cpu0, before)
         return packed_check(task, out)
 
 
@@ -224,7 +254,9 @@ def collect() -> dict:
                                                    before[s].get("process_cpu_seconds", 0)) / 60 for s, r in done.items()],
                                   "packed": [r.get("packed") for r in done.values()],
                                   "cpus": sorted({r.get("cpu", "?") for r in done.values()}),
-                                  "load": [r.get("load_average", [None])[0] for r in done.values()]}
+                                  "load": [r.get("load_average", [None])[0] for r in done.values()],
+                                  "partial": [_undercounted(task, f"{run.key}_seed{s}") or bool(run.init_from) and
+                                              _undercounted(task, f"{run.init_from}_seed{s}") for s in done]}
         study = {}
         for family, (key, seeds) in STUDY_ROWS.items():
             done = [r for r in (_results(STUDY / task / f"{key}_seed{s}") for s in seeds) if r]
@@ -234,6 +266,17 @@ def collect() -> dict:
         entry["study"] = study
         table[task] = entry
     return table
+
+
+def _undercounted(task: str, name: str) -> bool:
+    """A run resumed before clock.json kept the time of every process that trained it: its
+    trainer's own count of step seconds (kept across resumes) leaves less than a minute for the
+    dev evaluations and the test score within the last process's wall-clock, which a run in
+    one process never does here (they take 2 to 5 minutes)."""
+    r = _results(RESULTS / task / name) or {}
+    if (RESULTS / task / name / CLOCK).exists() or "train_seconds" not in r:
+        return False
+    return r["train_seconds"] > r["wall_seconds"] - 60
 
 
 def write_report() -> Path:
@@ -258,7 +301,7 @@ def write_report() -> Path:
                       f"**{t['score']:.1f}** test, {t['minutes']:.1f} min ({t['cpu']}).", ""]
         lines += ["| run | steps | seeds | test acc | packed test acc | packed = simulated | wall-clock minutes per run "
                   "| CPU minutes per run | load average at the end | CPU |", "|---|---|---|---|---|---|---|---|---|---|"]
-        runs = {r.key: r for r in RUNS[task]}
+        runs, partial = {r.key: r for r in RUNS[task]}, False
         steps = {k: f"{runs[r.init_from].steps} + {r.steps}" if r.init_from else str(r.steps) for k, r in runs.items()}
         for key, e in entry.items():
             if key in ("teacher", "study") or not e:
@@ -267,10 +310,16 @@ def write_report() -> Path:
             packed = [p for p in e["packed"] if p]
             packed_acc = _fmt([100 * p["packed"] for p in packed]) if packed else "-"
             agree = ", ".join(f"{100 * p['agreement']:.2f}%" for p in packed) or "-"
+            mark = ["*" if p else "" for p in e["partial"]]
+            partial = partial or any(e["partial"])
             lines.append(f"| {e['label']} | {steps[key]} | {', '.join(map(str, e['seeds']))} | {_fmt(e['scores'])} | "
                          f"{packed_acc} | {agree} | "
-                         f"{', '.join(f'{m:.1f}' for m in e['minutes'])} | "
-                         f"{', '.join(f'{m:.1f}' for m in e['cpu_minutes'])} | {load} | {', '.join(e['cpus'])} |")
+                         f"{', '.join(f'{m:.1f}{x}' for m, x in zip(e['minutes'], mark))} | "
+                         f"{', '.join(f'{m:.1f}{x}' for m, x in zip(e['cpu_minutes'], mark))} | {load} | "
+                         f"{', '.join(e['cpus'])} |")
+        if partial:
+            lines += ["", "\\* Resumed after an interruption before the time of every process was kept "
+                          f"({CLOCK}): the minutes are those of the last process(es) only, an undercount."]
         if entry.get("study"):
             teacher = "a teacher fine-tuned on 20,000 pairs, 77.5" if task == "snli" else "the same teacher recipe in fp32, 79.9"
             lines += ["", f"The study's runs at its short budget (benchmarks/study.py; {teacher}; two runs sharing the "
