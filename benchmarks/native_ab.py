@@ -172,7 +172,9 @@ def markdown(r: dict) -> str:
              f"{r['load_average'][0]} at the start, {r['load_average'][1]} at the end. BERT-base shape packed "
              f"{', '.join(r.get('models', ['1-1-1']))}, sequences of {r['seq']} tokens, one thread; medians of "
              f"{r['rounds']} interleaved rounds of CPU time per forward. Ceiling: the family's popcount loop on one "
-             f"core, CPU time, median of the rounds (the share of it: 1-1-1 only, whose binary MACs it counts). "
+             f"core, CPU time, median of the rounds (the share of it: 1-1-1 only, by the binary MACs this version "
+             f"computes, {r.get('gmacs', 11.17)} G a sequence; a build from before the last layer computed the first "
+             f"rows only computes 11.17 G). "
              f"Outputs: the logits (with and without the hidden states asked for) and every hidden state of the two "
              "builds.", "",
              "| model | family | batch | ceiling T MAC/s | baseline CPU ms | candidate CPU ms | ratio | baseline % of "
@@ -210,6 +212,8 @@ def main(argv=None) -> int:
               "baseline": args.labels[0] if args.labels else Path(args.baseline).name,
               "candidate": args.labels[1] if args.labels else Path(args.candidate).name if args.candidate else
               "installed build", "seq": args.seq, "rounds": args.rounds, "models": args.models, "rows": []}
+    from roofline import forward_macs
+    result["gmacs"] = round(forward_macs(args.seq) / 1e9, 2)
     with tempfile.TemporaryDirectory(prefix="bibert-native-ab-") as tmp:
         folder = args.cache or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
