@@ -78,8 +78,8 @@ BB_INLINE BB_AVX512 void epilogue16(__m512i lo, __m512i hi, __m512 c0, __m512 c1
                                                                        const float *res, float *out, __mmask16 lm) {
     __m512i p32 = low_dwords(lo, hi);
     __m512 y = _mm512_add_ps(c0, _mm512_mul_ps(c1, _mm512_cvtepi32_ps(p32)));
-    if (res) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(lm, res));
-    _mm512_mask_storeu_ps(out, lm, y);
+    if (res) y = _mm512_add_ps(y, load16(lm, res));
+    store16(lm, out, y);
 }
 
 /* gelu_one on 16 lanes: the same float operations in the same order, in fewer instructions where
@@ -149,12 +149,12 @@ BB_INLINE BB_AVX512 void kbit_store32(const linear_args *lin, int64_t m, int64_t
     float *o = lin->out + m * lin->N + n0;
     const float *res = lin->residual ? lin->residual + m * lin->N + n0 : NULL;
     __m512 y = kbit_y16(lin, c0, kc->step, kc->c[0], kc->c[2]);
-    if (res) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(kc->lm0, res));
-    _mm512_mask_storeu_ps(o, kc->lm0, y);
+    if (res) y = _mm512_add_ps(y, load16(kc->lm0, res));
+    store16(kc->lm0, o, y);
     if (kc->lm1) {
         y = kbit_y16(lin, c1, kc->step, kc->c[1], kc->c[3]);
-        if (res) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(kc->lm1, res + 16));
-        _mm512_mask_storeu_ps(o + 16, kc->lm1, y);
+        if (res) y = _mm512_add_ps(y, load16(kc->lm1, res + 16));
+        store16(kc->lm1, o + 16, y);
     }
 }
 
@@ -434,11 +434,6 @@ BB_AVX512 static void linear_kbit_avx512(const linear_args *lin, int64_t r0, int
 /* ------------------------------------------------------------------------------------ */
 /* LayerNorm (the portable kernel's operations, isa/portable.c)                          */
 
-/* 16 floats at p: a plain load when lm is full (the common case), else a masked one */
-BB_INLINE BB_AVX512 __m512 load16(__mmask16 lm, const float *p) {
-    return lm == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(lm, p);
-}
-
 /* R rows; each row's bits (if bits) packed from its output values as they are stored */
 /* One full vector of a LayerNorm's output: y = (x - mean) * rstd * gamma + beta over the 16 elements at
  * x, gamma, beta, stored at out; returns the mask of its sign bits (y < 0, or with thresholds t: y - t
@@ -506,10 +501,7 @@ BB_INLINE BB_AVX512 void layernorm_block_avx512(
             __m512 d = _mm512_sub_ps(load16(lm, x + r * H + i), mv[r]);
             __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(d, rv[r]), load16(lm, gamma + i)),
                                      load16(lm, beta + i));
-            if (lm == 0xFFFF)
-                _mm512_storeu_ps(out + r * H + i, y);
-            else
-                _mm512_mask_storeu_ps(out + r * H + i, lm, y);
+            store16(lm, out + r * H + i, y);
             if (bits) { /* the compare of sign_pack_row_*_avx512 on the stored value */
                 __mmask16 neg = t ? _mm512_mask_cmp_ps_mask(lm, _mm512_sub_ps(y, load16(lm, t + i)),
                                                             zero, _CMP_NGE_UQ)
@@ -659,9 +651,8 @@ BB_AVX512 static void embed_row_avx512(const uint64_t *word_bits, float alpha, c
         __mmask16 lm = H - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (H - i)) - 1);
         __mmask16 bits = (__mmask16)(word_bits[i >> 6] >> (i & 63));
         __m512 wv = _mm512_mask_blend_ps(bits, plus, minus);
-        __m512 y = _mm512_add_ps(_mm512_add_ps(wv, _mm512_maskz_loadu_ps(lm, type + i)),
-                                 _mm512_maskz_loadu_ps(lm, pos + i));
-        _mm512_mask_storeu_ps(out + i, lm, y);
+        __m512 y = _mm512_add_ps(_mm512_add_ps(wv, load16(lm, type + i)), load16(lm, pos + i));
+        store16(lm, out + i, y);
     }
 }
 
@@ -671,7 +662,7 @@ BB_AVX512 static void embed_row_avx512(const uint64_t *word_bits, float alpha, c
 BB_AVX512 static void gelu_avx512(const float *x, float *y, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) {
         __mmask16 lm = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
-        _mm512_mask_storeu_ps(y + i, lm, gelu16_avx512(_mm512_maskz_loadu_ps(lm, x + i)));
+        store16(lm, y + i, gelu16_avx512(load16(lm, x + i)));
     }
 }
 

@@ -344,8 +344,8 @@ BB_AVX512 void kattn_head_avx512(const kattn_args *attn, int64_t h, int32_t *scr
             }
             for (int v = 0; v < 4 && 16 * v < n; v++) {
                 __mmask16 lm = n - 16 * v >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - 16 * v)) - 1);
-                _mm512_mask_storeu_ps(attn->out + i * attn->ldo + h * d + c0 + 16 * v, lm,
-                                      _mm512_mul_ps(_mm512_cvtepi32_ps(cn[v]), sv));
+                store16(lm, attn->out + i * attn->ldo + h * d + c0 + 16 * v,
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(cn[v]), sv));
                 if (attn->counts) _mm512_mask_storeu_epi32(attn->counts + i * hd + h * d + c0 + 16 * v, lm, cn[v]);
             }
         }
@@ -455,8 +455,8 @@ BB_INLINE BB_AVX512 void ksoftmax_row_avx512(const kattn_args *attn, int64_t h, 
                          _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(hi, 1))};
         for (int v = 0; v < 4 && 16 * v < nc; v++) {
             __mmask16 lm = nc - 16 * v >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nc - 16 * v)) - 1);
-            _mm512_mask_storeu_ps(attn->out + i * attn->ldo + h * d + c0 + 16 * v, lm,
-                                  _mm512_mul_ps(_mm512_cvtepi32_ps(cn[v]), sv));
+            store16(lm, attn->out + i * attn->ldo + h * d + c0 + 16 * v,
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(cn[v]), sv));
             if (attn->counts) _mm512_mask_storeu_epi32(attn->counts + i * hd + h * d + c0 + 16 * v, lm, cn[v]);
         }
     }
