@@ -150,10 +150,12 @@ def _clock(out: Path) -> tuple[dict, Callable]:
     except (OSError, ValueError):
         before = {"wall_seconds": 0.0, "process_cpu_seconds": 0.0}
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
+    first = []  # the first step this process trained: a run resumed without a clock counts from there
 
     def hook(trainer):
+        first[:] = first or [trainer.step - 1]
         if getattr(trainer, "_saved_step", None) == trainer.step:  # just checkpointed
-            write_json(out / CLOCK, {"step": trainer.step,
+            write_json(out / CLOCK, {"step": trainer.step, "from_step": before.get("from_step", first[0]),
                                      "wall_seconds": before["wall_seconds"] + time.perf_counter() - t0,
                                      "process_cpu_seconds": before["process_cpu_seconds"] + _cpu_seconds() - cpu0})
     return before, hook
@@ -269,14 +271,19 @@ def collect() -> dict:
 
 
 def _undercounted(task: str, name: str) -> bool:
-    """A run resumed before clock.json kept the time of every process that trained it: its
-    trainer's own count of step seconds (kept across resumes) leaves less than a minute for the
-    dev evaluations and the test score within the last process's wall-clock, which a run in
-    one process never does here (they take 2 to 5 minutes)."""
+    """A run resumed before clock.json kept the time of every process that trained it: its clock
+    starts after step 0, or (no clock, or one without its first step) its trainer's own count of
+    step seconds (kept across resumes) leaves less than a minute for the dev evaluations and
+    the test score within the last process's wall-clock, which a run in one process never does
+    here (they take 2 to 5 minutes)."""
     r = _results(RESULTS / task / name) or {}
-    if (RESULTS / task / name / CLOCK).exists() or "train_seconds" not in r:
-        return False
-    return r["train_seconds"] > r["wall_seconds"] - 60
+    try:
+        clock = json.loads((RESULTS / task / name / CLOCK).read_text())
+    except (OSError, ValueError):
+        clock = {}
+    if "from_step" in clock:
+        return clock["from_step"] > 0
+    return "train_seconds" in r and r["train_seconds"] > r["wall_seconds"] - 60
 
 
 def write_report() -> Path:
