@@ -321,12 +321,13 @@ class PackedModel:
     def _dense_rows(self, B: int, L: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The row arrays of B sequences of L tokens without padding, kept for the last (B, L)
         (the native forward only reads them): start [B + 1], token types 0 [B*L], row_valid 1 [B*L]."""
-        if self._dense[0] != (B, L):
+        shape, arrays = self._dense  # one read: a call on another thread may replace it meanwhile
+        if shape != (B, L):
             arrays = (np.arange(0, (B + 1) * L, L, dtype=np.int64), np.zeros(B * L, np.int64), np.ones(B * L, np.uint8))
             for a in arrays:
                 a.flags.writeable = False
             self._dense = ((B, L), arrays)
-        return self._dense[1]
+        return arrays
 
     def _head(self, cls_hidden: np.ndarray) -> np.ndarray:
         """Pooler + classifier on the [CLS] hidden states [B, H]: logits [B, num_labels]."""
