@@ -121,6 +121,15 @@ def run_spark(model: Path, src: Path, rows: int) -> list[dict]:
              "first_job_s": times[0], "second_job_s": times[1]}]
 
 
+def write_rows(path: Path, texts: list[str]) -> Path:
+    """The CSV every engine reads: an id and a text per row."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text"])
+        w.writerows((f"r{i}", t) for i, t in enumerate(texts))
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=20000)
@@ -135,11 +144,7 @@ def main() -> None:
         tmp = Path(tmp)
         model = build_model("minilm", tmp)
         texts, source = mixed_texts(args.rows)
-        src = tmp / "rows.csv"
-        with open(src, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["id", "text"])
-            w.writerows((f"r{i}", t) for i, t in enumerate(texts))
+        src = write_rows(tmp / "rows.csv", texts)
         load_before = os.getloadavg()
         if "file" in engines:
             for threads in (1, 2):
@@ -153,10 +158,7 @@ def main() -> None:
             init_s = time.perf_counter() - t
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False
-            small = src.with_name("rows_small.csv")  # the first tenth of the rows: start-up, differenced out
-            with open(src, newline="", encoding="utf-8") as f_in, open(small, "w", newline="", encoding="utf-8") as f:
-                rows_in = list(csv.reader(f_in))
-                csv.writer(f).writerows(rows_in[:1 + len(texts) // 10])
+            small = write_rows(tmp / "rows_small.csv", texts[:len(texts) // 10])  # start-up, differenced out
             for actors in (1, 2):
                 short, full = run_ray(model, small, actors, init_s), run_ray(model, src, actors, init_s)
                 # steady: the extra rows over the extra time of the whole file against its first tenth
